@@ -1,0 +1,353 @@
+"""Vision Transformer with PEFT hook points.
+
+The parameter tree follows Google's ``vision_transformer`` checkpoints exactly
+(``embedding``, ``cls``, ``Transformer/posembed_input/pos_embedding``,
+``Transformer/encoderblock_N/{LayerNorm_0, MultiHeadDotProductAttention_1/{query,key,value,out},
+LayerNorm_2, MlpBlock_3/{Dense_0,Dense_1}}``, ``Transformer/encoder_norm``, optional
+``pre_logits`` and ``head``), so an original ``.npz`` loads without renaming.
+
+The forward takes an optional :class:`~pecft_jax.peft.context.PEFTContext`; with none (or an
+empty one) it is exactly the plain ViT. The token layout with prompts is
+``[CLS, prompt tokens, patch tokens]``: prompts are inserted after the position embedding
+is added (they carry no position), as in VPT, L2P and DualPrompt.
+
+Functional use::
+
+    cfg = get_config("ViT-B/16", num_classes=0)
+    params = init_params(cfg, jax.random.key(0))
+    feats = apply(cfg, params, images, peft=ctx, output="cls")
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pecft_jax.peft.context import LayerPEFT, PEFTContext, as_batched, bottleneck, lora_delta, ssf
+
+Array = jax.Array
+OUTPUTS = ("logits", "pre_logits", "cls", "tokens", "features")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of a ViT. ``num_classes=0`` means no ``head`` parameters."""
+    name: str
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    num_channels: int = 3
+    num_classes: int = 0
+    representation_size: Optional[int] = None
+    classifier: str = "token"  # 'token' ([CLS]) or 'gap' (mean of patch tokens)
+    gelu_approximate: bool = True  # Google's JAX ViT uses tanh-GELU; HF and timm use exact
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"{self.name}: image_size {self.image_size} is not a multiple "
+                             f"of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"{self.name}: hidden_size {self.hidden_size} is not divisible "
+                             f"by num_heads {self.num_heads}")
+        if self.classifier not in ("token", "gap"):
+            raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **changes) -> "ViTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_NAMED = {
+    # name: (patch, hidden, layers, heads, mlp, image)
+    "ViT-Ti/16": (16, 192, 12, 3, 768, 224),
+    "ViT-S/16": (16, 384, 12, 6, 1536, 224),
+    "ViT-B/16": (16, 768, 12, 12, 3072, 224),
+    "ViT-B/32": (32, 768, 12, 12, 3072, 224),
+    "ViT-L/16": (16, 1024, 24, 16, 4096, 224),
+    # Small backbones for 28x28 grey-scale (MNIST-like) and 32x32 colour inputs.
+    "ViT-Demo/7": (7, 128, 6, 4, 256, 28),
+    "ViT-Demo/4": (4, 128, 6, 4, 256, 28),
+    "ViT-Tiny32/4": (4, 192, 6, 3, 384, 32),
+}
+_DEFAULT_CHANNELS = {"ViT-Demo/7": 1, "ViT-Demo/4": 1}
+
+
+def named_configs() -> tuple:
+    return tuple(_NAMED)
+
+
+def get_config(name: str, **overrides) -> ViTConfig:
+    """A named architecture (``ViT-B/16`` ...), with optional field overrides."""
+    if name not in _NAMED:
+        raise ValueError(f"unknown ViT config {name!r}; known: {', '.join(_NAMED)}")
+    patch, hidden, layers, heads, mlp, image = _NAMED[name]
+    fields = dict(name=name, image_size=image, patch_size=patch, hidden_size=hidden,
+                  num_layers=layers, num_heads=heads, mlp_dim=mlp,
+                  num_channels=_DEFAULT_CHANNELS.get(name, 3))
+    fields.update(overrides)
+    return ViTConfig(**fields)
+
+
+def _layer_norm(cfg: ViTConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with Google's parameter layout and PEFT hooks."""
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: Array, lp: Optional[LayerPEFT], deterministic: bool) -> Array:
+        cfg = self.cfg
+        batch, length, dim = x.shape
+        heads, head_dim = cfg.num_heads, cfg.head_dim
+        lora = (lp.lora or {}) if lp is not None else {}
+        ssf_params = lp.ssf if lp is not None else None
+
+        def lora_input(inp):
+            if lp is None or lp.lora_dropout == 0.0 or deterministic:
+                return inp
+            return nn.Dropout(rate=lp.lora_dropout)(inp, deterministic=False)
+
+        def project(name: str) -> Array:
+            y = nn.DenseGeneral(features=(heads, head_dim), name=name)(x)
+            y = y.reshape(batch, length, dim)
+            if name in lora:
+                y = y + lora_delta(lora_input(x), lora[name], lp.lora_scaling)
+            y = ssf(y, ssf_params, name)
+            return y.reshape(batch, length, heads, head_dim)
+
+        q, k, v = project("query"), project("key"), project("value")
+        if lp is not None and lp.prefix_key is not None:
+            pk = as_batched(lp.prefix_key, batch).astype(k.dtype)
+            pv = as_batched(lp.prefix_value, batch).astype(v.dtype)
+            if pk.shape[-1] != dim or pv.shape != pk.shape:
+                raise ValueError(f"prefix key/value must be (B, Lp, {dim}); got {pk.shape}, "
+                                 f"{pv.shape}")
+            k = jnp.concatenate([pk.reshape(batch, -1, heads, head_dim), k], axis=1)
+            v = jnp.concatenate([pv.reshape(batch, -1, heads, head_dim), v], axis=1)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+        weights = jax.nn.softmax(scores, axis=-1)
+        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = nn.DenseGeneral(features=dim, axis=(-2, -1), name="out")(attended)
+        if "out" in lora:
+            out = out + lora_delta(lora_input(attended.reshape(batch, length, dim)), lora["out"],
+                                   lp.lora_scaling)
+        return ssf(out, ssf_params, "out")
+
+
+class MlpBlock(nn.Module):
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: Array, lp: Optional[LayerPEFT], deterministic: bool) -> Array:
+        cfg = self.cfg
+        lora = (lp.lora or {}) if lp is not None else {}
+        ssf_params = lp.ssf if lp is not None else None
+
+        def lora_input(inp):
+            if lp is None or lp.lora_dropout == 0.0 or deterministic:
+                return inp
+            return nn.Dropout(rate=lp.lora_dropout)(inp, deterministic=False)
+
+        h = nn.Dense(cfg.mlp_dim, name="Dense_0")(x)
+        if "fc1" in lora:
+            h = h + lora_delta(lora_input(x), lora["fc1"], lp.lora_scaling)
+        h = ssf(h, ssf_params, "fc1")
+        h = nn.gelu(h, approximate=cfg.gelu_approximate)
+        y = nn.Dense(cfg.hidden_size, name="Dense_1")(h)
+        if "fc2" in lora:
+            y = y + lora_delta(lora_input(h), lora["fc2"], lp.lora_scaling)
+        return ssf(y, ssf_params, "fc2")
+
+
+class EncoderBlock(nn.Module):
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: Array, lp: Optional[LayerPEFT], deterministic: bool) -> Array:
+        ssf_params = lp.ssf if lp is not None else None
+        h = ssf(_layer_norm(self.cfg, "LayerNorm_0")(x), ssf_params, "ln1")
+        h = Attention(self.cfg, name="MultiHeadDotProductAttention_1")(h, lp, deterministic)
+        if lp is not None and lp.adapter_attn is not None:
+            h = h + lp.adapter_scale * bottleneck(h, lp.adapter_attn)
+        x = x + h
+        h = ssf(_layer_norm(self.cfg, "LayerNorm_2")(x), ssf_params, "ln2")
+        h = MlpBlock(self.cfg, name="MlpBlock_3")(h, lp, deterministic)
+        if lp is not None and lp.adapter is not None:
+            if lp.adapter_mode == "sequential":
+                h = h + lp.adapter_scale * bottleneck(h, lp.adapter)
+            else:  # AdaptFormer: a parallel branch from the block's residual stream
+                h = h + lp.adapter_scale * bottleneck(x, lp.adapter)
+        return x + h
+
+
+def _insert_prompt(x: Array, num_prompts: int, lp: LayerPEFT) -> tuple:
+    """Put lp.prompt after [CLS]; returns (tokens, new prompt count)."""
+    batch, _, dim = x.shape
+    prompt = as_batched(lp.prompt, batch).astype(x.dtype)
+    if prompt.shape[-1] != dim:
+        raise ValueError(f"prompt tokens have width {prompt.shape[-1]}, the ViT has {dim}")
+    keep_from = 1 + num_prompts if lp.prompt_mode == "replace" else 1
+    x = jnp.concatenate([x[:, :1], prompt, x[:, keep_from:]], axis=1)
+    added = prompt.shape[1]
+    return x, (added if lp.prompt_mode == "replace" else num_prompts + added)
+
+
+class ViT(nn.Module):
+    """Flax ViT. ``output`` picks what is returned:
+
+    * ``'logits'``     -- head(pre_logits) (needs ``num_classes > 0``)
+    * ``'pre_logits'`` -- the pooled feature (after ``pre_logits`` Dense+tanh if configured)
+    * ``'cls'``        -- the normed [CLS] token (or patch mean for ``classifier='gap'``)
+    * ``'tokens'``     -- all normed tokens ``(B, 1 + prompts + patches, D)``
+    * ``'features'``   -- a dict with ``tokens``, ``cls``, ``pre_logits``, ``num_prompts``
+                          (a Python int) and ``logits`` when there is a head.
+
+    ``stop_at_layer=k`` runs only blocks ``0..k-1`` and returns their raw (un-normed) tokens
+    for ``'tokens'``/``'cls'``/``'features'``.
+    """
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, images: Array, peft: Optional[PEFTContext] = None, *,
+                 output: str = "logits", stop_at_layer: Optional[int] = None,
+                 deterministic: bool = True) -> Any:
+        cfg = self.cfg
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"{cfg.name} expects images of shape (B, {expected[0]}, "
+                             f"{expected[1]}, {expected[2]}) (NHWC); got {tuple(images.shape)}")
+        if stop_at_layer is not None:
+            if not 0 <= stop_at_layer <= cfg.num_layers:
+                raise ValueError(f"stop_at_layer must be in [0, {cfg.num_layers}]")
+            if output in ("logits", "pre_logits"):
+                raise ValueError("stop_at_layer returns intermediate tokens; use output='tokens', "
+                                 "'cls' or 'features'")
+        x = nn.Conv(cfg.hidden_size, (cfg.patch_size, cfg.patch_size),
+                    strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
+                    name="embedding")(images)
+        batch = x.shape[0]
+        x = x.reshape(batch, -1, cfg.hidden_size)
+        cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.hidden_size))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, cfg.hidden_size)).astype(x.dtype),
+                             x], axis=1)
+        tokens, num_prompts = _PosEmbedTransformer(cfg, name="Transformer")(
+            x, peft, stop_at_layer, deterministic)
+        if cfg.classifier == "token":
+            pooled = tokens[:, 0]
+        else:
+            pooled = tokens[:, 1 + num_prompts:].mean(axis=1)
+        if output == "tokens":
+            return tokens
+        if output == "cls":
+            return pooled
+        pre_logits = pooled
+        if stop_at_layer is None and cfg.representation_size is not None:
+            pre_logits = jnp.tanh(nn.Dense(cfg.representation_size, name="pre_logits")(pooled))
+        if output == "pre_logits":
+            return pre_logits
+        logits = None
+        if cfg.num_classes and stop_at_layer is None:
+            logits = nn.Dense(cfg.num_classes, kernel_init=nn.initializers.zeros,
+                              name="head")(pre_logits)
+        if output == "logits":
+            if logits is None:
+                raise ValueError(f"{cfg.name} was built with num_classes=0: it has no head; ask "
+                                 f"for output='pre_logits' and apply your own classifier")
+            return logits
+        feats = {"tokens": tokens, "cls": pooled, "pre_logits": pre_logits,
+                 "num_prompts": num_prompts}
+        if logits is not None:
+            feats["logits"] = logits
+        return feats
+
+
+class _PosEmbed(nn.Module):
+    """Holds ``pos_embedding`` under the name Google's checkpoints use."""
+    num_positions: int
+    hidden_size: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+                         (1, self.num_positions, self.hidden_size))
+        if pos.shape[1] != x.shape[1]:
+            raise ValueError(f"position embedding has {pos.shape[1]} positions but the input has "
+                             f"{x.shape[1]} tokens; resize it with "
+                             f"pecft_jax.backbones.pretrained.resize_pos_embedding")
+        return x + pos.astype(x.dtype)
+
+
+class _PosEmbedTransformer(nn.Module):
+    """``Transformer`` scope: posembed_input, encoderblock_N, encoder_norm."""
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: Array, peft: Optional[PEFTContext], stop_at_layer: Optional[int],
+                 deterministic: bool) -> tuple:
+        cfg = self.cfg
+        x = _PosEmbed(cfg.num_patches + 1, cfg.hidden_size, name="posembed_input")(x)
+        num_prompts = 0
+        last = cfg.num_layers if stop_at_layer is None else stop_at_layer
+        if peft is not None:
+            unknown = [layer for layer in peft.layers if not 0 <= layer < cfg.num_layers]
+            if unknown:
+                raise ValueError(f"PEFT context names layers {unknown}, but {cfg.name} has "
+                                 f"{cfg.num_layers} blocks (0..{cfg.num_layers - 1})")
+        for layer in range(last):
+            lp = peft.at(layer) if peft is not None else None
+            if lp is not None and lp.prompt is not None:
+                x, num_prompts = _insert_prompt(x, num_prompts, lp)
+            x = EncoderBlock(cfg, name=f"encoderblock_{layer}")(x, lp, deterministic)
+        if stop_at_layer is None:
+            x = _layer_norm(cfg, "encoder_norm")(x)
+        return x, num_prompts
+
+
+def build(cfg: ViTConfig) -> ViT:
+    return ViT(cfg)
+
+
+def init_params(cfg: ViTConfig, rng: Array) -> dict:
+    """Randomly initialised parameters (a plain nested dict)."""
+    dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
+    variables = ViT(cfg).init(rng, dummy, output="features")
+    return jax.tree_util.tree_map(lambda a: a, dict(variables["params"]))
+
+
+def apply(cfg: ViTConfig, params: Mapping, images: Array, peft: Optional[PEFTContext] = None,
+          *, output: str = "logits", stop_at_layer: Optional[int] = None,
+          deterministic: bool = True, dropout_rng: Optional[Array] = None) -> Any:
+    """Functional forward: ``params`` is the frozen tree (never differentiated by the
+    library); trainable pieces come in through ``peft``."""
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    return ViT(cfg).apply({"params": params}, images, peft, output=output,
+                          stop_at_layer=stop_at_layer, deterministic=deterministic, rngs=rngs)
+
+
+def param_count(tree: Any) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))

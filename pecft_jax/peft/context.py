@@ -1,0 +1,134 @@
+"""The PEFT context: what a method hands the backbone for one forward pass.
+
+The backbone knows *where* parameter-efficient pieces plug in (which layer, which
+projection); the context says *what* is plugged in. Methods build a context inside their
+jit-compiled functions from their trainable pytree, so every array in it receives
+gradients through the backbone's forward.
+
+A context is a pytree (``flax.struct.dataclass``): arrays are leaves, options that change
+the traced program (modes, scales) are static fields.
+
+Layer ``l`` of a ``PEFTContext`` describes the insertions at transformer block ``l``:
+
+* ``prompt``      -- tokens ``(B, Lp, D)`` or ``(Lp, D)`` put into the sequence right
+                     before block ``l`` runs, after the [CLS] token. At ``l == 0`` this is
+                     shallow prompt tuning / L2P's input prompts; at later layers it is a
+                     deep prompt. ``prompt_mode='append'`` inserts them in front of the
+                     existing prompt tokens; ``'replace'`` overwrites the prompt tokens the
+                     previous layers produced (VPT-deep), which needs equal lengths.
+* ``prefix_key`` / ``prefix_value`` -- ``(B, Lp, D)`` or ``(Lp, D)`` concatenated to the
+                     *projected* keys and values of block ``l``'s attention (prefix tuning
+                     as DualPrompt and CODA-Prompt use it: a prompt of length 2*Lp split
+                     into a key half and a value half). They change no sequence length.
+* ``lora``        -- ``{target: {'A': (d_in, r), 'B': (r, d_out)}}`` for targets among
+                     ``query, key, value, out, fc1, fc2``; adds ``scaling * x @ A @ B``.
+* ``adapter``     -- ``{'down': {'kernel','bias'}, 'up': {'kernel','bias'}}`` bottleneck.
+                     ``adapter_mode='sequential'`` applies ``h + s*up(relu(down(h)))`` to
+                     the MLP output (and, with ``adapter_attn``, to the attention output);
+                     ``'parallel'`` (AdaptFormer) adds ``s*up(relu(down(x)))`` of the
+                     block's residual stream beside the MLP.
+* ``ssf``         -- ``{point: {'scale': (d,), 'shift': (d,)}}`` scale-and-shift after
+                     ``ln1, query, key, value, out, ln2, fc1, fc2``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+LORA_TARGETS = ("query", "key", "value", "out", "fc1", "fc2")
+SSF_POINTS = ("ln1", "query", "key", "value", "out", "ln2", "fc1", "fc2")
+
+
+@flax.struct.dataclass
+class LayerPEFT:
+    prompt: Optional[Array] = None
+    prefix_key: Optional[Array] = None
+    prefix_value: Optional[Array] = None
+    lora: Optional[Mapping[str, Mapping[str, Array]]] = None
+    adapter: Optional[Mapping[str, Any]] = None
+    adapter_attn: Optional[Mapping[str, Any]] = None
+    ssf: Optional[Mapping[str, Mapping[str, Array]]] = None
+    prompt_mode: str = flax.struct.field(pytree_node=False, default="append")
+    lora_scaling: float = flax.struct.field(pytree_node=False, default=1.0)
+    lora_dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+    adapter_mode: str = flax.struct.field(pytree_node=False, default="sequential")
+    adapter_scale: float = flax.struct.field(pytree_node=False, default=1.0)
+
+    def __post_init__(self):
+        if self.prompt_mode not in ("append", "replace"):
+            raise ValueError(f"prompt_mode must be 'append' or 'replace', got {self.prompt_mode!r}")
+        if self.adapter_mode not in ("sequential", "parallel"):
+            raise ValueError(
+                f"adapter_mode must be 'sequential' or 'parallel', got {self.adapter_mode!r}")
+        if (self.prefix_key is None) != (self.prefix_value is None):
+            raise ValueError("prefix_key and prefix_value must be given together")
+        for target in (self.lora or {}):
+            if target not in LORA_TARGETS:
+                raise ValueError(f"unknown LoRA target {target!r}; expected one of {LORA_TARGETS}")
+        for point in (self.ssf or {}):
+            if point not in SSF_POINTS:
+                raise ValueError(f"unknown SSF point {point!r}; expected one of {SSF_POINTS}")
+
+
+@flax.struct.dataclass
+class PEFTContext:
+    """Per-layer insertions, keyed by block index (0-based)."""
+    layers: Mapping[int, LayerPEFT] = flax.struct.field(default_factory=dict)
+
+    def at(self, layer: int) -> Optional[LayerPEFT]:
+        return self.layers.get(layer)
+
+    def merge(self, other: "PEFTContext") -> "PEFTContext":
+        """Combine two contexts (e.g. a G-prompt and an E-prompt); layers must not overlap
+        in the same field."""
+        merged = dict(self.layers)
+        for layer, lp in other.layers.items():
+            if layer not in merged:
+                merged[layer] = lp
+                continue
+            mine = merged[layer]
+            updates = {}
+            for field in ("prompt", "prefix_key", "prefix_value", "lora", "adapter",
+                          "adapter_attn", "ssf"):
+                theirs = getattr(lp, field)
+                if theirs is None:
+                    continue
+                if getattr(mine, field) is not None:
+                    raise ValueError(f"both contexts set {field!r} at layer {layer}")
+                updates[field] = theirs
+            merged[layer] = mine.replace(**updates)
+        return PEFTContext(layers=merged)
+
+
+def as_batched(tokens: Array, batch: int) -> Array:
+    """(Lp, D) -> (B, Lp, D); (B, Lp, D) passes through (checked)."""
+    if tokens.ndim == 2:
+        return jnp.broadcast_to(tokens[None], (batch,) + tokens.shape)
+    if tokens.ndim != 3 or tokens.shape[0] != batch:
+        raise ValueError(f"prompt tokens must be (Lp, D) or (B={batch}, Lp, D), got {tokens.shape}")
+    return tokens
+
+
+def lora_delta(x: Array, factors: Mapping[str, Array], scaling: float) -> Array:
+    """scaling * x @ A @ B over the last axis of x (x: (..., d_in) -> (..., d_out))."""
+    return scaling * ((x @ factors["A"].astype(x.dtype)) @ factors["B"].astype(x.dtype))
+
+
+def ssf(x: Array, params: Optional[Mapping[str, Mapping[str, Array]]], point: str) -> Array:
+    """SSF (Lian et al., 2022): y = x * gamma + beta on the feature axis, if set at `point`."""
+    if not params or point not in params:
+        return x
+    p = params[point]
+    return x * p["scale"].astype(x.dtype) + p["shift"].astype(x.dtype)
+
+
+def bottleneck(x: Array, params: Mapping[str, Any]) -> Array:
+    """up(relu(down(x))), the adapter's residual branch (without the scale)."""
+    h = x @ params["down"]["kernel"].astype(x.dtype) + params["down"]["bias"].astype(x.dtype)
+    h = jax.nn.relu(h)
+    return h @ params["up"]["kernel"].astype(x.dtype) + params["up"]["bias"].astype(x.dtype)
