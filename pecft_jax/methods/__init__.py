@@ -1,0 +1,32 @@
+"""Continual methods, by name. Each is one short file over the shared loop."""
+from __future__ import annotations
+
+import importlib
+
+from pecft_jax.methods.base import Method, TaskData, TaskSpec
+
+# name -> "module:Class"; imported lazily so a method's extra imports cost nothing elsewhere.
+_REGISTRY = {
+    "finetune": "pecft_jax.methods.finetune:Finetune",
+    "joint": "pecft_jax.methods.finetune:Joint",
+    "l2p": "pecft_jax.methods.l2p:L2P",
+}
+
+
+def available() -> tuple:
+    return tuple(sorted(_REGISTRY))
+
+
+def get_method_class(name: str) -> type:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available())} "
+                         f"(set config.method.name)")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def create_method(name: str, config, backbone, num_classes: int, num_tasks: int) -> Method:
+    return get_method_class(name)(config, backbone, num_classes, num_tasks)
+
+
+__all__ = ["Method", "TaskData", "TaskSpec", "available", "create_method", "get_method_class"]

@@ -1,0 +1,74 @@
+"""Re-evaluate a run's saved checkpoint.
+
+    python -m pecft_jax.evaluate --workdir DIR [--task T]
+
+Rebuilds the model from DIR/config.json, the pretrained backbone (checked against the
+fingerprint stored in the checkpoint) and the checkpoint of task T (default: the last one
+saved), evaluates on the test data of tasks 0..T and prints the accuracy row next to the row
+recorded during training. Writes DIR/eval_task<T>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+import ml_collections
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a pecft_jax workdir "
+                                f"(run `python -m pecft_jax.run --config ... --workdir {workdir}` "
+                                f"first)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_checkpoint(workdir: str, task: Optional[int] = None) -> dict:
+    from pecft_jax.train.loop import ContinualTrainer, RunState
+    config = load_run_config(workdir)
+    trainer = ContinualTrainer(config, workdir, write_metrics=False)
+    try:
+        saved = trainer.checkpointer.task_steps()
+        if not saved:
+            raise FileNotFoundError(f"no task checkpoint in {trainer.checkpointer.directory}")
+        task = max(saved) if task is None else task
+        if task not in saved:
+            raise ValueError(f"no checkpoint for task {task}; saved tasks: {sorted(saved)}")
+        meta = trainer.checkpointer.read_meta("tasks", task)
+        trainer.check_meta(meta)
+        restored = trainer.checkpointer.restore("tasks", task)
+        run = RunState(restored["trainable"], restored["state"], [], [], {}, [])
+        row = trainer.evaluate(run, task)
+    finally:
+        trainer.close()
+    recorded = meta["accuracy_matrix"][task]
+    result = {"task": task, "class_il": row["class_il"], "task_il": row["task_il"],
+              "recorded_class_il": recorded,
+              "recorded_task_il": meta["task_il_accuracy_matrix"][task]}
+    with open(os.path.join(workdir, f"eval_task{task}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--task", type=int, default=None, help="0-based task index")
+    args = parser.parse_args(argv)
+    result = evaluate_checkpoint(args.workdir, args.task)
+    fmt = lambda row: " ".join(f"{v:6.2f}" for v in row)
+    print(f"task {result['task']} checkpoint, accuracy (%) on tasks 0..{result['task']}")
+    print(f"  class-IL  re-evaluated: {fmt(result['class_il'])}")
+    print(f"  class-IL  recorded:     {fmt(result['recorded_class_il'])}")
+    print(f"  task-IL   re-evaluated: {fmt(result['task_il'])}")
+    print(f"  task-IL   recorded:     {fmt(result['recorded_task_il'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

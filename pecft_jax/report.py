@@ -1,0 +1,36 @@
+"""Human-readable tables of a run's results."""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+
+def format_matrix(matrix: Sequence[Sequence[float]], title: str) -> str:
+    if not matrix:
+        return f"{title}: (empty)"
+    width = max(len(row) for row in matrix)
+    lines = [title, "after task | " + " ".join(f"T{j + 1:>5}" for j in range(width))]
+    for i, row in enumerate(matrix):
+        cells = " ".join(f"{v:6.2f}" for v in row)
+        lines.append(f"{i + 1:>10} | {cells}")
+    return "\n".join(lines)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def format_results(results: Mapping) -> str:
+    parts = [f"method={results['method']} dataset={results['dataset']} "
+             f"scenario={results.get('scenario', 'class')} tasks={results['num_tasks']} "
+             f"trainable_params={results['trainable_params']:,}",
+             format_matrix(results["accuracy_matrix"], "class-IL accuracy matrix (%)"),
+             format_matrix(results["task_il_accuracy_matrix"], "task-IL accuracy matrix (%)")]
+    m = results["metrics"]
+    parts.append("class-IL: " + "  ".join(f"{k}={_fmt(v)}" for k, v in m.items()))
+    tm = results.get("task_il_metrics", {})
+    if tm:
+        parts.append("task-IL:  " + "  ".join(f"{k}={_fmt(v)}" for k, v in tm.items()))
+    secs = results.get("seconds_per_task", [])
+    if secs:
+        parts.append("seconds per task: " + " ".join(f"{s:.1f}" for s in secs))
+    return "\n".join(parts)

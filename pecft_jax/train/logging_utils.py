@@ -1,0 +1,59 @@
+"""Metrics to ``workdir/metrics.jsonl`` and TensorBoard event files; a per-task progress bar."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Mapping, Optional
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # TensorBoard logging is optional; JSONL is always written
+            self._tb = None
+
+    def write(self, step: int, scalars: Mapping[str, float], task: Optional[int] = None) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **({"task": task} if task is not None else {}),
+                  **{k: float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, float(value), int(step))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, leave=False,
+                dynamic_ncols=True, mininterval=1.0)

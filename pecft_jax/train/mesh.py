@@ -1,0 +1,78 @@
+"""Device mesh, data-parallel sharding and multi-host start-up.
+
+Parameters and method state are replicated; the batch is split along its first axis over
+every device of every host. Each host reads only its own slice of a global batch
+(``jax.process_index()``/``jax.process_count()``) and ``make_array_from_process_local_data``
+stitches the slices into one global array, so the same code runs on 1 CPU, 8 GPUs or a
+TPU slice.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+_distributed_initialised = False
+
+
+def initialise_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+    """Calls ``jax.distributed.initialize`` once (before any other JAX call on a
+    multi-host job). With no arguments JAX reads the cluster environment (TPU pods, SLURM)."""
+    global _distributed_initialised
+    if _distributed_initialised:
+        return
+    kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
+                                     num_processes=num_processes,
+                                     process_id=process_id).items() if v is not None}
+    jax.distributed.initialize(**kwargs)
+    _distributed_initialised = True
+
+
+def make_mesh(num_devices: Optional[int] = None) -> Mesh:
+    """A 1-D mesh over all (or the first ``num_devices``) devices."""
+    devices = jax.devices()
+    if num_devices is not None:
+        if not 1 <= num_devices <= len(devices):
+            raise ValueError(f"asked for {num_devices} devices, {len(devices)} are available")
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    devices = mesh.devices.size
+    if global_batch_size % devices:
+        raise ValueError(f"batch size {global_batch_size} is not divisible by the {devices} "
+                         f"devices of the mesh; choose a multiple of {devices}")
+    if global_batch_size % jax.process_count():
+        raise ValueError(f"batch size {global_batch_size} is not divisible by the "
+                         f"{jax.process_count()} hosts")
+
+
+def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+    """This host's slice of a global batch -> global arrays sharded along the batch axis."""
+    sharding = batch_sharded(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places a pytree on every device of the mesh (fully replicated)."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(tree: Any) -> Any:
+    """Fetches a (replicated or sharded) pytree as numpy arrays."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)

@@ -1,0 +1,151 @@
+"""The ViT backbone: Google's parameter tree, hook points, sharding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pecft_jax.backbones import vit
+from pecft_jax.peft.context import LayerPEFT, PEFTContext
+from pecft_jax.train import mesh as mesh_lib
+
+TINY = vit.ViTConfig(name="tiny", image_size=16, patch_size=4, hidden_size=32, num_layers=3,
+                     num_heads=4, mlp_dim=64, num_channels=3, num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    params = vit.init_params(TINY, jax.random.key(0))
+    # A zero-initialised head would make every logit test vacuous.
+    params["head"]["kernel"] = jax.random.normal(jax.random.key(1), params["head"]["kernel"].shape)
+    images = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))
+    return params, images
+
+
+def test_parameter_tree_matches_google_names_and_vit_b16_size():
+    cfg = vit.get_config("ViT-B/16", num_classes=1000)
+    shapes = jax.eval_shape(lambda: vit.init_params(cfg, jax.random.key(0)))
+    block = shapes["Transformer"]["encoderblock_11"]
+    assert set(block) == {"LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2",
+                          "MlpBlock_3"}
+    attn = block["MultiHeadDotProductAttention_1"]
+    assert attn["query"]["kernel"].shape == (768, 12, 64)
+    assert attn["out"]["kernel"].shape == (12, 64, 768)
+    assert shapes["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 197, 768)
+    assert shapes["embedding"]["kernel"].shape == (16, 16, 3, 768)
+    # ViT-B/16 with a 1000-class head has 86,567,656 parameters.
+    assert vit.param_count(shapes) == 86_567_656
+
+
+def _numpy_vit_tokens(params, images, cfg, prompt=None):
+    """An independent numpy forward of the plain ViT (tanh-GELU), optional input prompts."""
+    p = jax.tree_util.tree_map(np.asarray, params)
+    x = np.asarray(images, np.float64)
+    b, ps = x.shape[0], cfg.patch_size
+    g = cfg.image_size // ps
+    patches = x.reshape(b, g, ps, g, ps, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, -1)
+    kernel = p["embedding"]["kernel"].reshape(-1, cfg.hidden_size)
+    tok = patches @ kernel + p["embedding"]["bias"]
+    tok = np.concatenate([np.broadcast_to(p["cls"], (b, 1, cfg.hidden_size)), tok], 1)
+    tok = tok + p["Transformer"]["posembed_input"]["pos_embedding"]
+    if prompt is not None:
+        tok = np.concatenate([tok[:, :1], np.broadcast_to(prompt, (b,) + prompt.shape), tok[:, 1:]], 1)
+
+    def ln(v, q):
+        mu, var = v.mean(-1, keepdims=True), v.var(-1, keepdims=True)
+        return (v - mu) / np.sqrt(var + 1e-6) * q["scale"] + q["bias"]
+
+    def gelu(v):
+        return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
+
+    for i in range(cfg.num_layers):
+        blk = p["Transformer"][f"encoderblock_{i}"]
+        a = blk["MultiHeadDotProductAttention_1"]
+        h = ln(tok, blk["LayerNorm_0"])
+        q, k, v = (np.einsum("bnd,dhk->bhnk", h, a[n]["kernel"]) + a[n]["bias"][None, :, None]
+                   for n in ("query", "key", "value"))
+        s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(cfg.head_dim)
+        w = np.exp(s - s.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        o = np.einsum("bhnk,hkd->bnd", w @ v, a["out"]["kernel"]) + a["out"]["bias"]
+        tok = tok + o
+        m = blk["MlpBlock_3"]
+        h = gelu(ln(tok, blk["LayerNorm_2"]) @ m["Dense_0"]["kernel"] + m["Dense_0"]["bias"])
+        tok = tok + h @ m["Dense_1"]["kernel"] + m["Dense_1"]["bias"]
+    return ln(tok, p["Transformer"]["encoder_norm"])
+
+
+def test_forward_matches_numpy_reference(tiny):
+    params, images = tiny
+    tokens = vit.apply(TINY, params, images, output="tokens")
+    np.testing.assert_allclose(tokens, _numpy_vit_tokens(params, images, TINY), atol=1e-4)
+    logits = vit.apply(TINY, params, images)
+    expected = np.asarray(tokens[:, 0]) @ np.asarray(params["head"]["kernel"]) + np.asarray(
+        params["head"]["bias"])
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_input_prompts_match_numpy_reference(tiny):
+    params, images = tiny
+    prompt = np.asarray(jax.random.normal(jax.random.key(3), (5, 32)))
+    feats = vit.apply(TINY, params, images, PEFTContext({0: LayerPEFT(prompt=prompt)}),
+                      output="features")
+    assert feats["num_prompts"] == 5 and feats["tokens"].shape == (8, 1 + 5 + 16, 32)
+    np.testing.assert_allclose(feats["tokens"],
+                               _numpy_vit_tokens(params, images, TINY, prompt), atol=1e-4)
+
+
+def test_empty_context_is_exactly_the_plain_vit(tiny):
+    params, images = tiny
+    plain = vit.apply(TINY, params, images)
+    assert np.array_equal(plain, vit.apply(TINY, params, images, PEFTContext()))
+    assert np.array_equal(plain, vit.apply(TINY, params, images, PEFTContext({1: LayerPEFT()})))
+
+
+def test_deep_prompts_append_and_replace(tiny):
+    params, images = tiny
+    p0 = jnp.ones((2, 32))
+    p2 = jnp.zeros((3, 32))
+    appended = vit.apply(TINY, params, images, PEFTContext(
+        {0: LayerPEFT(prompt=p0), 2: LayerPEFT(prompt=p2, prompt_mode="append")}),
+        output="features")
+    assert appended["num_prompts"] == 5 and appended["tokens"].shape[1] == 1 + 5 + 16
+    replaced = vit.apply(TINY, params, images, PEFTContext(
+        {0: LayerPEFT(prompt=p0), 2: LayerPEFT(prompt=p2, prompt_mode="replace")}),
+        output="features")
+    assert replaced["num_prompts"] == 3 and replaced["tokens"].shape[1] == 1 + 3 + 16
+
+
+def test_stop_at_layer_returns_intermediate_tokens(tiny):
+    params, images = tiny
+    inter = vit.apply(TINY, params, images, output="tokens", stop_at_layer=2)
+    assert inter.shape == (8, 17, 32)
+    zero = vit.apply(TINY, params, images, output="tokens", stop_at_layer=0)
+    # with no block run, the [CLS] token is its parameter plus its position embedding
+    pos = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
+    np.testing.assert_allclose(np.asarray(zero[:, 0]), np.broadcast_to(
+        np.asarray(params["cls"])[0, 0] + pos[0, 0], (8, 32)), atol=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+    params, images = tiny
+    with pytest.raises(ValueError, match="expects images of shape"):
+        vit.apply(TINY, params, images[:, :8])
+    with pytest.raises(ValueError, match="names layers"):
+        vit.apply(TINY, params, images, PEFTContext({7: LayerPEFT(prompt=jnp.ones((1, 32)))}))
+    with pytest.raises(ValueError, match="unknown ViT config"):
+        vit.get_config("ViT-Z/3")
+    with pytest.raises(ValueError, match="prompt_mode"):
+        LayerPEFT(prompt_mode="sideways")
+
+
+def test_sharded_forward_equals_single_device(tiny):
+    assert jax.device_count() == 8, "conftest should simulate 8 CPU devices"
+    params, images = tiny
+    single = jax.jit(lambda p, x: vit.apply(TINY, p, x))(params, images)
+    mesh = mesh_lib.make_mesh()
+    sharded_images = jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
+    replicated = mesh_lib.replicate(params, mesh)
+    out = jax.jit(lambda p, x: vit.apply(TINY, p, x))(replicated, sharded_images)
+    assert len(out.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(out), np.asarray(single), atol=1e-5)
