@@ -75,6 +75,15 @@ class LayerPEFT:
                 raise ValueError(f"unknown SSF point {point!r}; expected one of {SSF_POINTS}")
 
 
+# Static options of LayerPEFT and the array fields they configure.
+_OPTIONS_OF = {"prompt": ("prompt_mode",), "lora": ("lora_scaling", "lora_dropout"),
+               "adapter": ("adapter_mode", "adapter_scale"),
+               "adapter_attn": ("adapter_mode", "adapter_scale")}
+_FIELDS_OF = {"prompt_mode": ("prompt",), "lora_scaling": ("lora",), "lora_dropout": ("lora",),
+              "adapter_mode": ("adapter", "adapter_attn"),
+              "adapter_scale": ("adapter", "adapter_attn")}
+
+
 @flax.struct.dataclass
 class PEFTContext:
     """Per-layer insertions, keyed by block index (0-based)."""
@@ -101,6 +110,15 @@ class PEFTContext:
                 if getattr(mine, field) is not None:
                     raise ValueError(f"both contexts set {field!r} at layer {layer}")
                 updates[field] = theirs
+                # The static options that go with a field travel with it (else e.g. a LoRA
+                # merged onto a prompt layer would silently fall back to lora_scaling=1).
+                for option in _OPTIONS_OF.get(field, ()):
+                    value = getattr(lp, option)
+                    if any(getattr(mine, f) is not None for f in _FIELDS_OF[option]) and \
+                            getattr(mine, option) != value:
+                        raise ValueError(f"layer {layer}: the contexts disagree on {option!r} "
+                                         f"({getattr(mine, option)!r} vs {value!r})")
+                    updates[option] = value
             merged[layer] = mine.replace(**updates)
         return PEFTContext(layers=merged)
 

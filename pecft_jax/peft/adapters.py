@@ -1,0 +1,122 @@
+"""Bottleneck adapters: sequential (Houlsby et al., 2019 / Pfeiffer) and parallel
+(AdaptFormer, Chen et al., 2022).
+
+An adapter is ``up(relu(down(h)))`` scaled by ``scale`` and added to the residual branch:
+
+* ``mode='sequential'``: after the MLP, ``h + scale * up(relu(down(h)))`` where ``h`` is the
+  MLP output; with ``attn=True`` a second adapter does the same on the attention output (the
+  backbone always applies that one sequentially).
+* ``mode='parallel'`` (AdaptFormer): beside the MLP, ``mlp(x) + scale * up(relu(down(x)))``
+  where ``x`` is the block's residual stream; AdaptFormer uses ``scale=0.1``.
+
+Trainable pytree::
+
+    {layer: {'mlp': {'down': {'kernel': (D, b), 'bias': (b,)},
+                     'up':   {'kernel': (b, D), 'bias': (D,)}},
+             'attn': {...same...}}}          # 'attn' only with AdapterConfig(attn=True)
+
+``up`` starts at zero, so the adapted model starts equal to the base model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pecft_jax.peft.context import LayerPEFT, PEFTContext
+from pecft_jax.peft.lora import layer_index, resolve_layers
+
+if TYPE_CHECKING:  # the backbone imports pecft_jax.peft; import its config lazily
+    from pecft_jax.backbones.vit import ViTConfig
+
+Array = jax.Array
+ADAPTER_MODES = ("sequential", "parallel")
+ADAPTER_INITS = ("kaiming_uniform", "normal")
+ADAPTER_SITES = ("mlp", "attn")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Bottleneck adapter hyper-parameters.
+
+    Attributes:
+      bottleneck_dim: width ``b`` of the bottleneck.
+      mode: ``'sequential'`` or ``'parallel'`` (AdaptFormer).
+      scale: multiplier of the adapter branch (AdaptFormer's default is 0.1).
+      attn: also put a (sequential) adapter on the attention output.
+      layers: block indices that get adapters (None = all).
+      init: initialisation of ``down``: ``'kaiming_uniform'`` (AdaptFormer's choice,
+        ``U(-1/sqrt(D), 1/sqrt(D))``) or ``'normal'`` (``N(0, init_std^2)``, Houlsby's
+        near-identity init). ``up`` and the biases are always zero.
+      init_std: standard deviation for ``init='normal'``.
+    """
+    bottleneck_dim: int
+    mode: str = "sequential"
+    scale: float = 1.0
+    attn: bool = False
+    layers: Optional[Sequence[int]] = None
+    init: str = "kaiming_uniform"
+    init_std: float = 1e-2
+
+    def __post_init__(self):
+        if not isinstance(self.bottleneck_dim, int) or self.bottleneck_dim <= 0:
+            raise ValueError(f"bottleneck_dim must be a positive int, got {self.bottleneck_dim!r}")
+        if self.mode not in ADAPTER_MODES:
+            raise ValueError(f"adapter mode must be one of {ADAPTER_MODES}, got {self.mode!r}")
+        if self.init not in ADAPTER_INITS:
+            raise ValueError(f"adapter init must be one of {ADAPTER_INITS}, got {self.init!r}")
+
+
+def _init_bottleneck(key: Array, dim: int, bottleneck: int, adapter_cfg: AdapterConfig) -> dict:
+    if adapter_cfg.init == "kaiming_uniform":
+        bound = 1.0 / (dim ** 0.5)
+        down = jax.random.uniform(key, (dim, bottleneck), jnp.float32, -bound, bound)
+    else:
+        down = adapter_cfg.init_std * jax.random.normal(key, (dim, bottleneck), jnp.float32)
+    return {"down": {"kernel": down, "bias": jnp.zeros((bottleneck,), jnp.float32)},
+            "up": {"kernel": jnp.zeros((bottleneck, dim), jnp.float32),
+                   "bias": jnp.zeros((dim,), jnp.float32)}}
+
+
+def init_adapters(cfg: ViTConfig, adapter_cfg: AdapterConfig, rng: Array) -> dict:
+    """Fresh adapters ``{layer: {'mlp': ..., ['attn': ...]}}`` (identity at start)."""
+    params = {}
+    for layer in resolve_layers(adapter_cfg.layers, cfg.num_layers, "AdapterConfig"):
+        sites = ("mlp", "attn") if adapter_cfg.attn else ("mlp",)
+        params[str(layer)] = {
+            site: _init_bottleneck(jax.random.fold_in(rng, 2 * layer + ADAPTER_SITES.index(site)),
+                                   cfg.hidden_size, adapter_cfg.bottleneck_dim, adapter_cfg)
+            for site in sites}
+    return params
+
+
+def _check_bottleneck(layer: int, site: str, params: Mapping) -> None:
+    try:
+        down, up = params["down"]["kernel"], params["up"]["kernel"]
+        params["down"]["bias"], params["up"]["bias"]
+    except (KeyError, TypeError):
+        raise ValueError(f"layer {layer}/{site}: an adapter needs {{'down': {{'kernel', 'bias'}}, "
+                         f"'up': {{'kernel', 'bias'}}}}") from None
+    if (down.ndim != 2 or up.ndim != 2 or down.shape[1] != up.shape[0]
+            or down.shape[0] != up.shape[1]):
+        raise ValueError(f"layer {layer}/{site}: expected down (D, b) and up (b, D), got "
+                         f"{tuple(down.shape)} and {tuple(up.shape)}")
+
+
+def adapter_context(adapter_params: Mapping, adapter_cfg: AdapterConfig) -> PEFTContext:
+    """The backbone context for ``adapter_params`` (mode and scale from ``adapter_cfg``)."""
+    layers = {}
+    for key, sites in adapter_params.items():
+        layer = layer_index(key)
+        unknown = set(sites) - set(ADAPTER_SITES)
+        if unknown or "mlp" not in sites and "attn" not in sites:
+            raise ValueError(f"layer {layer}: adapter sites must be among {ADAPTER_SITES}, got "
+                             f"{sorted(sites)}")
+        for site, params in sites.items():
+            _check_bottleneck(layer, site, params)
+        layers[layer] = LayerPEFT(adapter=sites.get("mlp"), adapter_attn=sites.get("attn"),
+                                  adapter_mode=adapter_cfg.mode,
+                                  adapter_scale=adapter_cfg.scale)
+    return PEFTContext(layers=layers)

@@ -1,0 +1,273 @@
+"""LoRA (Hu et al., 2021) for the ViT backbone, in HF peft's vocabulary.
+
+A LoRA factor pair for a projection ``W: d_in -> d_out`` is ``A: (d_in, r)`` and
+``B: (r, d_out)``; the projection becomes ``x @ W + scaling * x @ A @ B`` with
+``scaling = lora_alpha / r``. ``B`` starts at zero so the adapted model starts equal to the
+base model.
+
+Trainable pytree (plain nested dicts)::
+
+    {layer: {target: {'A': (d_in, r), 'B': (r, d_out)}}}
+
+``layer`` is the 0-based block index (an ``int``; digit strings such as ``'3'`` are accepted
+too, since checkpoint formats may turn dict keys into strings). ``target`` is one of
+``query, key, value, out, fc1, fc2``; they live at these paths of the backbone's tree::
+
+    query/key/value  .../MultiHeadDotProductAttention_1/{query,key,value}  kernel (D, H, hd)
+    out              .../MultiHeadDotProductAttention_1/out                kernel (H, hd, D)
+    fc1              .../MlpBlock_3/Dense_0                                kernel (D, mlp)
+    fc2              .../MlpBlock_3/Dense_1                                kernel (mlp, D)
+
+(``...`` = ``Transformer/encoderblock_N``).
+
+This module also holds two small helpers the other PEFT modules share
+(:func:`resolve_layers`, :func:`layer_index`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from pecft_jax.peft.context import LORA_TARGETS, LayerPEFT, PEFTContext
+
+if TYPE_CHECKING:  # the backbone imports pecft_jax.peft; import its config lazily
+    from pecft_jax.backbones.vit import ViTConfig
+
+Array = jax.Array
+
+# Where each short target name lives inside ``Transformer/encoderblock_N``.
+TARGET_SUBPATHS = {
+    "query": ("MultiHeadDotProductAttention_1", "query"),
+    "key": ("MultiHeadDotProductAttention_1", "key"),
+    "value": ("MultiHeadDotProductAttention_1", "value"),
+    "out": ("MultiHeadDotProductAttention_1", "out"),
+    "fc1": ("MlpBlock_3", "Dense_0"),
+    "fc2": ("MlpBlock_3", "Dense_1"),
+}
+LORA_INITS = ("kaiming_uniform", "gaussian")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def layer_index(key: Union[int, str]) -> int:
+    """A layer key of a PEFT pytree as an int (``3`` or ``'3'``)."""
+    if isinstance(key, bool):
+        raise TypeError(f"layer keys must be ints, got {key!r}")
+    if isinstance(key, int):
+        return key
+    if isinstance(key, str) and key.isdigit():
+        return int(key)
+    raise ValueError(f"PEFT pytrees are keyed by 0-based block index (int or digit string); "
+                     f"got layer key {key!r}")
+
+
+def resolve_layers(layers: Optional[Sequence[int]], num_layers: int, what: str) -> Tuple[int, ...]:
+    """``layers`` (None = all) as a sorted tuple of valid block indices; clear error if not."""
+    if layers is None:
+        return tuple(range(num_layers))
+    if isinstance(layers, int):
+        layers = (layers,)
+    resolved = tuple(sorted(set(int(layer) for layer in layers)))
+    bad = [layer for layer in resolved if not 0 <= layer < num_layers]
+    if bad:
+        raise ValueError(f"{what}: layers {bad} do not exist; the backbone has {num_layers} blocks "
+                         f"(0..{num_layers - 1})")
+    if not resolved:
+        raise ValueError(f"{what}: layers is empty; pass None for all blocks or list some")
+    return resolved
+
+
+# ----------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters (names as in HF peft).
+
+    Attributes:
+      r: rank of the update.
+      lora_alpha: the update is scaled by ``lora_alpha / r``.
+      lora_dropout: dropout on the LoRA branch's input (training only).
+      target_modules: short names among ``query, key, value, out, fc1, fc2`` and/or regular
+        expressions searched (``re.search``) in the full kernel path, e.g.
+        ``'encoderblock_3/.*query'`` or ``'MlpBlock_3/Dense_[01]'``.
+      layers: restrict to these block indices (None = every block).
+      init: ``'kaiming_uniform'`` (HF's default: ``A ~ U(-1/sqrt(d_in), 1/sqrt(d_in))``) or
+        ``'gaussian'`` (HF's ``init_lora_weights='gaussian'``: ``A ~ N(0, 1/r^2)``).
+        ``B`` is always zero.
+    """
+    r: int
+    lora_alpha: float
+    lora_dropout: float = 0.0
+    target_modules: Union[str, Sequence[str]] = ("query", "value")
+    layers: Optional[Sequence[int]] = None
+    init: str = "kaiming_uniform"
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive int, got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            targets = (targets,)
+        targets = tuple(targets)
+        if not targets:
+            raise ValueError(f"target_modules is empty; name some of {LORA_TARGETS}")
+        object.__setattr__(self, "target_modules", targets)
+        if self.layers is not None:
+            layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+            object.__setattr__(self, "layers", layers)
+        if self.init not in LORA_INITS:
+            raise ValueError(f"LoRA init must be one of {LORA_INITS}, got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return float(self.lora_alpha) / self.r
+
+
+def target_path(layer: int, target: str) -> str:
+    """The '/'-joined path of the module a LoRA target adapts (without '/kernel')."""
+    return "/".join(("Transformer", f"encoderblock_{layer}") + TARGET_SUBPATHS[target])
+
+
+def target_dims(cfg: ViTConfig, target: str) -> Tuple[int, int]:
+    """(d_in, d_out) of the projection a target adapts, as the backbone feeds it to LoRA."""
+    if target in ("query", "key", "value", "out"):
+        return cfg.hidden_size, cfg.hidden_size
+    if target == "fc1":
+        return cfg.hidden_size, cfg.mlp_dim
+    if target == "fc2":
+        return cfg.mlp_dim, cfg.hidden_size
+    raise ValueError(f"unknown LoRA target {target!r}; expected one of {LORA_TARGETS}")
+
+
+def resolve_targets(cfg: ViTConfig, lora_cfg: LoraConfig) -> Dict[int, Tuple[str, ...]]:
+    """Which (layer, target) pairs ``lora_cfg`` adapts: ``{layer: (targets...)}``."""
+    allowed_layers = set(resolve_layers(lora_cfg.layers, cfg.num_layers, "LoraConfig"))
+    every = [(layer, target) for layer in range(cfg.num_layers) for target in LORA_TARGETS]
+    chosen = set()
+    for entry in lora_cfg.target_modules:
+        if entry in LORA_TARGETS:
+            chosen.update((layer, t) for layer, t in every if t == entry)
+            continue
+        try:
+            pattern = re.compile(entry)
+        except re.error as err:
+            raise ValueError(f"target_modules entry {entry!r} is neither a short name "
+                             f"{LORA_TARGETS} nor a valid regular expression ({err})") from None
+        matched = {(layer, t) for layer, t in every if pattern.search(target_path(layer, t))}
+        if not matched:
+            raise ValueError(
+                f"target_modules entry {entry!r} matches no module of {cfg.name}. Valid short "
+                f"names: {LORA_TARGETS}; or a regex searched in paths such as "
+                f"{target_path(0, 'query')!r} or {target_path(0, 'fc1')!r}")
+        chosen.update(matched)
+    chosen = {(layer, t) for layer, t in chosen if layer in allowed_layers}
+    if not chosen:
+        raise ValueError(f"LoraConfig selects no module: target_modules="
+                         f"{lora_cfg.target_modules} within layers={lora_cfg.layers}")
+    resolved: Dict[int, Tuple[str, ...]] = {}
+    for layer in sorted({layer for layer, _ in chosen}):
+        resolved[layer] = tuple(t for t in LORA_TARGETS if (layer, t) in chosen)
+    return resolved
+
+
+# ----------------------------------------------------------------------------- init / context
+def init_lora(cfg: ViTConfig, lora_cfg: LoraConfig, rng: Array) -> dict:
+    """Fresh LoRA factors ``{layer: {target: {'A', 'B'}}}`` (B = 0: starts at the base model).
+
+    Each factor's key is ``fold_in(rng, layer * 6 + target_index)``, so adding a target or a
+    layer does not change the initial values of the others.
+    """
+    params: dict = {}
+    for layer, targets in resolve_targets(cfg, lora_cfg).items():
+        params[str(layer)] = {}
+        for target in targets:
+            d_in, d_out = target_dims(cfg, target)
+            key = jax.random.fold_in(rng, layer * len(LORA_TARGETS) + LORA_TARGETS.index(target))
+            if lora_cfg.init == "kaiming_uniform":
+                # torch's kaiming_uniform_(a=sqrt(5)) on the (r, d_in) weight: bound 1/sqrt(d_in).
+                bound = 1.0 / (d_in ** 0.5)
+                a = jax.random.uniform(key, (d_in, lora_cfg.r), jnp.float32, -bound, bound)
+            else:
+                a = jax.random.normal(key, (d_in, lora_cfg.r), jnp.float32) / lora_cfg.r
+            params[str(layer)][target] = {"A": a, "B": jnp.zeros((lora_cfg.r, d_out), jnp.float32)}
+    return params
+
+
+def _check_factors(layer: int, target: str, factors: Mapping[str, Any], r: int) -> None:
+    if target not in LORA_TARGETS:
+        raise ValueError(f"layer {layer}: unknown LoRA target {target!r}; expected one of "
+                         f"{LORA_TARGETS}")
+    if set(factors) != {"A", "B"}:
+        raise ValueError(f"layer {layer}/{target}: LoRA factors must be {{'A', 'B'}}, got "
+                         f"{sorted(factors)}")
+    a_shape, b_shape = tuple(factors["A"].shape), tuple(factors["B"].shape)
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != r or b_shape[0] != r:
+        raise ValueError(f"layer {layer}/{target}: expected A (d_in, r={r}) and B (r={r}, d_out), "
+                         f"got A {a_shape} and B {b_shape}; does the LoraConfig match the params?")
+
+
+def lora_context(lora_params: Mapping, lora_cfg: LoraConfig) -> PEFTContext:
+    """The backbone context for ``lora_params`` (scaling and dropout from ``lora_cfg``)."""
+    layers = {}
+    for key, targets in lora_params.items():
+        layer = layer_index(key)
+        for target, factors in targets.items():
+            _check_factors(layer, target, factors, lora_cfg.r)
+        layers[layer] = LayerPEFT(lora={t: dict(f) for t, f in targets.items()},
+                                  lora_scaling=lora_cfg.scaling,
+                                  lora_dropout=lora_cfg.lora_dropout)
+    return PEFTContext(layers=layers)
+
+
+# ----------------------------------------------------------------------------- merge / unmerge
+def _fold(params: Mapping, lora_params: Mapping, lora_cfg: LoraConfig, sign: float) -> dict:
+    """Copy-on-write update of the adapted kernels: W + sign * scaling * A @ B."""
+    new = dict(params)
+    if "Transformer" not in new:
+        raise ValueError("params has no 'Transformer' subtree; pass the ViT's parameter tree")
+    new["Transformer"] = dict(new["Transformer"])
+    for key, targets in lora_params.items():
+        layer = layer_index(key)
+        block_name = f"encoderblock_{layer}"
+        if block_name not in new["Transformer"]:
+            raise ValueError(f"LoRA params name layer {layer}, but params has no "
+                             f"Transformer/{block_name}")
+        block = dict(new["Transformer"][block_name])
+        for target, factors in targets.items():
+            _check_factors(layer, target, factors, lora_cfg.r)
+            parent_name, module_name = TARGET_SUBPATHS[target]
+            parent = dict(block[parent_name])
+            module = dict(parent[module_name])
+            kernel = module["kernel"]
+            delta = lora_cfg.scaling * (factors["A"].astype(jnp.float32)
+                                        @ factors["B"].astype(jnp.float32))
+            if delta.size != kernel.size:
+                raise ValueError(f"{target_path(layer, target)}: LoRA update has shape "
+                                 f"{delta.shape} but the kernel is {kernel.shape}")
+            # The backbone flattens (H, hd) row-major on both sides, so a plain reshape lines
+            # the (d_in, d_out) update up with the (D, H, hd) / (H, hd, D) kernels.
+            merged = kernel.astype(jnp.float32) + sign * delta.reshape(kernel.shape)
+            module["kernel"] = merged.astype(kernel.dtype)
+            parent[module_name] = module
+            block[parent_name] = parent
+        new["Transformer"][block_name] = block
+    return new
+
+
+def merge_lora(frozen_params: Mapping, lora_params: Mapping, lora_cfg: LoraConfig) -> dict:
+    """A new params tree with ``scaling * A @ B`` folded into the adapted kernels.
+
+    The input tree is not modified; untouched leaves are shared. Running the backbone on the
+    result without a LoRA context equals running it on ``frozen_params`` with
+    ``lora_context(lora_params, lora_cfg)`` (dropout aside).
+    """
+    return _fold(frozen_params, lora_params, lora_cfg, 1.0)
+
+
+def unmerge_lora(merged_params: Mapping, lora_params: Mapping, lora_cfg: LoraConfig) -> dict:
+    """Inverse of :func:`merge_lora` (subtracts the same update; exact up to float rounding)."""
+    return _fold(merged_params, lora_params, lora_cfg, -1.0)

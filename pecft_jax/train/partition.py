@@ -1,0 +1,235 @@
+"""The frozen/trainable partition and optimizers that route gradients by label.
+
+Representation: parameter trees are nested dicts (``Mapping``s); anything that is not a
+Mapping is a leaf (arrays, ``jax.ShapeDtypeStruct``s, ...). :func:`split` returns two trees
+in which the other side's leaves are *absent* (and sub-dicts left empty are dropped), never
+None-filled. So the training step can be written as::
+
+    trainable, frozen = split(params, labels)
+    grads = jax.grad(loss)(trainable, frozen, batch)   # only argnum 0 is differentiated
+
+and the frozen tree never enters ``jax.grad`` or the optimizer state.
+
+Paths are the dict keys joined by ``'/'`` (int keys as their decimal string), e.g.
+``'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'`` or ``'lora/3/query/A'``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import optax
+
+PyTree = Any
+Predicate = Callable[[str, Any], bool]
+Rules = Union[Mapping[str, str], Sequence[Tuple[str, str]]]
+FROZEN = "frozen"
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}/{key}" if prefix else str(key)
+
+
+def iter_leaves(tree: PyTree, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """``(path, leaf)`` pairs of a nested-dict tree, in key-insertion order."""
+    if isinstance(tree, Mapping):
+        for key, sub in tree.items():
+            yield from iter_leaves(sub, _join(prefix, key))
+    else:
+        yield prefix, tree
+
+
+def _map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, prefix: str = "") -> PyTree:
+    if isinstance(tree, Mapping):
+        return {key: _map_with_path(fn, sub, _join(prefix, key)) for key, sub in tree.items()}
+    return fn(prefix, tree)
+
+
+def _select(tree: PyTree, keep: Callable[[str, Any], bool], prefix: str = "") -> Optional[dict]:
+    """The sub-tree of leaves where ``keep`` is True; None if nothing is kept."""
+    out = {}
+    for key, sub in tree.items():
+        path = _join(prefix, key)
+        if isinstance(sub, Mapping):
+            picked = _select(sub, keep, path)
+            if picked:
+                out[key] = picked
+        elif keep(path, sub):
+            out[key] = sub
+    return out or None
+
+
+def _labels_by_path(params: PyTree, labels: PyTree) -> dict:
+    """Check ``labels`` mirrors ``params`` and index its labels by path."""
+    param_paths = [p for p, _ in iter_leaves(params)]
+    label_map = dict(iter_leaves(labels))
+    missing = [p for p in param_paths if p not in label_map]
+    extra = sorted(set(label_map) - set(param_paths))
+    if missing or extra:
+        raise ValueError(f"labels must have the same structure as params; params leaves without "
+                         f"a label: {missing[:5]}, labels without a param: {extra[:5]} (build "
+                         f"them with label_tree(params, rules))")
+    bad = {p: lab for p, lab in label_map.items() if not isinstance(lab, str)}
+    if bad:
+        raise ValueError(f"labels must be strings, got {list(bad.items())[:3]}")
+    return label_map
+
+
+def split(params: PyTree, predicate_or_labels: Union[Predicate, PyTree], *,
+          frozen_label: str = FROZEN) -> Tuple[dict, dict]:
+    """Split ``params`` into ``(trainable, frozen)`` nested dicts.
+
+    Args:
+      params: nested dict of leaves.
+      predicate_or_labels: either ``predicate(path, leaf) -> bool`` (True = trainable) or a
+        labels tree of the same structure (from :func:`label_tree`); leaves labelled
+        ``frozen_label`` go to the frozen side, every other label to the trainable side.
+      frozen_label: the label meaning "frozen".
+
+    Returns:
+      Two nested dicts; a leaf sits in exactly one of them. Empty sides are ``{}``.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"split expects a nested dict of parameters, got {type(params).__name__}")
+    if callable(predicate_or_labels) and not isinstance(predicate_or_labels, Mapping):
+        predicate = predicate_or_labels
+
+        def is_trainable(path, leaf):
+            return bool(predicate(path, leaf))
+    else:
+        label_map = _labels_by_path(params, predicate_or_labels)
+
+        def is_trainable(path, leaf):
+            return label_map[path] != frozen_label
+    trainable = _select(params, is_trainable) or {}
+    frozen = _select(params, lambda path, leaf: not is_trainable(path, leaf)) or {}
+    return trainable, frozen
+
+
+def merge(trainable: PyTree, frozen: PyTree) -> dict:
+    """Inverse of :func:`split`: the union of two disjoint nested dicts (error on overlap)."""
+    def union(a: Mapping, b: Mapping, prefix: str) -> dict:
+        out = dict(a)
+        for key, sub in b.items():
+            path = _join(prefix, key)
+            if key not in out:
+                out[key] = sub
+            elif isinstance(out[key], Mapping) and isinstance(sub, Mapping):
+                out[key] = union(out[key], sub, path)
+            else:
+                raise ValueError(f"merge: {path!r} is present in both trees; trainable and frozen "
+                                 f"parts must be disjoint")
+        return out
+
+    for name, tree in (("trainable", trainable), ("frozen", frozen)):
+        if not isinstance(tree, Mapping):
+            raise TypeError(f"merge expects nested dicts; {name} is {type(tree).__name__}")
+    return union(trainable, frozen, "")
+
+
+def label_tree(params: PyTree, rules: Rules, *, default: Optional[str] = None) -> dict:
+    """Label every leaf by the first rule whose regex is found (``re.search``) in its path.
+
+    Args:
+      params: nested dict of leaves (arrays or shape structs).
+      rules: ordered ``{regex: label}`` or ``[(regex, label), ...]``; first match wins.
+      default: label of leaves no rule matches; None makes unmatched leaves an error.
+
+    Example::
+
+        label_tree(params, [(r"^backbone/", "frozen"), (r"^lora/0/", "old"), (r".*", "lora")])
+    """
+    items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+    compiled = []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(f"rules must be (regex, label) pairs, got {item!r}")
+        pattern, label = item
+        try:
+            compiled.append((re.compile(pattern), label))
+        except re.error as err:
+            raise ValueError(f"invalid rule regex {pattern!r}: {err}") from None
+    unmatched = []
+
+    def label_of(path: str, leaf: Any) -> Optional[str]:
+        for pattern, label in compiled:
+            if pattern.search(path):
+                return label
+        if default is None:
+            unmatched.append(path)
+        return default
+
+    labels = _map_with_path(label_of, params)
+    if unmatched:
+        raise ValueError(f"no rule matches {len(unmatched)} leaves, e.g. {unmatched[:5]}; add a "
+                         f"rule (e.g. ('.*', 'frozen') last) or pass default=")
+    return labels
+
+
+def _is_transformation(obj: Any) -> bool:
+    return isinstance(obj, optax.GradientTransformation) or (
+        hasattr(obj, "init") and hasattr(obj, "update") and callable(obj.update))
+
+
+def make_optimizer(labels: Union[PyTree, Callable[[PyTree], PyTree]],
+                   groups: Mapping[str, Any], *, frozen_label: str = FROZEN,
+                   default_optimizer: Callable[[Any], optax.GradientTransformation] = optax.adam,
+                   ) -> optax.GradientTransformation:
+    """One optimizer routing each label's leaves to its own transformation.
+
+    Args:
+      labels: labels tree for the tree the optimizer will see (usually the trainable tree;
+        ``split(labels, labels)[0]`` gives its labels), or a function of params returning
+        one, as ``optax.multi_transform`` accepts.
+      groups: ``{label: transformation}``; a number or a schedule instead of a
+        transformation means ``default_optimizer(that learning rate)``.
+      frozen_label: leaves with this label get ``optax.set_to_zero()`` (zero updates, no
+        optimizer state); it must not be in ``groups``.
+      default_optimizer: factory for groups given as a learning rate (default Adam).
+
+    A label in ``labels`` without a group is an error, listing what is missing.
+    """
+    if frozen_label in groups:
+        raise ValueError(f"{frozen_label!r} is always routed to optax.set_to_zero(); remove it "
+                         f"from groups (or name your trainable group differently)")
+    transforms = {}
+    for label, spec in groups.items():
+        if _is_transformation(spec):
+            transforms[label] = spec
+        elif isinstance(spec, numbers.Real) or callable(spec):
+            transforms[label] = default_optimizer(spec)
+        else:
+            raise TypeError(f"group {label!r}: expected an optax transformation, a learning rate "
+                            f"or a schedule, got {type(spec).__name__}")
+    transforms[frozen_label] = optax.set_to_zero()
+    if not callable(labels) or isinstance(labels, Mapping):
+        used = {label for _, label in iter_leaves(labels)}
+        missing = sorted(str(label) for label in used - set(transforms))
+        if missing:
+            raise ValueError(f"labels {missing} have no optimizer group; groups cover "
+                             f"{sorted(transforms)}")
+    return optax.multi_transform(transforms, labels)
+
+
+def count_params(tree: PyTree, labels: Optional[PyTree] = None,
+                 label: Union[None, str, Collection[str]] = None) -> int:
+    """Number of scalars in ``tree`` (arrays or ``ShapeDtypeStruct`` leaves, so
+    ``jax.eval_shape`` trees count without allocating), optionally only the leaves whose
+    label (from ``labels``) is ``label`` (or is in a collection of labels)."""
+    def size(leaf: Any) -> int:
+        shape = getattr(leaf, "shape", None)
+        if shape is None:
+            raise TypeError(f"count_params: leaf of type {type(leaf).__name__} has no shape")
+        return int(math.prod(shape))
+
+    if label is None:
+        if labels is not None:
+            raise ValueError("count_params got labels but no label to count; pass label=")
+        return sum(size(leaf) for _, leaf in iter_leaves(tree))
+    if labels is None:
+        raise ValueError("count_params(label=...) needs the labels tree too")
+    wanted = {label} if isinstance(label, str) else set(label)
+    label_map = _labels_by_path(tree, labels)
+    return sum(size(leaf) for path, leaf in iter_leaves(tree) if label_map[path] in wanted)

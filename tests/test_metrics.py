@@ -1,0 +1,103 @@
+"""Continual-learning metrics on small hand-computed accuracy matrices."""
+import numpy as np
+import pytest
+
+from pecft_jax import metrics
+
+# Lower-triangular, ragged rows. Task 0 peaks after task 1 (70 > 50), so forgetting
+# (best earlier minus final) and BWT (final minus just-learned) disagree in sign.
+RAGGED = [[50.0], [70.0, 80.0], [60.0, 75.0, 90.0]]
+
+
+def test_hand_computed_three_tasks():
+    assert metrics.average_accuracy(RAGGED) == pytest.approx((60 + 75 + 90) / 3)
+    # A_0 = 50, A_1 = 75, A_2 = 75
+    assert metrics.average_incremental_accuracy(RAGGED) == pytest.approx((50 + 75 + 75) / 3)
+    # task 0: max(50, 70) - 60 = 10; task 1: 80 - 75 = 5
+    assert metrics.forgetting(RAGGED) == pytest.approx(7.5)
+    # task 0: 60 - 50 = 10; task 1: 75 - 80 = -5
+    assert metrics.backward_transfer(RAGGED) == pytest.approx(2.5)
+
+
+def test_square_array_with_nan_upper_triangle_equals_ragged_rows():
+    square = np.array([[90.0, np.nan, np.nan], [80.0, 70.0, np.nan], [60.0, 65.0, 85.0]])
+    ragged = [[90.0], [80.0, 70.0], [60.0, 65.0, 85.0]]
+    assert metrics.summarize(square) == metrics.summarize(ragged)
+    out = metrics.summarize(ragged)
+    assert out["average_accuracy"] == pytest.approx(70.0)
+    assert out["average_incremental_accuracy"] == pytest.approx((90 + 75 + 70) / 3)
+    assert out["forgetting"] == pytest.approx((30 + 5) / 2)
+    assert out["bwt"] == pytest.approx((-30 - 5) / 2)
+    assert "fwt" not in out
+
+
+def test_forward_transfer_uses_first_superdiagonal():
+    full = [[90.0, 12.0, 8.0], [80.0, 70.0, 15.0], [60.0, 65.0, 85.0]]
+    reference = [10.0, 10.0, 11.0]
+    # (R[0][1] - b_1 + R[1][2] - b_2) / 2 = (2 + 4) / 2
+    assert metrics.forward_transfer(full, reference) == pytest.approx(3.0)
+    assert metrics.summarize(full, reference)["fwt"] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match=r"R\[j-1\]\[j\]"):
+        metrics.forward_transfer(RAGGED, reference)
+    with pytest.raises(ValueError, match="one accuracy per task"):
+        metrics.forward_transfer(full, [10.0, 10.0])
+
+
+def test_single_task():
+    out = metrics.summarize([[88.0]], reference=[5.0])
+    assert out == {"average_accuracy": 88.0, "average_incremental_accuracy": 88.0,
+                   "forgetting": 0.0, "bwt": 0.0, "fwt": 0.0}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], "empty"),
+    (np.zeros((0, 0)), "empty"),
+    (np.ones((2, 3)), "square"),
+    (np.ones(3), "2-D"),
+    ([[1.0, 2.0], [3.0]], "row 1 has 1 entries"),
+    ([[1.0, 2.0, 3.0], [1.0, 2.0]], "only 2 rows"),
+    ([[1.0], [np.nan, 2.0]], r"R\[1\]\[0\]"),
+])
+def test_malformed_matrices_are_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.average_accuracy(bad)
+
+
+def test_class_incremental_accuracy_ignores_unseen_classes():
+    # 4 samples, 6 logits; classes 4 and 5 are not seen yet and have the largest logits.
+    logits = np.array([[5.0, 1.0, 0.0, 0.0, 9.0, 0.0],
+                       [0.0, 2.0, 3.0, 0.0, 0.0, 9.0],
+                       [0.0, 0.0, 0.0, 1.0, 9.0, 9.0],
+                       [1.0, 0.0, 0.0, 0.0, 9.0, 0.0]])
+    labels = np.array([0, 2, 3, 1])
+    # predictions among classes 0..3: 0, 2, 3, 0 -> 3 of 4 right
+    assert metrics.class_incremental_accuracy(logits, labels, 4) == pytest.approx(75.0)
+    assert metrics.class_incremental_accuracy(logits, labels, [3, 2, 1, 0]) == pytest.approx(75.0)
+    # with all 6 classes seen, the large logits of classes 4/5 win everywhere
+    assert metrics.class_incremental_accuracy(logits, labels, 6) == 0.0
+    with pytest.raises(ValueError, match="not among the seen classes"):
+        metrics.class_incremental_accuracy(logits, np.array([0, 2, 5, 1]), 4)
+
+
+def test_task_incremental_accuracy_restricts_to_task_classes():
+    logits = np.array([[9.0, 0.0, 1.0, 2.0],
+                       [9.0, 0.0, 3.0, 2.0],
+                       [9.0, 0.0, 0.0, 2.0]])
+    labels = np.array([3, 3, 2])
+    # task {2, 3}: predictions 3, 2, 3 -> 1 of 3 right
+    assert metrics.task_incremental_accuracy(logits, labels, [2, 3]) == pytest.approx(100 / 3)
+    # class-incremental over all 4 classes would get none right
+    assert metrics.class_incremental_accuracy(logits, labels, 4) == 0.0
+    with pytest.raises(ValueError, match="not classes of this task"):
+        metrics.task_incremental_accuracy(logits, np.array([3, 0, 2]), [2, 3])
+
+
+def test_empty_task_and_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="no samples"):
+        metrics.class_incremental_accuracy(np.zeros((0, 3)), np.zeros((0,), int), 3)
+    with pytest.raises(ValueError, match="labels must be"):
+        metrics.task_incremental_accuracy(np.zeros((2, 3)), np.zeros((3,), int), [0])
+    with pytest.raises(ValueError, match="task_classes is empty"):
+        metrics.task_incremental_accuracy(np.zeros((2, 3)), np.zeros((2,), int), [])
+    with pytest.raises(ValueError, match=r"class ids in \[0, 3\)"):
+        metrics.class_incremental_accuracy(np.zeros((2, 3)), np.zeros((2,), int), 5)
