@@ -89,8 +89,10 @@ _NAMED = {
     "ViT-Demo/7": (7, 128, 6, 4, 256, 28),
     "ViT-Demo/4": (4, 128, 6, 4, 256, 28),
     "ViT-Tiny32/4": (4, 192, 6, 3, 384, 32),
+    # A few-thousand-parameter ViT for fast end-to-end tests (16x16 grey-scale).
+    "ViT-Micro/4": (4, 32, 2, 2, 64, 16),
 }
-_DEFAULT_CHANNELS = {"ViT-Demo/7": 1, "ViT-Demo/4": 1}
+_DEFAULT_CHANNELS = {"ViT-Demo/7": 1, "ViT-Demo/4": 1, "ViT-Micro/4": 1}
 
 
 def named_configs() -> tuple:

@@ -1,0 +1,205 @@
+"""The continual loop end to end on real (sklearn digits) data with a tiny random ViT."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pecft_jax.configs import base_config
+from pecft_jax.data import pipeline
+from pecft_jax.evaluate import evaluate_checkpoint
+from pecft_jax.methods import TaskSpec, create_method
+from pecft_jax.train.checkpoint import CheckpointMismatch
+from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
+
+
+def tiny_config(method="l2p", **method_options):
+    c = base_config()
+    c.progress_bar = False
+    c.backbone.checkpoint = "random:ViT-Micro/4"
+    c.dataset.name = "digits"
+    c.scenario.num_tasks = 5
+    c.scenario.class_order = "seed"
+    c.scenario.seed = 3
+    c.train.epochs = 1
+    c.train.batch_size = 32
+    c.train.learning_rate = 0.01
+    c.train.checkpoint_every_steps = 3
+    c.eval.batch_size = 64
+    c.method.name = method
+    if method == "l2p":
+        c.method.pool_size = 6
+        c.method.prompt_length = 2
+        c.method.top_k = 2
+    for key, value in method_options.items():
+        c.method[key] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def l2p_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("l2p"))
+    results = train_and_evaluate(tiny_config(), workdir)
+    return workdir, results
+
+
+def test_results_file_has_the_documented_fields(l2p_run):
+    workdir, results = l2p_run
+    with open(os.path.join(workdir, "results.json")) as f:
+        saved = json.load(f)
+    for key in ("method", "dataset", "num_tasks", "accuracy_matrix", "task_il_accuracy_matrix",
+                "metrics", "trainable_params", "seconds_per_task", "config"):
+        assert key in saved, key
+    matrix = saved["accuracy_matrix"]
+    assert [len(row) for row in matrix] == [1, 2, 3, 4, 5]
+    assert all(0.0 <= v <= 100.0 for row in matrix for v in row)
+    assert saved["metrics"]["average_accuracy"] == pytest.approx(np.mean(matrix[-1]))
+    assert set(saved["metrics"]) >= {"average_accuracy", "average_incremental_accuracy",
+                                     "forgetting", "bwt"}
+    # pool 6x2x32 prompts + 6x32 keys + a 10-class head on width 32
+    assert saved["trainable_params"] == 6 * 2 * 32 + 6 * 32 + 32 * 10 + 10
+    # task-IL is never below class-IL: restricting the argmax to the task can only help
+    for ci, ti in zip(matrix, saved["task_il_accuracy_matrix"]):
+        assert all(t >= c - 1e-9 for c, t in zip(ci, ti))
+    assert os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_each_task_compiles_its_train_step_once(l2p_run):
+    _, results = l2p_run
+    counts = results["compilations"]
+    for t in range(5):
+        assert counts[f"train_step/{t}"] == 1, counts
+        assert counts[f"eval_step/{t}"] == 1, counts
+
+
+def test_evaluate_reproduces_the_recorded_rows(l2p_run):
+    workdir, results = l2p_run
+    for task in (1, 4):
+        out = evaluate_checkpoint(workdir, task)
+        np.testing.assert_allclose(out["class_il"], results["accuracy_matrix"][task], atol=1e-9)
+        np.testing.assert_allclose(out["task_il"], results["task_il_accuracy_matrix"][task],
+                                   atol=1e-9)
+
+
+def test_checkpoints_do_not_contain_the_backbone(l2p_run):
+    workdir, _ = l2p_run
+    from pecft_jax.train.checkpoint import Checkpointer
+    ckpt = Checkpointer(workdir)
+    restored = ckpt.restore("tasks", 4)
+    ckpt.close()
+    assert set(restored["trainable"]) == {"prompts", "keys", "head"}
+    assert restored["meta"]["fingerprint"]
+
+
+def assert_rows_close(actual, expected, atol):
+    """Accuracy matrices are lower-triangular (ragged) lists of rows."""
+    assert [len(r) for r in actual] == [len(r) for r in expected]
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, atol=atol)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_accuracy_matrix(l2p_run, tmp_path, monkeypatch):
+    _, uninterrupted = l2p_run
+    workdir = str(tmp_path)
+    real_batches = pipeline.train_batches
+    calls = {"n": 0}
+
+    def crashing_batches(*args, **kwargs):
+        for batch in real_batches(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 17:  # inside task 2 (about 7 steps per task), after a checkpoint
+                raise _Interrupted()
+            yield batch
+
+    monkeypatch.setattr(pipeline, "train_batches", crashing_batches)
+    with pytest.raises(_Interrupted):
+        train_and_evaluate(tiny_config(), workdir)
+    monkeypatch.setattr(pipeline, "train_batches", real_batches)
+    steps = sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest")))
+    assert steps, "a mid-task checkpoint should exist"
+    resumed = train_and_evaluate(tiny_config(), workdir)
+    assert_rows_close(resumed["accuracy_matrix"], uninterrupted["accuracy_matrix"], atol=1e-9)
+    # the resumed process compiled only the tasks it still had to train
+    assert "train_step/0" not in resumed["compilations"]
+
+
+def test_one_device_and_eight_devices_give_the_same_matrix(l2p_run, tmp_path):
+    _, eight = l2p_run
+    config = tiny_config()
+    config.num_devices = 1
+    one = train_and_evaluate(config, str(tmp_path))
+    assert_rows_close(one["accuracy_matrix"], eight["accuracy_matrix"], atol=2.0)
+
+
+def test_resuming_with_another_config_or_backbone_fails_clearly(l2p_run, tmp_path):
+    workdir, _ = l2p_run
+    other = tiny_config()
+    other.train.learning_rate = 0.5
+    with pytest.raises(CheckpointMismatch, match="different config"):
+        train_and_evaluate(other, workdir)
+    other = tiny_config()
+    other.seed = 1  # a different random backbone
+    with pytest.raises(CheckpointMismatch, match="different backbone"):
+        train_and_evaluate(other, workdir)
+
+
+def test_unknown_method_dataset_and_bad_split_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'l3p'"):
+        train_and_evaluate(tiny_config("l3p"), str(tmp_path / "a"))
+    config = tiny_config()
+    config.dataset.name = "cifar1000"
+    with pytest.raises(ValueError, match="cifar1000"):
+        train_and_evaluate(config, str(tmp_path / "b"))
+    config = tiny_config()
+    config.scenario.num_tasks = 3  # 10 classes do not split into 3 equal tasks
+    with pytest.raises(ValueError, match="num_tasks|divisible|split"):
+        train_and_evaluate(config, str(tmp_path / "c"))
+    config = tiny_config()
+    config.train.batch_size = 36  # not a multiple of the 8 devices
+    with pytest.raises(ValueError, match="divisible"):
+        train_and_evaluate(config, str(tmp_path / "d"))
+
+
+def test_l2p_masks_classes_outside_the_current_task():
+    """With L2P's training mask, the head's columns of other tasks get no gradient."""
+    config = tiny_config()
+    trainer_free = config.method
+    from pecft_jax.backbones.backbone import load_backbone
+    backbone, frozen = load_backbone("random:ViT-Micro/4")
+    method = create_method("l2p", trainer_free, backbone, 10, 5)
+    trainable, state = method.init(jax.random.key(0), frozen)
+    task = TaskSpec(index=1, classes=(2, 3), seen_classes=(0, 1, 2, 3), num_classes=10,
+                    num_tasks=5, task_classes=((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)))
+    batch = {"image": jax.random.normal(jax.random.key(1), (8, 16, 16, 1)),
+             "label": jnp.array([2, 3] * 4)}
+    grads = jax.grad(lambda t: method.loss(t, state, frozen, batch, jax.random.key(2), task)[0])(
+        trainable)
+    bias_grad = np.asarray(grads["head"]["bias"])
+    assert np.all(bias_grad[[0, 1, 4, 5, 6, 7, 8, 9]] == 0.0)
+    assert np.all(np.abs(bias_grad[[2, 3]]) > 0.0)
+    # keys receive the matching loss' gradient; the frozen backbone is not an argument
+    assert np.abs(np.asarray(grads["keys"])).sum() > 0
+
+
+@pytest.mark.parametrize("method,options", [("finetune", {"mode": "full"}),
+                                            ("finetune", {"mode": "head"}),
+                                            ("finetune", {"mode": "lora"}),
+                                            ("joint", {"mode": "head"})])
+def test_baselines_run_end_to_end(tmp_path, method, options):
+    config = tiny_config(method, **options)
+    config.scenario.num_tasks = 2
+    results = train_and_evaluate(config, str(tmp_path))
+    if method == "joint":
+        assert len(results["accuracy_matrix"]) == 1 and len(results["accuracy_matrix"][0]) == 2
+        assert results["metrics"]["forgetting"] is None
+    else:
+        assert [len(r) for r in results["accuracy_matrix"]] == [1, 2]
+    if options["mode"] == "head":
+        assert results["trainable_params"] == 32 * 10 + 10
