@@ -26,7 +26,7 @@ data:
 # The main job: L2P on Split MNIST (5 tasks) with the bundled backbone; prints the accuracy
 # matrix and metrics. Re-running resumes from the workdir's checkpoints.
 demo: setup
-	$(PY) -m pecft_jax.run --config experiments/configs/split_mnist.py:l2p --workdir $(WORKDIR)
+	$(PY) -m pecft_jax.run --config experiments/configs/l2p.py:split_mnist --workdir $(WORKDIR)
 
 test: setup data
 	$(PY) -m pytest -q -x tests

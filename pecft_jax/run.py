@@ -1,6 +1,6 @@
 """Run (or resume) a continual experiment.
 
-    python -m pecft_jax.run --config experiments/configs/split_mnist.py:l2p --workdir DIR \
+    python -m pecft_jax.run --config experiments/configs/l2p.py:split_mnist --workdir DIR \
         [--config.train.epochs=3 ...]
 
 Writes DIR/results.json (accuracy matrices, metrics), DIR/metrics.jsonl, TensorBoard events

@@ -481,3 +481,28 @@ def test_prefetch_keeps_order_and_raises():
 def test_class_order_helper_rejects_unknown_strings():
     with pytest.raises(ValueError, match="'seed', 'identity' or a list"):
         resolve_class_order(4, "random")
+
+
+def test_dataset_sequence_gives_each_dataset_its_own_label_block():
+    """5-datasets style: every dataset is a task with the next block of label ids."""
+    from pecft_jax.data.scenarios import build_scenario
+    import ml_collections
+    cfg = ml_collections.ConfigDict({"dataset": {"name": "unused"},
+                                     "scenario": {"kind": "class", "datasets": ["digits", "mnist5k"]}})
+    scenario = build_scenario(cfg)
+    assert scenario.num_classes == 20 and [t.classes for t in scenario.tasks] == [
+        tuple(range(10)), tuple(range(10, 20))]
+    second = scenario.tasks[1]
+    labels = scenario.label_map()[second.train_source.labels[second.train_indices]]
+    raw = load_source("mnist5k", "train").labels
+    np.testing.assert_array_equal(labels, raw + 10)
+    # images of different sizes come out uniform through the pipeline
+    pre = Preprocess(image_size=16, channels=1)
+    for task in scenario.tasks:
+        batch = next(eval_batches(task.test_source, task.test_indices, scenario.label_map(),
+                                  batch_size=8, preprocess=pre))
+        assert batch["image"].shape == (8, 16, 16, 1)
+        assert set(batch["label"][batch["mask"] > 0]) <= set(task.classes)
+    cfg.scenario.num_tasks = 3
+    with pytest.raises(ValueError, match="num_tasks=3 but 2 datasets"):
+        build_scenario(cfg)

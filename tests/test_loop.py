@@ -7,35 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pecft_jax.configs import base_config
 from pecft_jax.data import pipeline
 from pecft_jax.evaluate import evaluate_checkpoint
 from pecft_jax.methods import TaskSpec, create_method
 from pecft_jax.train.checkpoint import CheckpointMismatch
 from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
 
-
-def tiny_config(method="l2p", **method_options):
-    c = base_config()
-    c.progress_bar = False
-    c.backbone.checkpoint = "random:ViT-Micro/4"
-    c.dataset.name = "digits"
-    c.scenario.num_tasks = 5
-    c.scenario.class_order = "seed"
-    c.scenario.seed = 3
-    c.train.epochs = 1
-    c.train.batch_size = 32
-    c.train.learning_rate = 0.01
-    c.train.checkpoint_every_steps = 3
-    c.eval.batch_size = 64
-    c.method.name = method
-    if method == "l2p":
-        c.method.pool_size = 6
-        c.method.prompt_length = 2
-        c.method.top_k = 2
-    for key, value in method_options.items():
-        c.method[key] = value
-    return c
+from helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +181,16 @@ def test_baselines_run_end_to_end(tmp_path, method, options):
         assert [len(r) for r in results["accuracy_matrix"]] == [1, 2]
     if options["mode"] == "head":
         assert results["trainable_params"] == 32 * 10 + 10
+
+
+def test_corrupt_checkpoint_fails_with_a_clear_error(l2p_run, tmp_path):
+    import shutil
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(l2p_run[0], workdir)
+    arrays_dir = os.path.join(workdir, "checkpoints", "tasks", "4", "arrays")
+    for root, _, files in os.walk(arrays_dir):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    with pytest.raises(CheckpointMismatch, match="corrupt or unreadable"):
+        evaluate_checkpoint(workdir, 4)

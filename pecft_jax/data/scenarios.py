@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pecft_jax.data.sources import DEFAULT_SPLIT_SEED, ImageSource, TransformedSource, load_source
+from pecft_jax.data.sources import (DEFAULT_SPLIT_SEED, ImageSource, LabelOffsetSource,
+                                    TransformedSource, load_source)
 
 KINDS = ("class", "task", "domain")
 
@@ -209,6 +210,27 @@ def task_incremental(train: ImageSource, test: ImageSource, num_tasks: int, *,
                              class_order=class_order, seed=seed, kind="task")
 
 
+def dataset_sequence(datasets: Sequence[tuple[str, ImageSource, ImageSource]]) -> Scenario:
+    """Class-incremental over a sequence of datasets, one task each (e.g. 5-datasets:
+    CIFAR-10, MNIST, Fashion-MNIST, SVHN, notMNIST). Task ``t`` owns the next
+    ``num_classes`` label ids; images of different sizes/channels are made uniform by the
+    pipeline's resize and channel conversion."""
+    if not datasets:
+        raise ValueError("dataset_sequence needs at least one (name, train, test) dataset")
+    total = sum(_check_pair(train, test) for _, train, test in datasets)
+    names = [f"{name}:{c}" for name, train, _ in datasets for c in train.class_names]
+    tasks, offset = [], 0
+    for t, (name, train, test) in enumerate(datasets):
+        size = train.num_classes
+        shifted_train = LabelOffsetSource(train, offset, total, names)
+        shifted_test = LabelOffsetSource(test, offset, total, names)
+        tasks.append(Task(index=t, classes=tuple(range(offset, offset + size)),
+                          train_indices=np.arange(len(train)), test_indices=np.arange(len(test)),
+                          train_source=shifted_train, test_source=shifted_test, domain=name))
+        offset += size
+    return Scenario(kind="class", tasks=tasks, class_order=list(range(total)), num_classes=total)
+
+
 def domain_incremental(domains: Sequence[tuple[str, ImageSource, ImageSource]], *,
                        class_order: Any = None, seed: int = 0) -> Scenario:
     """One task per ``(name, train, test)`` domain; every task has every class.
@@ -320,6 +342,20 @@ def build_scenario(cfg) -> Scenario:
             domains.append((spec["label"], train, test))
         return domain_incremental(domains, class_order=_get(sc, "class_order", "identity"),
                                   seed=seed)
+
+    if _get(sc, "datasets"):  # a sequence of datasets, one task each (5-datasets)
+        specs = [parse_domain_spec(spec) for spec in _get(sc, "datasets")]
+        num_tasks = _get(sc, "num_tasks")
+        if num_tasks is not None and int(num_tasks) != len(specs):
+            raise ValueError(f"scenario.num_tasks={num_tasks} but {len(specs)} datasets are "
+                             "listed in scenario.datasets; make them equal")
+        sequence = []
+        for spec in specs:
+            data_dir = spec["data_dir"] or _get(ds, "data_dir")
+            sequence.append((spec["label"],
+                             load_source(spec["name"], train_split, data_dir=data_dir, **options),
+                             load_source(spec["name"], test_split, data_dir=data_dir, **options)))
+        return dataset_sequence(sequence)
 
     name = _get(ds, "name")
     if not name:

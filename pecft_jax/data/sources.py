@@ -233,6 +233,29 @@ def get_domain_transform(name: str) -> DomainTransform:
                      f"{', '.join(DOMAIN_TRANSFORM_NAMES)}")
 
 
+class LabelOffsetSource(ImageSource):
+    """``base`` with its labels shifted by ``offset`` into a larger label space of
+    ``num_classes`` ids: how several datasets share one classifier when each is a task of a
+    class-incremental sequence (5-datasets)."""
+
+    def __init__(self, base: ImageSource, offset: int, num_classes: int,
+                 class_names: Sequence[str] | None = None):
+        if offset < 0 or offset + base.num_classes > num_classes:
+            raise ValueError(f"offset {offset} + {base.num_classes} classes of {base.name} do "
+                             f"not fit a label space of {num_classes}")
+        self.base = base
+        self.name, self.split = base.name, base.split
+        self.labels = base.labels + offset
+        self.num_classes = num_classes
+        self.class_names = (list(class_names) if class_names is not None else
+                            [f"{i}" for i in range(num_classes)])
+        self.image_shape = base.image_shape
+        self.origin_indices = getattr(base, "origin_indices", None)
+
+    def images(self, indices: np.ndarray, size: int | None = None) -> np.ndarray:
+        return self.base.images(indices, size=size)
+
+
 class TransformedSource(ImageSource):
     """``base`` seen through domain transforms (applied lazily, in order, when read).
 

@@ -10,6 +10,10 @@ _REGISTRY = {
     "finetune": "pecft_jax.methods.finetune:Finetune",
     "joint": "pecft_jax.methods.finetune:Joint",
     "l2p": "pecft_jax.methods.l2p:L2P",
+    "dualprompt": "pecft_jax.methods.dualprompt:DualPrompt",
+    "coda_prompt": "pecft_jax.methods.coda_prompt:CodaPrompt",
+    "hide_prompt": "pecft_jax.methods.hide_prompt:HiDePrompt",
+    "s_prompts": "pecft_jax.methods.s_prompts:SPrompts",
 }
 
 

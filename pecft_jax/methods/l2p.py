@@ -22,6 +22,7 @@ import numpy as np
 
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, batch_accuracy,
                                     init_linear_head)
+from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft import prompt_pool
 from pecft_jax.peft.context import LayerPEFT, PEFTContext
 
@@ -63,12 +64,8 @@ class L2P(Method):
         return trainable, {"task_counts": jnp.zeros_like(state["task_counts"]),
                            "previous_counts": state["previous_counts"] + state["task_counts"]}
 
-    def query(self, frozen, images):
-        """q(x): the frozen, un-prompted model's [CLS] feature."""
-        return jax.lax.stop_gradient(self.backbone.apply(frozen, images, output="cls"))
-
     def _forward(self, trainable, state, frozen, images, train: bool):
-        q = self.query(frozen, images)
+        q = frozen_query(self.backbone, frozen, images)
         similarity = prompt_pool.cosine_similarity(q, trainable["keys"])
         penalty = state["previous_counts"] if (train and self.diversity_penalty) else None
         idx = prompt_pool.select_topk(similarity, self.top_k, frequency_penalty=penalty,

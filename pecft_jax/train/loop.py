@@ -37,7 +37,8 @@ from pecft_jax.train.logging_utils import MetricWriter, progress
 log = logging.getLogger("pecft_jax")
 
 # Config keys that may change between a run and its resumption.
-_RESUMABLE_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "progress_bar",
+_RESUMABLE_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "train.prefetch",
+                   "progress_bar",
                    "eval.batch_size", "num_devices", "distributed")
 
 
@@ -361,11 +362,13 @@ class ContinualTrainer:
         data_seed = int(np.random.SeedSequence([self.config.seed, t]).generate_state(1)[0])
         while step < steps:
             epoch, offset = divmod(step, per_epoch)
-            for local in pipeline.train_batches(
-                    task.train_source, task.train_indices, self.label_map,
-                    batch_size=self.batch_size, seed=data_seed, epoch=epoch,
-                    preprocess=self.train_preprocess, start_step=offset,
-                    process_index=jax.process_index(), process_count=jax.process_count()):
+            batches = pipeline.train_batches(
+                task.train_source, task.train_indices, self.label_map,
+                batch_size=self.batch_size, seed=data_seed, epoch=epoch,
+                preprocess=self.train_preprocess, start_step=offset,
+                process_index=jax.process_index(), process_count=jax.process_count())
+            # host-side reading/augmentation overlaps the device steps
+            for local in pipeline.prefetch(batches, int(self.config.train.get("prefetch", 2))):
                 batch = mesh_lib.shard_batch(local, self.mesh)
                 trainable, state, opt_state, metrics = train_step(
                     trainable, state, opt_state, self.frozen, batch,

@@ -1,0 +1,22 @@
+"""Sequential fine-tuning (lower bound) and joint training (upper bound).
+
+    python -m pecft_jax.run --config experiments/configs/finetune.py:split_mnist --workdir DIR
+    arg: <benchmark>[,<mode>][,joint]   e.g. split_mnist,head  or  split_mnist,full,joint
+    benchmark: split_mnist | cifar100 | imagenet_r ; mode: full [default] | head | lora |
+    adapter | prompt
+"""
+from pecft_jax.configs import benchmark
+
+
+def get_config(arg: str = "split_mnist"):
+    parts = (arg or "split_mnist").split(",")
+    c = benchmark(parts[0])
+    c.method.name = "joint" if "joint" in parts[1:] else "finetune"
+    modes = [p for p in parts[1:] if p != "joint"]
+    c.method.mode = modes[0] if modes else "full"
+    c.train.optimizer = "adam"
+    # full fine-tuning moves the whole backbone: a small step; the others a larger one
+    c.train.learning_rate = 1e-4 if c.method.mode == "full" else 1e-3
+    if c.benchmark != "split_mnist":
+        c.train.epochs = 5
+    return c

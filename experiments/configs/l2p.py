@@ -1,0 +1,35 @@
+"""L2P (Wang et al., CVPR 2022).
+
+    python -m pecft_jax.run --config experiments/configs/l2p.py:split_mnist --workdir DIR
+    (arg: split_mnist [default] | cifar100 | imagenet_r | 5datasets)
+
+Paper / official-code setting (Split CIFAR-100, ViT-B/16 ImageNet-21k): pool M=10, prompt
+length 5, top-N=5, prompts prepended at the input, classifier on the mean of the prompt
+tokens' outputs, key-matching weight 0.1, batch-wise prompt selection, Adam
+(b1=0.9, b2=0.999), constant learning rate 0.03 scaled by batch/256, batch 128, 5 epochs,
+logits of classes outside the current task masked while training.
+"""
+from pecft_jax.configs import benchmark
+
+
+def get_config(arg: str = "split_mnist"):
+    c = benchmark(arg or "split_mnist")
+    c.method.name = "l2p"
+    c.method.pool_size = 10
+    c.method.prompt_length = 5
+    c.method.top_k = 5
+    c.method.pull_constraint = 0.1
+    c.method.prompt_init = "uniform"
+    c.method.key_init = "uniform"
+    c.method.head_input = "prompt"
+    c.method.diversity_penalty = False
+    c.train.optimizer = "adam"
+    c.train.schedule = "constant"
+    if c.benchmark == "split_mnist":
+        c.method.batchwise_prompt = False
+        c.train.learning_rate = 0.01
+    else:
+        c.method.batchwise_prompt = True
+        c.train.epochs = 5
+        c.train.learning_rate = 0.03 * c.train.batch_size / 256
+    return c
