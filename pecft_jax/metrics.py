@@ -160,23 +160,23 @@ def class_incremental_accuracy(logits, labels, seen_classes: Union[int, Sequence
     ``seen_classes`` is a count (the first n classes) or the list of seen class ids; logits
     of unseen classes are ignored. Every label must be a seen class.
     """
-    logits, labels = np.asarray(logits), np.asarray(labels)
-    _check_batch(logits, labels)
-    seen = _class_ids(seen_classes, logits.shape[1], "seen_classes")
-    if not np.all(np.isin(labels, seen)):
-        raise ValueError(f"labels {sorted(set(labels.tolist()) - set(seen.tolist()))[:5]} are not "
-                         f"among the seen classes")
-    predictions = seen[np.argmax(logits[:, seen], axis=1)]
-    return float(100.0 * np.mean(predictions == labels))
+    return _restricted_accuracy(logits, labels, seen_classes, "seen_classes",
+                                "among the seen classes")
 
 
 def task_incremental_accuracy(logits, labels, task_classes: Sequence[int]) -> float:
     """Accuracy (%) when the task is known: argmax restricted to that task's classes."""
+    return _restricted_accuracy(logits, labels, task_classes, "task_classes",
+                                "classes of this task")
+
+
+def _restricted_accuracy(logits, labels, allowed, what: str, where: str) -> float:
+    """Accuracy (%) of the argmax over the ``allowed`` classes' logits only."""
     logits, labels = np.asarray(logits), np.asarray(labels)
     _check_batch(logits, labels)
-    classes = _class_ids(task_classes, logits.shape[1], "task_classes")
+    classes = _class_ids(allowed, logits.shape[1], what)
     if not np.all(np.isin(labels, classes)):
         raise ValueError(f"labels {sorted(set(labels.tolist()) - set(classes.tolist()))[:5]} are "
-                         f"not classes of this task {classes.tolist()}")
+                         f"not {where} {classes.tolist()[:20]}")
     predictions = classes[np.argmax(logits[:, classes], axis=1)]
     return float(100.0 * np.mean(predictions == labels))

@@ -111,6 +111,14 @@ def get_config(name: str, **overrides) -> ViTConfig:
     return ViTConfig(**fields)
 
 
+def _lora_input(lp: Optional[LayerPEFT], deterministic: bool, inp: Array) -> Array:
+    """The LoRA branch's input: dropout (HF peft's lora_dropout) while training.
+    Called inside a module's compact method, so the Dropout is that module's child."""
+    if lp is None or lp.lora_dropout == 0.0 or deterministic:
+        return inp
+    return nn.Dropout(rate=lp.lora_dropout)(inp, deterministic=False)
+
+
 def _layer_norm(cfg: ViTConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name)
 
@@ -127,16 +135,11 @@ class Attention(nn.Module):
         lora = (lp.lora or {}) if lp is not None else {}
         ssf_params = lp.ssf if lp is not None else None
 
-        def lora_input(inp):
-            if lp is None or lp.lora_dropout == 0.0 or deterministic:
-                return inp
-            return nn.Dropout(rate=lp.lora_dropout)(inp, deterministic=False)
-
         def project(name: str) -> Array:
             y = nn.DenseGeneral(features=(heads, head_dim), name=name)(x)
             y = y.reshape(batch, length, dim)
             if name in lora:
-                y = y + lora_delta(lora_input(x), lora[name], lp.lora_scaling)
+                y = y + lora_delta(_lora_input(lp, deterministic, x), lora[name], lp.lora_scaling)
             y = ssf(y, ssf_params, name)
             return y.reshape(batch, length, heads, head_dim)
 
@@ -154,7 +157,7 @@ class Attention(nn.Module):
         attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         out = nn.DenseGeneral(features=dim, axis=(-2, -1), name="out")(attended)
         if "out" in lora:
-            out = out + lora_delta(lora_input(attended.reshape(batch, length, dim)), lora["out"],
+            out = out + lora_delta(_lora_input(lp, deterministic, attended.reshape(batch, length, dim)), lora["out"],
                                    lp.lora_scaling)
         return ssf(out, ssf_params, "out")
 
@@ -168,19 +171,14 @@ class MlpBlock(nn.Module):
         lora = (lp.lora or {}) if lp is not None else {}
         ssf_params = lp.ssf if lp is not None else None
 
-        def lora_input(inp):
-            if lp is None or lp.lora_dropout == 0.0 or deterministic:
-                return inp
-            return nn.Dropout(rate=lp.lora_dropout)(inp, deterministic=False)
-
         h = nn.Dense(cfg.mlp_dim, name="Dense_0")(x)
         if "fc1" in lora:
-            h = h + lora_delta(lora_input(x), lora["fc1"], lp.lora_scaling)
+            h = h + lora_delta(_lora_input(lp, deterministic, x), lora["fc1"], lp.lora_scaling)
         h = ssf(h, ssf_params, "fc1")
         h = nn.gelu(h, approximate=cfg.gelu_approximate)
         y = nn.Dense(cfg.hidden_size, name="Dense_1")(h)
         if "fc2" in lora:
-            y = y + lora_delta(lora_input(h), lora["fc2"], lp.lora_scaling)
+            y = y + lora_delta(_lora_input(lp, deterministic, h), lora["fc2"], lp.lora_scaling)
         return ssf(y, ssf_params, "fc2")
 
 
