@@ -13,6 +13,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from pecft_jax.report import format_results
@@ -25,7 +26,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # Our progress at INFO; libraries (orbax logs every checkpoint step) at WARNING.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("pecft_jax").setLevel(logging.INFO)
     from pecft_jax.train.loop import train_and_evaluate  # after flags: JAX starts here
     results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print(format_results(results))
