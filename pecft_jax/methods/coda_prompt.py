@@ -1,0 +1,217 @@
+"""CODA-Prompt: COntinual Decomposed Attention-based Prompting (Smith et al., CVPR 2023).
+
+Algorithm (paper Sec. 4, official code's defaults in brackets):
+
+* at each prefix layer [blocks 0-4] a set of M prompt components P_m (length L_p) with keys
+  K_m and attention vectors A_m (both D-dim)  [M=100, L_p=8];
+* query q(x) = the frozen pretrained model's [CLS] feature;
+* weights alpha_m = cos(q ⊙ A_m, K_m) and prompt p(x) = sum_m alpha_m P_m: no selection,
+  fully differentiable end to end;
+* p(x) is used by prefix tuning, its first L_p/2 tokens as keys and the last L_p/2 as
+  values [4 + 4];
+* components are split evenly over the tasks (M / T each): task t trains its own slice, the
+  earlier slices are used but frozen, later ones are not used yet;
+* a new slice is initialised orthogonal to all earlier components by Gram-Schmidt (P
+  flattened to L_p*D), separately for P, K and A;
+* optional orthogonality penalty mu * sum ||B B^T - I||^2 / n^2 over B in {K, A, P}
+  [official ``ortho_mu``: 0 with the current code; the paper's first version used 0.1 on an
+  orthogonal init];
+* classifier: a linear head on the prompted model's [CLS] output; CE over the current task's
+  classes (earlier and later classes masked).
+
+Trainable tree: ``components/<task>/<layer>/{prompts (M/T, L_p, D), keys (M/T, D),
+attention (M/T, D)}`` plus ``head``. Each task's slice is its own set of leaves: the optimiser
+labels every slice but the current task's 'frozen', so old components stay bit-identical.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, batch_accuracy,
+                                    init_linear_head)
+from pecft_jax.methods.common import frozen_query, prompted_cls_token
+from pecft_jax.peft.lora import resolve_layers
+from pecft_jax.peft.prompt_pool import l2_normalize
+from pecft_jax.peft.prompts import prefix_context
+
+COMPONENT_FIELDS = ("prompts", "keys", "attention")
+
+
+# ----------------------------------------------------------------------------- the mechanics
+def component_weights(query, keys, attention):
+    """alpha ``(B, M)``: cosine similarity between the attended query ``q ⊙ A_m`` and ``K_m``.
+
+    query ``(B, D)``, keys and attention ``(M, D)``."""
+    attended = l2_normalize(query[:, None, :] * attention[None, :, :])  # (B, M, D)
+    return jnp.einsum("bmd,md->bm", attended, l2_normalize(keys))
+
+
+def assemble_prompt(alpha, prompts):
+    """``sum_m alpha_m P_m``: ``(B, M)`` x ``(M, L, D)`` -> ``(B, L, D)``."""
+    return jnp.einsum("bm,mld->bld", alpha, prompts)
+
+
+def as_prefix(prompt):
+    """``(B, L, D)`` -> ``(B, 2, L/2, D)``: first half keys, second half values."""
+    batch, length, dim = prompt.shape
+    return prompt.reshape(batch, 2, length // 2, dim)
+
+
+def orthogonality_penalty(matrix):
+    """``mean((B B^T - I)^2)`` over the rows of ``matrix`` flattened to ``(n, -1)``."""
+    flat = matrix.reshape(matrix.shape[0], -1)
+    gram = flat @ flat.T
+    return jnp.mean(jnp.square(gram - jnp.eye(flat.shape[0], dtype=flat.dtype)))
+
+
+def gram_schmidt_extend(old: np.ndarray, count: int, rng) -> np.ndarray:
+    """``count`` new unit rows orthogonal to every row of ``old`` and to each other.
+
+    ``old`` is ``(m, ...)`` (rows flattened); the result has shape ``(count, ...)``; ``rng`` is
+    a ``numpy.random.Generator``. Gaussian draws are orthogonalised against an orthonormal
+    basis of the old rows' span, so the result is orthogonal to the old components even when
+    those, after training, are no longer orthogonal among themselves (the official code
+    projects onto each old component separately, which is exact only for orthogonal ones);
+    two passes, in float64, for numerical accuracy."""
+    old = np.asarray(old, np.float64)
+    shape = old.shape[1:]
+    dim = int(np.prod(shape))
+    flat = old.reshape(old.shape[0], dim)
+    if flat.shape[0] + count > dim:
+        raise ValueError(f"cannot make {flat.shape[0] + count} components of size {dim} "
+                         f"orthogonal; use fewer components (pool_size) or a wider backbone")
+    basis = []
+    for row in flat:  # orthonormal basis of span(old), skipping dependent rows
+        v = row.copy()
+        for _ in range(2):
+            for b in basis:
+                v -= (b @ v) * b
+        norm = np.linalg.norm(v)
+        if norm > 1e-10 * max(np.linalg.norm(row), 1e-30):
+            basis.append(v / norm)
+    new = []
+    while len(new) < count:
+        v = rng.standard_normal(dim)
+        for _ in range(2):
+            for b in basis:
+                v -= (b @ v) * b
+        norm = np.linalg.norm(v)
+        if norm < 1e-6:  # the official code restarts the draw in this case
+            continue
+        v /= norm
+        basis.append(v)
+        new.append(v)
+    return np.stack(new).reshape((count,) + shape).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- the method
+class CodaPrompt(Method):
+    name = "coda_prompt"
+    train_class_mask = "task"  # official: logits of earlier tasks' classes set to -inf
+
+    def __init__(self, config, backbone, num_classes, num_tasks):
+        super().__init__(config, backbone, num_classes, num_tasks)
+        self.pool_size = int(config.get("pool_size", 100))
+        self.prompt_length = int(config.get("prompt_length", 8))
+        self.layers = resolve_layers(config.get("layers", (0, 1, 2, 3, 4)),
+                                     backbone.config.num_layers, "coda_prompt layers")
+        self.ortho_mu = float(config.get("ortho_mu", 0.0))
+        if self.pool_size <= 0 or self.pool_size % num_tasks:
+            raise ValueError(f"coda_prompt pool_size={self.pool_size} must be a positive multiple "
+                             f"of the number of tasks ({num_tasks}): components are split evenly "
+                             f"over the tasks")
+        if self.prompt_length <= 0 or self.prompt_length % 2:
+            raise ValueError(f"coda_prompt prompt_length={self.prompt_length} must be a positive "
+                             f"even number: half the tokens are prefix keys, half values")
+        if self.pool_size > backbone.feature_dim:
+            raise ValueError(f"coda_prompt pool_size={self.pool_size} exceeds the feature width "
+                             f"{backbone.feature_dim}: that many keys/attention vectors cannot be "
+                             f"mutually orthogonal; lower method.pool_size")
+        self.per_task = self.pool_size // num_tasks
+
+    # ------------------------------------------------------------------ set-up
+    def init(self, rng, frozen):
+        # Every task's slice exists from the start (zeros until its task begins, as in the
+        # official code) so the tree's structure never changes; before_task fills slice t.
+        dim, length = self.backbone.feature_dim, self.prompt_length
+        def zeros():  # distinct host buffers per leaf (the train step donates its arguments)
+            return {"prompts": np.zeros((self.per_task, length, dim), np.float32),
+                    "keys": np.zeros((self.per_task, dim), np.float32),
+                    "attention": np.zeros((self.per_task, dim), np.float32)}
+
+        components = {str(t): {str(layer): zeros() for layer in self.layers}
+                      for t in range(self.num_tasks)}
+        return {"components": components,
+                "head": init_linear_head(rng, dim, self.num_classes)}, {}
+
+    def before_task(self, task, trainable, state, frozen, rng):
+        t = task.index
+        # numpy from here on: a host-side initialisation that compiles nothing
+        seed = [int(x) for x in np.asarray(jax.random.key_data(rng)).ravel()]
+        new_slice = {}
+        for layer in self.layers:
+            key = str(layer)
+            fields = {}
+            for i, field in enumerate(COMPONENT_FIELDS):
+                old = [np.asarray(trainable["components"][str(s)][key][field]) for s in range(t)]
+                old = (np.concatenate(old) if old else
+                       np.zeros((0,) + tuple(trainable["components"]["0"][key][field].shape[1:]),
+                                np.float32))
+                fields[field] = gram_schmidt_extend(
+                    old, self.per_task, np.random.default_rng(seed + [layer, i]))
+            new_slice[key] = fields
+        components = dict(trainable["components"], **{str(t): new_slice})
+        return dict(trainable, components=components), state
+
+    # -------------------------------------------------------------- optimiser
+    def param_labels(self, trainable, task):
+        current = str(task.index)
+        return {"components": {t: jax.tree_util.tree_map(
+                    lambda _, t=t: "train" if t == current else "frozen", tree)
+                    for t, tree in trainable["components"].items()},
+                "head": jax.tree_util.tree_map(lambda _: "train", trainable["head"])}
+
+    # ------------------------------------------------------------ the forward
+    def components(self, trainable, task_index: int, train: bool):
+        """Per layer: P, K, A of tasks 0..task_index stacked, ``(f, L, D)``, ``(f, D)``, ``(f, D)``.
+        While training, earlier tasks' slices are behind ``stop_gradient``."""
+        out = {}
+        for layer in self.layers:
+            key = str(layer)
+            parts = []
+            for s in range(task_index + 1):
+                part = trainable["components"][str(s)][key]
+                parts.append(jax.lax.stop_gradient(part) if train and s < task_index else part)
+            out[key] = {field: jnp.concatenate([p[field] for p in parts])
+                        for field in COMPONENT_FIELDS}
+        return out
+
+    def context(self, components, q):
+        """Prefix context of the assembled prompts, ``{layer: (B, 2, L/2, D)}``."""
+        prefixes = {}
+        for layer, c in components.items():
+            alpha = component_weights(q, c["keys"], c["attention"])
+            prefixes[layer] = as_prefix(assemble_prompt(alpha, c["prompts"]))
+        return prefix_context(prefixes)
+
+    def _logits(self, trainable, frozen, images, task_index, train):
+        q = frozen_query(self.backbone, frozen, images)
+        components = self.components(trainable, task_index, train)
+        feature = prompted_cls_token(self.backbone, frozen, images, self.context(components, q))
+        return apply_linear_head(trainable["head"], feature), components
+
+    def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
+        logits, components = self._logits(trainable, frozen, batch["image"], task.index, True)
+        ce = self.masked_ce(logits, batch["label"], task)
+        loss, metrics = ce, {"ce": ce, "accuracy": batch_accuracy(logits, batch["label"])}
+        if self.ortho_mu > 0:
+            ortho = sum(orthogonality_penalty(c[field]) for c in components.values()
+                        for field in COMPONENT_FIELDS)
+            loss = loss + self.ortho_mu * ortho
+            metrics["ortho"] = ortho
+        return loss, {"metrics": metrics}
+
+    def logits(self, trainable, state, frozen, images, task):
+        return self._logits(trainable, frozen, images, task.index, False)[0]
