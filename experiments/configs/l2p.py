@@ -26,8 +26,13 @@ def get_config(arg: str = "split_mnist"):
     c.train.optimizer = "adam"
     c.train.schedule = "constant"
     if c.benchmark == "split_mnist":
+        # The demo ViT sees 16 patch tokens, not ViT-B's 196: N=5 prompts of length 5 would
+        # put 25 prompt tokens beside 16 image tokens and the prompt-mean feature would be
+        # mostly prompt. N=1 keeps L2P's prompt:image ratio closer to the paper's (25:196).
+        # Measured on this demo (3 epochs, lr 0.03): N=5 25.5% / N=1 39.7% final accuracy.
+        c.method.top_k = 1
         c.method.batchwise_prompt = False
-        c.train.learning_rate = 0.01
+        c.train.learning_rate = 0.03
     else:
         c.method.batchwise_prompt = True
         c.train.epochs = 5
