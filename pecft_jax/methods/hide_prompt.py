@@ -1,0 +1,355 @@
+"""HiDe-Prompt: Hierarchical Decomposition of prompt-based continual learning
+(Wang et al., NeurIPS 2023; official code thu-ml/HiDe-Prompt).
+
+The class-incremental objective is split into three parts, each optimised explicitly
+(official defaults for Split CIFAR-100 / ViT-B/16 in brackets):
+
+* **WTP, within-task prediction.** One task-specific prompt per task: prefix-tuning
+  key/value prompts at blocks 0-4 [length 5; 20 for ImageNet-R], ``U(-1, 1)`` init; task
+  ``t``'s prompt starts as a copy of task ``t-1``'s. It is trained, with a linear head on the
+  [CLS] output, by cross-entropy over the current task's classes plus a contrastive
+  regulariser (weight [0.1; 0.5 ImageNet-R], temperature 0.8) that pushes the batch's
+  features away from each other and from the stored prototypes (class means) of earlier
+  classes. Prompt momentum [0.01]: task ``t``'s prompt is used (and kept after training)
+  as ``(1 - m) P_t + m * mean(P_0..P_{t-1})``. Prompts get the learning rate, the head a
+  tenth of it. Earlier tasks' prompts never change.
+* **TII, task-identity inference.** On the frozen, un-prompted [CLS] feature, an MLP head
+  (``LN(x + W2 gelu(W1 x))`` with a 2x hidden width, then a linear layer over all classes)
+  is trained with cross-entropy on the task's real features [20 epochs, Adam], then --
+  from task 2 on -- aligned on features sampled from the stored Gaussians of *all* seen
+  classes [30 epochs, SGD]. Its predicted class maps to a task.
+* **TAP, task-adaptive prediction.** After each task the mean and covariance of every new
+  class's *prompted* features (with its own task's prompt) are stored; from task 2 on the
+  final linear head is aligned on features sampled from the Gaussians of all seen classes
+  [30 epochs, SGD lr 0.005, momentum 0.9, weight decay 5e-4, cosine; 120 draws per class].
+
+Test: TII predicts the task, that task's prompt instructs the backbone, the aligned head
+classifies. ``logits`` also returns ``task_pred`` (task-identity accuracy in the results).
+
+Only statistics are stored, no exemplars: per class a mean and a covariance (the paper's);
+``statistics='variance'`` (diagonal) and ``'multi_centroid'`` (k-means clusters with
+diagonal Gaussians, the official code's default) are the official code's cheaper forms.
+
+Where this differs from the official code: the TII head is fitted in ``after_task`` on the
+task's *un-augmented* frozen features, computed once (the official code trains it in a
+separate run on augmented images); gradient clipping applies per parameter group; and the
+TII evaluation masks to the classes seen so far (the official evaluation masks to the
+classes up to the *evaluated* task, which leaks its identity).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pecft_jax.methods import statistics as stats_lib
+from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, batch_accuracy,
+                                    init_linear_head, mask_logits)
+from pecft_jax.methods.common import frozen_query
+from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
+
+Array = jax.Array
+PAPER_BATCH_PER_DEVICE = 24  # the official scripts: 24 per GPU x 8 GPUs
+
+
+# ----------------------------------------------------------------------------- pieces
+def contrastive_regularizer(features: Array, prototypes: Array, valid: Array,
+                            temperature: float) -> Array:
+    """HiDe-Prompt's contrastive regulariser, as the official code computes it.
+
+    ``M = [stored prototypes; batch features]``, ``S = M M^T / temperature``; every row
+    must pick itself among the columns: the mean over rows of
+    ``logsumexp_j S_ij - S_ii``. Prototypes with ``valid == False`` take no part (neither
+    row nor column). Gradients reach ``features`` only through the feature rows/columns
+    (prototypes are constants).
+    """
+    if features.ndim != 2 or prototypes.ndim != 2 or features.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"contrastive_regularizer expects features (B, D) and prototypes "
+                         f"(P, D), got {tuple(features.shape)} and {tuple(prototypes.shape)}")
+    m = jnp.concatenate([jax.lax.stop_gradient(prototypes).astype(features.dtype), features])
+    keep = jnp.concatenate([valid.astype(bool), jnp.ones((features.shape[0],), bool)])
+    sim = (m @ m.T) / temperature
+    sim = jnp.where(keep[None, :], sim, -jnp.inf)
+    per_row = jax.nn.logsumexp(sim, axis=1) - jnp.diagonal(sim)
+    per_row = jnp.where(keep, per_row, 0.0)
+    return jnp.sum(per_row) / jnp.sum(keep)
+
+
+def init_tii_head(rng: Array, dim: int, num_classes: int, hidden: Sequence[int] = (2,)) -> dict:
+    """The official ``MlpMapping`` + linear head on the frozen feature.
+
+    ``hidden`` lists widths as multiples of ``dim`` (official ``[2]``). Linear layers take
+    PyTorch's default init (what the official code uses); LayerNorms start at (1, 0).
+    """
+    hidden = tuple(int(h) for h in hidden)
+    keys = jax.random.split(rng, len(hidden) + 2)
+    params = {"head": init_linear_head(keys[-1], dim, num_classes)}
+    if not hidden:
+        return params
+    widths = [dim] + [dim * h for h in hidden] + [dim]
+    mlp = {}
+    for i in range(len(hidden) + 1):
+        mlp[f"fc{i}"] = init_linear_head(keys[i], widths[i], widths[i + 1])
+        if _middle_norm(i, len(hidden)):
+            mlp[f"norm{i}"] = {"scale": jnp.ones((widths[i + 1],)), "bias": jnp.zeros((widths[i + 1],))}
+    mlp["norm"] = {"scale": jnp.ones((dim,)), "bias": jnp.zeros((dim,))}
+    params["mlp"] = mlp
+    return params
+
+
+def _middle_norm(i: int, n_hidden: int) -> bool:
+    # The official MlpMapping puts a LayerNorm (and no activation) after the middle layer of
+    # a deeper MLP; with one hidden layer there is none.
+    return i == n_hidden // 2 and i != n_hidden and i != 0
+
+
+def _layer_norm(x: Array, p: dict, eps: float = 1e-5) -> Array:
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def apply_tii_head(params: dict, x: Array) -> Array:
+    """``head(LN(x + mlp(x)))`` (just ``head(x)`` without an MLP)."""
+    if "mlp" in params:
+        mlp = params["mlp"]
+        n_hidden = sum(1 for k in mlp if k.startswith("fc")) - 1
+        h = x
+        for i in range(n_hidden + 1):
+            h = apply_linear_head(mlp[f"fc{i}"], h)
+            if i == n_hidden:
+                continue
+            if _middle_norm(i, n_hidden):
+                h = _layer_norm(h, mlp[f"norm{i}"])
+            else:
+                h = jax.nn.gelu(h, approximate=False)  # torch nn.GELU
+        x = _layer_norm(h + x, mlp["norm"])
+    return apply_linear_head(params["head"], x)
+
+
+def sgd_with_weight_decay(schedule, momentum: float, weight_decay: float):
+    """``torch.optim.SGD(momentum, weight_decay)``: ``g + wd * p`` then heavy-ball momentum."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(schedule, momentum=momentum or None))
+
+
+# ----------------------------------------------------------------------------- method
+class HiDePrompt(Method):
+    name = "hide_prompt"
+    train_class_mask = "task"
+
+    def __init__(self, config, backbone, num_classes, num_tasks):
+        super().__init__(config, backbone, num_classes, num_tasks)
+        get = config.get
+        vit = backbone.config
+        self.prompt_layers = tuple(int(i) for i in get("prompt_layers", (0, 1, 2, 3, 4)))
+        bad = [i for i in self.prompt_layers if not 0 <= i < vit.num_layers]
+        if bad or not self.prompt_layers:
+            raise ValueError(f"hide_prompt prompt_layers {list(self.prompt_layers)} must be "
+                             f"non-empty block indices of {vit.name} (0..{vit.num_layers - 1}); "
+                             f"set method.prompt_layers")
+        self.prefix_cfg = PrefixConfig(length=int(get("prompt_length", 5)),
+                                       layers=self.prompt_layers,
+                                       init=get("prompt_init", "uniform"))
+        self.contrastive_weight = float(get("contrastive_weight", 0.1))
+        self.temperature = float(get("contrastive_temperature", 0.8))
+        self.prompt_momentum = float(get("prompt_momentum", 0.01))
+        self.head_lr_scale = float(get("head_lr_scale", 0.1))
+        if self.temperature <= 0:
+            raise ValueError(f"contrastive_temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.prompt_momentum < 1.0:
+            raise ValueError(f"prompt_momentum must be in [0, 1), got {self.prompt_momentum}")
+        # statistics
+        self.stats_mode = get("statistics", "covariance")
+        if self.stats_mode not in stats_lib.MODES:
+            raise ValueError(f"hide_prompt statistics must be one of {stats_lib.MODES}, got "
+                             f"{self.stats_mode!r}")
+        self.n_centroids = int(get("n_centroids", 10))
+        self.ridge = float(get("ridge", 1e-4))
+        # TII
+        self.tii_hidden = tuple(int(h) for h in get("tii_hidden", (2,)))
+        self.tii_epochs = int(get("tii_epochs", 20))
+        self.tii_lr = float(get("tii_lr", 0.0005 * PAPER_BATCH_PER_DEVICE / 256))
+        self.tii_batch_size = int(get("tii_batch_size", 8 * PAPER_BATCH_PER_DEVICE))
+        self.tii_grad_clip = float(get("tii_grad_clip", 1.0) or 0.0)
+        self.tii_align_epochs = int(get("tii_align_epochs", 30))
+        self.tii_align_lr = float(get("tii_align_lr", 0.005 * PAPER_BATCH_PER_DEVICE / 256))
+        self.tii_align_samples = int(get("tii_align_samples", PAPER_BATCH_PER_DEVICE))
+        # TAP
+        self.tap_epochs = int(get("tap_epochs", 30))
+        self.tap_lr = float(get("tap_lr", 0.005))
+        self.tap_samples = int(get("tap_samples", 5 * PAPER_BATCH_PER_DEVICE))
+        self.align_momentum = float(get("align_momentum", 0.9))
+        self.align_weight_decay = float(get("align_weight_decay", 5e-4))
+        dim = backbone.feature_dim
+        self._tii_shapes = jax.eval_shape(
+            lambda k: init_tii_head(k, dim, num_classes, self.tii_hidden), jax.random.key(0))
+
+    # ------------------------------------------------------------------ set-up
+    def init(self, rng, frozen):
+        k_prompts, k_head, k_tii = jax.random.split(rng, 3)
+        dim = self.backbone.feature_dim
+        prompts = {str(t): init_prefixes(self.backbone.config, self.prefix_cfg,
+                                         jax.random.fold_in(k_prompts, t))
+                   for t in range(self.num_tasks)}
+        head = init_linear_head(k_head, dim, self.num_classes)
+        trainable = {"prompts": prompts, "head": head}
+        shapes = stats_lib.statistics_shapes(self.num_classes, dim, self.stats_mode,
+                                             self.n_centroids)
+        empty = lambda: {k: jnp.zeros(shape, jnp.float32) for k, shape in shapes.items()}
+        state = {"tii": init_tii_head(k_tii, dim, self.num_classes, self.tii_hidden),
+                 "head": jax.tree_util.tree_map(jnp.array, head),  # the TAP-aligned head
+                 "tii_stats": empty(), "tap_stats": empty()}
+        return trainable, state
+
+    def count_trainable(self, trainable):
+        """Learnt parameters: prompts and head (trained by the loop) plus the TII head
+        (trained in ``after_task``, kept in the state)."""
+        tii = jax.tree_util.tree_map(lambda s: np.broadcast_to(np.float32(0), s.shape),
+                                     self._tii_shapes)
+        return {"trainable": trainable, "tii": tii}
+
+    def effective_prompts(self, prompts: dict, upto: int) -> List[Dict[str, Array]]:
+        """``E_0 = P_0``, ``E_t = (1 - m) P_t + m * mean(E_0..E_{t-1})`` for ``t <= upto``:
+        the prompts as the official code holds them after its post-task momentum update."""
+        m = self.prompt_momentum
+        out = []
+        for t in range(upto + 1):
+            raw = prompts[str(t)]
+            if t == 0 or m == 0:
+                out.append(dict(raw))
+                continue
+            out.append({layer: (1 - m) * raw[layer]
+                        + m * sum(e[layer] for e in out) / len(out) for layer in raw})
+        return out
+
+    def before_task(self, task, trainable, state, frozen, rng):
+        t = task.index
+        if t == 0:
+            return trainable, state
+        # Task t's prompt starts from task t-1's; the head continues from the aligned head.
+        previous = self.effective_prompts(trainable["prompts"], t - 1)[-1]
+        prompts = dict(trainable["prompts"])
+        prompts[str(t)] = {layer: jnp.array(value) for layer, value in previous.items()}
+        head = jax.tree_util.tree_map(jnp.array, state["head"])
+        return dict(trainable, prompts=prompts, head=head), state
+
+    # --------------------------------------------------------------- optimiser
+    def param_labels(self, trainable, task: TaskSpec):
+        labels = {"prompts": {t: jax.tree_util.tree_map(
+                      lambda _, t=t: "prompt" if int(t) == task.index else "frozen", p)
+                      for t, p in trainable["prompts"].items()},
+                  "head": jax.tree_util.tree_map(lambda _: "head", trainable["head"])}
+        return labels
+
+    def optimizer_groups(self, task, base):
+        # "larger prompt lr": the head learns at a tenth of the prompts' rate.
+        return {"prompt": base, "head": optax.chain(base, optax.scale(self.head_lr_scale)),
+                "frozen": optax.set_to_zero()}
+
+    # ------------------------------------------------------------ forward parts
+    def _prompted_cls(self, frozen, images, prefixes: Dict[str, Array]) -> Array:
+        return self.backbone.apply(frozen, images, prefix_context(prefixes), output="cls")
+
+    def _training_prompt(self, trainable, task: TaskSpec) -> Dict[str, Array]:
+        t, m = task.index, self.prompt_momentum
+        raw = trainable["prompts"][str(t)]
+        if t == 0 or m == 0:
+            return raw
+        earlier = self.effective_prompts(trainable["prompts"], t - 1)
+        return {layer: (1 - m) * raw[layer]
+                + m * jax.lax.stop_gradient(sum(e[layer] for e in earlier) / len(earlier))
+                for layer in raw}
+
+    def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
+        features = self._prompted_cls(frozen, batch["image"], self._training_prompt(trainable, task))
+        logits = apply_linear_head(trainable["head"], features)
+        ce = self.masked_ce(logits, batch["label"], task)
+        protos, valid = stats_lib.prototypes(state["tap_stats"])
+        reg = contrastive_regularizer(features, protos, valid, self.temperature)
+        return ce + self.contrastive_weight * reg, {
+            "metrics": {"ce": ce, "contrastive": reg,
+                        "accuracy": batch_accuracy(logits, batch["label"])}}
+
+    def predict_task(self, state, frozen, images, task: TaskSpec) -> Array:
+        """TII: the frozen feature's most likely seen class, mapped to its task."""
+        logits = apply_tii_head(state["tii"], frozen_query(self.backbone, frozen, images))
+        cls = jnp.argmax(mask_logits(logits, task.class_mask("seen")), axis=-1)
+        return jnp.asarray(self._task_of_class(task))[cls]
+
+    def _task_of_class(self, task: TaskSpec) -> np.ndarray:
+        owner = np.zeros(self.num_classes, np.int32)
+        for t, classes in enumerate(task.task_classes):
+            owner[list(classes)] = t
+        return owner
+
+    def logits(self, trainable, state, frozen, images, task):
+        task_pred = self.predict_task(state, frozen, images, task)
+        prompts = self.effective_prompts(trainable["prompts"], task.index)
+        per_example = {layer: jnp.stack([p[layer] for p in prompts])[task_pred]
+                       for layer in prompts[0]}
+        features = self._prompted_cls(frozen, images, per_example)
+        return {"logits": apply_linear_head(state["head"], features), "task_pred": task_pred}
+
+    # -------------------------------------------------------------- after task
+    def after_task(self, task, trainable, state, frozen, data, rng):
+        t = task.index
+        prompt_t = self.effective_prompts(trainable["prompts"], t)[t]
+
+        def features(images):
+            return {"frozen": frozen_query(self.backbone, frozen, images),
+                    "prompted": self._prompted_cls(frozen, images, prompt_t)}
+
+        out, labels = data.map(features)
+        k_seed, k_tii, k_tii_align, k_tap = jax.random.split(rng, 4)
+        seed = int(jax.random.randint(k_seed, (), 0, 2 ** 31 - 1))
+        tii_stats = stats_lib.update_statistics(jax.device_get(state["tii_stats"]),
+                                                out["frozen"], labels, task.classes, seed=seed)
+        tap_stats = stats_lib.update_statistics(jax.device_get(state["tap_stats"]),
+                                                out["prompted"], labels, task.classes, seed=seed)
+        tii = self.fit_tii(state["tii"], out["frozen"], labels, task, k_tii)
+        head = trainable["head"]
+        if t > 0:
+            seen_mask = task.class_mask("seen")
+            old = len(task.seen_classes) - len(task.classes)  # official: one step per old class
+            tii = self.align(tii, apply_tii_head, tii_stats, task, k_tii_align,
+                             lr=self.tii_align_lr, epochs=self.tii_align_epochs,
+                             samples=self.tii_align_samples, steps=old, class_mask=seen_mask)
+            head = self.align(head, apply_linear_head, tap_stats, task, k_tap, lr=self.tap_lr,
+                              epochs=self.tap_epochs, samples=self.tap_samples, steps=old,
+                              class_mask=seen_mask)
+        as_jnp = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
+        return dict(state, tii=as_jnp(tii), head=as_jnp(head), tii_stats=as_jnp(tii_stats),
+                    tap_stats=as_jnp(tap_stats))
+
+    def fit_tii(self, tii, features, labels, task: TaskSpec, key):
+        """TII on the task's real frozen features: CE over the task's classes, Adam."""
+        x = jnp.asarray(features)
+        y = jnp.asarray(labels, jnp.int32)
+        batch = min(self.tii_batch_size, x.shape[0])
+        opt = optax.adam(self.tii_lr)
+        if self.tii_grad_clip:
+            opt = optax.chain(optax.clip_by_global_norm(self.tii_grad_clip), opt)
+        tii, _ = stats_lib.fit_classifier(
+            tii, apply_tii_head, opt, key, epochs=self.tii_epochs,
+            steps_per_epoch=x.shape[0] // batch, batch_size=batch, draw=lambda k, d: d,
+            draw_data=(x, y), class_mask=task.class_mask("task"))
+        return tii
+
+    def align(self, params, apply_fn, stats, task: TaskSpec, key, *, lr, epochs, samples,
+              steps, class_mask):
+        """Train a head on features sampled from the Gaussians of every seen class
+        (official: per epoch, ``samples`` draws per Gaussian, ``steps`` batches of
+        ``samples``; SGD + momentum + weight decay, cosine over epochs)."""
+        components = stats_lib.gaussian_components(stats, task.seen_classes, ridge=self.ridge)
+        steps = max(1, int(steps))
+        opt = sgd_with_weight_decay(stats_lib.cosine_epoch_schedule(lr, epochs, steps),
+                                    self.align_momentum, self.align_weight_decay)
+        params, _ = stats_lib.fit_classifier(
+            params, apply_fn, opt, key, epochs=epochs, steps_per_epoch=steps,
+            batch_size=samples, draw=lambda k, d: stats_lib.sample_components(k, d, samples),
+            draw_data=components, class_mask=class_mask)
+        return params

@@ -1,0 +1,136 @@
+"""S-Prompts: one prompt set and one classifier per domain, picked at test time by the
+nearest domain centroid (Wang et al., NeurIPS 2022; official code iamwangyabin/S-Prompts).
+
+This is the paper's image-only variant for a ViT, **S-iPrompts** (``SiNet`` in the official
+code); S-liPrompts additionally learns CLIP text prompts as its classifier and needs a
+CLIP text encoder, which this library does not have. For domain-incremental learning
+(every task = a new domain with the same classes). Official defaults in brackets:
+
+* per domain ``s``: prompt tokens ``P_s`` [10 tokens, PyTorch ``Linear`` init
+  ``U(-1/sqrt(D), 1/sqrt(D))``] put after [CLS] at the input (after the position
+  embedding), and a linear classifier ``W_s`` over the classes on the [CLS] output;
+* training domain ``s`` touches only ``P_s`` and ``W_s``: cross-entropy, SGD momentum 0.9
+  [lr 0.01, cosine over the epochs, batch 128], weight decay [5e-4 on the first domain,
+  2e-4 later] added to the gradient as PyTorch's ``SGD(weight_decay=...)`` does;
+* after domain ``s``: k-means [k = 5] on the L2-normalised frozen (un-prompted) [CLS]
+  features of its training images; the centroids are the domain's keys;
+* test: the frozen feature's distance to every stored centroid [the official code sums
+  absolute differences, i.e. an L1 distance]; the domain of the nearest centroid picks the
+  prompt and the classifier. ``logits`` returns ``task_pred`` = the predicted domain.
+
+Earlier domains' prompts and classifiers never change (they are labelled 'frozen').
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pecft_jax.methods import statistics as stats_lib
+from pecft_jax.methods.base import Method, TaskSpec, batch_accuracy, init_linear_head
+from pecft_jax.methods.common import frozen_query
+from pecft_jax.peft.context import LayerPEFT, PEFTContext
+from pecft_jax.peft.prompt_pool import l2_normalize
+
+Array = jax.Array
+
+
+class SPrompts(Method):
+    name = "s_prompts"
+    # every domain has every class; the per-domain classifier covers them all
+    train_class_mask = "task"
+
+    def __init__(self, config, backbone, num_classes, num_tasks):
+        super().__init__(config, backbone, num_classes, num_tasks)
+        get = config.get
+        self.prompt_length = int(get("prompt_length", 10))
+        if self.prompt_length <= 0:
+            raise ValueError(f"s_prompts prompt_length must be positive, got {self.prompt_length}")
+        self.num_centroids = int(get("num_centroids", 5))
+        if self.num_centroids <= 0:
+            raise ValueError(f"s_prompts num_centroids must be positive, got {self.num_centroids}")
+        self.distance = get("distance", "l1")
+        if self.distance not in stats_lib.METRICS:
+            raise ValueError(f"s_prompts distance must be one of {stats_lib.METRICS}, got "
+                             f"{self.distance!r}")
+        self.normalize_keys = bool(get("normalize_features", True))
+        self.kmeans_n_init = int(get("kmeans_n_init", 10))
+        self.first_weight_decay = float(get("first_weight_decay", 5e-4))
+        self.weight_decay = float(get("weight_decay", 2e-4))
+
+    # ------------------------------------------------------------------ set-up
+    def init(self, rng, frozen):
+        dim = self.backbone.feature_dim
+        bound = 1.0 / np.sqrt(dim)  # nn.Linear(D, L, bias=False).weight, the official prompt
+        prompts, heads = {}, {}
+        for s in range(self.num_tasks):
+            k_prompt, k_head = jax.random.split(jax.random.fold_in(rng, s))
+            prompts[str(s)] = jax.random.uniform(k_prompt, (self.prompt_length, dim),
+                                                 jnp.float32, -bound, bound)
+            heads[str(s)] = init_linear_head(k_head, dim, self.num_classes)
+        state = {"centroids": jnp.zeros((self.num_tasks, self.num_centroids, dim), jnp.float32),
+                 "centroid_valid": jnp.zeros((self.num_tasks, self.num_centroids), bool)}
+        return {"prompts": prompts, "heads": heads}, state
+
+    def param_labels(self, trainable, task: TaskSpec):
+        def by_domain(tree):
+            return {s: jax.tree_util.tree_map(
+                lambda _, s=s: "train" if int(s) == task.index else "frozen", sub)
+                for s, sub in tree.items()}
+        return {"prompts": by_domain(trainable["prompts"]), "heads": by_domain(trainable["heads"])}
+
+    # ------------------------------------------------------------------ forward
+    def _features(self, frozen, images, prompts: Array) -> Array:
+        context = PEFTContext({0: LayerPEFT(prompt=prompts)})
+        return self.backbone.apply(frozen, images, context, output="cls")
+
+    def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
+        s = str(task.index)
+        head = trainable["heads"][s]
+        features = self._features(frozen, batch["image"], trainable["prompts"][s])
+        logits = features @ head["kernel"] + head["bias"]
+        ce = self.masked_ce(logits, batch["label"], task)
+        # torch SGD's weight decay (g += wd * p) on the parameters being trained
+        wd = self.first_weight_decay if task.index == 0 else self.weight_decay
+        own = [trainable["prompts"][s], head["kernel"], head["bias"]]
+        decay = 0.5 * wd * sum(jnp.sum(jnp.square(p)) for p in own)
+        return ce + decay, {"metrics": {"ce": ce,
+                                        "accuracy": batch_accuracy(logits, batch["label"])}}
+
+    def _query(self, frozen, images) -> Array:
+        q = frozen_query(self.backbone, frozen, images)
+        return l2_normalize(q) if self.normalize_keys else q
+
+    def predict_domain(self, state, frozen, images, task: TaskSpec) -> Array:
+        """The domain whose nearest centroid is closest to the frozen feature (domains
+        ``0..task.index`` only)."""
+        d = stats_lib.centroid_distances(self._query(frozen, images), state["centroids"],
+                                         self.distance)  # (B, T, K)
+        seen = (jnp.arange(self.num_tasks) <= task.index)[:, None] & state["centroid_valid"]
+        d = jnp.where(seen[None], d, jnp.inf).min(axis=-1)
+        return jnp.argmin(d, axis=-1)
+
+    def logits(self, trainable, state, frozen, images, task):
+        domain = self.predict_domain(state, frozen, images, task)
+        order = [str(s) for s in range(self.num_tasks)]
+        prompts = jnp.stack([trainable["prompts"][s] for s in order])[domain]  # (B, L, D)
+        features = self._features(frozen, images, prompts)
+        kernels = jnp.stack([trainable["heads"][s]["kernel"] for s in order])  # (T, D, C)
+        biases = jnp.stack([trainable["heads"][s]["bias"] for s in order])  # (T, C)
+        every = jnp.einsum("bd,tdc->btc", features, kernels) + biases[None]
+        logits = jnp.take_along_axis(every, domain[:, None, None], axis=1)[:, 0]
+        return {"logits": logits, "task_pred": domain}
+
+    # --------------------------------------------------------------- after task
+    def after_task(self, task, trainable, state, frozen, data, rng):
+        features, _ = data.map(lambda images: self._query(frozen, images))
+        k = min(self.num_centroids, features.shape[0])
+        seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
+        centers, _, _ = stats_lib.kmeans(features, k, seed=seed, n_init=self.kmeans_n_init)
+        centroids = np.array(state["centroids"])
+        valid = np.array(state["centroid_valid"])
+        centroids[task.index] = 0.0
+        valid[task.index] = False
+        centroids[task.index, :k] = centers
+        valid[task.index, :k] = True
+        return dict(state, centroids=jnp.asarray(centroids), centroid_valid=jnp.asarray(valid))

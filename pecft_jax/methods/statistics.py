@@ -1,0 +1,377 @@
+"""Class statistics that replace stored exemplars: per-class Gaussians, sampling, k-means.
+
+Methods that keep no raw data keep *statistics* of representations instead:
+
+* HiDe-Prompt (Wang et al., NeurIPS 2023) stores the mean and covariance of every class's
+  features -- of the frozen model (for task-identity inference) and of the prompted model
+  (for task-adaptive prediction) -- and later trains classifiers on features *sampled* from
+  those Gaussians. Its official code also offers a cheaper 'variance' (diagonal) form and a
+  'multi_centroid' form (k-means inside each class, a diagonal Gaussian per cluster).
+* S-Prompts (Wang et al., NeurIPS 2022) keeps k-means centroids of each domain's frozen
+  features and picks the domain of a test image by its nearest centroid.
+
+Everything the methods store lives in fixed-shape arrays over *all* classes of the scenario
+(unseen classes have count 0), so a method's state keeps one shape for the whole run.
+
+Host-side pieces (statistics, k-means) use numpy in float64; sampling and the centroid
+distances are jax functions usable inside ``jit``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+MODES = ("covariance", "variance", "multi_centroid")
+METRICS = ("l2", "l1", "sqeuclidean", "cosine")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"statistics mode must be one of {MODES}, got {mode!r}")
+
+
+# ----------------------------------------------------------------------------- k-means
+def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007): the first centre uniformly, each
+    next one with probability proportional to the squared distance to the nearest centre."""
+    n = x.shape[0]
+    centers = np.empty((k, x.shape[1]), x.dtype)
+    centers[0] = x[rng.integers(n)]
+    closest = np.sum((x - centers[0]) ** 2, axis=1)
+    for i in range(1, k):
+        total = closest.sum()
+        if total <= 0:  # fewer distinct points than k: repeat one (its cluster stays empty)
+            centers[i] = x[rng.integers(n)]
+        else:
+            centers[i] = x[rng.choice(n, p=closest / total)]
+        closest = np.minimum(closest, np.sum((x - centers[i]) ** 2, axis=1))
+    return centers
+
+
+def _squared_distances(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    d = (np.sum(x ** 2, axis=1)[:, None] - 2.0 * x @ centers.T
+         + np.sum(centers ** 2, axis=1)[None, :])
+    return np.maximum(d, 0.0)
+
+
+def kmeans(x: np.ndarray, k: int, *, seed: int = 0, n_init: int = 10, max_iter: int = 300,
+           tol: float = 1e-4) -> Tuple[np.ndarray, np.ndarray, float]:
+    """Lloyd's k-means with k-means++ seeding; the best of ``n_init`` restarts.
+
+    Args:
+      x: ``(N, D)`` points.
+      k: number of clusters (``1 <= k <= N``).
+      seed: seed of the restarts (``np.random.default_rng``), so results are reproducible.
+      n_init: restarts; the one with the lowest inertia is returned.
+      max_iter: Lloyd iterations per restart.
+      tol: stop when the summed squared centre shift is below ``tol`` times the mean
+        per-feature variance of ``x`` (scikit-learn's criterion).
+
+    Returns:
+      ``(centers (k, D), assignment (N,) int, inertia)`` where ``inertia`` is the summed
+      squared distance of each point to its centre. At convergence every centre is the mean
+      of its points and every point is assigned to its nearest centre.
+    """
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"kmeans expects (N, D) points, got shape {x.shape}")
+    n = x.shape[0]
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+        raise ValueError(f"kmeans needs 1 <= k <= number of points ({n}), got k={k!r}")
+    threshold = tol * float(np.mean(np.var(x, axis=0)))
+    rng = np.random.default_rng(seed)
+    best = None
+    for _ in range(max(1, int(n_init))):
+        centers = _kmeans_plus_plus(x, int(k), rng)
+        for _ in range(max_iter):
+            assign = np.argmin(_squared_distances(x, centers), axis=1)
+            new = centers.copy()
+            counts = np.bincount(assign, minlength=k)
+            sums = np.zeros_like(centers)
+            np.add.at(sums, assign, x)
+            filled = counts > 0
+            new[filled] = sums[filled] / counts[filled, None]
+            if not filled.all():
+                # An empty cluster takes the point farthest from its current centre.
+                far = np.argsort(-np.sum((x - new[assign]) ** 2, axis=1))
+                for slot, point in zip(np.flatnonzero(~filled), far):
+                    new[slot] = x[point]
+            shift = float(np.sum((new - centers) ** 2))
+            centers = new
+            if shift <= threshold:
+                break
+        d = _squared_distances(x, centers)
+        assign = np.argmin(d, axis=1)
+        inertia = float(np.sum(d[np.arange(n), assign]))
+        if best is None or inertia < best[2]:
+            best = (centers, assign, inertia)
+    return best
+
+
+def centroid_distances(x: Array, centroids: Array, metric: str = "l2") -> Array:
+    """Distances ``(B, ..., K)`` from points ``(B, D)`` to centroids ``(..., K, D)``.
+
+    ``'l2'`` Euclidean, ``'sqeuclidean'``, ``'l1'`` Manhattan (what the official S-Prompts
+    code computes: ``sum(sqrt((f - c)**2))``), ``'cosine'`` (1 - cosine similarity).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if x.ndim != 2 or centroids.shape[-1] != x.shape[-1]:
+        raise ValueError(f"centroid_distances expects points (B, D) and centroids (..., K, D), "
+                         f"got {tuple(x.shape)} and {tuple(centroids.shape)}")
+    lead = centroids.shape[:-1]
+    flat = centroids.reshape(-1, centroids.shape[-1])
+    if metric == "l1":
+        d = jnp.sum(jnp.abs(x[:, None, :] - flat[None, :, :]), axis=-1)
+    elif metric == "cosine":
+        xn = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        cn = flat / jnp.maximum(jnp.linalg.norm(flat, axis=-1, keepdims=True), 1e-12)
+        d = 1.0 - xn @ cn.T
+    else:
+        sq = (jnp.sum(x ** 2, -1)[:, None] - 2.0 * x @ flat.T + jnp.sum(flat ** 2, -1)[None, :])
+        sq = jnp.maximum(sq, 0.0)
+        d = sq if metric == "sqeuclidean" else jnp.sqrt(sq)
+    return d.reshape((x.shape[0],) + lead)
+
+
+# ------------------------------------------------------------------ class statistics
+def statistics_shapes(num_classes: int, dim: int, mode: str = "covariance",
+                      n_centroids: int = 10) -> dict:
+    """Shapes of the fixed-size storage for per-class statistics over ``num_classes``:
+
+    * ``'covariance'``: ``mean (C, D)``, ``cov (C, D, D)``, ``count (C,)``;
+    * ``'variance'``: ``mean (C, D)``, ``var (C, D)``, ``count (C,)``;
+    * ``'multi_centroid'``: ``mean (C, K, D)``, ``var (C, K, D)``, ``count (C, K)``.
+    """
+    _check_mode(mode)
+    if mode == "covariance":
+        return {"mean": (num_classes, dim), "cov": (num_classes, dim, dim),
+                "count": (num_classes,)}
+    if mode == "variance":
+        return {"mean": (num_classes, dim), "var": (num_classes, dim), "count": (num_classes,)}
+    return {"mean": (num_classes, n_centroids, dim), "var": (num_classes, n_centroids, dim),
+            "count": (num_classes, n_centroids)}
+
+
+def empty_statistics(num_classes: int, dim: int, mode: str = "covariance",
+                     n_centroids: int = 10) -> dict:
+    """Zero-filled (float32 numpy) statistics of :func:`statistics_shapes`; unseen classes
+    have count 0."""
+    return {k: np.zeros(shape, np.float32)
+            for k, shape in statistics_shapes(num_classes, dim, mode, n_centroids).items()}
+
+
+def statistics_mode(stats: Mapping[str, Any]) -> str:
+    """Which of :data:`MODES` a statistics dict holds (from its keys and shapes)."""
+    if "cov" in stats:
+        return "covariance"
+    if np.ndim(stats["count"]) == 2:
+        return "multi_centroid"
+    return "variance"
+
+
+def update_statistics(stats: Mapping[str, Any], features: np.ndarray, labels: np.ndarray,
+                      classes: Sequence[int], *, seed: int = 0) -> dict:
+    """Return ``stats`` with the rows of ``classes`` (re)computed from ``features``.
+
+    Per class ``c`` with examples ``F_c`` (``n_c x D``):
+
+    * ``'covariance'``: mean and the unbiased covariance ``(F-mu)^T (F-mu) / (n_c - 1)``
+      (``torch.cov``'s default, what the official HiDe-Prompt code stores);
+    * ``'variance'``: mean and the diagonal of that covariance;
+    * ``'multi_centroid'``: k-means (``K`` = the stored number of centroids, fewer if the
+      class has fewer examples) inside the class; per cluster its mean, its (biased,
+      ``np.var``) per-feature variance and its size.
+
+    Classes without examples in ``features`` raise (a statistics pass should see every
+    class of its task). Other rows are copied unchanged.
+    """
+    mode = statistics_mode(stats)
+    features = np.asarray(features, np.float64)
+    labels = np.asarray(labels)
+    if features.ndim != 2 or features.shape[0] != labels.shape[0]:
+        raise ValueError(f"features must be (N, D) with one label each, got {features.shape} "
+                         f"and {labels.shape} labels")
+    dim = stats["mean"].shape[-1]
+    if features.shape[1] != dim:
+        raise ValueError(f"features have width {features.shape[1]}, the statistics {dim}")
+    out = {k: np.array(v, np.float32, copy=True) for k, v in stats.items()}
+    for c in classes:
+        f = features[labels == c]
+        n = f.shape[0]
+        if n == 0:
+            raise ValueError(f"class {c} has no examples in this statistics pass; every class "
+                             f"of the task needs training data")
+        if mode in ("covariance", "variance"):
+            mu = f.mean(axis=0)
+            centred = f - mu
+            cov = centred.T @ centred / (n - 1) if n > 1 else np.zeros((dim, dim))
+            out["mean"][c] = mu
+            out["count"][c] = n
+            if mode == "covariance":
+                out["cov"][c] = cov
+            else:
+                out["var"][c] = np.diag(cov)
+        else:
+            k_max = out["count"].shape[1]
+            k = min(k_max, n)
+            _, assign, _ = kmeans(f, k, seed=seed + int(c))
+            out["mean"][c] = 0.0
+            out["var"][c] = 0.0
+            out["count"][c] = 0.0
+            for j in range(k):
+                members = f[assign == j]
+                if len(members):
+                    out["mean"][c, j] = members.mean(axis=0)
+                    out["var"][c, j] = members.var(axis=0)
+                    out["count"][c, j] = len(members)
+    return out
+
+
+def statistics_from_task(data, feature_fn: Callable, classes: Sequence[int],
+                         stats: Mapping[str, Any], *, seed: int = 0) -> dict:
+    """One pass of ``feature_fn`` over a finished task's training data
+    (:meth:`pecft_jax.methods.base.TaskData.map`), then :func:`update_statistics`."""
+    features, labels = data.map(feature_fn)
+    return update_statistics(stats, features, labels, classes, seed=seed)
+
+
+def prototypes(stats: Mapping[str, Any]) -> Tuple[Array, Array]:
+    """Stored means as ``(P, D)`` prototypes and a ``(P,)`` validity mask (count > 0);
+    ``P = C`` or ``C * K`` for multi-centroid statistics. jit-compatible."""
+    mean = jnp.asarray(stats["mean"])
+    count = jnp.asarray(stats["count"])
+    return mean.reshape(-1, mean.shape[-1]), count.reshape(-1) > 0
+
+
+# ------------------------------------------------------------------------- sampling
+def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
+    """A factor ``L`` with ``L L^T = cov`` (Cholesky; eigen-decomposition if that fails)."""
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        w, v = np.linalg.eigh(cov)
+        return v * np.sqrt(np.clip(w, 0.0, None))[None, :]
+
+
+def gaussian_components(stats: Mapping[str, Any], classes: Sequence[int], *,
+                        ridge: float = 1e-4) -> dict:
+    """The Gaussians to sample for ``classes``: ``{'mean': (G, D), 'scale': ..., 'label': (G,)}``.
+
+    ``scale`` is a ``(G, D, D)`` factor ``L`` with ``L L^T = cov + ridge * I`` for
+    covariance statistics, or a ``(G, D)`` standard deviation ``sqrt(var + ridge)`` for
+    diagonal ones. ``G`` = number of classes, or of non-empty clusters for multi-centroid
+    statistics. The official HiDe-Prompt code adds ``1e-4 * I`` the same way.
+    """
+    mode = statistics_mode(stats)
+    classes = [int(c) for c in classes]
+    count = np.asarray(stats["count"])
+    missing = [c for c in classes if not np.any(count[c] > 0)]
+    if missing:
+        raise ValueError(f"no statistics stored for classes {missing}; compute them (after the "
+                         f"classes' task) before sampling")
+    means, scales, labels = [], [], []
+    for c in classes:
+        if mode == "covariance":
+            cov = np.asarray(stats["cov"][c], np.float64)
+            means.append(np.asarray(stats["mean"][c]))
+            scales.append(_psd_sqrt(cov + ridge * np.eye(cov.shape[0])))
+            labels.append(c)
+        elif mode == "variance":
+            means.append(np.asarray(stats["mean"][c]))
+            scales.append(np.sqrt(np.asarray(stats["var"][c], np.float64) + ridge))
+            labels.append(c)
+        else:
+            for j in np.flatnonzero(count[c] > 0):
+                means.append(np.asarray(stats["mean"][c, j]))
+                scales.append(np.sqrt(np.asarray(stats["var"][c, j], np.float64) + ridge))
+                labels.append(c)
+    return {"mean": np.stack(means).astype(np.float32),
+            "scale": np.stack(scales).astype(np.float32),
+            "label": np.asarray(labels, np.int32)}
+
+
+def sample_components(key: Array, components: Mapping[str, Array], num_per_component: int
+                      ) -> Tuple[Array, Array]:
+    """``num_per_component`` draws from each Gaussian: features ``(G*n, D)`` and their class
+    labels ``(G*n,)``, grouped by component (shuffle before batching). jit-compatible."""
+    mean = jnp.asarray(components["mean"])
+    scale = jnp.asarray(components["scale"])
+    g, d = mean.shape
+    z = jax.random.normal(key, (g, num_per_component, d), mean.dtype)
+    if scale.ndim == 3:  # full covariance: x = mu + L z
+        x = mean[:, None, :] + jnp.einsum("gij,gnj->gni", scale, z)
+    else:
+        x = mean[:, None, :] + scale[:, None, :] * z
+    labels = jnp.repeat(jnp.asarray(components["label"]), num_per_component)
+    return x.reshape(g * num_per_component, d), labels
+
+
+# ------------------------------------------------------------- classifier alignment
+def cosine_epoch_schedule(learning_rate: float, epochs: int, steps_per_epoch: int) -> Callable:
+    """PyTorch's ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch:
+    ``lr_e = lr * (1 + cos(pi * e / epochs)) / 2`` for every step of epoch ``e``."""
+    def schedule(count):
+        epoch = jnp.floor_divide(count, max(1, steps_per_epoch))
+        return learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / max(1, epochs)))
+    return schedule
+
+
+def fit_classifier(params: Any, apply_fn: Callable[[Any, Array], Array], optimizer,
+                   key: Array, *, epochs: int, steps_per_epoch: int, batch_size: int,
+                   draw: Callable[[Array, Any], Tuple[Array, Array]], draw_data: Any = None,
+                   class_mask: Optional[np.ndarray] = None) -> Tuple[Any, np.ndarray]:
+    """Train a classifier on features with cross-entropy, one jit-compiled epoch at a time.
+
+    Each epoch calls ``draw(key, draw_data)`` for a fresh ``(features (N, D), labels (N,))``
+    set (e.g. :func:`sample_components` of ``draw_data``, or ``draw_data`` itself when it
+    holds real features); ``draw_data`` is an argument of the compiled epoch, not a constant
+    baked into it. The set is shuffled and cut into
+    ``steps_per_epoch`` batches of ``batch_size`` (``steps * batch <= N``). Logits outside
+    ``class_mask`` are masked out of the loss. Returns the trained parameters and the mean
+    loss of each epoch.
+    """
+    from pecft_jax.methods.base import cross_entropy, mask_logits  # no import cycle
+    if steps_per_epoch <= 0 or batch_size <= 0:
+        raise ValueError(f"fit_classifier needs positive steps_per_epoch and batch_size, got "
+                         f"{steps_per_epoch} and {batch_size}")
+    opt_state = optimizer.init(params)
+
+    def loss_fn(p, x, y):
+        logits = apply_fn(p, x)
+        if class_mask is not None:
+            logits = mask_logits(logits, class_mask)
+        return cross_entropy(logits, y)
+
+    @jax.jit
+    def run_epoch(p, s, k, d):
+        k_draw, k_perm = jax.random.split(k)
+        x, y = draw(k_draw, d)
+        if x.shape[0] < steps_per_epoch * batch_size:
+            raise ValueError(f"{steps_per_epoch} steps of {batch_size} need "
+                             f"{steps_per_epoch * batch_size} features, the draw has {x.shape[0]}")
+        order = jax.random.permutation(k_perm, x.shape[0])[:steps_per_epoch * batch_size]
+        xb = x[order].reshape(steps_per_epoch, batch_size, -1)
+        yb = y[order].reshape(steps_per_epoch, batch_size)
+
+        def step(carry, batch):
+            p, s = carry
+            loss, grads = jax.value_and_grad(loss_fn)(p, *batch)
+            updates, s = optimizer.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), loss
+
+        (p, s), losses = jax.lax.scan(step, (p, s), (xb, yb))
+        return p, s, losses.mean()
+
+    history = []
+    for epoch in range(epochs):
+        params, opt_state, loss = run_epoch(params, opt_state, jax.random.fold_in(key, epoch),
+                                            draw_data)
+        history.append(float(loss))
+    return params, np.asarray(history)
+

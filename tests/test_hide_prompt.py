@@ -1,0 +1,247 @@
+"""HiDe-Prompt: its pieces vs numpy, its after-task statistics and heads, end to end."""
+import functools
+import importlib.util
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pecft_jax.backbones import vit
+from pecft_jax.backbones.backbone import Backbone, load_backbone
+from pecft_jax.methods import TaskSpec, create_method
+from pecft_jax.methods import statistics as S
+from pecft_jax.methods.hide_prompt import (HiDePrompt, apply_tii_head, contrastive_regularizer,
+                                           init_tii_head)
+from pecft_jax.peft.prompts import prefix_context
+from pecft_jax.train.checkpoint import Checkpointer
+from pecft_jax.train.loop import count_params, train_and_evaluate
+
+from helpers import tiny_config
+from test_statistics import array_task_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(arg):
+    spec = importlib.util.spec_from_file_location(
+        "hide_cfg", os.path.join(ROOT, "experiments", "configs", "hide_prompt.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def tiny_hide(**overrides):
+    options = dict(prompt_layers=[0, 1], prompt_length=2, tii_epochs=3, tii_batch_size=16,
+                   tii_lr=1e-3, tii_align_epochs=2, tii_align_samples=8, tii_align_lr=0.01,
+                   tap_epochs=2, tap_samples=8, tap_lr=0.01)
+    options.update(overrides)
+    return tiny_config("hide_prompt", **options)
+
+
+def spec(index, task_classes, num_classes=6):
+    seen = tuple(c for t in task_classes[:index + 1] for c in t)
+    return TaskSpec(index=index, classes=tuple(task_classes[index]), seen_classes=seen,
+                    num_classes=num_classes, num_tasks=len(task_classes),
+                    task_classes=tuple(map(tuple, task_classes)))
+
+
+# --------------------------------------------------------------------------- pieces
+def numpy_contrastive(features, prototypes, temperature):
+    """The official orth_loss: CE of (M M^T / tau) rows against their own index."""
+    m = np.concatenate([prototypes, features]).astype(np.float64)
+    s = m @ m.T / temperature
+    s = s - s.max(1, keepdims=True)
+    log_softmax = s - np.log(np.exp(s).sum(1, keepdims=True))
+    return -np.mean(np.diag(log_softmax))
+
+
+def test_contrastive_regulariser_matches_the_official_formula():
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((6, 5)).astype(np.float32)
+    protos = rng.standard_normal((4, 5)).astype(np.float32)
+    valid = np.array([True, False, True, False])
+    got = contrastive_regularizer(jnp.asarray(feats), jnp.asarray(protos), jnp.asarray(valid), 0.8)
+    np.testing.assert_allclose(got, numpy_contrastive(feats, protos[valid], 0.8), rtol=1e-5)
+    # no stored prototypes (task 1): instance discrimination within the batch
+    none = contrastive_regularizer(jnp.asarray(feats), jnp.asarray(protos),
+                                   jnp.zeros(4, bool), 0.8)
+    np.testing.assert_allclose(none, numpy_contrastive(feats, protos[:0], 0.8), rtol=1e-5)
+    # gradients reach the features (matching finite differences), never the prototypes
+    g_f, g_p = jax.grad(contrastive_regularizer, argnums=(0, 1))(
+        jnp.asarray(feats), jnp.asarray(protos), jnp.asarray(valid), 0.8)
+    assert np.all(np.asarray(g_p) == 0)
+    eps = 1e-3
+    for i, j in [(0, 0), (3, 2), (5, 4)]:
+        hi, lo = feats.astype(np.float64).copy(), feats.astype(np.float64).copy()
+        hi[i, j] += eps
+        lo[i, j] -= eps
+        numeric = (numpy_contrastive(hi, protos[valid], 0.8)
+                   - numpy_contrastive(lo, protos[valid], 0.8)) / (2 * eps)
+        np.testing.assert_allclose(g_f[i, j], numeric, rtol=2e-2, atol=1e-3)
+
+
+def test_tii_head_is_the_official_mlp_mapping():
+    params = init_tii_head(jax.random.key(0), 4, 3, hidden=(2,))
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    p = jax.tree_util.tree_map(np.asarray, params)
+    erf = np.vectorize(math.erf)
+    h = x @ p["mlp"]["fc0"]["kernel"] + p["mlp"]["fc0"]["bias"]
+    h = 0.5 * h * (1 + erf(h / np.sqrt(2)))  # exact GELU
+    h = h @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"] + x  # residual
+    h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
+    expected = h @ p["head"]["kernel"] + p["head"]["bias"]
+    np.testing.assert_allclose(apply_tii_head(params, jnp.asarray(x)), expected, rtol=1e-4,
+                               atol=1e-5)
+    assert p["mlp"]["fc0"]["kernel"].shape == (4, 8) and p["mlp"]["fc1"]["kernel"].shape == (8, 4)
+
+
+@functools.lru_cache(maxsize=1)
+def micro_backbone():
+    return load_backbone("random:ViT-Micro/4", seed=0)
+
+
+def micro_method(**options):
+    backbone, frozen = micro_backbone()
+    c = tiny_hide(**options).method
+    return HiDePrompt(c, backbone, 6, 3), frozen
+
+
+def test_prompt_momentum_and_the_next_tasks_starting_prompt():
+    method, frozen = micro_method(prompt_momentum=0.25)
+    trainable, state = method.init(jax.random.key(0), frozen)
+    raw = {t: {l: np.asarray(v, np.float64) for l, v in trainable["prompts"][str(t)].items()}
+           for t in range(3)}
+    eff = method.effective_prompts(trainable["prompts"], 2)
+    e0 = raw[0]["0"]
+    e1 = 0.75 * raw[1]["0"] + 0.25 * e0
+    e2 = 0.75 * raw[2]["0"] + 0.25 * (e0 + e1) / 2
+    for got, want in zip(eff, (e0, e1, e2)):
+        np.testing.assert_allclose(got["0"], want, rtol=1e-5, atol=1e-6)
+    new, _ = method.before_task(spec(2, [[0, 1], [2, 3], [4, 5]]), trainable, state, frozen,
+                                jax.random.key(1))
+    np.testing.assert_allclose(new["prompts"]["2"]["1"], eff[1]["1"], rtol=1e-6)
+    labels = method.param_labels(new, spec(2, [[0, 1], [2, 3], [4, 5]]))
+    assert labels["prompts"]["2"]["0"] == "prompt" and labels["prompts"]["1"]["0"] == "frozen"
+    assert labels["head"]["kernel"] == "head"
+
+
+def test_after_task_stores_the_statistics_of_both_representations():
+    method, frozen = micro_method()
+    trainable, state = method.init(jax.random.key(0), frozen)
+    rng = np.random.default_rng(3)
+    images = rng.uniform(-1, 1, (24, 16, 16, 1)).astype(np.float32)
+    labels = np.repeat([0, 1], 12)
+    task = spec(0, [[0, 1], [2, 3], [4, 5]])
+    data = array_task_data(images, labels)
+    new_state = method.after_task(task, trainable, state, frozen, data, jax.random.key(1))
+    prompt_0 = method.effective_prompts(trainable["prompts"], 0)[0]
+    prompted = np.asarray(method.backbone.apply(frozen, images, prefix_context(prompt_0),
+                                                output="cls"), np.float64)
+    plain = np.asarray(method.backbone.apply(frozen, images, output="cls"), np.float64)
+    for key, feats in (("tap_stats", prompted), ("tii_stats", plain)):
+        st = jax.device_get(new_state[key])
+        for c in (0, 1):
+            np.testing.assert_allclose(st["mean"][c], feats[labels == c].mean(0), atol=1e-4)
+            np.testing.assert_allclose(st["cov"][c], np.cov(feats[labels == c], rowvar=False),
+                                       atol=1e-4)
+        assert np.all(st["count"][2:] == 0)
+    # the prompted and the frozen representation are different things
+    assert not np.allclose(prompted, plain, atol=1e-3)
+    # after the first task the TAP head is the WTP head (nothing to align yet); TII trained
+    np.testing.assert_array_equal(new_state["head"]["kernel"], trainable["head"]["kernel"])
+    assert not np.array_equal(new_state["tii"]["head"]["kernel"], state["tii"]["head"]["kernel"])
+
+
+@pytest.mark.parametrize("mode", ["covariance", "multi_centroid"])
+def test_tii_and_tap_heads_learn_from_sampled_statistics(mode):
+    method, frozen = micro_method(statistics=mode, n_centroids=2)
+    dim = method.backbone.feature_dim
+    rng = np.random.default_rng(4)
+    centres = 2.0 * rng.standard_normal((6, dim))
+    feats = np.concatenate([centres[c] + 0.3 * rng.standard_normal((40, dim)) for c in range(6)])
+    labels = np.repeat(np.arange(6), 40)
+    stats = S.update_statistics(S.empty_statistics(6, dim, mode, n_centroids=2), feats, labels,
+                                range(6))
+    task = spec(2, [[0, 1], [2, 3], [4, 5]])
+    test_x = np.concatenate([centres[c] + 0.3 * rng.standard_normal((20, dim)) for c in range(6)])
+    test_y = np.repeat(np.arange(6), 20)
+    for init, apply_fn in (
+            (init_tii_head(jax.random.key(0), dim, 6), apply_tii_head),  # TII: MLP head
+            (init_tii_head(jax.random.key(0), dim, 6, hidden=())["head"],  # TAP: linear head
+             lambda p, f: f @ p["kernel"] + p["bias"])):
+        accuracy = lambda p: np.mean(np.argmax(np.asarray(apply_fn(p, test_x)), -1) == test_y)
+        params = method.align(init, apply_fn, stats, task, jax.random.key(1), lr=0.05, epochs=10,
+                              samples=32, steps=4, class_mask=task.class_mask("seen"))
+        assert accuracy(params) > 0.95 and accuracy(params) > accuracy(init)
+
+
+def test_bad_configs_say_what_to_fix():
+    backbone, _ = micro_backbone()
+    with pytest.raises(ValueError, match="prompt_layers"):
+        HiDePrompt(tiny_hide(prompt_layers=[0, 5]).method, backbone, 6, 3)
+    with pytest.raises(ValueError, match="statistics must be one of"):
+        HiDePrompt(tiny_hide(statistics="full").method, backbone, 6, 3)
+
+
+# --------------------------------------------------------------- paper parameter counts
+@pytest.mark.parametrize("arg, classes, length", [("cifar100", 100, 5), ("imagenet_r", 200, 20)])
+def test_paper_trainable_parameter_counts_vit_b16(arg, classes, length):
+    c = load_config(arg)
+    backbone = Backbone(vit.get_config("ViT-B/16", num_classes=0))
+    method = create_method("hide_prompt", c.method, backbone, classes, c.scenario.num_tasks)
+    trainable, state = jax.eval_shape(lambda k: method.init(k, None), jax.random.key(0))
+    d = 768
+    prompts = 10 * 5 * 2 * length * d  # 10 tasks x blocks 0-4 x (key, value) x length x D
+    head = d * classes + classes
+    tii = (d * 2 * d + 2 * d) + (2 * d * d + d) + 2 * d + (d * classes + classes)
+    assert count_params(trainable) == prompts + head
+    assert count_params(method.count_trainable(trainable)) == prompts + head + tii
+    expected = {"cifar100": 2_900_936, "imagenet_r": 4_206_736}[arg]
+    assert prompts + head + tii == expected
+    # stored statistics: a mean and a D x D covariance per class, for both representations
+    assert state["tap_stats"]["cov"].shape == (classes, d, d)
+    assert state["tii_stats"]["mean"].shape == (classes, d)
+
+
+# ------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def hide_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("hide"))
+    c = tiny_hide()
+    c.scenario.num_tasks = 2
+    c.train.checkpoint_every_steps = 0
+    return workdir, train_and_evaluate(c, workdir)
+
+
+def test_end_to_end_records_task_identity_and_counts(hide_run):
+    _, results = hide_run
+    assert [len(r) for r in results["accuracy_matrix"]] == [1, 2]
+    assert [len(r) for r in results["task_identity_matrix"]] == [1, 2]
+    assert results["task_identity_matrix"][0] == [100.0]  # one task: always right
+    assert all(0 <= v <= 100 for row in results["accuracy_matrix"] for v in row)
+    d, classes, n_tasks = 32, 10, 2
+    expected = (n_tasks * 2 * 2 * 2 * d + d * classes + classes          # prompts, head
+                + (d * 2 * d + 2 * d) + (2 * d * d + d) + 2 * d + d * classes + classes)  # TII
+    assert results["trainable_params"] == expected
+    for t in range(n_tasks):
+        assert results["compilations"][f"train_step/{t}"] == 1
+
+
+def test_earlier_prompts_are_bit_identical_after_later_tasks(hide_run):
+    workdir, _ = hide_run
+    ckpt = Checkpointer(workdir)
+    first, last = ckpt.restore("tasks", 0), ckpt.restore("tasks", 1)
+    ckpt.close()
+    for layer in ("0", "1"):
+        np.testing.assert_array_equal(first["trainable"]["prompts"]["0"][layer],
+                                      last["trainable"]["prompts"]["0"][layer])
+        assert not np.array_equal(first["trainable"]["prompts"]["1"][layer],
+                                  last["trainable"]["prompts"]["1"][layer])
+    # after task 2 the statistics cover both tasks' classes
+    # (remapped labels: task 1 owns classes 0-4, task 2 classes 5-9)
+    first_counts = np.asarray(first["state"]["tap_stats"]["count"])
+    assert np.all(first_counts[:5] > 0) and np.all(first_counts[5:] == 0)
+    assert np.all(np.asarray(last["state"]["tap_stats"]["count"]) > 0)

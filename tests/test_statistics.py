@@ -1,0 +1,175 @@
+"""Class statistics, Gaussian sampling, k-means and classifier fitting vs numpy/scikit-learn."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pecft_jax.methods import statistics as S
+from pecft_jax.methods.base import TaskData, apply_linear_head, init_linear_head
+
+
+def blobs(centers, n, scale, seed):
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([c + scale * rng.standard_normal((n, len(c))) for c in centers])
+    y = np.repeat(np.arange(len(centers)), n)
+    return x, y
+
+
+def array_task_data(images, labels, batch=8):
+    """A real TaskData over arrays: padded last batch with a mask, like the loop's."""
+    def iterate():
+        for start in range(0, len(images), batch):
+            img, lab = images[start:start + batch], labels[start:start + batch]
+            pad = batch - len(img)
+            mask = np.r_[np.ones(len(img)), np.zeros(pad)]
+            img = np.concatenate([img, np.zeros((pad,) + img.shape[1:], img.dtype)])
+            lab = np.concatenate([lab, np.zeros(pad, lab.dtype)])
+            yield {"image": img, "label": lab}, mask
+    return TaskData(iterate, lambda compiled, b: jax.device_get(compiled(b["image"])))
+
+
+def test_covariance_statistics_match_numpy():
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((90, 5)) @ rng.standard_normal((5, 5)) + 3.0
+    labels = rng.integers(0, 3, 90) + 2  # classes 2, 3, 4 of a 6-class scenario
+    stats = S.empty_statistics(6, 5, "covariance")
+    stats["mean"][0] = 7.0  # an earlier task's row must survive
+    out = S.update_statistics(stats, feats, labels, [2, 3, 4])
+    for c in (2, 3, 4):
+        f = feats[labels == c]
+        np.testing.assert_allclose(out["mean"][c], f.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out["cov"][c], np.cov(f, rowvar=False), rtol=1e-4, atol=1e-5)
+        assert out["count"][c] == len(f)
+    assert np.all(out["mean"][0] == 7.0) and out["count"][5] == 0
+    diag = S.update_statistics(S.empty_statistics(6, 5, "variance"), feats, labels, [2, 3, 4])
+    for c in (2, 3, 4):
+        np.testing.assert_allclose(diag["var"][c], np.var(feats[labels == c], 0, ddof=1),
+                                   rtol=1e-4)
+    with pytest.raises(ValueError, match="class 5 has no examples"):
+        S.update_statistics(stats, feats, labels, [5])
+
+
+def test_statistics_from_task_data_map_skips_padding():
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((21, 4, 4, 1)).astype(np.float32)  # 21: last batch padded
+    labels = np.arange(21) % 3
+    w = rng.standard_normal((16, 6)).astype(np.float32)
+    fn = lambda im: im.reshape(im.shape[0], -1) @ w
+    out = S.statistics_from_task(array_task_data(images, labels), fn, [0, 1, 2],
+                                 S.empty_statistics(3, 6))
+    feats = images.reshape(21, -1) @ w
+    for c in range(3):
+        np.testing.assert_allclose(out["mean"][c], feats[labels == c].mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out["cov"][c], np.cov(feats[labels == c], rowvar=False),
+                                   rtol=1e-4, atol=1e-4)
+        assert out["count"][c] == 7
+
+
+def test_sampling_reproduces_the_moments():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((3, 3))
+    cov = a @ a.T + 0.1 * np.eye(3)
+    stats = S.empty_statistics(2, 3, "covariance")
+    stats["mean"][1], stats["cov"][1], stats["count"][1] = [1.0, -2.0, 0.5], cov, 10
+    comp = S.gaussian_components(stats, [1], ridge=1e-4)
+    np.testing.assert_allclose(comp["scale"][0] @ comp["scale"][0].T, cov + 1e-4 * np.eye(3),
+                               rtol=1e-5, atol=1e-5)
+    x, y = jax.jit(lambda k: S.sample_components(k, comp, 200_000))(jax.random.key(0))
+    x = np.asarray(x, np.float64)
+    assert np.all(np.asarray(y) == 1)
+    np.testing.assert_allclose(x.mean(0), [1.0, -2.0, 0.5], atol=0.02)
+    np.testing.assert_allclose(np.cov(x, rowvar=False), cov + 1e-4 * np.eye(3), atol=0.03)
+    # diagonal statistics
+    diag = S.empty_statistics(1, 2, "variance")
+    diag["mean"][0], diag["var"][0], diag["count"][0] = [3.0, 0.0], [4.0, 0.25], 5
+    x, _ = S.sample_components(jax.random.key(1), S.gaussian_components(diag, [0], ridge=0.0),
+                               200_000)
+    np.testing.assert_allclose(np.asarray(x).mean(0), [3.0, 0.0], atol=0.02)
+    np.testing.assert_allclose(np.asarray(x).var(0), [4.0, 0.25], rtol=0.02)
+    with pytest.raises(ValueError, match="no statistics stored for classes \\[0\\]"):
+        S.gaussian_components(stats, [0, 1])
+
+
+def check_lloyd_fixed_point(x, centers, assign):
+    d = ((x[:, None, :] - centers[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(assign, d.argmin(1))  # nearest centre
+    for j in range(len(centers)):
+        np.testing.assert_allclose(centers[j], x[assign == j].mean(0), atol=1e-9)  # mean
+
+
+def test_kmeans_matches_scikit_learn_on_blobs():
+    from sklearn.cluster import KMeans
+    x, truth = blobs([[0, 0], [10, 0], [0, 10], [10, 10], [5, 20]], 40, 1.0, seed=3)
+    centers, assign, inertia = S.kmeans(x, 5, seed=0)
+    check_lloyd_fixed_point(x, centers, assign)
+    ref = KMeans(n_clusters=5, n_init=10, random_state=0).fit(x)
+    # the same partition (up to cluster ids) and the same objective
+    assert len(set(zip(assign.tolist(), ref.labels_.tolist()))) == 5
+    assert len(set(zip(assign.tolist(), truth.tolist()))) == 5  # the true blobs
+    np.testing.assert_allclose(inertia, ref.inertia_, rtol=1e-6)
+    np.testing.assert_allclose(inertia, ((x - centers[assign]) ** 2).sum(), rtol=1e-9)
+    # deterministic per seed
+    again = S.kmeans(x, 5, seed=0)
+    np.testing.assert_array_equal(again[0], centers)
+    with pytest.raises(ValueError, match="1 <= k <= number of points"):
+        S.kmeans(x[:3], 4)
+
+
+def test_multi_centroid_statistics_find_the_subclusters():
+    x, sub = blobs([[0, 0, 0], [8, 0, 0], [0, 8, 0]], 30, 0.5, seed=4)
+    labels = np.zeros(len(x), int)  # one class made of three clusters
+    out = S.update_statistics(S.empty_statistics(2, 3, "multi_centroid", n_centroids=3),
+                              x, labels, [0], seed=0)
+    assert sorted(out["count"][0].tolist()) == [30, 30, 30]
+    found = sorted(map(tuple, np.round(out["mean"][0], 4)))
+    expected = sorted(map(tuple, np.round([x[sub == j].mean(0) for j in range(3)], 4)))
+    np.testing.assert_allclose(found, expected, atol=1e-3)
+    true_means = np.array([x[sub == i].mean(0) for i in range(3)])
+    for j in range(3):  # each cluster's variance is its sub-cluster's (biased, as np.var)
+        i = np.argmin(((true_means - out["mean"][0, j]) ** 2).sum(1))
+        np.testing.assert_allclose(out["var"][0, j], x[sub == i].var(0), rtol=1e-4)
+    protos, valid = S.prototypes(out)
+    assert protos.shape == (6, 3) and np.asarray(valid).tolist() == [True] * 3 + [False] * 3
+    comp = S.gaussian_components(out, [0], ridge=0.0)
+    assert comp["mean"].shape == (3, 3) and comp["scale"].shape == (3, 3)
+
+
+@pytest.mark.parametrize("metric", ["l1", "l2", "sqeuclidean", "cosine"])
+def test_centroid_distances_match_numpy(metric):
+    rng = np.random.default_rng(5)
+    x, c = rng.standard_normal((4, 6)), rng.standard_normal((3, 2, 6))
+    diff = x[:, None, None, :] - c[None]
+    expected = {"l1": np.abs(diff).sum(-1), "l2": np.sqrt((diff ** 2).sum(-1)),
+                "sqeuclidean": (diff ** 2).sum(-1),
+                "cosine": 1 - np.einsum("bd,tkd->btk", x, c)
+                / np.linalg.norm(x, axis=-1)[:, None, None] / np.linalg.norm(c, axis=-1)[None]}
+    got = S.centroid_distances(jnp.asarray(x, jnp.float32), jnp.asarray(c, jnp.float32), metric)
+    np.testing.assert_allclose(got, expected[metric], rtol=1e-4, atol=1e-4)
+
+
+def test_a_linear_head_learns_from_sampled_statistics():
+    # four well separated classes known only through their mean and covariance
+    means = np.array([[3, 0, 0, 0], [0, 3, 0, 0], [0, 0, 3, 0], [0, 0, 0, 3]], float)
+    stats = S.empty_statistics(5, 4, "covariance")
+    for c in range(4):
+        stats["mean"][c], stats["cov"][c], stats["count"][c] = means[c], 0.2 * np.eye(4), 50
+    comp = S.gaussian_components(stats, range(4))
+    head = init_linear_head(jax.random.key(0), 4, 5)
+    mask = np.array([True] * 4 + [False])
+    opt = optax.sgd(S.cosine_epoch_schedule(0.1, 10, 8), momentum=0.9)
+    head, losses = S.fit_classifier(head, apply_linear_head, opt, jax.random.key(1), epochs=10,
+                                    steps_per_epoch=8, batch_size=16,
+                                    draw=lambda k, d: S.sample_components(k, d, 32),
+                                    draw_data=comp, class_mask=mask)
+    assert losses[-1] < 0.3 * losses[0]
+    x, y = S.sample_components(jax.random.key(9), comp, 100)
+    pred = np.argmax(np.asarray(apply_linear_head(head, x))[:, :4], -1)
+    assert np.mean(pred == np.asarray(y)) > 0.97
+
+
+def test_cosine_epoch_schedule_is_torch_cosine_annealing():
+    sched = S.cosine_epoch_schedule(0.5, 4, 3)
+    got = [float(sched(i)) for i in range(12)]
+    expected = [0.5 * 0.5 * (1 + np.cos(np.pi * (i // 3) / 4)) for i in range(12)]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
