@@ -23,3 +23,13 @@ def tiny_config(method="l2p", **method_options):
     for key, value in method_options.items():
         c.method[key] = value
     return c
+
+
+def task_spec(index, task_classes, num_classes=None):
+    """The TaskSpec the loop would build for task ``index`` of ``task_classes``."""
+    from pecft_jax.methods import TaskSpec
+    task_classes = tuple(tuple(c) for c in task_classes)
+    seen = tuple(c for classes in task_classes[:index + 1] for c in classes)
+    return TaskSpec(index=index, classes=task_classes[index], seen_classes=seen,
+                    num_classes=num_classes or len({c for cs in task_classes for c in cs}),
+                    num_tasks=len(task_classes), task_classes=task_classes)

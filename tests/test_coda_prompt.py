@@ -13,14 +13,14 @@ import pytest
 
 from pecft_jax.backbones import vit
 from pecft_jax.backbones.backbone import Backbone
-from pecft_jax.methods import TaskSpec, create_method
+from pecft_jax.methods import create_method
 from pecft_jax.methods.coda_prompt import (COMPONENT_FIELDS, as_prefix, assemble_prompt,
                                            component_weights, gram_schmidt_extend)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import count_params, train_and_evaluate
 
-from helpers import tiny_config
+from helpers import task_spec, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = vit.get_config("ViT-Micro/4", num_classes=0)  # two blocks, width 32
@@ -30,9 +30,7 @@ TASK_CLASSES = ((0, 1), (2, 3), (4, 5))
 
 
 def spec(t):
-    return TaskSpec(index=t, classes=TASK_CLASSES[t],
-                    seen_classes=tuple(c for cs in TASK_CLASSES[:t + 1] for c in cs),
-                    num_classes=NUM_CLASSES, num_tasks=NUM_TASKS, task_classes=TASK_CLASSES)
+    return task_spec(t, TASK_CLASSES, NUM_CLASSES)
 
 
 def make_method(**options):

@@ -11,7 +11,7 @@ import pytest
 
 from pecft_jax.backbones import vit
 from pecft_jax.backbones.backbone import Backbone, load_backbone
-from pecft_jax.methods import TaskSpec, create_method
+from pecft_jax.methods import create_method
 from pecft_jax.methods import statistics as S
 from pecft_jax.methods.hide_prompt import (HiDePrompt, apply_tii_head, contrastive_regularizer,
                                            init_tii_head)
@@ -19,7 +19,7 @@ from pecft_jax.peft.prompts import prefix_context
 from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import count_params, train_and_evaluate
 
-from helpers import tiny_config
+from helpers import task_spec, tiny_config
 from test_statistics import array_task_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,10 +42,7 @@ def tiny_hide(**overrides):
 
 
 def spec(index, task_classes, num_classes=6):
-    seen = tuple(c for t in task_classes[:index + 1] for c in t)
-    return TaskSpec(index=index, classes=tuple(task_classes[index]), seen_classes=seen,
-                    num_classes=num_classes, num_tasks=len(task_classes),
-                    task_classes=tuple(map(tuple, task_classes)))
+    return task_spec(index, task_classes, num_classes)
 
 
 # --------------------------------------------------------------------------- pieces
