@@ -42,15 +42,17 @@ def fmt(value, digits=2):
 
 def table(rows: list) -> str:
     head = ("| run | method | final avg acc (%) | forgetting | avg incremental acc | "
-            "task-IL avg acc | trainable params | s/task |")
-    lines = [head, "|" + "---|" * 8]
+            "task-IL avg acc | task identity (%) | trainable params | s/task |")
+    lines = [head, "|" + "---|" * 9]
     for entry, r in rows:
         m, tm = r["metrics"], r.get("task_il_metrics", {})
         secs = r.get("seconds_per_task", [])
+        identity = r.get("task_identity_matrix")
+        identity = sum(identity[-1]) / len(identity[-1]) if identity else None
         lines.append(
             f"| {entry} | {r['method']} | {fmt(m['average_accuracy'])} | {fmt(m['forgetting'])} "
             f"| {fmt(m.get('average_incremental_accuracy'))} | {fmt(tm.get('average_accuracy'))} "
-            f"| {r['trainable_params']:,} | {fmt(sum(secs) / max(len(secs), 1), 1)} |")
+            f"| {fmt(identity)} | {r['trainable_params']:,} | {fmt(sum(secs) / max(len(secs), 1), 1)} |")
     return "\n".join(lines)
 
 
