@@ -668,6 +668,17 @@ def _stem_and_heads(tree: dict, t: _Tensors, cfg: ViTConfig, *, cls: str, pos: s
         tree["head"] = _dense(*_linear(t, head, feature, cfg.num_classes))
 
 
+def _encoder_block(t: "_Tensors", cfg: ViTConfig, attention: dict, *, norm1: str, norm2: str,
+                   fc1: str, fc2: str) -> dict:
+    """One ``encoderblock_N`` in Google's layout from torch-layout tensor names."""
+    d, m = cfg.hidden_size, cfg.mlp_dim
+    return {"LayerNorm_0": _layer_norm(t, norm1, d),
+            "MultiHeadDotProductAttention_1": attention,
+            "LayerNorm_2": _layer_norm(t, norm2, d),
+            "MlpBlock_3": {"Dense_0": _dense(*_linear(t, fc1, d, m)),
+                           "Dense_1": _dense(*_linear(t, fc2, m, d))}}
+
+
 def _convert_hf(ckpt: _Checkpoint, cfg: ViTConfig) -> FlatParams:
     t = _Tensors(ckpt.tensors, ckpt.file)
     pre = _hf_prefix(ckpt.tensors)
@@ -685,13 +696,9 @@ def _convert_hf(ckpt: _Checkpoint, cfg: ViTConfig) -> FlatParams:
             bias = t.take(f"{key}.bias", (d,)) if qkv_bias else np.zeros((d,), kernel.dtype)
             attention[name] = _heads_in(kernel, bias, cfg)
         attention["out"] = _heads_out(*_linear(t, f"{src}.attention.output.dense", d, d), cfg)
-        tree["Transformer"][f"encoderblock_{layer}"] = {
-            "LayerNorm_0": _layer_norm(t, f"{src}.layernorm_before", d),
-            "MultiHeadDotProductAttention_1": attention,
-            "LayerNorm_2": _layer_norm(t, f"{src}.layernorm_after", d),
-            "MlpBlock_3": {"Dense_0": _dense(*_linear(t, f"{src}.intermediate.dense", d, m)),
-                           "Dense_1": _dense(*_linear(t, f"{src}.output.dense", m, d))},
-        }
+        tree["Transformer"][f"encoderblock_{layer}"] = _encoder_block(
+            t, cfg, attention, norm1=f"{src}.layernorm_before", norm2=f"{src}.layernorm_after",
+            fc1=f"{src}.intermediate.dense", fc2=f"{src}.output.dense")
     _stem_and_heads(tree, t, cfg, cls=f"{pre}embeddings.cls_token",
                     pos=f"{pre}embeddings.position_embeddings", norm=f"{pre}layernorm",
                     head="classifier", pre_logits="pooler.dense")
@@ -713,13 +720,9 @@ def _convert_timm(ckpt: _Checkpoint, cfg: ViTConfig) -> FlatParams:
         attention = {name: _heads_in(fused[i * d:(i + 1) * d].T, fused_bias[i * d:(i + 1) * d], cfg)
                      for i, name in enumerate(("query", "key", "value"))}
         attention["out"] = _heads_out(*_linear(t, f"{src}.attn.proj", d, d), cfg)
-        tree["Transformer"][f"encoderblock_{layer}"] = {
-            "LayerNorm_0": _layer_norm(t, f"{src}.norm1", d),
-            "MultiHeadDotProductAttention_1": attention,
-            "LayerNorm_2": _layer_norm(t, f"{src}.norm2", d),
-            "MlpBlock_3": {"Dense_0": _dense(*_linear(t, f"{src}.mlp.fc1", d, m)),
-                           "Dense_1": _dense(*_linear(t, f"{src}.mlp.fc2", m, d))},
-        }
+        tree["Transformer"][f"encoderblock_{layer}"] = _encoder_block(
+            t, cfg, attention, norm1=f"{src}.norm1", norm2=f"{src}.norm2",
+            fc1=f"{src}.mlp.fc1", fc2=f"{src}.mlp.fc2")
     _stem_and_heads(tree, t, cfg, cls=f"{pre}cls_token", pos=f"{pre}pos_embed",
                     norm=f"{pre}norm", head=f"{pre}head", pre_logits=f"{pre}pre_logits.fc")
     t.refuse_leftovers("timm")
