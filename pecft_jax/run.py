@@ -8,9 +8,7 @@ and orbax checkpoints; re-running the same command on DIR resumes where it stopp
 """
 from __future__ import annotations
 
-import json
 import logging
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging

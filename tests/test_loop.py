@@ -11,7 +11,7 @@ from pecft_jax.data import pipeline
 from pecft_jax.evaluate import evaluate_checkpoint
 from pecft_jax.methods import TaskSpec, create_method
 from pecft_jax.train.checkpoint import CheckpointMismatch
-from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
+from pecft_jax.train.loop import train_and_evaluate
 
 from helpers import tiny_config
 

@@ -682,7 +682,7 @@ def _encoder_block(t: "_Tensors", cfg: ViTConfig, attention: dict, *, norm1: str
 def _convert_hf(ckpt: _Checkpoint, cfg: ViTConfig) -> FlatParams:
     t = _Tensors(ckpt.tensors, ckpt.file)
     pre = _hf_prefix(ckpt.tensors)
-    d, m = cfg.hidden_size, cfg.mlp_dim
+    d = cfg.hidden_size
     qkv_bias = bool((ckpt.config_json or {}).get("qkv_bias", True))
     tree: dict = {"embedding": _patch_conv(t, f"{pre}embeddings.patch_embeddings.projection", cfg),
                   "Transformer": {}}
@@ -709,7 +709,7 @@ def _convert_hf(ckpt: _Checkpoint, cfg: ViTConfig) -> FlatParams:
 def _convert_timm(ckpt: _Checkpoint, cfg: ViTConfig) -> FlatParams:
     t = _Tensors(ckpt.tensors, ckpt.file)
     pre = _timm_prefix(ckpt.tensors)
-    d, m = cfg.hidden_size, cfg.mlp_dim
+    d = cfg.hidden_size
     tree: dict = {"embedding": _patch_conv(t, f"{pre}patch_embed.proj", cfg), "Transformer": {}}
     for layer in range(cfg.num_layers):
         src = f"{pre}blocks.{layer}"

@@ -133,7 +133,7 @@ def preprocess_images(images: np.ndarray, preprocess: Preprocess,
 def _padded_crops(x: np.ndarray, offsets: np.ndarray, padding: int) -> np.ndarray:
     """Crop each image at ``offsets`` (dy, dx) of its zero-padded version (black border, as
     in the usual ``RandomCrop(size, padding)``) without building the padded batch."""
-    n, size = x.shape[0], x.shape[1]
+    size = x.shape[1]
     out = np.zeros_like(x)
     for i, (dy, dx) in enumerate(offsets.tolist()):
         sy, sx = dy - padding, dx - padding  # shift of the source relative to the output

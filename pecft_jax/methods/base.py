@@ -16,7 +16,7 @@ Conventions the loop relies on:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterable, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp

@@ -13,7 +13,7 @@ makes this the forgetting baseline.
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Tuple
 
 import jax
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, batch_accuracy,
                                     init_linear_head)

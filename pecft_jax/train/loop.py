@@ -17,16 +17,15 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
 from pecft_jax import metrics as metrics_lib
-from pecft_jax.backbones.backbone import Backbone, load_backbone
+from pecft_jax.backbones.backbone import load_backbone
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import pipeline, scenarios
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
