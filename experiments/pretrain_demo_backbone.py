@@ -103,13 +103,15 @@ def main():
     print(f"Fashion-MNIST test accuracy: {accuracy:.2f}%  ({minutes:.1f} min)")
     backbone = {k: v for k, v in params.items() if k != "head"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_params(args.out, cfg.replace(num_classes=0), backbone)
+    weights_fingerprint = save_params(args.out, cfg.replace(num_classes=0), backbone)
+    # The file's sha256 also covers the safetensors header, whose metadata order is not
+    # stable between writes; the weights fingerprint is what a re-run reproduces.
     digest = hashlib.sha256(open(args.out, "rb").read()).hexdigest()
     record = {"arch": args.arch, "epochs": args.epochs, "batch_size": args.batch_size,
               "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
               "label_smoothing": args.label_smoothing,
               "fashion_mnist_test_accuracy": round(accuracy, 2), "minutes": round(minutes, 1),
-              "sha256": digest, "jax": jax.__version__, "devices": str(jax.devices())}
+              "sha256": digest, "weights_fingerprint": weights_fingerprint, "jax": jax.__version__, "devices": str(jax.devices())}
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(record, f, indent=1)
     print(json.dumps(record, indent=1))
