@@ -164,6 +164,11 @@ def test_l2p_masks_classes_outside_the_current_task():
     assert np.all(np.abs(bias_grad[[2, 3]]) > 0.0)
     # keys receive the matching loss' gradient; the frozen backbone is not an argument
     assert np.abs(np.asarray(grads["keys"])).sum() > 0
+    # the logged training accuracy is over the classes the loss sees (here 2 and 3)
+    _, aux = method.loss(trainable, state, frozen, batch, jax.random.key(2), task)
+    logits = np.asarray(method._forward(trainable, state, frozen, batch["image"], True)[0])
+    expected = np.mean(np.array([2, 3])[logits[:, [2, 3]].argmax(1)] == np.asarray(batch["label"]))
+    assert float(aux["metrics"]["accuracy"]) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("method,options", [("finetune", {"mode": "full"}),

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, batch_accuracy,
+from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
                                     init_linear_head)
 from pecft_jax.methods.common import frozen_query, prompted_cls_token
 from pecft_jax.peft.lora import resolve_layers
@@ -205,7 +205,7 @@ class CodaPrompt(Method):
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         logits, components = self._logits(trainable, frozen, batch["image"], task.index, True)
         ce = self.masked_ce(logits, batch["label"], task)
-        loss, metrics = ce, {"ce": ce, "accuracy": batch_accuracy(logits, batch["label"])}
+        loss, metrics = ce, {"ce": ce, "accuracy": self.train_accuracy(logits, batch["label"], task)}
         if self.ortho_mu > 0:
             ortho = sum(orthogonality_penalty(c[field]) for c in components.values()
                         for field in COMPONENT_FIELDS)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, batch_accuracy,
+from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
                                     init_linear_head)
 from pecft_jax.methods.common import frozen_query, prompted_cls_token
 from pecft_jax.peft import prompt_pool
@@ -130,7 +130,7 @@ class DualPrompt(Method):
         chosen = self.select(jax.lax.stop_gradient(trainable), q)
         return ce + self.pull_constraint * matching, {
             "metrics": {"ce": ce, "key_matching": matching,
-                        "accuracy": batch_accuracy(logits, batch["label"]),
+                        "accuracy": self.train_accuracy(logits, batch["label"], task),
                         "task_identity": (chosen[:, 0] == task.index).mean()}}
 
     def logits(self, trainable, state, frozen, images, task):

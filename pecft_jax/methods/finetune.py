@@ -18,7 +18,7 @@ from typing import Tuple
 import jax
 
 from pecft_jax import peft
-from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, batch_accuracy,
+from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
                                     init_linear_head)
 
 MODES = ("full", "head", "lora", "adapter", "prompt")
@@ -84,7 +84,7 @@ class Finetune(Method):
                                    self.features(trainable, frozen, batch["image"],
                                                  deterministic=False, rng=rng))
         loss = self.masked_ce(logits, batch["label"], task)
-        return loss, {"metrics": {"accuracy": batch_accuracy(logits, batch["label"])}}
+        return loss, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
     def logits(self, trainable, state, frozen, images, task):
         return apply_linear_head(trainable["head"], self.features(trainable, frozen, images))

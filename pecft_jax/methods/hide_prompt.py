@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from pecft_jax.methods import statistics as stats_lib
-from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, batch_accuracy,
+from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
                                     init_linear_head, mask_logits)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
@@ -272,7 +272,7 @@ class HiDePrompt(Method):
         reg = contrastive_regularizer(features, protos, valid, self.temperature)
         return ce + self.contrastive_weight * reg, {
             "metrics": {"ce": ce, "contrastive": reg,
-                        "accuracy": batch_accuracy(logits, batch["label"])}}
+                        "accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
     def predict_task(self, state, frozen, images, task: TaskSpec) -> Array:
         """TII: the frozen feature's most likely seen class, mapped to its task."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, batch_accuracy,
+from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
                                     init_linear_head)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft import prompt_pool
@@ -86,7 +86,7 @@ class L2P(Method):
         new_state = dict(state, task_counts=state["task_counts"] + counts)
         return ce + self.pull_constraint * matching, {
             "metrics": {"ce": ce, "key_matching": matching,
-                        "accuracy": batch_accuracy(logits, batch["label"])},
+                        "accuracy": self.train_accuracy(logits, batch["label"], task)},
             "state": new_state}
 
     def logits(self, trainable, state, frozen, images, task):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pecft_jax.methods import statistics as stats_lib
-from pecft_jax.methods.base import Method, TaskSpec, batch_accuracy, init_linear_head
+from pecft_jax.methods.base import Method, TaskSpec, init_linear_head
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft.context import LayerPEFT, PEFTContext
 from pecft_jax.peft.prompt_pool import l2_normalize
@@ -95,7 +95,7 @@ class SPrompts(Method):
         own = [trainable["prompts"][s], head["kernel"], head["bias"]]
         decay = 0.5 * wd * sum(jnp.sum(jnp.square(p)) for p in own)
         return ce + decay, {"metrics": {"ce": ce,
-                                        "accuracy": batch_accuracy(logits, batch["label"])}}
+                                        "accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
     def _query(self, frozen, images) -> Array:
         q = frozen_query(self.backbone, frozen, images)
