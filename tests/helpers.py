@@ -1,5 +1,10 @@
 """Shared test configurations."""
+import importlib.util
+import os
+
 from pecft_jax.configs import base_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(method="l2p", **method_options):
@@ -33,3 +38,12 @@ def task_spec(index, task_classes, num_classes=None):
     return TaskSpec(index=index, classes=task_classes[index], seen_classes=seen,
                     num_classes=num_classes or len({c for cs in task_classes for c in cs}),
                     num_tasks=len(task_classes), task_classes=task_classes)
+
+
+def load_experiment_config(name, arg):
+    """``experiments/configs/<name>.py``'s ``get_config(arg)``, loaded as the CLI does."""
+    path = os.path.join(ROOT, "experiments", "configs", f"{name}.py")
+    module_spec = importlib.util.spec_from_file_location(f"{name}_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg)

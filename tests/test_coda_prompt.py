@@ -2,8 +2,6 @@
 Gram-Schmidt orthogonality of new components to old ones, frozen old components (gradients and
 bit-identity after training a later task), the orthogonality penalty, an end-to-end run and the
 paper configuration's exact trainable-parameter count."""
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +18,8 @@ from pecft_jax.methods.common import frozen_query
 from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import count_params, train_and_evaluate
 
-from helpers import task_spec, tiny_config
+from helpers import load_experiment_config, task_spec, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = vit.get_config("ViT-Micro/4", num_classes=0)  # two blocks, width 32
 BACKBONE = Backbone(CFG)
 NUM_TASKS, NUM_CLASSES = 3, 6
@@ -41,11 +38,7 @@ def make_method(**options):
 
 
 def load_config(name, arg):
-    path = os.path.join(ROOT, "experiments", "configs", f"{name}.py")
-    module_spec = importlib.util.spec_from_file_location(f"{name}_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_experiment_config(name, arg)
 
 
 def random_params(cfg, seed):

@@ -1,8 +1,6 @@
 """HiDe-Prompt: its pieces vs numpy, its after-task statistics and heads, end to end."""
 import functools
-import importlib.util
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +17,13 @@ from pecft_jax.peft.prompts import prefix_context
 from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import count_params, train_and_evaluate
 
-from helpers import task_spec, tiny_config
+from helpers import load_experiment_config, task_spec, tiny_config
 from test_statistics import array_task_data
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(arg):
-    spec = importlib.util.spec_from_file_location(
-        "hide_cfg", os.path.join(ROOT, "experiments", "configs", "hide_prompt.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_experiment_config("hide_prompt", arg)
 
 
 def tiny_hide(**overrides):

@@ -1,7 +1,5 @@
 """S-Prompts (S-iPrompts): domain keys, per-domain prompts/heads, end to end on domains."""
 import functools
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,19 +14,14 @@ from pecft_jax.peft.context import LayerPEFT, PEFTContext
 from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import count_params, train_and_evaluate
 
-from helpers import tiny_config
+from helpers import load_experiment_config, tiny_config
 from test_statistics import array_task_data
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = tuple(range(10))
 
 
 def load_config(arg):
-    spec = importlib.util.spec_from_file_location(
-        "sp_cfg", os.path.join(ROOT, "experiments", "configs", "s_prompts.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_experiment_config("s_prompts", arg)
 
 
 def domain_config(**options):
