@@ -241,10 +241,8 @@ class ContinualTrainer:
         return self._gather_labels(mask).astype(bool)
 
     def _gather_labels(self, local: np.ndarray) -> np.ndarray:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            return np.asarray(multihost_utils.process_allgather(local, tiled=True))
-        return np.asarray(local)
+        """This host's slice of per-example host data -> the global batch's, in mesh order."""
+        return np.asarray(self._gather(local))
 
     def task_data(self, task: scenarios.Task) -> TaskData:
         def iterate():
