@@ -10,7 +10,7 @@ from jax.test_util import check_grads
 
 from pecft_jax.backbones import vit
 from pecft_jax.peft import adapters, lora, prompt_pool, prompts, ssf
-from pecft_jax.peft.context import LORA_TARGETS, SSF_POINTS, PEFTContext
+from pecft_jax.backbones.context import LORA_TARGETS, SSF_POINTS, PEFTContext
 
 CFG = vit.get_config("ViT-Demo/7", num_layers=1, hidden_size=16, mlp_dim=24, num_heads=2)
 CFG2 = CFG.replace(num_layers=2)  # for what needs a second block (deep prompts, layer indexing)

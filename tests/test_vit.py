@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pecft_jax.backbones import vit
-from pecft_jax.peft.context import LayerPEFT, PEFTContext
+from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 from pecft_jax.train import mesh as mesh_lib
 
 TINY = vit.ViTConfig(name="tiny", image_size=16, patch_size=4, hidden_size=32, num_layers=3,
@@ -37,8 +37,9 @@ def test_parameter_tree_matches_google_names_and_vit_b16_size():
     assert vit.param_count(shapes) == 86_567_656
 
 
-def _numpy_vit_tokens(params, images, cfg, prompt=None):
-    """An independent numpy forward of the plain ViT (tanh-GELU), optional input prompts."""
+def _numpy_vit_tokens(params, images, cfg, prompt=None, block_inputs=None):
+    """An independent numpy forward of the plain ViT (tanh-GELU), optional input prompts;
+    ``block_inputs`` (a list) collects each block's (attention input, MLP input)."""
     p = jax.tree_util.tree_map(np.asarray, params)
     x = np.asarray(images, np.float64)
     b, ps = x.shape[0], cfg.patch_size
@@ -62,6 +63,7 @@ def _numpy_vit_tokens(params, images, cfg, prompt=None):
         blk = p["Transformer"][f"encoderblock_{i}"]
         a = blk["MultiHeadDotProductAttention_1"]
         h = ln(tok, blk["LayerNorm_0"])
+        attn_input = h
         q, k, v = (np.einsum("bnd,dhk->bhnk", h, a[n]["kernel"]) + a[n]["bias"][None, :, None]
                    for n in ("query", "key", "value"))
         s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(cfg.head_dim)
@@ -70,9 +72,28 @@ def _numpy_vit_tokens(params, images, cfg, prompt=None):
         o = np.einsum("bhnk,hkd->bnd", w @ v, a["out"]["kernel"]) + a["out"]["bias"]
         tok = tok + o
         m = blk["MlpBlock_3"]
+        if block_inputs is not None:
+            block_inputs.append((attn_input, ln(tok, blk["LayerNorm_2"])))
         h = gelu(ln(tok, blk["LayerNorm_2"]) @ m["Dense_0"]["kernel"] + m["Dense_0"]["bias"])
         tok = tok + h @ m["Dense_1"]["kernel"] + m["Dense_1"]["bias"]
     return ln(tok, p["Transformer"]["encoder_norm"])
+
+
+def test_features_return_every_blocks_layer_inputs(tiny):
+    """What InfLoRA/GPM build subspaces from: the input of each block's attention
+    projections and of its MLP, as an independent numpy forward computes them."""
+    params, images = tiny
+    want = []
+    _numpy_vit_tokens(params, images, TINY, block_inputs=want)
+    feats = jax.jit(lambda p, x: vit.apply(TINY, p, x, output="features"))(params, images)
+    assert len(feats["blocks"]) == TINY.num_layers
+    for got, (attn_in, mlp_in) in zip(feats["blocks"], want):
+        np.testing.assert_allclose(got["attn_input"], attn_in, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got["mlp_input"], mlp_in, rtol=1e-4, atol=1e-4)
+    # stop_at_layer=k runs (and reports) the first k blocks only
+    two = vit.apply(TINY, params, images, output="features", stop_at_layer=2)
+    assert len(two["blocks"]) == 2
+    np.testing.assert_allclose(two["blocks"][1]["mlp_input"], want[1][1], rtol=1e-4, atol=1e-4)
 
 
 def test_forward_matches_numpy_reference(tiny):

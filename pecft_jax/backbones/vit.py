@@ -6,7 +6,7 @@ The parameter tree follows Google's ``vision_transformer`` checkpoints exactly
 LayerNorm_2, MlpBlock_3/{Dense_0,Dense_1}}``, ``Transformer/encoder_norm``, optional
 ``pre_logits`` and ``head``), so an original ``.npz`` loads without renaming.
 
-The forward takes an optional :class:`~pecft_jax.peft.context.PEFTContext`; with none (or an
+The forward takes an optional :class:`~pecft_jax.backbones.context.PEFTContext`; with none (or an
 empty one) it is exactly the plain ViT. The token layout with prompts is
 ``[CLS, prompt tokens, patch tokens]``: prompts are inserted after the position embedding
 is added (they carry no position), as in VPT, L2P and DualPrompt.
@@ -26,7 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pecft_jax.peft.context import LayerPEFT, PEFTContext, as_batched, bottleneck, lora_delta, ssf
+from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, as_batched, bottleneck,
+                                         lora_delta, ssf)
 
 Array = jax.Array
 OUTPUTS = ("logits", "pre_logits", "cls", "tokens", "features")
@@ -119,6 +120,15 @@ def _lora_input(lp: Optional[LayerPEFT], deterministic: bool, inp: Array) -> Arr
     return nn.Dropout(rate=lp.lora_dropout)(inp, deterministic=False)
 
 
+def _adapter_branch(lp: LayerPEFT, params: Mapping, x: Array, deterministic: bool) -> Array:
+    """``scale * up(dropout(relu(down(x))))``; dropout only while training. Called inside a
+    module's compact method, so the Dropout is that module's child."""
+    dropout = None
+    if lp.adapter_dropout and not deterministic:
+        dropout = lambda h: nn.Dropout(rate=lp.adapter_dropout)(h, deterministic=False)
+    return lp.adapter_scale * bottleneck(x, params, dropout)
+
+
 def _layer_norm(cfg: ViTConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name)
 
@@ -183,24 +193,29 @@ class MlpBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
+    """Pre-norm block. Returns the new tokens and what its sub-layers saw: ``attn_input``
+    (the tokens the query/key/value projections read, after LayerNorm_0 and its SSF) and
+    ``mlp_input`` (what MlpBlock's first Dense reads) -- the layer inputs whose span
+    gradient-projection methods (GPM, InfLoRA) build their subspaces from."""
     cfg: ViTConfig
 
     @nn.compact
-    def __call__(self, x: Array, lp: Optional[LayerPEFT], deterministic: bool) -> Array:
+    def __call__(self, x: Array, lp: Optional[LayerPEFT], deterministic: bool) -> tuple:
         ssf_params = lp.ssf if lp is not None else None
-        h = ssf(_layer_norm(self.cfg, "LayerNorm_0")(x), ssf_params, "ln1")
-        h = Attention(self.cfg, name="MultiHeadDotProductAttention_1")(h, lp, deterministic)
+        attn_input = ssf(_layer_norm(self.cfg, "LayerNorm_0")(x), ssf_params, "ln1")
+        h = Attention(self.cfg, name="MultiHeadDotProductAttention_1")(attn_input, lp,
+                                                                       deterministic)
         if lp is not None and lp.adapter_attn is not None:
-            h = h + lp.adapter_scale * bottleneck(h, lp.adapter_attn)
+            h = h + _adapter_branch(lp, lp.adapter_attn, h, deterministic)
         x = x + h
-        h = ssf(_layer_norm(self.cfg, "LayerNorm_2")(x), ssf_params, "ln2")
-        h = MlpBlock(self.cfg, name="MlpBlock_3")(h, lp, deterministic)
+        mlp_input = ssf(_layer_norm(self.cfg, "LayerNorm_2")(x), ssf_params, "ln2")
+        h = MlpBlock(self.cfg, name="MlpBlock_3")(mlp_input, lp, deterministic)
         if lp is not None and lp.adapter is not None:
             if lp.adapter_mode == "sequential":
-                h = h + lp.adapter_scale * bottleneck(h, lp.adapter)
+                h = h + _adapter_branch(lp, lp.adapter, h, deterministic)
             else:  # AdaptFormer: a parallel branch from the block's residual stream
-                h = h + lp.adapter_scale * bottleneck(x, lp.adapter)
-        return x + h
+                h = h + _adapter_branch(lp, lp.adapter, x, deterministic)
+        return x + h, {"attn_input": attn_input, "mlp_input": mlp_input}
 
 
 def _insert_prompt(x: Array, num_prompts: int, lp: LayerPEFT) -> tuple:
@@ -223,7 +238,10 @@ class ViT(nn.Module):
     * ``'cls'``        -- the normed [CLS] token (or patch mean for ``classifier='gap'``)
     * ``'tokens'``     -- all normed tokens ``(B, 1 + prompts + patches, D)``
     * ``'features'``   -- a dict with ``tokens``, ``cls``, ``pre_logits``, ``num_prompts``
-                          (a Python int) and ``logits`` when there is a head.
+                          (a Python int), ``blocks`` (per block run, in order: a dict with
+                          its ``attn_input`` and ``mlp_input``, each ``(B, N, D)``; see
+                          :class:`EncoderBlock`) and ``logits`` when there is a head. Under
+                          ``jit`` what is not used is never computed or kept.
 
     ``stop_at_layer=k`` runs only blocks ``0..k-1`` and returns their raw (un-normed) tokens
     for ``'tokens'``/``'cls'``/``'features'``.
@@ -255,7 +273,7 @@ class ViT(nn.Module):
         cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.hidden_size))
         x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, cfg.hidden_size)).astype(x.dtype),
                              x], axis=1)
-        tokens, num_prompts = _PosEmbedTransformer(cfg, name="Transformer")(
+        tokens, num_prompts, blocks = _PosEmbedTransformer(cfg, name="Transformer")(
             x, peft, stop_at_layer, deterministic)
         if cfg.classifier == "token":
             pooled = tokens[:, 0]
@@ -280,7 +298,7 @@ class ViT(nn.Module):
                                  f"for output='pre_logits' and apply your own classifier")
             return logits
         feats = {"tokens": tokens, "cls": pooled, "pre_logits": pre_logits,
-                 "num_prompts": num_prompts}
+                 "num_prompts": num_prompts, "blocks": blocks}
         if logits is not None:
             feats["logits"] = logits
         return feats
@@ -318,14 +336,16 @@ class _PosEmbedTransformer(nn.Module):
             if unknown:
                 raise ValueError(f"PEFT context names layers {unknown}, but {cfg.name} has "
                                  f"{cfg.num_layers} blocks (0..{cfg.num_layers - 1})")
+        blocks = []
         for layer in range(last):
             lp = peft.at(layer) if peft is not None else None
             if lp is not None and lp.prompt is not None:
                 x, num_prompts = _insert_prompt(x, num_prompts, lp)
-            x = EncoderBlock(cfg, name=f"encoderblock_{layer}")(x, lp, deterministic)
+            x, seen = EncoderBlock(cfg, name=f"encoderblock_{layer}")(x, lp, deterministic)
+            blocks.append(seen)
         if stop_at_layer is None:
             x = _layer_norm(cfg, "encoder_norm")(x)
-        return x, num_prompts
+        return x, num_prompts, blocks
 
 
 def build(cfg: ViTConfig) -> ViT:

@@ -2,7 +2,7 @@
 prompt pools. Each has an ``init_*`` returning a plain-dict trainable pytree and a
 ``*_context`` turning that pytree into the :class:`PEFTContext` the backbone consumes."""
 from pecft_jax.peft.adapters import AdapterConfig, adapter_context, init_adapters
-from pecft_jax.peft.context import LayerPEFT, PEFTContext
+from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 from pecft_jax.peft.lora import (LoraConfig, init_lora, lora_context, merge_lora,
                                  resolve_targets, unmerge_lora)
 from pecft_jax.peft.prompt_pool import (cosine_similarity, gather_prompts, init_pool,

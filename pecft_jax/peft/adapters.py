@@ -20,16 +20,14 @@ Trainable pytree::
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from pecft_jax.peft.context import LayerPEFT, PEFTContext
-from pecft_jax.peft.lora import layer_index, resolve_layers
-
-if TYPE_CHECKING:  # the backbone imports pecft_jax.peft; import its config lazily
-    from pecft_jax.backbones.vit import ViTConfig
+from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, layer_index,
+                                         resolve_layers)
+from pecft_jax.backbones.vit import ViTConfig
 
 Array = jax.Array
 ADAPTER_MODES = ("sequential", "parallel")
@@ -51,6 +49,7 @@ class AdapterConfig:
         ``U(-1/sqrt(D), 1/sqrt(D))``) or ``'normal'`` (``N(0, init_std^2)``, Houlsby's
         near-identity init). ``up`` and the biases are always zero.
       init_std: standard deviation for ``init='normal'``.
+      dropout: dropout on the bottleneck activations while training (AdaptFormer: 0.1).
     """
     bottleneck_dim: int
     mode: str = "sequential"
@@ -59,8 +58,11 @@ class AdapterConfig:
     layers: Optional[Sequence[int]] = None
     init: str = "kaiming_uniform"
     init_std: float = 1e-2
+    dropout: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
         if not isinstance(self.bottleneck_dim, int) or self.bottleneck_dim <= 0:
             raise ValueError(f"bottleneck_dim must be a positive int, got {self.bottleneck_dim!r}")
         if self.mode not in ADAPTER_MODES:
@@ -118,5 +120,6 @@ def adapter_context(adapter_params: Mapping, adapter_cfg: AdapterConfig) -> PEFT
             _check_bottleneck(layer, site, params)
         layers[layer] = LayerPEFT(adapter=sites.get("mlp"), adapter_attn=sites.get("attn"),
                                   adapter_mode=adapter_cfg.mode,
-                                  adapter_scale=adapter_cfg.scale)
+                                  adapter_scale=adapter_cfg.scale,
+                                  adapter_dropout=adapter_cfg.dropout)
     return PEFTContext(layers=layers)

@@ -19,23 +19,19 @@ too, since checkpoint formats may turn dict keys into strings). ``target`` is on
     fc2              .../MlpBlock_3/Dense_1                                kernel (mlp, D)
 
 (``...`` = ``Transformer/encoderblock_N``).
-
-This module also holds two small helpers the other PEFT modules share
-(:func:`resolve_layers`, :func:`layer_index`).
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 
-from pecft_jax.peft.context import LORA_TARGETS, LayerPEFT, PEFTContext
-
-if TYPE_CHECKING:  # the backbone imports pecft_jax.peft; import its config lazily
-    from pecft_jax.backbones.vit import ViTConfig
+from pecft_jax.backbones.context import (LORA_TARGETS, LayerPEFT, PEFTContext, layer_index,
+                                         resolve_layers)
+from pecft_jax.backbones.vit import ViTConfig
 
 Array = jax.Array
 
@@ -49,35 +45,6 @@ TARGET_SUBPATHS = {
     "fc2": ("MlpBlock_3", "Dense_1"),
 }
 LORA_INITS = ("kaiming_uniform", "gaussian")
-
-
-# ----------------------------------------------------------------------------- shared helpers
-def layer_index(key: Union[int, str]) -> int:
-    """A layer key of a PEFT pytree as an int (``3`` or ``'3'``)."""
-    if isinstance(key, bool):
-        raise TypeError(f"layer keys must be ints, got {key!r}")
-    if isinstance(key, int):
-        return key
-    if isinstance(key, str) and key.isdigit():
-        return int(key)
-    raise ValueError(f"PEFT pytrees are keyed by 0-based block index (int or digit string); "
-                     f"got layer key {key!r}")
-
-
-def resolve_layers(layers: Optional[Sequence[int]], num_layers: int, what: str) -> Tuple[int, ...]:
-    """``layers`` (None = all) as a sorted tuple of valid block indices; clear error if not."""
-    if layers is None:
-        return tuple(range(num_layers))
-    if isinstance(layers, int):
-        layers = (layers,)
-    resolved = tuple(sorted(set(int(layer) for layer in layers)))
-    bad = [layer for layer in resolved if not 0 <= layer < num_layers]
-    if bad:
-        raise ValueError(f"{what}: layers {bad} do not exist; the backbone has {num_layers} blocks "
-                         f"(0..{num_layers - 1})")
-    if not resolved:
-        raise ValueError(f"{what}: layers is empty; pass None for all blocks or list some")
-    return resolved
 
 
 # ----------------------------------------------------------------------------- config

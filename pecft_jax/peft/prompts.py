@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from pecft_jax.peft.context import LayerPEFT, PEFTContext
-from pecft_jax.peft.lora import layer_index, resolve_layers
-
-if TYPE_CHECKING:  # the backbone imports pecft_jax.peft; import its config lazily
-    from pecft_jax.backbones.vit import ViTConfig
+from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, layer_index,
+                                         resolve_layers)
+from pecft_jax.backbones.vit import ViTConfig
 
 Array = jax.Array
 PROMPT_MODES = ("replace", "append")

@@ -15,16 +15,14 @@ shift ~ N(0, 0.02^2).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
-from pecft_jax.peft.context import SSF_POINTS, LayerPEFT, PEFTContext
-from pecft_jax.peft.lora import layer_index, resolve_layers
-
-if TYPE_CHECKING:  # the backbone imports pecft_jax.peft; import its config lazily
-    from pecft_jax.backbones.vit import ViTConfig
+from pecft_jax.backbones.context import (SSF_POINTS, LayerPEFT, PEFTContext, layer_index,
+                                         resolve_layers)
+from pecft_jax.backbones.vit import ViTConfig
 
 Array = jax.Array
 SSF_INITS = ("identity", "paper")

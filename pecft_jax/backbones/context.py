@@ -1,5 +1,9 @@
 """The PEFT context: what a method hands the backbone for one forward pass.
 
+This is the backbone's hook schema, so it lives with the backbone: ``pecft_jax.peft``
+builds contexts from trainable pytrees and imports this module, the backbone consumes them,
+and nothing under ``backbones/`` imports ``peft``.
+
 The backbone knows *where* parameter-efficient pieces plug in (which layer, which
 projection); the context says *what* is plugged in. Methods build a context inside their
 jit-compiled functions from their trainable pytree, so every array in it receives
@@ -26,13 +30,14 @@ Layer ``l`` of a ``PEFTContext`` describes the insertions at transformer block `
                      ``adapter_mode='sequential'`` applies ``h + s*up(relu(down(h)))`` to
                      the MLP output (and, with ``adapter_attn``, to the attention output);
                      ``'parallel'`` (AdaptFormer) adds ``s*up(relu(down(x)))`` of the
-                     block's residual stream beside the MLP.
+                     block's residual stream beside the MLP. ``adapter_dropout`` drops
+                     bottleneck activations while training (AdaptFormer's 0.1).
 * ``ssf``         -- ``{point: {'scale': (d,), 'shift': (d,)}}`` scale-and-shift after
                      ``ln1, query, key, value, out, ln2, fc1, fc2``.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import flax.struct
 import jax
@@ -58,6 +63,7 @@ class LayerPEFT:
     lora_dropout: float = flax.struct.field(pytree_node=False, default=0.0)
     adapter_mode: str = flax.struct.field(pytree_node=False, default="sequential")
     adapter_scale: float = flax.struct.field(pytree_node=False, default=1.0)
+    adapter_dropout: float = flax.struct.field(pytree_node=False, default=0.0)
 
     def __post_init__(self):
         if self.prompt_mode not in ("append", "replace"):
@@ -77,11 +83,12 @@ class LayerPEFT:
 
 # Static options of LayerPEFT and the array fields they configure.
 _OPTIONS_OF = {"prompt": ("prompt_mode",), "lora": ("lora_scaling", "lora_dropout"),
-               "adapter": ("adapter_mode", "adapter_scale"),
-               "adapter_attn": ("adapter_mode", "adapter_scale")}
+               "adapter": ("adapter_mode", "adapter_scale", "adapter_dropout"),
+               "adapter_attn": ("adapter_mode", "adapter_scale", "adapter_dropout")}
 _FIELDS_OF = {"prompt_mode": ("prompt",), "lora_scaling": ("lora",), "lora_dropout": ("lora",),
               "adapter_mode": ("adapter", "adapter_attn"),
-              "adapter_scale": ("adapter", "adapter_attn")}
+              "adapter_scale": ("adapter", "adapter_attn"),
+              "adapter_dropout": ("adapter", "adapter_attn")}
 
 
 @flax.struct.dataclass
@@ -145,8 +152,41 @@ def ssf(x: Array, params: Optional[Mapping[str, Mapping[str, Array]]], point: st
     return x * p["scale"].astype(x.dtype) + p["shift"].astype(x.dtype)
 
 
-def bottleneck(x: Array, params: Mapping[str, Any]) -> Array:
-    """up(relu(down(x))), the adapter's residual branch (without the scale)."""
+def bottleneck(x: Array, params: Mapping[str, Any],
+               on_hidden: Optional[Callable[[Array], Array]] = None) -> Array:
+    """up(relu(down(x))), the adapter's residual branch (without the scale); ``on_hidden``
+    (e.g. dropout while training, as AdaptFormer) acts on the bottleneck activations."""
     h = x @ params["down"]["kernel"].astype(x.dtype) + params["down"]["bias"].astype(x.dtype)
     h = jax.nn.relu(h)
+    if on_hidden is not None:
+        h = on_hidden(h)
     return h @ params["up"]["kernel"].astype(x.dtype) + params["up"]["bias"].astype(x.dtype)
+
+
+# ------------------------------------------------------- layer keys of PEFT pytrees
+def layer_index(key: Union[int, str]) -> int:
+    """A layer key of a PEFT pytree as an int (``3`` or ``'3'``)."""
+    if isinstance(key, bool):
+        raise TypeError(f"layer keys must be ints, got {key!r}")
+    if isinstance(key, int):
+        return key
+    if isinstance(key, str) and key.isdigit():
+        return int(key)
+    raise ValueError(f"PEFT pytrees are keyed by 0-based block index (int or digit string); "
+                     f"got layer key {key!r}")
+
+
+def resolve_layers(layers: Optional[Sequence[int]], num_layers: int, what: str) -> Tuple[int, ...]:
+    """``layers`` (None = all) as a sorted tuple of valid block indices; clear error if not."""
+    if layers is None:
+        return tuple(range(num_layers))
+    if isinstance(layers, int):
+        layers = (layers,)
+    resolved = tuple(sorted(set(int(layer) for layer in layers)))
+    bad = [layer for layer in resolved if not 0 <= layer < num_layers]
+    if bad:
+        raise ValueError(f"{what}: layers {bad} do not exist; the backbone has {num_layers} blocks "
+                         f"(0..{num_layers - 1})")
+    if not resolved:
+        raise ValueError(f"{what}: layers is empty; pass None for all blocks or list some")
+    return resolved
