@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.scenario.first_task_classes = ml_collections.FieldReference(None, field_type=int)
     c.scenario.class_order = None  # None/"seed": permutation from scenario.seed; "identity"; or a list
     c.scenario.seed = 1993  # the class-order seed used by the field's CIFAR-100 splits
+    c.scenario.joint = False  # True: one task of all the data (the joint upper bound)
 
     c.augment = ml_collections.ConfigDict()
     c.augment.enabled = False
@@ -42,8 +43,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 64
     c.train.optimizer = "adam"
     c.train.learning_rate = 1e-3
-    c.train.schedule = "constant"
+    c.train.schedule = "constant"  # 'constant' | 'cosine' (per step) | 'cosine_epochs'
     c.train.warmup_steps = 0
+    c.train.momentum = 0.0  # sgd only
+    c.train.weight_decay = 0.0  # adamw: decoupled; adam/sgd: PyTorch's coupled L2
+    # big_vision-style parameter groups: (regex on the trainable path, lr multiplier); the
+    # first match wins, 0 freezes (the leaf never enters jax.grad), e.g. SLCA's
+    # [("^backbone/", 0.01)] with finetune mode 'full'.
+    c.train.lr_mults = ()
     c.train.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
     c.train.checkpoint_every_steps = 200
     c.train.log_every_steps = 20

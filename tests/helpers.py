@@ -47,3 +47,24 @@ def load_experiment_config(name, arg):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+def array_task_data(images, labels, batch=8, num_devices=None):
+    """A real TaskData over arrays, sharded over a mesh of ``num_devices`` (all by default)
+    like the loop's: fixed-size batches, the last one padded, with mask and index."""
+    import numpy as np
+    from pecft_jax.methods import TaskData
+    from pecft_jax.train import mesh as mesh_lib
+    mesh = mesh_lib.make_mesh(num_devices)
+    images, labels = np.asarray(images), np.asarray(labels)
+
+    def batches():
+        for start in range(0, len(images), batch):
+            order = np.arange(start, start + batch)
+            mask = (order < len(images)).astype(np.float32)
+            rows = np.where(mask > 0, order, start)
+            yield {"image": images[rows], "label": labels[rows].astype(np.int32), "mask": mask,
+                   "index": order.astype(np.int32)}
+
+    return TaskData(batches, len(images), shard=lambda b: mesh_lib.shard_batch(b, mesh),
+                    gather=mesh_lib.to_host, replicate=lambda t: mesh_lib.replicate(t, mesh))

@@ -16,7 +16,8 @@ from pecft_jax.methods.coda_prompt import (COMPONENT_FIELDS, as_prefix, assemble
                                            component_weights, gram_schmidt_extend)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.train.checkpoint import Checkpointer
-from pecft_jax.train.loop import count_params, train_and_evaluate
+from pecft_jax.methods.base import count_params
+from pecft_jax.train.loop import train_and_evaluate
 
 from helpers import load_experiment_config, task_spec, tiny_config
 
@@ -99,9 +100,9 @@ def test_gram_schmidt_new_rows_are_orthonormal_and_orthogonal_to_old():
 def test_before_task_initialises_each_slice_orthogonal_to_earlier_ones():
     method = make_method()
     trainable, state = method.init(jax.random.key(0), None)
-    trainable, _ = method.before_task(spec(0), trainable, state, None, jax.random.key(1))
+    trainable, _ = method.before_task(spec(0), trainable, state, None, None, jax.random.key(1))
     trainable = perturb(trainable, 0, seed=2)  # "trained": no longer orthonormal
-    after, _ = method.before_task(spec(1), trainable, state, None, jax.random.key(3))
+    after, _ = method.before_task(spec(1), trainable, state, None, None, jax.random.key(3))
     for layer in ("0", "1"):
         for field in COMPONENT_FIELDS:
             old = np.asarray(after["components"]["0"][layer][field]).reshape(2, -1)
@@ -119,9 +120,9 @@ def trained_task1():
     method = make_method()
     frozen = random_params(CFG, 0)
     trainable, state = method.init(jax.random.key(0), frozen)
-    trainable, _ = method.before_task(spec(0), trainable, state, frozen, jax.random.key(1))
+    trainable, _ = method.before_task(spec(0), trainable, state, frozen, None, jax.random.key(1))
     trainable = perturb(trainable, 0, seed=4)
-    trainable, _ = method.before_task(spec(1), trainable, state, frozen, jax.random.key(2))
+    trainable, _ = method.before_task(spec(1), trainable, state, frozen, None, jax.random.key(2))
     images = jax.random.normal(jax.random.key(3), (8, 16, 16, 1))
     return method, frozen, trainable, state, images
 

@@ -13,7 +13,8 @@ from pecft_jax.backbones.backbone import Backbone
 from pecft_jax.methods import create_method
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.train.checkpoint import Checkpointer
-from pecft_jax.train.loop import count_params, train_and_evaluate
+from pecft_jax.methods.base import count_params
+from pecft_jax.train.loop import train_and_evaluate
 
 from helpers import load_experiment_config, task_spec, tiny_config
 
@@ -96,10 +97,11 @@ def test_test_time_selection_is_top1_cosine_and_reported_as_task_pred(setup):
     trainable = dict(trainable, e_keys=jnp.asarray(keys))
     expected = np.argmax(np_cosine(q, keys), axis=1)
     assert len(set(expected.tolist())) > 1
-    out = jax.jit(method.logits, static_argnums=4)(trainable, state, frozen, images, spec(2))
-    np.testing.assert_array_equal(out["task_pred"], expected)
+    logits, task_pred = jax.jit(method.logits, static_argnums=4)(trainable, state, frozen,
+                                                                 images, spec(2))
+    np.testing.assert_array_equal(task_pred, expected)
     # the logits are those of the prompted model with exactly these E-prompts
-    np.testing.assert_allclose(out["logits"],
+    np.testing.assert_allclose(logits,
                                direct(trainable, frozen, images, jnp.asarray(expected)[:, None]),
                                rtol=1e-5, atol=1e-5)
     # the official CIFAR-100 config's batch-wise choice: the batch's most frequent top-1
@@ -140,15 +142,15 @@ def test_training_uses_the_true_task_prompt_and_pulls_its_key(setup):
 
 def test_new_task_starts_from_the_previous_e_prompt(setup):
     method, frozen, trainable, state, _, _ = setup
-    moved, _ = method.before_task(spec(1), trainable, state, frozen, jax.random.key(0))
+    moved, _ = method.before_task(spec(1), trainable, state, frozen, None, jax.random.key(0))
     for layer, pool in moved["e_prompt"].items():
         old = np.asarray(trainable["e_prompt"][layer])
         pool = np.asarray(pool)
         np.testing.assert_array_equal(pool[1], old[0])
         np.testing.assert_array_equal(pool[[0, 2]], old[[0, 2]])
     np.testing.assert_array_equal(moved["e_keys"], trainable["e_keys"])  # keys keep their own
-    same, _ = make_method(shared_prompt_pool=False).before_task(spec(1), trainable, state, frozen,
-                                                                jax.random.key(0))
+    same, _ = make_method(shared_prompt_pool=False).before_task(
+        spec(1), trainable, state, frozen, None, jax.random.key(0))
     np.testing.assert_array_equal(same["e_prompt"]["2"], trainable["e_prompt"]["2"])
 
 

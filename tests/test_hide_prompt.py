@@ -15,10 +15,10 @@ from pecft_jax.methods.hide_prompt import (HiDePrompt, apply_tii_head, contrasti
                                            init_tii_head)
 from pecft_jax.peft.prompts import prefix_context
 from pecft_jax.train.checkpoint import Checkpointer
-from pecft_jax.train.loop import count_params, train_and_evaluate
+from pecft_jax.methods.base import count_params
+from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import load_experiment_config, task_spec, tiny_config
-from test_statistics import array_task_data
+from helpers import array_task_data, load_experiment_config, task_spec, tiny_config
 
 
 
@@ -110,7 +110,7 @@ def test_prompt_momentum_and_the_next_tasks_starting_prompt():
     e2 = 0.75 * raw[2]["0"] + 0.25 * (e0 + e1) / 2
     for got, want in zip(eff, (e0, e1, e2)):
         np.testing.assert_allclose(got["0"], want, rtol=1e-5, atol=1e-6)
-    new, _ = method.before_task(spec(2, [[0, 1], [2, 3], [4, 5]]), trainable, state, frozen,
+    new, _ = method.before_task(spec(2, [[0, 1], [2, 3], [4, 5]]), trainable, state, frozen, None,
                                 jax.random.key(1))
     np.testing.assert_allclose(new["prompts"]["2"]["1"], eff[1]["1"], rtol=1e-6)
     labels = method.param_labels(new, spec(2, [[0, 1], [2, 3], [4, 5]]))
@@ -126,7 +126,7 @@ def test_after_task_stores_the_statistics_of_both_representations():
     labels = np.repeat([0, 1], 12)
     task = spec(0, [[0, 1], [2, 3], [4, 5]])
     data = array_task_data(images, labels)
-    new_state = method.after_task(task, trainable, state, frozen, data, jax.random.key(1))
+    _, new_state = method.after_task(task, trainable, state, frozen, data, jax.random.key(1))
     prompt_0 = method.effective_prompts(trainable["prompts"], 0)[0]
     prompted = np.asarray(method.backbone.apply(frozen, images, prefix_context(prompt_0),
                                                 output="cls"), np.float64)
@@ -188,7 +188,7 @@ def test_paper_trainable_parameter_counts_vit_b16(arg, classes, length):
     head = d * classes + classes
     tii = (d * 2 * d + 2 * d) + (2 * d * d + d) + 2 * d + (d * classes + classes)
     assert count_params(trainable) == prompts + head
-    assert count_params(method.count_trainable(trainable)) == prompts + head + tii
+    assert method.count_trainable(trainable, state) == prompts + head + tii
     expected = {"cifar100": 2_900_936, "imagenet_r": 4_206_736}[arg]
     assert prompts + head + tii == expected
     # stored statistics: a mean and a D x D covariance per class, for both representations

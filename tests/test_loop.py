@@ -171,15 +171,17 @@ def test_l2p_masks_classes_outside_the_current_task():
     assert float(aux["metrics"]["accuracy"]) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("method,options", [("finetune", {"mode": "full"}),
-                                            ("finetune", {"mode": "head"}),
-                                            ("finetune", {"mode": "lora"}),
-                                            ("joint", {"mode": "head"})])
-def test_baselines_run_end_to_end(tmp_path, method, options):
-    config = tiny_config(method, **options)
+@pytest.mark.parametrize("options,joint", [({"mode": "full"}, False),
+                                           ({"mode": "head"}, False),
+                                           ({"mode": "lora"}, False),
+                                           ({"mode": "head"}, True)])
+def test_baselines_run_end_to_end(tmp_path, options, joint):
+    config = tiny_config("finetune", **options)
     config.scenario.num_tasks = 2
+    config.scenario.joint = joint  # the joint upper bound is a scenario option
     results = train_and_evaluate(config, str(tmp_path))
-    if method == "joint":
+    assert results["joint"] is joint
+    if joint:
         assert len(results["accuracy_matrix"]) == 1 and len(results["accuracy_matrix"][0]) == 2
         assert results["metrics"]["forgetting"] is None
     else:

@@ -10,12 +10,12 @@ from pecft_jax.backbones import vit
 from pecft_jax.backbones.backbone import Backbone, load_backbone
 from pecft_jax.methods import TaskSpec, create_method
 from pecft_jax.methods.s_prompts import SPrompts
-from pecft_jax.peft.context import LayerPEFT, PEFTContext
+from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 from pecft_jax.train.checkpoint import Checkpointer
-from pecft_jax.train.loop import count_params, train_and_evaluate
+from pecft_jax.methods.base import count_params
+from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import load_experiment_config, tiny_config
-from test_statistics import array_task_data
+from helpers import array_task_data, load_experiment_config, tiny_config
 
 CLASSES = tuple(range(10))
 
@@ -89,13 +89,13 @@ def test_each_example_gets_its_domains_prompt_and_classifier():
         centroids[s, 0 if i < 3 else 1] = q[i]
     state = dict(state, centroids=jnp.asarray(centroids, jnp.float32),
                  centroid_valid=jnp.ones((3, 2), bool))
-    out = method.logits(trainable, state, frozen, images, spec(2))
-    np.testing.assert_array_equal(out["task_pred"], domain)
+    logits, task_pred = method.logits(trainable, state, frozen, images, spec(2))
+    np.testing.assert_array_equal(task_pred, domain)
     for i, s in enumerate(domain):
         ctx = PEFTContext({0: LayerPEFT(prompt=trainable["prompts"][str(s)])})
         f = method.backbone.apply(frozen, images[i:i + 1], ctx, output="cls")
         head = trainable["heads"][str(s)]
-        np.testing.assert_allclose(out["logits"][i], (f @ head["kernel"] + head["bias"])[0],
+        np.testing.assert_allclose(logits[i], (f @ head["kernel"] + head["bias"])[0],
                                    rtol=1e-4, atol=1e-5)
 
 
@@ -106,7 +106,7 @@ def test_after_task_keys_are_kmeans_centroids_of_normalised_frozen_features():
     images = np.concatenate([rng.uniform(-1, -0.2, (10, 16, 16, 1)),
                              rng.uniform(0.2, 1, (10, 16, 16, 1))]).astype(np.float32)
     data = array_task_data(images, np.zeros(20, np.int64))
-    new = method.after_task(spec(1, 2), trainable, state, frozen, data, jax.random.key(3))
+    _, new = method.after_task(spec(1, 2), trainable, state, frozen, data, jax.random.key(3))
     q = np.asarray(method.backbone.apply(frozen, images, output="cls"), np.float64)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     c = np.asarray(new["centroids"][1], np.float64)

@@ -6,7 +6,9 @@ import optax
 import pytest
 
 from pecft_jax.methods import statistics as S
-from pecft_jax.methods.base import TaskData, apply_linear_head, init_linear_head
+from pecft_jax.methods.base import apply_linear_head, init_linear_head
+
+from helpers import array_task_data
 
 
 def blobs(centers, n, scale, seed):
@@ -14,19 +16,6 @@ def blobs(centers, n, scale, seed):
     x = np.concatenate([c + scale * rng.standard_normal((n, len(c))) for c in centers])
     y = np.repeat(np.arange(len(centers)), n)
     return x, y
-
-
-def array_task_data(images, labels, batch=8):
-    """A real TaskData over arrays: padded last batch with a mask, like the loop's."""
-    def iterate():
-        for start in range(0, len(images), batch):
-            img, lab = images[start:start + batch], labels[start:start + batch]
-            pad = batch - len(img)
-            mask = np.r_[np.ones(len(img)), np.zeros(pad)]
-            img = np.concatenate([img, np.zeros((pad,) + img.shape[1:], img.dtype)])
-            lab = np.concatenate([lab, np.zeros(pad, lab.dtype)])
-            yield {"image": img, "label": lab}, mask
-    return TaskData(iterate, lambda compiled, b: jax.device_get(compiled(b["image"])))
 
 
 def test_covariance_statistics_match_numpy():
@@ -55,9 +44,9 @@ def test_statistics_from_task_data_map_skips_padding():
     images = rng.standard_normal((21, 4, 4, 1)).astype(np.float32)  # 21: last batch padded
     labels = np.arange(21) % 3
     w = rng.standard_normal((16, 6)).astype(np.float32)
-    fn = lambda im: im.reshape(im.shape[0], -1) @ w
+    fn = lambda batch, w: batch["image"].reshape(batch["image"].shape[0], -1) @ w
     out = S.statistics_from_task(array_task_data(images, labels), fn, [0, 1, 2],
-                                 S.empty_statistics(3, 6))
+                                 S.empty_statistics(3, 6), w)
     feats = images.reshape(21, -1) @ w
     for c in range(3):
         np.testing.assert_allclose(out["mean"][c], feats[labels == c].mean(0), rtol=1e-5, atol=1e-5)

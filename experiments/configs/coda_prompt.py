@@ -18,11 +18,7 @@ from pecft_jax.configs import benchmark
 
 def get_config(arg: str = "split_mnist"):
     c = benchmark(arg or "split_mnist")
-    c.method.name = "coda_prompt"
-    c.method.pool_size = 100
-    c.method.prompt_length = 8
-    c.method.layers = (0, 1, 2, 3, 4)
-    c.method.ortho_mu = 0.0
+    c.method.name = "coda_prompt"  # CodaPrompt.Config's defaults are the paper's components
     c.train.optimizer = "adam"
     c.train.schedule = "cosine"
     if c.benchmark == "split_mnist":

@@ -21,17 +21,11 @@ from pecft_jax.configs import benchmark
 
 def get_config(arg: str = "split_mnist"):
     c = benchmark(arg or "split_mnist")
-    c.method.name = "dualprompt"
-    c.method.g_prompt_length = 5
-    c.method.g_layers = (0, 1)
-    c.method.e_prompt_length = 20 if c.benchmark == "imagenet_r" else 5
-    c.method.e_layers = (2, 3, 4)
-    c.method.pool_size = c.scenario.num_tasks
-    c.method.pull_constraint = 1.0
-    c.method.prompt_init = "uniform"
-    c.method.key_init = "uniform"
-    c.method.shared_prompt_pool = True
-    c.method.batchwise_prompt = c.benchmark == "cifar100"
+    c.method.name = "dualprompt"  # DualPrompt.Config's defaults: the CIFAR-100 prompts
+    if c.benchmark == "imagenet_r":
+        c.method.e_prompt_length = 20
+    if c.benchmark == "cifar100":
+        c.method.batchwise_prompt = True
     c.train.optimizer = "adam"
     c.train.schedule = "constant"
     c.train.grad_clip_norm = 1.0

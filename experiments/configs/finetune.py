@@ -3,7 +3,7 @@
     python -m pecft_jax.run --config experiments/configs/finetune.py:split_mnist --workdir DIR
     arg: <benchmark>[,<mode>][,joint]   e.g. split_mnist,head  or  split_mnist,full,joint
     benchmark: split_mnist | cifar100 | imagenet_r ; mode: full [default] | head | lora |
-    adapter | prompt
+    adapter | ssf | prompt ; joint: all tasks' data as one task (scenario.joint=True)
 """
 from pecft_jax.configs import benchmark
 
@@ -11,7 +11,8 @@ from pecft_jax.configs import benchmark
 def get_config(arg: str = "split_mnist"):
     parts = (arg or "split_mnist").split(",")
     c = benchmark(parts[0])
-    c.method.name = "joint" if "joint" in parts[1:] else "finetune"
+    c.method.name = "finetune"
+    c.scenario.joint = "joint" in parts[1:]
     modes = [p for p in parts[1:] if p != "joint"]
     c.method.mode = modes[0] if modes else "full"
     c.train.optimizer = "adam"

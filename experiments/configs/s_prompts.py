@@ -40,13 +40,7 @@ def get_config(arg: str = "domain_mnist"):
     else:
         raise ValueError(f"s_prompts config: unknown benchmark {arg!r}; use 'domain_mnist' or "
                          f"'domainnet'")
-    c.method.name = "s_prompts"
-    c.method.prompt_length = 10
-    c.method.num_centroids = 5
-    c.method.distance = "l1"
-    c.method.normalize_features = True
-    c.method.first_weight_decay = 5e-4
-    c.method.weight_decay = 2e-4
+    c.method.name = "s_prompts"  # SPrompts.Config's defaults are the official values above
     c.train.optimizer = "sgd"
     c.train.momentum = 0.9
     # the paper's 0.01 for ViT-B/16; the small demo backbone with 3 epochs per domain

@@ -247,7 +247,9 @@ def eval_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarray
     batches equals ``len(indices)``.
 
     Yields:
-      ``{'image': float32 (b, S, S, C), 'label': int32 (b,), 'mask': float32 (b,)}``.
+      ``{'image': float32 (b, S, S, C), 'label': int32 (b,), 'mask': float32 (b,),
+      'index': int32 (b,)}``; ``index`` is the example's position in ``indices`` (padding
+      rows carry positions past the end).
     """
     local = _check_sharding(batch_size, process_index, process_count)
     indices = _as_indices(indices)
@@ -256,12 +258,13 @@ def eval_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarray
 
     def generate():
         for start in range(0, len(indices), batch_size):
-            positions = np.arange(start, start + batch_size)
-            mask = (positions < len(indices)).astype(np.float32)
-            positions = np.where(mask > 0, positions, start)[mine]
+            order = np.arange(start, start + batch_size)
+            mask = (order < len(indices)).astype(np.float32)
+            positions = np.where(mask > 0, order, start)[mine]
             images = _read(source, indices[positions], preprocess)
             yield {"image": preprocess_images(images, preprocess),
-                   "label": labels[positions], "mask": mask[mine]}
+                   "label": labels[positions], "mask": mask[mine],
+                   "index": order[mine].astype(np.int32)}
 
     return generate()
 

@@ -8,12 +8,13 @@ from pecft_jax.methods.base import Method, TaskData, TaskSpec
 # name -> "module:Class"; imported lazily so a method's extra imports cost nothing elsewhere.
 _REGISTRY = {
     "finetune": "pecft_jax.methods.finetune:Finetune",
-    "joint": "pecft_jax.methods.finetune:Joint",
     "l2p": "pecft_jax.methods.l2p:L2P",
     "dualprompt": "pecft_jax.methods.dualprompt:DualPrompt",
     "coda_prompt": "pecft_jax.methods.coda_prompt:CodaPrompt",
     "hide_prompt": "pecft_jax.methods.hide_prompt:HiDePrompt",
     "s_prompts": "pecft_jax.methods.s_prompts:SPrompts",
+    "simplecil": "pecft_jax.methods.simplecil:SimpleCIL",
+    "ranpac": "pecft_jax.methods.ranpac:RanPAC",
 }
 
 

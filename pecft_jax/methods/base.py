@@ -1,26 +1,37 @@
 """What a continual method is, as the one training loop sees it.
 
-A method declares its trainable pytree and its state, its loss, its hooks around tasks and
-how it predicts. It owns no training loop, data loader or checkpoint format.
+A method declares its hyper-parameters (a frozen ``Config`` dataclass with the paper's
+defaults), its trainable pytree and its state, its loss, its hooks around tasks and how it
+predicts. It owns no training loop, data loader or checkpoint format. For task ``t`` the
+loop calls, in this order::
+
+    trainable, state = method.before_task(task, trainable, state, frozen, data, rng)
+    epochs = method.train_epochs(task, config.train.epochs)   # 0: no optimizer, no compile
+    repeat steps_per_epoch * epochs times (jit-compiled, data-parallel, buffers donated):
+        trainable, state, opt_state, metrics = method.update(trainable, state, opt_state,
+                                                             frozen, batch, rng, task, optimizer)
+    trainable, state = method.after_task(task, trainable, state, frozen, data, rng)
+    evaluation on tasks 0..t with method.logits(trainable, state, frozen, images, task)
 
 Conventions the loop relies on:
 
 * ``trainable`` and ``state`` are nested dicts with string keys and array leaves (they are
   checkpointed as such). ``frozen`` is the backbone's parameter tree; it is an argument of
-  ``loss``/``logits`` but never differentiated.
-* ``loss`` and ``logits`` are traced inside ``jax.jit``; ``task`` is a static
-  :class:`TaskSpec`, so each task compiles once.
-* ``before_task`` / ``after_task`` run in Python between tasks (they may change shapes).
+  every traced function but never differentiated.
+* ``loss``, ``update`` and ``logits`` are traced inside ``jax.jit``; ``task`` is a static
+  :class:`TaskSpec`.
+* ``before_task`` / ``after_task`` run in Python between tasks (they may change shapes);
+  ``data`` (:class:`TaskData`) gives them device-side passes over the task's training data.
 * Labels in batches are remapped to the class order: task ``t`` owns ``task.classes``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping, Tuple
+import typing
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -28,6 +39,7 @@ from pecft_jax.backbones.backbone import Backbone
 
 Array = jax.Array
 NEG_INF = -1e9  # finite, so masked logits keep softmax/CE free of NaNs
+FROZEN = "frozen"  # the optimizer label of leaves that never enter jax.grad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +65,78 @@ class TaskSpec:
             raise ValueError(f"unknown class mask {which!r}; use 'task', 'seen' or 'all'")
         return mask
 
+    def task_of_class(self) -> np.ndarray:
+        """``(num_classes,)`` int32: the task that teaches each class."""
+        owner = np.zeros(self.num_classes, np.int32)
+        for t, classes in enumerate(self.task_classes):
+            owner[list(classes)] = t
+        return owner
 
+
+# ----------------------------------------------------------------------------- configs
+def parse_config(config_cls: type, values: Any, what: str) -> Any:
+    """``values`` (a mapping such as ``config.method``, or already a ``config_cls``) as a
+    frozen ``config_cls`` instance.
+
+    An unknown key is an error naming it and the valid ones (a misspelt key in a config file
+    must not pass silently). Lists become tuples; a field whose default is itself a config
+    dataclass (e.g. ``lora: LoraConfig``) takes a mapping of that dataclass's fields, the
+    rest keeping the default's values. ``name`` is the registry key, not a field.
+    """
+    if isinstance(values, config_cls):
+        return values
+    values = dict(_as_dict(values))
+    values.pop("name", None)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{what}: unknown key(s) {unknown} for {config_cls.__qualname__}; "
+                         f"valid keys: {sorted(fields)} (check the spelling in the config file "
+                         f"or the --config override)")
+    kwargs = {}
+    for key, value in values.items():
+        default = _field_default(fields[key])
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            value = parse_config(type(default), {**dataclasses.asdict(default), **_as_dict(value)},
+                                 f"{what}.{key}")
+        kwargs[key] = _as_tuples(value)
+    return config_cls(**kwargs)
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _as_dict(values: Any) -> dict:
+    return values.to_dict() if hasattr(values, "to_dict") else dict(values)
+
+
+def _as_tuples(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+def config_field(default_factory: Callable[[], Any]) -> Any:
+    """A dataclass field holding a nested config (a dataclass instance) by default."""
+    return dataclasses.field(default_factory=default_factory)
+
+
+# ----------------------------------------------------------------------------- pieces
 def mask_logits(logits: Array, mask: np.ndarray) -> Array:
     return jnp.where(jnp.asarray(mask)[None, :], logits, NEG_INF)
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def batch_accuracy(logits: Array, labels: Array) -> Array:
+    return (jnp.argmax(logits, -1) == labels).mean()
 
 
 def init_linear_head(rng: Array, in_dim: int, num_classes: int) -> dict:
@@ -74,84 +151,189 @@ def apply_linear_head(head: Mapping[str, Array], features: Array) -> Array:
     return features @ head["kernel"] + head["bias"]
 
 
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays (or ``ShapeDtypeStruct`` leaves)."""
+    return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def label_current_task(per_task: Mapping[str, Any], task_index: int, label: str = "train"
+                       ) -> dict:
+    """Optimizer labels of a ``{task index as str: subtree}`` tree: ``label`` on every leaf of
+    task ``task_index``'s subtree, ``'frozen'`` on every other task's (a per-task prompt, slice
+    of components or classifier is trained while its task runs and never again)."""
+    current = str(task_index)
+    return {t: jax.tree_util.tree_map(lambda _, t=t: label if t == current else FROZEN, sub)
+            for t, sub in per_task.items()}
+
+
+# ----------------------------------------------------------------------------- task data
 class TaskData:
-    """Access to a finished task's training data for ``after_task`` statistics passes.
+    """A task's training examples, un-augmented and in a fixed order, for passes outside the
+    gradient steps (``before_task``: build an input subspace; ``after_task``: statistics,
+    prototypes, closed-form heads).
 
-    ``map(fn)`` runs ``fn(images) -> pytree of per-example arrays`` jit-compiled and
-    sharded over the mesh on every (un-augmented) training example of the task, and returns
-    the outputs concatenated as numpy arrays, plus the labels."""
+    Functions receive a *batch* dict, sharded over the mesh along its first axis::
 
-    def __init__(self, iterate: Callable[[], Iterable[Tuple[dict, np.ndarray]]],
-                 run_sharded: Callable):
-        self._iterate = iterate
-        self._run_sharded = run_sharded
+        {'image': (B, ...) inputs, 'label': (B,) int32 remapped labels,
+         'mask': (B,) float32, 1 for real examples and 0 for the padding of the last batch,
+         'index': (B,) int32, the example's position in the task (0..num_examples-1)}
 
-    def map(self, fn: Callable[[Array], Any]) -> Tuple[Any, np.ndarray]:
+    Extra arrays a function needs (the frozen backbone, a projection matrix) are passed as
+    ``*args`` so they are arguments of the compiled function, not constants baked into it.
+    """
+
+    def __init__(self, batches: Callable[[], Iterable[dict]], num_examples: int, *,
+                 shard: Callable[[dict], dict], gather: Callable[[Any], Any],
+                 replicate: Callable[[Any], Any]):
+        """``batches()`` yields this host's slice of each global batch (numpy); ``shard``
+        turns it into global device arrays; ``gather`` fetches a global array to the host;
+        ``replicate`` places a pytree on every device."""
+        self._batches = batches
+        self.num_examples = int(num_examples)
+        self._shard = shard
+        self._gather = gather
+        self._replicate = replicate
+
+    def map(self, fn: Callable[..., Any], *args) -> Tuple[Any, np.ndarray]:
+        """``fn(batch, *args) -> pytree of per-example arrays`` over every example; returns
+        the outputs concatenated on the host (numpy, padding dropped) and the labels."""
         compiled = jax.jit(fn)
+        args = self._replicate(args)
         outputs, labels = [], []
-        for batch, mask in self._iterate():
-            out = self._run_sharded(compiled, batch)
-            keep = mask.astype(bool)
+        for local in self._batches():
+            batch = self._shard(local)
+            keep = np.asarray(self._gather(batch["mask"])) > 0
+            out = self._gather(compiled(batch, *args))
             outputs.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[keep], out))
-            labels.append(np.asarray(batch["label"])[keep])
+            labels.append(np.asarray(self._gather(batch["label"]))[keep])
         stacked = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outputs)
         return stacked, np.concatenate(labels)
 
+    def reduce(self, fn: Callable[..., Any], init: Any, *args) -> Any:
+        """Folds ``carry = fn(carry, batch, *args)`` over every batch on the devices and
+        returns the final carry (device arrays, replicated on the mesh).
 
+        ``fn`` is jit-compiled once; the batch is sharded and the carry replicated, so a
+        contraction over the batch axis (``h.T @ h``, a masked per-class sum) is summed
+        across the mesh by the compiler and per-example values never reach the host.
+        Padding rows have ``mask == 0``: ``fn`` must weight by it."""
+        step = jax.jit(fn, donate_argnums=0)
+        # a copy: the steps donate the carry's buffers, and device_put may alias ``init``'s
+        carry = jax.tree_util.tree_map(jnp.copy, self._replicate(init))
+        args = self._replicate(args)
+        for local in self._batches():
+            carry = step(carry, self._shard(local), *args)
+        return carry
+
+
+# ----------------------------------------------------------------------------- method
 class Method:
-    """Base class. Subclasses set ``name`` and override what they need."""
+    """Base class. Subclasses set ``name`` and ``Config`` and override what they need."""
     name: str = "base"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        """The method's hyper-parameters with the paper's defaults (none here). A subclass's
+        ``Config`` validates its values in ``__post_init__``."""
+
     #: which classes' logits are kept in the training loss ('task' = L2P-style masking of
     #: classes outside the current task, 'seen', or 'all').
     train_class_mask: str = "task"
-    #: a method that trains on all tasks at once (upper bound)
-    joint: bool = False
+    #: True when ``logits`` also returns the task it inferred for each example,
+    #: ``(logits, task_pred)``; the loop then reports task-identity accuracy.
+    infers_task: bool = False
 
-    def __init__(self, config: ml_collections.ConfigDict, backbone: Backbone,
-                 num_classes: int, num_tasks: int):
-        self.config = config
+    def __init__(self, config: Any, backbone: Backbone, num_classes: int, num_tasks: int):
+        self.config = parse_config(self.Config, config, "config.method")
         self.backbone = backbone
         self.num_classes = num_classes
         self.num_tasks = num_tasks
-        self.train_class_mask = config.get("train_class_mask", self.train_class_mask)
 
-    # ------------------------------------------------------------- set-up hooks
+    # ------------------------------------------------------------- around tasks
     def init(self, rng: Array, frozen: Any) -> Tuple[dict, dict]:
         """Initial (trainable, state)."""
         raise NotImplementedError
 
     def before_task(self, task: TaskSpec, trainable: dict, state: dict, frozen: Any,
-                    rng: Array) -> Tuple[dict, dict]:
+                    data: TaskData, rng: Array) -> Tuple[dict, dict]:
+        """Before task ``task`` trains: add its parameters, build a subspace from ``data``..."""
         return trainable, state
 
-    def after_task(self, task: TaskSpec, trainable: dict, state: dict, frozen: Any,
-                   data: TaskData, rng: Array) -> dict:
-        return state
+    def train_epochs(self, task: TaskSpec, default: int) -> int:
+        """Epochs of gradient steps on ``task`` (``default`` = ``config.train.epochs``).
+        0 = none: no optimizer is built and no training step is compiled."""
+        return default
 
-    # -------------------------------------------------------------- optimiser
+    def after_task(self, task: TaskSpec, trainable: dict, state: dict, frozen: Any,
+                   data: TaskData, rng: Array) -> Tuple[dict, dict]:
+        """After the task's gradient steps: statistics, closed-form heads, merging or
+        replacing trainables. Returns the new ``(trainable, state)``."""
+        return trainable, state
+
+    # ------------------------------------------------------------------ optimiser
     def param_labels(self, trainable: dict, task: TaskSpec) -> Any:
-        """Label per trainable leaf; 'frozen' leaves get no update. Default: all 'train'."""
+        """Label per trainable leaf; 'frozen' leaves never enter ``jax.grad``. Default: all
+        'train'. (``config.train.lr_mults`` refines these by path regex.)"""
         return jax.tree_util.tree_map(lambda _: "train", trainable)
 
     def optimizer_groups(self, task: TaskSpec, base: optax.GradientTransformation
                          ) -> Mapping[str, optax.GradientTransformation]:
         """Transform per label. Override for per-group learning rates."""
-        return {"train": base, "frozen": optax.set_to_zero()}
+        return {"train": base}
 
-    # ------------------------------------------------------------ traced parts
+    # ------------------------------------------------------------------- traced
     def loss(self, trainable: dict, state: dict, frozen: Any, batch: Mapping[str, Array],
              rng: Array, task: TaskSpec) -> Tuple[Array, dict]:
         """Returns (scalar loss, aux). aux['metrics']: dict of scalars to log;
         aux['state']: optional new state (e.g. selection counts)."""
         raise NotImplementedError
 
+    def update(self, trainable: dict, state: dict, opt_state: Any, frozen: Any,
+               batch: Mapping[str, Array], rng: Array, task: TaskSpec, optimizer: Any
+               ) -> Tuple[dict, dict, Any, dict]:
+        """One training step; the loop jit-compiles it, shards the batch and donates
+        ``trainable``, ``state`` and ``opt_state``. ``optimizer`` (a
+        :class:`pecft_jax.train.partition.RoutedOptimizer`) splits the trainable tree into
+        the leaves that learn and the 'frozen' ones, and updates the former.
+
+        Override to change the gradients (project them onto a subspace held in ``state``)
+        or to act after the update (an EMA copy): the two halves are public."""
+        grads, aux = self.gradients(trainable, state, frozen, batch, rng, task, optimizer)
+        return self.apply_gradients(trainable, state, opt_state, grads, aux, optimizer)
+
+    def gradients(self, trainable, state, frozen, batch, rng, task, optimizer
+                  ) -> Tuple[Any, dict]:
+        """``(grads of the learning leaves, aux)``; aux holds 'loss', 'metrics', 'state'."""
+        learning, fixed = optimizer.split(trainable)
+
+        def loss_fn(params):
+            return self.loss(optimizer.merge(params, fixed), state, frozen, batch, rng, task)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(learning)
+        return grads, dict(aux, loss=loss)
+
+    def apply_gradients(self, trainable, state, opt_state, grads, aux, optimizer
+                        ) -> Tuple[dict, dict, Any, dict]:
+        learning, fixed = optimizer.split(trainable)
+        updates, opt_state = optimizer.transform.update(grads, opt_state, learning)
+        trainable = optimizer.merge(optax.apply_updates(learning, updates), fixed)
+        new_state = aux.get("state")
+        metrics = dict(aux.get("metrics", {}), loss=aux["loss"])
+        return trainable, (state if new_state is None else new_state), opt_state, metrics
+
     def logits(self, trainable: dict, state: dict, frozen: Any, images: Array,
                task: TaskSpec) -> Any:
-        """Evaluation logits over all ``num_classes`` classes (the loop masks unseen ones).
-        May return a dict with 'logits' and extra per-example outputs (e.g. 'task_pred')."""
+        """Evaluation logits over all ``num_classes`` classes (the loop masks unseen ones);
+        ``(logits, task_pred)`` when the method ``infers_task``."""
         raise NotImplementedError
 
-    # ------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------- reports
+    def count_trainable(self, trainable: dict, state: dict) -> int:
+        """Learnt parameters reported in results.json. Default: the trainable tree; methods
+        that also learn outside the gradient steps (a head fitted in ``after_task``) add it."""
+        return count_params(trainable)
+
+    # ------------------------------------------------------------------- helpers
     def masked_ce(self, logits: Array, labels: Array, task: TaskSpec) -> Array:
         return cross_entropy(mask_logits(logits, task.class_mask(self.train_class_mask)), labels)
 
@@ -159,7 +341,3 @@ class Method:
         """Batch accuracy over the classes the training loss sees (what is optimised; the
         class-IL accuracy over all seen classes is what the evaluation reports)."""
         return batch_accuracy(mask_logits(logits, task.class_mask(self.train_class_mask)), labels)
-
-
-def batch_accuracy(logits: Array, labels: Array) -> Array:
-    return (jnp.argmax(logits, -1) == labels).mean()

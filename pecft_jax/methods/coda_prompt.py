@@ -25,14 +25,17 @@ labels every slice but the current task's 'frozen', so old components stay bit-i
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Tuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
-                                    init_linear_head)
+                                    init_linear_head, label_current_task)
 from pecft_jax.methods.common import frozen_query, prompted_cls_token
-from pecft_jax.peft.lora import resolve_layers
+from pecft_jax.backbones.context import resolve_layers
 from pecft_jax.peft.prompt_pool import l2_normalize
 from pecft_jax.peft.prompts import prefix_context
 
@@ -111,31 +114,39 @@ class CodaPrompt(Method):
     name = "coda_prompt"
     train_class_mask = "task"  # official: logits of earlier tasks' classes set to -inf
 
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        pool_size: int = 100                        # M, split evenly over the tasks
+        prompt_length: int = 8                      # L_p: 4 key + 4 value tokens
+        layers: Tuple[int, ...] = (0, 1, 2, 3, 4)
+        ortho_mu: float = 0.0
+
+        def __post_init__(self):
+            if self.prompt_length <= 0 or self.prompt_length % 2:
+                raise ValueError(f"coda_prompt prompt_length={self.prompt_length} must be a "
+                                 f"positive even number: half the tokens are prefix keys, half "
+                                 f"values")
+
     def __init__(self, config, backbone, num_classes, num_tasks):
         super().__init__(config, backbone, num_classes, num_tasks)
-        self.pool_size = int(config.get("pool_size", 100))
-        self.prompt_length = int(config.get("prompt_length", 8))
-        self.layers = resolve_layers(config.get("layers", (0, 1, 2, 3, 4)),
-                                     backbone.config.num_layers, "coda_prompt layers")
-        self.ortho_mu = float(config.get("ortho_mu", 0.0))
-        if self.pool_size <= 0 or self.pool_size % num_tasks:
-            raise ValueError(f"coda_prompt pool_size={self.pool_size} must be a positive multiple "
+        pool_size = self.config.pool_size
+        self.layers = resolve_layers(self.config.layers, backbone.config.num_layers,
+                                     "coda_prompt layers")
+        if pool_size <= 0 or pool_size % num_tasks:
+            raise ValueError(f"coda_prompt pool_size={pool_size} must be a positive multiple "
                              f"of the number of tasks ({num_tasks}): components are split evenly "
                              f"over the tasks")
-        if self.prompt_length <= 0 or self.prompt_length % 2:
-            raise ValueError(f"coda_prompt prompt_length={self.prompt_length} must be a positive "
-                             f"even number: half the tokens are prefix keys, half values")
-        if self.pool_size > backbone.feature_dim:
-            raise ValueError(f"coda_prompt pool_size={self.pool_size} exceeds the feature width "
+        if pool_size > backbone.feature_dim:
+            raise ValueError(f"coda_prompt pool_size={pool_size} exceeds the feature width "
                              f"{backbone.feature_dim}: that many keys/attention vectors cannot be "
                              f"mutually orthogonal; lower method.pool_size")
-        self.per_task = self.pool_size // num_tasks
+        self.per_task = pool_size // num_tasks
 
     # ------------------------------------------------------------------ set-up
     def init(self, rng, frozen):
         # Every task's slice exists from the start (zeros until its task begins, as in the
         # official code) so the tree's structure never changes; before_task fills slice t.
-        dim, length = self.backbone.feature_dim, self.prompt_length
+        dim, length = self.backbone.feature_dim, self.config.prompt_length
         def zeros():  # distinct host buffers per leaf (the train step donates its arguments)
             return {"prompts": np.zeros((self.per_task, length, dim), np.float32),
                     "keys": np.zeros((self.per_task, dim), np.float32),
@@ -146,7 +157,7 @@ class CodaPrompt(Method):
         return {"components": components,
                 "head": init_linear_head(rng, dim, self.num_classes)}, {}
 
-    def before_task(self, task, trainable, state, frozen, rng):
+    def before_task(self, task, trainable, state, frozen, data, rng):
         t = task.index
         # numpy from here on: a host-side initialisation that compiles nothing
         seed = [int(x) for x in np.asarray(jax.random.key_data(rng)).ravel()]
@@ -167,10 +178,7 @@ class CodaPrompt(Method):
 
     # -------------------------------------------------------------- optimiser
     def param_labels(self, trainable, task):
-        current = str(task.index)
-        return {"components": {t: jax.tree_util.tree_map(
-                    lambda _, t=t: "train" if t == current else "frozen", tree)
-                    for t, tree in trainable["components"].items()},
+        return {"components": label_current_task(trainable["components"], task.index),
                 "head": jax.tree_util.tree_map(lambda _: "train", trainable["head"])}
 
     # ------------------------------------------------------------ the forward
@@ -206,10 +214,10 @@ class CodaPrompt(Method):
         logits, components = self._logits(trainable, frozen, batch["image"], task.index, True)
         ce = self.masked_ce(logits, batch["label"], task)
         loss, metrics = ce, {"ce": ce, "accuracy": self.train_accuracy(logits, batch["label"], task)}
-        if self.ortho_mu > 0:
+        if self.config.ortho_mu > 0:
             ortho = sum(orthogonality_penalty(c[field]) for c in components.values()
                         for field in COMPONENT_FIELDS)
-            loss = loss + self.ortho_mu * ortho
+            loss = loss + self.config.ortho_mu * ortho
             metrics["ortho"] = ortho
         return loss, {"metrics": metrics}
 

@@ -21,6 +21,9 @@ while task t trains; the optimiser is fresh per task, so the other entries stay 
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional, Tuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +32,7 @@ from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
                                     init_linear_head)
 from pecft_jax.methods.common import frozen_query, prompted_cls_token
 from pecft_jax.peft import prompt_pool
-from pecft_jax.peft.lora import resolve_layers
+from pecft_jax.backbones.context import resolve_layers
 from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
 
 
@@ -43,36 +46,46 @@ def _layers(value, num_layers: int, what: str) -> tuple:
 class DualPrompt(Method):
     name = "dualprompt"
     train_class_mask = "task"  # official train_mask=True
+    infers_task = True
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        g_prompt_length: int = 5                         # L_g
+        e_prompt_length: int = 5                         # L_e (20 on ImageNet-R)
+        g_layers: Tuple[int, ...] = (0, 1)               # () = no G-prompt
+        e_layers: Tuple[int, ...] = (2, 3, 4)
+        pool_size: Optional[int] = None                  # None = the number of tasks
+        pull_constraint: float = 1.0                     # lambda
+        batchwise_prompt: bool = False
+        prompt_init: str = "uniform"
+        key_init: str = "uniform"
+        shared_prompt_pool: bool = True
+
+        def __post_init__(self):
+            if not self.e_layers:
+                raise ValueError("dualprompt e_layers is empty: the E-prompt needs at least "
+                                 "one block")
+            overlap = sorted(set(self.g_layers or ()) & set(self.e_layers))
+            if overlap:
+                raise ValueError(f"dualprompt g_layers and e_layers overlap at blocks {overlap}; "
+                                 f"give each block to one prompt (paper: G at 0-1, E at 2-4)")
 
     def __init__(self, config, backbone, num_classes, num_tasks):
         super().__init__(config, backbone, num_classes, num_tasks)
-        depth = backbone.config.num_layers
-        self.g_length = int(config.get("g_prompt_length", 5))
-        self.e_length = int(config.get("e_prompt_length", 5))
-        self.g_layers = _layers(config.get("g_layers", (0, 1)), depth, "dualprompt g_layers")
-        self.e_layers = _layers(config.get("e_layers", (2, 3, 4)), depth, "dualprompt e_layers")
-        if not self.e_layers:
-            raise ValueError("dualprompt e_layers is empty: the E-prompt needs at least one block")
-        overlap = sorted(set(self.g_layers) & set(self.e_layers))
-        if overlap:
-            raise ValueError(f"dualprompt g_layers and e_layers overlap at blocks {overlap}; "
-                             f"give each block to one prompt (paper: G at 0-1, E at 2-4)")
-        pool_size = config.get("pool_size", None)
-        self.pool_size = int(pool_size) if pool_size else num_tasks
+        c, depth = self.config, backbone.config.num_layers
+        self.g_layers = _layers(c.g_layers, depth, "dualprompt g_layers")
+        self.e_layers = _layers(c.e_layers, depth, "dualprompt e_layers")
+        self.pool_size = int(c.pool_size) if c.pool_size else num_tasks
         if self.pool_size < num_tasks:
             raise ValueError(f"dualprompt pool_size={self.pool_size} is smaller than the number "
                              f"of tasks ({num_tasks}): training uses E-prompt t for task t; set "
                              f"method.pool_size >= {num_tasks} (or leave it unset)")
-        self.pull_constraint = float(config.get("pull_constraint", 1.0))
-        self.batchwise_prompt = bool(config.get("batchwise_prompt", False))
-        self.prompt_init = config.get("prompt_init", "uniform")
-        self.key_init = config.get("key_init", "uniform")
-        self.shared_prompt_pool = bool(config.get("shared_prompt_pool", True))
-        self.g_cfg = PrefixConfig(length=self.g_length, layers=self.g_layers or None,
-                                  init=self.prompt_init)
+        self.g_cfg = PrefixConfig(length=c.g_prompt_length, layers=self.g_layers or None,
+                                  init=c.prompt_init)
 
     # ------------------------------------------------------------------ set-up
     def init(self, rng, frozen):
+        c = self.config
         k_g, k_e, k_key, k_head = jax.random.split(rng, 4)
         dim = self.backbone.feature_dim
         trainable = {
@@ -80,18 +93,18 @@ class DualPrompt(Method):
                          if self.g_layers else {}),
             # one (pool, 2, L_e, D) prefix pool per E-layer; the keys are shared by the layers
             "e_prompt": {str(layer): prompt_pool.init_pool(
-                self.pool_size, self.e_length, dim, jax.random.fold_in(k_e, layer),
-                prompt_init=self.prompt_init, key_init=self.key_init, prefix=True)["prompts"]
+                self.pool_size, c.e_prompt_length, dim, jax.random.fold_in(k_e, layer),
+                prompt_init=c.prompt_init, key_init=c.key_init, prefix=True)["prompts"]
                 for layer in self.e_layers},
             "e_keys": prompt_pool.init_pool(self.pool_size, 1, dim, k_key,
-                                            key_init=self.key_init)["keys"],
+                                            key_init=c.key_init)["keys"],
             "head": init_linear_head(k_head, dim, self.num_classes),
         }
         return trainable, {}
 
-    def before_task(self, task, trainable, state, frozen, rng):
+    def before_task(self, task, trainable, state, frozen, data, rng):
         t = task.index
-        if self.shared_prompt_pool and 0 < t < self.pool_size:
+        if self.config.shared_prompt_pool and 0 < t < self.pool_size:
             # official shared_prompt_pool: E-prompt t starts from the learned E-prompt t-1
             pools = {}
             for layer, pool in trainable["e_prompt"].items():
@@ -114,7 +127,8 @@ class DualPrompt(Method):
     def select(self, trainable, q):
         """Test-time E-prompt choice: the top-1 key by cosine similarity, ``(B, 1)``."""
         similarity = prompt_pool.cosine_similarity(q, trainable["e_keys"])
-        return prompt_pool.select_topk(similarity, 1, batchwise_prompt=self.batchwise_prompt)
+        return prompt_pool.select_topk(similarity, 1,
+                                       batchwise_prompt=self.config.batchwise_prompt)
 
     def _logits(self, trainable, frozen, images, idx):
         feature = prompted_cls_token(self.backbone, frozen, images, self.context(trainable, idx))
@@ -128,11 +142,11 @@ class DualPrompt(Method):
         ce = self.masked_ce(logits, batch["label"], task)
         matching = prompt_pool.key_matching_loss(q, trainable["e_keys"], idx)
         chosen = self.select(jax.lax.stop_gradient(trainable), q)
-        return ce + self.pull_constraint * matching, {
+        return ce + self.config.pull_constraint * matching, {
             "metrics": {"ce": ce, "key_matching": matching,
                         "accuracy": self.train_accuracy(logits, batch["label"], task),
                         "task_identity": (chosen[:, 0] == task.index).mean()}}
 
     def logits(self, trainable, state, frozen, images, task):
         idx = self.select(trainable, frozen_query(self.backbone, frozen, images))
-        return {"logits": self._logits(trainable, frozen, images, idx), "task_pred": idx[:, 0]}
+        return self._logits(trainable, frozen, images, idx), idx[:, 0]

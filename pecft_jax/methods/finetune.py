@@ -1,31 +1,29 @@
-"""Sequential fine-tuning (the lower bound) and joint training (the upper bound).
+"""Sequential fine-tuning: the lower bound (and, with ``scenario.joint=True``, the upper one).
 
 ``mode`` picks what is trained besides the linear head over all classes:
 
-* ``'full'``    -- the whole backbone (its copy becomes part of the trainable tree);
+* ``'full'``    -- the whole backbone (its copy becomes part of the trainable tree; give it
+  its own learning rate with ``train.lr_mults``, e.g. ``[('^backbone/', 0.01)]``);
 * ``'head'``    -- nothing but the head (a linear probe on frozen features);
-* ``'lora'``    -- LoRA factors (``method.lora``: r, lora_alpha, target_modules);
-* ``'adapter'`` -- bottleneck adapters (``method.adapter``: bottleneck_dim, mode, scale);
-* ``'prompt'``  -- prompt tuning (``method.prompt``: length, deep).
+* ``'lora'``, ``'adapter'``, ``'ssf'``, ``'prompt'`` -- that PEFT module
+  (``method.lora`` / ``.adapter`` / ``.ssf`` / ``.prompt``, see :mod:`pecft_jax.peft.modules`).
 
-One set of PEFT parameters is shared by all tasks and simply keeps training, which is what
-makes this the forgetting baseline.
+One set of parameters is shared by all tasks and simply keeps training, which is what makes
+this the forgetting baseline.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Tuple
 
 import jax
 
 from pecft_jax import peft
-from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
+from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, config_field,
                                     init_linear_head)
+from pecft_jax.peft.modules import MODULE_KINDS, init_module, module_context
 
-MODES = ("full", "head", "lora", "adapter", "prompt")
-# Used where the config's method.lora / .adapter / .prompt sections leave a field out.
-LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "target_modules": ("query", "value")}
-ADAPTER_DEFAULTS = {"bottleneck_dim": 16, "mode": "parallel", "scale": 0.1}  # AdaptFormer
-PROMPT_DEFAULTS = {"length": 10, "deep": False}
+MODES = ("full", "head") + MODULE_KINDS
 
 
 class Finetune(Method):
@@ -33,50 +31,42 @@ class Finetune(Method):
     # Sequential fine-tuning trains over the logits of every class seen so far.
     train_class_mask = "seen"
 
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        mode: str = "full"
+        lora: peft.LoraConfig = config_field(
+            lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=("query", "value")))
+        adapter: peft.AdapterConfig = config_field(  # AdaptFormer's parallel adapter
+            lambda: peft.AdapterConfig(bottleneck_dim=16, mode="parallel", scale=0.1))
+        ssf: peft.SSFConfig = config_field(peft.SSFConfig)
+        prompt: peft.PromptConfig = config_field(lambda: peft.PromptConfig(length=10))
+
+        def __post_init__(self):
+            if self.mode not in MODES:
+                raise ValueError(f"unknown finetune mode {self.mode!r}; use one of {MODES}")
+
     def __init__(self, config, backbone, num_classes, num_tasks):
         super().__init__(config, backbone, num_classes, num_tasks)
-        self.mode = config.get("mode", "full")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown finetune mode {self.mode!r}; use one of {MODES}")
-        vit_cfg = backbone.config
-
-        def options(section, defaults):
-            return {**defaults, **dict(config.get(section, {}))}
-
-        if self.mode == "lora":
-            self.peft_cfg = peft.LoraConfig(**options("lora", LORA_DEFAULTS))
-        elif self.mode == "adapter":
-            self.peft_cfg = peft.AdapterConfig(**options("adapter", ADAPTER_DEFAULTS))
-        elif self.mode == "prompt":
-            self.peft_cfg = peft.PromptConfig(**options("prompt", PROMPT_DEFAULTS))
-        self._vit_cfg = vit_cfg
+        mode = self.config.mode
+        self.module = mode if mode in MODULE_KINDS else None
+        self.module_cfg = getattr(self.config, mode) if self.module else None
 
     def init(self, rng, frozen) -> Tuple[dict, dict]:
         k_head, k_peft = jax.random.split(rng)
         trainable = {"head": init_linear_head(k_head, self.backbone.feature_dim,
                                               self.num_classes)}
-        if self.mode == "full":
+        if self.config.mode == "full":
             trainable["backbone"] = jax.tree_util.tree_map(lambda x: x.copy(), dict(frozen))
-        elif self.mode == "lora":
-            trainable["peft"] = peft.init_lora(self._vit_cfg, self.peft_cfg, k_peft)
-        elif self.mode == "adapter":
-            trainable["peft"] = peft.init_adapters(self._vit_cfg, self.peft_cfg, k_peft)
-        elif self.mode == "prompt":
-            trainable["peft"] = peft.init_prompts(self._vit_cfg, self.peft_cfg, k_peft)
+        elif self.module:
+            trainable["peft"] = init_module(self.module, self.module_cfg, self.backbone.config,
+                                            k_peft)
         return trainable, {}
 
-    def _context(self, trainable):
-        if self.mode == "lora":
-            return peft.lora_context(trainable["peft"], self.peft_cfg)
-        if self.mode == "adapter":
-            return peft.adapter_context(trainable["peft"], self.peft_cfg)
-        if self.mode == "prompt":
-            return peft.prompt_context(trainable["peft"], self.peft_cfg)
-        return None
-
     def features(self, trainable, frozen, images, deterministic=True, rng=None):
-        params = trainable["backbone"] if self.mode == "full" else frozen
-        return self.backbone.apply(params, images, self._context(trainable), output="pre_logits",
+        params = trainable["backbone"] if self.config.mode == "full" else frozen
+        context = (module_context(self.module, self.module_cfg, trainable["peft"])
+                   if self.module else None)
+        return self.backbone.apply(params, images, context, output="pre_logits",
                                    deterministic=deterministic, dropout_rng=rng)
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
@@ -88,10 +78,3 @@ class Finetune(Method):
 
     def logits(self, trainable, state, frozen, images, task):
         return apply_linear_head(trainable["head"], self.features(trainable, frozen, images))
-
-
-class Joint(Finetune):
-    """All tasks' data in one task: the upper bound (one row of results)."""
-    name = "joint"
-    joint = True
-    train_class_mask = "all"

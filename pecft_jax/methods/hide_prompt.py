@@ -38,7 +38,8 @@ classes up to the *evaluated* task, which leaks its identity).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import dataclasses
+from typing import Dict, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,8 @@ import numpy as np
 import optax
 
 from pecft_jax.methods import statistics as stats_lib
-from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
-                                    init_linear_head, mask_logits)
+from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, count_params,
+                                    init_linear_head, label_current_task, mask_logits)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
 
@@ -140,53 +141,61 @@ def sgd_with_weight_decay(schedule, momentum: float, weight_decay: float):
 class HiDePrompt(Method):
     name = "hide_prompt"
     train_class_mask = "task"
+    infers_task = True
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        # WTP
+        prompt_layers: Tuple[int, ...] = (0, 1, 2, 3, 4)
+        prompt_length: int = 5
+        prompt_init: str = "uniform"
+        contrastive_weight: float = 0.1
+        contrastive_temperature: float = 0.8
+        prompt_momentum: float = 0.01
+        head_lr_scale: float = 0.1
+        # statistics
+        statistics: str = "covariance"
+        n_centroids: int = 10
+        ridge: float = 1e-4
+        # TII
+        tii_hidden: Tuple[int, ...] = (2,)
+        tii_epochs: int = 20
+        tii_lr: float = 0.0005 * PAPER_BATCH_PER_DEVICE / 256
+        tii_batch_size: int = 8 * PAPER_BATCH_PER_DEVICE
+        tii_grad_clip: float = 1.0  # 0 = off
+        tii_align_epochs: int = 30
+        tii_align_lr: float = 0.005 * PAPER_BATCH_PER_DEVICE / 256
+        tii_align_samples: int = PAPER_BATCH_PER_DEVICE
+        # TAP
+        tap_epochs: int = 30
+        tap_lr: float = 0.005
+        tap_samples: int = 5 * PAPER_BATCH_PER_DEVICE
+        align_momentum: float = 0.9
+        align_weight_decay: float = 5e-4
+
+        def __post_init__(self):
+            if self.contrastive_temperature <= 0:
+                raise ValueError(f"contrastive_temperature must be > 0, got "
+                                 f"{self.contrastive_temperature}")
+            if not 0.0 <= self.prompt_momentum < 1.0:
+                raise ValueError(f"prompt_momentum must be in [0, 1), got {self.prompt_momentum}")
+            if self.statistics not in stats_lib.MODES:
+                raise ValueError(f"hide_prompt statistics must be one of {stats_lib.MODES}, got "
+                                 f"{self.statistics!r}")
 
     def __init__(self, config, backbone, num_classes, num_tasks):
         super().__init__(config, backbone, num_classes, num_tasks)
-        get = config.get
-        vit = backbone.config
-        self.prompt_layers = tuple(int(i) for i in get("prompt_layers", (0, 1, 2, 3, 4)))
-        bad = [i for i in self.prompt_layers if not 0 <= i < vit.num_layers]
-        if bad or not self.prompt_layers:
-            raise ValueError(f"hide_prompt prompt_layers {list(self.prompt_layers)} must be "
+        c, vit = self.config, backbone.config
+        bad = [i for i in c.prompt_layers if not 0 <= i < vit.num_layers]
+        if bad or not c.prompt_layers:
+            raise ValueError(f"hide_prompt prompt_layers {list(c.prompt_layers)} must be "
                              f"non-empty block indices of {vit.name} (0..{vit.num_layers - 1}); "
                              f"set method.prompt_layers")
-        self.prefix_cfg = PrefixConfig(length=int(get("prompt_length", 5)),
-                                       layers=self.prompt_layers,
-                                       init=get("prompt_init", "uniform"))
-        self.contrastive_weight = float(get("contrastive_weight", 0.1))
-        self.temperature = float(get("contrastive_temperature", 0.8))
-        self.prompt_momentum = float(get("prompt_momentum", 0.01))
-        self.head_lr_scale = float(get("head_lr_scale", 0.1))
-        if self.temperature <= 0:
-            raise ValueError(f"contrastive_temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.prompt_momentum < 1.0:
-            raise ValueError(f"prompt_momentum must be in [0, 1), got {self.prompt_momentum}")
-        # statistics
-        self.stats_mode = get("statistics", "covariance")
-        if self.stats_mode not in stats_lib.MODES:
-            raise ValueError(f"hide_prompt statistics must be one of {stats_lib.MODES}, got "
-                             f"{self.stats_mode!r}")
-        self.n_centroids = int(get("n_centroids", 10))
-        self.ridge = float(get("ridge", 1e-4))
-        # TII
-        self.tii_hidden = tuple(int(h) for h in get("tii_hidden", (2,)))
-        self.tii_epochs = int(get("tii_epochs", 20))
-        self.tii_lr = float(get("tii_lr", 0.0005 * PAPER_BATCH_PER_DEVICE / 256))
-        self.tii_batch_size = int(get("tii_batch_size", 8 * PAPER_BATCH_PER_DEVICE))
-        self.tii_grad_clip = float(get("tii_grad_clip", 1.0) or 0.0)
-        self.tii_align_epochs = int(get("tii_align_epochs", 30))
-        self.tii_align_lr = float(get("tii_align_lr", 0.005 * PAPER_BATCH_PER_DEVICE / 256))
-        self.tii_align_samples = int(get("tii_align_samples", PAPER_BATCH_PER_DEVICE))
-        # TAP
-        self.tap_epochs = int(get("tap_epochs", 30))
-        self.tap_lr = float(get("tap_lr", 0.005))
-        self.tap_samples = int(get("tap_samples", 5 * PAPER_BATCH_PER_DEVICE))
-        self.align_momentum = float(get("align_momentum", 0.9))
-        self.align_weight_decay = float(get("align_weight_decay", 5e-4))
+        self.prefix_cfg = PrefixConfig(length=c.prompt_length, layers=c.prompt_layers,
+                                       init=c.prompt_init)
         dim = backbone.feature_dim
         self._tii_shapes = jax.eval_shape(
-            lambda k: init_tii_head(k, dim, num_classes, self.tii_hidden), jax.random.key(0))
+            lambda k: init_tii_head(k, dim, num_classes, c.tii_hidden), jax.random.key(0))
 
     # ------------------------------------------------------------------ set-up
     def init(self, rng, frozen):
@@ -197,25 +206,23 @@ class HiDePrompt(Method):
                    for t in range(self.num_tasks)}
         head = init_linear_head(k_head, dim, self.num_classes)
         trainable = {"prompts": prompts, "head": head}
-        shapes = stats_lib.statistics_shapes(self.num_classes, dim, self.stats_mode,
-                                             self.n_centroids)
+        shapes = stats_lib.statistics_shapes(self.num_classes, dim, self.config.statistics,
+                                             self.config.n_centroids)
         empty = lambda: {k: jnp.zeros(shape, jnp.float32) for k, shape in shapes.items()}
-        state = {"tii": init_tii_head(k_tii, dim, self.num_classes, self.tii_hidden),
+        state = {"tii": init_tii_head(k_tii, dim, self.num_classes, self.config.tii_hidden),
                  "head": jax.tree_util.tree_map(jnp.array, head),  # the TAP-aligned head
                  "tii_stats": empty(), "tap_stats": empty()}
         return trainable, state
 
-    def count_trainable(self, trainable):
+    def count_trainable(self, trainable, state):
         """Learnt parameters: prompts and head (trained by the loop) plus the TII head
         (trained in ``after_task``, kept in the state)."""
-        tii = jax.tree_util.tree_map(lambda s: np.broadcast_to(np.float32(0), s.shape),
-                                     self._tii_shapes)
-        return {"trainable": trainable, "tii": tii}
+        return count_params(trainable) + count_params(self._tii_shapes)
 
     def effective_prompts(self, prompts: dict, upto: int) -> List[Dict[str, Array]]:
         """``E_0 = P_0``, ``E_t = (1 - m) P_t + m * mean(E_0..E_{t-1})`` for ``t <= upto``:
         the prompts as the official code holds them after its post-task momentum update."""
-        m = self.prompt_momentum
+        m = self.config.prompt_momentum
         out = []
         for t in range(upto + 1):
             raw = prompts[str(t)]
@@ -226,7 +233,7 @@ class HiDePrompt(Method):
                         + m * sum(e[layer] for e in out) / len(out) for layer in raw})
         return out
 
-    def before_task(self, task, trainable, state, frozen, rng):
+    def before_task(self, task, trainable, state, frozen, data, rng):
         t = task.index
         if t == 0:
             return trainable, state
@@ -239,23 +246,19 @@ class HiDePrompt(Method):
 
     # --------------------------------------------------------------- optimiser
     def param_labels(self, trainable, task: TaskSpec):
-        labels = {"prompts": {t: jax.tree_util.tree_map(
-                      lambda _, t=t: "prompt" if int(t) == task.index else "frozen", p)
-                      for t, p in trainable["prompts"].items()},
-                  "head": jax.tree_util.tree_map(lambda _: "head", trainable["head"])}
-        return labels
+        return {"prompts": label_current_task(trainable["prompts"], task.index, "prompt"),
+                "head": jax.tree_util.tree_map(lambda _: "head", trainable["head"])}
 
     def optimizer_groups(self, task, base):
         # "larger prompt lr": the head learns at a tenth of the prompts' rate.
-        return {"prompt": base, "head": optax.chain(base, optax.scale(self.head_lr_scale)),
-                "frozen": optax.set_to_zero()}
+        return {"prompt": base, "head": optax.chain(base, optax.scale(self.config.head_lr_scale))}
 
     # ------------------------------------------------------------ forward parts
     def _prompted_cls(self, frozen, images, prefixes: Dict[str, Array]) -> Array:
         return self.backbone.apply(frozen, images, prefix_context(prefixes), output="cls")
 
     def _training_prompt(self, trainable, task: TaskSpec) -> Dict[str, Array]:
-        t, m = task.index, self.prompt_momentum
+        t, m = task.index, self.config.prompt_momentum
         raw = trainable["prompts"][str(t)]
         if t == 0 or m == 0:
             return raw
@@ -269,8 +272,8 @@ class HiDePrompt(Method):
         logits = apply_linear_head(trainable["head"], features)
         ce = self.masked_ce(logits, batch["label"], task)
         protos, valid = stats_lib.prototypes(state["tap_stats"])
-        reg = contrastive_regularizer(features, protos, valid, self.temperature)
-        return ce + self.contrastive_weight * reg, {
+        reg = contrastive_regularizer(features, protos, valid, self.config.contrastive_temperature)
+        return ce + self.config.contrastive_weight * reg, {
             "metrics": {"ce": ce, "contrastive": reg,
                         "accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
@@ -278,13 +281,7 @@ class HiDePrompt(Method):
         """TII: the frozen feature's most likely seen class, mapped to its task."""
         logits = apply_tii_head(state["tii"], frozen_query(self.backbone, frozen, images))
         cls = jnp.argmax(mask_logits(logits, task.class_mask("seen")), axis=-1)
-        return jnp.asarray(self._task_of_class(task))[cls]
-
-    def _task_of_class(self, task: TaskSpec) -> np.ndarray:
-        owner = np.zeros(self.num_classes, np.int32)
-        for t, classes in enumerate(task.task_classes):
-            owner[list(classes)] = t
-        return owner
+        return jnp.asarray(task.task_of_class())[cls]
 
     def logits(self, trainable, state, frozen, images, task):
         task_pred = self.predict_task(state, frozen, images, task)
@@ -292,18 +289,18 @@ class HiDePrompt(Method):
         per_example = {layer: jnp.stack([p[layer] for p in prompts])[task_pred]
                        for layer in prompts[0]}
         features = self._prompted_cls(frozen, images, per_example)
-        return {"logits": apply_linear_head(state["head"], features), "task_pred": task_pred}
+        return apply_linear_head(state["head"], features), task_pred
 
     # -------------------------------------------------------------- after task
     def after_task(self, task, trainable, state, frozen, data, rng):
         t = task.index
         prompt_t = self.effective_prompts(trainable["prompts"], t)[t]
 
-        def features(images):
-            return {"frozen": frozen_query(self.backbone, frozen, images),
-                    "prompted": self._prompted_cls(frozen, images, prompt_t)}
+        def features(batch, frozen, prompt):
+            return {"frozen": frozen_query(self.backbone, frozen, batch["image"]),
+                    "prompted": self._prompted_cls(frozen, batch["image"], prompt)}
 
-        out, labels = data.map(features)
+        out, labels = data.map(features, frozen, prompt_t)
         k_seed, k_tii, k_tii_align, k_tap = jax.random.split(rng, 4)
         seed = int(jax.random.randint(k_seed, (), 0, 2 ** 31 - 1))
         tii_stats = stats_lib.update_statistics(jax.device_get(state["tii_stats"]),
@@ -315,26 +312,28 @@ class HiDePrompt(Method):
         if t > 0:
             seen_mask = task.class_mask("seen")
             old = len(task.seen_classes) - len(task.classes)  # official: one step per old class
+            c = self.config
             tii = self.align(tii, apply_tii_head, tii_stats, task, k_tii_align,
-                             lr=self.tii_align_lr, epochs=self.tii_align_epochs,
-                             samples=self.tii_align_samples, steps=old, class_mask=seen_mask)
-            head = self.align(head, apply_linear_head, tap_stats, task, k_tap, lr=self.tap_lr,
-                              epochs=self.tap_epochs, samples=self.tap_samples, steps=old,
+                             lr=c.tii_align_lr, epochs=c.tii_align_epochs,
+                             samples=c.tii_align_samples, steps=old, class_mask=seen_mask)
+            head = self.align(head, apply_linear_head, tap_stats, task, k_tap, lr=c.tap_lr,
+                              epochs=c.tap_epochs, samples=c.tap_samples, steps=old,
                               class_mask=seen_mask)
         as_jnp = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
-        return dict(state, tii=as_jnp(tii), head=as_jnp(head), tii_stats=as_jnp(tii_stats),
-                    tap_stats=as_jnp(tap_stats))
+        return trainable, dict(state, tii=as_jnp(tii), head=as_jnp(head),
+                               tii_stats=as_jnp(tii_stats), tap_stats=as_jnp(tap_stats))
 
     def fit_tii(self, tii, features, labels, task: TaskSpec, key):
         """TII on the task's real frozen features: CE over the task's classes, Adam."""
         x = jnp.asarray(features)
         y = jnp.asarray(labels, jnp.int32)
-        batch = min(self.tii_batch_size, x.shape[0])
-        opt = optax.adam(self.tii_lr)
-        if self.tii_grad_clip:
-            opt = optax.chain(optax.clip_by_global_norm(self.tii_grad_clip), opt)
+        c = self.config
+        batch = min(c.tii_batch_size, x.shape[0])
+        opt = optax.adam(c.tii_lr)
+        if c.tii_grad_clip:
+            opt = optax.chain(optax.clip_by_global_norm(c.tii_grad_clip), opt)
         tii, _ = stats_lib.fit_classifier(
-            tii, apply_tii_head, opt, key, epochs=self.tii_epochs,
+            tii, apply_tii_head, opt, key, epochs=c.tii_epochs,
             steps_per_epoch=x.shape[0] // batch, batch_size=batch, draw=lambda k, d: d,
             draw_data=(x, y), class_mask=task.class_mask("task"))
         return tii
@@ -344,10 +343,11 @@ class HiDePrompt(Method):
         """Train a head on features sampled from the Gaussians of every seen class
         (official: per epoch, ``samples`` draws per Gaussian, ``steps`` batches of
         ``samples``; SGD + momentum + weight decay, cosine over epochs)."""
-        components = stats_lib.gaussian_components(stats, task.seen_classes, ridge=self.ridge)
+        c = self.config
+        components = stats_lib.gaussian_components(stats, task.seen_classes, ridge=c.ridge)
         steps = max(1, int(steps))
         opt = sgd_with_weight_decay(stats_lib.cosine_epoch_schedule(lr, epochs, steps),
-                                    self.align_momentum, self.align_weight_decay)
+                                    c.align_momentum, c.align_weight_decay)
         params, _ = stats_lib.fit_classifier(
             params, apply_fn, opt, key, epochs=epochs, steps_per_epoch=steps,
             batch_size=samples, draw=lambda k, d: stats_lib.sample_components(k, d, samples),

@@ -16,6 +16,8 @@ Trainable: prompts, keys and the head. Everything of the backbone stays frozen.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -23,42 +25,46 @@ from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
                                     init_linear_head)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft import prompt_pool
-from pecft_jax.peft.context import LayerPEFT, PEFTContext
+from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 
 
 class L2P(Method):
     name = "l2p"
     train_class_mask = "task"
 
-    def __init__(self, config, backbone, num_classes, num_tasks):
-        super().__init__(config, backbone, num_classes, num_tasks)
-        self.pool_size = int(config.get("pool_size", 10))
-        self.prompt_length = int(config.get("prompt_length", 5))
-        self.top_k = int(config.get("top_k", 5))
-        self.pull_constraint = float(config.get("pull_constraint", 0.1))
-        self.batchwise_prompt = bool(config.get("batchwise_prompt", False))
-        self.diversity_penalty = bool(config.get("diversity_penalty", False))
-        self.prompt_init = config.get("prompt_init", "uniform")
-        self.key_init = config.get("key_init", "uniform")
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        pool_size: int = 10           # M
+        prompt_length: int = 5        # L_p
+        top_k: int = 5                # N
+        pull_constraint: float = 0.1  # lambda
+        batchwise_prompt: bool = False
+        diversity_penalty: bool = False
+        prompt_init: str = "uniform"
+        key_init: str = "uniform"
         # 'prompt': mean of the prompt tokens' outputs (the paper's); 'cls': the [CLS] output
-        self.head_input = config.get("head_input", "prompt")
-        if self.head_input not in ("prompt", "cls"):
-            raise ValueError(f"l2p head_input must be 'prompt' or 'cls', got {self.head_input!r}")
-        if not 0 < self.top_k <= self.pool_size:
-            raise ValueError(f"l2p top_k={self.top_k} must be in [1, pool_size={self.pool_size}]")
+        head_input: str = "prompt"
+
+        def __post_init__(self):
+            if self.head_input not in ("prompt", "cls"):
+                raise ValueError(f"l2p head_input must be 'prompt' or 'cls', got "
+                                 f"{self.head_input!r}")
+            if not 0 < self.top_k <= self.pool_size:
+                raise ValueError(f"l2p top_k={self.top_k} must be in [1, "
+                                 f"pool_size={self.pool_size}]")
 
     def init(self, rng, frozen):
+        c = self.config
         k_pool, k_head = jax.random.split(rng)
-        pool = prompt_pool.init_pool(self.pool_size, self.prompt_length,
-                                     self.backbone.feature_dim, k_pool,
-                                     key_init=self.key_init, prompt_init=self.prompt_init)
+        pool = prompt_pool.init_pool(c.pool_size, c.prompt_length, self.backbone.feature_dim,
+                                     k_pool, key_init=c.key_init, prompt_init=c.prompt_init)
         trainable = {"prompts": pool["prompts"], "keys": pool["keys"],
                      "head": init_linear_head(k_head, self.backbone.feature_dim, self.num_classes)}
-        state = {"task_counts": jnp.zeros((self.pool_size,), jnp.float32),
-                 "previous_counts": jnp.zeros((self.pool_size,), jnp.float32)}
+        state = {"task_counts": jnp.zeros((c.pool_size,), jnp.float32),
+                 "previous_counts": jnp.zeros((c.pool_size,), jnp.float32)}
         return trainable, state
 
-    def before_task(self, task, trainable, state, frozen, rng):
+    def before_task(self, task, trainable, state, frozen, data, rng):
         # Selection frequencies of earlier tasks drive the (optional) diversity penalty.
         return trainable, {"task_counts": jnp.zeros_like(state["task_counts"]),
                            "previous_counts": state["previous_counts"] + state["task_counts"]}
@@ -66,13 +72,14 @@ class L2P(Method):
     def _forward(self, trainable, state, frozen, images, train: bool):
         q = frozen_query(self.backbone, frozen, images)
         similarity = prompt_pool.cosine_similarity(q, trainable["keys"])
-        penalty = state["previous_counts"] if (train and self.diversity_penalty) else None
-        idx = prompt_pool.select_topk(similarity, self.top_k, frequency_penalty=penalty,
-                                      batchwise_prompt=self.batchwise_prompt)
+        c = self.config
+        penalty = state["previous_counts"] if (train and c.diversity_penalty) else None
+        idx = prompt_pool.select_topk(similarity, c.top_k, frequency_penalty=penalty,
+                                      batchwise_prompt=c.batchwise_prompt)
         prompts = prompt_pool.gather_prompts(trainable["prompts"], idx)
         context = PEFTContext({0: LayerPEFT(prompt=prompts)})
         tokens = self.backbone.apply(frozen, images, context, output="tokens")
-        if self.head_input == "prompt":
+        if c.head_input == "prompt":
             feature = tokens[:, 1:1 + prompts.shape[1]].mean(axis=1)
         else:
             feature = tokens[:, 0]
@@ -82,13 +89,12 @@ class L2P(Method):
         logits, q, idx = self._forward(trainable, state, frozen, batch["image"], train=True)
         ce = self.masked_ce(logits, batch["label"], task)
         matching = prompt_pool.key_matching_loss(q, trainable["keys"], idx)
-        counts = prompt_pool.selection_counts(idx, self.pool_size).astype(jnp.float32)
+        counts = prompt_pool.selection_counts(idx, self.config.pool_size).astype(jnp.float32)
         new_state = dict(state, task_counts=state["task_counts"] + counts)
-        return ce + self.pull_constraint * matching, {
+        return ce + self.config.pull_constraint * matching, {
             "metrics": {"ce": ce, "key_matching": matching,
                         "accuracy": self.train_accuracy(logits, batch["label"], task)},
             "state": new_state}
 
     def logits(self, trainable, state, frozen, images, task):
-        logits, _, idx = self._forward(trainable, state, frozen, images, train=False)
-        return {"logits": logits, "prompt_ids": idx}
+        return self._forward(trainable, state, frozen, images, train=False)[0]

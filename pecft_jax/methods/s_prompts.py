@@ -22,14 +22,16 @@ Earlier domains' prompts and classifiers never change (they are labelled 'frozen
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pecft_jax.methods import statistics as stats_lib
-from pecft_jax.methods.base import Method, TaskSpec, init_linear_head
+from pecft_jax.methods.base import Method, TaskSpec, init_linear_head, label_current_task
 from pecft_jax.methods.common import frozen_query
-from pecft_jax.peft.context import LayerPEFT, PEFTContext
+from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 from pecft_jax.peft.prompt_pool import l2_normalize
 
 Array = jax.Array
@@ -39,24 +41,28 @@ class SPrompts(Method):
     name = "s_prompts"
     # every domain has every class; the per-domain classifier covers them all
     train_class_mask = "task"
+    infers_task = True
 
-    def __init__(self, config, backbone, num_classes, num_tasks):
-        super().__init__(config, backbone, num_classes, num_tasks)
-        get = config.get
-        self.prompt_length = int(get("prompt_length", 10))
-        if self.prompt_length <= 0:
-            raise ValueError(f"s_prompts prompt_length must be positive, got {self.prompt_length}")
-        self.num_centroids = int(get("num_centroids", 5))
-        if self.num_centroids <= 0:
-            raise ValueError(f"s_prompts num_centroids must be positive, got {self.num_centroids}")
-        self.distance = get("distance", "l1")
-        if self.distance not in stats_lib.METRICS:
-            raise ValueError(f"s_prompts distance must be one of {stats_lib.METRICS}, got "
-                             f"{self.distance!r}")
-        self.normalize_keys = bool(get("normalize_features", True))
-        self.kmeans_n_init = int(get("kmeans_n_init", 10))
-        self.first_weight_decay = float(get("first_weight_decay", 5e-4))
-        self.weight_decay = float(get("weight_decay", 2e-4))
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        prompt_length: int = 10
+        num_centroids: int = 5            # k of the k-means keys per domain
+        distance: str = "l1"
+        normalize_features: bool = True   # k-means on L2-normalised frozen features
+        kmeans_n_init: int = 10
+        first_weight_decay: float = 5e-4  # SGD weight decay on the first domain ...
+        weight_decay: float = 2e-4        # ... and on the later ones
+
+        def __post_init__(self):
+            if self.prompt_length <= 0:
+                raise ValueError(f"s_prompts prompt_length must be positive, got "
+                                 f"{self.prompt_length}")
+            if self.num_centroids <= 0:
+                raise ValueError(f"s_prompts num_centroids must be positive, got "
+                                 f"{self.num_centroids}")
+            if self.distance not in stats_lib.METRICS:
+                raise ValueError(f"s_prompts distance must be one of {stats_lib.METRICS}, got "
+                                 f"{self.distance!r}")
 
     # ------------------------------------------------------------------ set-up
     def init(self, rng, frozen):
@@ -65,19 +71,17 @@ class SPrompts(Method):
         prompts, heads = {}, {}
         for s in range(self.num_tasks):
             k_prompt, k_head = jax.random.split(jax.random.fold_in(rng, s))
-            prompts[str(s)] = jax.random.uniform(k_prompt, (self.prompt_length, dim),
+            prompts[str(s)] = jax.random.uniform(k_prompt, (self.config.prompt_length, dim),
                                                  jnp.float32, -bound, bound)
             heads[str(s)] = init_linear_head(k_head, dim, self.num_classes)
-        state = {"centroids": jnp.zeros((self.num_tasks, self.num_centroids, dim), jnp.float32),
-                 "centroid_valid": jnp.zeros((self.num_tasks, self.num_centroids), bool)}
+        k = self.config.num_centroids
+        state = {"centroids": jnp.zeros((self.num_tasks, k, dim), jnp.float32),
+                 "centroid_valid": jnp.zeros((self.num_tasks, k), bool)}
         return {"prompts": prompts, "heads": heads}, state
 
     def param_labels(self, trainable, task: TaskSpec):
-        def by_domain(tree):
-            return {s: jax.tree_util.tree_map(
-                lambda _, s=s: "train" if int(s) == task.index else "frozen", sub)
-                for s, sub in tree.items()}
-        return {"prompts": by_domain(trainable["prompts"]), "heads": by_domain(trainable["heads"])}
+        return {"prompts": label_current_task(trainable["prompts"], task.index),
+                "heads": label_current_task(trainable["heads"], task.index)}
 
     # ------------------------------------------------------------------ forward
     def _features(self, frozen, images, prompts: Array) -> Array:
@@ -91,7 +95,7 @@ class SPrompts(Method):
         logits = features @ head["kernel"] + head["bias"]
         ce = self.masked_ce(logits, batch["label"], task)
         # torch SGD's weight decay (g += wd * p) on the parameters being trained
-        wd = self.first_weight_decay if task.index == 0 else self.weight_decay
+        wd = self.config.first_weight_decay if task.index == 0 else self.config.weight_decay
         own = [trainable["prompts"][s], head["kernel"], head["bias"]]
         decay = 0.5 * wd * sum(jnp.sum(jnp.square(p)) for p in own)
         return ce + decay, {"metrics": {"ce": ce,
@@ -99,13 +103,13 @@ class SPrompts(Method):
 
     def _query(self, frozen, images) -> Array:
         q = frozen_query(self.backbone, frozen, images)
-        return l2_normalize(q) if self.normalize_keys else q
+        return l2_normalize(q) if self.config.normalize_features else q
 
     def predict_domain(self, state, frozen, images, task: TaskSpec) -> Array:
         """The domain whose nearest centroid is closest to the frozen feature (domains
         ``0..task.index`` only)."""
         d = stats_lib.centroid_distances(self._query(frozen, images), state["centroids"],
-                                         self.distance)  # (B, T, K)
+                                         self.config.distance)  # (B, T, K)
         seen = (jnp.arange(self.num_tasks) <= task.index)[:, None] & state["centroid_valid"]
         d = jnp.where(seen[None], d, jnp.inf).min(axis=-1)
         return jnp.argmin(d, axis=-1)
@@ -119,18 +123,19 @@ class SPrompts(Method):
         biases = jnp.stack([trainable["heads"][s]["bias"] for s in order])  # (T, C)
         every = jnp.einsum("bd,tdc->btc", features, kernels) + biases[None]
         logits = jnp.take_along_axis(every, domain[:, None, None], axis=1)[:, 0]
-        return {"logits": logits, "task_pred": domain}
+        return logits, domain
 
     # --------------------------------------------------------------- after task
     def after_task(self, task, trainable, state, frozen, data, rng):
-        features, _ = data.map(lambda images: self._query(frozen, images))
-        k = min(self.num_centroids, features.shape[0])
+        features, _ = data.map(lambda batch, frozen: self._query(frozen, batch["image"]), frozen)
+        k = min(self.config.num_centroids, features.shape[0])
         seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
-        centers, _, _ = stats_lib.kmeans(features, k, seed=seed, n_init=self.kmeans_n_init)
+        centers, _, _ = stats_lib.kmeans(features, k, seed=seed, n_init=self.config.kmeans_n_init)
         centroids = np.array(state["centroids"])
         valid = np.array(state["centroid_valid"])
         centroids[task.index] = 0.0
         valid[task.index] = False
         centroids[task.index, :k] = centers
         valid[task.index, :k] = True
-        return dict(state, centroids=jnp.asarray(centroids), centroid_valid=jnp.asarray(valid))
+        return trainable, dict(state, centroids=jnp.asarray(centroids),
+                               centroid_valid=jnp.asarray(valid))

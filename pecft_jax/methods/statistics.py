@@ -234,10 +234,10 @@ def update_statistics(stats: Mapping[str, Any], features: np.ndarray, labels: np
 
 
 def statistics_from_task(data, feature_fn: Callable, classes: Sequence[int],
-                         stats: Mapping[str, Any], *, seed: int = 0) -> dict:
-    """One pass of ``feature_fn`` over a finished task's training data
+                         stats: Mapping[str, Any], *args, seed: int = 0) -> dict:
+    """One pass of ``feature_fn(batch, *args)`` over a finished task's training data
     (:meth:`pecft_jax.methods.base.TaskData.map`), then :func:`update_statistics`."""
-    features, labels = data.map(feature_fn)
+    features, labels = data.map(feature_fn, *args)
     return update_statistics(stats, features, labels, classes, seed=seed)
 
 

@@ -10,16 +10,24 @@ None-filled. So the training step can be written as::
 
 and the frozen tree never enters ``jax.grad`` or the optimizer state.
 
+Inside a method's trainable tree the same rule holds per leaf: :func:`make_optimizer`
+returns a :class:`RoutedOptimizer` whose ``split`` cuts the ``'frozen'``-labelled leaves
+(an old task's prompt, a backbone block frozen by ``train.lr_mults``) out of what is
+differentiated, and :func:`apply_lr_mults` turns the config's ``(regex, multiplier)`` rules
+into labels and learning-rate groups.
+
 Paths are the dict keys joined by ``'/'`` (int keys as their decimal string), e.g.
 ``'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'`` or ``'lora/3/query/A'``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import re
 from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
+import jax
 import optax
 
 PyTree = Any
@@ -173,27 +181,61 @@ def _is_transformation(obj: Any) -> bool:
         hasattr(obj, "init") and hasattr(obj, "update") and callable(obj.update))
 
 
-def make_optimizer(labels: Union[PyTree, Callable[[PyTree], PyTree]],
-                   groups: Mapping[str, Any], *, frozen_label: str = FROZEN,
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedOptimizer:
+    """An optimizer over the leaves of a trainable tree that learn, routed by label.
+
+    ``labels`` mirrors the trainable tree (string leaves). Leaves labelled ``'frozen'``
+    are cut out by :meth:`split` -- they never enter ``jax.grad`` and hold no optimizer
+    state -- and every other label's leaves get ``transform``'s group of that name. The
+    split keeps the tree's structure (cut leaves become ``None``), so :meth:`merge` gives
+    back exactly the tree a method's loss expects, empty sub-dicts included.
+    """
+    labels: PyTree
+    transform: optax.GradientTransformation
+
+    def split(self, trainable: PyTree) -> Tuple[PyTree, PyTree]:
+        """``(learning, fixed)``: the same structure, each with the other's leaves None."""
+        learning = jax.tree_util.tree_map(lambda lab, x: None if lab == FROZEN else x,
+                                          self.labels, trainable)
+        fixed = jax.tree_util.tree_map(lambda lab, x: x if lab == FROZEN else None,
+                                       self.labels, trainable)
+        return learning, fixed
+
+    @staticmethod
+    def merge(learning: PyTree, fixed: PyTree) -> PyTree:
+        return jax.tree_util.tree_map(lambda a, b: b if a is None else a, learning, fixed,
+                                      is_leaf=_is_none)
+
+    def init(self, trainable: PyTree) -> Any:
+        return self.transform.init(self.split(trainable)[0])
+
+
+def make_optimizer(labels: PyTree, groups: Mapping[str, Any], *, frozen_label: str = FROZEN,
                    default_optimizer: Callable[[Any], optax.GradientTransformation] = optax.adam,
-                   ) -> optax.GradientTransformation:
+                   ) -> RoutedOptimizer:
     """One optimizer routing each label's leaves to its own transformation.
 
     Args:
-      labels: labels tree for the tree the optimizer will see (usually the trainable tree;
-        ``split(labels, labels)[0]`` gives its labels), or a function of params returning
-        one, as ``optax.multi_transform`` accepts.
+      labels: labels tree mirroring the trainable tree (e.g. from :func:`label_tree`).
       groups: ``{label: transformation}``; a number or a schedule instead of a
         transformation means ``default_optimizer(that learning rate)``.
-      frozen_label: leaves with this label get ``optax.set_to_zero()`` (zero updates, no
-        optimizer state); it must not be in ``groups``.
+      frozen_label: leaves with this label are not optimised at all (see
+        :class:`RoutedOptimizer`); it must not be in ``groups``.
       default_optimizer: factory for groups given as a learning rate (default Adam).
 
     A label in ``labels`` without a group is an error, listing what is missing.
     """
+    if frozen_label != FROZEN:
+        labels = jax.tree_util.tree_map(lambda lab: FROZEN if lab == frozen_label else lab,
+                                        labels)
     if frozen_label in groups:
-        raise ValueError(f"{frozen_label!r} is always routed to optax.set_to_zero(); remove it "
-                         f"from groups (or name your trainable group differently)")
+        raise ValueError(f"{frozen_label!r} leaves are never optimised; remove it from groups "
+                         f"(or name your trainable group differently)")
     transforms = {}
     for label, spec in groups.items():
         if _is_transformation(spec):
@@ -203,14 +245,60 @@ def make_optimizer(labels: Union[PyTree, Callable[[PyTree], PyTree]],
         else:
             raise TypeError(f"group {label!r}: expected an optax transformation, a learning rate "
                             f"or a schedule, got {type(spec).__name__}")
-    transforms[frozen_label] = optax.set_to_zero()
-    if not callable(labels) or isinstance(labels, Mapping):
-        used = {label for _, label in iter_leaves(labels)}
-        missing = sorted(str(label) for label in used - set(transforms))
-        if missing:
-            raise ValueError(f"labels {missing} have no optimizer group; groups cover "
-                             f"{sorted(transforms)}")
-    return optax.multi_transform(transforms, labels)
+    used = {label for _, label in iter_leaves(labels)} - {FROZEN}
+    missing = sorted(str(label) for label in used - set(transforms))
+    if missing:
+        raise ValueError(f"labels {missing} have no optimizer group; groups cover "
+                         f"{sorted(transforms)}")
+    learning_labels = jax.tree_util.tree_map(lambda lab: None if lab == FROZEN else lab, labels)
+    transform = optax.multi_transform({k: v for k, v in transforms.items() if k in used},
+                                      learning_labels)
+    return RoutedOptimizer(labels, transform)
+
+
+def parse_lr_mults(rules: Any) -> Tuple[Tuple[str, float], ...]:
+    """``config.train.lr_mults`` as ``((regex, multiplier), ...)``; clear errors otherwise."""
+    parsed = []
+    for item in rules or ():
+        if not (isinstance(item, (tuple, list)) and len(item) == 2
+                and isinstance(item[0], str) and isinstance(item[1], numbers.Real)):
+            raise ValueError(f"train.lr_mults must be (regex, multiplier) pairs, e.g. "
+                             f"[('^backbone/', 0.01), ('^head/', 1.0)]; got {item!r}")
+        try:
+            re.compile(item[0])
+        except re.error as err:
+            raise ValueError(f"train.lr_mults: invalid regex {item[0]!r}: {err}") from None
+        if item[1] < 0:
+            raise ValueError(f"train.lr_mults: multiplier of {item[0]!r} must be >= 0 (0 "
+                             f"freezes), got {item[1]}")
+        parsed.append((item[0], float(item[1])))
+    return tuple(parsed)
+
+
+def apply_lr_mults(labels: PyTree, rules: Sequence[Tuple[str, float]]) -> Tuple[PyTree, dict]:
+    """Refine a method's labels by path regex, the big_vision way.
+
+    The first rule whose regex is found in a leaf's path sets its learning-rate multiplier;
+    leaves no rule matches keep x1. Multiplier 0 freezes the leaf (it leaves ``jax.grad``);
+    another multiplier ``m`` relabels ``L`` as ``'L*m'``. Returns the new labels and
+    ``{new label: (base label, m)}`` for the groups to build (``chain(group[L], scale(m))``:
+    the same as the group's learning rate times ``m`` for SGD, momentum, Adam(W)).
+    """
+    derived: dict = {}
+
+    def relabel(path: str, label: str) -> str:
+        if label == FROZEN:
+            return label
+        mult = next((m for pattern, m in rules if re.search(pattern, path)), 1.0)
+        if mult == 0.0:
+            return FROZEN
+        if mult == 1.0:
+            return label
+        name = f"{label}*{mult:g}"
+        derived[name] = (label, mult)
+        return name
+
+    return _map_with_path(relabel, labels), derived
 
 
 def count_params(tree: PyTree, labels: Optional[PyTree] = None,

@@ -1,0 +1,289 @@
+"""The Method interface v2 as the loop offers it: methods that take no gradient step or only
+on the first task, replace their trainables after a task, change their gradients in
+``update``; device-side reductions over a task; config dataclasses; lr multipliers."""
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pecft_jax.backbones.backbone import load_backbone
+from pecft_jax.methods import create_method, get_method_class
+from pecft_jax.methods.base import parse_config
+from pecft_jax.methods.finetune import Finetune
+from pecft_jax.train import partition
+from pecft_jax.train.checkpoint import Checkpointer
+from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
+
+from helpers import array_task_data, tiny_config
+
+
+# ------------------------------------------------------------------ TaskData.reduce / map
+def _gram_and_class_sums(carry, batch, w):
+    x = batch["image"].reshape(batch["image"].shape[0], -1) @ w
+    xm = x * batch["mask"][:, None]
+    onehot = jax.nn.one_hot(batch["label"], carry["sums"].shape[0]) * batch["mask"][:, None]
+    return {"gram": carry["gram"] + xm.T @ x, "sums": carry["sums"] + onehot.T @ x,
+            "count": carry["count"] + batch["mask"].sum()}
+
+
+def test_reduce_sums_across_the_mesh_exactly_as_on_one_device():
+    rng = np.random.default_rng(0)
+    # integer-valued data: every partial sum is exact in float32, whatever the order
+    images = rng.integers(-3, 4, (45, 2, 2, 1)).astype(np.float32)  # 45: last batch padded
+    labels = rng.integers(0, 3, 45)
+    w = rng.integers(-2, 3, (4, 5)).astype(np.float32)
+    init = {"gram": jnp.zeros((5, 5)), "sums": jnp.zeros((3, 5)), "count": jnp.zeros(())}
+    eight = array_task_data(images, labels, batch=16).reduce(_gram_and_class_sums, init, w)
+    one = array_task_data(images, labels, batch=16, num_devices=1).reduce(
+        _gram_and_class_sums, init, w)
+    assert len(eight["gram"].sharding.device_set) == 8  # replicated over the 8-device mesh
+    for key in init:
+        np.testing.assert_array_equal(np.asarray(eight[key]), np.asarray(one[key]))
+    x = images.reshape(45, -1) @ w  # padding rows excluded
+    np.testing.assert_array_equal(np.asarray(eight["gram"]), x.T @ x)
+    for c in range(3):
+        np.testing.assert_array_equal(np.asarray(eight["sums"][c]), x[labels == c].sum(0))
+    assert float(eight["count"]) == 45
+
+
+def test_map_passes_labels_and_positions_and_drops_padding():
+    images = np.arange(21, dtype=np.float32).reshape(21, 1, 1, 1)
+    labels = np.arange(21) % 4
+    out, got_labels = array_task_data(images, labels).map(
+        lambda batch, scale: {"x": batch["image"][:, 0, 0, 0] * scale, "label": batch["label"],
+                              "index": batch["index"]}, 2.0)
+    np.testing.assert_array_equal(out["x"], 2.0 * np.arange(21))
+    np.testing.assert_array_equal(out["label"], labels)
+    np.testing.assert_array_equal(got_labels, labels)
+    np.testing.assert_array_equal(out["index"], np.arange(21))
+
+
+# --------------------------------------------------------------------------- configs
+def test_unknown_or_misspelt_method_keys_fail_with_the_valid_ones():
+    backbone, _ = load_backbone("random:ViT-Micro/4")
+    config = tiny_config("l2p", pool_sise=4)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['pool_sise'\].*'pool_size'"):
+        create_method("l2p", config.method, backbone, 10, 5)
+    config = tiny_config("finetune", mode="lora", lora={"rank": 4})
+    with pytest.raises(ValueError, match=r"method\.lora: unknown key\(s\) \['rank'\].*'r'"):
+        create_method("finetune", config.method, backbone, 10, 5)
+    with pytest.raises(ValueError, match="unknown finetune mode 'lorra'"):
+        create_method("finetune", tiny_config("finetune", mode="lorra").method, backbone, 10, 5)
+    # through the loop: the typo fails before anything is trained
+    with pytest.raises(ValueError, match="pool_sise"):
+        train_and_evaluate(tiny_config("l2p", pool_sise=4), "/tmp/never-written")
+    assert not os.path.exists("/tmp/never-written/checkpoints/tasks")
+
+
+def test_config_holds_the_defaults_and_merges_nested_sections():
+    cls = get_method_class("finetune").Config
+    config = parse_config(cls, {"name": "finetune", "mode": "lora", "lora": {"r": 4}}, "m")
+    assert config.lora.r == 4 and config.lora.lora_alpha == 16  # the rest keeps the default
+    assert config.lora.target_modules == ("query", "value")
+    assert dataclasses.is_dataclass(config) and parse_config(cls, config, "m") is config
+    l2p = parse_config(get_method_class("l2p").Config, {"top_k": 3}, "m")
+    assert (l2p.pool_size, l2p.prompt_length, l2p.top_k) == (10, 5, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        l2p.top_k = 4
+    with pytest.raises(ValueError, match="top_k=11"):
+        parse_config(get_method_class("l2p").Config, {"top_k": 11}, "m")
+
+
+def test_bad_epochs_fail_before_anything_runs(tmp_path):
+    config = tiny_config()
+    config.train.epochs = -1
+    with pytest.raises(ValueError, match="train.epochs must be an int >= 0"):
+        train_and_evaluate(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+# ----------------------------------------------------------------- 0-step and first task
+class _NoOptimizer(ContinualTrainer):
+    def optimizer(self, *args, **kwargs):
+        raise AssertionError("a method without gradient steps must not build an optimizer")
+
+
+def test_zero_epochs_compile_no_train_step_and_build_no_optimizer(tmp_path):
+    config = tiny_config()
+    config.scenario.num_tasks = 2
+    config.train.epochs = 0  # L2P with no gradient step: its initial prompts, evaluated
+    trainer = _NoOptimizer(config, str(tmp_path))
+    try:
+        results = trainer.run()
+    finally:
+        trainer.close()
+    assert not any(k.startswith("train_step") for k in trainer.trace_counts)
+    assert [len(r) for r in results["accuracy_matrix"]] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def simplecil_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("simplecil"))
+    config = tiny_config("simplecil")
+    trainer = _NoOptimizer(config, workdir)
+    try:
+        results = trainer.run()
+    finally:
+        trainer.close()
+    return config, trainer, results
+
+
+def test_simplecil_matrix_equals_a_numpy_recomputation(simplecil_run):
+    config, trainer, results = simplecil_run
+    assert not any(k.startswith("train_step") for k in trainer.trace_counts)
+    assert results["trainable_params"] == 0
+    from pecft_jax.data import pipeline
+    backbone, frozen = trainer.backbone, trainer.frozen
+    feature = jax.jit(lambda p, x: backbone.apply(p, x, output="cls"))
+
+    def features(source, indices):
+        out, labels = [], []
+        for b in pipeline.eval_batches(source, indices, trainer.label_map, batch_size=64,
+                                       preprocess=trainer.eval_preprocess):
+            keep = b["mask"] > 0
+            out.append(np.asarray(feature(frozen, b["image"]), np.float64)[keep])
+            labels.append(b["label"][keep])
+        return np.concatenate(out), np.concatenate(labels)
+
+    tasks = trainer.scenario.tasks
+    prototypes = np.zeros((trainer.scenario.num_classes, backbone.feature_dim))
+    expected = []
+    for t, task in enumerate(tasks):
+        f, y = features(task.train_source, task.train_indices)
+        for c in task.classes:
+            prototypes[c] = f[y == c].mean(0)
+        seen = [c for s in tasks[:t + 1] for c in s.classes]
+        unit = prototypes[seen] / np.linalg.norm(prototypes[seen], axis=1, keepdims=True)
+        row = []
+        for s in tasks[:t + 1]:
+            g, z = features(s.test_source, s.test_indices)
+            pred = np.asarray(seen)[np.argmax(g @ unit.T, axis=1)]
+            row.append(100.0 * np.mean(pred == z))
+        expected.append(row)
+    assert [len(r) for r in results["accuracy_matrix"]] == [1, 2, 3, 4, 5]
+    for got, want in zip(results["accuracy_matrix"], expected):
+        np.testing.assert_allclose(got, want, atol=1e-9)
+    assert 10.0 < np.mean(expected[-1]) < 100.0  # neither chance nor trivially perfect
+
+
+def test_first_task_only_method_trains_task_zero_and_replaces_its_trainables(tmp_path):
+    config = tiny_config("ranpac", M=32, first_session="adapter", adapter={"bottleneck_dim": 4},
+                         ridges=(1e-2, 1.0, 100.0))
+    config.scenario.num_tasks = 2
+    config.train.optimizer = "sgd"
+    config.train.momentum = 0.9
+    results = train_and_evaluate(config, str(tmp_path))
+    compiled = {k for k in results["compilations"] if k.startswith("train_step")}
+    assert compiled == {"train_step/0"}  # phase 1 on the first task only
+    ckpt = Checkpointer(str(tmp_path))
+    try:
+        first, last = ckpt.restore("tasks", 0), ckpt.restore("tasks", 1)
+    finally:
+        ckpt.close()
+    # after_task dropped phase 1's cosine head: the trainable tree is just the adapter ...
+    assert set(first["trainable"]) == set(last["trainable"]) == {"peft"}
+    # ... which no later task changes
+    for a, b in zip(jax.tree_util.tree_leaves(first["trainable"]),
+                    jax.tree_util.tree_leaves(last["trainable"])):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(first["trainable"]["peft"]["0"]["mlp"]["up"]["kernel"]).max() > 0  # trained
+    # M x C head + adapter (2 blocks x (32x4 + 4 + 4x32 + 32)) of the Micro ViT
+    assert results["trainable_params"] == 32 * 10 + 2 * (32 * 4 + 4 + 4 * 32 + 32)
+
+
+# ------------------------------------------------------------------ the update hook
+class ProjectedHead(Finetune):
+    """A test method whose update projects the head's gradient onto a fixed subspace of the
+    feature space held in its state (what GPM / InfLoRA do with their subspaces)."""
+    name = "projected_head"
+
+    def init(self, rng, frozen):
+        trainable, _ = super().init(rng, frozen)
+        basis = np.linalg.qr(np.random.default_rng(0).standard_normal((32, 3)))[0]
+        return trainable, {"projector": jnp.asarray(basis @ basis.T, jnp.float32)}
+
+    def update(self, trainable, state, opt_state, frozen, batch, rng, task, optimizer):
+        grads, aux = self.gradients(trainable, state, frozen, batch, rng, task, optimizer)
+        grads["head"]["kernel"] = state["projector"] @ grads["head"]["kernel"]
+        return self.apply_gradients(trainable, state, opt_state, grads, aux, optimizer)
+
+
+def test_update_hook_keeps_every_change_in_the_projected_subspace(tmp_path, monkeypatch):
+    from pecft_jax import methods
+    monkeypatch.setitem(methods._REGISTRY, "projected_head", f"{__name__}:ProjectedHead")
+    config = tiny_config("projected_head", mode="head")
+    config.scenario.num_tasks = 2
+    config.train.optimizer = "sgd"  # plain SGD: updates are gradients, so they stay projected
+    results = train_and_evaluate(config, str(tmp_path))
+    assert "train_step/1" in results["compilations"]
+    ckpt = Checkpointer(str(tmp_path))
+    try:
+        end = ckpt.restore("tasks", 1)
+    finally:
+        ckpt.close()
+    backbone, frozen = load_backbone("random:ViT-Micro/4")
+    method = ProjectedHead(config.method, backbone, 10, 2)
+    start, state = method.init(jax.random.fold_in(jax.random.key(config.seed), 10 ** 6), frozen)
+    delta = np.asarray(end["trainable"]["head"]["kernel"]) - np.asarray(start["head"]["kernel"])
+    assert np.abs(delta).max() > 1e-3  # it trained
+    projector = np.asarray(state["projector"])
+    np.testing.assert_allclose(projector @ delta, delta, atol=1e-5)
+    # the bias is not projected, and moved freely
+    assert not np.allclose(end["trainable"]["head"]["bias"], start["head"]["bias"])
+
+
+# ---------------------------------------------------------------- lr multipliers by regex
+def test_lr_mults_relabel_by_path_and_zero_freezes():
+    labels = {"backbone": {"block0": {"w": "train"}, "block1": {"w": "train"}},
+              "head": {"kernel": "train"}, "old": {"p": "frozen"}}
+    rules = partition.parse_lr_mults([("^backbone/block0/", 0), ("^backbone/", 0.01)])
+    new, derived = partition.apply_lr_mults(labels, rules)
+    assert new == {"backbone": {"block0": {"w": "frozen"}, "block1": {"w": "train*0.01"}},
+                   "head": {"kernel": "train"}, "old": {"p": "frozen"}}
+    assert derived == {"train*0.01": ("train", 0.01)}
+    with pytest.raises(ValueError, match="regex, multiplier"):
+        partition.parse_lr_mults([("^backbone/",)])
+    with pytest.raises(ValueError, match="invalid regex"):
+        partition.parse_lr_mults([("(", 1.0)])
+
+
+def test_lr_mults_scale_the_backbone_step_and_frozen_leaves_never_enter_grad(tmp_path):
+    config = tiny_config("finetune", mode="full")
+    config.scenario.num_tasks = 2
+    config.train.optimizer = "sgd"
+    config.train.learning_rate = 0.1
+    config.train.lr_mults = (("^backbone/Transformer/encoderblock_0/", 0.0),
+                             ("^backbone/", 0.01))
+    trainer = ContinualTrainer(config, str(tmp_path))
+    try:
+        spec = trainer.task_spec(0)
+        trainable, state = trainer.method.init(jax.random.key(0), trainer.frozen)
+        optimizer = trainer.optimizer(spec, trainable, trainer.tasks[0], 1)
+        learning, fixed = optimizer.split(trainable)
+        block0 = learning["backbone"]["Transformer"]["encoderblock_0"]
+        assert all(x is None for x in jax.tree_util.tree_leaves(
+            block0, is_leaf=lambda x: x is None))  # not differentiated at all
+        batch = next(iter(trainer.task_data(trainer.tasks[0])._batches()))
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        grads, aux = trainer.method.gradients(trainable, state, trainer.frozen, batch,
+                                              jax.random.key(1), spec, optimizer)
+        updates, _ = optimizer.transform.update(grads, optimizer.init(trainable), learning)
+        new, _, _, _ = trainer.method.apply_gradients(
+            trainable, state, optimizer.init(trainable), grads, aux, optimizer)
+    finally:
+        trainer.close()
+    path = ("backbone", "Transformer", "encoderblock_1", "MlpBlock_3", "Dense_0", "kernel")
+    get = lambda tree: tree[path[0]][path[1]][path[2]][path[3]][path[4]][path[5]]
+    g = np.asarray(get(grads))
+    assert np.abs(g).max() > 0
+    np.testing.assert_allclose(get(updates), -0.1 * 0.01 * g, rtol=1e-6)  # SGD at lr x 0.01
+    np.testing.assert_allclose(updates["head"]["kernel"], -0.1 * np.asarray(grads["head"]["kernel"]),
+                               rtol=1e-6)
+    assert not np.array_equal(get(new), get(trainable))
+    for a, b in zip(jax.tree_util.tree_leaves(trainable["backbone"]["Transformer"]["encoderblock_0"]),
+                    jax.tree_util.tree_leaves(new["backbone"]["Transformer"]["encoderblock_0"])):
+        np.testing.assert_array_equal(a, b)
