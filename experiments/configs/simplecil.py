@@ -1,0 +1,39 @@
+"""SimpleCIL (Zhou et al., "Revisiting Class-Incremental Learning with Pre-Trained Models",
+IJCV 2024).
+
+    python -m pecft_jax.run --config experiments/configs/simplecil.py:split_mnist --workdir DIR
+    (arg: split_mnist [default] | cifar100 | imagenet_r)
+
+No gradient step at all (``train.*`` is unused): after each task the mean frozen [CLS]
+feature (after the final LayerNorm) of every new class's un-augmented training images
+becomes its prototype; prediction is the most cosine-similar prototype of a seen class.
+SimpleCIL has no hyper-parameter; what a config fixes is the data and the backbone.
+
+Paper setting (official zhoudw-zdw/RevisitingCIL ``exps/simplecil/cifar224_5_5_vit-b_simplecil.json``
+and ``imagenetr_5_5_...``; LAMDA-PILOT ``exps/simplecil.json`` / ``simplecil_inr.json``):
+
+* backbone ViT-B/16 ImageNet-21k (official: timm ``vit_base_patch16_224_in21k``, the augreg
+  weights, no pre-logits layer; PILOT uses the in1k-fine-tuned ``vit_base_patch16_224``);
+* inputs ``ToTensor()`` without normalisation, so pixels in [0, 1]: ``backbone.mean=(0,)``,
+  ``backbone.std=(1,)`` (official ``build_transform``: Resize(256, bicubic), CenterCrop(224);
+  this pipeline resizes bilinearly to 224 without a crop);
+* splits: the official configs are B0 Inc5; these benchmarks are PILOT's B0 Inc10
+  (CIFAR-100, 10 tasks) and B0 Inc20 (ImageNet-R, 10 tasks), class order from seed 1993;
+* the prototype pass batch (official 128) is ``eval.batch_size``; it does not change the
+  result.
+
+Official logs (B0 Inc5, ViT-B/16 in21k): CIFAR-100 last 81.28 / average 87.57; ImageNet-R
+last 54.55 / average 62.57.
+"""
+from pecft_jax.configs import benchmark
+
+
+def get_config(arg: str = "split_mnist"):
+    c = benchmark(arg or "split_mnist")
+    c.method.name = "simplecil"
+    c.augment.enabled = False  # nothing is trained: no augmented batch is ever drawn
+    if c.benchmark != "split_mnist":
+        c.backbone.mean = (0.0,)
+        c.backbone.std = (1.0,)
+        c.eval.batch_size = 128
+    return c

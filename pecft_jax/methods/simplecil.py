@@ -1,0 +1,67 @@
+"""SimpleCIL: prototypes of a frozen pre-trained model (Zhou et al., "Revisiting
+Class-Incremental Learning with Pre-Trained Models: Generalizability and Adaptivity are All
+You Need", IJCV 2024; official code zhoudw-zdw/RevisitingCIL, ``models/simplecil.py``).
+
+Algorithm (no gradient step at all):
+
+* after task ``t``: for each of its classes ``c``, the prototype ``p_c`` is the mean of the
+  frozen backbone's feature -- the [CLS] token after the final LayerNorm -- over the class's
+  training images without augmentation (the official loader uses test-time transforms);
+  prototypes of earlier classes never change;
+* prediction: ``argmax_c cos(f(x), p_c)`` over the classes seen so far (the official
+  ``CosineLinear``: both sides L2-normalised, its scale ``sigma`` stays 1).
+
+Trainable: nothing. State: the ``(C, D)`` prototypes (zero rows for unseen classes).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pecft_jax.methods.base import Method
+from pecft_jax.methods.common import frozen_query
+from pecft_jax.peft.prompt_pool import cosine_similarity
+
+
+def class_feature_sums(carry: dict, features: jax.Array, labels: jax.Array,
+                       mask: jax.Array) -> dict:
+    """Adds a batch to per-class feature sums ``(C, D)`` and counts ``(C,)`` (padding rows
+    have ``mask == 0``). A contraction over the batch axis: under ``TaskData.reduce`` the
+    compiler sums it across the mesh."""
+    onehot = jax.nn.one_hot(labels, carry["count"].shape[0], dtype=features.dtype)
+    onehot = onehot * mask[:, None]
+    return {"sum": carry["sum"] + onehot.T @ features, "count": carry["count"] + onehot.sum(0)}
+
+
+class SimpleCIL(Method):
+    name = "simplecil"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        """SimpleCIL has no hyper-parameter of its own."""
+
+    def init(self, rng, frozen):
+        dim = self.backbone.feature_dim
+        return {}, {"prototypes": jnp.zeros((self.num_classes, dim), jnp.float32)}
+
+    def train_epochs(self, task, default):
+        return 0
+
+    def after_task(self, task, trainable, state, frozen, data, rng):
+        def accumulate(carry, batch, frozen):
+            features = frozen_query(self.backbone, frozen, batch["image"])
+            return class_feature_sums(carry, features, batch["label"], batch["mask"])
+
+        dim = self.backbone.feature_dim
+        sums = data.reduce(accumulate, {"sum": jnp.zeros((self.num_classes, dim), jnp.float32),
+                                        "count": jnp.zeros((self.num_classes,), jnp.float32)},
+                           frozen)
+        new = jnp.asarray(task.class_mask("task"))
+        means = sums["sum"] / jnp.maximum(sums["count"], 1.0)[:, None]
+        prototypes = jnp.where(new[:, None], means, jnp.asarray(state["prototypes"]))
+        return trainable, dict(state, prototypes=prototypes)
+
+    def logits(self, trainable, state, frozen, images, task):
+        return cosine_similarity(frozen_query(self.backbone, frozen, images), state["prototypes"])
