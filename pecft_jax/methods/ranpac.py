@@ -1,0 +1,200 @@
+"""RanPAC: random projections and a ridge-regression head over a (first-session adapted)
+frozen pre-trained model (McDonnell et al., NeurIPS 2023; official code RanPAC/RanPAC,
+``RanPAC.py``; defaults from ``args/cifar224_publish.csv`` row 7, "RanPAC").
+
+Algorithm:
+
+* **Phase 1** (first task only, optional): parameter-efficient adaptation of the backbone on
+  the first task's data -- an AdaptFormer adapter (CIFAR-100), SSF (ImageNet-R) or VPT-deep,
+  with a cosine classifier ``sigma * cos(f, w_c)`` (learnable ``sigma``, starts at 1) over the
+  first task's classes, cross-entropy, SGD; then the backbone and its module are frozen for
+  good and that classifier is dropped.
+* **Phase 2** (every task): ``h = ReLU(f W_rand)``, ``f`` the adapted model's [CLS] feature
+  (after the final LayerNorm), ``W_rand ~ N(0, 1)`` of ``d x M`` drawn once [M = 10,000];
+  ``G += sum h^T h`` and ``Q += sum h^T y`` over the task's un-augmented training images
+  (``y`` one-hot over all classes of the run); head ``W = (G + lambda I)^-1 Q``;
+  logits ``h W``. ``M = 0`` skips the projection (``h = f``, the paper's "no RPs" ablation).
+* **lambda**, re-chosen every task from ``10^-8 .. 10^8`` (17 values) on the *current task's*
+  data only: fit ``(G_fit + lambda I)^-1 Q_fit`` on a random 80% of its examples, keep the
+  lambda of least mean squared error on the other 20% (ties: the smallest), as the official
+  ``optimise_ridge_parameter`` does (it takes the first 80% of a shuffled loader).
+
+Only ``G``, ``Q`` and ``W_rand`` are stored (and the solved head) -- no exemplars. Sums,
+solves and the validation errors all run on the devices: ``TaskData.reduce`` accumulates
+``G`` and ``Q`` sharded over the mesh, and the validation error of every lambda comes from
+the held-out split's own Gram statistics,
+``||H_v W - Y_v||^2 = tr(W^T G_v W) - 2 tr(W^T Q_v) + n_v``, so no per-example feature
+leaves the device and the backbone runs once per example.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pecft_jax import peft
+from pecft_jax.methods.base import Method, TaskSpec, config_field, count_params
+from pecft_jax.peft.modules import MODULE_KINDS, init_module, module_context
+from pecft_jax.peft.prompt_pool import cosine_similarity
+
+Array = jax.Array
+OFFICIAL_RIDGES = tuple(float(10.0 ** e) for e in range(-8, 9))
+
+
+# ----------------------------------------------------------------------------- ridge pieces
+def add_gram(carry: dict, h: Array, y: Array, weight: Array) -> dict:
+    """``G += (w h)^T h`` and ``Q += (w h)^T y`` for per-example weights ``w`` (0/1 masks)."""
+    hw = h * weight[:, None]
+    return {"G": carry["G"] + hw.T @ h, "Q": carry["Q"] + hw.T @ y}
+
+
+def ridge_solve(G: Array, Q: Array, ridge) -> Array:
+    """``(G + ridge I)^-1 Q`` (a linear solve, as the official code: better conditioned
+    than forming the inverse)."""
+    return jnp.linalg.solve(G + ridge * jnp.eye(G.shape[0], dtype=G.dtype), Q)
+
+
+def fit_split(num_examples: int, fraction: float, rng: Array) -> np.ndarray:
+    """Which of a task's examples fit the head while lambda is chosen: a random
+    ``int(fraction * n)`` of them (the official code takes the first 80% of a shuffled
+    loader); the rest are held out."""
+    seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
+    order = np.random.default_rng(seed).permutation(num_examples)
+    fit = np.zeros(num_examples, bool)
+    fit[order[:int(num_examples * fraction)]] = True
+    return fit
+
+
+def validation_errors(fit: dict, val: dict, n_val: Array, ridges: Array) -> Array:
+    """Mean squared error on the held-out split of the head fitted on the fit split, per
+    ridge: ``(tr(W^T G_v W) - 2 tr(W^T Q_v) + n_v) / (n_v C)`` with ``W`` from ``fit``
+    (``n_v`` = number of held-out one-hot rows, so ``||Y_v||^2 = n_v``)."""
+    num_classes = fit["Q"].shape[1]
+
+    def error(ridge):
+        w = ridge_solve(fit["G"], fit["Q"], ridge)
+        sse = jnp.sum((val["G"] @ w) * w) - 2.0 * jnp.sum(w * val["Q"]) + n_val
+        return sse / (n_val * num_classes)
+
+    return jax.lax.map(error, ridges)
+
+
+class RanPAC(Method):
+    name = "ranpac"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        M: int = 10_000                   # random-projection width; 0 = no projection
+        ridges: Tuple[float, ...] = OFFICIAL_RIDGES
+        fit_fraction: float = 0.8         # of the task's examples fit lambda; the rest score it
+        # Phase 1: 'adapter' | 'ssf' | 'prompt' (VPT) | 'lora', or 'none' (no adaptation)
+        first_session: str = "adapter"
+        adapter: peft.AdapterConfig = config_field(  # official: AdaptFormer, ffn_num=64
+            lambda: peft.AdapterConfig(bottleneck_dim=64, mode="parallel", scale=0.1,
+                                       dropout=0.1))
+        ssf: peft.SSFConfig = config_field(lambda: peft.SSFConfig(init="paper"))
+        prompt: peft.PromptConfig = config_field(  # official VPT: deep, 5 tokens, zeros
+            lambda: peft.PromptConfig(length=5, deep=True, init="zeros"))
+        lora: peft.LoraConfig = config_field(lambda: peft.LoraConfig(r=8, lora_alpha=16))
+
+        def __post_init__(self):
+            if self.first_session not in ("none",) + MODULE_KINDS:
+                raise ValueError(f"ranpac first_session must be 'none' or one of "
+                                 f"{MODULE_KINDS}, got {self.first_session!r}")
+            if self.M < 0:
+                raise ValueError(f"ranpac M must be >= 0 (0 = no random projection), got "
+                                 f"{self.M}")
+            if not self.ridges or min(self.ridges) <= 0:
+                raise ValueError(f"ranpac ridges must be positive values, got {self.ridges}")
+            if not 0.0 < self.fit_fraction < 1.0:
+                raise ValueError(f"ranpac fit_fraction must be in (0, 1), got "
+                                 f"{self.fit_fraction}")
+
+    def __init__(self, config, backbone, num_classes, num_tasks):
+        super().__init__(config, backbone, num_classes, num_tasks)
+        kind = self.config.first_session
+        self.module = None if kind == "none" else kind
+        self.module_cfg = getattr(self.config, kind) if self.module else None
+        self.width = self.config.M or backbone.feature_dim  # the width of h
+
+    # ------------------------------------------------------------------ set-up
+    def init(self, rng, frozen):
+        k_peft, k_head, k_rand = jax.random.split(rng, 3)
+        dim, m, c = self.backbone.feature_dim, self.width, self.num_classes
+        trainable = {}
+        if self.module:
+            trainable["peft"] = init_module(self.module, self.module_cfg,
+                                            self.backbone.config, k_peft)
+            bound = 1.0 / np.sqrt(dim)  # the official CosineLinear's reset_parameters
+            trainable["first_head"] = {
+                "kernel": jax.random.uniform(k_head, (dim, c), jnp.float32, -bound, bound),
+                "sigma": jnp.ones((), jnp.float32)}
+        state = {"G": jnp.zeros((m, m), jnp.float32), "Q": jnp.zeros((m, c), jnp.float32),
+                 "head": jnp.zeros((m, c), jnp.float32),
+                 "ridge": jnp.zeros((self.num_tasks,), jnp.float32)}
+        if self.config.M:
+            state["w_rand"] = jax.random.normal(k_rand, (dim, self.config.M), jnp.float32)
+        return trainable, state
+
+    def train_epochs(self, task, default):
+        return default if (self.module and task.index == 0) else 0
+
+    # ------------------------------------------------------------------ phase 1
+    def features(self, trainable, frozen, images, deterministic=True, rng=None) -> Array:
+        """The (adapted) backbone's [CLS] token after the final LayerNorm."""
+        context = (module_context(self.module, self.module_cfg, trainable["peft"])
+                   if self.module else None)
+        return self.backbone.apply(frozen, images, context, output="cls",
+                                   deterministic=deterministic, dropout_rng=rng)
+
+    def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
+        head = trainable["first_head"]
+        f = self.features(trainable, frozen, batch["image"], deterministic=False, rng=rng)
+        logits = head["sigma"] * cosine_similarity(f, head["kernel"].T)
+        ce = self.masked_ce(logits, batch["label"], task)
+        return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
+
+    # ------------------------------------------------------------------ phase 2
+    def project(self, state, features: Array) -> Array:
+        """``h = ReLU(f W_rand)`` (``f`` itself when ``M = 0``)."""
+        if not self.config.M:
+            return features
+        return jax.nn.relu(features @ state["w_rand"])
+
+    def after_task(self, task, trainable, state, frozen, data, rng):
+        trainable = {k: v for k, v in trainable.items() if k != "first_head"}  # phase 1 done
+        n = data.num_examples
+        fit = fit_split(n, self.config.fit_fraction, rng)
+        m, c = self.width, self.num_classes
+        zeros = lambda: {"G": jnp.zeros((m, m), jnp.float32), "Q": jnp.zeros((m, c), jnp.float32)}
+
+        def accumulate(carry, batch, trainable, state, frozen, fit):
+            h = self.project(state, self.features(trainable, frozen, batch["image"]))
+            y = jax.nn.one_hot(batch["label"], c, dtype=h.dtype)
+            in_fit = fit[jnp.minimum(batch["index"], fit.shape[0] - 1)] * batch["mask"]
+            return {"fit": add_gram(carry["fit"], h, y, in_fit),
+                    "val": add_gram(carry["val"], h, y, batch["mask"] - in_fit)}
+
+        sums = data.reduce(accumulate, {"fit": zeros(), "val": zeros()}, trainable,
+                           {k: v for k, v in state.items() if k == "w_rand"}, frozen,
+                           jnp.asarray(fit, jnp.float32))
+        ridges = jnp.asarray(self.config.ridges, jnp.float32)
+        errors = np.asarray(jax.jit(validation_errors)(sums["fit"], sums["val"],
+                                                       float(n - fit.sum()), ridges))
+        ridge = float(self.config.ridges[int(np.argmin(errors))])  # first minimum: smallest
+        G = state["G"] + sums["fit"]["G"] + sums["val"]["G"]
+        Q = state["Q"] + sums["fit"]["Q"] + sums["val"]["Q"]
+        head = jax.jit(ridge_solve)(G, Q, ridge)
+        ridge_log = jnp.asarray(state["ridge"]).at[task.index].set(ridge)
+        return trainable, dict(state, G=G, Q=Q, head=head, ridge=ridge_log)
+
+    def logits(self, trainable, state, frozen, images, task):
+        return self.project(state, self.features(trainable, frozen, images)) @ state["head"]
+
+    def count_trainable(self, trainable, state):
+        """The adapted module (phase 1) plus the solved ``M x C`` head (not ``W_rand``, which
+        is random, nor ``G``/``Q``, which are statistics)."""
+        return count_params(trainable) + count_params(state["head"])
