@@ -458,13 +458,16 @@ def test_eval_batches_pad_and_mask():
     np.testing.assert_array_equal(real, indices)  # in order, each once
     labels = np.concatenate([b["label"] for b in batches])[mask > 0]
     np.testing.assert_array_equal(labels, source.labels[indices])
+    # each example's position in the task, the same on every host count
+    position = np.concatenate([b["index"] for b in batches])
+    np.testing.assert_array_equal(position, np.arange(24))
     shards = [list(eval_batches(source, indices, np.arange(3), batch_size=8, preprocess=prep,
                                 process_index=i, process_count=2)) for i in range(2)]
     assert sum(b["mask"].sum() for s in shards for b in s) == 23
     for step in range(3):
-        np.testing.assert_array_equal(
-            np.concatenate([shards[0][step]["image"], shards[1][step]["image"]]),
-            batches[step]["image"])
+        for key in ("image", "index"):
+            np.testing.assert_array_equal(
+                np.concatenate([shards[0][step][key], shards[1][step][key]]), batches[step][key])
 
 
 def test_prefetch_keeps_order_and_raises():

@@ -170,6 +170,20 @@ def test_simplecil_matrix_equals_a_numpy_recomputation(simplecil_run):
     assert 10.0 < np.mean(expected[-1]) < 100.0  # neither chance nor trivially perfect
 
 
+@pytest.mark.parametrize("arg, classes", [("cifar100", 100), ("imagenet_r", 200)])
+def test_simplecil_paper_configuration_stores_one_prototype_per_class(arg, classes):
+    from pecft_jax.backbones import vit
+    from pecft_jax.backbones.backbone import Backbone
+    from helpers import load_experiment_config
+    c = load_experiment_config("simplecil", arg)
+    assert tuple(c.backbone.mean) == (0.0,) and tuple(c.backbone.std) == (1.0,)  # [0, 1] pixels
+    backbone = Backbone(vit.get_config("ViT-B/16", num_classes=0))
+    method = create_method("simplecil", c.method, backbone, classes, c.scenario.num_tasks)
+    trainable, state = jax.eval_shape(lambda k: method.init(k, None), jax.random.key(0))
+    assert trainable == {} and method.train_epochs(None, c.train.epochs) == 0
+    assert state["prototypes"].shape == (classes, 768)
+
+
 def test_first_task_only_method_trains_task_zero_and_replaces_its_trainables(tmp_path):
     config = tiny_config("ranpac", M=32, first_session="adapter", adapter={"bottleneck_dim": 4},
                          ridges=(1e-2, 1.0, 100.0))
@@ -195,15 +209,26 @@ def test_first_task_only_method_trains_task_zero_and_replaces_its_trainables(tmp
     assert results["trainable_params"] == 32 * 10 + 2 * (32 * 4 + 4 + 4 * 32 + 32)
 
 
-# ------------------------------------------------------------------ the update hook
+# ------------------------------------------------- data before a task, the update hook
 class ProjectedHead(Finetune):
-    """A test method whose update projects the head's gradient onto a fixed subspace of the
-    feature space held in its state (what GPM / InfLoRA do with their subspaces)."""
+    """A test method in the manner of InfLoRA / GPM: before each task it builds a subspace
+    from the task's inputs (the top-3 eigenvectors of the frozen features' second moment,
+    summed on the devices), and its update projects the head's gradient onto it."""
     name = "projected_head"
 
     def init(self, rng, frozen):
         trainable, _ = super().init(rng, frozen)
-        basis = np.linalg.qr(np.random.default_rng(0).standard_normal((32, 3)))[0]
+        dim = self.backbone.feature_dim
+        return trainable, {"projector": jnp.zeros((dim, dim), jnp.float32)}
+
+    def before_task(self, task, trainable, state, frozen, data, rng):
+        def second_moment(carry, batch, frozen):
+            f = self.backbone.apply(frozen, batch["image"], output="cls")
+            return carry + (f * batch["mask"][:, None]).T @ f
+
+        dim = self.backbone.feature_dim
+        moment = data.reduce(second_moment, jnp.zeros((dim, dim), jnp.float32), frozen)
+        basis = np.linalg.eigh(np.asarray(moment, np.float64))[1][:, -3:]
         return trainable, {"projector": jnp.asarray(basis @ basis.T, jnp.float32)}
 
     def update(self, trainable, state, opt_state, frozen, batch, rng, task, optimizer):
@@ -212,28 +237,38 @@ class ProjectedHead(Finetune):
         return self.apply_gradients(trainable, state, opt_state, grads, aux, optimizer)
 
 
-def test_update_hook_keeps_every_change_in_the_projected_subspace(tmp_path, monkeypatch):
+def test_subspace_from_data_before_the_task_confines_every_update(tmp_path, monkeypatch):
     from pecft_jax import methods
+    from pecft_jax.data import pipeline
     monkeypatch.setitem(methods._REGISTRY, "projected_head", f"{__name__}:ProjectedHead")
     config = tiny_config("projected_head", mode="head")
     config.scenario.num_tasks = 2
     config.train.optimizer = "sgd"  # plain SGD: updates are gradients, so they stay projected
-    results = train_and_evaluate(config, str(tmp_path))
-    assert "train_step/1" in results["compilations"]
-    ckpt = Checkpointer(str(tmp_path))
+    trainer = ContinualTrainer(config, str(tmp_path))
     try:
-        end = ckpt.restore("tasks", 1)
+        results = trainer.run()
+        # the task-1 subspace, recomputed in numpy from the task's un-augmented inputs
+        task = trainer.tasks[1]
+        feature = jax.jit(lambda p, x: trainer.backbone.apply(p, x, output="cls"))
+        feats = np.concatenate([
+            np.asarray(feature(trainer.frozen, b["image"]), np.float64)[b["mask"] > 0]
+            for b in pipeline.eval_batches(task.train_source, task.train_indices,
+                                           trainer.label_map, batch_size=64,
+                                           preprocess=trainer.eval_preprocess)])
+        first, second = (trainer.checkpointer.restore("tasks", t) for t in (0, 1))
     finally:
-        ckpt.close()
-    backbone, frozen = load_backbone("random:ViT-Micro/4")
-    method = ProjectedHead(config.method, backbone, 10, 2)
-    start, state = method.init(jax.random.fold_in(jax.random.key(config.seed), 10 ** 6), frozen)
-    delta = np.asarray(end["trainable"]["head"]["kernel"]) - np.asarray(start["head"]["kernel"])
-    assert np.abs(delta).max() > 1e-3  # it trained
-    projector = np.asarray(state["projector"])
-    np.testing.assert_allclose(projector @ delta, delta, atol=1e-5)
-    # the bias is not projected, and moved freely
-    assert not np.allclose(end["trainable"]["head"]["bias"], start["head"]["bias"])
+        trainer.close()
+    assert "train_step/1" in trainer.trace_counts
+    basis = np.linalg.eigh(feats.T @ feats)[1][:, -3:]
+    projector = np.asarray(second["state"]["projector"])
+    np.testing.assert_allclose(projector, basis @ basis.T, atol=1e-4)
+    delta = (np.asarray(second["trainable"]["head"]["kernel"])
+             - np.asarray(first["trainable"]["head"]["kernel"]))
+    assert np.abs(delta).max() > 1e-3  # task 1 trained ...
+    np.testing.assert_allclose(projector @ delta, delta, atol=1e-5)  # ... inside the subspace
+    # the bias is not projected and moved freely
+    assert not np.allclose(second["trainable"]["head"]["bias"], first["trainable"]["head"]["bias"])
+    assert [len(r) for r in results["accuracy_matrix"]] == [1, 2]
 
 
 # ---------------------------------------------------------------- lr multipliers by regex
@@ -287,3 +322,21 @@ def test_lr_mults_scale_the_backbone_step_and_frozen_leaves_never_enter_grad(tmp
     for a, b in zip(jax.tree_util.tree_leaves(trainable["backbone"]["Transformer"]["encoderblock_0"]),
                     jax.tree_util.tree_leaves(new["backbone"]["Transformer"]["encoderblock_0"])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_base_optimizer_sgd_weight_decay_is_coupled_and_cosine_steps_per_epoch():
+    import ml_collections
+    from pecft_jax.train.loop import make_base_optimizer
+    cfg = ml_collections.ConfigDict({"learning_rate": 0.1, "optimizer": "sgd", "momentum": 0.0,
+                                     "weight_decay": 0.5, "schedule": "cosine_epochs"})
+    opt = make_base_optimizer(cfg, total_steps=12, steps_per_epoch=3)  # 4 epochs
+    params, grads = jnp.array([2.0, -1.0]), jnp.array([0.3, 0.1])
+    state = opt.init(params)
+    for step in range(12):
+        updates, state = opt.update(grads, state, params)
+        lr = 0.1 * 0.5 * (1 + np.cos(np.pi * (step // 3) / 4))  # CosineAnnealingLR per epoch
+        # torch.optim.SGD(weight_decay=wd): the step is -lr * (g + wd * p)
+        np.testing.assert_allclose(updates, -lr * (np.asarray(grads) + 0.5 * np.asarray(params)),
+                                   rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown schedule 'step'"):
+        make_base_optimizer(ml_collections.ConfigDict({"learning_rate": 0.1, "schedule": "step"}), 10)

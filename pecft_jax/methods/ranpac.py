@@ -29,6 +29,7 @@ leaves the device and the backbone runs once per example.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Tuple
 
 import jax
@@ -41,6 +42,7 @@ from pecft_jax.peft.modules import MODULE_KINDS, init_module, module_context
 from pecft_jax.peft.prompt_pool import cosine_similarity
 
 Array = jax.Array
+log = logging.getLogger("pecft_jax")
 OFFICIAL_RIDGES = tuple(float(10.0 ** e) for e in range(-8, 9))
 
 
@@ -185,6 +187,8 @@ class RanPAC(Method):
         errors = np.asarray(jax.jit(validation_errors)(sums["fit"], sums["val"],
                                                        float(n - fit.sum()), ridges))
         ridge = float(self.config.ridges[int(np.argmin(errors))])  # first minimum: smallest
+        log.info("ranpac task %d: lambda %g (held-out MSE %.4g)", task.index, ridge,
+                 float(np.min(errors)))
         G = state["G"] + sums["fit"]["G"] + sums["val"]["G"]
         Q = state["Q"] + sums["fit"]["Q"] + sums["val"]["Q"]
         head = jax.jit(ridge_solve)(G, Q, ridge)
