@@ -67,4 +67,4 @@ def array_task_data(images, labels, batch=8, num_devices=None):
                    "index": order.astype(np.int32)}
 
     return TaskData(batches, len(images), shard=lambda b: mesh_lib.shard_batch(b, mesh),
-                    gather=mesh_lib.to_host, replicate=lambda t: mesh_lib.replicate(t, mesh))
+                    gather=mesh_lib.to_host, replicated=mesh_lib.replicated(mesh))

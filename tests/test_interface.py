@@ -40,7 +40,8 @@ def test_reduce_sums_across_the_mesh_exactly_as_on_one_device():
     eight = array_task_data(images, labels, batch=16).reduce(_gram_and_class_sums, init, w)
     one = array_task_data(images, labels, batch=16, num_devices=1).reduce(
         _gram_and_class_sums, init, w)
-    assert len(eight["gram"].sharding.device_set) == 8  # replicated over the 8-device mesh
+    assert eight["gram"].sharding.is_fully_replicated  # on every device of the 8-device mesh
+    assert len(eight["gram"].sharding.device_set) == 8
     for key in init:
         np.testing.assert_array_equal(np.asarray(eight[key]), np.asarray(one[key]))
     x = images.reshape(45, -1) @ w  # padding rows excluded
@@ -181,7 +182,27 @@ def test_simplecil_paper_configuration_stores_one_prototype_per_class(arg, class
     method = create_method("simplecil", c.method, backbone, classes, c.scenario.num_tasks)
     trainable, state = jax.eval_shape(lambda k: method.init(k, None), jax.random.key(0))
     assert trainable == {} and method.train_epochs(None, c.train.epochs) == 0
-    assert state["prototypes"].shape == (classes, 768)
+    assert state["sum"].shape == (classes, 768) and state["count"].shape == (classes,)
+
+
+def test_simplecil_prototype_of_a_class_met_again_is_its_running_mean():
+    """Domain-incremental: the same classes in every task; the prototype is the mean over
+    every image of the class seen so far (class-incremental runs never meet one again)."""
+    from helpers import task_spec
+    backbone, frozen = load_backbone("random:ViT-Micro/4")
+    method = create_method("simplecil", {}, backbone, 2, 2)
+    trainable, state = method.init(jax.random.key(0), frozen)
+    rng = np.random.default_rng(0)
+    images = [rng.normal(size=(12, 16, 16, 1)).astype(np.float32) + k for k in (0.0, 1.0)]
+    labels = np.repeat([0, 1], 6)
+    for t in range(2):
+        trainable, state = method.after_task(task_spec(t, [[0, 1], [0, 1]], 2), trainable, state,
+                                             frozen, array_task_data(images[t], labels), None)
+    feats = np.asarray(backbone.apply(frozen, np.concatenate(images), output="cls"), np.float64)
+    both = np.concatenate([labels, labels])
+    means = np.stack([feats[both == c].mean(0) for c in (0, 1)])
+    np.testing.assert_allclose(np.asarray(state["sum"]) / np.asarray(state["count"])[:, None],
+                               means, rtol=1e-4, atol=1e-5)
 
 
 def test_first_task_only_method_trains_task_zero_and_replaces_its_trainables(tmp_path):
@@ -340,3 +361,67 @@ def test_base_optimizer_sgd_weight_decay_is_coupled_and_cosine_steps_per_epoch()
                                    rtol=1e-6)
     with pytest.raises(ValueError, match="unknown schedule 'step'"):
         make_base_optimizer(ml_collections.ConfigDict({"learning_rate": 0.1, "schedule": "step"}), 10)
+
+
+def test_joint_on_a_domain_scenario_fails_clearly(tmp_path):
+    config = tiny_config("finetune", mode="head")
+    config.scenario.kind = "domain"
+    config.scenario.num_tasks = 2
+    config.scenario.domains = ["digits", "digits+rotate90"]
+    config.scenario.class_order = "identity"
+    config.scenario.joint = True
+    with pytest.raises(ValueError, match="scenario.joint=True needs every task to read one"):
+        train_and_evaluate(config, str(tmp_path))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_inside_a_task_with_a_stateless_optimizer_skips_before_task(tmp_path, monkeypatch):
+    """Plain SGD keeps no optimizer arrays; a run resumed inside task 0 (RanPAC's phase 1)
+    must still continue past before_task, and end where the uninterrupted run ends."""
+    from pecft_jax.data import pipeline
+    from pecft_jax.methods.ranpac import RanPAC
+
+    def config():
+        c = tiny_config("ranpac", M=32, adapter={"bottleneck_dim": 4}, ridges=(1e-2, 1.0, 1e2))
+        c.scenario.num_tasks = 2
+        c.train.optimizer = "sgd"  # momentum 0, constant rate: an optimizer state of no arrays
+        c.train.epochs = 2
+        return c
+
+    whole = train_and_evaluate(config(), str(tmp_path / "whole"))
+    real_batches, calls = pipeline.train_batches, {"n": 0}
+
+    def crashing_batches(*args, **kwargs):
+        for batch in real_batches(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 20:  # inside task 0, after the checkpoint of step 18
+                raise _Interrupted()
+            yield batch
+
+    monkeypatch.setattr(pipeline, "train_batches", crashing_batches)
+    with pytest.raises(_Interrupted):
+        train_and_evaluate(config(), str(tmp_path / "resumed"))
+    monkeypatch.setattr(pipeline, "train_batches", real_batches)
+    seen = []
+    real_before = RanPAC.before_task
+
+    def spy(self, task, *args):
+        seen.append(task.index)
+        return real_before(self, task, *args)
+
+    monkeypatch.setattr(RanPAC, "before_task", spy)
+    resumed = train_and_evaluate(config(), str(tmp_path / "resumed"))
+    assert seen == [1]  # task 0 resumed at its checkpointed step, past its before_task
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    ckpts = [Checkpointer(str(tmp_path / name)) for name in ("whole", "resumed")]
+    try:
+        a, b = (c.restore("tasks", 1) for c in ckpts)
+    finally:
+        for c in ckpts:
+            c.close()
+    for x, y in zip(jax.tree_util.tree_leaves((a["trainable"], a["state"])),
+                    jax.tree_util.tree_leaves((b["trainable"], b["state"]))):
+        np.testing.assert_array_equal(x, y)

@@ -115,7 +115,7 @@ def test_training_touches_only_trainable_groups():
     assert grads["lora"]["0"]["value"] == {"A": None, "B": None}  # never differentiated
 
     # First step, group by group: SGD moves by -lr * g; Adam's first step is
-    # -lr * g / (|g| + eps) (bias-corrected moments are g and g^2); set_to_zero stays put.
+    # -lr * g / (|g| + eps) (bias-corrected moments are g and g^2); 'old' leaves stay put.
     g = jax.tree_util.tree_map(np.asarray, grads)
     np.testing.assert_allclose(new["head"]["kernel"],
                                start["head"]["kernel"] - lr_head * g["head"]["kernel"], atol=1e-6)

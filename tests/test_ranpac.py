@@ -88,6 +88,20 @@ def test_validation_errors_from_gram_statistics_equal_explicit_predictions():
     np.testing.assert_allclose(got, want, rtol=1e-3)
 
 
+def test_a_near_singular_fit_is_never_the_chosen_lambda():
+    rng = np.random.default_rng(2)
+    base = np.maximum(rng.normal(size=(40, 6)), 0)
+    h = 1e3 * np.concatenate([base, base], axis=1)  # duplicated columns: G_fit is singular
+    y = np.eye(3)[rng.integers(0, 3, 40)]
+    fit = np.arange(40) < 32
+    gram = lambda rows: {"G": jnp.asarray(h[rows].T @ h[rows], jnp.float32),
+                         "Q": jnp.asarray(h[rows].T @ y[rows], jnp.float32)}
+    errors = np.asarray(validation_errors(gram(fit), gram(~fit), 8.0,
+                                          jnp.asarray(OFFICIAL_RIDGES, jnp.float32)))
+    assert not np.isnan(errors).any() and np.all(errors >= 0)
+    assert np.argmin(errors) > 0 and np.isfinite(errors.min())
+
+
 def test_ranpac_runs_end_to_end_on_the_loop(micro, tmp_path):
     from helpers import tiny_config
     from pecft_jax.train.loop import train_and_evaluate

@@ -12,11 +12,13 @@ SGD; later tasks take no gradient step), phase 2 fits a ridge-regression head on
 Paper setting: official RanPAC/RanPAC ``args/cifar224_publish.csv`` and
 ``args/imagenetr_publish.csv``, row ID 7 ("RanPAC"):
 
-* CIFAR-100 B0 Inc10: backbone ViT-B/16 ImageNet-21k (timm ``vit_base_patch16_224_in21k``),
+* CIFAR-100 B0 Inc10: backbone ViT-B/16 ImageNet-21k (timm 0.6.12 ``vit_base_patch16_224_in21k``:
+  the AugReg weights ``B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz``),
   first session with an AdaptFormer adapter (``ffn_num=64`` hard-coded, scale 0.1,
   dropout 0.1; ``method.adapter``'s defaults);
 * ImageNet-R B0 Inc20: backbone ViT-B/16 in21k fine-tuned on in1k (timm
-  ``vit_base_patch16_224``), first session with SSF (scale ~ N(1, 0.02), shift ~ N(0, 0.02);
+  ``vit_base_patch16_224``: ``B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz``),
+  first session with SSF (scale ~ N(1, 0.02), shift ~ N(0, 0.02);
   the official SSF also scales the patch embedding and the final norm, which this backbone
   has no hook for);
 * both: M = 10,000, ``tuned_epoch`` 20, ``body_lr`` 0.01, SGD momentum 0.9, weight decay
@@ -30,10 +32,19 @@ Memory: ``G`` is M x M float32 -- 400 MB at M = 10,000, held on every device and
 every task checkpoint (``Q`` and the head, ``M x C``, add 4 MB each per 100 classes;
 ``W_rand``, ``768 x M``, 31 MB).
 
+Data: ImageNet-R here is TFDS ``imagenet_r`` split 80/20 (``test[:80%]`` / ``test[80%:]``), not
+the authors' pre-split train/test folders; the class order comes from ``scenario.seed``.
+
 Repository tables (``paper_tables/Table_data_main_*.csv``, final average accuracy):
 CIFAR-100 92.2, ImageNet-R 77.9.
 """
 from pecft_jax.configs import benchmark
+
+# Google's AugReg ViT-B/16 checkpoints (gs://vit_models/augreg/), the weights timm 0.6.12
+# loads for the backbones named above; put them under weights/ or pass
+# --config.backbone.checkpoint=PATH.
+AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
+IN1K_FINETUNE = "imagenet2012-steps_20k-lr_0.01-res_224"
 
 
 def get_config(arg: str = "split_mnist"):
@@ -52,7 +63,11 @@ def get_config(arg: str = "split_mnist"):
         c.train.learning_rate = 0.01
     else:
         c.method.M = 10_000
-        c.method.first_session = "adapter" if c.benchmark == "cifar100" else "ssf"
+        if c.benchmark == "cifar100":
+            c.backbone.checkpoint = f"weights/{AUGREG_IN21K}.npz"
+        else:
+            c.method.first_session = "ssf"
+            c.backbone.checkpoint = f"weights/{AUGREG_IN21K}--{IN1K_FINETUNE}.npz"
         c.backbone.mean = (0.0,)
         c.backbone.std = (1.0,)
         c.train.epochs = 20

@@ -17,6 +17,8 @@ and ``imagenetr_5_5_...``; LAMDA-PILOT ``exps/simplecil.json`` / ``simplecil_inr
 * inputs ``ToTensor()`` without normalisation, so pixels in [0, 1]: ``backbone.mean=(0,)``,
   ``backbone.std=(1,)`` (official ``build_transform``: Resize(256, bicubic), CenterCrop(224);
   this pipeline resizes bilinearly to 224 without a crop);
+* data: ImageNet-R is TFDS ``imagenet_r`` split 80/20 here, not the authors' train/test
+  folders;
 * splits: the official configs are B0 Inc5; these benchmarks are PILOT's B0 Inc10
   (CIFAR-100, 10 tasks) and B0 Inc20 (ImageNet-R, 10 tasks), class order from seed 1993;
 * the prototype pass batch (official 128) is ``eval.batch_size``; it does not change the
@@ -27,12 +29,18 @@ last 54.55 / average 62.57.
 """
 from pecft_jax.configs import benchmark
 
+# Google's AugReg ViT-B/16 ImageNet-21k checkpoint (gs://vit_models/augreg/), the weights of
+# timm 0.6.12's vit_base_patch16_224_in21k; put it under weights/ or pass
+# --config.backbone.checkpoint=PATH.
+AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
+
 
 def get_config(arg: str = "split_mnist"):
     c = benchmark(arg or "split_mnist")
     c.method.name = "simplecil"
     c.augment.enabled = False  # nothing is trained: no augmented batch is ever drawn
     if c.benchmark != "split_mnist":
+        c.backbone.checkpoint = f"weights/{AUGREG_IN21K}.npz"
         c.backbone.mean = (0.0,)
         c.backbone.std = (1.0,)
         c.eval.batch_size = 128

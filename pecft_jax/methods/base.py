@@ -27,8 +27,7 @@ Conventions the loop relies on:
 from __future__ import annotations
 
 import dataclasses
-import typing
-from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterable, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -184,15 +183,18 @@ class TaskData:
 
     def __init__(self, batches: Callable[[], Iterable[dict]], num_examples: int, *,
                  shard: Callable[[dict], dict], gather: Callable[[Any], Any],
-                 replicate: Callable[[Any], Any]):
+                 replicated: jax.sharding.Sharding):
         """``batches()`` yields this host's slice of each global batch (numpy); ``shard``
         turns it into global device arrays; ``gather`` fetches a global array to the host;
-        ``replicate`` places a pytree on every device."""
+        ``replicated`` is the mesh's fully replicated sharding."""
         self._batches = batches
         self.num_examples = int(num_examples)
         self._shard = shard
         self._gather = gather
-        self._replicate = replicate
+        self._replicated = replicated
+
+    def _replicate(self, tree: Any) -> Any:
+        return jax.device_put(tree, self._replicated)
 
     def map(self, fn: Callable[..., Any], *args) -> Tuple[Any, np.ndarray]:
         """``fn(batch, *args) -> pytree of per-example arrays`` over every example; returns
@@ -217,7 +219,7 @@ class TaskData:
         contraction over the batch axis (``h.T @ h``, a masked per-class sum) is summed
         across the mesh by the compiler and per-example values never reach the host.
         Padding rows have ``mask == 0``: ``fn`` must weight by it."""
-        step = jax.jit(fn, donate_argnums=0)
+        step = jax.jit(fn, donate_argnums=0, out_shardings=self._replicated)
         # a copy: the steps donate the carry's buffers, and device_put may alias ``init``'s
         carry = jax.tree_util.tree_map(jnp.copy, self._replicate(init))
         args = self._replicate(args)

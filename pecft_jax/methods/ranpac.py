@@ -43,6 +43,14 @@ from pecft_jax.peft.prompt_pool import cosine_similarity
 
 Array = jax.Array
 log = logging.getLogger("pecft_jax")
+# Full float32 products for the ridge algebra: the default precision of an accelerator may
+# round float32 matmul inputs (TF32 on recent GPUs), and the solve for small lambdas is
+# ill-conditioned; the official code computes all of it in float32.
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _dot(a: Array, b: Array) -> Array:
+    return jnp.matmul(a, b, precision=HIGHEST)
 OFFICIAL_RIDGES = tuple(float(10.0 ** e) for e in range(-8, 9))
 
 
@@ -50,13 +58,14 @@ OFFICIAL_RIDGES = tuple(float(10.0 ** e) for e in range(-8, 9))
 def add_gram(carry: dict, h: Array, y: Array, weight: Array) -> dict:
     """``G += (w h)^T h`` and ``Q += (w h)^T y`` for per-example weights ``w`` (0/1 masks)."""
     hw = h * weight[:, None]
-    return {"G": carry["G"] + hw.T @ h, "Q": carry["Q"] + hw.T @ y}
+    return {"G": carry["G"] + _dot(hw.T, h), "Q": carry["Q"] + _dot(hw.T, y)}
 
 
 def ridge_solve(G: Array, Q: Array, ridge) -> Array:
     """``(G + ridge I)^-1 Q`` (a linear solve, as the official code: better conditioned
     than forming the inverse)."""
-    return jnp.linalg.solve(G + ridge * jnp.eye(G.shape[0], dtype=G.dtype), Q)
+    with jax.default_matmul_precision("highest"):  # traced in jit: applies to the solve
+        return jnp.linalg.solve(G + ridge * jnp.eye(G.shape[0], dtype=G.dtype), Q)
 
 
 def fit_split(num_examples: int, fraction: float, rng: Array) -> np.ndarray:
@@ -78,7 +87,9 @@ def validation_errors(fit: dict, val: dict, n_val: Array, ridges: Array) -> Arra
 
     def error(ridge):
         w = ridge_solve(fit["G"], fit["Q"], ridge)
-        sse = jnp.sum((val["G"] @ w) * w) - 2.0 * jnp.sum(w * val["Q"]) + n_val
+        sse = jnp.sum(_dot(val["G"], w) * w) - 2.0 * jnp.sum(w * val["Q"]) + n_val
+        # a near-singular fit (the smallest lambdas) can overflow: never the minimum
+        sse = jnp.where(jnp.isfinite(sse), jnp.maximum(sse, 0.0), jnp.inf)
         return sse / (n_val * num_classes)
 
     return jax.lax.map(error, ridges)
@@ -164,7 +175,7 @@ class RanPAC(Method):
         """``h = ReLU(f W_rand)`` (``f`` itself when ``M = 0``)."""
         if not self.config.M:
             return features
-        return jax.nn.relu(features @ state["w_rand"])
+        return jax.nn.relu(_dot(features, state["w_rand"]))
 
     def after_task(self, task, trainable, state, frozen, data, rng):
         trainable = {k: v for k, v in trainable.items() if k != "first_head"}  # phase 1 done
@@ -196,7 +207,7 @@ class RanPAC(Method):
         return trainable, dict(state, G=G, Q=Q, head=head, ridge=ridge_log)
 
     def logits(self, trainable, state, frozen, images, task):
-        return self.project(state, self.features(trainable, frozen, images)) @ state["head"]
+        return _dot(self.project(state, self.features(trainable, frozen, images)), state["head"])
 
     def count_trainable(self, trainable, state):
         """The adapted module (phase 1) plus the solved ``M x C`` head (not ``W_rand``, which

@@ -7,11 +7,13 @@ Algorithm (no gradient step at all):
 * after task ``t``: for each of its classes ``c``, the prototype ``p_c`` is the mean of the
   frozen backbone's feature -- the [CLS] token after the final LayerNorm -- over the class's
   training images without augmentation (the official loader uses test-time transforms);
-  prototypes of earlier classes never change;
+  prototypes of earlier classes never change (a class met again, as in domain-incremental
+  scenarios, gets the running mean over all its images so far);
 * prediction: ``argmax_c cos(f(x), p_c)`` over the classes seen so far (the official
   ``CosineLinear``: both sides L2-normalised, its scale ``sigma`` stays 1).
 
-Trainable: nothing. State: the ``(C, D)`` prototypes (zero rows for unseen classes).
+Trainable: nothing. State: per-class feature sums ``(C, D)`` and counts ``(C,)``; the
+prototypes are their ratio (zero rows for unseen classes).
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def class_feature_sums(carry: dict, features: jax.Array, labels: jax.Array,
     compiler sums it across the mesh."""
     onehot = jax.nn.one_hot(labels, carry["count"].shape[0], dtype=features.dtype)
     onehot = onehot * mask[:, None]
-    return {"sum": carry["sum"] + onehot.T @ features, "count": carry["count"] + onehot.sum(0)}
+    sums = jnp.matmul(onehot.T, features, precision=jax.lax.Precision.HIGHEST)  # full float32
+    return {"sum": carry["sum"] + sums, "count": carry["count"] + onehot.sum(0)}
 
 
 class SimpleCIL(Method):
@@ -44,7 +47,8 @@ class SimpleCIL(Method):
 
     def init(self, rng, frozen):
         dim = self.backbone.feature_dim
-        return {}, {"prototypes": jnp.zeros((self.num_classes, dim), jnp.float32)}
+        return {}, {"sum": jnp.zeros((self.num_classes, dim), jnp.float32),
+                    "count": jnp.zeros((self.num_classes,), jnp.float32)}
 
     def train_epochs(self, task, default):
         return 0
@@ -54,14 +58,8 @@ class SimpleCIL(Method):
             features = frozen_query(self.backbone, frozen, batch["image"])
             return class_feature_sums(carry, features, batch["label"], batch["mask"])
 
-        dim = self.backbone.feature_dim
-        sums = data.reduce(accumulate, {"sum": jnp.zeros((self.num_classes, dim), jnp.float32),
-                                        "count": jnp.zeros((self.num_classes,), jnp.float32)},
-                           frozen)
-        new = jnp.asarray(task.class_mask("task"))
-        means = sums["sum"] / jnp.maximum(sums["count"], 1.0)[:, None]
-        prototypes = jnp.where(new[:, None], means, jnp.asarray(state["prototypes"]))
-        return trainable, dict(state, prototypes=prototypes)
+        return trainable, data.reduce(accumulate, state, frozen)
 
     def logits(self, trainable, state, frozen, images, task):
-        return cosine_similarity(frozen_query(self.backbone, frozen, images), state["prototypes"])
+        prototypes = state["sum"] / jnp.maximum(state["count"], 1.0)[:, None]
+        return cosine_similarity(frozen_query(self.backbone, frozen, images), prototypes)

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import jax
 import ml_collections
@@ -75,10 +75,13 @@ class RunState:
 
 @dataclasses.dataclass
 class Position:
-    """Where a run continues: task, step inside it, and the optimizer state when inside."""
+    """Where a run continues: a task, and -- when it resumes inside that task, past its
+    ``before_task`` -- the step and the optimizer state (which may hold no arrays at all,
+    e.g. plain SGD, so "inside" is said explicitly)."""
     task: int = 0
     step: int = 0
     opt_state: Any = None
+    inside: bool = False
 
 
 class ContinualTrainer:
@@ -134,7 +137,7 @@ class ContinualTrainer:
         task_rng = jax.random.fold_in(self.base_rng, t)
         data = self.task_data(task)
         started = time.time()
-        if position.opt_state is None:  # not resuming inside this task
+        if not position.inside:  # before_task already ran for a task resumed inside
             run.trainable, run.state = self.method.before_task(
                 spec, run.trainable, run.state, self.frozen, data, jax.random.fold_in(task_rng, 0))
         epochs = self.epochs(spec)
@@ -178,9 +181,11 @@ class ContinualTrainer:
             trees = self.checkpointer.restore(kind, ckpt_step)
             spec = self.task_spec(t)
             optimizer = self.optimizer(spec, trees["trainable"], self.tasks[t], self.epochs(spec))
-            restored = self.checkpointer.restore(
-                kind, ckpt_step, opt_state_target=optimizer.init(trees["trainable"]))
-            position = Position(t, meta["step_in_task"], restored["opt_state"])
+            target = optimizer.init(trees["trainable"])
+            restored = self.checkpointer.restore(kind, ckpt_step, opt_state_target=target)
+            opt_state = restored["opt_state"]  # None when the optimizer keeps no arrays
+            position = Position(t, meta["step_in_task"],
+                                target if opt_state is None else opt_state, inside=True)
         run.trainable, run.state = restored["trainable"], restored["state"]
         log.info("resuming from checkpoint %s/%d (task %d, step %d)", kind, ckpt_step,
                  position.task, position.step)
@@ -196,8 +201,8 @@ class ContinualTrainer:
         optimizer = self.optimizer(spec, run.trainable, task, epochs)
         trainable = mesh_lib.replicate(run.trainable, self.mesh)
         state = mesh_lib.replicate(run.state, self.mesh)
-        opt_state = mesh_lib.replicate(optimizer.init(trainable) if position.opt_state is None
-                                       else position.opt_state, self.mesh)
+        opt_state = mesh_lib.replicate(position.opt_state if position.inside
+                                       else optimizer.init(trainable), self.mesh)
         train_step = self.make_train_step(spec, optimizer)
         every = int(self.config.train.get("checkpoint_every_steps", 0) or 0)
         log_every = int(self.config.train.get("log_every_steps", 20) or 20)
@@ -307,7 +312,9 @@ class ContinualTrainer:
                 logits_np, labels_np, seen))
             row["task_il"].append(metrics_lib.task_incremental_accuracy(
                 logits_np, labels_np, task.classes))
-            if task_pred:  # task-identity prediction accuracy (prompt / domain selection)
+            # task-identity accuracy (prompt / domain selection); joint training has one
+            # task, so there is no identity to infer
+            if task_pred and not self.joint:
                 pred = np.concatenate(task_pred)
                 row.setdefault("task_identity", []).append(
                     100.0 * float(np.mean(pred == task.index)))
@@ -368,6 +375,12 @@ class ContinualTrainer:
         if not self.joint:
             return tasks
         first = tasks[0]
+        if any(t.train_source is not first.train_source for t in tasks):
+            raise ValueError(
+                f"scenario.joint=True needs every task to read one data source; this "
+                f"{self.scenario.kind}-incremental scenario has a source per task (domains or "
+                f"a dataset sequence), which joint training cannot merge yet; run the upper "
+                f"bound on a class-incremental scenario or leave scenario.joint unset")
         return [dataclasses.replace(
             first, index=0, classes=tuple(c for t in tasks for c in t.classes),
             train_indices=np.concatenate([t.train_indices for t in tasks]),
@@ -389,8 +402,7 @@ class ContinualTrainer:
                 process_index=jax.process_index(), process_count=jax.process_count())
         return TaskData(batches, len(task.train_indices),
                         shard=lambda local: mesh_lib.shard_batch(local, self.mesh),
-                        gather=self._gather,
-                        replicate=lambda tree: mesh_lib.replicate(tree, self.mesh))
+                        gather=self._gather, replicated=mesh_lib.replicated(self.mesh))
 
     def _gather(self, tree: Any) -> Any:
         """Global (sharded or replicated) arrays -> numpy on this host, in mesh order."""

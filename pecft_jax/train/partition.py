@@ -2,8 +2,8 @@
 
 Representation: parameter trees are nested dicts (``Mapping``s); anything that is not a
 Mapping is a leaf (arrays, ``jax.ShapeDtypeStruct``s, ...). :func:`split` returns two trees
-in which the other side's leaves are *absent* (and sub-dicts left empty are dropped), never
-None-filled. So the training step can be written as::
+in which the other side's leaves are *absent* (and sub-dicts left empty are dropped). So a
+training step over a whole parameter tree can be written as::
 
     trainable, frozen = split(params, labels)
     grads = jax.grad(loss)(trainable, frozen, batch)   # only argnum 0 is differentiated
@@ -13,7 +13,7 @@ and the frozen tree never enters ``jax.grad`` or the optimizer state.
 Inside a method's trainable tree the same rule holds per leaf: :func:`make_optimizer`
 returns a :class:`RoutedOptimizer` whose ``split`` cuts the ``'frozen'``-labelled leaves
 (an old task's prompt, a backbone block frozen by ``train.lr_mults``) out of what is
-differentiated, and :func:`apply_lr_mults` turns the config's ``(regex, multiplier)`` rules
+differentiated -- keeping the tree's structure, with ``None`` in their place -- and :func:`apply_lr_mults` turns the config's ``(regex, multiplier)`` rules
 into labels and learning-rate groups.
 
 Paths are the dict keys joined by ``'/'`` (int keys as their decimal string), e.g.
