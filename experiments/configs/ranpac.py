@@ -2,7 +2,7 @@
 Continual Learning", NeurIPS 2023).
 
     python -m pecft_jax.run --config experiments/configs/ranpac.py:split_mnist --workdir DIR
-    (arg: split_mnist [default] | cifar100 | imagenet_r)
+    (arg: split_mnist [default] | domain_mnist | cifar100 | imagenet_r)
 
 Phase 1 adapts the backbone with a PEFT module on the first task only (``train.epochs`` of
 SGD; later tasks take no gradient step), phase 2 fits a ridge-regression head on
@@ -54,7 +54,7 @@ def get_config(arg: str = "split_mnist"):
     c.train.momentum = 0.9
     c.train.weight_decay = 5e-4
     c.train.schedule = "cosine_epochs"
-    if c.benchmark == "split_mnist":
+    if c.benchmark in ("split_mnist", "domain_mnist"):
         # Demo on the bundled ViT-Demo/7 (width 128) on the CPU: M = 2,000 random features
         # (the 10,000 x 10,000 Gram would dominate a 2-core run), the adapter scaled to the
         # narrow model, and the demo's 3 epochs for the first session.

@@ -2,7 +2,7 @@
 IJCV 2024).
 
     python -m pecft_jax.run --config experiments/configs/simplecil.py:split_mnist --workdir DIR
-    (arg: split_mnist [default] | cifar100 | imagenet_r)
+    (arg: split_mnist [default] | domain_mnist | cifar100 | imagenet_r)
 
 No gradient step at all (``train.*`` is unused): after each task the mean frozen [CLS]
 feature (after the final LayerNorm) of every new class's un-augmented training images
@@ -39,7 +39,7 @@ def get_config(arg: str = "split_mnist"):
     c = benchmark(arg or "split_mnist")
     c.method.name = "simplecil"
     c.augment.enabled = False  # nothing is trained: no augmented batch is ever drawn
-    if c.benchmark != "split_mnist":
+    if c.benchmark in ("cifar100", "imagenet_r"):
         c.backbone.checkpoint = f"weights/{AUGREG_IN21K}.npz"
         c.backbone.mean = (0.0,)
         c.backbone.std = (1.0,)
