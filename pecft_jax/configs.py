@@ -5,6 +5,11 @@ and is passed as ``--config path.py[:arg]``, with ``--config.key=value`` overrid
 """
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import typing
+from typing import Optional
+
 import ml_collections
 
 
@@ -132,3 +137,45 @@ def benchmark(name: str) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     c.benchmark = name
     return c
+
+
+def with_method_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``c`` with ``config.method`` holding every field of its method's ``Config``: the values
+    the config file set (checked now, so a misspelt key fails when the file loads) and the
+    paper defaults for the rest -- so any of them can be overridden on the command line
+    (``--config.method.M=4000``) and ``config.json`` records what ran. Experiment config
+    files end with ``return with_method_defaults(c)``."""
+    from pecft_jax.methods import get_method_class
+    from pecft_jax.methods.base import parse_config
+    name = c.method.name
+    resolved = parse_config(get_method_class(name).Config, c.method, "config.method")
+    c.method = _as_section(resolved)
+    c.method.name = name
+    return c
+
+
+def _as_section(config) -> ml_collections.ConfigDict:
+    """A Config dataclass as a ConfigDict; a field that is None by default becomes a typed
+    placeholder (``FieldReference(None, field_type=...)``) so the command line can set it."""
+    hints = typing.get_type_hints(type(config))
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            value = _as_section(value)
+        elif value is None and _value_type(hints.get(field.name)) is not None:
+            value = ml_collections.FieldReference(None, field_type=_value_type(hints[field.name]))
+        section[field.name] = value
+    return section
+
+
+def _value_type(hint) -> Optional[type]:
+    """``Optional[int]`` -> int, ``Optional[Sequence[int]]`` -> tuple; None if unsupported."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    inner = args[0] if len(args) == 1 else hint
+    origin = typing.get_origin(inner) or inner
+    if origin in (int, float, str, bool):
+        return origin
+    if origin in (tuple, list, collections.abc.Sequence):
+        return tuple
+    return None

@@ -425,3 +425,42 @@ def test_resume_inside_a_task_with_a_stateless_optimizer_skips_before_task(tmp_p
     for x, y in zip(jax.tree_util.tree_leaves((a["trainable"], a["state"])),
                     jax.tree_util.tree_leaves((b["trainable"], b["state"]))):
         np.testing.assert_array_equal(x, y)
+
+
+EXPERIMENT_CONFIGS = [
+    ("l2p", a) for a in ("split_mnist", "cifar100", "imagenet_r", "5datasets")] + [
+    (m, a) for m in ("dualprompt", "coda_prompt", "hide_prompt")
+    for a in ("split_mnist", "cifar100", "imagenet_r")] + [
+    ("s_prompts", "domain_mnist"), ("s_prompts", "domainnet"),
+    ("finetune", "split_mnist"), ("finetune", "split_mnist,lora"),
+    ("finetune", "split_mnist,full,joint"), ("finetune", "cifar100,adapter")] + [
+    (m, a) for m in ("simplecil", "ranpac")
+    for a in ("split_mnist", "domain_mnist", "cifar100", "imagenet_r")]
+
+
+@pytest.mark.parametrize("name, arg", EXPERIMENT_CONFIGS)
+def test_experiment_configs_hold_every_method_field_for_the_command_line(name, arg):
+    """Each file sets only what differs from the method's Config; loading fills in the rest,
+    so every field can be overridden with --config.method.<field>=..."""
+    from helpers import load_experiment_config
+    c = load_experiment_config(name, arg)
+    cls = get_method_class(c.method.name).Config
+    assert set(c.method) == {"name"} | {f.name for f in dataclasses.fields(cls)}
+    resolved = parse_config(cls, c.method, "config.method")
+    assert _as_dict_tree(c.method, skip="name") == _as_dict_tree(dataclasses.asdict(resolved))
+
+
+def _as_dict_tree(tree, skip=None):
+    tree = tree.to_dict() if hasattr(tree, "to_dict") else tree
+    return {k: (_as_dict_tree(v) if isinstance(v, dict) else
+                tuple(v) if isinstance(v, list) else v)
+            for k, v in tree.items() if k != skip}
+
+
+def test_a_misspelt_key_in_a_config_file_fails_when_it_loads():
+    from pecft_jax.configs import benchmark, with_method_defaults
+    c = benchmark("split_mnist")
+    c.method.name = "ranpac"
+    c.method.first_sesion = "ssf"
+    with pytest.raises(ValueError, match=r"\['first_sesion'\]"):
+        with_method_defaults(c)

@@ -13,7 +13,7 @@ cosine schedule, batch 128, 20 epochs on CIFAR-100 and 50 on ImageNet-R, optimis
 per task. (The official schedule is a per-epoch cosine that ends at ~1.6% of the base rate;
 ours decays per step to 0.)
 """
-from pecft_jax.configs import benchmark
+from pecft_jax.configs import benchmark, with_method_defaults
 
 
 def get_config(arg: str = "split_mnist"):
@@ -28,4 +28,4 @@ def get_config(arg: str = "split_mnist"):
     else:
         c.train.learning_rate = 0.001
         c.train.epochs = 20 if c.benchmark == "cifar100" else 50
-    return c
+    return with_method_defaults(c)

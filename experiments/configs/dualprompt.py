@@ -16,7 +16,7 @@ The paper states batch 128; the official configs give the learning rate per 256 
 prompt selection at test time (the majority E-prompt of a test batch; our test batches hold
 one task's data, as the official ones do), the ImageNet-R config does not.
 """
-from pecft_jax.configs import benchmark
+from pecft_jax.configs import benchmark, with_method_defaults
 
 
 def get_config(arg: str = "split_mnist"):
@@ -39,4 +39,4 @@ def get_config(arg: str = "split_mnist"):
     else:
         c.train.epochs = 50
         c.train.learning_rate = 0.005 * c.train.batch_size / 256
-    return c
+    return with_method_defaults(c)

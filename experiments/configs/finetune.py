@@ -5,7 +5,7 @@
     benchmark: split_mnist | cifar100 | imagenet_r ; mode: full [default] | head | lora |
     adapter | ssf | prompt ; joint: all tasks' data as one task (scenario.joint=True)
 """
-from pecft_jax.configs import benchmark
+from pecft_jax.configs import benchmark, with_method_defaults
 
 
 def get_config(arg: str = "split_mnist"):
@@ -20,4 +20,4 @@ def get_config(arg: str = "split_mnist"):
     c.train.learning_rate = 1e-4 if c.method.mode == "full" else 1e-3
     if c.benchmark != "split_mnist":
         c.train.epochs = 5
-    return c
+    return with_method_defaults(c)

@@ -21,7 +21,7 @@ ViT-B/16 ImageNet-21k, 8 GPUs x 24 images):
 The loop offers constant and cosine schedules only: CIFAR-100 runs at the constant rate
 (the official step decay at epoch 30 is left out).
 """
-from pecft_jax.configs import benchmark
+from pecft_jax.configs import benchmark, with_method_defaults
 
 PER_DEVICE_BATCH = 24
 
@@ -51,4 +51,4 @@ def get_config(arg: str = "split_mnist"):
         c.train.learning_rate = 0.03 * PER_DEVICE_BATCH / 256
         c.train.epochs = 50 if c.benchmark == "cifar100" else 150
         c.train.schedule = "constant" if c.benchmark == "cifar100" else "cosine"
-    return c
+    return with_method_defaults(c)

@@ -9,7 +9,7 @@ tokens' outputs, key-matching weight 0.1, batch-wise prompt selection, Adam
 (b1=0.9, b2=0.999), constant learning rate 0.03 scaled by batch/256, batch 128, 5 epochs,
 logits of classes outside the current task masked while training.
 """
-from pecft_jax.configs import benchmark
+from pecft_jax.configs import benchmark, with_method_defaults
 
 
 def get_config(arg: str = "split_mnist"):
@@ -28,4 +28,4 @@ def get_config(arg: str = "split_mnist"):
         c.method.batchwise_prompt = True
         c.train.epochs = 5
         c.train.learning_rate = 0.03 * c.train.batch_size / 256
-    return c
+    return with_method_defaults(c)

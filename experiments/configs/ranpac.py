@@ -38,7 +38,7 @@ the authors' pre-split train/test folders; the class order comes from ``scenario
 Repository tables (``paper_tables/Table_data_main_*.csv``, final average accuracy):
 CIFAR-100 92.2, ImageNet-R 77.9.
 """
-from pecft_jax.configs import benchmark
+from pecft_jax.configs import benchmark, with_method_defaults
 
 # Google's AugReg ViT-B/16 checkpoints (gs://vit_models/augreg/), the weights timm 0.6.12
 # loads for the backbones named above; put them under weights/ or pass
@@ -73,4 +73,4 @@ def get_config(arg: str = "split_mnist"):
         c.train.epochs = 20
         c.train.learning_rate = 0.01
         c.train.batch_size = 48
-    return c
+    return with_method_defaults(c)

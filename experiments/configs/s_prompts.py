@@ -16,7 +16,7 @@ prepared beforehand in ``dataset.data_dir`` (``tfds build domainnet
 ``backbone.checkpoint``. The paper's other benchmarks (CDDB-Hard, CORe50) are not in TFDS:
 they need a local reader.
 """
-from pecft_jax.configs import benchmark
+from pecft_jax.configs import benchmark, with_method_defaults
 
 DOMAINNET = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
 
@@ -46,4 +46,4 @@ def get_config(arg: str = "domain_mnist"):
     # the paper's 0.01 for ViT-B/16; the small demo backbone with 3 epochs per domain
     # needs a larger step (0.01: 54.0% average accuracy, 0.1: 64.5%, 0.3: 62.7%)
     c.train.learning_rate = 0.01 if c.benchmark == "domainnet" else 0.1
-    return c
+    return with_method_defaults(c)

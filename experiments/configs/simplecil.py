@@ -27,7 +27,7 @@ and ``imagenetr_5_5_...``; LAMDA-PILOT ``exps/simplecil.json`` / ``simplecil_inr
 Official logs (B0 Inc5, ViT-B/16 in21k): CIFAR-100 last 81.28 / average 87.57; ImageNet-R
 last 54.55 / average 62.57.
 """
-from pecft_jax.configs import benchmark
+from pecft_jax.configs import benchmark, with_method_defaults
 
 # Google's AugReg ViT-B/16 ImageNet-21k checkpoint (gs://vit_models/augreg/), the weights of
 # timm 0.6.12's vit_base_patch16_224_in21k; put it under weights/ or pass
@@ -44,4 +44,4 @@ def get_config(arg: str = "split_mnist"):
         c.backbone.mean = (0.0,)
         c.backbone.std = (1.0,)
         c.eval.batch_size = 128
-    return c
+    return with_method_defaults(c)
