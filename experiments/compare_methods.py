@@ -50,7 +50,7 @@ def table(rows: list) -> str:
         identity = r.get("task_identity_matrix")
         identity = sum(identity[-1]) / len(identity[-1]) if identity else None
         lines.append(
-            f"| {entry} | {r['method']} | {fmt(m['average_accuracy'])} | {fmt(m['forgetting'])} "
+            f"| {entry} | {r['method']}{' (joint)' if r.get('joint') else ''} | {fmt(m['average_accuracy'])} | {fmt(m['forgetting'])} "
             f"| {fmt(m.get('average_incremental_accuracy'))} | {fmt(tm.get('average_accuracy'))} "
             f"| {fmt(identity)} | {r['trainable_params']:,} | {fmt(sum(secs) / max(len(secs), 1), 1)} |")
     return "\n".join(lines)
