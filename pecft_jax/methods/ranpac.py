@@ -191,9 +191,9 @@ class RanPAC(Method):
             return {"fit": add_gram(carry["fit"], h, y, in_fit),
                     "val": add_gram(carry["val"], h, y, batch["mask"] - in_fit)}
 
-        sums = data.reduce(accumulate, {"fit": zeros(), "val": zeros()}, trainable,
-                           {k: v for k, v in state.items() if k == "w_rand"}, frozen,
-                           jnp.asarray(fit, jnp.float32))
+        projection = {"w_rand": state["w_rand"]} if self.config.M else {}  # not G: 400 MB
+        sums = data.reduce(accumulate, {"fit": zeros(), "val": zeros()}, trainable, projection,
+                           frozen, jnp.asarray(fit, jnp.float32))
         ridges = jnp.asarray(self.config.ridges, jnp.float32)
         errors = np.asarray(jax.jit(validation_errors)(sums["fit"], sums["val"],
                                                        float(n - fit.sum()), ridges))
