@@ -17,6 +17,15 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.progress_bar = True
+    # JAX's persistent compilation cache: a re-run or a resumed run reads its compiled
+    # programs instead of compiling them ('' = off). Only the first value in a process counts.
+    c.compilation_cache_dir = "~/.cache/pecft_jax/xla"
+    # The frozen backbone's query q(x) of fixed inputs (test sets; training data when
+    # augmentation is off), computed once and held on the host instead of recomputed each
+    # step, for the methods that use it (L2P-family routing, SimpleCIL/RanPAC features).
+    c.feature_cache = ml_collections.ConfigDict()
+    c.feature_cache.enabled = True
+    c.feature_cache.max_bytes = 2 ** 31  # beyond this, queries are recomputed in the steps
     c.num_devices = ml_collections.FieldReference(None, field_type=int)  # None = all local
     c.distributed = False  # call jax.distributed.initialize (multi-host jobs)
 
@@ -25,6 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.backbone.image_size = ml_collections.FieldReference(None, field_type=int)
     c.backbone.mean = (0.5,)  # inputs are (x/255 - mean) / std, per channel
     c.backbone.std = (0.5,)
+    # how the forward runs (parameters and optimizer stay float32): 'float32' | 'bfloat16'
+    # activations and matmuls; attention 'einsum' | 'dot_product_attention' (cuDNN flash
+    # attention on NVIDIA GPUs with bfloat16)
+    c.backbone.dtype = "float32"
+    c.backbone.attention = "einsum"
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "mnist5k"

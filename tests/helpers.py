@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(method="l2p", **method_options):
     c = base_config()
     c.progress_bar = False
+    c.compilation_cache_dir = ""  # compile counts in tests must not depend on earlier runs
     c.backbone.checkpoint = "random:ViT-Micro/4"
     c.dataset.name = "digits"
     c.scenario.num_tasks = 5
@@ -34,10 +35,9 @@ def task_spec(index, task_classes, num_classes=None):
     """The TaskSpec the loop would build for task ``index`` of ``task_classes``."""
     from pecft_jax.methods import TaskSpec
     task_classes = tuple(tuple(c) for c in task_classes)
-    seen = tuple(c for classes in task_classes[:index + 1] for c in classes)
-    return TaskSpec(index=index, classes=task_classes[index], seen_classes=seen,
+    return TaskSpec(index=index,
                     num_classes=num_classes or len({c for cs in task_classes for c in cs}),
-                    num_tasks=len(task_classes), task_classes=task_classes)
+                    task_classes=task_classes)
 
 
 def load_experiment_config(name, arg):

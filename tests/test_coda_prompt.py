@@ -129,7 +129,7 @@ def trained_task1():
 
 def test_prefix_context_is_the_weighted_component_sum(trained_task1):
     method, frozen, trainable, _, images = trained_task1
-    q = frozen_query(BACKBONE, frozen, images)
+    q = frozen_query(BACKBONE, frozen, {"image": images})
     components = method.components(trainable, 1, train=False)
     assert components["0"]["prompts"].shape == (4, 4, 32)  # tasks 0 and 1: 2 + 2 components
     ctx = method.context(components, q)

@@ -217,7 +217,7 @@ def test_end_to_end_records_task_identity_and_counts(hide_run):
                 + (d * 2 * d + 2 * d) + (2 * d * d + d) + 2 * d + d * classes + classes)  # TII
     assert results["trainable_params"] == expected
     for t in range(n_tasks):
-        assert results["compilations"][f"train_step/{t}"] == 1
+        assert results["compilation"]["traces"][f"train_step/{t}"] == 1
 
 
 def test_earlier_prompts_are_bit_identical_after_later_tasks(hide_run):

@@ -69,7 +69,8 @@ def test_head_and_lambda_equal_a_numpy_ridge_on_the_same_random_features(micro):
                                    atol=1e-4 * np.abs(head).max())
         # columns of classes not seen yet stay zero; logits are h @ head
         assert np.all(np.asarray(state["head"])[:, 3 * (t + 1):] == 0)
-        logits = method.logits(trainable, state, frozen, images[:4], task_spec(t, TASKS))
+        logits = method.logits(trainable, state, frozen, {"image": images[:4]},
+                               task_spec(t, TASKS))
         np.testing.assert_allclose(logits, h[:4] @ np.asarray(state["head"]), rtol=1e-4,
                                    atol=1e-4 * np.abs(h[:4] @ head).max())
 
@@ -108,7 +109,7 @@ def test_ranpac_runs_end_to_end_on_the_loop(micro, tmp_path):
     config = tiny_config("ranpac", M=64, first_session="none")
     config.scenario.num_tasks = 2
     results = train_and_evaluate(config, str(tmp_path))
-    assert not any(k.startswith("train_step") for k in results["compilations"])
+    assert not any(k.startswith("train_step") for k in results["compilation"]["traces"])
     assert [len(r) for r in results["accuracy_matrix"]] == [1, 2]
     assert results["trainable_params"] == 64 * 10  # the head only: no phase 1
 

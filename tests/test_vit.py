@@ -170,3 +170,51 @@ def test_sharded_forward_equals_single_device(tiny):
     out = jax.jit(lambda p, x: vit.apply(TINY, p, x))(replicated, sharded_images)
     assert len(out.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(out), np.asarray(single), atol=1e-5)
+
+
+def _prefixed(batch):
+    """A context with prefix keys/values at block 1 (the DualPrompt / CODA hook)."""
+    pk = jax.random.normal(jax.random.key(4), (batch, 3, 32))
+    pv = jax.random.normal(jax.random.key(5), (batch, 3, 32))
+    return PEFTContext({1: LayerPEFT(prefix_key=pk, prefix_value=pv)})
+
+
+def test_dot_product_attention_matches_the_einsum_attention(tiny):
+    params, images = tiny
+    fused = TINY.replace(attention="dot_product_attention")
+    for ctx in (None, _prefixed(images.shape[0])):
+        np.testing.assert_allclose(vit.apply(fused, params, images, ctx, output="tokens"),
+                                   vit.apply(TINY, params, images, ctx, output="tokens"),
+                                   atol=2e-5)
+    np.testing.assert_allclose(vit.apply(fused, params, images, output="tokens"),
+                               _numpy_vit_tokens(params, images, TINY), atol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_outputs_and_gradients(tiny):
+    params, images = tiny
+    half = TINY.replace(dtype="bfloat16")
+    assert vit.init_params(half, jax.random.key(0))["cls"].dtype == jnp.float32
+    exact = vit.apply(TINY, params, images, output="cls")
+    approx = vit.apply(half, params, images, output="cls")
+    assert approx.dtype == jnp.float32
+    # bf16 keeps 8 mantissa bits: ~1% relative error through three blocks, not more
+    err = np.linalg.norm(approx - exact) / np.linalg.norm(exact)
+    assert 1e-5 < err < 5e-2, err  # > 1e-5: the forward really ran in bf16
+    prompt = jax.random.normal(jax.random.key(3), (5, 32))
+
+    w = jax.random.normal(jax.random.key(6), (32,))  # a plain sum of LayerNorm outputs is 0
+
+    def loss(p, cfg):
+        return (vit.apply(cfg, params, images, PEFTContext({0: LayerPEFT(prompt=p)}),
+                          output="cls") @ w).sum()
+    g_half, g_exact = jax.grad(loss)(prompt, half), jax.grad(loss)(prompt, TINY)
+    assert g_half.dtype == jnp.float32 and np.all(np.isfinite(g_half))
+    cos = np.sum(g_half * g_exact) / (np.linalg.norm(g_half) * np.linalg.norm(g_exact))
+    assert cos > 0.99, cos
+
+
+def test_unknown_dtype_or_attention_is_refused():
+    with pytest.raises(ValueError, match="dtype"):
+        TINY.replace(dtype="float16")
+    with pytest.raises(ValueError, match="attention"):
+        TINY.replace(attention="flash")

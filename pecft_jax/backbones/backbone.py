@@ -43,18 +43,22 @@ class Backbone:
 
 def load_backbone(checkpoint: str, *, image_size: Optional[int] = None,
                   mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
-                  seed: int = 0) -> tuple:
+                  seed: int = 0, dtype: str = "float32", attention: str = "einsum") -> tuple:
     """Returns ``(Backbone, frozen_params)`` without a classification head.
 
     ``checkpoint`` is a file/directory ``load_pretrained`` reads (Google .npz, HF or timm
     safetensors, our own safetensors), ``'demo'`` for the bundled Fashion-MNIST ViT, or
     ``'random:<ViT name>'`` for randomly initialised weights (tests, shape checks).
+    ``dtype`` and ``attention`` choose how the forward runs (see ``vit.ViTConfig``); the
+    parameters are float32 either way.
     """
+    execution = {"dtype": dtype, "attention": attention}
     if checkpoint.startswith("random:"):
         overrides = {"image_size": image_size} if image_size else {}
         cfg = vit.get_config(checkpoint.split(":", 1)[1], num_classes=0, **overrides)
-        params = vit.init_params(cfg, jax.random.key(seed))
-        return Backbone(cfg, tuple(mean), tuple(std)), params
+        # one compiled initialisation, not one eager compilation per parameter shape
+        params = jax.jit(vit.init_params, static_argnums=0)(cfg, jax.random.key(seed))
+        return Backbone(cfg.replace(**execution), tuple(mean), tuple(std)), params
     from pecft_jax.backbones.pretrained import load_pretrained
     path = DEMO_BACKBONE if checkpoint == "demo" else checkpoint
     if not os.path.exists(path):
@@ -62,4 +66,4 @@ def load_backbone(checkpoint: str, *, image_size: Optional[int] = None,
                                 f".npz, a HF/timm safetensors file or directory, 'demo', or "
                                 f"'random:ViT-B/16'")
     cfg, params = load_pretrained(path, image_size=image_size, num_classes=0)
-    return Backbone(cfg, tuple(mean), tuple(std)), params
+    return Backbone(cfg.replace(**execution), tuple(mean), tuple(std)), params

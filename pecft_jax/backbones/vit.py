@@ -31,6 +31,8 @@ from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, as_batched, bot
 
 Array = jax.Array
 OUTPUTS = ("logits", "pre_logits", "cls", "tokens", "features")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("einsum", "dot_product_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,13 @@ class ViTConfig:
     classifier: str = "token"  # 'token' ([CLS]) or 'gap' (mean of patch tokens)
     gelu_approximate: bool = True  # Google's JAX ViT uses tanh-GELU; HF and timm use exact
     layer_norm_eps: float = 1e-6
+    # Execution, not architecture (the parameters are float32 whatever these say):
+    # 'bfloat16' runs activations and matmuls in bf16 (LayerNorm statistics and the attention
+    # softmax in float32; outputs returned as float32), for accelerators' bf16 units.
+    dtype: str = "float32"
+    # 'dot_product_attention': jax.nn.dot_product_attention, which XLA lowers to cuDNN's
+    # fused (flash) attention on NVIDIA GPUs for bf16/fp16; 'einsum': the explicit softmax.
+    attention: str = "einsum"
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -59,6 +68,16 @@ class ViTConfig:
                              f"by num_heads {self.num_heads}")
         if self.classifier not in ("token", "gap"):
             raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"backbone dtype must be one of {COMPUTE_DTYPES}, got "
+                             f"{self.dtype!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"backbone attention must be one of {ATTENTION_IMPLS}, got "
+                             f"{self.attention!r}")
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
 
     @property
     def grid_size(self) -> int:
@@ -130,7 +149,8 @@ def _adapter_branch(lp: LayerPEFT, params: Mapping, x: Array, deterministic: boo
 
 
 def _layer_norm(cfg: ViTConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name)
+    # Flax computes the statistics in float32 even for a bf16 dtype
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=name)
 
 
 class Attention(nn.Module):
@@ -146,7 +166,8 @@ class Attention(nn.Module):
         ssf_params = lp.ssf if lp is not None else None
 
         def project(name: str) -> Array:
-            y = nn.DenseGeneral(features=(heads, head_dim), name=name)(x)
+            y = nn.DenseGeneral(features=(heads, head_dim), dtype=cfg.compute_dtype,
+                                name=name)(x)
             y = y.reshape(batch, length, dim)
             if name in lora:
                 y = y + lora_delta(_lora_input(lp, deterministic, x), lora[name], lp.lora_scaling)
@@ -162,10 +183,15 @@ class Attention(nn.Module):
                                  f"{pv.shape}")
             k = jnp.concatenate([pk.reshape(batch, -1, heads, head_dim), k], axis=1)
             v = jnp.concatenate([pv.reshape(batch, -1, heads, head_dim), v], axis=1)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-        weights = jax.nn.softmax(scores, axis=-1)
-        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        out = nn.DenseGeneral(features=dim, axis=(-2, -1), name="out")(attended)
+        if cfg.attention == "dot_product_attention":
+            attended = jax.nn.dot_product_attention(q, k, v)
+        else:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+            # the softmax in float32 (a no-op for float32 activations)
+            weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+            attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = nn.DenseGeneral(features=dim, axis=(-2, -1), dtype=cfg.compute_dtype,
+                              name="out")(attended)
         if "out" in lora:
             out = out + lora_delta(_lora_input(lp, deterministic, attended.reshape(batch, length, dim)), lora["out"],
                                    lp.lora_scaling)
@@ -181,12 +207,12 @@ class MlpBlock(nn.Module):
         lora = (lp.lora or {}) if lp is not None else {}
         ssf_params = lp.ssf if lp is not None else None
 
-        h = nn.Dense(cfg.mlp_dim, name="Dense_0")(x)
+        h = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, name="Dense_0")(x)
         if "fc1" in lora:
             h = h + lora_delta(_lora_input(lp, deterministic, x), lora["fc1"], lp.lora_scaling)
         h = ssf(h, ssf_params, "fc1")
         h = nn.gelu(h, approximate=cfg.gelu_approximate)
-        y = nn.Dense(cfg.hidden_size, name="Dense_1")(h)
+        y = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype, name="Dense_1")(h)
         if "fc2" in lora:
             y = y + lora_delta(_lora_input(lp, deterministic, h), lora["fc2"], lp.lora_scaling)
         return ssf(y, ssf_params, "fc2")
@@ -267,7 +293,7 @@ class ViT(nn.Module):
                                  "'cls' or 'features'")
         x = nn.Conv(cfg.hidden_size, (cfg.patch_size, cfg.patch_size),
                     strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
-                    name="embedding")(images)
+                    dtype=cfg.compute_dtype, name="embedding")(images)
         batch = x.shape[0]
         x = x.reshape(batch, -1, cfg.hidden_size)
         cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.hidden_size))
@@ -275,6 +301,9 @@ class ViT(nn.Module):
                              x], axis=1)
         tokens, num_prompts, blocks = _PosEmbedTransformer(cfg, name="Transformer")(
             x, peft, stop_at_layer, deterministic)
+        # what the methods read (keys, heads, statistics) is float32 whatever the compute dtype
+        tokens = tokens.astype(jnp.float32)
+        blocks = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), blocks)
         if cfg.classifier == "token":
             pooled = tokens[:, 0]
         else:

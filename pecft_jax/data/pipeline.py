@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from typing import Iterator
+from typing import Iterator, Sequence, Tuple
 
 import numpy as np
 
@@ -204,8 +204,9 @@ def train_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarra
       process_index, process_count: this host and the number of hosts.
 
     Yields:
-      ``{'image': float32 (b, S, S, C), 'label': int32 (b,)}``, ``steps_per_epoch`` of them
-      minus ``start_step``.
+      ``{'image': float32 (b, S, S, C), 'label': int32 (b,), 'index': int32 (b,)}``,
+      ``steps_per_epoch`` of them minus ``start_step``; ``index`` is the example's position
+      in ``indices`` (what rows of a per-task feature cache are keyed by).
     """
     local = _check_sharding(batch_size, process_index, process_count)
     indices = _as_indices(indices)
@@ -232,7 +233,7 @@ def train_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarra
                 crops, flips = crops[mine], flips[mine]
             images = _read(source, indices[positions], preprocess)
             yield {"image": preprocess_images(images, preprocess, crops, flips),
-                   "label": labels[positions]}
+                   "label": labels[positions], "index": positions.astype(np.int32)}
 
     return generate()
 
@@ -240,30 +241,58 @@ def train_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarra
 def eval_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarray, *,
                  batch_size: int, preprocess: Preprocess, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """All examples in order, this host's shard of each global batch, no augmentation.
+    """All examples in order, this host's shard of each global batch, no augmentation:
+    :func:`eval_stream` of the one part ``(source, indices)``."""
+    return eval_stream([(source, indices)], label_map, batch_size=batch_size,
+                       preprocess=preprocess, process_index=process_index,
+                       process_count=process_count)
 
-    The last global batch is padded (by repeating its first example) to full size; ``mask``
-    is 1.0 for real examples and 0.0 for padding, so ``sum(mask)`` over all hosts and
-    batches equals ``len(indices)``.
+
+def eval_stream(parts: Sequence[Tuple[ImageSource, np.ndarray]], label_map: np.ndarray, *,
+                batch_size: int, preprocess: Preprocess, process_index: int = 0,
+                process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """The examples of several ``(source, indices)`` parts one after another (e.g. the test
+    sets of tasks 0..t), this host's shard of each global batch, no augmentation.
+
+    Batches run across the parts' boundaries, so only the stream's last global batch is
+    padded (by repeating its first example) to full size; ``mask`` is 1.0 for real examples
+    and 0.0 for padding, so ``sum(mask)`` over all hosts and batches equals the number of
+    examples. A part's examples are decoded and resized by its own source, so parts of
+    different image sizes (a dataset sequence) share a batch.
 
     Yields:
       ``{'image': float32 (b, S, S, C), 'label': int32 (b,), 'mask': float32 (b,),
-      'index': int32 (b,)}``; ``index`` is the example's position in ``indices`` (padding
-      rows carry positions past the end).
+      'index': int32 (b,)}``; ``index`` is the example's position in the stream (part 0's
+      examples first); padding rows carry positions past the end.
     """
     local = _check_sharding(batch_size, process_index, process_count)
-    indices = _as_indices(indices)
-    labels = _mapped_labels(source, indices, label_map)
+    parts = [(source, _as_indices(indices)) for source, indices in parts]
+    labels = np.concatenate([_mapped_labels(source, indices, label_map)
+                             for source, indices in parts] or [np.zeros(0, np.int32)])
+    starts = np.cumsum([0] + [len(indices) for _, indices in parts])
+    total = int(starts[-1])
     mine = slice(process_index * local, (process_index + 1) * local)
 
+    def read(positions: np.ndarray) -> np.ndarray:
+        """Preprocessed images at stream ``positions`` (ascending), part by part."""
+        pieces = []
+        for (source, indices), lo, hi in zip(parts, starts[:-1], starts[1:]):
+            inside = positions[(positions >= lo) & (positions < hi)]
+            if len(inside):
+                pieces.append(preprocess_images(_read(source, indices[inside - lo], preprocess),
+                                                preprocess))
+        return np.concatenate(pieces)
+
     def generate():
-        for start in range(0, len(indices), batch_size):
+        for start in range(0, total, batch_size):
             order = np.arange(start, start + batch_size)
-            mask = (order < len(indices)).astype(np.float32)
+            mask = (order < total).astype(np.float32)
             positions = np.where(mask > 0, order, start)[mine]
-            images = _read(source, indices[positions], preprocess)
-            yield {"image": preprocess_images(images, preprocess),
-                   "label": labels[positions], "mask": mask[mine],
+            if np.any(np.diff(positions) < 0):  # padding rows repeat the first example
+                images = read(np.sort(positions))[np.argsort(np.argsort(positions))]
+            else:
+                images = read(positions)
+            yield {"image": images, "label": labels[positions], "mask": mask[mine],
                    "index": order[mine].astype(np.int32)}
 
     return generate()

@@ -11,15 +11,16 @@ loop calls, in this order::
         trainable, state, opt_state, metrics = method.update(trainable, state, opt_state,
                                                              frozen, batch, rng, task, optimizer)
     trainable, state = method.after_task(task, trainable, state, frozen, data, rng)
-    evaluation on tasks 0..t with method.logits(trainable, state, frozen, images, task)
+    evaluation on tasks 0..t with method.logits(trainable, state, frozen, batch, task)
 
 Conventions the loop relies on:
 
 * ``trainable`` and ``state`` are nested dicts with string keys and array leaves (they are
   checkpointed as such). ``frozen`` is the backbone's parameter tree; it is an argument of
   every traced function but never differentiated.
-* ``loss``, ``update`` and ``logits`` are traced inside ``jax.jit``; ``task`` is a static
-  :class:`TaskSpec`.
+* ``loss``, ``update`` and ``logits`` are traced inside ``jax.jit``; there ``task`` is a
+  :class:`TaskSpec` whose index is traced (one compilation for every task), unless the
+  method sets ``static_task = True``.
 * ``before_task`` / ``after_task`` run in Python between tasks (they may change shapes);
   ``data`` (:class:`TaskData`) gives them device-side passes over the task's training data.
 * Labels in batches are remapped to the class order: task ``t`` owns ``task.classes``.
@@ -41,28 +42,72 @@ NEG_INF = -1e9  # finite, so masked logits keep softmax/CE free of NaNs
 FROZEN = "frozen"  # the optimizer label of leaves that never enter jax.grad
 
 
+@jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """Static description of the task being trained (hashable: a jit static argument)."""
-    index: int
-    classes: Tuple[int, ...]        # this task's (remapped) classes
-    seen_classes: Tuple[int, ...]   # classes of tasks 0..index
-    num_classes: int                # all classes of the scenario
-    num_tasks: int
-    task_classes: Tuple[Tuple[int, ...], ...]  # classes of every task, by index
+    """The task being trained: its index among the scenario's tasks and every task's classes.
 
-    def class_mask(self, which: str) -> np.ndarray:
-        """Boolean (num_classes,) mask: 'task' (this task's classes), 'seen' or 'all'."""
-        mask = np.zeros(self.num_classes, bool)
-        if which == "task":
-            mask[list(self.classes)] = True
-        elif which == "seen":
-            mask[list(self.seen_classes)] = True
-        elif which == "all":
-            mask[:] = True
-        else:
+    Outside traced code (``before_task``, ``after_task``, ``param_labels``...) ``index`` is a
+    Python int and everything is concrete. Inside ``loss`` / ``update`` / ``logits`` the loop
+    passes ``index`` as a traced int32 scalar (a pytree leaf; the classes are static aux
+    data), so one compiled step serves every task: there ``class_mask`` is a traced mask and
+    ``classes`` / ``seen_classes`` -- whose length changes with the task -- are unavailable.
+    A method that needs them (or shapes that depend on the task) while traced sets
+    ``Method.static_task = True`` and gets a concrete spec, at one compilation per task.
+    """
+    index: Any                                 # int, or an int32 tracer inside traced code
+    num_classes: int                           # all classes of the scenario
+    task_classes: Tuple[Tuple[int, ...], ...]  # the (remapped) classes of every task, by index
+
+    def tree_flatten(self):
+        return (self.index,), (self.num_classes, self.task_classes)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_classes)
+
+    @property
+    def is_traced(self) -> bool:
+        return not isinstance(self.index, (int, np.integer))
+
+    def _concrete_index(self, what: str) -> int:
+        if self.is_traced:
+            raise TypeError(
+                f"TaskSpec.{what} needs a concrete task index, but this spec's index is traced "
+                f"(one compiled step serves every task); use task.class_mask(...) instead, or "
+                f"set static_task = True on the method (one compilation per task)")
+        return int(self.index)
+
+    @property
+    def classes(self) -> Tuple[int, ...]:
+        """This task's classes (concrete index only)."""
+        return self.task_classes[self._concrete_index("classes")]
+
+    @property
+    def seen_classes(self) -> Tuple[int, ...]:
+        """The classes of tasks 0..index, in task order (concrete index only)."""
+        t = self._concrete_index("seen_classes")
+        return tuple(c for classes in self.task_classes[:t + 1] for c in classes)
+
+    def class_mask(self, which: str) -> Any:
+        """Boolean (num_classes,) mask: 'task' (this task's classes), 'seen' (tasks
+        0..index) or 'all'. numpy for a concrete index, a traced array for a traced one."""
+        if which not in ("task", "seen", "all"):
             raise ValueError(f"unknown class mask {which!r}; use 'task', 'seen' or 'all'")
-        return mask
+        if which == "all":
+            return np.ones(self.num_classes, bool)
+        # membership[t, c]: task t teaches class c (a class may recur: domain-incremental)
+        membership = np.zeros((self.num_tasks, self.num_classes), bool)
+        for t, classes in enumerate(self.task_classes):
+            membership[t, list(classes)] = True
+        table = membership if which == "task" else np.logical_or.accumulate(membership, axis=0)
+        if self.is_traced:
+            return jnp.asarray(table)[self.index]
+        return table[int(self.index)]
 
     def task_of_class(self) -> np.ndarray:
         """``(num_classes,)`` int32: the task that teaches each class."""
@@ -244,6 +289,16 @@ class Method:
     #: True when ``logits`` also returns the task it inferred for each example,
     #: ``(logits, task_pred)``; the loop then reports task-identity accuracy.
     infers_task: bool = False
+    #: False (the default): ``loss`` / ``update`` / ``logits`` get the task with a *traced*
+    #: index, so each kind of step compiles once per run; ``param_labels`` and
+    #: ``optimizer_groups`` must then give the same optimizer for tasks with the same labels.
+    #: True: a concrete TaskSpec (``task.classes``, Python control flow and shapes that depend
+    #: on the task), at one compilation of each step per task.
+    static_task: bool = False
+    #: True when ``loss`` / ``logits`` / the ``TaskData`` passes read the frozen backbone's
+    #: query through :func:`pecft_jax.methods.common.frozen_query`: the loop may then put it
+    #: precomputed into the batch (``batch['frozen_query']``) for fixed, un-augmented inputs.
+    uses_frozen_query: bool = False
 
     def __init__(self, config: Any, backbone: Backbone, num_classes: int, num_tasks: int):
         self.config = parse_config(self.Config, config, "config.method")
@@ -323,10 +378,11 @@ class Method:
         metrics = dict(aux.get("metrics", {}), loss=aux["loss"])
         return trainable, (state if new_state is None else new_state), opt_state, metrics
 
-    def logits(self, trainable: dict, state: dict, frozen: Any, images: Array,
+    def logits(self, trainable: dict, state: dict, frozen: Any, batch: Mapping[str, Array],
                task: TaskSpec) -> Any:
-        """Evaluation logits over all ``num_classes`` classes (the loop masks unseen ones);
-        ``(logits, task_pred)`` when the method ``infers_task``."""
+        """Evaluation logits of ``batch['image']`` over all ``num_classes`` classes (the loop
+        masks unseen ones); ``(logits, task_pred)`` when the method ``infers_task``. ``batch``
+        may also hold ``'frozen_query'`` (see ``uses_frozen_query``)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------- reports

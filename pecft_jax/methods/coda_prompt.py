@@ -113,6 +113,8 @@ def gram_schmidt_extend(old: np.ndarray, count: int, rng) -> np.ndarray:
 class CodaPrompt(Method):
     name = "coda_prompt"
     train_class_mask = "task"  # official: logits of earlier tasks' classes set to -inf
+    static_task = True
+    uses_frozen_query = True  # per-task trainable subtrees are picked by Python index
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -204,14 +206,15 @@ class CodaPrompt(Method):
             prefixes[layer] = as_prefix(assemble_prompt(alpha, c["prompts"]))
         return prefix_context(prefixes)
 
-    def _logits(self, trainable, frozen, images, task_index, train):
-        q = frozen_query(self.backbone, frozen, images)
+    def _logits(self, trainable, frozen, batch, task_index, train):
+        q = frozen_query(self.backbone, frozen, batch)
         components = self.components(trainable, task_index, train)
-        feature = prompted_cls_token(self.backbone, frozen, images, self.context(components, q))
+        feature = prompted_cls_token(self.backbone, frozen, batch["image"],
+                                     self.context(components, q))
         return apply_linear_head(trainable["head"], feature), components
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
-        logits, components = self._logits(trainable, frozen, batch["image"], task.index, True)
+        logits, components = self._logits(trainable, frozen, batch, task.index, True)
         ce = self.masked_ce(logits, batch["label"], task)
         loss, metrics = ce, {"ce": ce, "accuracy": self.train_accuracy(logits, batch["label"], task)}
         if self.config.ortho_mu > 0:
@@ -221,5 +224,5 @@ class CodaPrompt(Method):
             metrics["ortho"] = ortho
         return loss, {"metrics": metrics}
 
-    def logits(self, trainable, state, frozen, images, task):
-        return self._logits(trainable, frozen, images, task.index, False)[0]
+    def logits(self, trainable, state, frozen, batch, task):
+        return self._logits(trainable, frozen, batch, task.index, False)[0]

@@ -1,17 +1,27 @@
 """Pieces several methods share (kept once here, not copied per method)."""
 from __future__ import annotations
 
+from typing import Mapping
+
 import jax
 
 from pecft_jax.backbones.backbone import Backbone
 
+#: The batch key under which the loop passes precomputed frozen queries (see
+#: ``Method.uses_frozen_query``).
+FROZEN_QUERY = "frozen_query"
 
-def frozen_query(backbone: Backbone, frozen, images: jax.Array) -> jax.Array:
-    """q(x): the frozen, un-prompted pretrained model's [CLS] feature, without gradient.
+
+def frozen_query(backbone: Backbone, frozen, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """q(x): the frozen, un-prompted pretrained model's [CLS] feature of ``batch['image']``,
+    without gradient -- or ``batch['frozen_query']`` when the loop precomputed it (fixed,
+    un-augmented examples: the test sets, training data without augmentation).
 
     L2P, DualPrompt and CODA-Prompt match prompt keys against it; HiDe-Prompt and S-Prompts
-    infer the task from it."""
-    return jax.lax.stop_gradient(backbone.apply(frozen, images, output="cls"))
+    infer the task from it; SimpleCIL's prototypes are its class means."""
+    if FROZEN_QUERY in batch:
+        return jax.lax.stop_gradient(batch[FROZEN_QUERY])
+    return jax.lax.stop_gradient(backbone.apply(frozen, batch["image"], output="cls"))
 
 
 def prompted_cls_token(backbone: Backbone, frozen, images: jax.Array, context) -> jax.Array:

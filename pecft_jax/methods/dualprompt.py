@@ -47,6 +47,7 @@ class DualPrompt(Method):
     name = "dualprompt"
     train_class_mask = "task"  # official train_mask=True
     infers_task = True
+    uses_frozen_query = True
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -136,7 +137,7 @@ class DualPrompt(Method):
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         images = batch["image"]
-        q = frozen_query(self.backbone, frozen, images)
+        q = frozen_query(self.backbone, frozen, batch)
         idx = jnp.full((images.shape[0], 1), task.index, jnp.int32)  # the true task's E-prompt
         logits = self._logits(trainable, frozen, images, idx)
         ce = self.masked_ce(logits, batch["label"], task)
@@ -147,6 +148,6 @@ class DualPrompt(Method):
                         "accuracy": self.train_accuracy(logits, batch["label"], task),
                         "task_identity": (chosen[:, 0] == task.index).mean()}}
 
-    def logits(self, trainable, state, frozen, images, task):
-        idx = self.select(trainable, frozen_query(self.backbone, frozen, images))
-        return self._logits(trainable, frozen, images, idx), idx[:, 0]
+    def logits(self, trainable, state, frozen, batch, task):
+        idx = self.select(trainable, frozen_query(self.backbone, frozen, batch))
+        return self._logits(trainable, frozen, batch["image"], idx), idx[:, 0]

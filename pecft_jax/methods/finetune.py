@@ -76,5 +76,6 @@ class Finetune(Method):
         loss = self.masked_ce(logits, batch["label"], task)
         return loss, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
-    def logits(self, trainable, state, frozen, images, task):
-        return apply_linear_head(trainable["head"], self.features(trainable, frozen, images))
+    def logits(self, trainable, state, frozen, batch, task):
+        return apply_linear_head(trainable["head"],
+                                 self.features(trainable, frozen, batch["image"]))

@@ -141,6 +141,8 @@ def sgd_with_weight_decay(schedule, momentum: float, weight_decay: float):
 class HiDePrompt(Method):
     name = "hide_prompt"
     train_class_mask = "task"
+    static_task = True
+    uses_frozen_query = True  # per-task trainable subtrees are picked by Python index
     infers_task = True
 
     @dataclasses.dataclass(frozen=True)
@@ -277,18 +279,18 @@ class HiDePrompt(Method):
             "metrics": {"ce": ce, "contrastive": reg,
                         "accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
-    def predict_task(self, state, frozen, images, task: TaskSpec) -> Array:
+    def predict_task(self, state, frozen, batch, task: TaskSpec) -> Array:
         """TII: the frozen feature's most likely seen class, mapped to its task."""
-        logits = apply_tii_head(state["tii"], frozen_query(self.backbone, frozen, images))
+        logits = apply_tii_head(state["tii"], frozen_query(self.backbone, frozen, batch))
         cls = jnp.argmax(mask_logits(logits, task.class_mask("seen")), axis=-1)
         return jnp.asarray(task.task_of_class())[cls]
 
-    def logits(self, trainable, state, frozen, images, task):
-        task_pred = self.predict_task(state, frozen, images, task)
+    def logits(self, trainable, state, frozen, batch, task):
+        task_pred = self.predict_task(state, frozen, batch, task)
         prompts = self.effective_prompts(trainable["prompts"], task.index)
         per_example = {layer: jnp.stack([p[layer] for p in prompts])[task_pred]
                        for layer in prompts[0]}
-        features = self._prompted_cls(frozen, images, per_example)
+        features = self._prompted_cls(frozen, batch["image"], per_example)
         return apply_linear_head(state["head"], features), task_pred
 
     # -------------------------------------------------------------- after task
@@ -297,7 +299,7 @@ class HiDePrompt(Method):
         prompt_t = self.effective_prompts(trainable["prompts"], t)[t]
 
         def features(batch, frozen, prompt):
-            return {"frozen": frozen_query(self.backbone, frozen, batch["image"]),
+            return {"frozen": frozen_query(self.backbone, frozen, batch),
                     "prompted": self._prompted_cls(frozen, batch["image"], prompt)}
 
         out, labels = data.map(features, frozen, prompt_t)

@@ -30,6 +30,7 @@ from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 
 class L2P(Method):
     name = "l2p"
+    uses_frozen_query = True
     train_class_mask = "task"
 
     @dataclasses.dataclass(frozen=True)
@@ -69,8 +70,9 @@ class L2P(Method):
         return trainable, {"task_counts": jnp.zeros_like(state["task_counts"]),
                            "previous_counts": state["previous_counts"] + state["task_counts"]}
 
-    def _forward(self, trainable, state, frozen, images, train: bool):
-        q = frozen_query(self.backbone, frozen, images)
+    def _forward(self, trainable, state, frozen, batch, train: bool):
+        images = batch["image"]
+        q = frozen_query(self.backbone, frozen, batch)
         similarity = prompt_pool.cosine_similarity(q, trainable["keys"])
         c = self.config
         penalty = state["previous_counts"] if (train and c.diversity_penalty) else None
@@ -86,7 +88,7 @@ class L2P(Method):
         return apply_linear_head(trainable["head"], feature), q, idx
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
-        logits, q, idx = self._forward(trainable, state, frozen, batch["image"], train=True)
+        logits, q, idx = self._forward(trainable, state, frozen, batch, train=True)
         ce = self.masked_ce(logits, batch["label"], task)
         matching = prompt_pool.key_matching_loss(q, trainable["keys"], idx)
         counts = prompt_pool.selection_counts(idx, self.config.pool_size).astype(jnp.float32)
@@ -96,5 +98,5 @@ class L2P(Method):
                         "accuracy": self.train_accuracy(logits, batch["label"], task)},
             "state": new_state}
 
-    def logits(self, trainable, state, frozen, images, task):
-        return self._forward(trainable, state, frozen, images, train=False)[0]
+    def logits(self, trainable, state, frozen, batch, task):
+        return self._forward(trainable, state, frozen, batch, train=False)[0]

@@ -38,6 +38,7 @@ import numpy as np
 
 from pecft_jax import peft
 from pecft_jax.methods.base import Method, TaskSpec, config_field, count_params
+from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft.modules import MODULE_KINDS, init_module, module_context
 from pecft_jax.peft.prompt_pool import cosine_similarity
 
@@ -130,6 +131,8 @@ class RanPAC(Method):
         super().__init__(config, backbone, num_classes, num_tasks)
         kind = self.config.first_session
         self.module = None if kind == "none" else kind
+        # without a module phase 2 reads the frozen query, which the loop may precompute
+        self.uses_frozen_query = self.module is None
         self.module_cfg = getattr(self.config, kind) if self.module else None
         self.width = self.config.M or backbone.feature_dim  # the width of h
 
@@ -156,16 +159,18 @@ class RanPAC(Method):
         return default if (self.module and task.index == 0) else 0
 
     # ------------------------------------------------------------------ phase 1
-    def features(self, trainable, frozen, images, deterministic=True, rng=None) -> Array:
-        """The (adapted) backbone's [CLS] token after the final LayerNorm."""
-        context = (module_context(self.module, self.module_cfg, trainable["peft"])
-                   if self.module else None)
-        return self.backbone.apply(frozen, images, context, output="cls",
+    def features(self, trainable, frozen, batch, deterministic=True, rng=None) -> Array:
+        """The (adapted) backbone's [CLS] token after the final LayerNorm (without a
+        first-session module: the frozen query, which the loop may have precomputed)."""
+        if not self.module:
+            return frozen_query(self.backbone, frozen, batch)
+        context = module_context(self.module, self.module_cfg, trainable["peft"])
+        return self.backbone.apply(frozen, batch["image"], context, output="cls",
                                    deterministic=deterministic, dropout_rng=rng)
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         head = trainable["first_head"]
-        f = self.features(trainable, frozen, batch["image"], deterministic=False, rng=rng)
+        f = self.features(trainable, frozen, batch, deterministic=False, rng=rng)
         logits = head["sigma"] * cosine_similarity(f, head["kernel"].T)
         ce = self.masked_ce(logits, batch["label"], task)
         return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
@@ -185,7 +190,7 @@ class RanPAC(Method):
         zeros = lambda: {"G": jnp.zeros((m, m), jnp.float32), "Q": jnp.zeros((m, c), jnp.float32)}
 
         def accumulate(carry, batch, trainable, state, frozen, fit):
-            h = self.project(state, self.features(trainable, frozen, batch["image"]))
+            h = self.project(state, self.features(trainable, frozen, batch))
             y = jax.nn.one_hot(batch["label"], c, dtype=h.dtype)
             in_fit = fit[jnp.minimum(batch["index"], fit.shape[0] - 1)] * batch["mask"]
             return {"fit": add_gram(carry["fit"], h, y, in_fit),
@@ -206,8 +211,8 @@ class RanPAC(Method):
         ridge_log = jnp.asarray(state["ridge"]).at[task.index].set(ridge)
         return trainable, dict(state, G=G, Q=Q, head=head, ridge=ridge_log)
 
-    def logits(self, trainable, state, frozen, images, task):
-        return _dot(self.project(state, self.features(trainable, frozen, images)), state["head"])
+    def logits(self, trainable, state, frozen, batch, task):
+        return _dot(self.project(state, self.features(trainable, frozen, batch)), state["head"])
 
     def count_trainable(self, trainable, state):
         """The adapted module (phase 1) plus the solved ``M x C`` head (not ``W_rand``, which

@@ -41,6 +41,8 @@ class SPrompts(Method):
     name = "s_prompts"
     # every domain has every class; the per-domain classifier covers them all
     train_class_mask = "task"
+    static_task = True
+    uses_frozen_query = True  # per-task trainable subtrees are picked by Python index
     infers_task = True
 
     @dataclasses.dataclass(frozen=True)
@@ -101,24 +103,24 @@ class SPrompts(Method):
         return ce + decay, {"metrics": {"ce": ce,
                                         "accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
-    def _query(self, frozen, images) -> Array:
-        q = frozen_query(self.backbone, frozen, images)
+    def _query(self, frozen, batch) -> Array:
+        q = frozen_query(self.backbone, frozen, batch)
         return l2_normalize(q) if self.config.normalize_features else q
 
-    def predict_domain(self, state, frozen, images, task: TaskSpec) -> Array:
+    def predict_domain(self, state, frozen, batch, task: TaskSpec) -> Array:
         """The domain whose nearest centroid is closest to the frozen feature (domains
         ``0..task.index`` only)."""
-        d = stats_lib.centroid_distances(self._query(frozen, images), state["centroids"],
+        d = stats_lib.centroid_distances(self._query(frozen, batch), state["centroids"],
                                          self.config.distance)  # (B, T, K)
         seen = (jnp.arange(self.num_tasks) <= task.index)[:, None] & state["centroid_valid"]
         d = jnp.where(seen[None], d, jnp.inf).min(axis=-1)
         return jnp.argmin(d, axis=-1)
 
-    def logits(self, trainable, state, frozen, images, task):
-        domain = self.predict_domain(state, frozen, images, task)
+    def logits(self, trainable, state, frozen, batch, task):
+        domain = self.predict_domain(state, frozen, batch, task)
         order = [str(s) for s in range(self.num_tasks)]
         prompts = jnp.stack([trainable["prompts"][s] for s in order])[domain]  # (B, L, D)
-        features = self._features(frozen, images, prompts)
+        features = self._features(frozen, batch["image"], prompts)
         kernels = jnp.stack([trainable["heads"][s]["kernel"] for s in order])  # (T, D, C)
         biases = jnp.stack([trainable["heads"][s]["bias"] for s in order])  # (T, C)
         every = jnp.einsum("bd,tdc->btc", features, kernels) + biases[None]
@@ -127,7 +129,7 @@ class SPrompts(Method):
 
     # --------------------------------------------------------------- after task
     def after_task(self, task, trainable, state, frozen, data, rng):
-        features, _ = data.map(lambda batch, frozen: self._query(frozen, batch["image"]), frozen)
+        features, _ = data.map(lambda batch, frozen: self._query(frozen, batch), frozen)
         k = min(self.config.num_centroids, features.shape[0])
         seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
         centers, _, _ = stats_lib.kmeans(features, k, seed=seed, n_init=self.config.kmeans_n_init)

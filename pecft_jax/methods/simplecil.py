@@ -40,6 +40,7 @@ def class_feature_sums(carry: dict, features: jax.Array, labels: jax.Array,
 
 class SimpleCIL(Method):
     name = "simplecil"
+    uses_frozen_query = True
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -55,11 +56,11 @@ class SimpleCIL(Method):
 
     def after_task(self, task, trainable, state, frozen, data, rng):
         def accumulate(carry, batch, frozen):
-            features = frozen_query(self.backbone, frozen, batch["image"])
+            features = frozen_query(self.backbone, frozen, batch)
             return class_feature_sums(carry, features, batch["label"], batch["mask"])
 
         return trainable, data.reduce(accumulate, state, frozen)
 
-    def logits(self, trainable, state, frozen, images, task):
+    def logits(self, trainable, state, frozen, batch, task):
         prototypes = state["sum"] / jnp.maximum(state["count"], 1.0)[:, None]
-        return cosine_similarity(frozen_query(self.backbone, frozen, images), prototypes)
+        return cosine_similarity(frozen_query(self.backbone, frozen, batch), prototypes)

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import ml_collections
@@ -32,27 +32,32 @@ from pecft_jax.backbones.backbone import load_backbone
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import pipeline, scenarios
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
+from pecft_jax.methods.common import FROZEN_QUERY
 from pecft_jax.methods.statistics import cosine_epoch_schedule
+from pecft_jax.train import compilation
 from pecft_jax.train import mesh as mesh_lib
 from pecft_jax.train import partition
 from pecft_jax.train.checkpoint import Checkpointer, CheckpointMismatch
+from pecft_jax.train.feature_cache import FrozenQueryCache, with_queries
 from pecft_jax.train.logging_utils import MetricWriter, progress
 
 log = logging.getLogger("pecft_jax")
 
 # Config keys that may change between a run and its resumption.
 _RESUMABLE_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "train.prefetch",
-                   "progress_bar",
+                   "progress_bar", "compilation_cache_dir", "feature_cache.enabled",
+                   "feature_cache.max_bytes",
                    "eval.batch_size", "num_devices", "distributed")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) the experiment in ``workdir`` and writes ``results.json``."""
     os.makedirs(workdir, exist_ok=True)
+    monitor = compilation.CompileMonitor()
     trainer = ContinualTrainer(config, workdir)
     try:
         results = trainer.run()
-        results["compilations"] = dict(trainer.trace_counts)
+        results["compilation"] = dict(monitor.report(), traces=dict(trainer.trace_counts))
     finally:
         trainer.close()
     if jax.process_index() == 0:
@@ -92,6 +97,8 @@ class ContinualTrainer:
         self.config = config
         self.workdir = workdir
         _check_train_config(config.train)
+        compilation.enable_persistent_cache(
+            config.get("compilation_cache_dir", compilation.DEFAULT_CACHE_DIR))
         self.lr_mults = partition.parse_lr_mults(config.train.get("lr_mults", ()))
         if config.get("distributed", False):
             mesh_lib.initialise_distributed()
@@ -104,7 +111,8 @@ class ContinualTrainer:
         self.backbone, frozen = load_backbone(
             bcfg.checkpoint, image_size=bcfg.get("image_size", None),
             mean=tuple(bcfg.get("mean", (0.5,))), std=tuple(bcfg.get("std", (0.5,))),
-            seed=config.seed)
+            seed=config.seed, dtype=bcfg.get("dtype", "float32"),
+            attention=bcfg.get("attention", "einsum"))
         self.fingerprint = fingerprint(frozen)
         self.frozen = mesh_lib.replicate(frozen, self.mesh)
         self.scenario = scenarios.build_scenario(config)
@@ -115,7 +123,15 @@ class ContinualTrainer:
                                             self.scenario.num_classes, len(self.tasks))
         self.train_preprocess = self._preprocess(augment=True)
         self.eval_preprocess = self._preprocess(augment=False)
+        cache_cfg = config.get("feature_cache", ml_collections.ConfigDict())
+        self.query_cache = (
+            FrozenQueryCache(self.backbone, self.frozen,
+                             shard=lambda local: mesh_lib.shard_batch(local, self.mesh),
+                             gather=self._gather,
+                             max_bytes=cache_cfg.get("max_bytes", 2 ** 31))
+            if self.method.uses_frozen_query and cache_cfg.get("enabled", True) else None)
         self.trace_counts: Dict[str, int] = {}
+        self._compiled: Dict[tuple, Callable] = {}  # jitted steps, reused across tasks
         self.config_hash = config_hash(config)
         self.base_rng = jax.random.key(config.seed)
         self.writer = MetricWriter(workdir, enabled=write_metrics and jax.process_index() == 0)
@@ -135,17 +151,21 @@ class ContinualTrainer:
         """before_task -> gradient steps -> after_task -> evaluation -> checkpoint."""
         spec, task = self.task_spec(t), self.tasks[t]
         task_rng = jax.random.fold_in(self.base_rng, t)
-        data = self.task_data(task)
         started = time.time()
+        epochs = self.epochs(spec)
+        steps = self.steps_in_task(task, epochs) if epochs else 0
+        queries = self.training_queries(task, epochs)
+        data = self.task_data(task, queries)
         if not position.inside:  # before_task already ran for a task resumed inside
             run.trainable, run.state = self.method.before_task(
                 spec, run.trainable, run.state, self.frozen, data, jax.random.fold_in(task_rng, 0))
-        epochs = self.epochs(spec)
-        steps = self.steps_in_task(task, epochs) if epochs else 0
         if steps:
-            self.train(run, task, spec, epochs, jax.random.fold_in(task_rng, 1), position)
+            self.train(run, task, spec, epochs, jax.random.fold_in(task_rng, 1), position,
+                       queries)
         run.trainable, run.state = self.method.after_task(
             spec, run.trainable, run.state, self.frozen, data, jax.random.fold_in(task_rng, 2))
+        if self.query_cache is not None:
+            self.query_cache.drop(f"train/{task.index}")
         run.seconds_per_task.append(time.time() - started)
         self.record(run, t, self.evaluate(run, t))
         self.checkpointer.save(task_end=True, step=t, trainable=run.trainable, state=run.state,
@@ -164,8 +184,9 @@ class ContinualTrainer:
         """
         resume = self.checkpointer.latest()
         if resume is None:
-            trainable, state = self.method.init(jax.random.fold_in(self.base_rng, 10 ** 6),
-                                                self.frozen)
+            # one compiled program, not one eager compilation per parameter shape
+            trainable, state = jax.jit(self.method.init)(
+                jax.random.fold_in(self.base_rng, 10 ** 6), self.frozen)
             return RunState(trainable, state, [], [], {}, []), Position()
         kind, ckpt_step, meta = resume
         self.check_meta(meta)
@@ -193,8 +214,9 @@ class ContinualTrainer:
 
     # ================================================================= gradient steps
     def train(self, run: RunState, task: scenarios.Task, spec: TaskSpec, epochs: int, rng,
-              position: Position) -> None:
-        """``epochs`` epochs of ``method.update`` on the task's augmented training batches."""
+              position: Position, queries: Optional[np.ndarray] = None) -> None:
+        """``epochs`` epochs of ``method.update`` on the task's augmented training batches
+        (with their cached frozen queries, if ``queries``)."""
         t = spec.index
         steps = self.steps_in_task(task, epochs)
         per_epoch = steps // epochs
@@ -203,7 +225,8 @@ class ContinualTrainer:
         state = mesh_lib.replicate(run.state, self.mesh)
         opt_state = mesh_lib.replicate(position.opt_state if position.inside
                                        else optimizer.init(trainable), self.mesh)
-        train_step = self.make_train_step(spec, optimizer)
+        train_step = self.compiled_train_step(spec, optimizer, epochs, steps)
+        task_arg = self.traced_task(spec)
         every = int(self.config.train.get("checkpoint_every_steps", 0) or 0)
         log_every = int(self.config.train.get("log_every_steps", 20) or 20)
         bar = progress(total=steps, initial=position.step, desc=f"task {t + 1}/{len(self.tasks)}",
@@ -219,9 +242,9 @@ class ContinualTrainer:
                 process_index=jax.process_index(), process_count=jax.process_count())
             # host-side reading/augmentation overlaps the device steps
             for local in pipeline.prefetch(batches, int(self.config.train.get("prefetch", 2))):
-                batch = mesh_lib.shard_batch(local, self.mesh)
+                batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
                 trainable, state, opt_state, metrics = train_step(
-                    trainable, state, opt_state, self.frozen, batch, jax.random.fold_in(rng, step))
+                    trainable, state, opt_state, self.frozen, batch, rng, np.int32(step), task_arg)
                 step += 1
                 run.global_step += 1
                 images_seen += self.batch_size
@@ -243,16 +266,48 @@ class ContinualTrainer:
         bar.close()
         run.trainable, run.state = mesh_lib.to_host(trainable), mesh_lib.to_host(state)
 
-    def make_train_step(self, task: TaskSpec, optimizer: partition.RoutedOptimizer) -> Callable:
-        method = self.method
+    def compiled_train_step(self, spec: TaskSpec, optimizer: partition.RoutedOptimizer,
+                            epochs: int, steps: int) -> Callable:
+        """The jitted ``method.update`` for this task, shared by every task that has the same
+        optimizer labels and schedule (the task index is an input, see :meth:`traced_task`).
+        Its signature: ``(trainable, state, opt_state, frozen, batch, task_rng, step, task)``;
+        the step's key is ``fold_in(task_rng, step)``, derived on the device (an eager
+        ``fold_in`` on the host would wait for the previous step)."""
+        labels, structure = jax.tree_util.tree_flatten(optimizer.labels)
+        key = ("train", self._task_key(spec), tuple(labels), structure,
+               self._schedule_key(epochs, steps))
+        if key not in self._compiled:
+            method = self.method
 
-        def train_step(trainable, state, opt_state, frozen, batch, rng):
-            self._count_trace(f"train_step/{task.index}")
-            return method.update(trainable, state, opt_state, frozen, batch, rng, task, optimizer)
+            def train_step(trainable, state, opt_state, frozen, batch, task_rng, step, task):
+                self._count_trace("train_step", task)
+                return method.update(trainable, state, opt_state, frozen, batch,
+                                     jax.random.fold_in(task_rng, step), task, optimizer)
 
-        replicated = mesh_lib.replicated(self.mesh)
-        return jax.jit(train_step, donate_argnums=(0, 1, 2),
-                       out_shardings=(replicated, replicated, replicated, replicated))
+            replicated = mesh_lib.replicated(self.mesh)
+            self._compiled[key] = jax.jit(
+                train_step, donate_argnums=(0, 1, 2), static_argnums=self._task_argnums(7),
+                out_shardings=(replicated, replicated, replicated, replicated))
+        return self._compiled[key]
+
+    def traced_task(self, spec: TaskSpec) -> TaskSpec:
+        """The task as the jitted steps take it: its index an int32 input -- one compiled
+        program for every task -- or, for a ``static_task`` method, the concrete spec."""
+        return spec if self.method.static_task else dataclasses.replace(
+            spec, index=np.int32(spec.index))
+
+    def _task_key(self, spec: TaskSpec) -> Any:
+        return spec if self.method.static_task else None
+
+    def _task_argnums(self, position: int) -> Tuple[int, ...]:
+        return (position,) if self.method.static_task else ()
+
+    def _schedule_key(self, epochs: int, steps: int) -> tuple:
+        """What of a task's length the learning-rate schedule bakes into the step: nothing
+        for a constant rate, the step counts for a decaying one."""
+        if self.config.train.get("schedule", "constant") == "constant":
+            return ()
+        return (steps, steps // epochs)
 
     def optimizer(self, spec: TaskSpec, trainable: dict, task: scenarios.Task,
                   epochs: int) -> partition.RoutedOptimizer:
@@ -287,51 +342,60 @@ class ContinualTrainer:
 
     # ===================================================================== evaluation
     def evaluate(self, run: RunState, t: int) -> Dict[str, List[float]]:
-        """Accuracy (%) on the test data of tasks 0..t (all tasks for joint training)."""
+        """Accuracy (%) on the test data of tasks 0..t (all tasks for joint training), read
+        as one stream -- one padded batch in all, not one per task -- and split by task."""
         spec = self.task_spec(min(t, len(self.tasks) - 1))
-        eval_step = self.make_eval_step(spec)
+        eval_step, task_arg = self.compiled_eval_step(spec), self.traced_task(spec)
         eval_tasks = self.scenario.tasks if self.joint else self.scenario.tasks[:t + 1]
         seen = sorted({c for task in eval_tasks for c in task.classes})
+        queries = self.test_queries(eval_tasks)
+        logits, labels, task_pred = [], [], []
+        for local in pipeline.eval_stream(
+                [(task.test_source, task.test_indices) for task in eval_tasks], self.label_map,
+                batch_size=self.eval_batch_size, preprocess=self.eval_preprocess,
+                process_index=jax.process_index(), process_count=jax.process_count()):
+            batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
+            inputs = {k: batch[k] for k in ("image", FROZEN_QUERY) if k in batch}
+            out = self._gather(eval_step(run.trainable, run.state, self.frozen, inputs, task_arg))
+            keep = np.asarray(self._gather(batch["mask"])) > 0
+            logits.append(out["logits"][keep])
+            labels.append(np.asarray(self._gather(batch["label"]))[keep])
+            if "task_pred" in out:
+                task_pred.append(out["task_pred"][keep])
+        logits_np, labels_np = np.concatenate(logits), np.concatenate(labels)
+        pred_np = np.concatenate(task_pred) if task_pred else None
+        bounds = np.cumsum([0] + [task.num_test for task in eval_tasks])
         row: Dict[str, List[float]] = {"class_il": [], "task_il": []}
-        for task in eval_tasks:
-            logits, labels, task_pred = [], [], []
-            for local in pipeline.eval_batches(
-                    task.test_source, task.test_indices, self.label_map,
-                    batch_size=self.eval_batch_size, preprocess=self.eval_preprocess,
-                    process_index=jax.process_index(), process_count=jax.process_count()):
-                batch = mesh_lib.shard_batch(local, self.mesh)
-                out = self._gather(eval_step(run.trainable, run.state, self.frozen,
-                                             batch["image"]))
-                keep = np.asarray(self._gather(batch["mask"])) > 0
-                logits.append(out["logits"][keep])
-                labels.append(np.asarray(self._gather(batch["label"]))[keep])
-                if "task_pred" in out:
-                    task_pred.append(out["task_pred"][keep])
-            logits_np, labels_np = np.concatenate(logits), np.concatenate(labels)
+        for task, lo, hi in zip(eval_tasks, bounds[:-1], bounds[1:]):
             row["class_il"].append(metrics_lib.class_incremental_accuracy(
-                logits_np, labels_np, seen))
+                logits_np[lo:hi], labels_np[lo:hi], seen))
             row["task_il"].append(metrics_lib.task_incremental_accuracy(
-                logits_np, labels_np, task.classes))
+                logits_np[lo:hi], labels_np[lo:hi], task.classes))
             # task-identity accuracy (prompt / domain selection); joint training has one
             # task, so there is no identity to infer
-            if task_pred and not self.joint:
-                pred = np.concatenate(task_pred)
+            if pred_np is not None and not self.joint:
                 row.setdefault("task_identity", []).append(
-                    100.0 * float(np.mean(pred == task.index)))
+                    100.0 * float(np.mean(pred_np[lo:hi] == task.index)))
         return row
 
-    def make_eval_step(self, task: TaskSpec) -> Callable:
-        method = self.method
+    def compiled_eval_step(self, spec: TaskSpec) -> Callable:
+        """The jitted ``method.logits``, one for the run unless the method is
+        ``static_task``. Its signature: ``(trainable, state, frozen, inputs, task)``, inputs
+        ``{'image'[, 'frozen_query']}``."""
+        key = ("eval", self._task_key(spec))
+        if key not in self._compiled:
+            method = self.method
 
-        def eval_step(trainable, state, frozen, images):
-            self._count_trace(f"eval_step/{task.index}")
-            out = method.logits(trainable, state, frozen, images, task)
-            if method.infers_task:
-                logits, task_pred = out
-                return {"logits": logits, "task_pred": task_pred}
-            return {"logits": out}
+            def eval_step(trainable, state, frozen, inputs, task):
+                self._count_trace("eval_step", task)
+                out = method.logits(trainable, state, frozen, inputs, task)
+                if method.infers_task:
+                    logits, task_pred = out
+                    return {"logits": logits, "task_pred": task_pred}
+                return {"logits": out}
 
-        return jax.jit(eval_step)
+            self._compiled[key] = jax.jit(eval_step, static_argnums=self._task_argnums(4))
+        return self._compiled[key]
 
     def record(self, run: RunState, t: int, row: Dict[str, List[float]]) -> None:
         run.accuracy_matrix.append(row["class_il"])
@@ -360,7 +424,7 @@ class ContinualTrainer:
                "accuracy_matrix": matrix, "task_il_accuracy_matrix": task_il,
                "metrics": summary, "task_il_metrics": task_summary,
                "trainable_params": int(self.method.count_trainable(run.trainable, run.state)),
-               "seconds_per_task": run.seconds_per_task,
+               "seconds_per_task": run.seconds_per_task, "train_steps": run.global_step,
                "backbone": {"name": self.backbone.config.name, "fingerprint": self.fingerprint},
                "config": self.config.to_dict()}
         for key, rows in run.extra_rows.items():
@@ -388,21 +452,51 @@ class ContinualTrainer:
 
     def task_spec(self, t: int) -> TaskSpec:
         tasks = self.tasks
-        return TaskSpec(index=t, classes=tuple(tasks[t].classes),
-                        seen_classes=tuple(c for task in tasks[:t + 1] for c in task.classes),
-                        num_classes=self.scenario.num_classes, num_tasks=len(tasks),
-                        task_classes=tuple(tuple(task.classes) for task in tasks))
+        return TaskSpec(index=t, num_classes=self.scenario.num_classes,
+                        task_classes=tuple(tuple(int(c) for c in task.classes) for task in tasks))
 
-    def task_data(self, task: scenarios.Task) -> TaskData:
-        """The task's training examples, un-augmented, for the methods' passes."""
+    def task_data(self, task: scenarios.Task, queries: Optional[np.ndarray] = None) -> TaskData:
+        """The task's training examples, un-augmented, for the methods' passes (with their
+        cached frozen queries, if ``queries``)."""
         def batches():
-            return pipeline.eval_batches(
-                task.train_source, task.train_indices, self.label_map,
-                batch_size=self.eval_batch_size, preprocess=self.eval_preprocess,
-                process_index=jax.process_index(), process_count=jax.process_count())
+            return (with_queries(local, queries) for local in self._train_examples(task))
         return TaskData(batches, len(task.train_indices),
                         shard=lambda local: mesh_lib.shard_batch(local, self.mesh),
                         gather=self._gather, replicated=mesh_lib.replicated(self.mesh))
+
+    def _train_examples(self, task: scenarios.Task):
+        return pipeline.eval_batches(
+            task.train_source, task.train_indices, self.label_map,
+            batch_size=self.eval_batch_size, preprocess=self.eval_preprocess,
+            process_index=jax.process_index(), process_count=jax.process_count())
+
+    # ================================================================= frozen queries
+    def training_queries(self, task: scenarios.Task, epochs: int) -> Optional[np.ndarray]:
+        """The frozen queries of the task's training examples when caching them is exact
+        (no augmentation) and pays (two epochs or more: each epoch would recompute them)."""
+        if (self.query_cache is None or self.train_preprocess.augment or epochs < 2
+                or not self.query_cache.fits(len(task.train_indices))):
+            return None
+        return self.query_cache.get(f"train/{task.index}", lambda: self._train_examples(task))
+
+    def test_queries(self, eval_tasks: List[scenarios.Task]) -> Optional[np.ndarray]:
+        """The frozen queries of the test sets of ``eval_tasks`` in order, computed once per
+        run for each task (None: the method does not use them, or they do not fit)."""
+        if self.query_cache is None:
+            return None
+        parts = []
+        for task in eval_tasks:
+            name = f"test/{task.index}"
+            if not (self.query_cache.has(name) or self.query_cache.fits(task.num_test)):
+                return None
+
+            def batches(task=task):
+                return pipeline.eval_batches(
+                    task.test_source, task.test_indices, self.label_map,
+                    batch_size=self.eval_batch_size, preprocess=self.eval_preprocess,
+                    process_index=jax.process_index(), process_count=jax.process_count())
+            parts.append(self.query_cache.get(name, batches))
+        return np.concatenate(parts)
 
     def _gather(self, tree: Any) -> Any:
         """Global (sharded or replicated) arrays -> numpy on this host, in mesh order."""
@@ -419,14 +513,17 @@ class ContinualTrainer:
             augment=augment and aug.get("enabled", False),
             crop_padding=aug.get("crop_padding", 0), flip=aug.get("flip", False))
 
-    def _count_trace(self, name: str) -> None:
+    def _count_trace(self, name: str, task: TaskSpec) -> None:
+        """Counts a tracing of a jitted step (per task for a ``static_task`` method)."""
+        if not task.is_traced:
+            name = f"{name}/{task.index}"
         self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
 
     def _meta(self, run: RunState, task: int, step_in_task: int, task_done: bool) -> dict:
         return {"task": task, "step_in_task": step_in_task, "task_done": task_done,
                 "global_step": run.global_step, "accuracy_matrix": run.accuracy_matrix,
                 "task_il_accuracy_matrix": run.task_il_matrix, "extra_rows": run.extra_rows,
-                "seconds_per_task": run.seconds_per_task, "fingerprint": self.fingerprint,
+                "seconds_per_task": run.seconds_per_task, "train_steps": run.global_step, "fingerprint": self.fingerprint,
                 "config_hash": self.config_hash, "method": self.method.name}
 
     def check_meta(self, meta: dict) -> None:

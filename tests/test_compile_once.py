@@ -1,0 +1,168 @@
+"""Compile once per run, frozen-query caching, one evaluation stream, the compile cache."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pecft_jax.data import pipeline
+from pecft_jax.data.sources import ArraySource
+from pecft_jax.methods import TaskSpec
+from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
+
+from helpers import ROOT, tiny_config
+
+CLASS_IL = ((0, 1), (2, 3), (4, 5))
+DOMAIN_IL = ((0, 1, 2),) * 3  # every task teaches the same classes
+
+
+# ------------------------------------------------------------------ the traced task
+@pytest.mark.parametrize("task_classes, num_classes", [(CLASS_IL, 8), (DOMAIN_IL, 3)])
+def test_traced_class_masks_equal_the_concrete_ones(task_classes, num_classes):
+    masks = jax.jit(lambda spec: {w: spec.class_mask(w) for w in ("task", "seen", "all")})
+    for t in range(len(task_classes)):
+        concrete = TaskSpec(t, num_classes, task_classes)
+        traced = masks(TaskSpec(np.int32(t), num_classes, task_classes))
+        for which, mask in traced.items():
+            np.testing.assert_array_equal(mask, concrete.class_mask(which), err_msg=which)
+        seen = set(c for classes in task_classes[:t + 1] for c in classes)
+        assert set(np.flatnonzero(concrete.class_mask("seen"))) == seen
+
+
+def test_one_traced_program_serves_every_task_and_classes_need_a_concrete_index():
+    traces = []
+
+    @jax.jit
+    def masked(spec):
+        traces.append(1)
+        return spec.class_mask("task")
+
+    for t in range(3):
+        masked(TaskSpec(np.int32(t), 8, CLASS_IL))
+    assert len(traces) == 1
+    with pytest.raises(TypeError, match="static_task"):
+        jax.jit(lambda spec: jnp.asarray(spec.classes))(TaskSpec(np.int32(0), 8, CLASS_IL))
+    assert TaskSpec(1, 8, CLASS_IL).seen_classes == (0, 1, 2, 3)
+
+
+# ---------------------------------------------------------------- evaluation stream
+def _source(n, offset, size=4):
+    images = (np.arange(n)[:, None, None, None] + offset).repeat(size, 1).repeat(size, 2)
+    return ArraySource(images.astype(np.uint8), np.arange(n) % 3, name=f"part{offset}")
+
+
+def test_eval_stream_runs_across_parts_with_one_padding():
+    parts = [(_source(5, 0), np.arange(5)), (_source(7, 100, size=6), np.array([6, 0, 3]))]
+    pre = pipeline.Preprocess(image_size=4, channels=1, mean=(0.0,), std=(1 / 255,))
+    batches = list(pipeline.eval_stream(parts, np.arange(3), batch_size=4, preprocess=pre))
+    assert len(batches) == 2  # 8 examples: 2 batches, the per-part way would need 3
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.tolist() == [1.0] * 8
+    # pixel value = the example's own index (+100 in part 1), whatever its source's size
+    pixels = np.concatenate([b["image"][:, 0, 0, 0] for b in batches])
+    np.testing.assert_allclose(pixels, [0, 1, 2, 3, 4, 106, 100, 103], atol=1e-3)
+    labels = np.concatenate([b["label"] for b in batches])
+    assert labels.tolist() == [0, 1, 2, 0, 1, 0, 0, 0]
+    single = list(pipeline.eval_stream(parts[:1], np.arange(3), batch_size=4, preprocess=pre))
+    assert [b["mask"].tolist() for b in single] == [[1] * 4, [1, 0, 0, 0]]
+    np.testing.assert_allclose(single[1]["image"][:, 0, 0, 0], [4, 4, 4, 4], atol=1e-3)
+
+
+# -------------------------------------------------------------- frozen-query cache
+def _run(tmp_path, name, method="l2p", cache=True, epochs=2, **options):
+    config = tiny_config(method, **options)
+    config.train.epochs = epochs
+    config.feature_cache.enabled = cache
+    return train_and_evaluate(config, str(tmp_path / name))
+
+
+@pytest.mark.parametrize("method", ["l2p", "simplecil"])
+def test_cached_and_uncached_runs_give_identical_matrices(tmp_path, method):
+    cached = _run(tmp_path, "cached", method)
+    uncached = _run(tmp_path, "uncached", method, cache=False)
+    assert cached["accuracy_matrix"] == uncached["accuracy_matrix"]
+    assert cached["task_il_accuracy_matrix"] == uncached["task_il_accuracy_matrix"]
+
+
+def test_the_cache_feeds_the_steps_and_evaluation_with_the_frozen_query(tmp_path):
+    config = tiny_config()
+    config.scenario.num_tasks = 2
+    config.train.epochs = 2
+    trainer = ContinualTrainer(config, str(tmp_path))
+    try:
+        task = trainer.tasks[0]
+        queries = trainer.training_queries(task, epochs=2)
+        assert trainer.training_queries(task, epochs=1) is None  # one epoch: nothing gained
+        local = next(iter(trainer._train_examples(task)))
+        expected = trainer.backbone.apply(trainer.frozen, local["image"], output="cls")
+        np.testing.assert_allclose(queries[:len(expected)], expected, rtol=1e-5, atol=1e-6)
+        test = trainer.test_queries(trainer.scenario.tasks[:2])
+        assert test.shape == (sum(t.num_test for t in trainer.scenario.tasks[:2]),
+                              trainer.backbone.feature_dim)
+    finally:
+        trainer.close()
+
+
+def test_augmentation_switches_the_training_cache_off(tmp_path):
+    config = tiny_config()
+    config.augment.enabled = True
+    config.augment.flip = True
+    trainer = ContinualTrainer(config, str(tmp_path))
+    try:
+        assert trainer.training_queries(trainer.tasks[0], epochs=3) is None
+        assert trainer.test_queries(trainer.scenario.tasks[:1]) is not None  # tests: exact
+    finally:
+        trainer.close()
+
+
+def test_methods_without_a_frozen_query_get_no_cache(tmp_path):
+    config = tiny_config("finetune", mode="head")
+    trainer = ContinualTrainer(config, str(tmp_path))
+    try:
+        assert trainer.query_cache is None
+    finally:
+        trainer.close()
+
+
+def test_dualprompt_compiles_one_train_and_one_eval_step_for_all_tasks(tmp_path):
+    results = _run(tmp_path, "dual", "dualprompt", epochs=1, g_layers=(0,), e_layers=(1,),
+                   g_prompt_length=2, e_prompt_length=2)
+    report = results["compilation"]
+    assert report["traces"] == {"train_step": 1, "eval_step": 1}, report
+    assert report["by_function"]["jit(train_step)"] == 1
+    assert report["by_function"]["jit(eval_step)"] == 1
+
+
+# ---------------------------------------------------------- persistent compile cache
+_RUN = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from helpers import tiny_config
+from pecft_jax.train.loop import train_and_evaluate
+config = tiny_config()
+config.scenario.num_tasks = 2
+config.compilation_cache_dir = {cache!r}
+print(json.dumps(train_and_evaluate(config, {workdir!r})["compilation"]))
+"""
+
+
+def test_a_rerun_reads_its_programs_from_the_persistent_cache(tmp_path):
+    cache = str(tmp_path / "xla")
+    reports = []
+    for name in ("first", "second"):
+        code = _RUN.format(tests=os.path.join(ROOT, "tests"), cache=cache,
+                           workdir=str(tmp_path / name))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        reports.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, second = reports
+    assert first["cache_hits"] == 0 and first["xla_compilations"] > 0
+    assert os.listdir(cache)
+    # the second process compiles nothing it had compiled before
+    assert second["xla_compilations"] == 0, second
+    assert second["cache_hits"] == first["xla_compilations"]
