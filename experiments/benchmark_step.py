@@ -1,0 +1,475 @@
+"""One method's training step, pecft_jax (jit) against an eager PyTorch port of the same
+step written here, timed as alternating separate processes on a shared machine.
+
+    python experiments/benchmark_step.py --method l2p --arch ViT-Demo/7 --batch-size 64
+    python experiments/benchmark_step.py --method dualprompt --arch ViT-S/16 --batch-size 8
+    python experiments/benchmark_step.py --mode demo --method l2p   # a whole demo run
+
+Protocol (``--mode step``): every round starts one fresh process per variant, in turn
+(jax, jax-cached, torch, jax, jax-cached, torch, ...), so a burst of load from other jobs
+hits every variant alike instead of one. Each process builds the step, runs warm-up steps
+(compilation excluded), then times ``--steps`` steps one by one, waiting for each result:
+wall time and the process's CPU time (all its threads). Reported: the median over rounds
+of each process's median step, the spread across rounds, the load average around each
+process, the machine, and the ratios. ``jax-cached`` passes the frozen backbone's query in
+the batch, as the loop does for un-augmented data (``feature_cache``).
+
+The JAX side is the library's own step: ``method.update`` through the routed optimizer,
+jit-compiled with donated buffers, the task index an input -- what the loop runs. The
+PyTorch side re-implements the same computation (same shapes, same prompts, same loss
+terms, Adam) in eager PyTorch the way the official PyTorch code does it; both run float32
+on the same threads (``--threads``). Methods without gradient steps (SimpleCIL, RanPAC
+without a first-session module) time their statistics pass over a batch instead.
+
+``--mode demo`` times the demo end to end (``python -m pecft_jax.run`` on the method's
+default config -- Split MNIST, S-Prompts' Domain MNIST -- with
+an empty compilation cache, so compilation is counted) against the PyTorch-eager step loop
+it replaces: the demo's number of training steps times the PyTorch step at the demo's
+shapes (evaluation and data loading not included on the PyTorch side, so the comparison
+favours PyTorch).
+
+PyTorch is not a dependency of pecft_jax: ``pip install torch`` to run the torch variant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("l2p", "dualprompt", "coda_prompt", "s_prompts", "simplecil", "ranpac")
+# methods whose training step reads the frozen query, which the loop then precomputes for
+# un-augmented data; for the others 'jax-cached' would time a step the loop never runs
+QUERY_IN_STEP = ("l2p", "dualprompt", "coda_prompt")
+NUM_CLASSES, NUM_TASKS = 100, 10
+LEARNING_RATE = 1e-3
+
+
+# ============================================================================= shared
+def demo_method_config(method: str) -> dict:
+    """The method's settings in its demo config (``experiments/configs/<m>.py``'s default
+    benchmark: ``split_mnist``, ``domain_mnist`` for S-Prompts)."""
+    import importlib.util
+    path = os.path.join(ROOT, "experiments", "configs", f"{method}.py")
+    spec = importlib.util.spec_from_file_location(f"{method}_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().method.to_dict()
+
+
+def make_method(args):
+    """The pecft_jax method (its Config resolved) and the architecture."""
+    from pecft_jax.backbones import vit
+    from pecft_jax.backbones.backbone import Backbone
+    from pecft_jax.methods import create_method
+    values = demo_method_config(args.method) if args.demo_settings else {"name": args.method}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        values[key] = json.loads(value)
+    cfg = vit.get_config(args.arch)
+    return create_method(args.method, values, Backbone(cfg), NUM_CLASSES, NUM_TASKS), cfg
+
+
+def task_classes():
+    per = NUM_CLASSES // NUM_TASKS
+    return tuple(tuple(range(t * per, (t + 1) * per)) for t in range(NUM_TASKS))
+
+
+def inputs(cfg, batch: int):
+    """Fixed random images (NHWC) and labels of task 0's classes, as numpy."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch, cfg.image_size, cfg.image_size, cfg.num_channels),
+                                 dtype=np.float32)
+    labels = (np.arange(batch) % (NUM_CLASSES // NUM_TASKS)).astype(np.int32)
+    return images, labels
+
+
+def timed(step, steps: int, warmup: int = 3) -> Dict[str, float]:
+    """Median wall and CPU seconds of ``step()`` (which must block until its result)."""
+    for _ in range(warmup):
+        step()
+    walls, cpus = [], []
+    for _ in range(steps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return {"wall": statistics.median(walls), "cpu": statistics.median(cpus)}
+
+
+# ============================================================================ pecft_jax
+def jax_worker(args, cached: bool) -> Dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from pecft_jax.backbones import vit
+    from pecft_jax.methods import TaskSpec
+    from pecft_jax.methods.common import FROZEN_QUERY, frozen_query
+    from pecft_jax.train import partition
+
+    method, cfg = make_method(args)
+    frozen = jax.jit(lambda key: vit.init_params(cfg, key))(jax.random.key(0))
+    trainable, state = jax.jit(method.init)(jax.random.key(1), frozen)
+    spec = TaskSpec(0, NUM_CLASSES, task_classes())
+    trainable, state = method.before_task(spec, trainable, state, frozen, None,
+                                          jax.random.key(2))
+    images, labels = inputs(cfg, args.batch_size)
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels),
+             "mask": jnp.ones(args.batch_size), "index": jnp.arange(args.batch_size)}
+    if cached:
+        batch[FROZEN_QUERY] = jax.jit(lambda f, x: frozen_query(method.backbone, f,
+                                                                {"image": x}))(frozen, batch["image"])
+    task = spec if method.static_task else TaskSpec(np.int32(0), NUM_CLASSES, task_classes())
+
+    if method.train_epochs(spec, 1) == 0:  # a statistics pass: SimpleCIL's class sums ...
+        carry, fn = statistics_pass(method, trainable, state)
+        step_fn = jax.jit(fn, donate_argnums=0)
+        box = [carry]
+
+        def step():
+            box[0] = step_fn(box[0], batch, frozen)
+            jax.block_until_ready(box[0])
+        return timed(step, args.steps)
+
+    labels_tree = method.param_labels(trainable, spec)
+    optimizer = partition.make_optimizer(
+        labels_tree, method.optimizer_groups(spec, optax.adam(LEARNING_RATE)))
+    opt_state = optimizer.init(trainable)
+    static = (7,) if method.static_task else ()
+    update = jax.jit(lambda tr, st, os_, fr, b, key, step, t: method.update(
+        tr, st, os_, fr, b, jax.random.fold_in(key, step), t, optimizer),
+        donate_argnums=(0, 1, 2), static_argnums=static)
+    box = [trainable, state, opt_state, 0]
+    key = jax.random.key(3)
+
+    def step():
+        tr, st, os_, n = box
+        tr, st, os_, metrics = update(tr, st, os_, frozen, batch, key, np.int32(n), task)
+        jax.block_until_ready(metrics)
+        box[:] = [tr, st, os_, n + 1]
+    return timed(step, args.steps)
+
+
+def statistics_pass(method, trainable, state):
+    """The per-batch part of a gradient-free method's ``after_task``, as it runs there."""
+    import jax
+    import jax.numpy as jnp
+    from pecft_jax.methods.common import frozen_query
+    from pecft_jax.methods.ranpac import add_gram
+    from pecft_jax.methods.simplecil import class_feature_sums
+    if method.name == "simplecil":
+        def fn(carry, batch, frozen):
+            return class_feature_sums(carry, frozen_query(method.backbone, frozen, batch),
+                                      batch["label"], batch["mask"])
+        return state, fn
+    if method.name == "ranpac":
+        m = method.width
+
+        def fn(carry, batch, frozen):
+            h = method.project(state, method.features(trainable, frozen, batch))
+            y = jax.nn.one_hot(batch["label"], NUM_CLASSES, dtype=h.dtype)
+            return add_gram(carry, h, y, batch["mask"])
+        return {"G": jnp.zeros((m, m)), "Q": jnp.zeros((m, NUM_CLASSES))}, fn
+    raise ValueError(f"no statistics pass for {method.name}")
+
+
+# ============================================================================== PyTorch
+def torch_worker(args) -> Dict[str, float]:
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    method, cfg = make_method(args)
+    c = method.config
+    d, heads = cfg.hidden_size, cfg.num_heads
+
+    class Block(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.norm2 = tnn.LayerNorm(d, eps=1e-6), tnn.LayerNorm(d, eps=1e-6)
+            self.qkv, self.proj = tnn.Linear(d, 3 * d), tnn.Linear(d, d)
+            self.fc1, self.fc2 = tnn.Linear(d, cfg.mlp_dim), tnn.Linear(cfg.mlp_dim, d)
+
+        def forward(self, x, prefix=None):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, heads, d // heads).permute(
+                2, 0, 3, 1, 4)
+            if prefix is not None:  # (B, 2, Lp, D): prefix keys and values
+                pk, pv = (prefix[:, i].reshape(b, -1, heads, d // heads).transpose(1, 2)
+                          for i in (0, 1))
+                k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+            att = F.scaled_dot_product_attention(q, k, v)
+            x = x + self.proj(att.transpose(1, 2).reshape(b, n, d))
+            return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+
+    class ViT(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = tnn.Conv2d(cfg.num_channels, d, cfg.patch_size, cfg.patch_size)
+            self.cls = tnn.Parameter(torch.zeros(1, 1, d))
+            self.pos = tnn.Parameter(torch.randn(1, cfg.num_patches + 1, d) * 0.02)
+            self.blocks = tnn.ModuleList(Block() for _ in range(cfg.num_layers))
+            self.norm = tnn.LayerNorm(d, eps=1e-6)
+
+        def forward(self, images, prompts=None, prefixes=None):
+            x = self.patch(images).flatten(2).transpose(1, 2)
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+            if prompts is not None:
+                x = torch.cat([x[:, :1], prompts, x[:, 1:]], 1)
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, (prefixes or {}).get(i))
+            return self.norm(x)
+
+    model = ViT().requires_grad_(False)
+    images_np, labels_np = inputs(cfg, args.batch_size)
+    images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(labels_np).long()
+    mask = torch.full((NUM_CLASSES,), float("-inf"))
+    mask[:NUM_CLASSES // NUM_TASKS] = 0  # train on task 0's classes
+    uniform = lambda *shape: tnn.Parameter(torch.empty(*shape).uniform_(-1, 1))
+    head = tnn.Linear(d, NUM_CLASSES)
+
+    def query():
+        with torch.no_grad():
+            return model(images)[:, 0]
+
+    def cosine(a, b):
+        return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+    if method.name == "l2p":
+        pool, keys = uniform(c.pool_size, c.prompt_length, d), uniform(c.pool_size, d)
+        params = [pool, keys, *head.parameters()]
+
+        def loss_fn():
+            sim = cosine(query(), keys)
+            idx = sim.topk(c.top_k, dim=1).indices
+            tokens = model(images, prompts=pool[idx].reshape(len(images), -1, d))
+            n = c.top_k * c.prompt_length
+            feature = tokens[:, 1:1 + n].mean(1) if c.head_input == "prompt" else tokens[:, 0]
+            pull = (1 - sim.gather(1, idx)).sum(1).mean()
+            return F.cross_entropy(head(feature) + mask, labels) + c.pull_constraint * pull
+    elif method.name == "dualprompt":
+        g = {i: uniform(2, c.g_prompt_length, d) for i in method.g_layers}
+        e = {i: uniform(method.pool_size, 2, c.e_prompt_length, d) for i in method.e_layers}
+        keys = uniform(method.pool_size, d)
+        params = [*g.values(), *e.values(), keys, *head.parameters()]
+
+        def loss_fn():
+            q, b = query(), len(images)
+            prefixes = {i: p.expand(b, -1, -1, -1) for i, p in g.items()}
+            prefixes.update({i: p[0].expand(b, -1, -1, -1) for i, p in e.items()})  # task 0
+            feature = model(images, prefixes=prefixes)[:, 0]
+            pull = (1 - cosine(q, keys)[:, 0]).mean()
+            return F.cross_entropy(head(feature) + mask, labels) + c.pull_constraint * pull
+    elif method.name == "coda_prompt":
+        per = method.per_task
+        comps = {i: [uniform(per, c.prompt_length, d), uniform(per, d), uniform(per, d)]
+                 for i in method.layers}
+        params = [p for ps in comps.values() for p in ps] + list(head.parameters())
+
+        def loss_fn():
+            q, b = query(), len(images)
+            prefixes = {}
+            for i, (prompts, keys, attention) in comps.items():
+                alpha = (F.normalize(q[:, None] * attention[None], dim=-1)
+                         * F.normalize(keys, dim=-1)[None]).sum(-1)  # (B, M)
+                prompt = torch.einsum("bm,mld->bld", alpha, prompts)
+                prefixes[i] = prompt.reshape(b, 2, c.prompt_length // 2, d)
+            feature = model(images, prefixes=prefixes)[:, 0]
+            return F.cross_entropy(head(feature) + mask, labels)
+    elif method.name == "s_prompts":
+        prompt = uniform(c.prompt_length, d)
+        params = [prompt, *head.parameters()]
+
+        def loss_fn():
+            feature = model(images, prompts=prompt.expand(len(images), -1, -1))[:, 0]
+            decay = 0.5 * c.first_weight_decay * sum(p.square().sum() for p in params)
+            return F.cross_entropy(head(feature) + mask, labels) + decay
+    elif method.name in ("simplecil", "ranpac"):
+        width = method.width if method.name == "ranpac" else d
+        w_rand = torch.randn(d, width) if method.name == "ranpac" and c.M else None
+        sums = {"a": torch.zeros(NUM_CLASSES, d) if method.name == "simplecil"
+                else torch.zeros(width, width), "b": torch.zeros(NUM_CLASSES)
+                if method.name == "simplecil" else torch.zeros(width, NUM_CLASSES)}
+
+        def step():
+            with torch.no_grad():
+                f = query()
+                if method.name == "simplecil":
+                    sums["a"].index_add_(0, labels, f)
+                    sums["b"].index_add_(0, labels, torch.ones(len(labels)))
+                else:
+                    h = torch.relu(f @ w_rand) if w_rand is not None else f
+                    sums["a"] += h.T @ h
+                    sums["b"] += h.T @ F.one_hot(labels, NUM_CLASSES).float()
+        return timed(step, args.steps)
+    else:
+        raise SystemExit(f"no PyTorch port of {method.name} in this script")
+
+    opt = torch.optim.Adam(params, lr=LEARNING_RATE)
+
+    def step():
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()
+    return timed(step, args.steps)
+
+
+# ========================================================================= orchestrator
+def machine() -> str:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.node()}: {model}, {os.cpu_count()} CPUs, {platform.system()}"
+
+
+def versions() -> str:
+    out = subprocess.run([sys.executable, "-c", "import jax; print(jax.__version__)"],
+                         capture_output=True, text=True)
+    torch = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
+                           capture_output=True, text=True)
+    return (f"jax {out.stdout.strip() or '?'}, torch "
+            f"{torch.stdout.strip() if torch.returncode == 0 else 'not installed'}")
+
+
+def run_worker(args, variant: str) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", variant,
+               "--method", args.method, "--arch", args.arch, "--batch-size",
+               str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads)]
+    command += ["--demo-settings"] if args.demo_settings else []
+    for item in args.set:
+        command += ["--set", item]
+    load_before = os.getloadavg()[0]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} worker failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["load"] = (load_before, os.getloadavg()[0])
+    return result
+
+
+def step_mode(args) -> None:
+    variants = [v for v in args.variants.split(",") if v]
+    if args.method not in QUERY_IN_STEP and "jax-cached" in variants:
+        variants.remove("jax-cached")
+    if "torch" in variants and subprocess.run([sys.executable, "-c", "import torch"],
+                                              capture_output=True).returncode != 0:
+        raise SystemExit("PyTorch is not installed: pip install torch (not a pecft_jax "
+                         "dependency), or pass --variants jax,jax-cached")
+    results: Dict[str, List[dict]] = {v: [] for v in variants}
+    for round_index in range(args.rounds):
+        for variant in variants:
+            result = run_worker(args, variant)
+            results[variant].append(result)
+            print(f"  round {round_index + 1} {variant:10s} {1e3 * result['wall']:8.1f} ms wall "
+                  f"{1e3 * result['cpu']:8.1f} ms CPU  load {result['load'][0]:.2f}->"
+                  f"{result['load'][1]:.2f}", flush=True)
+    print(f"command: python experiments/benchmark_step.py {' '.join(sys.argv[1:])}")
+    print(f"machine: {machine()}; {versions()}; {args.threads} threads")
+    print(f"{args.method} step, {args.arch}, batch {args.batch_size}, {args.steps} timed steps "
+          f"x {args.rounds} rounds (alternating processes)")
+    medians = {}
+    for variant, rows in results.items():
+        wall = statistics.median(r["wall"] for r in rows)
+        cpu = statistics.median(r["cpu"] for r in rows)
+        spread = (min(r["wall"] for r in rows), max(r["wall"] for r in rows))
+        loads = [r["load"][0] for r in rows]
+        medians[variant] = wall
+        print(f"  {variant:10s} {args.batch_size / wall:9.1f} images/s  {1e3 * wall:8.1f} ms/step "
+              f"(rounds {1e3 * spread[0]:.1f}-{1e3 * spread[1]:.1f})  CPU {1e3 * cpu:8.1f} "
+              f"ms/step  load {min(loads):.2f}-{max(loads):.2f}")
+    if "torch" in medians:
+        for variant in medians:
+            if variant != "torch":
+                print(f"  speed-up {variant} vs PyTorch eager: "
+                      f"{medians['torch'] / medians[variant]:.2f}x")
+
+
+def demo_mode(args) -> None:
+    rows = []
+    for round_index in range(args.rounds):
+        with tempfile.TemporaryDirectory() as workdir:
+            command = [sys.executable, "-m", "pecft_jax.run", "--config",
+                       f"experiments/configs/{args.method}.py", "--workdir",
+                       os.path.join(workdir, "run"), "--config.progress_bar=False",
+                       f"--config.compilation_cache_dir={os.path.join(workdir, 'xla')}"]
+            load_before, start = os.getloadavg()[0], time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            wall = time.perf_counter() - start
+            if done.returncode != 0:
+                raise SystemExit(f"demo run failed:\n{done.stderr[-3000:]}")
+            with open(os.path.join(workdir, "run", "results.json")) as f:
+                results = json.load(f)
+        comp = results["compilation"]
+        rows.append({"wall": wall, "compile": comp["compile_seconds"] + comp["trace_seconds"],
+                     "xla": comp["xla_compilations"], "steps": results["train_steps"],
+                     "final": results["metrics"]["average_accuracy"], "load": load_before})
+        torch_step = None
+        if "torch" in args.variants:
+            torch_step = run_worker(args, "torch")["wall"]
+            rows[-1]["torch_step"] = torch_step
+        print(f"  round {round_index + 1}: demo {wall:.1f} s (compile {rows[-1]['compile']:.1f} s, "
+              f"{rows[-1]['xla']} XLA compilations, {rows[-1]['steps']} steps, final "
+              f"{rows[-1]['final']:.2f}%), load {load_before:.2f}"
+              + (f"; torch step {1e3 * torch_step:.1f} ms" if torch_step else ""), flush=True)
+    wall = statistics.median(r["wall"] for r in rows)
+    comp = statistics.median(r["compile"] for r in rows)
+    print(f"command: python experiments/benchmark_step.py {' '.join(sys.argv[1:])}")
+    print(f"machine: {machine()}; {versions()}; {args.threads} threads (torch)")
+    print(f"{args.method} demo: median {wall:.1f} s end to end, compile + trace "
+          f"{comp:.1f} s ({100 * comp / wall:.0f}%), {rows[0]['xla']} XLA compilations")
+    if all("torch_step" in r for r in rows):
+        torch_loop = statistics.median(r["torch_step"] for r in rows) * rows[0]["steps"]
+        print(f"  PyTorch-eager step loop alone ({rows[0]['steps']} steps): {torch_loop:.1f} s; "
+              f"demo / torch loop = {wall / torch_loop:.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=("step", "demo"), default="step")
+    parser.add_argument("--method", choices=METHODS, default="l2p")
+    parser.add_argument("--arch", default="ViT-Demo/7")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--variants", default="jax,jax-cached,torch")
+    parser.add_argument("--demo-settings", action="store_true",
+                        help="the method's settings from its split_mnist config (default: "
+                             "its Config defaults, the paper's)")
+    parser.add_argument("--set", action="append", default=[],
+                        help="a method Config field, KEY=JSON (repeatable)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        if args.worker == "torch":
+            result = torch_worker(args)
+        else:
+            result = jax_worker(args, cached=args.worker == "jax-cached")
+        print(json.dumps(result))
+    elif args.mode == "demo":
+        args.demo_settings = True
+        args.arch, args.batch_size = "ViT-Demo/7", 64  # the demo's backbone and batch
+        demo_mode(args)
+    else:
+        step_mode(args)
+
+
+if __name__ == "__main__":
+    main()
