@@ -131,7 +131,9 @@ def test_prefix_context_is_the_weighted_component_sum(trained_task1):
     method, frozen, trainable, _, images = trained_task1
     q = frozen_query(BACKBONE, frozen, {"image": images})
     components = method.components(trainable, 1, train=False)
-    assert components["0"]["prompts"].shape == (4, 4, 32)  # tasks 0 and 1: 2 + 2 components
+    # every task's slice, fixed size (one compiled step); tasks 0 and 1 (2 + 2) active
+    assert components["0"]["prompts"].shape == (6, 4, 32)
+    assert np.asarray(components["0"]["active"]).tolist() == [True] * 4 + [False] * 2
     ctx = method.context(components, q)
     assert sorted(ctx.layers) == [0, 1]
     q = np.asarray(q, np.float64)
@@ -161,10 +163,17 @@ def test_only_the_current_slice_and_head_learn(trained_task1):
             assert not np.any(np.asarray(grads["components"]["2"][layer][field]))  # unused
     bias = np.asarray(grads["head"]["bias"])
     assert np.all(bias[[0, 1, 4, 5]] == 0.0) and np.all(np.abs(bias[[2, 3]]) > 0)
-    labels = method.param_labels(trainable, spec(1))
-    assert set(jax.tree_util.tree_leaves(labels["components"]["0"])) == {"frozen"}
-    assert set(jax.tree_util.tree_leaves(labels["components"]["1"])) == {"train"}
-    assert set(jax.tree_util.tree_leaves(labels["components"]["2"])) == {"frozen"}
+    # with the task index traced (as the loop runs it) the gradients are the same
+    traced = jax.jit(jax.grad(lambda tr, task: ortho_method.loss(
+        tr, state, frozen, batch, jax.random.key(0), task)[0]))(trainable, spec(1))
+    for got, want in zip(jax.tree_util.tree_leaves(traced), jax.tree_util.tree_leaves(grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # and the update mask lets only slice 1 and the head move
+    mask = jax.jit(method.update_mask)(trainable, spec(1))
+    for t, value in (("0", 0.0), ("1", 1.0), ("2", 0.0)):
+        assert set(np.asarray(jax.tree_util.tree_leaves(mask["components"][t])).tolist()) \
+            == {value}
+    assert set(np.asarray(jax.tree_util.tree_leaves(mask["head"])).tolist()) == {1.0}
     # the orthogonality penalty: mean((B B^T - I)^2) of tasks 0..1's K, A and flattened P
     expected = 0.0
     for layer in ("0", "1"):
@@ -182,6 +191,8 @@ def test_end_to_end_old_components_stay_bit_identical(tmp_path):
     config.train.checkpoint_every_steps = 0  # task-end checkpoints only (read below)
     results = train_and_evaluate(config, str(tmp_path))
     assert [len(r) for r in results["accuracy_matrix"]] == [1, 2]
+    # one compiled train and eval step for both tasks (the task index is an input)
+    assert results["compilation"]["traces"] == {"train_step": 1, "eval_step": 1}
     d = 32
     assert results["trainable_params"] == 2 * 6 * (4 * d + d + d) + d * 10 + 10
     ckpt = Checkpointer(str(tmp_path))

@@ -235,3 +235,30 @@ def test_earlier_prompts_are_bit_identical_after_later_tasks(hide_run):
     first_counts = np.asarray(first["state"]["tap_stats"]["count"])
     assert np.all(first_counts[:5] > 0) and np.all(first_counts[5:] == 0)
     assert np.all(np.asarray(last["state"]["tap_stats"]["count"]) > 0)
+
+
+def test_the_steps_get_the_tap_means_but_no_covariance():
+    method, frozen = micro_method()
+    _, state = method.init(jax.random.key(0), frozen)
+    stepped = method.step_state(state)
+    assert "tii_stats" not in stepped and set(stepped["tap_stats"]) == {"mean", "count"}
+    assert set(stepped) == set(state) - {"tii_stats"}  # the heads, the TAP means stay
+    # what a step returns is merged back without losing the statistics it never saw
+    from pecft_jax.methods.base import merge_state
+    changed = dict(stepped, tap_stats=dict(stepped["tap_stats"], count=stepped["tap_stats"]
+                                           ["count"] + 1))
+    merged = merge_state(state, changed)
+    assert merged["tap_stats"]["cov"] is state["tap_stats"]["cov"]
+    assert merged["tii_stats"] is state["tii_stats"]
+    np.testing.assert_array_equal(merged["tap_stats"]["count"],
+                                  np.asarray(state["tap_stats"]["count"]) + 1)
+
+
+@pytest.mark.parametrize("mode, expected", [("covariance", 472_474_400),
+                                            ("variance", 1_229_600),
+                                            ("multi_centroid", 12_296_000)])
+def test_statistics_memory_of_cifar100_on_vit_b(mode, expected):
+    """README's table: TII + TAP statistics, 100 classes, ViT-B (768), float32, K=10."""
+    shapes = S.statistics_shapes(100, 768, mode, n_centroids=10)
+    one = sum(4 * math.prod(shape) for shape in shapes.values())
+    assert 2 * one == expected

@@ -28,7 +28,7 @@ Conventions the loop relies on:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping, Tuple
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -200,6 +200,18 @@ def count_params(tree: Any) -> int:
     return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def merge_state(full: Mapping[str, Any], part: Mapping[str, Any]) -> dict:
+    """``full`` with the leaves of ``part`` (a :meth:`Method.step_state` subset, possibly
+    updated) written over it, nested dicts merged key by key."""
+    out = dict(full)
+    for key, value in part.items():
+        if isinstance(value, Mapping) and isinstance(full.get(key), Mapping):
+            out[key] = merge_state(full[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def label_current_task(per_task: Mapping[str, Any], task_index: int, label: str = "train"
                        ) -> dict:
     """Optimizer labels of a ``{task index as str: subtree}`` tree: ``label`` on every leaf of
@@ -224,27 +236,47 @@ class TaskData:
 
     Extra arrays a function needs (the frozen backbone, a projection matrix) are passed as
     ``*args`` so they are arguments of the compiled function, not constants baked into it.
+
+    Compiled functions are kept for the run, keyed by ``fn``: a method that passes the same
+    function every task -- a method of its own (``self.accumulate``) or a module-level
+    function, not a closure made anew in each ``after_task`` -- compiles it once, as long
+    as the argument shapes stay fixed (``capacity`` helps with per-example arrays).
     """
 
     def __init__(self, batches: Callable[[], Iterable[dict]], num_examples: int, *,
                  shard: Callable[[dict], dict], gather: Callable[[Any], Any],
-                 replicated: jax.sharding.Sharding):
+                 replicated: jax.sharding.Sharding, capacity: Optional[int] = None,
+                 compiled: Optional[dict] = None):
         """``batches()`` yields this host's slice of each global batch (numpy); ``shard``
         turns it into global device arrays; ``gather`` fetches a global array to the host;
-        ``replicated`` is the mesh's fully replicated sharding."""
+        ``replicated`` is the mesh's fully replicated sharding; ``capacity`` (>=
+        ``num_examples``, default equal) is the largest task's example count in the run --
+        per-example arrays of that length keep their shape from task to task;
+        ``compiled`` is the run's cache of compiled passes (shared across tasks)."""
         self._batches = batches
         self.num_examples = int(num_examples)
+        self.capacity = int(capacity if capacity is not None else num_examples)
+        if self.capacity < self.num_examples:
+            raise ValueError(f"TaskData capacity {self.capacity} < its {self.num_examples} "
+                             f"examples")
         self._shard = shard
         self._gather = gather
         self._replicated = replicated
+        self._compiled = {} if compiled is None else compiled
 
     def _replicate(self, tree: Any) -> Any:
         return jax.device_put(tree, self._replicated)
 
+    def _jit(self, kind: str, fn: Callable, **options) -> Callable:
+        key = (kind, fn)  # bound methods compare equal for the same object and function
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(fn, **options)
+        return self._compiled[key]
+
     def map(self, fn: Callable[..., Any], *args) -> Tuple[Any, np.ndarray]:
         """``fn(batch, *args) -> pytree of per-example arrays`` over every example; returns
         the outputs concatenated on the host (numpy, padding dropped) and the labels."""
-        compiled = jax.jit(fn)
+        compiled = self._jit("map", fn)
         args = self._replicate(args)
         outputs, labels = [], []
         for local in self._batches():
@@ -264,7 +296,7 @@ class TaskData:
         contraction over the batch axis (``h.T @ h``, a masked per-class sum) is summed
         across the mesh by the compiler and per-example values never reach the host.
         Padding rows have ``mask == 0``: ``fn`` must weight by it."""
-        step = jax.jit(fn, donate_argnums=0, out_shardings=self._replicated)
+        step = self._jit("reduce", fn, donate_argnums=0, out_shardings=self._replicated)
         # a copy: the steps donate the carry's buffers, and device_put may alias ``init``'s
         carry = jax.tree_util.tree_map(jnp.copy, self._replicate(init))
         args = self._replicate(args)
@@ -354,9 +386,23 @@ class Method:
         the leaves that learn and the 'frozen' ones, and updates the former.
 
         Override to change the gradients (project them onto a subspace held in ``state``)
-        or to act after the update (an EMA copy): the two halves are public."""
+        or to act after the update (an EMA copy): the two halves are public. Leaves that
+        :meth:`update_mask` zeroes get neither gradient nor update."""
         grads, aux = self.gradients(trainable, state, frozen, batch, rng, task, optimizer)
-        return self.apply_gradients(trainable, state, opt_state, grads, aux, optimizer)
+        mask = self.update_mask(trainable, task)
+        if mask is not None:
+            mask = optimizer.split(mask)[0]
+            grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, mask)
+        return self.apply_gradients(trainable, state, opt_state, grads, aux, optimizer, mask)
+
+    def update_mask(self, trainable: dict, task: TaskSpec) -> Any:
+        """``None`` (every learning leaf learns), or a tree like ``trainable`` of 0/1 values
+        that may depend on the traced task index: the leaves at 0 get a zero gradient and a
+        zero update this step (a fresh Adam state then stays exactly zero, and weight decay
+        does not touch them). With it a per-task slice of a fixed-size tree learns only
+        while its task trains, under one compiled step for every task -- what 'frozen'
+        labels (:meth:`param_labels`, which are static) would otherwise do per task."""
+        return None
 
     def gradients(self, trainable, state, frozen, batch, rng, task, optimizer
                   ) -> Tuple[Any, dict]:
@@ -369,10 +415,12 @@ class Method:
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(learning)
         return grads, dict(aux, loss=loss)
 
-    def apply_gradients(self, trainable, state, opt_state, grads, aux, optimizer
+    def apply_gradients(self, trainable, state, opt_state, grads, aux, optimizer, mask=None
                         ) -> Tuple[dict, dict, Any, dict]:
         learning, fixed = optimizer.split(trainable)
         updates, opt_state = optimizer.transform.update(grads, opt_state, learning)
+        if mask is not None:  # exact: weight decay or momentum must not move masked leaves
+            updates = jax.tree_util.tree_map(lambda u, m: u * m, updates, mask)
         trainable = optimizer.merge(optax.apply_updates(learning, updates), fixed)
         new_state = aux.get("state")
         metrics = dict(aux.get("metrics", {}), loss=aux["loss"])
@@ -384,6 +432,14 @@ class Method:
         masks unseen ones); ``(logits, task_pred)`` when the method ``infers_task``. ``batch``
         may also hold ``'frozen_query'`` (see ``uses_frozen_query``)."""
         raise NotImplementedError
+
+    def step_state(self, state: dict) -> dict:
+        """The part of ``state`` that the traced ``loss`` / ``update`` / ``logits`` read: the
+        loop passes only this into the compiled steps and merges what ``update`` returns back
+        into the full state (dicts merged key by key). Default: all of it. Override to keep
+        large statistics the steps never read (HiDe-Prompt's per-class covariances) out of
+        every step's arguments."""
+        return state
 
     # ------------------------------------------------------------------- reports
     def count_trainable(self, trainable: dict, state: dict) -> int:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
-                                    init_linear_head, label_current_task)
+                                    init_linear_head)
 from pecft_jax.methods.common import frozen_query, prompted_cls_token
 from pecft_jax.backbones.context import resolve_layers
 from pecft_jax.peft.prompt_pool import l2_normalize
@@ -62,11 +62,15 @@ def as_prefix(prompt):
     return prompt.reshape(batch, 2, length // 2, dim)
 
 
-def orthogonality_penalty(matrix):
-    """``mean((B B^T - I)^2)`` over the rows of ``matrix`` flattened to ``(n, -1)``."""
+def orthogonality_penalty(matrix, active=None):
+    """``mean((B B^T - I)^2)`` over the rows of ``matrix`` flattened to ``(n, -1)`` -- only
+    the rows where ``active`` (``(n,)`` bools, possibly traced) is true, if given."""
     flat = matrix.reshape(matrix.shape[0], -1)
-    gram = flat @ flat.T
-    return jnp.mean(jnp.square(gram - jnp.eye(flat.shape[0], dtype=flat.dtype)))
+    squared = jnp.square(flat @ flat.T - jnp.eye(flat.shape[0], dtype=flat.dtype))
+    if active is None:
+        return jnp.mean(squared)
+    pairs = (active[:, None] & active[None, :]).astype(flat.dtype)
+    return jnp.sum(squared * pairs) / jnp.sum(pairs)
 
 
 def gram_schmidt_extend(old: np.ndarray, count: int, rng) -> np.ndarray:
@@ -113,8 +117,7 @@ def gram_schmidt_extend(old: np.ndarray, count: int, rng) -> np.ndarray:
 class CodaPrompt(Method):
     name = "coda_prompt"
     train_class_mask = "task"  # official: logits of earlier tasks' classes set to -inf
-    static_task = True
-    uses_frozen_query = True  # per-task trainable subtrees are picked by Python index
+    uses_frozen_query = True
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -179,30 +182,44 @@ class CodaPrompt(Method):
         return dict(trainable, components=components), state
 
     # -------------------------------------------------------------- optimiser
-    def param_labels(self, trainable, task):
-        return {"components": label_current_task(trainable["components"], task.index),
-                "head": jax.tree_util.tree_map(lambda _: "train", trainable["head"])}
+    def update_mask(self, trainable, task):
+        """Only task t's slice of components (and the head) learns while task t trains; the
+        other slices are in the one compiled step with a zero mask."""
+        current = {str(s): jax.tree_util.tree_map(
+            lambda _, s=s: jnp.asarray(task.index == s, jnp.float32), sub)
+            for s, sub in ((int(k), v) for k, v in trainable["components"].items())}
+        return {"components": current,
+                "head": jax.tree_util.tree_map(lambda _: jnp.float32(1), trainable["head"])}
 
     # ------------------------------------------------------------ the forward
-    def components(self, trainable, task_index: int, train: bool):
-        """Per layer: P, K, A of tasks 0..task_index stacked, ``(f, L, D)``, ``(f, D)``, ``(f, D)``.
-        While training, earlier tasks' slices are behind ``stop_gradient``."""
+    def components(self, trainable, task_index, train: bool):
+        """Per layer: P, K, A of every task's slice stacked, ``(M, L, D)``, ``(M, D)``,
+        ``(M, D)``, and ``(M,)`` whether each component belongs to tasks 0..task_index (the
+        index may be traced). While training, earlier tasks' slices are behind
+        ``stop_gradient``."""
+        owner = np.repeat(np.arange(self.num_tasks), self.per_task)  # task of each component
+        active = jnp.asarray(owner) <= task_index
+        earlier = jnp.asarray(owner) < task_index
         out = {}
         for layer in self.layers:
             key = str(layer)
-            parts = []
-            for s in range(task_index + 1):
-                part = trainable["components"][str(s)][key]
-                parts.append(jax.lax.stop_gradient(part) if train and s < task_index else part)
-            out[key] = {field: jnp.concatenate([p[field] for p in parts])
-                        for field in COMPONENT_FIELDS}
+            stacked = {field: jnp.concatenate([trainable["components"][str(s)][key][field]
+                                               for s in range(self.num_tasks)])
+                       for field in COMPONENT_FIELDS}
+            if train:
+                stacked = {field: jnp.where(earlier.reshape((-1,) + (1,) * (x.ndim - 1)),
+                                            jax.lax.stop_gradient(x), x)
+                           for field, x in stacked.items()}
+            out[key] = dict(stacked, active=active)
         return out
 
     def context(self, components, q):
-        """Prefix context of the assembled prompts, ``{layer: (B, 2, L/2, D)}``."""
+        """Prefix context of the assembled prompts, ``{layer: (B, 2, L/2, D)}``; components of
+        later tasks get weight 0 (exactly what leaving them out would give)."""
         prefixes = {}
         for layer, c in components.items():
-            alpha = component_weights(q, c["keys"], c["attention"])
+            alpha = jnp.where(c["active"][None, :],
+                              component_weights(q, c["keys"], c["attention"]), 0.0)
             prefixes[layer] = as_prefix(assemble_prompt(alpha, c["prompts"]))
         return prefix_context(prefixes)
 
@@ -218,7 +235,7 @@ class CodaPrompt(Method):
         ce = self.masked_ce(logits, batch["label"], task)
         loss, metrics = ce, {"ce": ce, "accuracy": self.train_accuracy(logits, batch["label"], task)}
         if self.config.ortho_mu > 0:
-            ortho = sum(orthogonality_penalty(c[field]) for c in components.values()
+            ortho = sum(orthogonality_penalty(c[field], c["active"]) for c in components.values()
                         for field in COMPONENT_FIELDS)
             loss = loss + self.config.ortho_mu * ortho
             metrics["ortho"] = ortho

@@ -298,11 +298,7 @@ class HiDePrompt(Method):
         t = task.index
         prompt_t = self.effective_prompts(trainable["prompts"], t)[t]
 
-        def features(batch, frozen, prompt):
-            return {"frozen": frozen_query(self.backbone, frozen, batch),
-                    "prompted": self._prompted_cls(frozen, batch["image"], prompt)}
-
-        out, labels = data.map(features, frozen, prompt_t)
+        out, labels = data.map(self.feature_pass, frozen, prompt_t)
         k_seed, k_tii, k_tii_align, k_tap = jax.random.split(rng, 4)
         seed = int(jax.random.randint(k_seed, (), 0, 2 ** 31 - 1))
         tii_stats = stats_lib.update_statistics(jax.device_get(state["tii_stats"]),
@@ -324,6 +320,18 @@ class HiDePrompt(Method):
         as_jnp = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
         return trainable, dict(state, tii=as_jnp(tii), head=as_jnp(head),
                                tii_stats=as_jnp(tii_stats), tap_stats=as_jnp(tap_stats))
+
+    def feature_pass(self, batch, frozen, prompt):
+        """A batch's frozen and prompted [CLS] features (a TaskData pass)."""
+        return {"frozen": frozen_query(self.backbone, frozen, batch),
+                "prompted": self._prompted_cls(frozen, batch["image"], prompt)}
+
+    def step_state(self, state):
+        """The steps read the TAP means (prototypes for the contrastive term), the TII and the
+        TAP heads -- not the covariances (for CIFAR-100 on ViT-B, 472 MB of full
+        covariances that would otherwise be an argument of every step)."""
+        return {key: value for key, value in state.items() if key != "tii_stats"} | {
+            "tap_stats": {k: state["tap_stats"][k] for k in ("mean", "count")}}
 
     def fit_tii(self, tii, features, labels, task: TaskSpec, key):
         """TII on the task's real frozen features: CE over the task's classes, Adam."""

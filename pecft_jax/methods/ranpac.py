@@ -96,6 +96,11 @@ def validation_errors(fit: dict, val: dict, n_val: Array, ridges: Array) -> Arra
     return jax.lax.map(error, ridges)
 
 
+# compiled once per process (a fresh jax.jit per call would trace again every task)
+_validation_errors = jax.jit(validation_errors)
+_ridge_solve = jax.jit(ridge_solve)
+
+
 class RanPAC(Method):
     name = "ranpac"
 
@@ -188,28 +193,32 @@ class RanPAC(Method):
         fit = fit_split(n, self.config.fit_fraction, rng)
         m, c = self.width, self.num_classes
         zeros = lambda: {"G": jnp.zeros((m, m), jnp.float32), "Q": jnp.zeros((m, c), jnp.float32)}
-
-        def accumulate(carry, batch, trainable, state, frozen, fit):
-            h = self.project(state, self.features(trainable, frozen, batch))
-            y = jax.nn.one_hot(batch["label"], c, dtype=h.dtype)
-            in_fit = fit[jnp.minimum(batch["index"], fit.shape[0] - 1)] * batch["mask"]
-            return {"fit": add_gram(carry["fit"], h, y, in_fit),
-                    "val": add_gram(carry["val"], h, y, batch["mask"] - in_fit)}
-
         projection = {"w_rand": state["w_rand"]} if self.config.M else {}  # not G: 400 MB
-        sums = data.reduce(accumulate, {"fit": zeros(), "val": zeros()}, trainable, projection,
-                           frozen, jnp.asarray(fit, jnp.float32))
+        # padded to the run's largest task: one compiled pass serves every task
+        in_fit = np.zeros(data.capacity, np.float32)
+        in_fit[:n] = fit
+        sums = data.reduce(self.accumulate, {"fit": zeros(), "val": zeros()}, trainable,
+                           projection, frozen, jnp.asarray(in_fit))
         ridges = jnp.asarray(self.config.ridges, jnp.float32)
-        errors = np.asarray(jax.jit(validation_errors)(sums["fit"], sums["val"],
-                                                       float(n - fit.sum()), ridges))
+        errors = np.asarray(_validation_errors(sums["fit"], sums["val"],
+                                               np.float32(n - fit.sum()), ridges))
         ridge = float(self.config.ridges[int(np.argmin(errors))])  # first minimum: smallest
         log.info("ranpac task %d: lambda %g (held-out MSE %.4g)", task.index, ridge,
                  float(np.min(errors)))
         G = state["G"] + sums["fit"]["G"] + sums["val"]["G"]
         Q = state["Q"] + sums["fit"]["Q"] + sums["val"]["Q"]
-        head = jax.jit(ridge_solve)(G, Q, ridge)
+        head = _ridge_solve(G, Q, np.float32(ridge))
         ridge_log = jnp.asarray(state["ridge"]).at[task.index].set(ridge)
         return trainable, dict(state, G=G, Q=Q, head=head, ridge=ridge_log)
+
+    def accumulate(self, carry, batch, trainable, projection, frozen, fit):
+        """Adds a batch's ``h^T h`` and ``h^T y`` to the fit or the held-out sums (``fit``:
+        per example, 1 in the fit split; a TaskData pass)."""
+        h = self.project(projection, self.features(trainable, frozen, batch))
+        y = jax.nn.one_hot(batch["label"], self.num_classes, dtype=h.dtype)
+        in_fit = fit[jnp.minimum(batch["index"], fit.shape[0] - 1)] * batch["mask"]
+        return {"fit": add_gram(carry["fit"], h, y, in_fit),
+                "val": add_gram(carry["val"], h, y, batch["mask"] - in_fit)}
 
     def logits(self, trainable, state, frozen, batch, task):
         return _dot(self.project(state, self.features(trainable, frozen, batch)), state["head"])

@@ -107,6 +107,10 @@ class SPrompts(Method):
         q = frozen_query(self.backbone, frozen, batch)
         return l2_normalize(q) if self.config.normalize_features else q
 
+    def query_pass(self, batch, frozen) -> Array:
+        """The k-means input of a batch of the domain's training data (a TaskData pass)."""
+        return self._query(frozen, batch)
+
     def predict_domain(self, state, frozen, batch, task: TaskSpec) -> Array:
         """The domain whose nearest centroid is closest to the frozen feature (domains
         ``0..task.index`` only)."""
@@ -129,7 +133,7 @@ class SPrompts(Method):
 
     # --------------------------------------------------------------- after task
     def after_task(self, task, trainable, state, frozen, data, rng):
-        features, _ = data.map(lambda batch, frozen: self._query(frozen, batch), frozen)
+        features, _ = data.map(self.query_pass, frozen)
         k = min(self.config.num_centroids, features.shape[0])
         seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
         centers, _, _ = stats_lib.kmeans(features, k, seed=seed, n_init=self.config.kmeans_n_init)

@@ -55,11 +55,12 @@ class SimpleCIL(Method):
         return 0
 
     def after_task(self, task, trainable, state, frozen, data, rng):
-        def accumulate(carry, batch, frozen):
-            features = frozen_query(self.backbone, frozen, batch)
-            return class_feature_sums(carry, features, batch["label"], batch["mask"])
+        return trainable, data.reduce(self.accumulate, state, frozen)
 
-        return trainable, data.reduce(accumulate, state, frozen)
+    def accumulate(self, carry, batch, frozen):
+        """Adds the batch's frozen features to their classes' sums and counts."""
+        features = frozen_query(self.backbone, frozen, batch)
+        return class_feature_sums(carry, features, batch["label"], batch["mask"])
 
     def logits(self, trainable, state, frozen, batch, task):
         prototypes = state["sum"] / jnp.maximum(state["count"], 1.0)[:, None]

@@ -32,6 +32,7 @@ from pecft_jax.backbones.backbone import load_backbone
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import pipeline, scenarios
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
+from pecft_jax.methods.base import merge_state
 from pecft_jax.methods.common import FROZEN_QUERY
 from pecft_jax.methods.statistics import cosine_epoch_schedule
 from pecft_jax.train import compilation
@@ -132,6 +133,7 @@ class ContinualTrainer:
             if self.method.uses_frozen_query and cache_cfg.get("enabled", True) else None)
         self.trace_counts: Dict[str, int] = {}
         self._compiled: Dict[tuple, Callable] = {}  # jitted steps, reused across tasks
+        self._task_data_compiled: Dict[tuple, Callable] = {}  # the methods' TaskData passes
         self.config_hash = config_hash(config)
         self.base_rng = jax.random.key(config.seed)
         self.writer = MetricWriter(workdir, enabled=write_metrics and jax.process_index() == 0)
@@ -222,7 +224,7 @@ class ContinualTrainer:
         per_epoch = steps // epochs
         optimizer = self.optimizer(spec, run.trainable, task, epochs)
         trainable = mesh_lib.replicate(run.trainable, self.mesh)
-        state = mesh_lib.replicate(run.state, self.mesh)
+        state = mesh_lib.replicate(self.method.step_state(run.state), self.mesh)
         opt_state = mesh_lib.replicate(position.opt_state if position.inside
                                        else optimizer.init(trainable), self.mesh)
         train_step = self.compiled_train_step(spec, optimizer, epochs, steps)
@@ -258,13 +260,15 @@ class ContinualTrainer:
                 bar.update(1)
                 if every and step % every == 0 and step < steps:
                     self.checkpointer.save(task_end=False, step=run.global_step,
-                                           trainable=trainable, state=state,
+                                           trainable=trainable,
+                                           state=merge_state(run.state, state),
                                            opt_state=opt_state, rng=self.base_rng,
                                            meta=self._meta(run, t, step, False))
                 if step >= steps:
                     break
         bar.close()
-        run.trainable, run.state = mesh_lib.to_host(trainable), mesh_lib.to_host(state)
+        run.trainable = mesh_lib.to_host(trainable)
+        run.state = merge_state(run.state, mesh_lib.to_host(state))
 
     def compiled_train_step(self, spec: TaskSpec, optimizer: partition.RoutedOptimizer,
                             epochs: int, steps: int) -> Callable:
@@ -349,6 +353,7 @@ class ContinualTrainer:
         eval_tasks = self.scenario.tasks if self.joint else self.scenario.tasks[:t + 1]
         seen = sorted({c for task in eval_tasks for c in task.classes})
         queries = self.test_queries(eval_tasks)
+        state = self.method.step_state(run.state)
         logits, labels, task_pred = [], [], []
         for local in pipeline.eval_stream(
                 [(task.test_source, task.test_indices) for task in eval_tasks], self.label_map,
@@ -356,7 +361,7 @@ class ContinualTrainer:
                 process_index=jax.process_index(), process_count=jax.process_count()):
             batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
             inputs = {k: batch[k] for k in ("image", FROZEN_QUERY) if k in batch}
-            out = self._gather(eval_step(run.trainable, run.state, self.frozen, inputs, task_arg))
+            out = self._gather(eval_step(run.trainable, state, self.frozen, inputs, task_arg))
             keep = np.asarray(self._gather(batch["mask"])) > 0
             logits.append(out["logits"][keep])
             labels.append(np.asarray(self._gather(batch["label"]))[keep])
@@ -462,7 +467,9 @@ class ContinualTrainer:
             return (with_queries(local, queries) for local in self._train_examples(task))
         return TaskData(batches, len(task.train_indices),
                         shard=lambda local: mesh_lib.shard_batch(local, self.mesh),
-                        gather=self._gather, replicated=mesh_lib.replicated(self.mesh))
+                        gather=self._gather, replicated=mesh_lib.replicated(self.mesh),
+                        capacity=max(len(t.train_indices) for t in self.tasks),
+                        compiled=self._task_data_compiled)
 
     def _train_examples(self, task: scenarios.Task):
         return pipeline.eval_batches(
