@@ -73,7 +73,7 @@ def make_method(args):
     for item in args.set:
         key, value = item.split("=", 1)
         values[key] = json.loads(value)
-    cfg = vit.get_config(args.arch)
+    cfg = vit.get_config(args.arch, dtype=args.dtype, attention=args.attention)
     return create_method(args.method, values, Backbone(cfg), NUM_CLASSES, NUM_TASKS), cfg
 
 
@@ -90,6 +90,42 @@ def inputs(cfg, batch: int):
                                  dtype=np.float32)
     labels = (np.arange(batch) % (NUM_CLASSES // NUM_TASKS)).astype(np.int32)
     return images, labels
+
+
+# dense bf16 peak FLOP/s by device kind (vendor datasheets, SXM parts), for the MFU
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "A10G": 70e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v4": 275e12}
+
+
+def accelerator_report(flops: float, seconds: float, device_kind: str,
+                       peak_bytes: float = None) -> Dict[str, float]:
+    """FLOPs per step (XLA's cost analysis), achieved FLOP/s, the MFU against the card's
+    bf16 peak when known, and the peak device memory when the backend reports it."""
+    out = {"flops": flops, "flops_per_s": flops / seconds if flops else None,
+           "device_kind": device_kind}
+    peak = next((v for k, v in BF16_PEAK.items() if k.lower() in device_kind.lower()), None)
+    if peak and flops:
+        out["mfu"] = flops / seconds / peak
+    if peak_bytes:
+        out["peak_memory_bytes"] = peak_bytes
+    return out
+
+
+def step_flops(jitted, *args) -> float:
+    """XLA's FLOP count of one call of ``jitted`` (0 when the backend does not say)."""
+    try:
+        cost = jitted.lower(*args).compile().cost_analysis()
+    except Exception:  # cost analysis is best-effort in every backend
+        return 0.0
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def jax_peak_memory():
+    import jax
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
 
 
 def timed(step, steps: int, warmup: int = 3) -> Dict[str, float]:
@@ -130,15 +166,18 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
                                                                 {"image": x}))(frozen, batch["image"])
     task = spec if method.static_task else TaskSpec(np.int32(0), NUM_CLASSES, task_classes())
 
+    kind = jax.local_devices()[0].device_kind
     if method.train_epochs(spec, 1) == 0:  # a statistics pass: SimpleCIL's class sums ...
         carry, fn = statistics_pass(method, trainable, state)
         step_fn = jax.jit(fn, donate_argnums=0)
+        flops = step_flops(step_fn, carry, batch, frozen)
         box = [carry]
 
         def step():
             box[0] = step_fn(box[0], batch, frozen)
             jax.block_until_ready(box[0])
-        return timed(step, args.steps)
+        result = timed(step, args.steps)
+        return dict(result, **accelerator_report(flops, result["wall"], kind, jax_peak_memory()))
 
     labels_tree = method.param_labels(trainable, spec)
     optimizer = partition.make_optimizer(
@@ -148,15 +187,17 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     update = jax.jit(lambda tr, st, os_, fr, b, key, step, t: method.update(
         tr, st, os_, fr, b, jax.random.fold_in(key, step), t, optimizer),
         donate_argnums=(0, 1, 2), static_argnums=static)
-    box = [trainable, state, opt_state, 0]
     key = jax.random.key(3)
+    flops = step_flops(update, trainable, state, opt_state, frozen, batch, key, np.int32(0), task)
+    box = [trainable, state, opt_state, 0]
 
     def step():
         tr, st, os_, n = box
         tr, st, os_, metrics = update(tr, st, os_, frozen, batch, key, np.int32(n), task)
         jax.block_until_ready(metrics)
         box[:] = [tr, st, os_, n + 1]
-    return timed(step, args.steps)
+    result = timed(step, args.steps)
+    return dict(result, **accelerator_report(flops, result["wall"], kind, jax_peak_memory()))
 
 
 def statistics_pass(method, trainable, state):
@@ -190,6 +231,10 @@ def torch_worker(args) -> Dict[str, float]:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_default_device(device)
+    # bf16 as the JAX side's compute dtype: autocast matmuls, float32 parameters
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     method, cfg = make_method(args)
     c = method.config
     d, heads = cfg.hidden_size, cfg.num_heads
@@ -233,8 +278,8 @@ def torch_worker(args) -> Dict[str, float]:
 
     model = ViT().requires_grad_(False)
     images_np, labels_np = inputs(cfg, args.batch_size)
-    images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous()
-    labels = torch.from_numpy(labels_np).long()
+    images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(device)
+    labels = torch.from_numpy(labels_np).long().to(device)
     mask = torch.full((NUM_CLASSES,), float("-inf"))
     mask[:NUM_CLASSES // NUM_TASKS] = 0  # train on task 0's classes
     uniform = lambda *shape: tnn.Parameter(torch.empty(*shape).uniform_(-1, 1))
@@ -304,8 +349,8 @@ def torch_worker(args) -> Dict[str, float]:
                 if method.name == "simplecil" else torch.zeros(width, NUM_CLASSES)}
 
         def step():
-            with torch.no_grad():
-                f = query()
+            with torch.no_grad(), autocast:
+                f = query().float()
                 if method.name == "simplecil":
                     sums["a"].index_add_(0, labels, f)
                     sums["b"].index_add_(0, labels, torch.ones(len(labels)))
@@ -313,19 +358,28 @@ def torch_worker(args) -> Dict[str, float]:
                     h = torch.relu(f @ w_rand) if w_rand is not None else f
                     sums["a"] += h.T @ h
                     sums["b"] += h.T @ F.one_hot(labels, NUM_CLASSES).float()
-        return timed(step, args.steps)
+            sums["a"].sum().item()  # wait for the device
+        return dict(timed(step, args.steps), **torch_memory(torch))
     else:
         raise SystemExit(f"no PyTorch port of {method.name} in this script")
 
     opt = torch.optim.Adam(params, lr=LEARNING_RATE)
 
     def step():
-        loss = loss_fn()
+        with autocast:
+            loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss.item()
-    return timed(step, args.steps)
+    return dict(timed(step, args.steps), **torch_memory(torch))
+
+
+def torch_memory(torch) -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_memory_bytes": torch.cuda.max_memory_allocated(),
+            "device_kind": torch.cuda.get_device_name()}
 
 
 # ========================================================================= orchestrator
@@ -351,7 +405,8 @@ def versions() -> str:
 def run_worker(args, variant: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", variant,
                "--method", args.method, "--arch", args.arch, "--batch-size",
-               str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads)]
+               str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads),
+               "--dtype", args.dtype, "--attention", args.attention]
     command += ["--demo-settings"] if args.demo_settings else []
     for item in args.set:
         command += ["--set", item]
@@ -382,8 +437,9 @@ def step_mode(args) -> None:
                   f"{result['load'][1]:.2f}", flush=True)
     print(f"command: python experiments/benchmark_step.py {' '.join(sys.argv[1:])}")
     print(f"machine: {machine()}; {versions()}; {args.threads} threads")
-    print(f"{args.method} step, {args.arch}, batch {args.batch_size}, {args.steps} timed steps "
-          f"x {args.rounds} rounds (alternating processes)")
+    print(f"{args.method} step, {args.arch}, batch {args.batch_size}, {args.dtype}, attention "
+          f"{args.attention}, {args.steps} timed steps x {args.rounds} rounds (alternating "
+          f"processes)")
     medians = {}
     for variant, rows in results.items():
         wall = statistics.median(r["wall"] for r in rows)
@@ -394,6 +450,17 @@ def step_mode(args) -> None:
         print(f"  {variant:10s} {args.batch_size / wall:9.1f} images/s  {1e3 * wall:8.1f} ms/step "
               f"(rounds {1e3 * spread[0]:.1f}-{1e3 * spread[1]:.1f})  CPU {1e3 * cpu:8.1f} "
               f"ms/step  load {min(loads):.2f}-{max(loads):.2f}")
+        last = rows[-1]
+        extras = []
+        if last.get("flops"):
+            extras.append(f"{last['flops'] / 1e9:.1f} GFLOP/step (XLA), "
+                          f"{last['flops'] / wall / 1e12:.2f} TFLOP/s")
+        if last.get("mfu") is not None:
+            extras.append(f"MFU {100 * last['mfu']:.1f}% of {last['device_kind']} bf16 peak")
+        if last.get("peak_memory_bytes"):
+            extras.append(f"peak memory {last['peak_memory_bytes'] / 2 ** 30:.2f} GiB")
+        if extras:
+            print(f"  {'':10s} " + "; ".join(extras))
     if "torch" in medians:
         for variant in medians:
             if variant != "torch":
@@ -450,6 +517,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--variants", default="jax,jax-cached,torch")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of both sides (parameters stay float32)")
+    parser.add_argument("--attention", choices=("einsum", "dot_product_attention"),
+                        default="einsum", help="the JAX side's attention implementation")
     parser.add_argument("--demo-settings", action="store_true",
                         help="the method's settings from its split_mnist config (default: "
                              "its Config defaults, the paper's)")

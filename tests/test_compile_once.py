@@ -166,3 +166,20 @@ def test_a_rerun_reads_its_programs_from_the_persistent_cache(tmp_path):
     # the second process compiles nothing it had compiled before
     assert second["xla_compilations"] == 0, second
     assert second["cache_hits"] == first["xla_compilations"]
+
+
+# ----------------------------------------------------------------- the benchmark script
+def test_benchmark_worker_times_the_library_step_and_counts_its_flops():
+    import argparse
+    import importlib.util
+    path = os.path.join(ROOT, "experiments", "benchmark_step.py")
+    spec = importlib.util.spec_from_file_location("benchmark_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(method="l2p", arch="ViT-Micro/4", batch_size=8, steps=2,
+                              threads=1, demo_settings=False, set=["top_k=1"],
+                              dtype="float32", attention="einsum")
+    for cached in (False, True):
+        result = bench.jax_worker(args, cached=cached)
+        assert result["wall"] > 0 and result["cpu"] > 0
+        assert result["flops"] > 0  # XLA's cost analysis of the compiled step
