@@ -18,8 +18,11 @@ The JAX side is the library's own step: ``method.update`` through the routed opt
 jit-compiled with donated buffers, the task index an input -- what the loop runs. The
 PyTorch side re-implements the same computation (same shapes, same prompts, same loss
 terms, Adam) in eager PyTorch the way the official PyTorch code does it; both run float32
-on the same threads (``--threads``). Methods without gradient steps (SimpleCIL, RanPAC
-without a first-session module) time their statistics pass over a batch instead.
+on the same threads (``--threads``). SimpleCIL and RanPAC time their statistics pass over
+a batch instead (RanPAC's phase 2 on the frozen backbone: ``h = ReLU(f W)``,
+``G += h^T h``, ``Q += h^T y``). CODA-Prompt's JAX step weighs all M components (those of
+later tasks masked to 0, so one program serves every task); the PyTorch port, like the
+official code, only those of tasks 0..t -- on task 0 that is 1/T of them.
 
 ``--mode demo`` times the demo end to end (``python -m pecft_jax.run`` on the method's
 default config -- Split MNIST, S-Prompts' Domain MNIST -- with
@@ -44,7 +47,8 @@ import time
 from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("l2p", "dualprompt", "coda_prompt", "s_prompts", "simplecil", "ranpac")
+METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "s_prompts", "simplecil",
+           "ranpac", "finetune")
 # methods whose training step reads the frozen query, which the loop then precomputes for
 # un-augmented data; for the others 'jax-cached' would time a step the loop never runs
 QUERY_IN_STEP = ("l2p", "dualprompt", "coda_prompt")
@@ -73,6 +77,8 @@ def make_method(args):
     for item in args.set:
         key, value = item.split("=", 1)
         values[key] = json.loads(value)
+    if args.method == "ranpac":  # its phase-2 statistics pass, on the frozen backbone's
+        values["first_session"] = "none"  # features (the PyTorch port has no adapter)
     cfg = vit.get_config(args.arch, dtype=args.dtype, attention=args.attention)
     return create_method(args.method, values, Backbone(cfg), NUM_CLASSES, NUM_TASKS), cfg
 
@@ -167,7 +173,7 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     task = spec if method.static_task else TaskSpec(np.int32(0), NUM_CLASSES, task_classes())
 
     kind = jax.local_devices()[0].device_kind
-    if method.train_epochs(spec, 1) == 0:  # a statistics pass: SimpleCIL's class sums ...
+    if method.name in ("simplecil", "ranpac"):  # their per-task work: a statistics pass
         carry, fn = statistics_pass(method, trainable, state)
         step_fn = jax.jit(fn, donate_argnums=0)
         flops = step_flops(step_fn, carry, batch, frozen)
@@ -333,6 +339,29 @@ def torch_worker(args) -> Dict[str, float]:
                 prefixes[i] = prompt.reshape(b, 2, c.prompt_length // 2, d)
             feature = model(images, prefixes=prefixes)[:, 0]
             return F.cross_entropy(head(feature) + mask, labels)
+    elif method.name == "hide_prompt":
+        from pecft_jax.backbones.context import resolve_layers
+        layers = resolve_layers(c.prompt_layers, cfg.num_layers, "prompt_layers")
+        prompts = {i: uniform(2, c.prompt_length, d) for i in layers}  # task 0's prefixes
+        params = [*prompts.values(), *head.parameters()]
+
+        def loss_fn():
+            b = len(images)
+            feature = model(images, prefixes={i: p.expand(b, -1, -1, -1)
+                                              for i, p in prompts.items()})[:, 0]
+            # the contrastive term over [stored prototypes (none yet on task 0); features]
+            sim = feature @ feature.T / c.contrastive_temperature
+            contrastive = (torch.logsumexp(sim, 1) - sim.diagonal()).mean()
+            return (F.cross_entropy(head(feature) + mask, labels)
+                    + c.contrastive_weight * contrastive)
+    elif method.name == "finetune":
+        if c.mode != "full":
+            raise SystemExit("the PyTorch port covers finetune mode 'full' only")
+        model.requires_grad_(True)
+        params = [*model.parameters(), *head.parameters()]
+
+        def loss_fn():
+            return F.cross_entropy(head(model(images)[:, 0]) + mask, labels)
     elif method.name == "s_prompts":
         prompt = uniform(c.prompt_length, d)
         params = [prompt, *head.parameters()]
