@@ -35,8 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.backbone.mean = (0.5,)  # inputs are (x/255 - mean) / std, per channel
     c.backbone.std = (0.5,)
     # how the forward runs (parameters and optimizer stay float32): 'float32' | 'bfloat16'
-    # activations and matmuls; attention 'einsum' | 'dot_product_attention' (cuDNN flash
-    # attention on NVIDIA GPUs with bfloat16)
+    # activations and matmuls; attention 'einsum' | 'xla' | 'cudnn' (the last two through
+    # jax.nn.dot_product_attention; 'cudnn' = cuDNN flash attention, NVIDIA GPUs, bf16)
     c.backbone.dtype = "float32"
     c.backbone.attention = "einsum"
 

@@ -183,3 +183,32 @@ def test_benchmark_worker_times_the_library_step_and_counts_its_flops():
         result = bench.jax_worker(args, cached=cached)
         assert result["wall"] > 0 and result["cpu"] > 0
         assert result["flops"] > 0  # XLA's cost analysis of the compiled step
+
+
+def test_padding_rows_do_not_vote_in_batchwise_selection():
+    from pecft_jax.peft.prompt_pool import select_topk
+    # rows 0-2 prefer entry 0, rows 3-4 entry 1; rows 0-2 are padding
+    similarity = jnp.array([[0.9, 0.1]] * 3 + [[0.1, 0.9]] * 2)
+    assert np.all(np.asarray(select_topk(similarity, 1, batchwise_prompt=True)) == 0)
+    mask = jnp.array([0.0, 0.0, 0.0, 1.0, 1.0])
+    assert np.all(np.asarray(select_topk(similarity, 1, batchwise_prompt=True,
+                                         weights=mask)) == 1)
+
+
+@pytest.mark.parametrize("batchwise", [False, True])
+def test_batchwise_selection_is_evaluated_task_by_task(tmp_path, monkeypatch, batchwise):
+    """Batch-wise prompt choice depends on the batch: the official code evaluates each task
+    in batches of its own, so the loop does too; otherwise one stream serves all tasks."""
+    calls = []
+    real = pipeline.eval_stream
+
+    def recording(parts, *args, **kwargs):
+        calls.append(len(parts))
+        return real(parts, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "eval_stream", recording)
+    config = tiny_config(batchwise_prompt=batchwise)
+    config.scenario.num_tasks = 2
+    config.train.epochs = 0
+    train_and_evaluate(config, str(tmp_path))
+    # (single-part calls also come from computing the cached test queries, task by task)
+    assert max(calls) == (1 if batchwise else 2), calls

@@ -181,7 +181,7 @@ def _prefixed(batch):
 
 def test_dot_product_attention_matches_the_einsum_attention(tiny):
     params, images = tiny
-    fused = TINY.replace(attention="dot_product_attention")
+    fused = TINY.replace(attention="xla")  # jax.nn.dot_product_attention ('cudnn' needs a GPU)
     for ctx in (None, _prefixed(images.shape[0])):
         np.testing.assert_allclose(vit.apply(fused, params, images, ctx, output="tokens"),
                                    vit.apply(TINY, params, images, ctx, output="tokens"),

@@ -32,7 +32,7 @@ from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, as_batched, bot
 Array = jax.Array
 OUTPUTS = ("logits", "pre_logits", "cls", "tokens", "features")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("einsum", "dot_product_attention")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +55,9 @@ class ViTConfig:
     # 'bfloat16' runs activations and matmuls in bf16 (LayerNorm statistics and the attention
     # softmax in float32; outputs returned as float32), for accelerators' bf16 units.
     dtype: str = "float32"
-    # 'dot_product_attention': jax.nn.dot_product_attention, which XLA lowers to cuDNN's
-    # fused (flash) attention on NVIDIA GPUs for bf16/fp16; 'einsum': the explicit softmax.
+    # 'einsum': the explicit softmax; 'xla' / 'cudnn': jax.nn.dot_product_attention with that
+    # implementation -- 'cudnn' is cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16
+    # inputs only: it raises otherwise); 'xla' is JAX's reference path for any device.
     attention: str = "einsum"
 
     def __post_init__(self):
@@ -77,7 +78,10 @@ class ViTConfig:
 
     @property
     def compute_dtype(self):
-        return jnp.dtype(self.dtype)
+        """The Flax modules' ``dtype``: None for 'float32' (inferred from the inputs and
+        parameters, exactly as before the option existed; float64 under ``jax.enable_x64``
+        for gradient checks), bfloat16 otherwise."""
+        return None if self.dtype == "float32" else jnp.dtype(self.dtype)
 
     @property
     def grid_size(self) -> int:
@@ -148,6 +152,11 @@ def _adapter_branch(lp: LayerPEFT, params: Mapping, x: Array, deterministic: boo
     return lp.adapter_scale * bottleneck(x, params, dropout)
 
 
+def _at_least_f32(x: Array) -> Array:
+    """``x`` in float32 if its dtype is narrower (bf16), unchanged otherwise."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _layer_norm(cfg: ViTConfig, name: str) -> nn.LayerNorm:
     # Flax computes the statistics in float32 even for a bf16 dtype
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=name)
@@ -183,12 +192,12 @@ class Attention(nn.Module):
                                  f"{pv.shape}")
             k = jnp.concatenate([pk.reshape(batch, -1, heads, head_dim), k], axis=1)
             v = jnp.concatenate([pv.reshape(batch, -1, heads, head_dim), v], axis=1)
-        if cfg.attention == "dot_product_attention":
-            attended = jax.nn.dot_product_attention(q, k, v)
+        if cfg.attention != "einsum":
+            attended = jax.nn.dot_product_attention(q, k, v, implementation=cfg.attention)
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-            # the softmax in float32 (a no-op for float32 activations)
-            weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+            # the softmax in at least float32 (a no-op for float32 / float64 activations)
+            weights = jax.nn.softmax(_at_least_f32(scores), axis=-1).astype(v.dtype)
             attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         out = nn.DenseGeneral(features=dim, axis=(-2, -1), dtype=cfg.compute_dtype,
                               name="out")(attended)
@@ -302,8 +311,8 @@ class ViT(nn.Module):
         tokens, num_prompts, blocks = _PosEmbedTransformer(cfg, name="Transformer")(
             x, peft, stop_at_layer, deterministic)
         # what the methods read (keys, heads, statistics) is float32 whatever the compute dtype
-        tokens = tokens.astype(jnp.float32)
-        blocks = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), blocks)
+        tokens = _at_least_f32(tokens)
+        blocks = jax.tree_util.tree_map(_at_least_f32, blocks)
         if cfg.classifier == "token":
             pooled = tokens[:, 0]
         else:

@@ -255,7 +255,7 @@ def eval_stream(parts: Sequence[Tuple[ImageSource, np.ndarray]], label_map: np.n
     sets of tasks 0..t), this host's shard of each global batch, no augmentation.
 
     Batches run across the parts' boundaries, so only the stream's last global batch is
-    padded (by repeating its first example) to full size; ``mask`` is 1.0 for real examples
+    padded (by repeating the stream's last example) to full size; ``mask`` is 1.0 for real examples
     and 0.0 for padding, so ``sum(mask)`` over all hosts and batches equals the number of
     examples. A part's examples are decoded and resized by its own source, so parts of
     different image sizes (a dataset sequence) share a batch.
@@ -287,11 +287,9 @@ def eval_stream(parts: Sequence[Tuple[ImageSource, np.ndarray]], label_map: np.n
         for start in range(0, total, batch_size):
             order = np.arange(start, start + batch_size)
             mask = (order < total).astype(np.float32)
-            positions = np.where(mask > 0, order, start)[mine]
-            if np.any(np.diff(positions) < 0):  # padding rows repeat the first example
-                images = read(np.sort(positions))[np.argsort(np.argsort(positions))]
-            else:
-                images = read(positions)
+            # padding rows repeat the last example (whose cached features they then get)
+            positions = np.where(mask > 0, order, total - 1)[mine]
+            images = read(positions)  # ascending: padding only ever follows the last example
             yield {"image": images, "label": labels[positions], "mask": mask[mine],
                    "index": order[mine].astype(np.int32)}
 

@@ -332,6 +332,13 @@ class Method:
     #: precomputed into the batch (``batch['frozen_query']``) for fixed, un-augmented inputs.
     uses_frozen_query: bool = False
 
+    @property
+    def predictions_depend_on_batch(self) -> bool:
+        """True when an example's prediction depends on the others in its batch (L2P /
+        DualPrompt batch-wise prompt selection): the loop then evaluates each task's test
+        set in batches of its own, as the official code's per-task loaders do."""
+        return False
+
     def __init__(self, config: Any, backbone: Backbone, num_classes: int, num_tasks: int):
         self.config = parse_config(self.Config, config, "config.method")
         self.backbone = backbone

@@ -125,11 +125,17 @@ class DualPrompt(Method):
             ctx = prefix_context(trainable["g_prompt"]).merge(ctx)
         return ctx
 
-    def select(self, trainable, q):
-        """Test-time E-prompt choice: the top-1 key by cosine similarity, ``(B, 1)``."""
+    def select(self, trainable, q, mask=None):
+        """Test-time E-prompt choice: the top-1 key by cosine similarity, ``(B, 1)``
+        (batch-wise: the batch's majority, real rows voting)."""
         similarity = prompt_pool.cosine_similarity(q, trainable["e_keys"])
         return prompt_pool.select_topk(similarity, 1,
-                                       batchwise_prompt=self.config.batchwise_prompt)
+                                       batchwise_prompt=self.config.batchwise_prompt,
+                                       weights=mask)
+
+    @property
+    def predictions_depend_on_batch(self) -> bool:
+        return self.config.batchwise_prompt
 
     def _logits(self, trainable, frozen, images, idx):
         feature = prompted_cls_token(self.backbone, frozen, images, self.context(trainable, idx))
@@ -149,5 +155,6 @@ class DualPrompt(Method):
                         "task_identity": (chosen[:, 0] == task.index).mean()}}
 
     def logits(self, trainable, state, frozen, batch, task):
-        idx = self.select(trainable, frozen_query(self.backbone, frozen, batch))
+        idx = self.select(trainable, frozen_query(self.backbone, frozen, batch),
+                          batch.get("mask"))
         return self._logits(trainable, frozen, batch["image"], idx), idx[:, 0]

@@ -54,6 +54,10 @@ class L2P(Method):
                 raise ValueError(f"l2p top_k={self.top_k} must be in [1, "
                                  f"pool_size={self.pool_size}]")
 
+    @property
+    def predictions_depend_on_batch(self) -> bool:
+        return self.config.batchwise_prompt
+
     def init(self, rng, frozen):
         c = self.config
         k_pool, k_head = jax.random.split(rng)
@@ -77,7 +81,8 @@ class L2P(Method):
         c = self.config
         penalty = state["previous_counts"] if (train and c.diversity_penalty) else None
         idx = prompt_pool.select_topk(similarity, c.top_k, frequency_penalty=penalty,
-                                      batchwise_prompt=c.batchwise_prompt)
+                                      batchwise_prompt=c.batchwise_prompt,
+                                      weights=batch.get("mask"))
         prompts = prompt_pool.gather_prompts(trainable["prompts"], idx)
         context = PEFTContext({0: LayerPEFT(prompt=prompts)})
         tokens = self.backbone.apply(frozen, images, context, output="tokens")

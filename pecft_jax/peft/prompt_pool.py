@@ -86,7 +86,7 @@ def selection_counts(idx: Array, pool_size: int) -> Array:
 
 
 def select_topk(similarity: Array, top_k: int, *, frequency_penalty: Optional[Array] = None,
-                batchwise_prompt: bool = False) -> Array:
+                batchwise_prompt: bool = False, weights: Optional[Array] = None) -> Array:
     """Indices ``(B, top_k)`` of the selected pool entries, best first.
 
     Args:
@@ -102,6 +102,8 @@ def select_topk(similarity: Array, top_k: int, *, frequency_penalty: Optional[Ar
       batchwise_prompt: L2P's batch-wise selection (official code, on by default in its
         configs): the ``top_k`` ids chosen most often across the batch are used for every
         example (ties go to the lower id).
+      weights: optional ``(B,)`` votes of the examples in the batch-wise count (the batch
+        mask: padding rows, which the official code never has, do not vote).
     """
     if similarity.ndim != 2:
         raise ValueError(f"similarity must be (B, M), got {tuple(similarity.shape)}")
@@ -119,7 +121,12 @@ def select_topk(similarity: Array, top_k: int, *, frequency_penalty: Optional[Ar
         score = -(1.0 - similarity) * freq  # larger is better
     _, idx = jax.lax.top_k(score, top_k)
     if batchwise_prompt:
-        _, major = jax.lax.top_k(selection_counts(idx, pool_size), top_k)
+        if weights is None:
+            votes = selection_counts(idx, pool_size)
+        else:
+            votes = jnp.einsum("bkm,b->m", jax.nn.one_hot(idx, pool_size, dtype=jnp.float32),
+                               jnp.asarray(weights, jnp.float32))
+        _, major = jax.lax.top_k(votes, top_k)
         idx = jnp.broadcast_to(major[None, :], idx.shape)
     return idx
 

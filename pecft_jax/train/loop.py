@@ -347,26 +347,32 @@ class ContinualTrainer:
     # ===================================================================== evaluation
     def evaluate(self, run: RunState, t: int) -> Dict[str, List[float]]:
         """Accuracy (%) on the test data of tasks 0..t (all tasks for joint training), read
-        as one stream -- one padded batch in all, not one per task -- and split by task."""
+        as one stream -- one padded batch in all, not one per task -- and split by task.
+        Padding rows do not take part in batch-wise choices (``inputs['mask']``)."""
         spec = self.task_spec(min(t, len(self.tasks) - 1))
         eval_step, task_arg = self.compiled_eval_step(spec), self.traced_task(spec)
         eval_tasks = self.scenario.tasks if self.joint else self.scenario.tasks[:t + 1]
         seen = sorted({c for task in eval_tasks for c in task.classes})
-        queries = self.test_queries(eval_tasks)
         state = self.method.step_state(run.state)
+        # one stream over all tasks, unless predictions depend on the batch's other examples
+        groups = ([[task] for task in eval_tasks] if self.method.predictions_depend_on_batch
+                  else [eval_tasks])
         logits, labels, task_pred = [], [], []
-        for local in pipeline.eval_stream(
-                [(task.test_source, task.test_indices) for task in eval_tasks], self.label_map,
-                batch_size=self.eval_batch_size, preprocess=self.eval_preprocess,
-                process_index=jax.process_index(), process_count=jax.process_count()):
-            batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
-            inputs = {k: batch[k] for k in ("image", FROZEN_QUERY) if k in batch}
-            out = self._gather(eval_step(run.trainable, state, self.frozen, inputs, task_arg))
-            keep = np.asarray(self._gather(batch["mask"])) > 0
-            logits.append(out["logits"][keep])
-            labels.append(np.asarray(self._gather(batch["label"]))[keep])
-            if "task_pred" in out:
-                task_pred.append(out["task_pred"][keep])
+        for group in groups:
+            queries = self.test_queries(group)
+            for local in pipeline.eval_stream(
+                    [(task.test_source, task.test_indices) for task in group], self.label_map,
+                    batch_size=self.eval_batch_size, preprocess=self.eval_preprocess,
+                    process_index=jax.process_index(), process_count=jax.process_count()):
+                batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
+                inputs = {k: batch[k] for k in ("image", "mask", FROZEN_QUERY) if k in batch}
+                out = self._gather(eval_step(run.trainable, state, self.frozen, inputs,
+                                             task_arg))
+                keep = np.asarray(self._gather(batch["mask"])) > 0
+                logits.append(out["logits"][keep])
+                labels.append(np.asarray(self._gather(batch["label"]))[keep])
+                if "task_pred" in out:
+                    task_pred.append(out["task_pred"][keep])
         logits_np, labels_np = np.concatenate(logits), np.concatenate(labels)
         pred_np = np.concatenate(task_pred) if task_pred else None
         bounds = np.cumsum([0] + [task.num_test for task in eval_tasks])
@@ -386,7 +392,7 @@ class ContinualTrainer:
     def compiled_eval_step(self, spec: TaskSpec) -> Callable:
         """The jitted ``method.logits``, one for the run unless the method is
         ``static_task``. Its signature: ``(trainable, state, frozen, inputs, task)``, inputs
-        ``{'image'[, 'frozen_query']}``."""
+        ``{'image', 'mask'[, 'frozen_query']}``."""
         key = ("eval", self._task_key(spec))
         if key not in self._compiled:
             method = self.method
