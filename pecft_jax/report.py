@@ -33,4 +33,9 @@ def format_results(results: Mapping) -> str:
     secs = results.get("seconds_per_task", [])
     if secs:
         parts.append("seconds per task: " + " ".join(f"{s:.1f}" for s in secs))
+    comp = results.get("compilation")
+    if comp:
+        parts.append(f"compilation: {comp['xla_compilations']} XLA programs compiled "
+                     f"({comp['compile_seconds']:.1f} s), {comp['cache_hits']} read from the "
+                     f"persistent cache, {comp['trace_seconds']:.1f} s tracing")
     return "\n".join(parts)
