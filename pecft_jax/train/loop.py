@@ -360,10 +360,8 @@ class ContinualTrainer:
         logits, labels, task_pred = [], [], []
         for group in groups:
             queries = self.test_queries(group)
-            for local in pipeline.eval_stream(
-                    [(task.test_source, task.test_indices) for task in group], self.label_map,
-                    batch_size=self.eval_batch_size, preprocess=self.eval_preprocess,
-                    process_index=jax.process_index(), process_count=jax.process_count()):
+            for local in self._fixed_batches(
+                    [(task.test_source, task.test_indices) for task in group]):
                 batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
                 inputs = {k: batch[k] for k in ("image", "mask", FROZEN_QUERY) if k in batch}
                 out = self._gather(eval_step(run.trainable, state, self.frozen, inputs,
@@ -478,10 +476,15 @@ class ContinualTrainer:
                         compiled=self._task_data_compiled)
 
     def _train_examples(self, task: scenarios.Task):
-        return pipeline.eval_batches(
-            task.train_source, task.train_indices, self.label_map,
-            batch_size=self.eval_batch_size, preprocess=self.eval_preprocess,
-            process_index=jax.process_index(), process_count=jax.process_count())
+        return self._fixed_batches([(task.train_source, task.train_indices)])
+
+    def _fixed_batches(self, parts):
+        """This host's slice of un-augmented eval-size batches over ``(source, indices)``
+        parts, in order (evaluation, the TaskData passes, the query cache)."""
+        return pipeline.eval_stream(
+            parts, self.label_map, batch_size=self.eval_batch_size,
+            preprocess=self.eval_preprocess, process_index=jax.process_index(),
+            process_count=jax.process_count())
 
     # ================================================================= frozen queries
     def training_queries(self, task: scenarios.Task, epochs: int) -> Optional[np.ndarray]:
@@ -503,12 +506,9 @@ class ContinualTrainer:
             if not (self.query_cache.has(name) or self.query_cache.fits(task.num_test)):
                 return None
 
-            def batches(task=task):
-                return pipeline.eval_batches(
-                    task.test_source, task.test_indices, self.label_map,
-                    batch_size=self.eval_batch_size, preprocess=self.eval_preprocess,
-                    process_index=jax.process_index(), process_count=jax.process_count())
-            parts.append(self.query_cache.get(name, batches))
+            parts.append(self.query_cache.get(
+                name, lambda task=task: self._fixed_batches([(task.test_source,
+                                                              task.test_indices)])))
         return np.concatenate(parts)
 
     def _gather(self, tree: Any) -> Any:
