@@ -175,13 +175,13 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
 
     kind = jax.local_devices()[0].device_kind
     if method.name in ("simplecil", "ranpac"):  # their per-task work: a statistics pass
-        carry, fn = statistics_pass(method, trainable, state)
+        carry, fn, extra = statistics_pass(method, trainable, state)
         step_fn = jax.jit(fn, donate_argnums=0)
-        flops = step_flops(step_fn, carry, batch, frozen)
+        flops = step_flops(step_fn, carry, batch, frozen, extra)
         box = [carry]
 
         def step():
-            box[0] = step_fn(box[0], batch, frozen)
+            box[0] = step_fn(box[0], batch, frozen, extra)
             jax.block_until_ready(box[0])
         result = timed(step, args.steps)
         return dict(result, **accelerator_report(flops, result["wall"], kind, jax_peak_memory()))
@@ -209,25 +209,30 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
 
 
 def statistics_pass(method, trainable, state):
-    """The per-batch part of a gradient-free method's ``after_task``, as it runs there."""
+    """The per-batch part of a gradient-free method's ``after_task``, as it runs there:
+    ``(initial carry, fn(carry, batch, frozen, extra), extra)``, the arrays it reads passed
+    as arguments (as TaskData does), not baked in as constants."""
     import jax
     import jax.numpy as jnp
     from pecft_jax.methods.common import frozen_query
     from pecft_jax.methods.ranpac import add_gram
     from pecft_jax.methods.simplecil import class_feature_sums
     if method.name == "simplecil":
-        def fn(carry, batch, frozen):
+        def fn(carry, batch, frozen, extra):
             return class_feature_sums(carry, frozen_query(method.backbone, frozen, batch),
                                       batch["label"], batch["mask"])
-        return state, fn
+        return state, fn, ()
     if method.name == "ranpac":
         m = method.width
 
-        def fn(carry, batch, frozen):
-            h = method.project(state, method.features(trainable, frozen, batch))
+        def fn(carry, batch, frozen, extra):
+            trainable, projection = extra
+            h = method.project(projection, method.features(trainable, frozen, batch))
             y = jax.nn.one_hot(batch["label"], NUM_CLASSES, dtype=h.dtype)
             return add_gram(carry, h, y, batch["mask"])
-        return {"G": jnp.zeros((m, m)), "Q": jnp.zeros((m, NUM_CLASSES))}, fn
+        projection = {"w_rand": state["w_rand"]} if method.config.M else {}
+        return ({"G": jnp.zeros((m, m)), "Q": jnp.zeros((m, NUM_CLASSES))}, fn,
+                (trainable, projection))
     raise ValueError(f"no statistics pass for {method.name}")
 
 

@@ -20,8 +20,10 @@ Algorithm (paper Sec. 4, official code's defaults in brackets):
   classes (earlier and later classes masked).
 
 Trainable tree: ``components/<task>/<layer>/{prompts (M/T, L_p, D), keys (M/T, D),
-attention (M/T, D)}`` plus ``head``. Each task's slice is its own set of leaves: the optimiser
-labels every slice but the current task's 'frozen', so old components stay bit-identical.
+attention (M/T, D)}`` plus ``head``. Each task's slice is its own set of leaves; the step
+stacks all M components (those of later tasks weigh 0) and ``update_mask`` gives every
+slice but the current task's a zero gradient and a zero update, so old components stay
+bit-identical and one compiled step serves every task.
 """
 from __future__ import annotations
 

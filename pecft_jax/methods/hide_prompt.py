@@ -141,8 +141,8 @@ def sgd_with_weight_decay(schedule, momentum: float, weight_decay: float):
 class HiDePrompt(Method):
     name = "hide_prompt"
     train_class_mask = "task"
-    static_task = True
-    uses_frozen_query = True  # per-task trainable subtrees are picked by Python index
+    static_task = True  # per-task trainable subtrees are picked by Python index
+    uses_frozen_query = True
     infers_task = True
 
     @dataclasses.dataclass(frozen=True)

@@ -41,8 +41,8 @@ class SPrompts(Method):
     name = "s_prompts"
     # every domain has every class; the per-domain classifier covers them all
     train_class_mask = "task"
-    static_task = True
-    uses_frozen_query = True  # per-task trainable subtrees are picked by Python index
+    static_task = True  # per-task trainable subtrees are picked by Python index
+    uses_frozen_query = True
     infers_task = True
 
     @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,8 @@ class FrozenQueryCache:
                 batch = self._shard({"image": local["image"], "mask": local["mask"]})
                 query = np.asarray(self._gather(self._query(self._frozen, batch["image"])))
                 rows.append(query[np.asarray(self._gather(batch["mask"])) > 0])
-            self._arrays[name] = np.concatenate(rows).astype(np.float32, copy=False)
+            self._arrays[name] = (np.concatenate(rows).astype(np.float32, copy=False) if rows
+                                  else np.zeros((0, self.dim), np.float32))
         return self._arrays[name]
 
     def drop(self, prefix: str) -> None:
