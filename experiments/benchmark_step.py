@@ -61,12 +61,9 @@ LEARNING_RATE = 1e-3
 def demo_method_config(method: str) -> dict:
     """The method's settings in its demo config (``experiments/configs/<m>.py``'s default
     benchmark: ``split_mnist``, ``domain_mnist`` for S-Prompts)."""
-    import importlib.util
+    from pecft_jax.configs import load_config_file
     path = os.path.join(ROOT, "experiments", "configs", f"{method}.py")
-    spec = importlib.util.spec_from_file_location(f"{method}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config().method.to_dict()
+    return load_config_file(path).method.to_dict()
 
 
 def make_method(args):

@@ -7,10 +7,24 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import importlib.util
+import os
 import typing
 from typing import Optional
 
 import ml_collections
+
+
+def load_config_file(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
+    """A config file's ``get_config(arg)``, loaded as ``--config path.py[:arg]`` loads it
+    (scripts and tests that build a config without the command line)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file {path!r}")
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"{name}_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
 
 
 def base_config() -> ml_collections.ConfigDict:

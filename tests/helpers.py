@@ -1,5 +1,4 @@
 """Shared test configurations."""
-import importlib.util
 import os
 
 from pecft_jax.configs import base_config
@@ -42,11 +41,8 @@ def task_spec(index, task_classes, num_classes=None):
 
 def load_experiment_config(name, arg):
     """``experiments/configs/<name>.py``'s ``get_config(arg)``, loaded as the CLI does."""
-    path = os.path.join(ROOT, "experiments", "configs", f"{name}.py")
-    module_spec = importlib.util.spec_from_file_location(f"{name}_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg)
+    from pecft_jax.configs import load_config_file
+    return load_config_file(os.path.join(ROOT, "experiments", "configs", f"{name}.py"), arg)
 
 
 def array_task_data(images, labels, batch=8, num_devices=None):

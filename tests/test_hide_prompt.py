@@ -114,8 +114,29 @@ def test_prompt_momentum_and_the_next_tasks_starting_prompt():
                                 jax.random.key(1))
     np.testing.assert_allclose(new["prompts"]["2"]["1"], eff[1]["1"], rtol=1e-6)
     labels = method.param_labels(new, spec(2, [[0, 1], [2, 3], [4, 5]]))
-    assert labels["prompts"]["2"]["0"] == "prompt" and labels["prompts"]["1"]["0"] == "frozen"
-    assert labels["head"]["kernel"] == "head"
+    assert labels["prompts"]["2"]["0"] == "prompt" and labels["head"]["kernel"] == "head"
+    # one compiled step for every task: only the current task's prompt learns (traced index)
+    mask = jax.jit(lambda t: method.update_mask(new, spec(t, [[0, 1], [2, 3], [4, 5]])))(2)
+    assert [float(mask["prompts"][str(s)]["0"]) for s in range(3)] == [0.0, 0.0, 1.0]
+    assert float(mask["head"]["kernel"]) == 1.0
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.25])
+def test_training_prompt_with_a_traced_task_index_is_the_python_indexed_one(momentum):
+    method, frozen = micro_method(prompt_momentum=momentum)
+    trainable, _ = method.init(jax.random.key(0), frozen)
+    tasks = [[0, 1], [2, 3], [4, 5]]
+    traced = jax.jit(lambda tr, t: method._training_prompt(tr, spec(t, tasks)))
+    for t in range(3):
+        eff = method.effective_prompts(trainable["prompts"], t)[t]
+        got = traced(trainable, t)
+        for layer in eff:  # the training prompt is E_t (the mean of earlier ones a constant)
+            np.testing.assert_allclose(got[layer], eff[layer], rtol=1e-6, atol=1e-7)
+    # the gradient reaches task t's prompt only, scaled by (1 - m) for t > 0
+    grads = jax.grad(lambda tr: sum(jnp.sum(v) for v in method._training_prompt(
+        tr, spec(jnp.int32(2), tasks)).values()))(trainable)
+    np.testing.assert_allclose(grads["prompts"]["2"]["0"], 1.0 - momentum, rtol=1e-6)
+    assert not np.any(np.asarray(grads["prompts"]["1"]["0"]))
 
 
 def test_after_task_stores_the_statistics_of_both_representations():
@@ -163,8 +184,8 @@ def test_tii_and_tap_heads_learn_from_sampled_statistics(mode):
             (init_tii_head(jax.random.key(0), dim, 6, hidden=())["head"],  # TAP: linear head
              lambda p, f: f @ p["kernel"] + p["bias"])):
         accuracy = lambda p: np.mean(np.argmax(np.asarray(apply_fn(p, test_x)), -1) == test_y)
-        params = method.align(init, apply_fn, stats, task, jax.random.key(1), lr=0.05, epochs=10,
-                              samples=32, steps=4, class_mask=task.class_mask("seen"))
+        fit = method._alignment(apply_fn, lr=0.05, epochs=10, samples=32)
+        params = method.align(fit, init, stats, task, jax.random.key(1), steps=4)
         assert accuracy(params) > 0.95 and accuracy(params) > accuracy(init)
 
 
@@ -216,8 +237,8 @@ def test_end_to_end_records_task_identity_and_counts(hide_run):
     expected = (n_tasks * 2 * 2 * 2 * d + d * classes + classes          # prompts, head
                 + (d * 2 * d + 2 * d) + (2 * d * d + d) + 2 * d + d * classes + classes)  # TII
     assert results["trainable_params"] == expected
-    for t in range(n_tasks):
-        assert results["compilation"]["traces"][f"train_step/{t}"] == 1
+    # one train and one eval step for both tasks (the task index is traced)
+    assert results["compilation"]["traces"] == {"train_step": 1, "eval_step": 1}
 
 
 def test_earlier_prompts_are_bit_identical_after_later_tasks(hide_run):

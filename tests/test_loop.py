@@ -1,6 +1,8 @@
 """The continual loop end to end on real (sklearn digits) data with a tiny random ViT."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -209,3 +211,30 @@ def test_corrupt_checkpoint_fails_with_a_clear_error(l2p_run, tmp_path):
                 f.write(b"garbage")
     with pytest.raises(CheckpointMismatch, match="corrupt or unreadable"):
         evaluate_checkpoint(workdir, 4)
+
+
+def test_tensorboard_logging_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch whenever it is installed (seconds of start-up); the writer
+    keeps it out, and the event file still holds the scalars (read back as TFRecords)."""
+    script = f"""
+import json, os, sys
+from pecft_jax.train.logging_utils import MetricWriter
+w = MetricWriter({str(tmp_path)!r})
+w.write(3, {{'loss': 0.5}})
+w.close()
+assert 'torch' not in sys.modules
+from tensorboardX.proto import event_pb2
+folder = os.path.join({str(tmp_path)!r}, 'tensorboard')
+[name] = os.listdir(folder)
+data = open(os.path.join(folder, name), 'rb').read()
+values, offset = [], 0
+while offset < len(data):  # length (8 bytes), its crc (4), the event, its crc (4)
+    length = int.from_bytes(data[offset:offset + 8], 'little')
+    event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+    values += [[event.step, v.tag, v.simple_value] for v in event.summary.value]
+    offset += 16 + length
+print(json.dumps(values))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [[3, "loss", 0.5]]

@@ -132,9 +132,11 @@ def test_weight_decay_is_torch_sgd_weight_decay_on_the_current_domain_only():
                                        atol=1e-6)
             np.testing.assert_allclose(diff["heads"][s]["kernel"],
                                        factor * trainable["heads"][s]["kernel"], atol=1e-6)
-        labels = method.param_labels(trainable, spec(t))
-        assert labels["prompts"][str(t)] == "train"
-        assert labels["heads"][str((t + 1) % 3)]["bias"] == "frozen"
+        # one compiled step for every domain (traced index): only domain t's parameters learn
+        mask = jax.jit(lambda i: method.update_mask(trainable, spec(i)))(t)
+        assert [float(mask["prompts"][str(s)]) for s in range(3)] == [float(s == t) for s in range(3)]
+        assert float(mask["heads"][str((t + 1) % 3)]["bias"]) == 0.0
+        assert float(mask["heads"][str(t)]["kernel"]) == 1.0
 
 
 def test_bad_options_say_what_to_fix():
@@ -180,3 +182,4 @@ def test_end_to_end_on_two_domains(domain_run):
             np.testing.assert_array_equal(a, b)
     assert not np.array_equal(first["trainable"]["prompts"]["1"], last["trainable"]["prompts"]["1"])
     assert np.asarray(last["state"]["centroid_valid"]).all()
+    assert results["compilation"]["traces"] == {"train_step": 1, "eval_step": 1}

@@ -143,18 +143,63 @@ def test_a_linear_head_learns_from_sampled_statistics():
     stats = S.empty_statistics(5, 4, "covariance")
     for c in range(4):
         stats["mean"][c], stats["cov"][c], stats["count"][c] = means[c], 0.2 * np.eye(4), 50
-    comp = S.gaussian_components(stats, range(4))
+    comp = S.gaussian_components(stats, range(4), every_class=True)
+    assert comp["valid"].tolist() == [True] * 4 + [False]  # class 4: no statistics yet
     head = init_linear_head(jax.random.key(0), 4, 5)
     mask = np.array([True] * 4 + [False])
-    opt = optax.sgd(S.cosine_epoch_schedule(0.1, 10, 8), momentum=0.9)
-    head, losses = S.fit_classifier(head, apply_linear_head, opt, jax.random.key(1), epochs=10,
-                                    steps_per_epoch=8, batch_size=16,
-                                    draw=lambda k, d: S.sample_components(k, d, 32),
-                                    draw_data=comp, class_mask=mask)
-    assert losses[-1] < 0.3 * losses[0]
+    fit = S.ClassifierFit(apply_linear_head, optax.trace(0.9), S.cosine_epoch_schedule(0.1, 10, 1),
+                          epochs=10, batch_size=16, draw=S.sampled_features(32))
+    head, losses = fit(head, jax.random.key(1), comp, steps_per_epoch=8, available=4 * 32,
+                       class_mask=mask)
+    assert losses.shape == (10,) and losses[-1] < 0.3 * losses[0]
     x, y = S.sample_components(jax.random.key(9), comp, 100)
     pred = np.argmax(np.asarray(apply_linear_head(head, x))[:, :4], -1)
-    assert np.mean(pred == np.asarray(y)) > 0.97
+    real = np.asarray(y) < 4
+    assert np.mean(pred[real] == np.asarray(y)[real]) > 0.97
+    with pytest.raises(ValueError, match="the draw has 128"):
+        fit(head, jax.random.key(1), comp, steps_per_epoch=9, available=4 * 32)
+
+
+def test_classifier_fit_is_sgd_with_momentum_over_the_valid_rows_compiled_once():
+    """One epoch of ClassifierFit = a numpy re-computation of torch's SGD (momentum, coupled
+    weight decay) over batches of the valid rows in the fit's order; padding never used; a
+    second call with another number of steps and other data does not recompile."""
+    rng = np.random.default_rng(0)
+    n, d, c, batch = 12, 3, 4, 4
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    y = rng.integers(0, c, n).astype(np.int32)
+    valid = np.arange(n) < 9  # 3 padding rows, full of garbage
+    x[~valid] = 1e6
+    params = {"kernel": rng.standard_normal((d, c)).astype(np.float32),
+              "bias": np.zeros(c, np.float32)}
+    lr, momentum, wd = 0.1, 0.9, 0.01
+    direction = optax.chain(optax.add_decayed_weights(wd), optax.trace(momentum))
+    fit = S.ClassifierFit(apply_linear_head, direction, lambda e: lr, epochs=1,
+                          batch_size=batch, draw=S.given_features)
+    traces = []
+    fit._compiled = jax.jit(lambda *a: (traces.append(1), fit._fit(*a))[1])
+    got, losses = fit(params, jax.random.key(3), (x, y, valid), steps_per_epoch=2, available=9)
+
+    # the order the fit uses: its own key schedule, valid rows first
+    k_draw, k_order = jax.random.split(jax.random.fold_in(jax.random.key(3), 0))
+    order = np.argsort(np.where(valid, np.asarray(jax.random.uniform(k_order, (n,))), 2.0))
+    assert set(order[:9]) == set(range(9))
+    w, b = params["kernel"].astype(np.float64), params["bias"].astype(np.float64)
+    buf_w, buf_b = np.zeros_like(w), np.zeros_like(b)
+    for i in range(2):
+        rows = order[i * batch:(i + 1) * batch]
+        logits = x[rows] @ w + b
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(batch), y[rows]] -= 1.0
+        g_w, g_b = x[rows].T @ p / batch + wd * w, p.mean(0) + wd * b
+        buf_w, buf_b = momentum * buf_w + g_w, momentum * buf_b + g_b
+        w, b = w - lr * buf_w, b - lr * buf_b
+    np.testing.assert_allclose(got["kernel"], w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["bias"], b, rtol=1e-4, atol=1e-5)
+    assert np.isfinite(losses).all()
+    fit(params, jax.random.key(4), (x + 1, y, valid), steps_per_epoch=1, available=9)
+    assert len(traces) == 1
 
 
 def test_cosine_epoch_schedule_is_torch_cosine_annealing():

@@ -48,7 +48,7 @@ import optax
 
 from pecft_jax.methods import statistics as stats_lib
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, count_params,
-                                    init_linear_head, label_current_task, mask_logits)
+                                    init_linear_head, mask_logits)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
 
@@ -131,17 +131,10 @@ def apply_tii_head(params: dict, x: Array) -> Array:
     return apply_linear_head(params["head"], x)
 
 
-def sgd_with_weight_decay(schedule, momentum: float, weight_decay: float):
-    """``torch.optim.SGD(momentum, weight_decay)``: ``g + wd * p`` then heavy-ball momentum."""
-    return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.sgd(schedule, momentum=momentum or None))
-
-
 # ----------------------------------------------------------------------------- method
 class HiDePrompt(Method):
     name = "hide_prompt"
     train_class_mask = "task"
-    static_task = True  # per-task trainable subtrees are picked by Python index
     uses_frozen_query = True
     infers_task = True
 
@@ -198,6 +191,14 @@ class HiDePrompt(Method):
         dim = backbone.feature_dim
         self._tii_shapes = jax.eval_shape(
             lambda k: init_tii_head(k, dim, num_classes, c.tii_hidden), jax.random.key(0))
+        # The after-task fits, compiled once for the run (ClassifierFit): TII on real features
+        # (one per batch size: a task smaller than the batch trains on one full batch), and the
+        # two alignments on features sampled from the Gaussians of every class.
+        self._tii_fits = {}
+        self._tii_align = self._alignment(apply_tii_head, c.tii_align_lr, c.tii_align_epochs,
+                                          c.tii_align_samples)
+        self._tap_align = self._alignment(apply_linear_head, c.tap_lr, c.tap_epochs,
+                                          c.tap_samples)
 
     # ------------------------------------------------------------------ set-up
     def init(self, rng, frozen):
@@ -224,16 +225,24 @@ class HiDePrompt(Method):
     def effective_prompts(self, prompts: dict, upto: int) -> List[Dict[str, Array]]:
         """``E_0 = P_0``, ``E_t = (1 - m) P_t + m * mean(E_0..E_{t-1})`` for ``t <= upto``:
         the prompts as the official code holds them after its post-task momentum update."""
+        return [e for e, _ in self._momentum(prompts, upto)]
+
+    def _momentum(self, prompts: dict, upto: int) -> List[Tuple[dict, dict]]:
+        """``[(E_t, mean(E_0..E_{t-1}))]`` for ``t <= upto`` (the mean is ``None`` for t=0)."""
         m = self.config.prompt_momentum
         out = []
         for t in range(upto + 1):
             raw = prompts[str(t)]
             if t == 0 or m == 0:
-                out.append(dict(raw))
+                out.append((dict(raw), None))
                 continue
-            out.append({layer: (1 - m) * raw[layer]
-                        + m * sum(e[layer] for e in out) / len(out) for layer in raw})
+            earlier = {layer: sum(e[layer] for e, _ in out) / len(out) for layer in raw}
+            out.append(({layer: (1 - m) * raw[layer] + m * earlier[layer] for layer in raw},
+                        earlier))
         return out
+
+    def _stacked(self, per_task: List[dict]) -> Dict[str, Array]:
+        return {layer: jnp.stack([p[layer] for p in per_task]) for layer in per_task[0]}
 
     def before_task(self, task, trainable, state, frozen, data, rng):
         t = task.index
@@ -248,8 +257,16 @@ class HiDePrompt(Method):
 
     # --------------------------------------------------------------- optimiser
     def param_labels(self, trainable, task: TaskSpec):
-        return {"prompts": label_current_task(trainable["prompts"], task.index, "prompt"),
+        return {"prompts": jax.tree_util.tree_map(lambda _: "prompt", trainable["prompts"]),
                 "head": jax.tree_util.tree_map(lambda _: "head", trainable["head"])}
+
+    def update_mask(self, trainable, task):
+        """Only task t's prompt (and the head) learns while task t trains: every task's prompt
+        is in the one compiled step, the others with a zero mask."""
+        return {"prompts": {s: jax.tree_util.tree_map(
+                    lambda _, s=s: jnp.asarray(task.index == int(s), jnp.float32), sub)
+                    for s, sub in trainable["prompts"].items()},
+                "head": jax.tree_util.tree_map(lambda _: jnp.float32(1), trainable["head"])}
 
     def optimizer_groups(self, task, base):
         # "larger prompt lr": the head learns at a tenth of the prompts' rate.
@@ -260,13 +277,19 @@ class HiDePrompt(Method):
         return self.backbone.apply(frozen, images, prefix_context(prefixes), output="cls")
 
     def _training_prompt(self, trainable, task: TaskSpec) -> Dict[str, Array]:
+        """Task t's prompt with momentum, ``(1 - m) P_t + m * mean(E_0..E_{t-1})``, the mean
+        a constant; ``t`` may be traced (every task's prompt is stacked and indexed)."""
         t, m = task.index, self.config.prompt_momentum
-        raw = trainable["prompts"][str(t)]
-        if t == 0 or m == 0:
+        prompts = trainable["prompts"]
+        raw = {layer: value[t] for layer, value in
+               self._stacked([prompts[str(s)] for s in range(self.num_tasks)]).items()}
+        if m == 0:
             return raw
-        earlier = self.effective_prompts(trainable["prompts"], t - 1)
-        return {layer: (1 - m) * raw[layer]
-                + m * jax.lax.stop_gradient(sum(e[layer] for e in earlier) / len(earlier))
+        # mean(E_0..E_{t-1}) of every t, from the prompts of the earlier tasks (constants)
+        momentum = self._momentum(jax.lax.stop_gradient(prompts), self.num_tasks - 1)
+        earlier = self._stacked([momentum[0][0]] + [mean for _, mean in momentum[1:]])
+        return {layer: jnp.where(t == 0, raw[layer],
+                                 (1 - m) * raw[layer] + m * earlier[layer][t])
                 for layer in raw}
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
@@ -287,9 +310,9 @@ class HiDePrompt(Method):
 
     def logits(self, trainable, state, frozen, batch, task):
         task_pred = self.predict_task(state, frozen, batch, task)
-        prompts = self.effective_prompts(trainable["prompts"], task.index)
-        per_example = {layer: jnp.stack([p[layer] for p in prompts])[task_pred]
-                       for layer in prompts[0]}
+        # every task's prompt (the prediction is one of the seen tasks)
+        prompts = self._stacked(self.effective_prompts(trainable["prompts"], self.num_tasks - 1))
+        per_example = {layer: value[task_pred] for layer, value in prompts.items()}
         features = self._prompted_cls(frozen, batch["image"], per_example)
         return apply_linear_head(state["head"], features), task_pred
 
@@ -305,21 +328,14 @@ class HiDePrompt(Method):
                                                 out["frozen"], labels, task.classes, seed=seed)
         tap_stats = stats_lib.update_statistics(jax.device_get(state["tap_stats"]),
                                                 out["prompted"], labels, task.classes, seed=seed)
-        tii = self.fit_tii(state["tii"], out["frozen"], labels, task, k_tii)
+        tii = self.fit_tii(state["tii"], out["frozen"], labels, task, k_tii, data.capacity)
         head = trainable["head"]
         if t > 0:
-            seen_mask = task.class_mask("seen")
             old = len(task.seen_classes) - len(task.classes)  # official: one step per old class
-            c = self.config
-            tii = self.align(tii, apply_tii_head, tii_stats, task, k_tii_align,
-                             lr=c.tii_align_lr, epochs=c.tii_align_epochs,
-                             samples=c.tii_align_samples, steps=old, class_mask=seen_mask)
-            head = self.align(head, apply_linear_head, tap_stats, task, k_tap, lr=c.tap_lr,
-                              epochs=c.tap_epochs, samples=c.tap_samples, steps=old,
-                              class_mask=seen_mask)
-        as_jnp = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
-        return trainable, dict(state, tii=as_jnp(tii), head=as_jnp(head),
-                               tii_stats=as_jnp(tii_stats), tap_stats=as_jnp(tap_stats))
+            tii = self.align(self._tii_align, tii, tii_stats, task, k_tii_align, steps=old)
+            head = self.align(self._tap_align, head, tap_stats, task, k_tap, steps=old)
+        return trainable, dict(state, **jax.device_put(  # device_put compiles nothing
+            {"tii": tii, "head": head, "tii_stats": tii_stats, "tap_stats": tap_stats}))
 
     def feature_pass(self, batch, frozen, prompt):
         """A batch's frozen and prompted [CLS] features (a TaskData pass)."""
@@ -333,33 +349,47 @@ class HiDePrompt(Method):
         return {key: value for key, value in state.items() if key != "tii_stats"} | {
             "tap_stats": {k: state["tap_stats"][k] for k in ("mean", "count")}}
 
-    def fit_tii(self, tii, features, labels, task: TaskSpec, key):
-        """TII on the task's real frozen features: CE over the task's classes, Adam."""
-        x = jnp.asarray(features)
-        y = jnp.asarray(labels, jnp.int32)
+    def fit_tii(self, tii, features, labels, task: TaskSpec, key, capacity=None):
+        """TII on the task's real frozen features: CE over the task's classes, Adam
+        (features padded to ``capacity``, the run's largest task, so one compilation serves
+        every task)."""
+        n = features.shape[0]
+        capacity = max(n, capacity or n)
         c = self.config
-        batch = min(c.tii_batch_size, x.shape[0])
-        opt = optax.adam(c.tii_lr)
-        if c.tii_grad_clip:
-            opt = optax.chain(optax.clip_by_global_norm(c.tii_grad_clip), opt)
-        tii, _ = stats_lib.fit_classifier(
-            tii, apply_tii_head, opt, key, epochs=c.tii_epochs,
-            steps_per_epoch=x.shape[0] // batch, batch_size=batch, draw=lambda k, d: d,
-            draw_data=(x, y), class_mask=task.class_mask("task"))
+        batch = min(c.tii_batch_size, n)
+        if batch not in self._tii_fits:
+            direction = optax.scale_by_adam()
+            if c.tii_grad_clip:
+                direction = optax.chain(optax.clip_by_global_norm(c.tii_grad_clip), direction)
+            self._tii_fits[batch] = stats_lib.ClassifierFit(
+                apply_tii_head, direction, lambda epoch: c.tii_lr, epochs=c.tii_epochs,
+                batch_size=batch, draw=stats_lib.given_features)
+        pad = lambda a, dtype: np.concatenate(
+            [np.asarray(a, dtype), np.zeros((capacity - n,) + a.shape[1:], dtype)])
+        data = (pad(features, np.float32), pad(labels, np.int32), np.arange(capacity) < n)
+        tii, _ = self._tii_fits[batch](tii, key, data, steps_per_epoch=n // batch, available=n,
+                                       class_mask=task.class_mask("task"))
         return tii
 
-    def align(self, params, apply_fn, stats, task: TaskSpec, key, *, lr, epochs, samples,
-              steps, class_mask):
+    def _alignment(self, apply_fn, lr, epochs, samples) -> stats_lib.ClassifierFit:
+        """Training on ``samples`` draws per Gaussian of every seen class: SGD + momentum +
+        weight decay (PyTorch's coupled form), cosine over epochs (official)."""
+        c = self.config
+        direction = optax.chain(optax.add_decayed_weights(c.align_weight_decay),
+                                optax.trace(c.align_momentum) if c.align_momentum
+                                else optax.identity())
+        return stats_lib.ClassifierFit(
+            apply_fn, direction, stats_lib.cosine_epoch_schedule(lr, epochs, 1), epochs=epochs,
+            batch_size=samples, draw=stats_lib.sampled_features(samples))
+
+    def align(self, fit: stats_lib.ClassifierFit, params, stats, task: TaskSpec, key, *,
+              steps: int):
         """Train a head on features sampled from the Gaussians of every seen class
         (official: per epoch, ``samples`` draws per Gaussian, ``steps`` batches of
-        ``samples``; SGD + momentum + weight decay, cosine over epochs)."""
-        c = self.config
-        components = stats_lib.gaussian_components(stats, task.seen_classes, ridge=c.ridge)
-        steps = max(1, int(steps))
-        opt = sgd_with_weight_decay(stats_lib.cosine_epoch_schedule(lr, epochs, steps),
-                                    c.align_momentum, c.align_weight_decay)
-        params, _ = stats_lib.fit_classifier(
-            params, apply_fn, opt, key, epochs=epochs, steps_per_epoch=steps,
-            batch_size=samples, draw=lambda k, d: stats_lib.sample_components(k, d, samples),
-            draw_data=components, class_mask=class_mask)
+        ``samples``)."""
+        components = stats_lib.gaussian_components(stats, task.seen_classes,
+                                                   ridge=self.config.ridge, every_class=True)
+        available = int(components["valid"].sum()) * fit.batch_size
+        params, _ = fit(params, key, components, steps_per_epoch=max(1, int(steps)),
+                        available=available, class_mask=task.class_mask("seen"))
         return params

@@ -18,18 +18,21 @@ CLIP text encoder, which this library does not have. For domain-incremental lear
   absolute differences, i.e. an L1 distance]; the domain of the nearest centroid picks the
   prompt and the classifier. ``logits`` returns ``task_pred`` = the predicted domain.
 
-Earlier domains' prompts and classifiers never change (they are labelled 'frozen').
+Earlier domains' prompts and classifiers never change: every domain's prompt and classifier
+is in the one compiled train step (the domain index is traced), and ``update_mask`` lets only
+the current domain's learn.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pecft_jax.methods import statistics as stats_lib
-from pecft_jax.methods.base import Method, TaskSpec, init_linear_head, label_current_task
+from pecft_jax.methods.base import Method, TaskSpec, init_linear_head
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 from pecft_jax.peft.prompt_pool import l2_normalize
@@ -41,7 +44,6 @@ class SPrompts(Method):
     name = "s_prompts"
     # every domain has every class; the per-domain classifier covers them all
     train_class_mask = "task"
-    static_task = True  # per-task trainable subtrees are picked by Python index
     uses_frozen_query = True
     infers_task = True
 
@@ -81,9 +83,20 @@ class SPrompts(Method):
                  "centroid_valid": jnp.zeros((self.num_tasks, k), bool)}
         return {"prompts": prompts, "heads": heads}, state
 
-    def param_labels(self, trainable, task: TaskSpec):
-        return {"prompts": label_current_task(trainable["prompts"], task.index),
-                "heads": label_current_task(trainable["heads"], task.index)}
+    def update_mask(self, trainable, task):
+        """Domain s's prompt and classifier learn while domain s trains, no other's."""
+        return {part: {s: jax.tree_util.tree_map(
+                    lambda _, s=s: jnp.asarray(task.index == int(s), jnp.float32), sub)
+                    for s, sub in trainable[part].items()}
+                for part in ("prompts", "heads")}
+
+    def _stacked(self, trainable) -> Tuple[Array, Array, Array]:
+        """Every domain's prompt ``(T, L, D)``, classifier kernel ``(T, D, C)`` and bias
+        ``(T, C)``, in domain order."""
+        order = [str(s) for s in range(self.num_tasks)]
+        return (jnp.stack([trainable["prompts"][s] for s in order]),
+                jnp.stack([trainable["heads"][s]["kernel"] for s in order]),
+                jnp.stack([trainable["heads"][s]["bias"] for s in order]))
 
     # ------------------------------------------------------------------ forward
     def _features(self, frozen, images, prompts: Array) -> Array:
@@ -91,14 +104,14 @@ class SPrompts(Method):
         return self.backbone.apply(frozen, images, context, output="cls")
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
-        s = str(task.index)
-        head = trainable["heads"][s]
-        features = self._features(frozen, batch["image"], trainable["prompts"][s])
-        logits = features @ head["kernel"] + head["bias"]
+        prompts, kernels, biases = self._stacked(trainable)
+        own = [prompts[task.index], kernels[task.index], biases[task.index]]  # traced index
+        features = self._features(frozen, batch["image"], own[0])
+        logits = features @ own[1] + own[2]
         ce = self.masked_ce(logits, batch["label"], task)
         # torch SGD's weight decay (g += wd * p) on the parameters being trained
-        wd = self.config.first_weight_decay if task.index == 0 else self.config.weight_decay
-        own = [trainable["prompts"][s], head["kernel"], head["bias"]]
+        c = self.config
+        wd = jnp.where(task.index == 0, c.first_weight_decay, c.weight_decay)
         decay = 0.5 * wd * sum(jnp.sum(jnp.square(p)) for p in own)
         return ce + decay, {"metrics": {"ce": ce,
                                         "accuracy": self.train_accuracy(logits, batch["label"], task)}}
@@ -122,11 +135,8 @@ class SPrompts(Method):
 
     def logits(self, trainable, state, frozen, batch, task):
         domain = self.predict_domain(state, frozen, batch, task)
-        order = [str(s) for s in range(self.num_tasks)]
-        prompts = jnp.stack([trainable["prompts"][s] for s in order])[domain]  # (B, L, D)
-        features = self._features(frozen, batch["image"], prompts)
-        kernels = jnp.stack([trainable["heads"][s]["kernel"] for s in order])  # (T, D, C)
-        biases = jnp.stack([trainable["heads"][s]["bias"] for s in order])  # (T, C)
+        prompts, kernels, biases = self._stacked(trainable)
+        features = self._features(frozen, batch["image"], prompts[domain])  # (B, L, D) prompts
         every = jnp.einsum("bd,tdc->btc", features, kernels) + biases[None]
         logits = jnp.take_along_axis(every, domain[:, None, None], axis=1)[:, 0]
         return logits, domain
@@ -143,5 +153,5 @@ class SPrompts(Method):
         valid[task.index] = False
         centroids[task.index, :k] = centers
         valid[task.index, :k] = True
-        return trainable, dict(state, centroids=jnp.asarray(centroids),
-                               centroid_valid=jnp.asarray(valid))
+        return trainable, dict(state, **jax.device_put(  # device_put compiles nothing
+            {"centroids": centroids, "centroid_valid": valid}))

@@ -260,13 +260,20 @@ def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
 
 
 def gaussian_components(stats: Mapping[str, Any], classes: Sequence[int], *,
-                        ridge: float = 1e-4) -> dict:
-    """The Gaussians to sample for ``classes``: ``{'mean': (G, D), 'scale': ..., 'label': (G,)}``.
+                        ridge: float = 1e-4, every_class: bool = False) -> dict:
+    """The Gaussians to sample for ``classes``: ``{'mean': (G, D), 'scale': ..., 'label': (G,),
+    'valid': (G,)}``.
 
     ``scale`` is a ``(G, D, D)`` factor ``L`` with ``L L^T = cov + ridge * I`` for
     covariance statistics, or a ``(G, D)`` standard deviation ``sqrt(var + ridge)`` for
-    diagonal ones. ``G`` = number of classes, or of non-empty clusters for multi-centroid
-    statistics. The official HiDe-Prompt code adds ``1e-4 * I`` the same way.
+    diagonal ones. The official HiDe-Prompt code adds ``1e-4 * I`` the same way.
+
+    By default ``G`` = the number of ``classes``, or of their non-empty clusters for
+    multi-centroid statistics, and every component is valid. With ``every_class`` the
+    components are those of *every* class of the storage in a fixed order (``G = C``, or
+    ``C * K``), ``valid`` marking the ones of ``classes`` (non-empty clusters); the others
+    have zero mean and scale. Their shapes stay the same from task to task, so a compiled
+    fit (:class:`ClassifierFit`) sees one shape for the whole run.
     """
     mode = statistics_mode(stats)
     classes = [int(c) for c in classes]
@@ -275,25 +282,36 @@ def gaussian_components(stats: Mapping[str, Any], classes: Sequence[int], *,
     if missing:
         raise ValueError(f"no statistics stored for classes {missing}; compute them (after the "
                          f"classes' task) before sampling")
-    means, scales, labels = [], [], []
-    for c in classes:
+    dim = np.shape(stats["mean"])[-1]
+    wanted = set(classes)
+    means, scales, labels, valid = [], [], [], []
+
+    def add(c, mean, scale, is_valid):
+        means.append(np.asarray(mean) if is_valid else np.zeros(dim))
+        scales.append(scale if is_valid else np.zeros_like(scale))
+        labels.append(c)
+        valid.append(is_valid)
+
+    for c in (range(count.shape[0]) if every_class else classes):
+        chosen = c in wanted
         if mode == "covariance":
             cov = np.asarray(stats["cov"][c], np.float64)
-            means.append(np.asarray(stats["mean"][c]))
-            scales.append(_psd_sqrt(cov + ridge * np.eye(cov.shape[0])))
-            labels.append(c)
+            scale = (_psd_sqrt(cov + ridge * np.eye(dim)) if chosen
+                     else np.zeros((dim, dim)))
+            add(c, stats["mean"][c], scale, chosen)
         elif mode == "variance":
-            means.append(np.asarray(stats["mean"][c]))
-            scales.append(np.sqrt(np.asarray(stats["var"][c], np.float64) + ridge))
-            labels.append(c)
+            add(c, stats["mean"][c], np.sqrt(np.asarray(stats["var"][c], np.float64) + ridge),
+                chosen)
         else:
-            for j in np.flatnonzero(count[c] > 0):
-                means.append(np.asarray(stats["mean"][c, j]))
-                scales.append(np.sqrt(np.asarray(stats["var"][c, j], np.float64) + ridge))
-                labels.append(c)
+            clusters = range(count.shape[1]) if every_class else np.flatnonzero(count[c] > 0)
+            for j in clusters:
+                add(c, stats["mean"][c, j],
+                    np.sqrt(np.asarray(stats["var"][c, j], np.float64) + ridge),
+                    chosen and bool(count[c, j] > 0))
     return {"mean": np.stack(means).astype(np.float32),
             "scale": np.stack(scales).astype(np.float32),
-            "label": np.asarray(labels, np.int32)}
+            "label": np.asarray(labels, np.int32),
+            "valid": np.asarray(valid, bool)}
 
 
 def sample_components(key: Array, components: Mapping[str, Array], num_per_component: int
@@ -322,56 +340,94 @@ def cosine_epoch_schedule(learning_rate: float, epochs: int, steps_per_epoch: in
     return schedule
 
 
-def fit_classifier(params: Any, apply_fn: Callable[[Any, Array], Array], optimizer,
-                   key: Array, *, epochs: int, steps_per_epoch: int, batch_size: int,
-                   draw: Callable[[Array, Any], Tuple[Array, Array]], draw_data: Any = None,
-                   class_mask: Optional[np.ndarray] = None) -> Tuple[Any, np.ndarray]:
-    """Train a classifier on features with cross-entropy, one jit-compiled epoch at a time.
+class ClassifierFit:
+    """Cross-entropy training of a classifier on drawn features, compiled once for a run.
 
-    Each epoch calls ``draw(key, draw_data)`` for a fresh ``(features (N, D), labels (N,))``
-    set (e.g. :func:`sample_components` of ``draw_data``, or ``draw_data`` itself when it
-    holds real features); ``draw_data`` is an argument of the compiled epoch, not a constant
-    baked into it. The set is shuffled and cut into
-    ``steps_per_epoch`` batches of ``batch_size`` (``steps * batch <= N``). Logits outside
-    ``class_mask`` are masked out of the loss. Returns the trained parameters and the mean
-    loss of each epoch.
+    Every epoch draws a fresh set ``draw(key, draw_data) -> (features (N, D), labels (N,),
+    valid (N,) bool)`` -- :func:`sampled_features` of the Gaussians of every class, or
+    :func:`given_features` (real features padded to a fixed length) -- shuffles its valid
+    rows and takes ``steps_per_epoch`` batches of ``batch_size`` from them. The update is
+    ``p <- p - learning_rate(epoch) * direction(grads)``, what ``optax.sgd`` / ``optax.adam``
+    compute with ``direction`` = ``trace(momentum)`` / ``scale_by_adam()`` (anything before
+    the learning rate: clipping, coupled weight decay). Logits outside ``class_mask`` are
+    masked out of the loss.
+
+    Everything that changes from call to call -- the parameters, the draw's data, the class
+    mask and the number of steps (a loop with a traced trip count) -- is an argument of one
+    compiled program: a method that keeps its ``ClassifierFit`` for the run compiles it once,
+    however many classes it has seen.
     """
-    from pecft_jax.methods.base import cross_entropy, mask_logits  # no import cycle
-    if steps_per_epoch <= 0 or batch_size <= 0:
-        raise ValueError(f"fit_classifier needs positive steps_per_epoch and batch_size, got "
-                         f"{steps_per_epoch} and {batch_size}")
-    opt_state = optimizer.init(params)
 
-    def loss_fn(p, x, y):
-        logits = apply_fn(p, x)
-        if class_mask is not None:
-            logits = mask_logits(logits, class_mask)
-        return cross_entropy(logits, y)
+    def __init__(self, apply_fn: Callable[[Any, Array], Array],
+                 direction: optax.GradientTransformation,
+                 learning_rate: Callable[[Array], Array], *, epochs: int, batch_size: int,
+                 draw: Callable[[Array, Any], Tuple[Array, Array, Array]]):
+        if epochs <= 0 or batch_size <= 0:
+            raise ValueError(f"ClassifierFit needs positive epochs and batch_size, got "
+                             f"{epochs} and {batch_size}")
+        self.apply_fn, self.direction, self.learning_rate = apply_fn, direction, learning_rate
+        self.epochs, self.batch_size, self.draw = int(epochs), int(batch_size), draw
+        self._compiled = jax.jit(self._fit)
 
-    @jax.jit
-    def run_epoch(p, s, k, d):
-        k_draw, k_perm = jax.random.split(k)
-        x, y = draw(k_draw, d)
-        if x.shape[0] < steps_per_epoch * batch_size:
-            raise ValueError(f"{steps_per_epoch} steps of {batch_size} need "
-                             f"{steps_per_epoch * batch_size} features, the draw has {x.shape[0]}")
-        order = jax.random.permutation(k_perm, x.shape[0])[:steps_per_epoch * batch_size]
-        xb = x[order].reshape(steps_per_epoch, batch_size, -1)
-        yb = y[order].reshape(steps_per_epoch, batch_size)
+    def __call__(self, params: Any, key: Array, draw_data: Any, *, steps_per_epoch: int,
+                 available: int, class_mask: Optional[np.ndarray] = None
+                 ) -> Tuple[Any, np.ndarray]:
+        """Trained parameters and the mean loss of each epoch. ``available`` is the number of
+        valid rows a draw yields (checked: ``steps_per_epoch * batch_size <= available``)."""
+        steps = int(steps_per_epoch)
+        if steps <= 0:
+            raise ValueError(f"ClassifierFit needs a positive steps_per_epoch, got {steps}")
+        if steps * self.batch_size > available:
+            raise ValueError(f"{steps} steps of {self.batch_size} need "
+                             f"{steps * self.batch_size} features, the draw has {available}")
+        params, losses = self._compiled(params, key, draw_data, np.int32(steps), class_mask)
+        return params, np.asarray(losses)
 
-        def step(carry, batch):
-            p, s = carry
-            loss, grads = jax.value_and_grad(loss_fn)(p, *batch)
-            updates, s = optimizer.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), loss
+    def _fit(self, params, key, draw_data, steps, class_mask):
+        from pecft_jax.methods.base import cross_entropy, mask_logits  # no import cycle
+        batch = self.batch_size
 
-        (p, s), losses = jax.lax.scan(step, (p, s), (xb, yb))
-        return p, s, losses.mean()
+        def loss_fn(p, x, y):
+            logits = self.apply_fn(p, x)
+            if class_mask is not None:
+                logits = mask_logits(logits, class_mask)
+            return cross_entropy(logits, y)
 
-    history = []
-    for epoch in range(epochs):
-        params, opt_state, loss = run_epoch(params, opt_state, jax.random.fold_in(key, epoch),
-                                            draw_data)
-        history.append(float(loss))
-    return params, np.asarray(history)
+        def epoch(e, carry):
+            p, s, losses = carry
+            k_draw, k_order = jax.random.split(jax.random.fold_in(key, e))
+            x, y, valid = self.draw(k_draw, draw_data)
+            # the valid rows first, in a random order
+            order = jnp.argsort(jnp.where(valid, jax.random.uniform(k_order, valid.shape), 2.0))
+            lr = self.learning_rate(e)
 
+            def step(i, carry):
+                p, s, total = carry
+                rows = jax.lax.dynamic_slice_in_dim(order, i * batch, batch)
+                loss, grads = jax.value_and_grad(loss_fn)(p, x[rows], y[rows])
+                direction, s = self.direction.update(grads, s, p)
+                p = jax.tree_util.tree_map(lambda w, d: w - lr * d, p, direction)
+                return p, s, total + loss
+
+            p, s, total = jax.lax.fori_loop(0, steps, step, (p, s, jnp.zeros((), jnp.float32)))
+            return p, s, losses.at[e].set(total / steps)
+
+        carry = (params, self.direction.init(params), jnp.zeros((self.epochs,), jnp.float32))
+        params, _, losses = jax.lax.fori_loop(0, self.epochs, epoch, carry)
+        return params, losses
+
+
+def given_features(key: Array, data: Tuple[Array, Array, Array]) -> Tuple[Array, Array, Array]:
+    """A :class:`ClassifierFit` draw of real features: ``data`` = ``(features, labels,
+    valid)`` itself, every epoch (``valid`` marks the rows that are not padding)."""
+    del key
+    return data
+
+
+def sampled_features(num_per_component: int) -> Callable:
+    """A :class:`ClassifierFit` draw of ``num_per_component`` samples from each Gaussian of
+    :func:`gaussian_components` (``every_class=True``: the invalid ones are never used)."""
+    def draw(key, components):
+        x, y = sample_components(key, components, num_per_component)
+        return x, y, jnp.repeat(jnp.asarray(components["valid"]), num_per_component)
+    return draw

@@ -35,6 +35,7 @@ class _Totals:
         self.cache_hits = 0
         self.trace_seconds = 0.0
         self.by_function: Dict[str, int] = collections.Counter()
+        self.seconds_by_function: Dict[str, float] = collections.Counter()
         self.registered = False
 
     def on_duration(self, event: str, seconds: float, **kwargs) -> None:
@@ -42,7 +43,9 @@ class _Totals:
             if event == _BACKEND_COMPILE:
                 self.backend_events += 1
                 self.backend_seconds += seconds
-                self.by_function[str(kwargs.get("fun_name", "?"))] += 1
+                name = str(kwargs.get("fun_name", "?"))
+                self.by_function[name] += 1
+                self.seconds_by_function[name] += seconds
             elif event in (_TRACE, _LOWER):
                 self.trace_seconds += seconds
 
@@ -55,7 +58,8 @@ class _Totals:
         with self.lock:
             return {"backend_events": self.backend_events,
                     "backend_seconds": self.backend_seconds, "cache_hits": self.cache_hits,
-                    "trace_seconds": self.trace_seconds, "by_function": dict(self.by_function)}
+                    "trace_seconds": self.trace_seconds, "by_function": dict(self.by_function),
+                    "seconds_by_function": dict(self.seconds_by_function)}
 
 
 _TOTALS = _Totals()
@@ -79,16 +83,21 @@ class CompileMonitor:
         """``xla_compilations``: programs compiled by XLA (cache hits excluded);
         ``cache_hits``: programs read from the persistent cache; ``compile_seconds``: time in
         XLA compilation and cache reads; ``trace_seconds``: tracing and lowering to MLIR;
-        ``by_function``: compilations + hits per jitted function name."""
+        ``by_function``: compilations + hits per jitted function name;
+        ``seconds_by_function``: their compile (or cache-read) seconds."""
         now = _TOTALS.snapshot()
         hits = now["cache_hits"] - self.start["cache_hits"]
         by_function = {name: count - self.start["by_function"].get(name, 0)
                        for name, count in now["by_function"].items()}
+        seconds = {name: total - self.start["seconds_by_function"].get(name, 0.0)
+                   for name, total in now["seconds_by_function"].items()}
         return {"xla_compilations": now["backend_events"] - self.start["backend_events"] - hits,
                 "cache_hits": hits,
                 "compile_seconds": round(now["backend_seconds"] - self.start["backend_seconds"], 3),
                 "trace_seconds": round(now["trace_seconds"] - self.start["trace_seconds"], 3),
-                "by_function": {k: v for k, v in sorted(by_function.items()) if v}}
+                "by_function": {k: v for k, v in sorted(by_function.items()) if v},
+                "seconds_by_function": {k: round(seconds[k], 3)
+                                        for k, v in sorted(by_function.items()) if v}}
 
 
 def enable_persistent_cache(directory: Optional[str]) -> Optional[str]:

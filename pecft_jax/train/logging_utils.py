@@ -7,6 +7,21 @@ import sys
 from typing import Mapping, Optional
 
 
+def _import_summary_writer():
+    """``tensorboardX.SummaryWriter``, imported without PyTorch: tensorboardX imports torch
+    whenever it is installed, only to accept torch tensors (we log floats), and that costs
+    1.5-3 s of every start-up. A torch the process has already imported is left alone."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, for this import only
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
@@ -17,7 +32,7 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         try:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _import_summary_writer()
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         except ImportError:  # TensorBoard logging is optional; JSONL is always written
             self._tb = None
