@@ -16,6 +16,8 @@ import platform
 import subprocess
 import sys
 
+from pecft_jax.files import write_text_atomic
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -69,8 +71,7 @@ def main():
     footer = f"\ncommand: {' '.join(sys.argv)}\nmachine: {machine}"
     print(text + footer)
     os.makedirs(args.workdir_root, exist_ok=True)
-    with open(os.path.join(args.workdir_root, "table.md"), "w") as f:
-        f.write(text + "\n" + footer + "\n")
+    write_text_atomic(os.path.join(args.workdir_root, "table.md"), text + "\n" + footer + "\n")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = 200
     c.train.log_every_steps = 20
     c.train.prefetch = 2  # batches prepared ahead on the host (0 = off)
+    # a step with a non-finite loss or parameters: 'stop' the run (nothing diverged is
+    # checkpointed) or 'skip_step' (keep the step's inputs; results.json counts them)
+    c.train.on_nonfinite = "stop"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256

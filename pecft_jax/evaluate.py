@@ -17,6 +17,8 @@ from typing import Optional
 
 import ml_collections
 
+from pecft_jax.files import write_json_atomic
+
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
@@ -50,8 +52,7 @@ def evaluate_checkpoint(workdir: str, task: Optional[int] = None) -> dict:
     result = {"task": task, "class_il": row["class_il"], "task_il": row["task_il"],
               "recorded_class_il": recorded,
               "recorded_task_il": meta["task_il_accuracy_matrix"][task]}
-    with open(os.path.join(workdir, f"eval_task{task}.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json_atomic(os.path.join(workdir, f"eval_task{task}.json"), result, indent=1)
     return result
 
 

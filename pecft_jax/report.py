@@ -30,6 +30,11 @@ def format_results(results: Mapping) -> str:
     tm = results.get("task_il_metrics", {})
     if tm:
         parts.append("task-IL:  " + "  ".join(f"{k}={_fmt(v)}" for k, v in tm.items()))
+    skipped = results.get("skipped_nonfinite_steps", 0)
+    if skipped:
+        parts.append(f"WARNING: {skipped} of {results.get('train_steps', '?')} training steps "
+                     f"had a non-finite loss or parameters and were skipped "
+                     f"(train.on_nonfinite='skip_step')")
     secs = results.get("seconds_per_task", [])
     if secs:
         parts.append("seconds per task: " + " ".join(f"{s:.1f}" for s in secs))

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 from pecft_jax.data import pipeline
 from pecft_jax.evaluate import evaluate_checkpoint
 from pecft_jax.methods import TaskSpec, create_method
-from pecft_jax.train.checkpoint import CheckpointMismatch
+from pecft_jax.train.checkpoint import Checkpointer, CheckpointMismatch
 from pecft_jax.train.loop import train_and_evaluate
 
 from helpers import tiny_config
@@ -98,18 +99,35 @@ def test_interrupted_run_resumes_to_the_same_accuracy_matrix(l2p_run, tmp_path, 
             calls["n"] += 1
             if calls["n"] == 17:  # inside task 2 (about 7 steps per task), after a checkpoint
                 raise _Interrupted()
+            clock["offset"] += 100.0  # each batch "takes" 100 s of the loop's clock
             yield batch
 
+    clock, real_time = {"offset": 0.0}, time.time
     monkeypatch.setattr(pipeline, "train_batches", crashing_batches)
+    monkeypatch.setattr(time, "time", lambda: real_time() + clock["offset"])
     with pytest.raises(_Interrupted):
         train_and_evaluate(tiny_config(), workdir)
     monkeypatch.setattr(pipeline, "train_batches", real_batches)
+    monkeypatch.setattr(time, "time", real_time)
     steps = sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest")))
     assert steps, "a mid-task checkpoint should exist"
+    ckpt = Checkpointer(workdir)
+    _, step, meta = ckpt.latest()
+    ckpt.close()
+    assert not meta["task_done"] and meta["seconds_in_task"] >= 100.0
     resumed = train_and_evaluate(tiny_config(), workdir)
     assert_rows_close(resumed["accuracy_matrix"], uninterrupted["accuracy_matrix"], atol=1e-9)
     # the resumed process compiled its one train step once
     assert resumed["compilation"]["traces"]["train_step"] == 1
+    # the interrupted task's time includes what it spent before the crash
+    assert resumed["seconds_per_task"][meta["task"]] >= meta["seconds_in_task"]
+    # metrics.jsonl holds each record once: what was logged after the checkpoint was dropped
+    # and logged again (same steps, same values as the uninterrupted run's)
+    def records(path):
+        with open(os.path.join(path, "metrics.jsonl")) as f:
+            return [{k: v for k, v in json.loads(line).items() if k != "train/images_per_sec"}
+                    for line in f]
+    assert records(workdir) == records(l2p_run[0])
 
 
 def test_one_device_and_eight_devices_give_the_same_matrix(l2p_run, tmp_path):
@@ -209,7 +227,7 @@ def test_corrupt_checkpoint_fails_with_a_clear_error(l2p_run, tmp_path):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
-    with pytest.raises(CheckpointMismatch, match="corrupt or unreadable"):
+    with pytest.raises(CheckpointMismatch, match=r"tasks/4 .* is damaged: unreadable.*tasks/3"):
         evaluate_checkpoint(workdir, 4)
 
 

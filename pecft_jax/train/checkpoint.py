@@ -9,9 +9,16 @@ Each checkpoint holds two items: ``arrays`` (trainable pytree, method state, opt
 state, PRNG key; stored as one flat ``{path: array}`` dict so empty or nested trees of any
 shape survive a target-free restore) and ``meta`` (JSON: position in the run, accuracy
 matrices so far, backbone fingerprint, config hash).
+
+Integrity: ``meta`` carries a SHA-256 of every array (dtype, shape and bytes) and one of
+itself; both are checked when a checkpoint is read, so a damaged file is an error naming
+the checkpoint (and the one to fall back to), never a restore of wrong values.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 from typing import Any, Mapping, Optional
 
@@ -21,12 +28,29 @@ import orbax.checkpoint as ocp
 
 from pecft_jax.train.mesh import to_host
 
+log = logging.getLogger("pecft_jax")
 SEP = "/"
 _SENTINEL = "__checkpoint__"
 
 
 class CheckpointMismatch(ValueError):
     """A checkpoint does not belong to this run's backbone or config."""
+
+
+class CheckpointCorrupt(CheckpointMismatch):
+    """A checkpoint's files are damaged: unreadable, or their contents fail the checksums."""
+
+
+def array_digest(value: Any) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (hex)."""
+    array = np.ascontiguousarray(np.asarray(value))
+    h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def _meta_digest(meta: Mapping) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def flatten_tree(tree: Mapping, prefix: str = "") -> dict:
@@ -42,7 +66,8 @@ def flatten_tree(tree: Mapping, prefix: str = "") -> dict:
         path = f"{prefix}{SEP}{key}" if prefix else key
         if isinstance(value, Mapping):
             if not value:
-                flat[path + SEP] = np.zeros((0,), np.float32)  # marks an empty dict
+                # marks an empty dict (one element: orbax refuses zero-size arrays)
+                flat[path + SEP] = np.zeros((1,), np.int8)
             else:
                 flat.update(flatten_tree(value, path))
         else:
@@ -93,8 +118,12 @@ class Checkpointer:
              meta: Mapping) -> None:
         manager = self._tasks if task_end else self._latest
         arrays = self._pack(trainable, state, opt_state if not task_end else None, rng)
+        # the JSON round trip first, so the digest is of exactly what a reader gets back
+        meta = json.loads(json.dumps(dict(meta)))
+        meta["array_sha256"] = {key: array_digest(value) for key, value in arrays.items()}
+        meta["meta_sha256"] = _meta_digest(meta)
         manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                                   meta=ocp.args.JsonSave(dict(meta))))
+                                                   meta=ocp.args.JsonSave(meta)))
         manager.wait_until_finished()
 
     # ---------------------------------------------------------------- reading
@@ -122,11 +151,26 @@ class Checkpointer:
                                     f"available: {sorted(manager.all_steps())}")
         try:
             restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = dict(restored["meta"])
         except Exception as err:  # orbax raises several types for damaged files
-            raise CheckpointMismatch(f"checkpoint {kind}/{step} in {self.directory} is corrupt "
-                                     f"or unreadable ({err}); delete it to restart from the "
-                                     f"previous one") from err
-        return dict(restored["meta"])
+            raise self._corrupt(kind, step, f"unreadable ({type(err).__name__}: {err})") from err
+        expected = meta.pop("meta_sha256", None)
+        if expected is None:
+            # written before checksums existed: nothing to check it against
+            log.warning("checkpoint %s/%d in %s has no checksums", kind, step, self.directory)
+        elif _meta_digest(meta) != expected:
+            raise self._corrupt(kind, step, "its metadata fails its SHA-256")
+        return meta
+
+    def _corrupt(self, kind: str, step: int, what: str) -> CheckpointCorrupt:
+        """The error for a damaged checkpoint, naming the one a run would fall back to."""
+        earlier = sorted(s for s in self._tasks.all_steps() if kind == "latest" or s < step)
+        fallback = (f"the run then resumes from tasks/{earlier[-1]}" if earlier
+                    else "the run then starts from the beginning")
+        path = os.path.join(self.directory, kind, str(step))
+        return CheckpointCorrupt(f"checkpoint {kind}/{step} in {self.directory} is damaged: "
+                                 f"{what}. Delete {path} to go back to the previous "
+                                 f"checkpoint ({fallback}).")
 
     def restore(self, kind: str, step: int, opt_state_target: Any = None) -> dict:
         """Returns dict(trainable, state, opt_state, rng, meta).
@@ -135,14 +179,21 @@ class Checkpointer:
         trainable tree; its structure tells how to rebuild the saved leaves. Without it (and
         for task-end checkpoints, which hold none) ``opt_state`` is None."""
         manager = self._tasks if kind == "tasks" else self._latest
+        meta = self.read_meta(kind, step)  # checks the metadata's own digest
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
         except Exception as err:
-            raise CheckpointMismatch(f"checkpoint {kind}/{step} in {self.directory} is corrupt "
-                                     f"or unreadable ({err}); delete it to restart from the "
-                                     f"previous one") from err
+            raise self._corrupt(kind, step, f"unreadable ({type(err).__name__}: {err})") from err
         arrays = {k: np.asarray(v) for k, v in restored["arrays"].items()}
+        digests = meta.pop("array_sha256", None)
+        if digests is not None:
+            if set(digests) != set(arrays):
+                odd = sorted(set(arrays) ^ set(digests))[:3]
+                raise self._corrupt(kind, step, f"its arrays and the checksum list differ ({odd})")
+            bad = [key for key, value in arrays.items() if array_digest(value) != digests[key]]
+            if bad:
+                raise self._corrupt(kind, step, f"array(s) {bad[:3]} fail their SHA-256")
         groups: dict = {"trainable": {}, "state": {}, "opt_state": {}}
         for key, value in arrays.items():
             head, _, rest = key.partition(SEP)
@@ -163,7 +214,7 @@ class Checkpointer:
                 "state": unflatten_tree(groups["state"]),
                 "opt_state": opt_state,
                 "rng": jax.random.wrap_key_data(arrays["rng"]),
-                "meta": dict(restored["meta"])}
+                "meta": meta}
 
     def close(self) -> None:
         self._tasks.close()

@@ -6,6 +6,8 @@ import os
 import sys
 from typing import Mapping, Optional
 
+from pecft_jax.files import write_text_atomic
+
 
 def _import_summary_writer():
     """``tensorboardX.SummaryWriter``, imported without PyTorch: tensorboardX imports torch
@@ -36,6 +38,31 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         except ImportError:  # TensorBoard logging is optional; JSONL is always written
             self._tb = None
+
+    def discard_after(self, step: int) -> int:
+        """Drops the ``metrics.jsonl`` records past global step ``step`` (and a line torn by a
+        crash): what a run resumed from a checkpoint at ``step`` will write again. Returns
+        the number of records dropped. (TensorBoard event files are append-only; a viewer
+        shows the re-run steps' latest values.)"""
+        if not self.enabled:
+            return 0
+        path = self._jsonl.name
+        self._jsonl.close()
+        kept, dropped = [], 0
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    dropped += 1
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(json.dumps(record) + "\n")
+                else:
+                    dropped += 1
+        write_text_atomic(path, "".join(kept))
+        self._jsonl = open(path, "a")
+        return dropped
 
     def write(self, step: int, scalars: Mapping[str, float], task: Optional[int] = None) -> None:
         if not self.enabled:

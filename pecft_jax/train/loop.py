@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -31,6 +32,7 @@ from pecft_jax import metrics as metrics_lib
 from pecft_jax.backbones.backbone import load_backbone
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import pipeline, scenarios
+from pecft_jax.files import write_json_atomic, write_text_atomic
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
 from pecft_jax.methods.base import merge_state
 from pecft_jax.methods.common import FROZEN_QUERY
@@ -43,9 +45,11 @@ from pecft_jax.train.feature_cache import FrozenQueryCache, with_queries
 from pecft_jax.train.logging_utils import MetricWriter, progress
 
 log = logging.getLogger("pecft_jax")
+Array = jax.Array
 
 # Config keys that may change between a run and its resumption.
 _RESUMABLE_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "train.prefetch",
+                   "train.on_nonfinite",
                    "progress_bar", "compilation_cache_dir", "feature_cache.enabled",
                    "feature_cache.max_bytes",
                    "eval.batch_size", "num_devices", "distributed")
@@ -62,8 +66,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         trainer.close()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=_json_default)
+        write_json_atomic(os.path.join(workdir, "results.json"), results, indent=1,
+                          default=_json_default)
     return results
 
 
@@ -77,6 +81,8 @@ class RunState:
     extra_rows: Dict[str, List[List[float]]]
     seconds_per_task: List[float]
     global_step: int = 0
+    task_started: float = 0.0  # wall clock of the current task's start (resumes included)
+    skipped_steps: int = 0  # steps skipped for a non-finite loss (train.on_nonfinite)
 
 
 @dataclasses.dataclass
@@ -88,6 +94,7 @@ class Position:
     step: int = 0
     opt_state: Any = None
     inside: bool = False
+    seconds_in_task: float = 0.0  # spent on the task before the checkpoint resumed from
 
 
 class ContinualTrainer:
@@ -101,6 +108,7 @@ class ContinualTrainer:
         compilation.enable_persistent_cache(
             config.get("compilation_cache_dir", compilation.DEFAULT_CACHE_DIR))
         self.lr_mults = partition.parse_lr_mults(config.train.get("lr_mults", ()))
+        self.on_nonfinite = config.train.get("on_nonfinite", "stop")
         if config.get("distributed", False):
             mesh_lib.initialise_distributed()
         self.mesh = mesh_lib.make_mesh(config.get("num_devices", None))
@@ -143,8 +151,8 @@ class ContinualTrainer:
     def run(self) -> dict:
         run, position = self.restore_or_init()
         if jax.process_index() == 0:  # after the resume checks: `evaluate` rebuilds from it
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(self.config.to_json(indent=1))
+            write_text_atomic(os.path.join(self.workdir, "config.json"),
+                              self.config.to_json(indent=1))
         for t in range(position.task, len(self.tasks)):
             self.learn_task(run, t, position if t == position.task else Position(t))
         return self.results(run)
@@ -153,7 +161,7 @@ class ContinualTrainer:
         """before_task -> gradient steps -> after_task -> evaluation -> checkpoint."""
         spec, task = self.task_spec(t), self.tasks[t]
         task_rng = jax.random.fold_in(self.base_rng, t)
-        started = time.time()
+        run.task_started = time.time() - (position.seconds_in_task if position.inside else 0.0)
         epochs = self.epochs(spec)
         steps = self.steps_in_task(task, epochs) if epochs else 0
         queries = self.training_queries(task, epochs)
@@ -166,9 +174,15 @@ class ContinualTrainer:
                        queries)
         run.trainable, run.state = self.method.after_task(
             spec, run.trainable, run.state, self.frozen, data, jax.random.fold_in(task_rng, 2))
+        bad = nonfinite_leaves({"trainable": run.trainable, "state": run.state})
+        if bad:
+            raise NonFiniteError(
+                f"task {t} (0-based) ended with non-finite values in {bad[:3]} after its "
+                f"after_task; nothing of it was checkpointed (the last checkpoint stays the "
+                f"last good one). Check the method's statistics and hyper-parameters.")
         if self.query_cache is not None:
             self.query_cache.drop(f"train/{task.index}")
-        run.seconds_per_task.append(time.time() - started)
+        run.seconds_per_task.append(time.time() - run.task_started)
         self.record(run, t, self.evaluate(run, t))
         self.checkpointer.save(task_end=True, step=t, trainable=run.trainable, state=run.state,
                                opt_state=None, rng=self.base_rng,
@@ -197,8 +211,11 @@ class ContinualTrainer:
             return RunState(trainable, state, [], [], {}, []), Position()
         kind, ckpt_step, meta = resume
         self.check_meta(meta)
+        # what the crashed run logged after this checkpoint is logged again from here
+        self.writer.discard_after(meta["global_step"])
         run = RunState(None, None, meta["accuracy_matrix"], meta["task_il_accuracy_matrix"],
-                       meta.get("extra_rows", {}), meta["seconds_per_task"], meta["global_step"])
+                       meta.get("extra_rows", {}), meta["seconds_per_task"], meta["global_step"],
+                       skipped_steps=int(meta.get("skipped_nonfinite_steps", 0)))
         if kind == "tasks":
             restored = self.checkpointer.restore(kind, ckpt_step)
             position = Position(meta["task"] + 1)
@@ -213,7 +230,8 @@ class ContinualTrainer:
             restored = self.checkpointer.restore(kind, ckpt_step, opt_state_target=target)
             opt_state = restored["opt_state"]  # None when the optimizer keeps no arrays
             position = Position(t, meta["step_in_task"],
-                                target if opt_state is None else opt_state, inside=True)
+                                target if opt_state is None else opt_state, inside=True,
+                                seconds_in_task=float(meta.get("seconds_in_task", 0.0)))
         run.trainable, run.state = restored["trainable"], restored["state"]
         log.info("resuming from checkpoint %s/%d (task %d, step %d)", kind, ckpt_step,
                  position.task, position.step)
@@ -239,6 +257,7 @@ class ContinualTrainer:
         bar = progress(total=steps, initial=position.step, desc=f"task {t + 1}/{len(self.tasks)}",
                        enabled=self.config.get("progress_bar", True) and jax.process_index() == 0)
         step, tick, images_seen = position.step, time.time(), 0
+        health = mesh_lib.replicate(np.array([-1, run.skipped_steps], np.int32), self.mesh)
         data_seed = int(np.random.SeedSequence([self.config.seed, t]).generate_state(1)[0])
         while step < steps:
             epoch, offset = divmod(step, per_epoch)
@@ -250,12 +269,14 @@ class ContinualTrainer:
             # host-side reading/augmentation overlaps the device steps
             for local in pipeline.prefetch(batches, int(self.config.train.get("prefetch", 2))):
                 batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
-                trainable, state, opt_state, metrics = train_step(
-                    trainable, state, opt_state, self.frozen, batch, rng, np.int32(step), task_arg)
+                trainable, state, opt_state, metrics, health = train_step(
+                    trainable, state, opt_state, self.frozen, batch, rng, np.int32(step), task_arg,
+                    health)
                 step += 1
                 run.global_step += 1
                 images_seen += self.batch_size
                 if step % log_every == 0 or step == steps:
+                    self._check_health(run, t, health)
                     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     host["images_per_sec"] = images_seen / max(time.time() - tick, 1e-9)
                     tick, images_seen = time.time(), 0
@@ -264,6 +285,7 @@ class ContinualTrainer:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in host.items()})
                 bar.update(1)
                 if every and step % every == 0 and step < steps:
+                    self._check_health(run, t, health)  # never a checkpoint of diverged values
                     self.checkpointer.save(task_end=False, step=run.global_step,
                                            trainable=trainable,
                                            state=merge_state(run.state, state),
@@ -272,6 +294,7 @@ class ContinualTrainer:
                 if step >= steps:
                     break
         bar.close()
+        self._check_health(run, t, health)
         run.trainable = mesh_lib.to_host(trainable)
         run.state = merge_state(run.state, mesh_lib.to_host(state))
 
@@ -279,24 +302,29 @@ class ContinualTrainer:
                             epochs: int, steps: int) -> Callable:
         """The jitted ``method.update`` for this task, shared by every task that has the same
         optimizer labels and schedule (the task index is an input, see :meth:`traced_task`).
-        Its signature: ``(trainable, state, opt_state, frozen, batch, task_rng, step, task)``;
-        the step's key is ``fold_in(task_rng, step)``, derived on the device (an eager
-        ``fold_in`` on the host would wait for the previous step)."""
+        Its signature: ``(trainable, state, opt_state, frozen, batch, task_rng, step, task,
+        health) -> (trainable, state, opt_state, metrics, health)``; the step's key is
+        ``fold_in(task_rng, step)``, derived on the device (an eager ``fold_in`` on the host
+        would wait for the previous step); ``health`` is :func:`guard_nonfinite`'s record."""
         labels, structure = jax.tree_util.tree_flatten(optimizer.labels)
         key = ("train", self._task_key(spec), tuple(labels), structure,
                schedule_lengths(self.config.train, steps, steps // max(1, epochs)))
         if key not in self._compiled:
             method = self.method
 
-            def train_step(trainable, state, opt_state, frozen, batch, task_rng, step, task):
+            skip = self.on_nonfinite == "skip_step"
+
+            def train_step(trainable, state, opt_state, frozen, batch, task_rng, step, task,
+                           health):
                 self._count_trace("train_step", task)
-                return method.update(trainable, state, opt_state, frozen, batch,
-                                     jax.random.fold_in(task_rng, step), task, optimizer)
+                new = method.update(trainable, state, opt_state, frozen, batch,
+                                    jax.random.fold_in(task_rng, step), task, optimizer)
+                return guard_nonfinite(new, (trainable, state, opt_state), step, health, skip)
 
             replicated = mesh_lib.replicated(self.mesh)
             self._compiled[key] = jax.jit(
                 train_step, donate_argnums=(0, 1, 2), static_argnums=self._task_argnums(7),
-                out_shardings=(replicated, replicated, replicated, replicated))
+                out_shardings=(replicated,) * 5)
         return self._compiled[key]
 
     def traced_task(self, spec: TaskSpec) -> TaskSpec:
@@ -432,6 +460,7 @@ class ContinualTrainer:
                "metrics": summary, "task_il_metrics": task_summary,
                "trainable_params": int(self.method.count_trainable(run.trainable, run.state)),
                "seconds_per_task": run.seconds_per_task, "train_steps": run.global_step,
+               "skipped_nonfinite_steps": run.skipped_steps,
                "backbone": {"name": self.backbone.config.name, "fingerprint": self.fingerprint},
                "config": self.config.to_dict()}
         for key, rows in run.extra_rows.items():
@@ -530,11 +559,27 @@ class ContinualTrainer:
             name = f"{name}/{task.index}"
         self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
 
+    def _check_health(self, run: RunState, t: int, health: Any) -> None:
+        """Reads the steps' :func:`guard_nonfinite` record: under ``on_nonfinite='stop'`` a
+        non-finite step stops the run (before anything of it is checkpointed); under
+        ``'skip_step'`` the count of skipped steps goes to the run's results."""
+        first, skipped = (int(v) for v in jax.device_get(health))
+        run.skipped_steps = skipped
+        if first >= 0:
+            raise NonFiniteError(
+                f"non-finite loss or parameters at task {t} (0-based), step {first} of the "
+                f"task; the run stops and nothing after the last checkpoint is saved (resume "
+                f"restarts from it). Lower train.learning_rate, set train.grad_clip_norm, or "
+                f"set train.on_nonfinite='skip_step' to skip such steps.")
+
     def _meta(self, run: RunState, task: int, step_in_task: int, task_done: bool) -> dict:
         return {"task": task, "step_in_task": step_in_task, "task_done": task_done,
                 "global_step": run.global_step, "accuracy_matrix": run.accuracy_matrix,
                 "task_il_accuracy_matrix": run.task_il_matrix, "extra_rows": run.extra_rows,
-                "seconds_per_task": run.seconds_per_task, "train_steps": run.global_step, "fingerprint": self.fingerprint,
+                "seconds_per_task": run.seconds_per_task,
+                "seconds_in_task": 0.0 if task_done else time.time() - run.task_started,
+                "skipped_nonfinite_steps": run.skipped_steps,
+                "train_steps": run.global_step, "fingerprint": self.fingerprint,
                 "config_hash": self.config_hash, "method": self.method.name}
 
     def check_meta(self, meta: dict) -> None:
@@ -558,6 +603,43 @@ class ContinualTrainer:
 
 
 # =========================================================================== pieces
+class NonFiniteError(FloatingPointError):
+    """A training step or a method's after-task work produced NaN or infinite values."""
+
+
+def _all_finite(tree: Any) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def guard_nonfinite(new: tuple, old: tuple, step: Array, health: Array, skip: bool) -> tuple:
+    """The train step's guard against divergence, on the device (no host sync per step).
+
+    ``new`` = ``(trainable, state, opt_state, metrics)`` after the update, ``old`` the
+    inputs; the step is healthy when its loss and every new parameter are finite.
+    ``health`` = ``[first unhealthy step or -1, steps skipped so far]``. With ``skip`` an
+    unhealthy step keeps ``old`` (and counts as skipped); without, it is recorded and the
+    loop stops the run at its next check (:meth:`ContinualTrainer._check_health`).
+    """
+    trainable, state, opt_state, metrics = new
+    healthy = jnp.isfinite(metrics["loss"]) & _all_finite(trainable)
+    first = jnp.where((health[0] < 0) & ~healthy & (not skip), step, health[0])
+    skipped = health[1] + (~healthy).astype(jnp.int32) if skip else health[1]
+    if skip:
+        trainable, state, opt_state = jax.tree_util.tree_map(
+            lambda n, o: jnp.where(healthy, n, o), (trainable, state, opt_state), old)
+    return trainable, state, opt_state, metrics, jnp.stack([first, skipped]).astype(jnp.int32)
+
+
+def nonfinite_leaves(tree: Any) -> List[str]:
+    """Paths of the floating-point leaves (host or device) holding NaN or inf."""
+    return [jax.tree_util.keystr(path) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(tree)[0]
+            if np.issubdtype(np.asarray(leaf).dtype, np.inexact)
+            and not np.all(np.isfinite(np.asarray(leaf)))]
+
+
 def schedule_lengths(train_cfg: ml_collections.ConfigDict, total_steps: int,
                      steps_per_epoch: int = 1) -> tuple:
     """The task lengths ``train.schedule`` is built from (and so bakes into a compiled
@@ -624,6 +706,13 @@ def _check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise ValueError(f"train.epochs must be an int >= 0 (0 = no gradient steps), got "
                          f"{epochs!r}")
+    lr = train_cfg.learning_rate
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not np.isfinite(lr) or lr < 0:
+        raise ValueError(f"train.learning_rate must be a finite number >= 0, got {lr!r}; set "
+                         f"--config.train.learning_rate")
+    mode = train_cfg.get("on_nonfinite", "stop")
+    if mode not in ("stop", "skip_step"):
+        raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip_step', got {mode!r}")
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

@@ -1,0 +1,32 @@
+"""Files a run writes for people and for later runs: written whole or not at all."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a crash at any moment leaves either the previous
+    file or the new one, never a truncated mix: a temporary file in the same directory,
+    flushed to disk, then renamed over ``path`` (``os.replace`` is atomic on POSIX)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, value: Any, **dump_options) -> None:
+    """:func:`write_text_atomic` of ``json.dumps(value, **dump_options)``."""
+    write_text_atomic(path, json.dumps(value, **dump_options))

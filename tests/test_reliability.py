@@ -1,0 +1,227 @@
+"""No silent wrong results: damaged checkpoints, diverged training, torn files."""
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from pecft_jax import files
+from pecft_jax.report import format_results
+from pecft_jax.train.checkpoint import (Checkpointer, CheckpointCorrupt, CheckpointMismatch,
+                                        _meta_digest)
+from pecft_jax.train.loop import NonFiniteError, guard_nonfinite, train_and_evaluate
+
+from helpers import tiny_config
+
+
+# ------------------------------------------------------------------------- atomic files
+def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = str(tmp_path / "results.json")
+    files.write_json_atomic(path, {"a": 1})
+    assert open(path).read() == '{"a": 1}'
+
+    def crash(src, dst):
+        raise KeyboardInterrupt  # a kill between writing and renaming
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_json_atomic(path, {"a": 2, "long": "x" * 10_000})
+    assert open(path).read() == '{"a": 1}'  # the previous good file, whole
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
+# ---------------------------------------------------------------- checkpoint integrity
+def _trees(seed=0):
+    rng = np.random.default_rng(seed)
+    trainable = {"prompts": rng.standard_normal((4, 3, 8)).astype(np.float32),
+                 "head": {"kernel": rng.standard_normal((8, 5)).astype(np.float32),
+                          "bias": np.zeros(5, np.float32)}}
+    state = {"counts": np.arange(4, dtype=np.float32), "empty": {}}
+    return trainable, state
+
+
+def _save_both_kinds(workdir):
+    """A task-end checkpoint (tasks/0) and a mid-task one with an optimizer state
+    (latest/7); returns what a reader must get back from each."""
+    import optax
+    trainable, state = _trees()
+    opt = optax.adam(0.1)
+    opt_state = opt.init(trainable)
+    ckpt = Checkpointer(workdir)
+    meta = {"task": 0, "global_step": 5, "accuracy_matrix": [[50.0]]}
+    ckpt.save(task_end=True, step=0, trainable=trainable, state=state, opt_state=None,
+              rng=jax.random.key(1), meta=meta)
+    ckpt.save(task_end=False, step=7, trainable=trainable, state=state, opt_state=opt_state,
+              rng=jax.random.key(2), meta=dict(meta, global_step=7))
+    ckpt.close()
+    return opt.init(trainable)
+
+
+def _restore(workdir, kind, step, target):
+    ckpt = Checkpointer(workdir)
+    try:
+        out = ckpt.restore(kind, step, opt_state_target=target if kind == "latest" else None)
+    finally:
+        ckpt.close()
+    return out
+
+
+def _flat(out):
+    leaves = jax.tree_util.tree_leaves_with_path(
+        {k: out[k] for k in ("trainable", "state", "opt_state")})
+    return ({jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves},
+            np.asarray(jax.random.key_data(out["rng"])), out["meta"])
+
+
+def _damage(path, how):
+    data = bytearray(open(path, "rb").read())
+    if how == "flip" and data:
+        for i in (len(data) // 3, len(data) // 2, len(data) - 1):  # three bits
+            data[i] ^= 0x10
+    elif how == "truncate":
+        data = data[:len(data) // 2]
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_every_damaged_checkpoint_file_is_an_error_or_restores_exactly(tmp_path, how):
+    """Damage one file of a checkpoint at a time (every file of both kinds): reading it
+    back either raises a clear error or returns exactly what was saved -- never other
+    values."""
+    clean = str(tmp_path / "clean")
+    target = _save_both_kinds(clean)
+    errors = 0
+    for kind, step in (("tasks", 0), ("latest", 7)):
+        want = _flat(_restore(clean, kind, step, target))
+        root = os.path.join(clean, "checkpoints", kind, str(step))
+        paths = sorted(os.path.relpath(os.path.join(d, n), root)
+                       for d, _, names in os.walk(root) for n in names)
+        assert paths
+        for rel in paths:
+            work = str(tmp_path / "work")
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(clean, work)
+            _damage(os.path.join(work, "checkpoints", kind, str(step), rel), how)
+            try:
+                got = _flat(_restore(work, kind, step, target))
+            except CheckpointMismatch as err:
+                assert f"{kind}/{step}" in str(err) and "damaged" in str(err)
+                errors += 1
+                continue
+            assert sorted(got[0]) == sorted(want[0]), rel
+            for key in want[0]:
+                np.testing.assert_array_equal(got[0][key], want[0][key], err_msg=rel)
+            np.testing.assert_array_equal(got[1], want[1])
+            assert got[2] == want[2], rel
+    assert errors > 0
+
+
+def test_silently_changed_array_values_fail_their_checksum(tmp_path):
+    """A storage fault that still decodes (other values under the same file names) is
+    caught by the SHA-256 in the metadata, and the error offers the previous checkpoint."""
+    workdir = str(tmp_path)
+    _save_both_kinds(workdir)
+    ckpt = Checkpointer(workdir)
+    trainable, state = _trees()
+    ckpt.save(task_end=True, step=1, trainable=trainable, state=state, opt_state=None,
+              rng=jax.random.key(1), meta={"task": 1, "global_step": 9})
+    meta = ckpt.read_meta("tasks", 1)
+    arrays = ckpt._pack(trainable, state, None, jax.random.key(1))
+    arrays["trainable/prompts"] = arrays["trainable/prompts"].copy()
+    arrays["trainable/prompts"][0, 0, 0] = np.float32(1e38)  # one flipped exponent bit's worth
+    meta_with_digest = dict(meta)
+    meta_with_digest["meta_sha256"] = _meta_digest(meta)
+    manager = ckpt._tasks
+    manager.delete(1)
+    manager.save(1, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                            meta=ocp.args.JsonSave(meta_with_digest)))
+    manager.wait_until_finished()
+    with pytest.raises(CheckpointCorrupt, match=r"tasks/1 .*trainable/prompts.*SHA-256.*tasks/0"):
+        ckpt.restore("tasks", 1)
+    ckpt.close()
+
+
+def test_damaged_metadata_values_are_caught(tmp_path):
+    workdir = str(tmp_path)
+    _save_both_kinds(workdir)
+    ckpt = Checkpointer(workdir)
+    meta = ckpt.read_meta("tasks", 0)
+    meta["accuracy_matrix"] = [[51.0]]  # a digit changed on disk, still valid JSON
+    meta["meta_sha256"] = "0" * 64
+    ckpt._tasks.delete(0)
+    arrays = ckpt._pack(*_trees(), None, jax.random.key(1))
+    ckpt._tasks.save(0, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                                meta=ocp.args.JsonSave(meta)))
+    ckpt._tasks.wait_until_finished()
+    with pytest.raises(CheckpointCorrupt, match="metadata fails its SHA-256"):
+        ckpt.latest()
+    ckpt.close()
+
+
+# ------------------------------------------------------------------- non-finite values
+def test_guard_keeps_or_records_a_non_finite_step():
+    old = ({"w": jnp.ones(3)}, {"s": jnp.zeros(2)}, {"m": jnp.zeros(3)})
+    bad = ({"w": jnp.array([1.0, jnp.nan, 2.0])}, {"s": jnp.ones(2)}, {"m": jnp.ones(3)},
+           {"loss": jnp.float32(0.5)})
+    good = ({"w": jnp.full(3, 2.0)}, {"s": jnp.ones(2)}, {"m": jnp.ones(3)},
+            {"loss": jnp.float32(0.5)})
+    health = jnp.array([-1, 0], jnp.int32)
+    guard = jax.jit(guard_nonfinite, static_argnums=4)
+    # skip: the step's inputs are kept and counted
+    out = guard(bad, old, jnp.int32(4), health, True)
+    np.testing.assert_array_equal(out[0]["w"], 1.0)
+    np.testing.assert_array_equal(out[1]["s"], 0.0)
+    assert out[4].tolist() == [-1, 1]
+    out = guard(good, old, jnp.int32(5), out[4], True)
+    np.testing.assert_array_equal(out[0]["w"], 2.0)
+    assert out[4].tolist() == [-1, 1]
+    # stop: the first unhealthy step is recorded (and kept: later steps do not overwrite it)
+    out = guard(good, old, jnp.int32(2), health, False)
+    assert out[4].tolist() == [-1, 0]
+    out = guard(bad, old, jnp.int32(3), out[4], False)
+    assert out[4].tolist() == [3, 0]
+    nan_loss = good[:3] + ({"loss": jnp.float32(jnp.inf)},)
+    assert guard(nan_loss, old, jnp.int32(9), out[4], False)[4].tolist() == [3, 0]
+
+
+def _diverging_config():
+    c = tiny_config()
+    c.scenario.num_tasks = 2
+    c.train.optimizer = "sgd"
+    c.train.learning_rate = 1e39  # finite, but inf in float32: every step overflows
+    c.train.checkpoint_every_steps = 0
+    return c
+
+
+def test_a_diverging_run_stops_naming_task_and_step_and_saves_nothing(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"task 0 \(0-based\), step 0 .*on_nonfinite"):
+        train_and_evaluate(_diverging_config(), str(tmp_path))
+    assert not os.path.exists(tmp_path / "results.json")
+    ckpt = Checkpointer(str(tmp_path))
+    assert ckpt.latest() is None  # nothing diverged was checkpointed
+    ckpt.close()
+
+
+def test_skip_step_keeps_the_parameters_and_says_so_loudly(tmp_path):
+    c = _diverging_config()
+    c.train.on_nonfinite = "skip_step"
+    results = train_and_evaluate(c, str(tmp_path))
+    assert results["skipped_nonfinite_steps"] == results["train_steps"] > 0
+    ckpt = Checkpointer(str(tmp_path))
+    last = ckpt.restore("tasks", 1)
+    ckpt.close()
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(last["trainable"]))
+    assert "WARNING" in format_results(results) and "skipped" in format_results(results)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.1])
+def test_a_non_finite_or_negative_learning_rate_is_refused_before_anything_runs(tmp_path, value):
+    c = tiny_config()
+    c.train.learning_rate = value
+    with pytest.raises(ValueError, match="train.learning_rate must be a finite number"):
+        train_and_evaluate(c, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")
