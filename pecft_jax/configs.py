@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import importlib.util
+import math
 import os
 import typing
 from typing import Optional
@@ -98,6 +99,51 @@ def base_config() -> ml_collections.ConfigDict:
     c.method = ml_collections.ConfigDict()
     c.method.name = "l2p"
     return c
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+# (field, test, what it must be) -- checked before a run builds anything
+_RANGES = (
+    ("seed", lambda v: _is_int(v) and 0 <= v < 2 ** 32, "an int in [0, 2**32)"),
+    ("scenario.num_tasks", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("train.epochs", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = no gradient steps)"),
+    ("train.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("eval.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("train.learning_rate", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    ("train.warmup_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    ("train.momentum", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("train.weight_decay", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    ("train.grad_clip_norm", lambda v: v is None or (_is_number(v) and v > 0),
+     "None (off) or a number > 0"),
+    ("train.checkpoint_every_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = off)"),
+    ("train.log_every_steps", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("train.prefetch", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = off)"),
+    ("train.on_nonfinite", lambda v: v in ("stop", "skip_step"), "'stop' or 'skip_step'"),
+    ("feature_cache.max_bytes", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+)
+
+
+def check_run_config(config: ml_collections.ConfigDict) -> None:
+    """Range-checks the run's numeric and choice fields (those present), so a bad value is
+    a ``ValueError`` naming the field and the fix before anything is loaded or compiled."""
+    for path, ok, what in _RANGES:
+        node, present = config, True
+        for part in path.split("."):
+            if part not in node:
+                present = False
+                break
+            node = node[part]
+        if present and not ok(node):
+            raise ValueError(f"config {path} must be {what}, got {node!r}; set "
+                             f"--config.{path}=...")
 
 
 BENCHMARKS = ("split_mnist", "cifar100", "imagenet_r", "5datasets", "domain_mnist")

@@ -225,3 +225,24 @@ def test_a_non_finite_or_negative_learning_rate_is_refused_before_anything_runs(
     with pytest.raises(ValueError, match="train.learning_rate must be a finite number"):
         train_and_evaluate(c, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("seed", -1), ("train.log_every_steps", 0), ("scenario.num_tasks", 0), ("train.epochs", -1),
+    ("train.batch_size", 0), ("eval.batch_size", -8), ("train.learning_rate", float("nan")),
+    ("train.momentum", 1.5), ("train.weight_decay", -1e-4), ("train.grad_clip_norm", -1.0),
+    ("train.checkpoint_every_steps", -5), ("train.on_nonfinite", "ignore")])
+def test_bad_values_are_refused_naming_the_field_before_anything_runs(tmp_path, field, value):
+    c = tiny_config()
+    section, _, key = field.rpartition(".")
+    (c[section] if section else c)[key] = value
+    with pytest.raises(ValueError, match=rf"config {field} must be .*--config\.{field}="):
+        train_and_evaluate(c, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_an_eval_batch_that_does_not_split_over_the_devices_names_the_field(tmp_path):
+    c = tiny_config()
+    c.eval.batch_size = 12  # 8 simulated devices
+    with pytest.raises(ValueError, match=r"eval.batch_size 12 .* 8 devices.*--config.eval.batch_size"):
+        train_and_evaluate(c, str(tmp_path))

@@ -32,6 +32,7 @@ from pecft_jax import metrics as metrics_lib
 from pecft_jax.backbones.backbone import load_backbone
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import pipeline, scenarios
+from pecft_jax.configs import check_run_config
 from pecft_jax.files import write_json_atomic, write_text_atomic
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
 from pecft_jax.methods.base import merge_state
@@ -104,7 +105,7 @@ class ContinualTrainer:
                  write_metrics: bool = True):
         self.config = config
         self.workdir = workdir
-        _check_train_config(config.train)
+        check_run_config(config)
         compilation.enable_persistent_cache(
             config.get("compilation_cache_dir", compilation.DEFAULT_CACHE_DIR))
         self.lr_mults = partition.parse_lr_mults(config.train.get("lr_mults", ()))
@@ -113,9 +114,9 @@ class ContinualTrainer:
             mesh_lib.initialise_distributed()
         self.mesh = mesh_lib.make_mesh(config.get("num_devices", None))
         self.batch_size = config.train.batch_size
-        mesh_lib.check_batch_size(self.batch_size, self.mesh)
+        mesh_lib.check_batch_size(self.batch_size, self.mesh, "train.batch_size")
         self.eval_batch_size = config.get("eval", {}).get("batch_size", self.batch_size)
-        mesh_lib.check_batch_size(self.eval_batch_size, self.mesh)
+        mesh_lib.check_batch_size(self.eval_batch_size, self.mesh, "eval.batch_size")
         bcfg = config.backbone
         self.backbone, frozen = load_backbone(
             bcfg.checkpoint, image_size=bcfg.get("image_size", None),
@@ -699,20 +700,6 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
         opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
     clip = train_cfg.get("grad_clip_norm", None)
     return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
-
-
-def _check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
-    epochs = train_cfg.epochs
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
-        raise ValueError(f"train.epochs must be an int >= 0 (0 = no gradient steps), got "
-                         f"{epochs!r}")
-    lr = train_cfg.learning_rate
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not np.isfinite(lr) or lr < 0:
-        raise ValueError(f"train.learning_rate must be a finite number >= 0, got {lr!r}; set "
-                         f"--config.train.learning_rate")
-    mode = train_cfg.get("on_nonfinite", "stop")
-    if mode not in ("stop", "skip_step"):
-        raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip_step', got {mode!r}")
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

@@ -51,14 +51,17 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "batch size") -> None:
+    """``global_batch_size`` splits evenly over the mesh's devices and hosts; ``field``
+    names the config field in the error (e.g. ``'eval.batch_size'``)."""
     devices = mesh.devices.size
+    where = f" (--config.{field})" if "." in field else ""
     if global_batch_size % devices:
-        raise ValueError(f"batch size {global_batch_size} is not divisible by the {devices} "
-                         f"devices of the mesh; choose a multiple of {devices}")
+        raise ValueError(f"{field} {global_batch_size} is not divisible by the {devices} "
+                         f"devices of the mesh; choose a multiple of {devices}{where}")
     if global_batch_size % jax.process_count():
-        raise ValueError(f"batch size {global_batch_size} is not divisible by the "
-                         f"{jax.process_count()} hosts")
+        raise ValueError(f"{field} {global_batch_size} is not divisible by the "
+                         f"{jax.process_count()} hosts{where}")
 
 
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
