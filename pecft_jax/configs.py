@@ -42,7 +42,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.feature_cache.enabled = True
     c.feature_cache.max_bytes = 2 ** 31  # beyond this, queries are recomputed in the steps
     c.num_devices = ml_collections.FieldReference(None, field_type=int)  # None = all local
-    c.distributed = False  # call jax.distributed.initialize (multi-host jobs)
+    # Multi-process (multi-host) runs: `enabled`, or a coordinator address, makes every
+    # process call jax.distributed.initialize; without the three addresses JAX reads the
+    # cluster (SLURM, TPU VMs, Open MPI, JAX_COORDINATOR_ADDRESS); JAX_NUM_PROCESSES and
+    # JAX_PROCESS_ID fill in unset counts. A peer silent for heartbeat_timeout_seconds
+    # fails the others.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+    c.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
+    c.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
+    c.distributed.heartbeat_timeout_seconds = 10
 
     c.backbone = ml_collections.ConfigDict()
     c.backbone.checkpoint = "demo"  # path, 'demo', or 'random:<ViT name>'
@@ -128,7 +138,48 @@ _RANGES = (
     ("train.prefetch", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = off)"),
     ("train.on_nonfinite", lambda v: v in ("stop", "skip_step"), "'stop' or 'skip_step'"),
     ("feature_cache.max_bytes", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    ("distributed.heartbeat_timeout_seconds", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
 )
+
+
+def distributed_settings(config: ml_collections.ConfigDict) -> Optional[dict]:
+    """``None`` for a one-process run, else the keyword arguments of
+    ``jax.distributed.initialize`` (validated). Accepts the older boolean
+    ``distributed`` field of saved ``config.json`` files."""
+    group = config.get("distributed", False)
+    if isinstance(group, bool):
+        return {} if group else None
+    address = group.get("coordinator_address", None)
+    if not (group.get("enabled", False) or address):
+        return None
+    count = group.get("num_processes", None)
+    index = group.get("process_id", None)
+    if count is None and os.environ.get("JAX_NUM_PROCESSES"):
+        count = int(os.environ["JAX_NUM_PROCESSES"])
+    if index is None and os.environ.get("JAX_PROCESS_ID"):
+        index = int(os.environ["JAX_PROCESS_ID"])
+    if address and (count is None or index is None):
+        raise ValueError("distributed.coordinator_address is set: also set "
+                         "--config.distributed.num_processes and "
+                         "--config.distributed.process_id (or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
+    if count is not None and (count < 1 or index is None or not 0 <= index < count):
+        raise ValueError(f"distributed.process_id must be in [0, num_processes={count}), got "
+                         f"{index!r}; set --config.distributed.process_id")
+    settings = {"coordinator_address": address, "num_processes": count, "process_id": index,
+                "heartbeat_timeout_seconds": group.get("heartbeat_timeout_seconds", None)}
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def one_process(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` for a single process (e.g. evaluating a multi-process run's checkpoints,
+    which are whole on disk): multi-process start-up switched off."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if isinstance(config.get("distributed", False), bool):
+        config.distributed = False
+    else:
+        config.distributed.enabled = False
+        config.distributed.coordinator_address = None
+    return config
 
 
 def check_run_config(config: ml_collections.ConfigDict) -> None:

@@ -17,6 +17,7 @@ from typing import Optional
 
 import ml_collections
 
+from pecft_jax.configs import one_process
 from pecft_jax.files import write_json_atomic
 
 
@@ -32,7 +33,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def evaluate_checkpoint(workdir: str, task: Optional[int] = None) -> dict:
     from pecft_jax.train.loop import ContinualTrainer, RunState
-    config = load_run_config(workdir)
+    # a multi-process run's checkpoints are whole on disk: one process evaluates them
+    config = one_process(load_run_config(workdir))
     trainer = ContinualTrainer(config, workdir, write_metrics=False)
     try:
         saved = trainer.checkpointer.task_steps()

@@ -5,10 +5,17 @@
 
 Writes DIR/results.json (accuracy matrices, metrics), DIR/metrics.jsonl, TensorBoard events
 and orbax checkpoints; re-running the same command on DIR resumes where it stopped.
+
+A problem (a bad config value, a config file that does not load, a damaged checkpoint, a
+diverged run) ends the command with one line naming it and exit status 1; ``--verbose``
+shows the traceback as well.
 """
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import traceback
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -19,7 +26,28 @@ from pecft_jax.report import format_results
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and results go")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "on an error, print the whole traceback")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def describe(err: BaseException) -> str:
+    """One line for an error: its innermost cause, and where that was raised when it is
+    outside pecft_jax (a line of the user's config file, say)."""
+    inner = err
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ if inner.__cause__ is not None else inner.__context__
+    text = " ".join(str(inner).split()) or type(inner).__name__
+    if isinstance(inner, KeyError):  # ml_collections' word for a key the config lacks
+        return (f"unknown config key {text}: is a --config.... override or a field of the "
+                f"config file misspelt?")
+    if not isinstance(inner, (ValueError, FileNotFoundError)) or "Errno" in text:
+        text = f"{type(inner).__name__}: {text}"
+    frames = traceback.extract_tb(inner.__traceback__)
+    package = os.path.dirname(os.path.abspath(__file__))
+    if frames and not os.path.abspath(frames[-1].filename).startswith(package + os.sep):
+        if "site-packages" not in frames[-1].filename:
+            text += f" ({frames[-1].filename}, line {frames[-1].lineno})"
+    return text
 
 
 def main(argv):
@@ -34,7 +62,13 @@ def main(argv):
 
 
 def entry():
-    app.run(main)
+    try:
+        app.run(main)
+    except Exception as err:  # absl's flag errors and SystemExit pass through untouched
+        if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
+            raise
+        print(f"error: {describe(err)}\n(--verbose prints the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

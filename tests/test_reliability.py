@@ -1,6 +1,9 @@
 """No silent wrong results: damaged checkpoints, diverged training, torn files."""
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -246,3 +249,32 @@ def test_an_eval_batch_that_does_not_split_over_the_devices_names_the_field(tmp_
     c.eval.batch_size = 12  # 8 simulated devices
     with pytest.raises(ValueError, match=r"eval.batch_size 12 .* 8 devices.*--config.eval.batch_size"):
         train_and_evaluate(c, str(tmp_path))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "pecft_jax.run", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "experiments", "configs")
+
+
+@pytest.mark.parametrize("args, message", [
+    ([f"--config={CONFIGS}/missing.py"], r"No such file or directory: .*missing\.py"),
+    ([f"--config={CONFIGS}/l2p.py", "--config.train.learning_rate=-1"],
+     r"config train.learning_rate must be a finite number >= 0.*--config.train.learning_rate"),
+    ([f"--config={CONFIGS}/l2p.py", "--config.train.epochz=3"], r"unknown config key 'epochz'"),
+    (["--config={broken}"], r"NameError: name 'undefined_name' is not defined \(.*broken\.py, line 4\)"),
+])
+def test_cli_errors_are_one_line_naming_the_problem(tmp_path, args, message):
+    broken = tmp_path / "broken.py"
+    broken.write_text("import ml_collections\n\ndef get_config():\n    return undefined_name\n")
+    args = [a.replace("{broken}", str(broken)) for a in args]
+    done = _cli(*args, f"--workdir={tmp_path / 'w'}")
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-2].startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+    assert re.search(message, lines[-2]), lines[-2]
+    verbose = _cli(*args, f"--workdir={tmp_path / 'w'}", "--verbose")
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr

@@ -30,6 +30,11 @@ Only statistics are stored, no exemplars: per class a mean and a covariance (the
 ``statistics='variance'`` (diagonal) and ``'multi_centroid'`` (k-means clusters with
 diagonal Gaussians, the official code's default) are the official code's cheaper forms.
 
+One compiled train and eval step serve every task (all tasks' prompts are in the step;
+``update_mask`` lets only the current one learn), and the after-task fits compile once for
+the run (:class:`~pecft_jax.methods.statistics.ClassifierFit`: the Gaussians of every class
+with a validity mask, the number of steps an argument).
+
 Where this differs from the official code: the TII head is fitted in ``after_task`` on the
 task's *un-augmented* frozen features, computed once (the official code trains it in a
 separate run on augmented images); gradient clipping applies per parameter group; and the

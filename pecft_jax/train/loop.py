@@ -32,7 +32,7 @@ from pecft_jax import metrics as metrics_lib
 from pecft_jax.backbones.backbone import load_backbone
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import pipeline, scenarios
-from pecft_jax.configs import check_run_config
+from pecft_jax.configs import check_run_config, distributed_settings
 from pecft_jax.files import write_json_atomic, write_text_atomic
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
 from pecft_jax.methods.base import merge_state
@@ -110,8 +110,9 @@ class ContinualTrainer:
             config.get("compilation_cache_dir", compilation.DEFAULT_CACHE_DIR))
         self.lr_mults = partition.parse_lr_mults(config.train.get("lr_mults", ()))
         self.on_nonfinite = config.train.get("on_nonfinite", "stop")
-        if config.get("distributed", False):
-            mesh_lib.initialise_distributed()
+        distributed = distributed_settings(config)
+        if distributed is not None:
+            mesh_lib.initialise_distributed(**distributed)
         self.mesh = mesh_lib.make_mesh(config.get("num_devices", None))
         self.batch_size = config.train.batch_size
         mesh_lib.check_batch_size(self.batch_size, self.mesh, "train.batch_size")
@@ -624,7 +625,7 @@ def guard_nonfinite(new: tuple, old: tuple, step: Array, health: Array, skip: bo
     loop stops the run at its next check (:meth:`ContinualTrainer._check_health`).
     """
     trainable, state, opt_state, metrics = new
-    healthy = jnp.isfinite(metrics["loss"]) & _all_finite(trainable)
+    healthy = _all_finite(trainable) & _all_finite(metrics.get("loss", 0.0))
     first = jnp.where((health[0] < 0) & ~healthy & (not skip), step, health[0])
     skipped = health[1] + (~healthy).astype(jnp.int32) if skip else health[1]
     if skip:
@@ -704,8 +705,9 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
     flat = _flatten_config(config.to_dict())
-    for key in _RESUMABLE_KEYS:
-        flat.pop(key, None)
+    for key in list(flat):
+        if any(key == k or key.startswith(k + ".") for k in _RESUMABLE_KEYS):
+            del flat[key]
     blob = json.dumps(flat, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -15,22 +15,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
-_distributed_initialised = False
 
 
-def initialise_distributed(coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
-    """Calls ``jax.distributed.initialize`` once (before any other JAX call on a
-    multi-host job). With no arguments JAX reads the cluster environment (TPU pods, SLURM)."""
-    global _distributed_initialised
-    if _distributed_initialised:
+def initialise_distributed(**settings) -> None:
+    """``jax.distributed.initialize(**settings)`` (before any other JAX call of a
+    multi-process job), unless it already ran -- a launcher script may have called it. With
+    no settings JAX reads the cluster environment (TPU VMs, SLURM, Open MPI)."""
+    if jax.distributed.is_initialized():
         return
-    kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
-                                     num_processes=num_processes,
-                                     process_id=process_id).items() if v is not None}
-    jax.distributed.initialize(**kwargs)
-    _distributed_initialised = True
+    jax.distributed.initialize(**settings)
 
 
 def make_mesh(num_devices: Optional[int] = None) -> Mesh:

@@ -1,0 +1,133 @@
+"""Multi-process runs from the config alone: two processes on localhost (two simulated CPU
+devices each) against one process with four devices; a lost process fails its peer."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from pecft_jax.configs import distributed_settings
+from pecft_jax.evaluate import evaluate_checkpoint
+from pecft_jax.train.checkpoint import Checkpointer
+from pecft_jax.train.loop import train_and_evaluate
+
+from helpers import tiny_config
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _config(**distributed):
+    c = tiny_config()
+    c.scenario.num_tasks = 2
+    for key, value in distributed.items():
+        c.distributed[key] = value
+    return c
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir, port, process_id, num_processes=2):
+    script = f"""
+import json, sys
+sys.path.insert(0, {TESTS!r})
+from test_multihost import _config
+from pecft_jax.train.loop import train_and_evaluate
+c = _config(coordinator_address="localhost:{port}", num_processes={num_processes},
+            process_id={process_id})
+results = train_and_evaluate(c, {workdir!r})
+print("RESULT " + json.dumps(results["accuracy_matrix"]))
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _params(workdir, task):
+    ckpt = Checkpointer(workdir)
+    try:
+        return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+                jax.tree_util.tree_leaves_with_path(ckpt.restore("tasks", task)["trainable"])}
+    finally:
+        ckpt.close()
+
+
+def test_distributed_settings_from_the_config_and_the_environment(monkeypatch):
+    assert distributed_settings(_config()) is None
+    assert distributed_settings(_config(enabled=True)) == {"heartbeat_timeout_seconds": 10}
+    got = distributed_settings(_config(coordinator_address="h:1", num_processes=4, process_id=3))
+    assert got == {"coordinator_address": "h:1", "num_processes": 4, "process_id": 3,
+                   "heartbeat_timeout_seconds": 10}
+    with pytest.raises(ValueError, match="also set --config.distributed.num_processes"):
+        distributed_settings(_config(coordinator_address="h:1"))
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, num_processes=2\)"):
+        distributed_settings(_config(coordinator_address="h:1", num_processes=2, process_id=2))
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert distributed_settings(_config(coordinator_address="h:1"))["process_id"] == 1
+    # a config.json written before `distributed` became a group
+    old = tiny_config()
+    del old["distributed"]
+    old.distributed = True
+    assert distributed_settings(old) == {}
+
+
+def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
+    port = _free_port()
+    workdir = str(tmp_path / "two")
+    procs = [_launch(workdir, port, i) for i in range(2)]
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append(json.loads(out.split("RESULT ", 1)[1]))
+    assert outputs[0] == outputs[1]  # both processes computed the same run
+
+    one = _config()
+    one.num_devices = 4
+    single = train_and_evaluate(one, str(tmp_path / "one"))
+    assert single["accuracy_matrix"] == outputs[0]
+    # parameters to float rounding (measured: 2.2e-8 at most): the cross-process all-reduce
+    # (gloo) sums the devices' gradients in another order than the in-process one
+    two_params = _params(workdir, 1)
+    for key, value in _params(str(tmp_path / "one"), 1).items():
+        np.testing.assert_allclose(two_params[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+
+    # one process evaluates the two-process run's checkpoint (the config says distributed)
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert saved["distributed"]["coordinator_address"] == f"localhost:{port}"
+    row = evaluate_checkpoint(workdir, 1)
+    np.testing.assert_allclose(row["class_il"], row["recorded_class_il"], atol=1e-9)
+
+
+def test_a_lost_process_fails_the_other_within_seconds(tmp_path):
+    """kill -9 one process of a two-process run: the other must not hang (JAX's default
+    heartbeat timeout is 100 s; the config's 10 s makes it fail within seconds)."""
+    import signal
+    import time
+    workdir = str(tmp_path)
+    port = _free_port()
+    procs = [_launch(workdir, port, i) for i in range(2)]
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(workdir, "config.json")):  # both are running
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    try:
+        procs[0].communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail("the surviving process still ran 90 s after its peer was killed")
+    took = time.time() - killed
+    assert procs[0].returncode != 0
+    print(f"the surviving process exited {took:.1f} s after its peer was killed")
+    assert took < 60, took
