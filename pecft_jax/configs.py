@@ -182,9 +182,38 @@ def one_process(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+# Keys the library reads when present that base_config() does not set (see their readers:
+# data/scenarios.py for dataset/scenario, make_base_optimizer for Adam's betas).
+OPTIONAL_KEYS = ("benchmark", "dataset.train_split", "dataset.test_split",
+                 "dataset.split_seed", "dataset.image_key", "dataset.label_key",
+                 "scenario.domains", "scenario.datasets", "train.b1", "train.b2")
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list:
+    keys = []
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else key
+        keys += _flat_keys(value, path) if isinstance(value, dict) and value else [path]
+    return keys
+
+
 def check_run_config(config: ml_collections.ConfigDict) -> None:
-    """Range-checks the run's numeric and choice fields (those present), so a bad value is
-    a ``ValueError`` naming the field and the fix before anything is loaded or compiled."""
+    """Checks the run's config before anything is loaded or compiled: every key is one the
+    library reads (a key misspelt in a config *file* is created silently by ml_collections,
+    and would be ignored), and the numeric and choice fields are in range. Each problem is
+    a ``ValueError`` naming the field and the fix. (``method.*`` is checked by the
+    method's ``Config``.)"""
+    known = set(_flat_keys(base_config().to_dict())) | set(OPTIONAL_KEYS)
+    known_sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
+    for key in _flat_keys(config.to_dict()):
+        if key in known or key.startswith("method.") or key in known_sections:
+            continue
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        siblings = sorted(k.rsplit(".", 1)[-1] for k in known
+                          if (k.rsplit(".", 1)[0] if "." in k else "") == section)
+        raise ValueError(f"unknown config key {key!r}: pecft_jax never reads it (misspelt in "
+                         f"the config file or an override?); the keys of "
+                         f"{section or 'the top level'} are {siblings}")
     for path, ok, what in _RANGES:
         node, present = config, True
         for part in path.split("."):

@@ -278,3 +278,14 @@ def test_cli_errors_are_one_line_naming_the_problem(tmp_path, args, message):
     assert re.search(message, lines[-2]), lines[-2]
     verbose = _cli(*args, f"--workdir={tmp_path / 'w'}", "--verbose")
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+def test_a_key_misspelt_in_a_config_file_is_an_error_not_ignored(tmp_path):
+    c = tiny_config()
+    c.train.epochz = 3  # ml_collections creates it silently; nothing would read it
+    with pytest.raises(ValueError, match=r"unknown config key 'train.epochz'.*'epochs'"):
+        train_and_evaluate(c, str(tmp_path))
+    c = tiny_config()
+    c.dataset.test_split = "test[:50%]"  # optional keys the data code reads are fine
+    from pecft_jax.configs import check_run_config
+    check_run_config(c)
