@@ -1,0 +1,75 @@
+"""Where a demo run's wall time goes: timers around the continual loop's phases.
+
+    python experiments/demo_phases.py l2p [--warm-cache]
+
+Runs ``experiments/configs/<method>.py`` (its default benchmark) in a fresh temporary
+workdir, with an empty compilation cache unless ``--warm-cache`` (then the default cache
+directory), and prints the seconds spent in each phase (a phase's time includes the
+compilation of what it runs first) next to the run's compile and trace totals.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START = time.time()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("method")
+    parser.add_argument("--warm-cache", action="store_true")
+    args = parser.parse_args()
+
+    import jax  # noqa: F401  (its import is a phase of its own)
+    totals = collections.OrderedDict(imports=time.time() - START)
+    from pecft_jax.configs import load_config_file
+    from pecft_jax.train import checkpoint, loop
+    totals["imports"] = time.time() - START
+
+    def timed(owner, name, label):
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapper(*a, **k):
+            started = time.time()
+            try:
+                return original(*a, **k)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.time() - started
+        setattr(owner, name, wrapper)
+
+    timed(loop, "load_backbone", "load the backbone")
+    timed(loop.ContinualTrainer, "__init__", "set-up (incl. the backbone)")
+    timed(loop.ContinualTrainer, "restore_or_init", "initialise the method")
+    timed(loop.ContinualTrainer, "training_queries", "frozen queries of training data")
+    timed(loop.ContinualTrainer, "train", "gradient steps (incl. their compilation)")
+    timed(loop.ContinualTrainer, "evaluate", "evaluations (incl. test-set queries)")
+    timed(checkpoint.Checkpointer, "save", "checkpoints")
+
+    config = load_config_file(os.path.join(ROOT, "experiments", "configs", f"{args.method}.py"))
+    config.progress_bar = False
+    if not args.warm_cache:
+        config.compilation_cache_dir = ""
+    with tempfile.TemporaryDirectory() as workdir:
+        began = time.time()
+        results = loop.train_and_evaluate(config, workdir)
+        totals["whole run (train_and_evaluate)"] = time.time() - began
+    totals["process wall time"] = time.time() - START
+    for label, seconds in totals.items():
+        print(f"{label:45s} {seconds:7.2f} s")
+    c = results["compilation"]
+    print(f"{'(compilation, all phases)':45s} {c['compile_seconds']:7.2f} s "
+          f"({c['xla_compilations']} programs, {c['cache_hits']} cache reads)")
+    print(f"{'(tracing and lowering, all phases)':45s} {c['trace_seconds']:7.2f} s")
+    print(f"command: {' '.join(sys.argv)}; load {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
