@@ -222,6 +222,15 @@ def label_current_task(per_task: Mapping[str, Any], task_index: int, label: str 
             for t, sub in per_task.items()}
 
 
+def mask_current_task(per_task: Mapping[str, Any], task_index: Any) -> dict:
+    """The :meth:`Method.update_mask` of a ``{task index as str: subtree}`` tree: 1 on every
+    leaf of task ``task_index``'s subtree, 0 on every other task's. ``task_index`` may be
+    traced -- the counterpart of :func:`label_current_task` for a step compiled once."""
+    return {t: jax.tree_util.tree_map(
+                lambda _, t=t: jnp.asarray(task_index == int(t), jnp.float32), sub)
+            for t, sub in per_task.items()}
+
+
 # ----------------------------------------------------------------------------- task data
 class TaskData:
     """A task's training examples, un-augmented and in a fixed order, for passes outside the

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
-                                    init_linear_head)
+                                    init_linear_head, mask_current_task)
 from pecft_jax.methods.common import frozen_query, prompted_cls_token
 from pecft_jax.backbones.context import resolve_layers
 from pecft_jax.peft.prompt_pool import l2_normalize
@@ -187,10 +187,7 @@ class CodaPrompt(Method):
     def update_mask(self, trainable, task):
         """Only task t's slice of components (and the head) learns while task t trains; the
         other slices are in the one compiled step with a zero mask."""
-        current = {str(s): jax.tree_util.tree_map(
-            lambda _, s=s: jnp.asarray(task.index == s, jnp.float32), sub)
-            for s, sub in ((int(k), v) for k, v in trainable["components"].items())}
-        return {"components": current,
+        return {"components": mask_current_task(trainable["components"], task.index),
                 "head": jax.tree_util.tree_map(lambda _: jnp.float32(1), trainable["head"])}
 
     # ------------------------------------------------------------ the forward

@@ -53,7 +53,7 @@ import optax
 
 from pecft_jax.methods import statistics as stats_lib
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, count_params,
-                                    init_linear_head, mask_logits)
+                                    init_linear_head, mask_current_task, mask_logits)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
 
@@ -268,9 +268,7 @@ class HiDePrompt(Method):
     def update_mask(self, trainable, task):
         """Only task t's prompt (and the head) learns while task t trains: every task's prompt
         is in the one compiled step, the others with a zero mask."""
-        return {"prompts": {s: jax.tree_util.tree_map(
-                    lambda _, s=s: jnp.asarray(task.index == int(s), jnp.float32), sub)
-                    for s, sub in trainable["prompts"].items()},
+        return {"prompts": mask_current_task(trainable["prompts"], task.index),
                 "head": jax.tree_util.tree_map(lambda _: jnp.float32(1), trainable["head"])}
 
     def optimizer_groups(self, task, base):

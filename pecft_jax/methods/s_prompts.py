@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pecft_jax.methods import statistics as stats_lib
-from pecft_jax.methods.base import Method, TaskSpec, init_linear_head
+from pecft_jax.methods.base import Method, TaskSpec, init_linear_head, mask_current_task
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 from pecft_jax.peft.prompt_pool import l2_normalize
@@ -85,9 +85,7 @@ class SPrompts(Method):
 
     def update_mask(self, trainable, task):
         """Domain s's prompt and classifier learn while domain s trains, no other's."""
-        return {part: {s: jax.tree_util.tree_map(
-                    lambda _, s=s: jnp.asarray(task.index == int(s), jnp.float32), sub)
-                    for s, sub in trainable[part].items()}
+        return {part: mask_current_task(trainable[part], task.index)
                 for part in ("prompts", "heads")}
 
     def _stacked(self, trainable) -> Tuple[Array, Array, Array]:
