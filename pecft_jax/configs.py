@@ -73,7 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.scenario.kind = "class"  # 'class' | 'task' | 'domain'
     c.scenario.num_tasks = 5
     c.scenario.first_task_classes = ml_collections.FieldReference(None, field_type=int)
-    c.scenario.class_order = None  # None/"seed": permutation from scenario.seed; "identity"; or a list
+    # None/"seed": default_rng(scenario.seed) permutation; "pycil": PyCIL's np.random.seed(seed)
+    # permutation; "identity"; or a list of class ids
+    c.scenario.class_order = None
     c.scenario.seed = 1993  # the class-order seed used by the field's CIFAR-100 splits
     c.scenario.joint = False  # True: one task of all the data (the joint upper bound)
 
@@ -87,7 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 64
     c.train.optimizer = "adam"
     c.train.learning_rate = 1e-3
-    c.train.schedule = "constant"  # 'constant' | 'cosine' (per step) | 'cosine_epochs'
+    # 'constant' | 'cosine' (per step) | 'cosine_epochs' | 'multistep_epochs' (x train.lr_decay,
+    # default 0.1, at the start of each epoch in train.milestones: PyTorch's MultiStepLR)
+    c.train.schedule = "constant"
     c.train.warmup_steps = 0
     c.train.momentum = 0.0  # sgd only
     c.train.weight_decay = 0.0  # adamw: decoupled; adam/sgd: PyTorch's coupled L2
@@ -129,6 +133,12 @@ _RANGES = (
     ("eval.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("train.learning_rate", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     ("train.warmup_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    ("train.schedule", lambda v: v in ("constant", "cosine", "cosine_epochs",
+                                       "multistep_epochs"),
+     "'constant', 'cosine', 'cosine_epochs' or 'multistep_epochs'"),
+    ("train.milestones", lambda v: isinstance(v, (tuple, list)) and all(
+        _is_int(m) and m >= 1 for m in v), "a list of epochs >= 1 (e.g. (18,))"),
+    ("train.lr_decay", lambda v: _is_number(v) and v > 0, "a finite number > 0"),
     ("train.momentum", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("train.weight_decay", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     ("train.grad_clip_norm", lambda v: v is None or (_is_number(v) and v > 0),
@@ -183,10 +193,12 @@ def one_process(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 # Keys the library reads when present that base_config() does not set (see their readers:
-# data/scenarios.py for dataset/scenario, make_base_optimizer for Adam's betas).
+# data/scenarios.py for dataset/scenario, make_base_optimizer for Adam's betas and the
+# multi-step schedule).
 OPTIONAL_KEYS = ("benchmark", "dataset.train_split", "dataset.test_split",
                  "dataset.split_seed", "dataset.image_key", "dataset.label_key",
-                 "scenario.domains", "scenario.datasets", "train.b1", "train.b2")
+                 "scenario.domains", "scenario.datasets", "train.b1", "train.b2",
+                 "train.milestones", "train.lr_decay")
 
 
 def _flat_keys(tree: dict, prefix: str = "") -> list:

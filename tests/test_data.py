@@ -482,8 +482,23 @@ def test_prefetch_keeps_order_and_raises():
 
 
 def test_class_order_helper_rejects_unknown_strings():
-    with pytest.raises(ValueError, match="'seed', 'identity' or a list"):
+    with pytest.raises(ValueError, match="'seed', 'pycil', 'identity' or a list"):
         resolve_class_order(4, "random")
+
+
+def test_pycil_class_order_is_the_legacy_numpy_permutation():
+    """PyCIL / LAMDA-PILOT: ``np.random.seed(seed); order = np.random.permutation(C)``."""
+    state = np.random.get_state()
+    try:
+        np.random.seed(1993)
+        reference = np.random.permutation(100).tolist()
+    finally:
+        np.random.set_state(state)
+    assert resolve_class_order(100, "pycil", 1993) == reference
+    # the order the official SimpleCIL / APER / EASE logs print for CIFAR-100
+    assert reference[:10] == [68, 56, 78, 8, 23, 84, 90, 65, 74, 76]
+    assert resolve_class_order(200, "pycil", 1993)[:6] == [168, 136, 51, 9, 183, 101]
+    assert resolve_class_order(100, "seed", 1993) != reference  # default_rng's is another
 
 
 def test_dataset_sequence_gives_each_dataset_its_own_label_block():

@@ -91,9 +91,13 @@ class Scenario:
 def resolve_class_order(classes: int | Sequence[int], class_order: Any = None, seed: int = 0
                         ) -> list[int]:
     """The class order over ``classes`` (a count ``C`` meaning ``range(C)``, or the sorted
-    original ids taking part): an explicit list (validated), ``'identity'`` (ascending), or
+    original ids taking part): an explicit list (validated), ``'identity'`` (ascending),
     ``'seed'``/``None`` for a permutation from ``np.random.default_rng(seed)`` (with all of
-    ``range(C)`` taking part this is exactly ``default_rng(seed).permutation(C)``)."""
+    ``range(C)`` taking part this is exactly ``default_rng(seed).permutation(C)``), or
+    ``'pycil'``: PyCIL's ``np.random.seed(seed); np.random.permutation(C)`` -- the order
+    of PyCIL, LAMDA-PILOT and the pre-trained-model methods built on them (SimpleCIL, APER,
+    EASE, SLCA, SSIAT, RanPAC), e.g. ``[68, 56, 78, 8, 23, ...]`` for CIFAR-100 with seed
+    1993."""
     ids = (np.arange(classes) if isinstance(classes, (int, np.integer))
            else np.asarray(sorted(int(c) for c in classes), np.int64))
     if class_order is None or (isinstance(class_order, str) and class_order == "seed"):
@@ -101,8 +105,10 @@ def resolve_class_order(classes: int | Sequence[int], class_order: Any = None, s
     if isinstance(class_order, str):
         if class_order == "identity":
             return [int(c) for c in ids]
-        raise ValueError(f"class_order must be 'seed', 'identity' or a list of class ids, got "
-                         f"{class_order!r}")
+        if class_order == "pycil":  # the legacy global generator, seeded as PyCIL seeds it
+            return [int(c) for c in ids[np.random.RandomState(seed).permutation(len(ids))]]
+        raise ValueError(f"class_order must be 'seed', 'pycil', 'identity' or a list of class "
+                         f"ids, got {class_order!r}")
     order = [int(c) for c in class_order]
     valid = set(ids.tolist())
     missing = sorted(valid - set(order))

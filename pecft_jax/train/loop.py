@@ -35,9 +35,9 @@ from pecft_jax.data import pipeline, scenarios
 from pecft_jax.configs import check_run_config, distributed_settings
 from pecft_jax.files import write_json_atomic, write_text_atomic
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
-from pecft_jax.methods.base import merge_state
+from pecft_jax.methods.base import count_params, merge_state
 from pecft_jax.methods.common import FROZEN_QUERY
-from pecft_jax.methods.statistics import cosine_epoch_schedule
+from pecft_jax.methods.statistics import cosine_epoch_schedule, multistep_epoch_schedule
 from pecft_jax.train import compilation
 from pecft_jax.train import mesh as mesh_lib
 from pecft_jax.train import partition
@@ -457,10 +457,14 @@ class ContinualTrainer:
                "method_config": dataclasses.asdict(self.method.config),
                "dataset": self.config.dataset.name,
                "scenario": self.scenario.kind, "joint": self.joint,
+               "class_order": [int(c) for c in self.scenario.class_order],
                "num_tasks": len(self.scenario.tasks),
                "accuracy_matrix": matrix, "task_il_accuracy_matrix": task_il,
                "metrics": summary, "task_il_metrics": task_summary,
                "trainable_params": int(self.method.count_trainable(run.trainable, run.state)),
+               # scalars the method keeps besides its trainable tree (prototypes, class
+               # statistics, Gram matrices, earlier heads): what it stores instead of data
+               "state_size": count_params(run.state),
                "seconds_per_task": run.seconds_per_task, "train_steps": run.global_step,
                "skipped_nonfinite_steps": run.skipped_steps,
                "backbone": {"name": self.backbone.config.name, "fingerprint": self.fingerprint},
@@ -655,7 +659,10 @@ def schedule_lengths(train_cfg: ml_collections.ConfigDict, total_steps: int,
     if name == "cosine_epochs":
         per_epoch = max(1, int(steps_per_epoch))
         return (max(1, int(total_steps) // per_epoch), per_epoch)
-    raise ValueError(f"unknown schedule {name!r}; use 'constant', 'cosine' or 'cosine_epochs'")
+    if name == "multistep_epochs":
+        return (max(1, int(steps_per_epoch)),)
+    raise ValueError(f"unknown schedule {name!r}; use 'constant', 'cosine', 'cosine_epochs' or "
+                     f"'multistep_epochs'")
 
 
 def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
@@ -663,8 +670,11 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
     """``train.optimizer`` at ``train.learning_rate`` on ``train.schedule``:
 
     * ``'constant'`` (after an optional linear warm-up), ``'cosine'`` (per step, to 0 at the
-      task's last step) or ``'cosine_epochs'`` (PyTorch's ``CosineAnnealingLR(T_max=epochs)``
-      stepped once per epoch, as most official PyTorch code runs it);
+      task's last step), ``'cosine_epochs'`` (PyTorch's ``CosineAnnealingLR(T_max=epochs)``
+      stepped once per epoch, as most official PyTorch code runs it) or
+      ``'multistep_epochs'`` (PyTorch's ``MultiStepLR(milestones=train.milestones,
+      gamma=train.lr_decay)`` stepped once per epoch: the rate is multiplied by ``lr_decay``
+      at the start of each milestone epoch);
     * ``'adam'``, ``'adamw'`` (decoupled weight decay) or ``'sgd'`` (``momentum``);
       ``train.weight_decay`` on ``'adam'`` / ``'sgd'`` is PyTorch's coupled L2 term
       (``g + wd * p`` before the update), what ``torch.optim.SGD/Adam(weight_decay=)`` do;
@@ -687,6 +697,12 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
             raise ValueError("train.schedule='cosine_epochs' has no warm-up; set "
                              "train.warmup_steps=0 or use 'cosine'")
         schedule = cosine_epoch_schedule(lr, *lengths)
+    elif schedule_name == "multistep_epochs":
+        if warmup:
+            raise ValueError("train.schedule='multistep_epochs' has no warm-up; set "
+                             "train.warmup_steps=0")
+        schedule = multistep_epoch_schedule(lr, tuple(train_cfg.get("milestones", ())),
+                                            float(train_cfg.get("lr_decay", 0.1)), *lengths)
     name = train_cfg.get("optimizer", "adam")
     weight_decay = float(train_cfg.get("weight_decay", 0.0) or 0.0)
     if name == "adam":
