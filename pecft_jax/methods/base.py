@@ -195,6 +195,15 @@ def apply_linear_head(head: Mapping[str, Array], features: Array) -> Array:
     return features @ head["kernel"] + head["bias"]
 
 
+def keep_class_columns(new: Any, old: Any, classes: np.ndarray) -> Any:
+    """``new`` on the classes of the boolean ``classes`` mask, ``old`` on the others, for a
+    classifier whose leaves end in a class axis (a ``(D, C)`` kernel, a ``(C,)`` bias):
+    what an optimizer step over the whole array may not change -- the heads of classes
+    that do not exist yet in the official code, which weight decay would otherwise shrink."""
+    keep = jnp.asarray(classes, bool)
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(keep, n, o), new, old)
+
+
 def count_params(tree: Any) -> int:
     """Number of scalars in a pytree of arrays (or ``ShapeDtypeStruct`` leaves)."""
     return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))

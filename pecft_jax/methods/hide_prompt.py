@@ -378,21 +378,15 @@ class HiDePrompt(Method):
         """Training on ``samples`` draws per Gaussian of every seen class: SGD + momentum +
         weight decay (PyTorch's coupled form), cosine over epochs (official)."""
         c = self.config
-        direction = optax.chain(optax.add_decayed_weights(c.align_weight_decay),
-                                optax.trace(c.align_momentum) if c.align_momentum
-                                else optax.identity())
-        return stats_lib.ClassifierFit(
-            apply_fn, direction, stats_lib.cosine_epoch_schedule(lr, epochs, 1), epochs=epochs,
-            batch_size=samples, draw=stats_lib.sampled_features(samples))
+        return stats_lib.alignment_fit(apply_fn, learning_rate=lr, epochs=epochs,
+                                       samples=samples, momentum=c.align_momentum,
+                                       weight_decay=c.align_weight_decay)
 
     def align(self, fit: stats_lib.ClassifierFit, params, stats, task: TaskSpec, key, *,
               steps: int):
         """Train a head on features sampled from the Gaussians of every seen class
         (official: per epoch, ``samples`` draws per Gaussian, ``steps`` batches of
         ``samples``)."""
-        components = stats_lib.gaussian_components(stats, task.seen_classes,
-                                                   ridge=self.config.ridge, every_class=True)
-        available = int(components["valid"].sum()) * fit.batch_size
-        params, _ = fit(params, key, components, steps_per_epoch=max(1, int(steps)),
-                        available=available, class_mask=task.class_mask("seen"))
-        return params
+        return stats_lib.align_on_gaussians(fit, params, stats, task.seen_classes,
+                                            task.class_mask("seen"), key,
+                                            ridge=self.config.ridge, steps=steps)

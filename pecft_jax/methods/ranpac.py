@@ -39,8 +39,7 @@ import numpy as np
 from pecft_jax import peft
 from pecft_jax.methods.base import Method, TaskSpec, config_field, count_params
 from pecft_jax.methods.common import frozen_query
-from pecft_jax.peft.modules import MODULE_KINDS, init_module, module_context
-from pecft_jax.peft.prompt_pool import cosine_similarity
+from pecft_jax.methods.first_session import ADAPTATIONS, FirstSession
 
 Array = jax.Array
 log = logging.getLogger("pecft_jax")
@@ -109,7 +108,7 @@ class RanPAC(Method):
         M: int = 10_000                   # random-projection width; 0 = no projection
         ridges: Tuple[float, ...] = OFFICIAL_RIDGES
         fit_fraction: float = 0.8         # of the task's examples fit lambda; the rest score it
-        # Phase 1: 'adapter' | 'ssf' | 'prompt' (VPT) | 'lora', or 'none' (no adaptation)
+        # Phase 1: 'adapter' | 'ssf' | 'prompt' (VPT) | 'lora' | 'full', or 'none' (none)
         first_session: str = "adapter"
         adapter: peft.AdapterConfig = config_field(  # official: AdaptFormer, ffn_num=64
             lambda: peft.AdapterConfig(bottleneck_dim=64, mode="parallel", scale=0.1,
@@ -120,9 +119,9 @@ class RanPAC(Method):
         lora: peft.LoraConfig = config_field(lambda: peft.LoraConfig(r=8, lora_alpha=16))
 
         def __post_init__(self):
-            if self.first_session not in ("none",) + MODULE_KINDS:
+            if self.first_session not in ("none",) + ADAPTATIONS:
                 raise ValueError(f"ranpac first_session must be 'none' or one of "
-                                 f"{MODULE_KINDS}, got {self.first_session!r}")
+                                 f"{ADAPTATIONS}, got {self.first_session!r}")
             if self.M < 0:
                 raise ValueError(f"ranpac M must be >= 0 (0 = no random projection), got "
                                  f"{self.M}")
@@ -135,10 +134,10 @@ class RanPAC(Method):
     def __init__(self, config, backbone, num_classes, num_tasks):
         super().__init__(config, backbone, num_classes, num_tasks)
         kind = self.config.first_session
-        self.module = None if kind == "none" else kind
+        self.adapted = (None if kind == "none"
+                        else FirstSession(kind, getattr(self.config, kind, None), backbone))
         # without a module phase 2 reads the frozen query, which the loop may precompute
-        self.uses_frozen_query = self.module is None
-        self.module_cfg = getattr(self.config, kind) if self.module else None
+        self.uses_frozen_query = self.adapted is None
         self.width = self.config.M or backbone.feature_dim  # the width of h
 
     # ------------------------------------------------------------------ set-up
@@ -146,13 +145,8 @@ class RanPAC(Method):
         k_peft, k_head, k_rand = jax.random.split(rng, 3)
         dim, m, c = self.backbone.feature_dim, self.width, self.num_classes
         trainable = {}
-        if self.module:
-            trainable["peft"] = init_module(self.module, self.module_cfg,
-                                            self.backbone.config, k_peft)
-            bound = 1.0 / np.sqrt(dim)  # the official CosineLinear's reset_parameters
-            trainable["first_head"] = {
-                "kernel": jax.random.uniform(k_head, (dim, c), jnp.float32, -bound, bound),
-                "sigma": jnp.ones((), jnp.float32)}
+        if self.adapted:
+            trainable = self.adapted.init(k_peft, k_head, frozen, c)
         state = {"G": jnp.zeros((m, m), jnp.float32), "Q": jnp.zeros((m, c), jnp.float32),
                  "head": jnp.zeros((m, c), jnp.float32),
                  "ridge": jnp.zeros((self.num_tasks,), jnp.float32)}
@@ -161,24 +155,18 @@ class RanPAC(Method):
         return trainable, state
 
     def train_epochs(self, task, default):
-        return default if (self.module and task.index == 0) else 0
+        return default if (self.adapted and task.index == 0) else 0
 
     # ------------------------------------------------------------------ phase 1
-    def features(self, trainable, frozen, batch, deterministic=True, rng=None) -> Array:
+    def features(self, trainable, frozen, batch) -> Array:
         """The (adapted) backbone's [CLS] token after the final LayerNorm (without a
         first-session module: the frozen query, which the loop may have precomputed)."""
-        if not self.module:
+        if not self.adapted:
             return frozen_query(self.backbone, frozen, batch)
-        context = module_context(self.module, self.module_cfg, trainable["peft"])
-        return self.backbone.apply(frozen, batch["image"], context, output="cls",
-                                   deterministic=deterministic, dropout_rng=rng)
+        return self.adapted.features(trainable, frozen, batch["image"])
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
-        head = trainable["first_head"]
-        f = self.features(trainable, frozen, batch, deterministic=False, rng=rng)
-        logits = head["sigma"] * cosine_similarity(f, head["kernel"].T)
-        ce = self.masked_ce(logits, batch["label"], task)
-        return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
+        return self.adapted.loss(self, trainable, frozen, batch, rng, task)
 
     # ------------------------------------------------------------------ phase 2
     def project(self, state, features: Array) -> Array:
@@ -188,7 +176,7 @@ class RanPAC(Method):
         return jax.nn.relu(_dot(features, state["w_rand"]))
 
     def after_task(self, task, trainable, state, frozen, data, rng):
-        trainable = {k: v for k, v in trainable.items() if k != "first_head"}  # phase 1 done
+        trainable = FirstSession.finish(trainable)  # phase 1 done: its classifier goes
         n = data.num_examples
         fit = fit_split(n, self.config.fit_fraction, rng)
         m, c = self.width, self.num_classes

@@ -340,6 +340,19 @@ def cosine_epoch_schedule(learning_rate: float, epochs: int, steps_per_epoch: in
     return schedule
 
 
+def multistep_epoch_schedule(learning_rate: float, milestones: Sequence[int], decay: float,
+                             steps_per_epoch: int) -> Callable:
+    """PyTorch's ``MultiStepLR(milestones, gamma=decay)`` stepped once per epoch:
+    ``lr_e = lr * decay ** (number of milestones <= e)`` for every step of epoch ``e``."""
+    marks = jnp.asarray(sorted(int(m) for m in milestones) or [2 ** 30], jnp.int32)
+
+    def schedule(count):
+        epoch = jnp.floor_divide(count, max(1, steps_per_epoch))
+        passed = jnp.sum(marks <= epoch) if milestones else 0
+        return learning_rate * jnp.power(decay, passed)
+    return schedule
+
+
 class ClassifierFit:
     """Cross-entropy training of a classifier on drawn features, compiled once for a run.
 
@@ -349,8 +362,9 @@ class ClassifierFit:
     rows and takes ``steps_per_epoch`` batches of ``batch_size`` from them. The update is
     ``p <- p - learning_rate(epoch) * direction(grads)``, what ``optax.sgd`` / ``optax.adam``
     compute with ``direction`` = ``trace(momentum)`` / ``scale_by_adam()`` (anything before
-    the learning rate: clipping, coupled weight decay). Logits outside ``class_mask`` are
-    masked out of the loss.
+    the learning rate: clipping, coupled weight decay). ``logit_transform(logits,
+    class_mask)``, if given, rescales the logits before the loss (SLCA's logit
+    normalisation); logits outside ``class_mask`` are then masked out of the loss.
 
     Everything that changes from call to call -- the parameters, the draw's data, the class
     mask and the number of steps (a loop with a traced trip count) -- is an argument of one
@@ -361,11 +375,13 @@ class ClassifierFit:
     def __init__(self, apply_fn: Callable[[Any, Array], Array],
                  direction: optax.GradientTransformation,
                  learning_rate: Callable[[Array], Array], *, epochs: int, batch_size: int,
-                 draw: Callable[[Array, Any], Tuple[Array, Array, Array]]):
+                 draw: Callable[[Array, Any], Tuple[Array, Array, Array]],
+                 logit_transform: Optional[Callable[[Array, Array], Array]] = None):
         if epochs <= 0 or batch_size <= 0:
             raise ValueError(f"ClassifierFit needs positive epochs and batch_size, got "
                              f"{epochs} and {batch_size}")
         self.apply_fn, self.direction, self.learning_rate = apply_fn, direction, learning_rate
+        self.logit_transform = logit_transform
         self.epochs, self.batch_size, self.draw = int(epochs), int(batch_size), draw
         self._compiled = jax.jit(self._fit)
 
@@ -389,6 +405,8 @@ class ClassifierFit:
 
         def loss_fn(p, x, y):
             logits = self.apply_fn(p, x)
+            if self.logit_transform is not None:
+                logits = self.logit_transform(logits, class_mask)
             if class_mask is not None:
                 logits = mask_logits(logits, class_mask)
             return cross_entropy(logits, y)
@@ -431,3 +449,55 @@ def sampled_features(num_per_component: int) -> Callable:
         x, y = sample_components(key, components, num_per_component)
         return x, y, jnp.repeat(jnp.asarray(components["valid"]), num_per_component)
     return draw
+
+
+# ---------------------------------------------------- alignment on class Gaussians
+def alignment_fit(apply_fn: Callable[[Any, Array], Array], *, learning_rate: float, epochs: int,
+                  samples: int, momentum: float, weight_decay: float,
+                  logit_transform: Optional[Callable[[Array, Array], Array]] = None
+                  ) -> ClassifierFit:
+    """The classifier alignment of SLCA, SSIAT and HiDe-Prompt, compiled once: every epoch
+    draws ``samples`` features from each stored Gaussian and takes batches of ``samples``
+    from them, PyTorch SGD with momentum and coupled weight decay, the learning rate on
+    ``CosineAnnealingLR(T_max=epochs)`` stepped per epoch (what all three official codes
+    run)."""
+    direction = optax.chain(optax.add_decayed_weights(weight_decay),
+                            optax.trace(momentum) if momentum else optax.identity())
+    return ClassifierFit(apply_fn, direction, cosine_epoch_schedule(learning_rate, epochs, 1),
+                         epochs=epochs, batch_size=samples, draw=sampled_features(samples),
+                         logit_transform=logit_transform)
+
+
+def mean_scales(task_of_class: np.ndarray, current_task: int, decay: float) -> np.ndarray:
+    """``(C,)`` factors ``1 - decay + decay * (t_c + 1) / (t + 1)`` (``t_c`` the task of
+    class ``c``, ``t`` the current one): SLCA's and SSIAT's official alignment draws class
+    ``c``'s features around ``s_c * mu_c`` -- with ``decay = 0.1`` the current task's
+    means are kept and the oldest shrink towards ``0.9 mu`` -- a heuristic of their code
+    that the papers do not state. ``decay = 0`` keeps every mean."""
+    owner = np.asarray(task_of_class, np.float64)
+    return (1.0 - decay + decay * (owner + 1.0) / (int(current_task) + 1.0)).astype(np.float32)
+
+
+def alignment_components(stats: Mapping[str, Any], classes: Sequence[int], *, ridge: float,
+                         scales: Optional[np.ndarray] = None) -> dict:
+    """The Gaussians an alignment draws from: those of every class of the storage
+    (:func:`gaussian_components` with ``every_class``; valid for ``classes``), each mean
+    times ``scales[c]`` of its class if given (:func:`mean_scales`)."""
+    components = gaussian_components(stats, classes, ridge=ridge, every_class=True)
+    if scales is not None:
+        components["mean"] = components["mean"] * np.asarray(scales)[components["label"], None]
+    return components
+
+
+def align_on_gaussians(fit: ClassifierFit, params: Any, stats: Mapping[str, Any],
+                       classes: Sequence[int], class_mask: np.ndarray, key: Array, *,
+                       ridge: float, steps: int, scales: Optional[np.ndarray] = None) -> Any:
+    """Trains ``params`` with ``fit`` (:func:`alignment_fit`) on features drawn from the
+    Gaussians of ``classes`` (:func:`alignment_components`), ``steps`` batches per epoch,
+    the loss over the classes in ``class_mask``. The Gaussians of every class of the
+    storage go in with a validity mask, so one compiled program serves every task."""
+    components = alignment_components(stats, classes, ridge=ridge, scales=scales)
+    available = int(components["valid"].sum()) * fit.batch_size
+    params, _ = fit(params, key, components, steps_per_epoch=max(1, int(steps)),
+                    available=available, class_mask=class_mask)
+    return params
