@@ -15,6 +15,10 @@ _REGISTRY = {
     "s_prompts": "pecft_jax.methods.s_prompts:SPrompts",
     "simplecil": "pecft_jax.methods.simplecil:SimpleCIL",
     "ranpac": "pecft_jax.methods.ranpac:RanPAC",
+    "aper": "pecft_jax.methods.aper:APER",
+    "ease": "pecft_jax.methods.ease:EASE",
+    "slca": "pecft_jax.methods.slca:SLCA",
+    "ssiat": "pecft_jax.methods.ssiat:SSIAT",
 }
 
 
