@@ -7,7 +7,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from pecft_jax.backbones.backbone import load_backbone
@@ -363,6 +362,22 @@ def test_base_optimizer_sgd_weight_decay_is_coupled_and_cosine_steps_per_epoch()
         make_base_optimizer(ml_collections.ConfigDict({"learning_rate": 0.1, "schedule": "step"}), 10)
 
 
+def test_multistep_epochs_schedule_is_pytorch_multisteplr_per_epoch():
+    import ml_collections
+    from pecft_jax.train.loop import make_base_optimizer
+    cfg = ml_collections.ConfigDict({"learning_rate": 0.01, "optimizer": "sgd", "momentum": 0.0,
+                                     "schedule": "multistep_epochs", "milestones": (2, 4),
+                                     "lr_decay": 0.1})
+    opt = make_base_optimizer(cfg, total_steps=15, steps_per_epoch=3)  # 5 epochs
+    params, grads = jnp.array([1.0]), jnp.array([1.0])
+    state = opt.init(params)
+    for step in range(15):
+        updates, state = opt.update(grads, state, params)
+        epoch = step // 3  # MultiStepLR(milestones=[2, 4], gamma=0.1), stepped per epoch
+        lr = 0.01 * 0.1 ** sum(epoch >= m for m in (2, 4))
+        np.testing.assert_allclose(updates, [-lr], rtol=1e-6)
+
+
 def test_joint_on_a_domain_scenario_fails_clearly(tmp_path):
     config = tiny_config("finetune", mode="head")
     config.scenario.kind = "domain"
@@ -435,7 +450,11 @@ EXPERIMENT_CONFIGS = [
     ("finetune", "split_mnist"), ("finetune", "split_mnist,lora"),
     ("finetune", "split_mnist,full,joint"), ("finetune", "cifar100,adapter")] + [
     (m, a) for m in ("simplecil", "ranpac")
-    for a in ("split_mnist", "domain_mnist", "cifar100", "imagenet_r")]
+    for a in ("split_mnist", "domain_mnist", "cifar100", "imagenet_r")] + [
+    (m, a) for m in ("ease", "slca", "ssiat")
+    for a in ("split_mnist", "cifar100", "imagenet_r")] + [
+    ("aper", f"{b},{v}") for b in ("split_mnist", "cifar100", "imagenet_r")
+    for v in ("adapter", "ssf", "vpt_deep", "vpt_shallow", "finetune")]
 
 
 @pytest.mark.parametrize("name, arg", EXPERIMENT_CONFIGS)
