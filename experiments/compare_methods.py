@@ -2,14 +2,19 @@
 
     python experiments/compare_methods.py --workdir-root workdirs/compare \
         finetune.py:split_mnist l2p.py:split_mnist finetune.py:split_mnist,full,joint
+    python experiments/compare_methods.py --seeds 0,1,2 ease.py:split_mnist slca.py:split_mnist
 
 Each entry is ``<config file in experiments/configs>[:arg]``; it runs as its own
 ``python -m pecft_jax.run`` process (resuming if its workdir already holds a run), and the
-table is built from the ``results.json`` files. Also writes ``<root>/table.md``.
+table is built from the ``results.json`` files. With ``--seeds`` every entry runs once per
+seed (``--config.seed=S``) and its row gives mean +- standard deviation (ddof=1) over them.
+The workdir of a run is named after its entry, its overrides and its seed. Also writes
+``<root>/table.md``.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -21,12 +26,20 @@ from pecft_jax.files import write_text_atomic
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
-def workdir_name(entry: str) -> str:
-    return entry.replace(".py", "").replace(":", "_").replace(",", "_").replace("/", "_")
+def workdir_name(entry: str, overrides: list = (), seed=None) -> str:
+    """A run's workdir: its entry, a digest of its overrides (another override is another
+    run, never the results of an earlier one) and its seed."""
+    name = entry.replace(".py", "").replace(":", "_").replace(",", "_").replace("/", "_")
+    if overrides:
+        name += "_" + hashlib.sha256("\0".join(overrides).encode()).hexdigest()[:8]
+    return name if seed is None else f"{name}_seed{seed}"
 
 
-def run(entry: str, root: str, overrides: list) -> dict:
-    workdir = os.path.join(root, workdir_name(entry))
+def run(entry: str, root: str, overrides: list, seed=None) -> dict:
+    overrides = list(overrides)
+    workdir = os.path.join(root, workdir_name(entry, overrides, seed))
+    if seed is not None:
+        overrides.append(f"--config.seed={seed}")
     results = os.path.join(workdir, "results.json")
     if not os.path.exists(results):
         cmd = [sys.executable, "-m", "pecft_jax.run", "--config",
@@ -38,23 +51,43 @@ def run(entry: str, root: str, overrides: list) -> dict:
         return json.load(f)
 
 
-def fmt(value, digits=2):
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def fmt(values, digits=2):
+    """A value, or mean +- std (ddof=1) of several; n/a where undefined."""
+    values = [v for v in (values if isinstance(values, list) else [values]) if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.{digits}f} +- {std:.{digits}f}"
 
 
 def table(rows: list) -> str:
-    head = ("| run | method | final avg acc (%) | forgetting | avg incremental acc | "
-            "task-IL avg acc | task identity (%) | trainable params | s/task |")
-    lines = [head, "|" + "---|" * 9]
-    for entry, r in rows:
-        m, tm = r["metrics"], r.get("task_il_metrics", {})
-        secs = r.get("seconds_per_task", [])
-        identity = r.get("task_identity_matrix")
-        identity = sum(identity[-1]) / len(identity[-1]) if identity else None
+    """One row per entry; ``rows`` = [(entry, [results of each seed])]."""
+    head = ("| run | method | final avg acc (%) | avg incremental acc | forgetting | "
+            "task-IL avg acc | task identity (%) | trainable params | stored state | s/task "
+            "| runs |")
+    lines = [head, "|" + "---|" * 11]
+    for entry, runs in rows:
+        def each(get):
+            return [get(r) for r in runs]
+
+        def identity(r):
+            m = r.get("task_identity_matrix")
+            return sum(m[-1]) / len(m[-1]) if m else None
+
+        r0 = runs[0]
         lines.append(
-            f"| {entry} | {r['method']}{' (joint)' if r.get('joint') else ''} | {fmt(m['average_accuracy'])} | {fmt(m['forgetting'])} "
-            f"| {fmt(m.get('average_incremental_accuracy'))} | {fmt(tm.get('average_accuracy'))} "
-            f"| {fmt(identity)} | {r['trainable_params']:,} | {fmt(sum(secs) / max(len(secs), 1), 1)} |")
+            f"| {entry} | {r0['method']}{' (joint)' if r0.get('joint') else ''} "
+            f"| {fmt(each(lambda r: r['metrics']['average_accuracy']))} "
+            f"| {fmt(each(lambda r: r['metrics'].get('average_incremental_accuracy')))} "
+            f"| {fmt(each(lambda r: r['metrics']['forgetting']))} "
+            f"| {fmt(each(lambda r: r.get('task_il_metrics', {}).get('average_accuracy')))} "
+            f"| {fmt(each(identity))} | {r0['trainable_params']:,} "
+            f"| {r0.get('state_size', 0):,} "
+            f"| {fmt(each(lambda r: sum(r['seconds_per_task']) / len(r['seconds_per_task'])), 1)} "
+            f"| {len(runs)} |")
     return "\n".join(lines)
 
 
@@ -64,8 +97,12 @@ def main():
     parser.add_argument("--workdir-root", default="workdirs/compare")
     parser.add_argument("--override", action="append", default=[],
                         help="--config.key=value passed to every run")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds: every entry runs once per seed")
     args = parser.parse_args()
-    rows = [(entry, run(entry, args.workdir_root, args.override)) for entry in args.entries]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    rows = [(entry, [run(entry, args.workdir_root, args.override, seed) for seed in seeds])
+            for entry in args.entries]
     text = table(rows)
     machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)"
     footer = f"\ncommand: {' '.join(sys.argv)}\nmachine: {machine}"
