@@ -308,6 +308,22 @@ def benchmark(name: str) -> ml_collections.ConfigDict:
     return c
 
 
+def pycil_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
+                   mean: tuple = (0.0,), std: tuple = (1.0,), seed: int = 1993
+                   ) -> ml_collections.ConfigDict:
+    """``c`` with the data protocol of the official code of the PyCIL / LAMDA-PILOT lineage
+    (SimpleCIL, APER, EASE, RanPAC, SLCA, SSIAT): the ViT weights at ``checkpoint``; inputs
+    as the official transforms leave them -- ``ToTensor()`` alone gives pixels in [0, 1]
+    (``mean=(0,)``, ``std=(1,)``), unless the code normalises (SLCA); classes in the order
+    ``np.random.seed(seed); np.random.permutation(C)`` (``scenario.class_order='pycil'``,
+    seed 1993 in every official config)."""
+    c.backbone.checkpoint = checkpoint
+    c.backbone.mean, c.backbone.std = tuple(mean), tuple(std)
+    c.scenario.class_order = "pycil"
+    c.scenario.seed = seed
+    return c
+
+
 def with_method_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``c`` with ``config.method`` holding every field of its method's ``Config``: the values
     the config file set (checked now, so a misspelt key fails when the file loads) and the

@@ -16,7 +16,8 @@ from pecft_jax.peft.modules import module_context
 from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import array_task_data, load_experiment_config, task_spec, tiny_config
+from helpers import (array_task_data, class_dependent_tasks, load_experiment_config, task_spec,
+                     tiny_config)
 
 TASKS = [[0, 1, 2], [3, 4, 5]]
 
@@ -24,14 +25,7 @@ TASKS = [[0, 1, 2], [3, 4, 5]]
 @pytest.fixture(scope="module")
 def micro():
     backbone, frozen = load_backbone("random:ViT-Micro/4")
-    rng = np.random.default_rng(0)
-    data = []
-    for classes in TASKS:
-        labels = np.repeat(classes, 12)
-        images = (rng.normal(size=(len(labels), 16, 16, 1))
-                  + 0.7 * labels[:, None, None, None] / 5.0).astype(np.float32)
-        data.append((images, labels))
-    return backbone, frozen, data
+    return backbone, frozen, class_dependent_tasks(TASKS, 12)
 
 
 def test_prototypes_are_class_means_of_pretrained_and_adapted_features(micro):

@@ -18,7 +18,8 @@ from pecft_jax.methods.ease import complement_prototypes, subspace_weights
 from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import array_task_data, load_experiment_config, task_spec, tiny_config
+from helpers import (array_task_data, class_dependent_tasks, load_experiment_config, task_spec,
+                     tiny_config)
 
 TASKS = [[0, 1], [2, 3, 4], [5, 6]]
 
@@ -72,14 +73,7 @@ def test_subspace_weights_follow_forward_reweight():
 @pytest.fixture(scope="module")
 def micro():
     backbone, frozen = load_backbone("random:ViT-Micro/4")
-    rng = np.random.default_rng(0)
-    data = []
-    for classes in TASKS:
-        labels = np.repeat(classes, 6)
-        images = (rng.normal(size=(len(labels), 16, 16, 1))
-                  + 0.7 * labels[:, None, None, None] / 5.0).astype(np.float32)
-        data.append((images, labels))
-    return backbone, frozen, data
+    return backbone, frozen, class_dependent_tasks(TASKS, 6)
 
 
 def test_prototypes_and_logits_equal_separate_passes(micro):

@@ -12,7 +12,7 @@ from pecft_jax.methods import create_method
 from pecft_jax.methods.base import count_params
 from pecft_jax.methods.ranpac import OFFICIAL_RIDGES, fit_split, validation_errors
 
-from helpers import array_task_data, load_experiment_config, task_spec
+from helpers import array_task_data, class_dependent_tasks, load_experiment_config, task_spec
 
 TASKS = [[0, 1, 2], [3, 4, 5]]
 
@@ -31,14 +31,7 @@ def numpy_ridge(h, y, fit, ridges):
 @pytest.fixture(scope="module")
 def micro():
     backbone, frozen = load_backbone("random:ViT-Micro/4")
-    rng = np.random.default_rng(0)
-    data = []
-    for classes in TASKS:  # class-dependent images, so that the head has something to learn
-        labels = np.repeat(classes, 30)
-        images = (rng.normal(size=(len(labels), 16, 16, 1))
-                  + 0.7 * labels[:, None, None, None] / 5.0).astype(np.float32)
-        data.append((images, labels))
-    return backbone, frozen, data
+    return backbone, frozen, class_dependent_tasks(TASKS, 30)
 
 
 def test_head_and_lambda_equal_a_numpy_ridge_on_the_same_random_features(micro):

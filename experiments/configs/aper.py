@@ -46,7 +46,7 @@ embedding and the final norm (205,824 parameters; 202,752 here); the official lo
 an epoch's last partial batch (dropped here); timm's GELU is exact (erf), this ViT uses the
 tanh approximation of Google's JAX code.
 """
-from pecft_jax.configs import benchmark, with_method_defaults
+from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
 
 AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
 IN1K_FINETUNE = "imagenet2012-steps_20k-lr_0.01-res_224"
@@ -90,13 +90,9 @@ def get_config(arg: str = "split_mnist"):
     c.train.epochs, c.train.learning_rate, c.train.batch_size, c.train.weight_decay = \
         table[variant]
     if c.benchmark == "imagenet_r":
-        c.backbone.checkpoint = f"weights/{AUGREG_IN21K}--{IN1K_FINETUNE}.npz"
+        pycil_protocol(c, f"weights/{AUGREG_IN21K}--{IN1K_FINETUNE}.npz")
         c.method.vpt_deep = {"length": 30}
         c.method.vpt_shallow = {"length": 30}
     else:
-        c.backbone.checkpoint = f"weights/{AUGREG_IN21K}.npz"
-    c.backbone.mean = (0.0,)
-    c.backbone.std = (1.0,)
-    c.scenario.class_order = "pycil"
-    c.scenario.seed = 1993
+        pycil_protocol(c, f"weights/{AUGREG_IN21K}.npz")
     return with_method_defaults(c)

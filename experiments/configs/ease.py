@@ -31,7 +31,7 @@ and test transform (Resize(256, bicubic) + CenterCrop(224)); ImageNet-R is TFDS
 epoch's last partial batch (dropped here); timm's GELU is exact (erf), this ViT uses the tanh
 approximation of Google's JAX code.
 """
-from pecft_jax.configs import benchmark, with_method_defaults
+from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
 
 AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
 
@@ -64,9 +64,5 @@ def get_config(arg: str = "split_mnist"):
         raise ValueError(f"ease has configs for split_mnist, cifar100 and imagenet_r, not "
                          f"{c.benchmark!r}")
     c.train.epochs = 20
-    c.backbone.checkpoint = f"weights/{AUGREG_IN21K}.npz"
-    c.backbone.mean = (0.0,)
-    c.backbone.std = (1.0,)
-    c.scenario.class_order = "pycil"
-    c.scenario.seed = 1993
+    pycil_protocol(c, f"weights/{AUGREG_IN21K}.npz")
     return with_method_defaults(c)

@@ -33,12 +33,13 @@ every task checkpoint (``Q`` and the head, ``M x C``, add 4 MB each per 100 clas
 ``W_rand``, ``768 x M``, 31 MB).
 
 Data: ImageNet-R here is TFDS ``imagenet_r`` split 80/20 (``test[:80%]`` / ``test[80%:]``), not
-the authors' pre-split train/test folders; the class order comes from ``scenario.seed``.
+the authors' pre-split train/test folders; the class order is the official
+``utils/data_manager.py``'s ``np.random.seed(1993); np.random.permutation`` (``'pycil'``).
 
 Repository tables (``paper_tables/Table_data_main_*.csv``, final average accuracy):
 CIFAR-100 92.2, ImageNet-R 77.9.
 """
-from pecft_jax.configs import benchmark, with_method_defaults
+from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
 
 # Google's AugReg ViT-B/16 checkpoints (gs://vit_models/augreg/), the weights timm 0.6.12
 # loads for the backbones named above; put them under weights/ or pass
@@ -64,12 +65,10 @@ def get_config(arg: str = "split_mnist"):
     else:
         c.method.M = 10_000
         if c.benchmark == "cifar100":
-            c.backbone.checkpoint = f"weights/{AUGREG_IN21K}.npz"
+            pycil_protocol(c, f"weights/{AUGREG_IN21K}.npz")
         else:
             c.method.first_session = "ssf"
-            c.backbone.checkpoint = f"weights/{AUGREG_IN21K}--{IN1K_FINETUNE}.npz"
-        c.backbone.mean = (0.0,)
-        c.backbone.std = (1.0,)
+            pycil_protocol(c, f"weights/{AUGREG_IN21K}--{IN1K_FINETUNE}.npz")
         c.train.epochs = 20
         c.train.learning_rate = 0.01
         c.train.batch_size = 48

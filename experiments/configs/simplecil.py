@@ -20,14 +20,16 @@ and ``imagenetr_5_5_...``; LAMDA-PILOT ``exps/simplecil.json`` / ``simplecil_inr
 * data: ImageNet-R is TFDS ``imagenet_r`` split 80/20 here, not the authors' train/test
   folders;
 * splits: the official configs are B0 Inc5; these benchmarks are PILOT's B0 Inc10
-  (CIFAR-100, 10 tasks) and B0 Inc20 (ImageNet-R, 10 tasks), class order from seed 1993;
+  (CIFAR-100, 10 tasks) and B0 Inc20 (ImageNet-R, 10 tasks), class order
+  ``np.random.seed(1993); np.random.permutation`` as the official data manager
+  (``scenario.class_order='pycil'``);
 * the prototype pass batch (official 128) is ``eval.batch_size``; it does not change the
   result.
 
 Official logs (B0 Inc5, ViT-B/16 in21k): CIFAR-100 last 81.28 / average 87.57; ImageNet-R
 last 54.55 / average 62.57.
 """
-from pecft_jax.configs import benchmark, with_method_defaults
+from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
 
 # Google's AugReg ViT-B/16 ImageNet-21k checkpoint (gs://vit_models/augreg/), the weights of
 # timm 0.6.12's vit_base_patch16_224_in21k; put it under weights/ or pass
@@ -40,8 +42,6 @@ def get_config(arg: str = "split_mnist"):
     c.method.name = "simplecil"
     c.augment.enabled = False  # nothing is trained: no augmented batch is ever drawn
     if c.benchmark in ("cifar100", "imagenet_r"):
-        c.backbone.checkpoint = f"weights/{AUGREG_IN21K}.npz"
-        c.backbone.mean = (0.0,)
-        c.backbone.std = (1.0,)
+        pycil_protocol(c, f"weights/{AUGREG_IN21K}.npz")
         c.eval.batch_size = 128
     return with_method_defaults(c)

@@ -34,7 +34,7 @@ whose files were not published); the official loader keeps an epoch's last parti
 (dropped here); timm's GELU is exact (erf), this ViT uses the tanh approximation of Google's
 JAX code.
 """
-from pecft_jax.configs import benchmark, with_method_defaults
+from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
 
 AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
 
@@ -55,19 +55,16 @@ def get_config(arg: str = "split_mnist"):
         # 57.4 final accuracy on the demo; a 0.03 head rate 36.6.)
         c.train.milestones = ()
         return with_method_defaults(c)
+    weights = f"weights/{AUGREG_IN21K}.npz"
     if c.benchmark == "cifar100":
         c.train.epochs, c.train.milestones = 20, (18,)
-        c.backbone.mean = (0.5071, 0.4867, 0.4408)
-        c.backbone.std = (0.2675, 0.2565, 0.2761)
+        pycil_protocol(c, weights, mean=(0.5071, 0.4867, 0.4408),
+                       std=(0.2675, 0.2565, 0.2761))
     elif c.benchmark == "imagenet_r":
         c.train.epochs, c.train.milestones = 50, (40,)
-        c.backbone.mean = (0.485, 0.456, 0.406)
-        c.backbone.std = (0.229, 0.224, 0.225)
+        pycil_protocol(c, weights, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     else:
         raise ValueError(f"slca has configs for split_mnist, cifar100 and imagenet_r, not "
                          f"{c.benchmark!r}")
     c.train.batch_size = 128
-    c.backbone.checkpoint = f"weights/{AUGREG_IN21K}.npz"
-    c.scenario.class_order = "pycil"
-    c.scenario.seed = 1993
     return with_method_defaults(c)

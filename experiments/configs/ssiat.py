@@ -31,7 +31,7 @@ method's docstring for how the official code differs); the official loader keeps
 last partial batch (dropped here); timm's GELU is exact (erf), this ViT uses the tanh
 approximation of Google's JAX code.
 """
-from pecft_jax.configs import benchmark, with_method_defaults
+from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
 
 AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
 
@@ -58,9 +58,5 @@ def get_config(arg: str = "split_mnist"):
     c.train.epochs = 20
     c.method.incremental_epochs = 10
     c.train.batch_size = 48
-    c.backbone.checkpoint = f"weights/{AUGREG_IN21K}.npz"
-    c.backbone.mean = (0.0,)
-    c.backbone.std = (1.0,)
-    c.scenario.class_order = "pycil"
-    c.scenario.seed = 1993
+    pycil_protocol(c, f"weights/{AUGREG_IN21K}.npz")
     return with_method_defaults(c)
