@@ -102,8 +102,8 @@ def test_paper_configuration_sizes():
     vit_b = Backbone(vit.get_config("ViT-B/16", num_classes=0))
     frozen = jax.eval_shape(lambda k: vit.init_params(vit_b.config, k), jax.random.key(0))
     expected = {"adapter": 1_189_632,       # 12 x (768*64 + 64 + 64*768 + 768), official log
-                "ssf": 202_752,             # 12 x 16,896 (official 205,824 with its patch-
-                                            # embedding and final-norm points)
+                "ssf": 205_824,             # 12 x 16,896 + patch embedding + final norm,
+                                            # official log
                 "vpt_shallow": 3_840,       # 5 x 768
                 "vpt_deep": 46_080,         # 12 x 5 x 768
                 "finetune": 85_798_656}     # the whole ViT-B/16 without a head

@@ -74,8 +74,9 @@ def _bottleneck(x, p):
         p["up"]["bias"]
 
 
-def np_embed(params, images):
-    """[CLS] + patch tokens + position embedding: the tokens entering block 0."""
+def np_embed(params, images, embed_ssf=None):
+    """[CLS] + patch tokens + position embedding: the tokens entering block 0 (``embed_ssf``:
+    SSF's scale and shift of the patch tokens, before [CLS] and the positions)."""
     p = _np(params)
     batch, size, _, channels = images.shape
     patch = p["embedding"]["kernel"].shape[0]
@@ -85,13 +86,18 @@ def np_embed(params, images):
     # the conv kernel (p, p, C, D) flattens in the same (row, column, channel) order
     tokens = patches @ p["embedding"]["kernel"].reshape(-1, p["cls"].shape[-1]) + \
         p["embedding"]["bias"]
+    if embed_ssf is not None:
+        tokens = tokens * np.asarray(embed_ssf["scale"]) + np.asarray(embed_ssf["shift"])
     cls = np.broadcast_to(p["cls"], (batch, 1, tokens.shape[-1]))
     pos = p["Transformer"]["posembed_input"]["pos_embedding"]
     return np.concatenate([cls, tokens], axis=1) + pos
 
 
-def np_final(params, x):
-    return _ln(x, _np(params["Transformer"]["encoder_norm"]))
+def np_final(params, x, final_ssf=None):
+    x = _ln(x, _np(params["Transformer"]["encoder_norm"]))
+    if final_ssf is not None:
+        x = x * np.asarray(final_ssf["scale"]) + np.asarray(final_ssf["shift"])
+    return x
 
 
 def with_prompt(x, prompt, keep_from=1):
@@ -273,6 +279,28 @@ def test_ssf_identity_init_is_exact_and_paper_init_matches_numpy(params, images)
     np.testing.assert_allclose(got, want, atol=5e-5)
     with pytest.raises(ValueError, match="subset of"):
         ssf.SSFConfig(points=("qkv",))
+
+
+def test_ssf_on_the_patch_embedding_and_the_final_norm(params, images):
+    """The official SSF's two points outside the blocks: the patch tokens (before [CLS] and
+    the position embedding) and the final LayerNorm's output."""
+    cfg = ssf.SSFConfig(points=("fc2",), init="paper", model_points=("final", "embed"))
+    assert cfg.model_points == ("embed", "final")
+    trained = _perturb(ssf.init_ssf(CFG, cfg, jax.random.key(5)), 6, scale=0.2)
+    assert set(trained) == {"0", "embed", "final"} and trained["embed"]["scale"].shape == (16,)
+    got = _forward(params, images, ssf.ssf_context(trained))
+    want = np_final(params, np_block(np_embed(params, images, trained["embed"]),
+                                     _block(params, 0), ssf_params=trained["0"]),
+                    trained["final"])
+    np.testing.assert_allclose(got, want, atol=5e-5)
+    identity = ssf.init_ssf(CFG, ssf.SSFConfig(model_points=("embed", "final")),
+                            jax.random.key(0))
+    np.testing.assert_array_equal(_forward(params, images, ssf.ssf_context(identity)),
+                                  _forward(params, images))
+    with pytest.raises(ValueError, match="model_points must be a subset"):
+        ssf.SSFConfig(model_points=("head",))
+    with pytest.raises(ValueError, match="unknown model-level SSF point"):
+        PEFTContext(ssf={"head": trained["final"]})
 
 
 # ----------------------------------------------------------------------------- prompts / prefixes

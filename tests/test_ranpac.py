@@ -111,8 +111,9 @@ def test_ranpac_runs_end_to_end_on_the_loop(micro, tmp_path):
     # AdaptFormer adapter, bottleneck 64, in each of the 12 blocks: down 768x64 + 64, up
     # 64x768 + 768
     ("cifar100", 100, 12 * (768 * 64 + 64 + 64 * 768 + 768)),
-    # SSF at ln1, query, key, value, out, ln2, fc1 (3072 wide), fc2 of each block
-    ("imagenet_r", 200, 12 * 2 * (7 * 768 + 3072)),
+    # SSF at ln1, query, key, value, out, ln2, fc1 (3072 wide), fc2 of each block, and on
+    # the patch embedding and the final norm (official petl/vision_transformer_ssf.py)
+    ("imagenet_r", 200, 12 * 2 * (7 * 768 + 3072) + 2 * 2 * 768),
 ])
 def test_paper_configuration_sizes(arg, classes, module_params):
     c = load_experiment_config("ranpac", arg)

@@ -41,8 +41,7 @@ ImageNet-1k configs).
 Not reproduced: the official augmentation (RandomResizedCrop(224, scale=(0.05, 1)) + flip;
 this pipeline pads, crops and flips) and test transform (Resize(256, bicubic) +
 CenterCrop(224); here a bilinear resize to 224); ImageNet-R is TFDS ``imagenet_r`` split
-80/20, not the authors' train/test folders; the official SSF also scales the patch
-embedding and the final norm (205,824 parameters; 202,752 here); the official loaders keep
+80/20, not the authors' train/test folders; the official loaders keep
 an epoch's last partial batch (dropped here); timm's GELU is exact (erf), this ViT uses the
 tanh approximation of Google's JAX code.
 """

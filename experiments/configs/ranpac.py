@@ -18,9 +18,8 @@ Paper setting: official RanPAC/RanPAC ``args/cifar224_publish.csv`` and
   dropout 0.1; ``method.adapter``'s defaults);
 * ImageNet-R B0 Inc20: backbone ViT-B/16 in21k fine-tuned on in1k (timm
   ``vit_base_patch16_224``: ``B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz``),
-  first session with SSF (scale ~ N(1, 0.02), shift ~ N(0, 0.02);
-  the official SSF also scales the patch embedding and the final norm, which this backbone
-  has no hook for);
+  first session with SSF (scale ~ N(1, 0.02), shift ~ N(0, 0.02), in every block and on
+  the patch embedding and the final norm, as the official ``petl/vision_transformer_ssf.py``);
 * both: M = 10,000, ``tuned_epoch`` 20, ``body_lr`` 0.01, SGD momentum 0.9, weight decay
   5e-4 (PyTorch's, coupled), ``CosineAnnealingLR(T_max=20, eta_min=0)`` stepped per epoch,
   batch 48, ``use_input_norm=False`` (pixels in [0, 1]: ``backbone.mean=(0,)``,

@@ -34,6 +34,10 @@ Layer ``l`` of a ``PEFTContext`` describes the insertions at transformer block `
                      bottleneck activations while training (AdaptFormer's 0.1).
 * ``ssf``         -- ``{point: {'scale': (d,), 'shift': (d,)}}`` scale-and-shift after
                      ``ln1, query, key, value, out, ln2, fc1, fc2``.
+
+Outside the blocks, ``PEFTContext.ssf`` scales and shifts the patch embedding (``'embed'``,
+after the patch projection, before [CLS] and the position embedding) and the final
+LayerNorm's output (``'final'``, every token), the two points the SSF paper adds there.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ Array = jax.Array
 
 LORA_TARGETS = ("query", "key", "value", "out", "fc1", "fc2")
 SSF_POINTS = ("ln1", "query", "key", "value", "out", "ln2", "fc1", "fc2")
+MODEL_SSF_POINTS = ("embed", "final")  # outside the blocks (PEFTContext.ssf)
 
 
 @flax.struct.dataclass
@@ -93,8 +98,16 @@ _FIELDS_OF = {"prompt_mode": ("prompt",), "lora_scaling": ("lora",), "lora_dropo
 
 @flax.struct.dataclass
 class PEFTContext:
-    """Per-layer insertions, keyed by block index (0-based)."""
+    """Per-layer insertions, keyed by block index (0-based), and the model-level SSF points
+    (``ssf``: ``{'embed' | 'final': {'scale', 'shift'}}``)."""
     layers: Mapping[int, LayerPEFT] = flax.struct.field(default_factory=dict)
+    ssf: Optional[Mapping[str, Mapping[str, Array]]] = None
+
+    def __post_init__(self):
+        for point in (self.ssf or {}):
+            if point not in MODEL_SSF_POINTS:
+                raise ValueError(f"unknown model-level SSF point {point!r}; expected one of "
+                                 f"{MODEL_SSF_POINTS}")
 
     def at(self, layer: int) -> Optional[LayerPEFT]:
         return self.layers.get(layer)
@@ -102,6 +115,8 @@ class PEFTContext:
     def merge(self, other: "PEFTContext") -> "PEFTContext":
         """Combine two contexts (e.g. a G-prompt and an E-prompt); layers must not overlap
         in the same field."""
+        if self.ssf and other.ssf:
+            raise ValueError("both contexts set model-level SSF points")
         merged = dict(self.layers)
         for layer, lp in other.layers.items():
             if layer not in merged:
@@ -127,7 +142,7 @@ class PEFTContext:
                                          f"({getattr(mine, option)!r} vs {value!r})")
                     updates[option] = value
             merged[layer] = mine.replace(**updates)
-        return PEFTContext(layers=merged)
+        return PEFTContext(layers=merged, ssf=self.ssf or other.ssf)
 
 
 def as_batched(tokens: Array, batch: int) -> Array:

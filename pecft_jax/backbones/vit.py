@@ -304,7 +304,8 @@ class ViT(nn.Module):
                     strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
                     dtype=cfg.compute_dtype, name="embedding")(images)
         batch = x.shape[0]
-        x = x.reshape(batch, -1, cfg.hidden_size)
+        x = ssf(x.reshape(batch, -1, cfg.hidden_size), peft.ssf if peft is not None else None,
+                "embed")
         cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.hidden_size))
         x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, cfg.hidden_size)).astype(x.dtype),
                              x], axis=1)
@@ -382,7 +383,8 @@ class _PosEmbedTransformer(nn.Module):
             x, seen = EncoderBlock(cfg, name=f"encoderblock_{layer}")(x, lp, deterministic)
             blocks.append(seen)
         if stop_at_layer is None:
-            x = _layer_norm(cfg, "encoder_norm")(x)
+            x = ssf(_layer_norm(cfg, "encoder_norm")(x), peft.ssf if peft is not None else None,
+                    "final")
         return x, num_prompts, blocks
 
 

@@ -55,9 +55,10 @@ class APER(Method):
         adapter: peft.AdapterConfig = config_field(
             lambda: peft.AdapterConfig(bottleneck_dim=64, mode="parallel", scale=0.1,
                                        dropout=0.1))
-        # official vision_transformer_ssf.py: N(1, 0.02) / N(0, 0.02) (its patch-embedding
-        # and final-norm points have no hook in this backbone)
-        ssf: peft.SSFConfig = config_field(lambda: peft.SSFConfig(init="paper"))
+        # official vision_transformer_ssf.py: N(1, 0.02) / N(0, 0.02) after every block's
+        # eight points, the patch embedding and the final norm
+        ssf: peft.SSFConfig = config_field(
+            lambda: peft.SSFConfig(init="paper", model_points=("embed", "final")))
         # official vpt.py: prompt_token_num 5, zeros; deep = fresh tokens before every block
         # whose outputs are dropped after it ('replace')
         vpt_shallow: peft.PromptConfig = config_field(

@@ -113,7 +113,10 @@ class RanPAC(Method):
         adapter: peft.AdapterConfig = config_field(  # official: AdaptFormer, ffn_num=64
             lambda: peft.AdapterConfig(bottleneck_dim=64, mode="parallel", scale=0.1,
                                        dropout=0.1))
-        ssf: peft.SSFConfig = config_field(lambda: peft.SSFConfig(init="paper"))
+        # official petl/vision_transformer_ssf.py (RevisitingCIL's): every block's eight
+        # points plus the patch embedding and the final norm, N(1, 0.02) / N(0, 0.02)
+        ssf: peft.SSFConfig = config_field(
+            lambda: peft.SSFConfig(init="paper", model_points=("embed", "final")))
         prompt: peft.PromptConfig = config_field(  # official VPT: deep, 5 tokens, zeros
             lambda: peft.PromptConfig(length=5, deep=True, init="zeros"))
         lora: peft.LoraConfig = config_field(lambda: peft.LoraConfig(r=8, lora_alpha=16))
