@@ -1,0 +1,54 @@
+"""A run of SSIAT or EASE -- methods whose before_task writes what the steps or after_task
+need (the adapter before the task; a fresh temporary classifier) -- resumed from a
+checkpoint inside a task ends bit-identical to the uninterrupted run."""
+import jax
+import numpy as np
+import pytest
+
+from pecft_jax.data import pipeline
+from pecft_jax.train.checkpoint import Checkpointer
+from pecft_jax.train.loop import train_and_evaluate
+
+from helpers import tiny_config
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _config(method):
+    c = tiny_config(method, adapter={"bottleneck_dim": 4})
+    c.scenario.num_tasks = 2
+    c.train.optimizer, c.train.momentum, c.train.weight_decay = "sgd", 0.9, 5e-4
+    if method == "ssiat":
+        c.method.ca_samples = 16
+    return c
+
+
+@pytest.mark.parametrize("method", ["ssiat", "ease"])
+def test_resume_inside_the_second_task_is_bit_identical(method, tmp_path, monkeypatch):
+    whole = train_and_evaluate(_config(method), str(tmp_path / "whole"))
+    real_batches, calls = pipeline.train_batches, {"n": 0}
+    first_task_steps = whole["train_steps"] // 2
+
+    def crashing_batches(*args, **kwargs):
+        for batch in real_batches(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == first_task_steps + 8:  # task 1, after its step-6 checkpoint
+                raise _Interrupted()
+            yield batch
+
+    monkeypatch.setattr(pipeline, "train_batches", crashing_batches)
+    with pytest.raises(_Interrupted):
+        train_and_evaluate(_config(method), str(tmp_path / "resumed"))
+    monkeypatch.setattr(pipeline, "train_batches", real_batches)
+    resumed = train_and_evaluate(_config(method), str(tmp_path / "resumed"))
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    ckpts = [Checkpointer(str(tmp_path / name)) for name in ("whole", "resumed")]
+    try:
+        a, b = (c.restore("tasks", 1) for c in ckpts)
+    finally:
+        for c in ckpts:
+            c.close()
+    for key in ("trainable", "state"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, a[key], b[key])
