@@ -78,3 +78,19 @@ def class_dependent_tasks(tasks, per_class, seed=0):
                   + 0.7 * labels[:, None, None, None] / 5.0).astype(np.float32)
         data.append((images, labels))
     return data
+
+
+def assert_same_task_checkpoint(workdir_a, workdir_b, task):
+    """The task-end checkpoints of ``task`` in two workdirs hold bit-identical trainable and
+    state trees (e.g. a resumed run against its uninterrupted twin)."""
+    import jax
+    import numpy as np
+    from pecft_jax.train.checkpoint import Checkpointer
+    ckpts = [Checkpointer(str(w)) for w in (workdir_a, workdir_b)]
+    try:
+        a, b = (c.restore("tasks", task) for c in ckpts)
+    finally:
+        for c in ckpts:
+            c.close()
+    for key in ("trainable", "state"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, a[key], b[key])

@@ -17,7 +17,7 @@ from pecft_jax.train import partition
 from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
 
-from helpers import array_task_data, tiny_config
+from helpers import array_task_data, assert_same_task_checkpoint, tiny_config
 
 
 # ------------------------------------------------------------------ TaskData.reduce / map
@@ -431,15 +431,7 @@ def test_resume_inside_a_task_with_a_stateless_optimizer_skips_before_task(tmp_p
     resumed = train_and_evaluate(config(), str(tmp_path / "resumed"))
     assert seen == [1]  # task 0 resumed at its checkpointed step, past its before_task
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
-    ckpts = [Checkpointer(str(tmp_path / name)) for name in ("whole", "resumed")]
-    try:
-        a, b = (c.restore("tasks", 1) for c in ckpts)
-    finally:
-        for c in ckpts:
-            c.close()
-    for x, y in zip(jax.tree_util.tree_leaves((a["trainable"], a["state"])),
-                    jax.tree_util.tree_leaves((b["trainable"], b["state"]))):
-        np.testing.assert_array_equal(x, y)
+    assert_same_task_checkpoint(tmp_path / "whole", tmp_path / "resumed", 1)
 
 
 EXPERIMENT_CONFIGS = [
