@@ -90,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.optimizer = "adam"
     c.train.learning_rate = 1e-3
     # 'constant' | 'cosine' (per step) | 'cosine_epochs' | 'multistep_epochs' (x train.lr_decay,
-    # default 0.1, at the start of each epoch in train.milestones: PyTorch's MultiStepLR)
+    # default 0.1, at the start of each epoch in train.milestones: PyTorch's MultiStepLR) |
+    # 'coda_cosine' (CODA-Prompt's / InfLoRA's per-epoch CosineSchedule)
     c.train.schedule = "constant"
     c.train.warmup_steps = 0
     c.train.momentum = 0.0  # sgd only
@@ -134,8 +135,8 @@ _RANGES = (
     ("train.learning_rate", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     ("train.warmup_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     ("train.schedule", lambda v: v in ("constant", "cosine", "cosine_epochs",
-                                       "multistep_epochs"),
-     "'constant', 'cosine', 'cosine_epochs' or 'multistep_epochs'"),
+                                       "multistep_epochs", "coda_cosine"),
+     "'constant', 'cosine', 'cosine_epochs', 'multistep_epochs' or 'coda_cosine'"),
     ("train.milestones", lambda v: isinstance(v, (tuple, list)) and all(
         _is_int(m) and m >= 1 for m in v), "a list of epochs >= 1 (e.g. (18,))"),
     ("train.lr_decay", lambda v: _is_number(v) and v > 0, "a finite number > 0"),
@@ -309,17 +310,18 @@ def benchmark(name: str) -> ml_collections.ConfigDict:
 
 
 def pycil_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
-                   mean: tuple = (0.0,), std: tuple = (1.0,), seed: int = 1993
-                   ) -> ml_collections.ConfigDict:
+                   mean: tuple = (0.0,), std: tuple = (1.0,), seed: int = 1993,
+                   shuffle: bool = True) -> ml_collections.ConfigDict:
     """``c`` with the data protocol of the official code of the PyCIL / LAMDA-PILOT lineage
-    (SimpleCIL, APER, EASE, RanPAC, SLCA, SSIAT): the ViT weights at ``checkpoint``; inputs
-    as the official transforms leave them -- ``ToTensor()`` alone gives pixels in [0, 1]
-    (``mean=(0,)``, ``std=(1,)``), unless the code normalises (SLCA); classes in the order
-    ``np.random.seed(seed); np.random.permutation(C)`` (``scenario.class_order='pycil'``,
-    seed 1993 in every official config)."""
+    (SimpleCIL, APER, EASE, RanPAC, SLCA, SSIAT, InfLoRA, SD-LoRA): the ViT weights at
+    ``checkpoint``; inputs as the official transforms leave them -- ``ToTensor()`` alone
+    gives pixels in [0, 1] (``mean=(0,)``, ``std=(1,)``), unless the code normalises (SLCA);
+    classes in the order ``np.random.seed(seed); np.random.permutation(C)``
+    (``scenario.class_order='pycil'``), or in their own order where the official config
+    says ``"shuffle": false`` (``'identity'``)."""
     c.backbone.checkpoint = checkpoint
     c.backbone.mean, c.backbone.std = tuple(mean), tuple(std)
-    c.scenario.class_order = "pycil"
+    c.scenario.class_order = "pycil" if shuffle else "identity"
     c.scenario.seed = seed
     return c
 

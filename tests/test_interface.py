@@ -378,6 +378,26 @@ def test_multistep_epochs_schedule_is_pytorch_multisteplr_per_epoch():
         np.testing.assert_allclose(updates, [-lr], rtol=1e-6)
 
 
+def test_coda_cosine_schedule_is_the_official_cosineschedule_as_it_runs():
+    """CODA-Prompt's / InfLoRA's CosineSchedule: its constructor applies epoch 0, then resets
+    last_epoch to -1, so the first scheduler.step() (after epoch 0) applies epoch 0 again."""
+    import math
+    import ml_collections
+    from pecft_jax.train.loop import make_base_optimizer
+    cfg = ml_collections.ConfigDict({"learning_rate": 5e-4, "optimizer": "sgd", "momentum": 0.0,
+                                     "schedule": "coda_cosine"})
+    epochs, per_epoch = 5, 2
+    opt = make_base_optimizer(cfg, total_steps=epochs * per_epoch, steps_per_epoch=per_epoch)
+    state, params = opt.init(jnp.array([1.0])), jnp.array([1.0])
+    last_epoch = 0  # what the torch scheduler holds while an epoch runs
+    for epoch in range(epochs):
+        lr = 5e-4 * math.cos(99 * math.pi * last_epoch / (200 * (epochs - 1)))
+        for _ in range(per_epoch):
+            updates, state = opt.update(jnp.array([1.0]), state, params)
+            np.testing.assert_allclose(updates, [-lr], rtol=1e-6)
+        last_epoch = epoch  # scheduler.step() after the epoch: -1 + 1 = 0, then 1, 2, ...
+
+
 def test_joint_on_a_domain_scenario_fails_clearly(tmp_path):
     config = tiny_config("finetune", mode="head")
     config.scenario.kind = "domain"
@@ -446,7 +466,10 @@ EXPERIMENT_CONFIGS = [
     (m, a) for m in ("ease", "slca", "ssiat")
     for a in ("split_mnist", "cifar100", "imagenet_r")] + [
     ("aper", f"{b},{v}") for b in ("split_mnist", "cifar100", "imagenet_r")
-    for v in ("adapter", "ssf", "vpt_deep", "vpt_shallow", "finetune")]
+    for v in ("adapter", "ssf", "vpt_deep", "vpt_shallow", "finetune")] + [
+    (m, a) for m in ("inflora", "sd_lora", "o_lora")
+    for a in ("split_mnist", "cifar100", "imagenet_r")] + [
+    ("sd_lora", "imagenet_r,rr"), ("sd_lora", "cifar100,paper")]
 
 
 @pytest.mark.parametrize("name, arg", EXPERIMENT_CONFIGS)

@@ -19,6 +19,9 @@ _REGISTRY = {
     "ease": "pecft_jax.methods.ease:EASE",
     "slca": "pecft_jax.methods.slca:SLCA",
     "ssiat": "pecft_jax.methods.ssiat:SSIAT",
+    "inflora": "pecft_jax.methods.inflora:InfLoRA",
+    "sd_lora": "pecft_jax.methods.sd_lora:SDLoRA",
+    "o_lora": "pecft_jax.methods.o_lora:OLoRA",
 }
 
 

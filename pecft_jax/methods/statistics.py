@@ -340,6 +340,18 @@ def cosine_epoch_schedule(learning_rate: float, epochs: int, steps_per_epoch: in
     return schedule
 
 
+def coda_cosine_schedule(learning_rate: float, epochs: int, steps_per_epoch: int) -> Callable:
+    """The per-epoch ``CosineSchedule`` of CODA-Prompt's code base (InfLoRA reuses it), as
+    it runs there: ``lr_e = lr cos(99 pi e' / (200 (E - 1)))`` with ``e' = max(e - 1, 0)``
+    (its constructor's first step is undone, so the first two epochs share ``lr``); the
+    last epoch runs at ``lr cos(99 pi (E - 2) / (200 (E - 1)))``."""
+    def schedule(count):
+        epoch = jnp.floor_divide(count, max(1, steps_per_epoch))
+        shifted = jnp.maximum(epoch - 1, 0)
+        return learning_rate * jnp.cos(99.0 * jnp.pi * shifted / (200.0 * max(1, epochs - 1)))
+    return schedule
+
+
 def multistep_epoch_schedule(learning_rate: float, milestones: Sequence[int], decay: float,
                              steps_per_epoch: int) -> Callable:
     """PyTorch's ``MultiStepLR(milestones, gamma=decay)`` stepped once per epoch:

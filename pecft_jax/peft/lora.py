@@ -190,6 +190,59 @@ def lora_context(lora_params: Mapping, lora_cfg: LoraConfig) -> PEFTContext:
     return PEFTContext(layers=layers)
 
 
+# ----------------------------------------------------------------------------- one LoRA per task
+def init_task_loras(cfg: ViTConfig, lora_cfg: LoraConfig, num_tasks: int, rng: Array) -> dict:
+    """One LoRA per task, stacked on a leading task axis: ``{layer: {target: {'A': (T, d_in,
+    r), 'B': (T, r, d_out)}}}``, task ``t``'s factors drawn as :func:`init_lora` draws them
+    from ``fold_in(rng, t)`` (every ``B`` zero: a LoRA not trained yet adds nothing). The
+    shapes never change, so a step compiled once serves every task (the continual LoRA
+    methods train slice ``t`` while task ``t`` runs)."""
+    per_task = [init_lora(cfg, lora_cfg, jax.random.fold_in(rng, t)) for t in range(num_tasks)]
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_task)
+
+
+def task_lora_context(task_loras: Mapping, lora_cfg: LoraConfig,
+                      weights: Optional[Mapping] = None) -> PEFTContext:
+    """The backbone context that adds ``scaling * sum_t w_t x A_t B_t`` at every adapted
+    projection: the task LoRAs concatenated along the rank (``(d_in, T r)`` by ``(T r,
+    d_out)``), which is that sum exactly, in one branch. ``weights``, if given, is a tree
+    like ``task_loras`` without the factor level -- ``{layer: {target: (T,)}}`` -- or a
+    single ``(T,)`` array for all (SD-LoRA's magnitudes over norms, a 0/1 mask of the tasks
+    that take part); by default every task counts once."""
+    layers = {}
+    for key, targets in task_loras.items():
+        layer = layer_index(key)
+        factors = {}
+        for target, f in targets.items():
+            a, b = f["A"], f["B"]
+            if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != \
+                    lora_cfg.r or b.shape[1] != lora_cfg.r:
+                raise ValueError(f"layer {layer}/{target}: task LoRAs must be A (T, d_in, "
+                                 f"r={lora_cfg.r}) and B (T, r={lora_cfg.r}, d_out), got "
+                                 f"{tuple(a.shape)} and {tuple(b.shape)}")
+            if weights is not None:
+                w = weights if not isinstance(weights, Mapping) else weights[key][target]
+                b = b * jnp.asarray(w, b.dtype)[:, None, None]
+            num_tasks, d_in, r = a.shape
+            factors[target] = {"A": jnp.transpose(a, (1, 0, 2)).reshape(d_in, num_tasks * r),
+                               "B": b.reshape(num_tasks * r, b.shape[2])}
+        layers[layer] = LayerPEFT(lora=factors, lora_scaling=lora_cfg.scaling,
+                                  lora_dropout=lora_cfg.lora_dropout)
+    return PEFTContext(layers=layers)
+
+
+def product_norms(task_loras: Mapping) -> dict:
+    """``||A_t B_t||_F`` of every task's update at every adapted projection, ``{layer:
+    {target: (T,)}}``, from the ``r x r`` Gram matrices: ``||A B||_F^2 = sum((A^T A) * (B
+    B^T))`` -- no ``d_in x d_out`` product is formed."""
+    def norm(f):
+        gram_a = jnp.einsum("tir,tis->trs", f["A"], f["A"])
+        gram_b = jnp.einsum("trj,tsj->trs", f["B"], f["B"])
+        return jnp.sqrt(jnp.maximum(jnp.sum(gram_a * gram_b, axis=(1, 2)), 0.0))
+    return {layer: {target: norm(f) for target, f in targets.items()}
+            for layer, targets in task_loras.items()}
+
+
 # ----------------------------------------------------------------------------- merge / unmerge
 def _fold(params: Mapping, lora_params: Mapping, lora_cfg: LoraConfig, sign: float) -> dict:
     """Copy-on-write update of the adapted kernels: W + sign * scaling * A @ B."""

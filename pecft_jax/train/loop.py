@@ -37,7 +37,8 @@ from pecft_jax.files import write_json_atomic, write_text_atomic
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
 from pecft_jax.methods.base import count_params, merge_state
 from pecft_jax.methods.common import FROZEN_QUERY
-from pecft_jax.methods.statistics import cosine_epoch_schedule, multistep_epoch_schedule
+from pecft_jax.methods.statistics import (coda_cosine_schedule, cosine_epoch_schedule,
+                                         multistep_epoch_schedule)
 from pecft_jax.train import compilation
 from pecft_jax.train import mesh as mesh_lib
 from pecft_jax.train import partition
@@ -656,13 +657,13 @@ def schedule_lengths(train_cfg: ml_collections.ConfigDict, total_steps: int,
         return ()
     if name == "cosine":
         return (int(total_steps),)
-    if name == "cosine_epochs":
+    if name in ("cosine_epochs", "coda_cosine"):
         per_epoch = max(1, int(steps_per_epoch))
         return (max(1, int(total_steps) // per_epoch), per_epoch)
     if name == "multistep_epochs":
         return (max(1, int(steps_per_epoch)),)
-    raise ValueError(f"unknown schedule {name!r}; use 'constant', 'cosine', 'cosine_epochs' or "
-                     f"'multistep_epochs'")
+    raise ValueError(f"unknown schedule {name!r}; use 'constant', 'cosine', 'cosine_epochs', "
+                     f"'coda_cosine' or 'multistep_epochs'")
 
 
 def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
@@ -671,10 +672,13 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
 
     * ``'constant'`` (after an optional linear warm-up), ``'cosine'`` (per step, to 0 at the
       task's last step), ``'cosine_epochs'`` (PyTorch's ``CosineAnnealingLR(T_max=epochs)``
-      stepped once per epoch, as most official PyTorch code runs it) or
+      stepped once per epoch, as most official PyTorch code runs it),
       ``'multistep_epochs'`` (PyTorch's ``MultiStepLR(milestones=train.milestones,
       gamma=train.lr_decay)`` stepped once per epoch: the rate is multiplied by ``lr_decay``
-      at the start of each milestone epoch);
+      at the start of each milestone epoch) or ``'coda_cosine'`` (the ``CosineSchedule`` of
+      CODA-Prompt's code base, which InfLoRA's reuses, as it runs there: stepped per epoch,
+      ``lr_e = lr cos(99 pi max(e - 1, 0) / (200 (E - 1)))`` -- its constructor's first
+      step is undone, so epochs 0 and 1 both run at ``lr``);
     * ``'adam'``, ``'adamw'`` (decoupled weight decay) or ``'sgd'`` (``momentum``);
       ``train.weight_decay`` on ``'adam'`` / ``'sgd'`` is PyTorch's coupled L2 term
       (``g + wd * p`` before the update), what ``torch.optim.SGD/Adam(weight_decay=)`` do;
@@ -697,6 +701,11 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
             raise ValueError("train.schedule='cosine_epochs' has no warm-up; set "
                              "train.warmup_steps=0 or use 'cosine'")
         schedule = cosine_epoch_schedule(lr, *lengths)
+    elif schedule_name == "coda_cosine":
+        if warmup:
+            raise ValueError("train.schedule='coda_cosine' has no warm-up; set "
+                             "train.warmup_steps=0")
+        schedule = coda_cosine_schedule(lr, *lengths)
     elif schedule_name == "multistep_epochs":
         if warmup:
             raise ValueError("train.schedule='multistep_epochs' has no warm-up; set "
