@@ -199,7 +199,7 @@ def one_process(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 OPTIONAL_KEYS = ("benchmark", "dataset.train_split", "dataset.test_split",
                  "dataset.split_seed", "dataset.image_key", "dataset.label_key",
                  "scenario.domains", "scenario.datasets", "train.b1", "train.b2",
-                 "train.milestones", "train.lr_decay")
+                 "train.milestones", "train.lr_decay", "backbone.gelu_approximate")
 
 
 def _flat_keys(tree: dict, prefix: str = "") -> list:
@@ -316,11 +316,14 @@ def pycil_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
     (SimpleCIL, APER, EASE, RanPAC, SLCA, SSIAT, InfLoRA, SD-LoRA): the ViT weights at
     ``checkpoint``; inputs as the official transforms leave them -- ``ToTensor()`` alone
     gives pixels in [0, 1] (``mean=(0,)``, ``std=(1,)``), unless the code normalises (SLCA);
+    timm's exact GELU (``backbone.gelu_approximate=False``; Google's ``.npz`` would load
+    with the tanh form of its JAX code);
     classes in the order ``np.random.seed(seed); np.random.permutation(C)``
     (``scenario.class_order='pycil'``), or in their own order where the official config
     says ``"shuffle": false`` (``'identity'``)."""
     c.backbone.checkpoint = checkpoint
     c.backbone.mean, c.backbone.std = tuple(mean), tuple(std)
+    c.backbone.gelu_approximate = False  # timm's exact GELU, whatever the weights' format
     c.scenario.class_order = "pycil" if shuffle else "identity"
     c.scenario.seed = seed
     return c

@@ -79,7 +79,8 @@ def test_dual_gpm_switches_to_the_complement_past_half_the_width():
     wide = _moments(rng, dim, 12, scale=np.ones(12))  # flat spectrum: many directions kept
     basis, retain = update_dual_gpm(wide, np.zeros((dim, 0)), False, 0.999)
     assert retain and basis.shape[1] == dim - _kept(np.linalg.eigvalsh(wide), 0.999)
-    # the stored complement is orthogonal to the kept (top) directions
+    # the stored complement is orthogonal to the kept (top) directions (a fix: the official
+    # first-task 'retain' branch stores the kept ones and then fails an assertion)
     top = np.linalg.svd(wide)[0][:, :dim - basis.shape[1]]
     np.testing.assert_allclose(top.T @ basis, 0, atol=1e-8)
     a = design_down_projection(_moments(rng, dim, 4), basis, True, 2)

@@ -218,3 +218,15 @@ def test_unknown_dtype_or_attention_is_refused():
         TINY.replace(dtype="float16")
     with pytest.raises(ValueError, match="attention"):
         TINY.replace(attention="flash")
+
+
+def test_backbone_gelu_form_can_be_chosen():
+    """PyTorch official code runs Google's .npz weights through timm's exact GELU;
+    ``backbone.gelu_approximate=False`` reproduces that (None keeps the format's own)."""
+    from pecft_jax.backbones.backbone import load_backbone
+    images = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
+    exact, params = load_backbone("random:ViT-Micro/4", gelu_approximate=False)
+    tanh, _ = load_backbone("random:ViT-Micro/4")
+    assert not exact.config.gelu_approximate and tanh.config.gelu_approximate
+    a, b = exact.apply(params, images, output="cls"), tanh.apply(params, images, output="cls")
+    assert 0 < float(np.abs(np.asarray(a) - np.asarray(b)).max()) < 1e-2

@@ -42,8 +42,7 @@ Not reproduced: the official augmentation (RandomResizedCrop(224, scale=(0.05, 1
 this pipeline pads, crops and flips) and test transform (Resize(256, bicubic) +
 CenterCrop(224); here a bilinear resize to 224); ImageNet-R is TFDS ``imagenet_r`` split
 80/20, not the authors' train/test folders; the official loaders keep
-an epoch's last partial batch (dropped here); timm's GELU is exact (erf), this ViT uses the
-tanh approximation of Google's JAX code.
+an epoch's last partial batch (dropped here). (timm's exact GELU: ``pycil_protocol``.)
 """
 from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
 

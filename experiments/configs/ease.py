@@ -28,8 +28,7 @@ this backbone), inputs in [0, 1] (the official transforms end with ``ToTensor()`
 Not reproduced: the official augmentation (RandomResizedCrop(224, scale=(0.05, 1)) + flip)
 and test transform (Resize(256, bicubic) + CenterCrop(224)); ImageNet-R is TFDS
 ``imagenet_r`` split 80/20, not the authors' train/test folders; the official loader keeps an
-epoch's last partial batch (dropped here); timm's GELU is exact (erf), this ViT uses the tanh
-approximation of Google's JAX code.
+epoch's last partial batch (dropped here). (timm's exact GELU: ``pycil_protocol``.)
 """
 from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
 

@@ -24,8 +24,7 @@ pipeline pads, crops and flips) and test transform (CIFAR: Resize(224); ImageNet
 Resize(256) + CenterCrop(224)); the input statistics are taken on un-augmented images (the
 official passes use the augmented loader); ImageNet-R is TFDS ``imagenet_r`` split 80/20
 (the official code splits the folder at random on its first run); the loop drops an
-epoch's last partial batch (kept officially); timm's GELU is exact, this ViT's the tanh
-approximation of Google's JAX code. The official "+CA" configs (classifier alignment) are
+epoch's last partial batch (kept officially). The official "+CA" configs (classifier alignment) are
 not here.
 """
 from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults

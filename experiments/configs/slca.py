@@ -31,8 +31,7 @@ ColorJitter(brightness=63/255); ImageNet-R: RandomResizedCrop + flip; this pipel
 crops and flips) and test transform (Resize(256, bicubic) + CenterCrop(224)); ImageNet-R is
 TFDS ``imagenet_r`` split 80/20 (the official runs used DualPrompt's random 80/20 split,
 whose files were not published); the official loader keeps an epoch's last partial batch
-(dropped here); timm's GELU is exact (erf), this ViT uses the tanh approximation of Google's
-JAX code.
+(dropped here). (timm's exact GELU: ``pycil_protocol``.)
 """
 from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
 

@@ -28,8 +28,7 @@ this pipeline pads, crops and flips) and test transform (Resize(256, bicubic) +
 CenterCrop(224)); ImageNet-R is TFDS ``imagenet_r`` split 80/20, not the authors' folders.
 The semantic shift is computed on the same images before and after the task (see the
 method's docstring for how the official code differs); the official loader keeps an epoch's
-last partial batch (dropped here); timm's GELU is exact (erf), this ViT uses the tanh
-approximation of Google's JAX code.
+last partial batch (dropped here). (timm's exact GELU: ``pycil_protocol``.)
 """
 from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
 

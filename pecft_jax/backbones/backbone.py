@@ -43,16 +43,22 @@ class Backbone:
 
 def load_backbone(checkpoint: str, *, image_size: Optional[int] = None,
                   mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
-                  seed: int = 0, dtype: str = "float32", attention: str = "einsum") -> tuple:
+                  seed: int = 0, dtype: str = "float32", attention: str = "einsum",
+                  gelu_approximate: Optional[bool] = None) -> tuple:
     """Returns ``(Backbone, frozen_params)`` without a classification head.
 
     ``checkpoint`` is a file/directory ``load_pretrained`` reads (Google .npz, HF or timm
     safetensors, our own safetensors), ``'demo'`` for the bundled Fashion-MNIST ViT, or
     ``'random:<ViT name>'`` for randomly initialised weights (tests, shape checks).
     ``dtype`` and ``attention`` choose how the forward runs (see ``vit.ViTConfig``); the
-    parameters are float32 either way.
+    parameters are float32 either way. ``gelu_approximate`` (None: the checkpoint format's
+    own -- tanh for Google's ``.npz``, as its JAX code) chooses the MLP's GELU: ``False`` is
+    the exact erf form timm and Hugging Face run, what PyTorch official code computed with
+    the same ``.npz`` weights.
     """
     execution = {"dtype": dtype, "attention": attention}
+    if gelu_approximate is not None:
+        execution["gelu_approximate"] = bool(gelu_approximate)
     if checkpoint.startswith("random:"):
         overrides = {"image_size": image_size} if image_size else {}
         cfg = vit.get_config(checkpoint.split(":", 1)[1], num_classes=0, **overrides)

@@ -58,6 +58,8 @@ def design_down_projection(moments: np.ndarray, basis: np.ndarray, retain: bool,
     C`` when ``basis`` holds the complement, ``retain``; ``C`` itself with an empty basis),
     divided by ``sqrt(3)`` (official ``inflora.py``)."""
     c = np.asarray(moments, np.float64)
+    if retain and not basis.shape[1]:  # nothing left outside the protected subspace
+        return np.zeros((c.shape[0], rank))
     if basis.shape[1]:
         projection = basis @ basis.T
         c = projection @ c if retain else c - projection @ c
@@ -236,7 +238,8 @@ class InfLoRA(Method):
                                           "retain": retain_flags})
 
     def count_trainable(self, trainable, state):
-        """The trained up-projections ``B`` of every task and the heads (the designed ``A``
-        are not learnt)."""
+        """The trained up-projections ``B`` of every task and the heads, over the run (the
+        designed ``A`` are not learnt; the official log counts one task's: ``B`` and its
+        head)."""
         trained = [f["B"] for targets in trainable["lora"].values() for f in targets.values()]
         return count_params(trained) + count_params(trainable["head"])

@@ -13,7 +13,9 @@ with ``A_old`` every earlier task's down-projection (``A`` here is ``(d_in, r)``
 ``lora_A`` is its transpose, ``|lora_A_old @ lora_A_new^T|``). The code sums absolute values
 (the paper's equation squares them) and its L2 term -- not in the paper's objective -- is
 the non-squared Frobenius norm of the new factors; lambda_1 0.5 and lambda_2 0 in the
-standard-benchmark scripts. AdamW (lr 1e-3, no weight decay), gradient clipping at 1.
+standard-benchmark scripts. AdamW (lr 1e-3, no weight decay), the LoRA's gradient clipped
+at norm 1 (``lora_grad_clip``). The official code re-seeds every task, which may start each
+task's ``A`` from the same draw; here each task's is drawn on its own.
 
 The official setting is text generation with T5 (no classifier); here, backbone-agnostic,
 a linear head over all classes learns the current task's classes by cross-entropy over
@@ -30,6 +32,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, count_params,
                                     init_linear_head)
@@ -74,12 +77,13 @@ class OLoRA(Method):
 
     @dataclasses.dataclass(frozen=True)
     class Config:
-        rank: int = 8                          # official scripts: lora_r 8
-        lora_alpha: float = 32.0               # official scripts: lora_alpha 32
-        lora_dropout: float = 0.1              # official scripts: lora_dropout 0.1
+        rank: int = 8                          # official run_uie_lora.py: lora_r default
+        lora_alpha: float = 32.0               # official run_uie_lora.py: hard-coded 32
+        lora_dropout: float = 0.1              # official run_uie_lora.py: hard-coded 0.1
         target_modules: tuple = ("query", "value")  # HF peft's T5 default (q, v)
         lambda_1: float = 0.5                  # official scripts (orders 1-3): lamda_1 0.5
         lambda_2: float = 0.0                  # official scripts (orders 1-3): lamda_2 0
+        lora_grad_clip: float = 1.0            # official scripts: max_grad_norm 1 (0 = off)
 
         def __post_init__(self):
             if self.lambda_1 < 0 or self.lambda_2 < 0:
@@ -97,6 +101,17 @@ class OLoRA(Method):
         return {"lora": init_task_loras(self.backbone.config, self.lora_cfg, self.num_tasks,
                                         k_lora),
                 "head": init_linear_head(k_head, self.backbone.feature_dim, self.num_classes)}, {}
+
+    def param_labels(self, trainable, task):
+        return {"lora": jax.tree_util.tree_map(lambda _: "lora", trainable["lora"]),
+                "head": jax.tree_util.tree_map(lambda _: "head", trainable["head"])}
+
+    def optimizer_groups(self, task, base):
+        """The official gradient clipping covers the LoRA factors (its T5 has no head); the
+        head, ours, is not clipped."""
+        clip = self.config.lora_grad_clip
+        lora = optax.chain(optax.clip_by_global_norm(clip), base) if clip else base
+        return {"lora": lora, "head": base}
 
     def update_mask(self, trainable, task):
         """Task ``t``'s LoRA (slice ``t``) and head columns learn."""

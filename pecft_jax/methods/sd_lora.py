@@ -12,13 +12,15 @@ query and value, initialised to 0.8. The head is one linear layer over all class
 (``U(+-sqrt(3/D))`` weights, zero bias), cross-entropy over the current task's classes;
 SGD with momentum 0.9, no weight decay, a constant rate.
 
-Where the official code and the paper differ, the code is the default and the paper an
-option: the code normalises an old direction by the product of its factors' norms
-(``normalization='factors'``; the paper's figure: by ``||B_i A_i||_F``, ``'product'``), and
-it rebuilds the model every task, so every magnitude restarts at 0.8 and only the last
-task's values are used (``carry_magnitudes=False``; the paper: learnt magnitudes carry over,
-``True``). The current task's direction is not normalised in either (with ``B_t = 0`` at
-the start it could not be).
+Where the official code and the paper differ, the code is the default and our reading of
+the paper an option: the code normalises an old direction by the product of its factors'
+norms (``normalization='factors'``; the paper's figure: by ``||B_i A_i||_F``,
+``'product'``), and it rebuilds the model every task, so every magnitude restarts at 0.8 and
+only the last task's values are used (``carry_magnitudes=False``; the paper's "learnable
+magnitudes" read as carried over, ``True`` -- a magnitude learnt against the unnormalised
+current direction then scales its normalised form, which neither the code nor the text we
+could read settles). The current task's direction is not normalised in either (with
+``B_t = 0`` at the start it could not be).
 
 SD-LoRA-RR (rank reduction) is in the official code as a commented-out block: ranks 10,
 then 8 from task 4, then 6 from task 8 -- ``ranks=(10, 10, 10, 10, 8, 8, 8, 8, 6, 6)`` here

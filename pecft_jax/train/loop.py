@@ -124,7 +124,8 @@ class ContinualTrainer:
             bcfg.checkpoint, image_size=bcfg.get("image_size", None),
             mean=tuple(bcfg.get("mean", (0.5,))), std=tuple(bcfg.get("std", (0.5,))),
             seed=config.seed, dtype=bcfg.get("dtype", "float32"),
-            attention=bcfg.get("attention", "einsum"))
+            attention=bcfg.get("attention", "einsum"),
+            gelu_approximate=bcfg.get("gelu_approximate", None))
         self.fingerprint = fingerprint(frozen)
         self.frozen = mesh_lib.replicate(frozen, self.mesh)
         self.scenario = scenarios.build_scenario(config)
