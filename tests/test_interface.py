@@ -469,7 +469,9 @@ EXPERIMENT_CONFIGS = [
     for v in ("adapter", "ssf", "vpt_deep", "vpt_shallow", "finetune")] + [
     (m, a) for m in ("inflora", "sd_lora", "o_lora")
     for a in ("split_mnist", "cifar100", "imagenet_r")] + [
-    ("sd_lora", "imagenet_r,rr"), ("sd_lora", "cifar100,paper")]
+    ("sd_lora", "imagenet_r,rr"), ("sd_lora", "cifar100,paper")] + [
+    ("lae", f"{b},{m}") for b in ("split_mnist", "cifar100", "imagenet_r")
+    for m in ("adapter", "lora", "prefix")]
 
 
 @pytest.mark.parametrize("name, arg", EXPERIMENT_CONFIGS)

@@ -69,9 +69,13 @@ def _gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def _bottleneck(x, p):
-    return np.maximum(x @ p["down"]["kernel"] + p["down"]["bias"], 0) @ p["up"]["kernel"] + \
-        p["up"]["bias"]
+def _bottleneck(x, p, activation="relu"):
+    h = x @ p["down"]["kernel"] + p["down"]["bias"]
+    if activation == "relu":
+        h = np.maximum(h, 0)
+    else:  # the exact GELU, x Phi(x)
+        h = 0.5 * h * (1 + np.vectorize(math.erf)(h / np.sqrt(2)))
+    return h @ p["up"]["kernel"] + p["up"]["bias"]
 
 
 def np_embed(params, images, embed_ssf=None):
@@ -106,8 +110,12 @@ def with_prompt(x, prompt, keep_from=1):
 
 
 def np_block(x, block, *, lora_factors=None, scaling=1.0, prefix=None, ssf_params=None,
-             adapter=None, adapter_attn=None, adapter_mode="sequential", adapter_scale=1.0):
-    """One pre-LN ViT block written from the papers' equations (float64 numpy)."""
+             adapter=None, adapter_attn=None, adapter_mode="sequential", adapter_scale=1.0,
+             adapter_attn_parallel=False, activation="relu", compensated=False):
+    """One pre-LN ViT block written from the papers' equations (float64 numpy).
+    ``adapter_attn_parallel`` / ``activation='gelu'``: LAE's adapter beside the attention
+    from LN1's output with an exact GELU; ``compensated``: LAE's prefix attention, the
+    prefix columns divided by their sum."""
     block, lora_factors, ssf_params = _np(block), _np(lora_factors or {}), _np(ssf_params or {})
     adapter, adapter_attn = _np(adapter), _np(adapter_attn)
     batch, length, dim = x.shape
@@ -135,10 +143,14 @@ def np_block(x, block, *, lora_factors=None, scaling=1.0, prefix=None, ssf_param
     scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
+    if compensated:
+        n = prefix.shape[2]
+        weights[..., :n] /= weights[..., :n].sum(-1, keepdims=True)
     attended = np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, dim)
     out = linear(attended, attn["out"]["kernel"], attn["out"]["bias"], "out")
     if adapter_attn is not None:
-        out = out + adapter_scale * _bottleneck(out, adapter_attn)
+        source = h if adapter_attn_parallel else out
+        out = out + adapter_scale * _bottleneck(source, adapter_attn, activation)
     x = x + out
     h = scale_shift(_ln(x, block["LayerNorm_2"]), "ln2")
     mlp = block["MlpBlock_3"]
@@ -301,6 +313,30 @@ def test_ssf_on_the_patch_embedding_and_the_final_norm(params, images):
         ssf.SSFConfig(model_points=("head",))
     with pytest.raises(ValueError, match="unknown model-level SSF point"):
         PEFTContext(ssf={"head": trained["final"]})
+
+
+# ----------------------------------------------------------------------------- LAE's modules
+def test_lae_attention_adapter_and_compensated_prefix_match_numpy(params, images):
+    """LAE's adapter (beside the attention, from LN1's output, exact GELU) and its
+    compensated prefix (prefix attention columns divided by their sum)."""
+    cfg = adapters.AdapterConfig(bottleneck_dim=3, mlp=False, attn=True, attn_mode="parallel",
+                                 activation="gelu", scale=0.7)
+    trained = _perturb(adapters.init_adapters(CFG, cfg, jax.random.key(4)), 5, scale=0.3)
+    assert set(trained["0"]) == {"attn"}
+    got = _forward(params, images, adapters.adapter_context(trained, cfg))
+    want = np_final(params, np_block(np_embed(params, images), _block(params, 0),
+                                     adapter_attn=trained["0"]["attn"], adapter_scale=0.7,
+                                     adapter_attn_parallel=True, activation="gelu"))
+    np.testing.assert_allclose(got, want, atol=5e-5)
+    pcfg = prompts.PrefixConfig(length=3, init="small_uniform", compensated=True)
+    prefix = prompts.init_prefixes(CFG, pcfg, jax.random.key(6))
+    assert 0 <= float(np.min(prefix["0"])) and float(np.max(prefix["0"])) < 0.01
+    prefix = _perturb(prefix, 7, scale=0.5)
+    got = _forward(params, images, prompts.prefix_context(prefix, pcfg))
+    batched = np.broadcast_to(np.asarray(prefix["0"]), (BATCH,) + prefix["0"].shape)
+    want = np_final(params, np_block(np_embed(params, images), _block(params, 0),
+                                     prefix=batched, compensated=True))
+    np.testing.assert_allclose(got, want, atol=5e-5)
 
 
 # ----------------------------------------------------------------------------- prompts / prefixes

@@ -24,14 +24,20 @@ Layer ``l`` of a ``PEFTContext`` describes the insertions at transformer block `
                      *projected* keys and values of block ``l``'s attention (prefix tuning
                      as DualPrompt and CODA-Prompt use it: a prompt of length 2*Lp split
                      into a key half and a value half). They change no sequence length.
+                     ``prefix_compensated`` (LAE) divides the prefix columns of the
+                     attention by their sum ``lambda``: ``(1 - lambda) Attn(x) +
+                     Attn_prefix(x)``.
 * ``lora``        -- ``{target: {'A': (d_in, r), 'B': (r, d_out)}}`` for targets among
                      ``query, key, value, out, fc1, fc2``; adds ``scaling * x @ A @ B``.
 * ``adapter``     -- ``{'down': {'kernel','bias'}, 'up': {'kernel','bias'}}`` bottleneck.
                      ``adapter_mode='sequential'`` applies ``h + s*up(relu(down(h)))`` to
-                     the MLP output (and, with ``adapter_attn``, to the attention output);
-                     ``'parallel'`` (AdaptFormer) adds ``s*up(relu(down(x)))`` of the
-                     block's residual stream beside the MLP. ``adapter_dropout`` drops
-                     bottleneck activations while training (AdaptFormer's 0.1).
+                     the MLP output; ``'parallel'`` (AdaptFormer) adds ``s*up(relu(down(x)))``
+                     of the block's residual stream beside the MLP. ``adapter_dropout``
+                     drops bottleneck activations while training (AdaptFormer's 0.1);
+                     ``adapter_activation`` is ``'relu'`` or ``'gelu'`` (LAE).
+* ``adapter_attn``-- the same at the attention: ``adapter_attn_mode='sequential'`` on the
+                     attention output, ``'parallel'`` (LAE) from the attention's input (the
+                     LayerNorm output) and added beside it.
 * ``ssf``         -- ``{point: {'scale': (d,), 'shift': (d,)}}`` scale-and-shift after
                      ``ln1, query, key, value, out, ln2, fc1, fc2``.
 
@@ -50,6 +56,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 LORA_TARGETS = ("query", "key", "value", "out", "fc1", "fc2")
+ADAPTER_ACTIVATIONS = ("relu", "gelu")
 SSF_POINTS = ("ln1", "query", "key", "value", "out", "ln2", "fc1", "fc2")
 MODEL_SSF_POINTS = ("embed", "final")  # outside the blocks (PEFTContext.ssf)
 
@@ -69,13 +76,20 @@ class LayerPEFT:
     adapter_mode: str = flax.struct.field(pytree_node=False, default="sequential")
     adapter_scale: float = flax.struct.field(pytree_node=False, default=1.0)
     adapter_dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+    adapter_activation: str = flax.struct.field(pytree_node=False, default="relu")
+    adapter_attn_mode: str = flax.struct.field(pytree_node=False, default="sequential")
+    prefix_compensated: bool = flax.struct.field(pytree_node=False, default=False)
 
     def __post_init__(self):
         if self.prompt_mode not in ("append", "replace"):
             raise ValueError(f"prompt_mode must be 'append' or 'replace', got {self.prompt_mode!r}")
-        if self.adapter_mode not in ("sequential", "parallel"):
-            raise ValueError(
-                f"adapter_mode must be 'sequential' or 'parallel', got {self.adapter_mode!r}")
+        for name in ("adapter_mode", "adapter_attn_mode"):
+            if getattr(self, name) not in ("sequential", "parallel"):
+                raise ValueError(f"{name} must be 'sequential' or 'parallel', got "
+                                 f"{getattr(self, name)!r}")
+        if self.adapter_activation not in ADAPTER_ACTIVATIONS:
+            raise ValueError(f"adapter_activation must be one of {ADAPTER_ACTIVATIONS}, got "
+                             f"{self.adapter_activation!r}")
         if (self.prefix_key is None) != (self.prefix_value is None):
             raise ValueError("prefix_key and prefix_value must be given together")
         for target in (self.lora or {}):
@@ -88,12 +102,17 @@ class LayerPEFT:
 
 # Static options of LayerPEFT and the array fields they configure.
 _OPTIONS_OF = {"prompt": ("prompt_mode",), "lora": ("lora_scaling", "lora_dropout"),
-               "adapter": ("adapter_mode", "adapter_scale", "adapter_dropout"),
-               "adapter_attn": ("adapter_mode", "adapter_scale", "adapter_dropout")}
+               "prefix_key": ("prefix_compensated",),
+               "adapter": ("adapter_mode", "adapter_scale", "adapter_dropout",
+                           "adapter_activation"),
+               "adapter_attn": ("adapter_attn_mode", "adapter_scale", "adapter_dropout",
+                                "adapter_activation")}
 _FIELDS_OF = {"prompt_mode": ("prompt",), "lora_scaling": ("lora",), "lora_dropout": ("lora",),
-              "adapter_mode": ("adapter", "adapter_attn"),
+              "prefix_compensated": ("prefix_key",),
+              "adapter_mode": ("adapter",), "adapter_attn_mode": ("adapter_attn",),
               "adapter_scale": ("adapter", "adapter_attn"),
-              "adapter_dropout": ("adapter", "adapter_attn")}
+              "adapter_dropout": ("adapter", "adapter_attn"),
+              "adapter_activation": ("adapter", "adapter_attn")}
 
 
 @flax.struct.dataclass
@@ -168,11 +187,13 @@ def ssf(x: Array, params: Optional[Mapping[str, Mapping[str, Array]]], point: st
 
 
 def bottleneck(x: Array, params: Mapping[str, Any],
-               on_hidden: Optional[Callable[[Array], Array]] = None) -> Array:
-    """up(relu(down(x))), the adapter's residual branch (without the scale); ``on_hidden``
-    (e.g. dropout while training, as AdaptFormer) acts on the bottleneck activations."""
+               on_hidden: Optional[Callable[[Array], Array]] = None,
+               activation: str = "relu") -> Array:
+    """up(act(down(x))), the adapter's residual branch (without the scale), ``act`` ReLU or
+    the exact GELU (torch ``nn.GELU``, LAE's); ``on_hidden`` (e.g. dropout while training,
+    as AdaptFormer) acts on the bottleneck activations."""
     h = x @ params["down"]["kernel"].astype(x.dtype) + params["down"]["bias"].astype(x.dtype)
-    h = jax.nn.relu(h)
+    h = jax.nn.relu(h) if activation == "relu" else jax.nn.gelu(h, approximate=False)
     if on_hidden is not None:
         h = on_hidden(h)
     return h @ params["up"]["kernel"].astype(x.dtype) + params["up"]["bias"].astype(x.dtype)

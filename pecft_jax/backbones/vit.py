@@ -149,7 +149,7 @@ def _adapter_branch(lp: LayerPEFT, params: Mapping, x: Array, deterministic: boo
     dropout = None
     if lp.adapter_dropout and not deterministic:
         dropout = lambda h: nn.Dropout(rate=lp.adapter_dropout)(h, deterministic=False)
-    return lp.adapter_scale * bottleneck(x, params, dropout)
+    return lp.adapter_scale * bottleneck(x, params, dropout, lp.adapter_activation)
 
 
 def _at_least_f32(x: Array) -> Array:
@@ -192,13 +192,19 @@ class Attention(nn.Module):
                                  f"{pv.shape}")
             k = jnp.concatenate([pk.reshape(batch, -1, heads, head_dim), k], axis=1)
             v = jnp.concatenate([pv.reshape(batch, -1, heads, head_dim), v], axis=1)
-        if cfg.attention != "einsum":
+        compensated = lp is not None and lp.prefix_key is not None and lp.prefix_compensated
+        if cfg.attention != "einsum" and not compensated:
             attended = jax.nn.dot_product_attention(q, k, v, implementation=cfg.attention)
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
             # the softmax in at least float32 (a no-op for float32 / float64 activations)
-            weights = jax.nn.softmax(_at_least_f32(scores), axis=-1).astype(v.dtype)
-            attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+            weights = jax.nn.softmax(_at_least_f32(scores), axis=-1)
+            if compensated:  # LAE: the prefix columns (first) divided by their sum lambda
+                num_prefix = k.shape[1] - length
+                lam = jnp.maximum(weights[..., :num_prefix].sum(-1, keepdims=True), 1e-12)
+                weights = jnp.concatenate([weights[..., :num_prefix] / lam,
+                                           weights[..., num_prefix:]], axis=-1)
+            attended = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
         out = nn.DenseGeneral(features=dim, axis=(-2, -1), dtype=cfg.compute_dtype,
                               name="out")(attended)
         if "out" in lora:
@@ -241,7 +247,8 @@ class EncoderBlock(nn.Module):
         h = Attention(self.cfg, name="MultiHeadDotProductAttention_1")(attn_input, lp,
                                                                        deterministic)
         if lp is not None and lp.adapter_attn is not None:
-            h = h + _adapter_branch(lp, lp.adapter_attn, h, deterministic)
+            source = h if lp.adapter_attn_mode == "sequential" else attn_input
+            h = h + _adapter_branch(lp, lp.adapter_attn, source, deterministic)
         x = x + h
         mlp_input = ssf(_layer_norm(self.cfg, "LayerNorm_2")(x), ssf_params, "ln2")
         h = MlpBlock(self.cfg, name="MlpBlock_3")(mlp_input, lp, deterministic)

@@ -22,6 +22,7 @@ _REGISTRY = {
     "inflora": "pecft_jax.methods.inflora:InfLoRA",
     "sd_lora": "pecft_jax.methods.sd_lora:SDLoRA",
     "o_lora": "pecft_jax.methods.o_lora:OLoRA",
+    "lae": "pecft_jax.methods.lae:LAE",
 }
 
 

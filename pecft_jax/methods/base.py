@@ -395,6 +395,13 @@ class Method:
         """Transform per label. Override for per-group learning rates."""
         return {"train": base}
 
+    def group_start_epochs(self, task: TaskSpec) -> Mapping[str, int]:
+        """``{label: epoch}``: the group learns from that epoch of the task on, zero updates
+        before and its optimizer state started then (``partition.start_after``; LAE trains
+        only the new head for a task's first epochs). Default: every group from the start.
+        Groups that start later compile a train step of their own."""
+        return {}
+
     # ------------------------------------------------------------------- traced
     def loss(self, trainable: dict, state: dict, frozen: Any, batch: Mapping[str, Array],
              rng: Array, task: TaskSpec) -> Tuple[Array, dict]:

@@ -8,6 +8,10 @@ An adapter is ``up(relu(down(h)))`` scaled by ``scale`` and added to the residua
   backbone always applies that one sequentially).
 * ``mode='parallel'`` (AdaptFormer): beside the MLP, ``mlp(x) + scale * up(relu(down(x)))``
   where ``x`` is the block's residual stream; AdaptFormer uses ``scale=0.1``.
+* ``attn_mode='parallel'`` (LAE's adapter, with ``mlp=False``): beside the attention,
+  ``attn(LN(x)) + scale * up(act(down(LN(x))))`` from the attention's own input.
+
+``activation`` is ReLU (Houlsby, AdaptFormer) or the exact GELU (LAE).
 
 Trainable pytree::
 
@@ -33,6 +37,7 @@ Array = jax.Array
 ADAPTER_MODES = ("sequential", "parallel")
 ADAPTER_INITS = ("kaiming_uniform", "normal")
 ADAPTER_SITES = ("mlp", "attn")
+ADAPTER_ACTIVATIONS = ("relu", "gelu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +55,10 @@ class AdapterConfig:
         near-identity init). ``up`` and the biases are always zero.
       init_std: standard deviation for ``init='normal'``.
       dropout: dropout on the bottleneck activations while training (AdaptFormer: 0.1).
+      mlp: put an adapter at the MLP (the usual site; False for LAE's attention-only one).
+      attn_mode: the attention adapter's wiring, ``'sequential'`` (on the attention
+        output) or ``'parallel'`` (from the attention's input, beside it).
+      activation: ``'relu'`` or ``'gelu'`` (exact) inside the bottleneck.
     """
     bottleneck_dim: int
     mode: str = "sequential"
@@ -59,6 +68,9 @@ class AdapterConfig:
     init: str = "kaiming_uniform"
     init_std: float = 1e-2
     dropout: float = 0.0
+    mlp: bool = True
+    attn_mode: str = "sequential"
+    activation: str = "relu"
 
     def __post_init__(self):
         if not 0.0 <= self.dropout < 1.0:
@@ -69,6 +81,14 @@ class AdapterConfig:
             raise ValueError(f"adapter mode must be one of {ADAPTER_MODES}, got {self.mode!r}")
         if self.init not in ADAPTER_INITS:
             raise ValueError(f"adapter init must be one of {ADAPTER_INITS}, got {self.init!r}")
+        if self.attn_mode not in ADAPTER_MODES:
+            raise ValueError(f"adapter attn_mode must be one of {ADAPTER_MODES}, got "
+                             f"{self.attn_mode!r}")
+        if self.activation not in ADAPTER_ACTIVATIONS:
+            raise ValueError(f"adapter activation must be one of {ADAPTER_ACTIVATIONS}, got "
+                             f"{self.activation!r}")
+        if not (self.mlp or self.attn):
+            raise ValueError("an adapter needs a site: set mlp=True and/or attn=True")
 
 
 def _init_bottleneck(key: Array, dim: int, bottleneck: int, adapter_cfg: AdapterConfig) -> dict:
@@ -86,7 +106,7 @@ def init_adapters(cfg: ViTConfig, adapter_cfg: AdapterConfig, rng: Array) -> dic
     """Fresh adapters ``{layer: {'mlp': ..., ['attn': ...]}}`` (identity at start)."""
     params = {}
     for layer in resolve_layers(adapter_cfg.layers, cfg.num_layers, "AdapterConfig"):
-        sites = ("mlp", "attn") if adapter_cfg.attn else ("mlp",)
+        sites = (("mlp",) if adapter_cfg.mlp else ()) + (("attn",) if adapter_cfg.attn else ())
         params[str(layer)] = {
             site: _init_bottleneck(jax.random.fold_in(rng, 2 * layer + ADAPTER_SITES.index(site)),
                                    cfg.hidden_size, adapter_cfg.bottleneck_dim, adapter_cfg)
@@ -120,6 +140,8 @@ def adapter_context(adapter_params: Mapping, adapter_cfg: AdapterConfig) -> PEFT
             _check_bottleneck(layer, site, params)
         layers[layer] = LayerPEFT(adapter=sites.get("mlp"), adapter_attn=sites.get("attn"),
                                   adapter_mode=adapter_cfg.mode,
+                                  adapter_attn_mode=adapter_cfg.attn_mode,
+                                  adapter_activation=adapter_cfg.activation,
                                   adapter_scale=adapter_cfg.scale,
                                   adapter_dropout=adapter_cfg.dropout)
     return PEFTContext(layers=layers)

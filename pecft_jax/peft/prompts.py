@@ -34,7 +34,7 @@ from pecft_jax.backbones.vit import ViTConfig
 
 Array = jax.Array
 PROMPT_MODES = ("replace", "append")
-PROMPT_INITS = ("vpt", "uniform", "normal", "zeros")
+PROMPT_INITS = ("vpt", "uniform", "normal", "zeros", "small_uniform")
 
 
 def _sample(kind: str, key: Array, shape: tuple, cfg: ViTConfig) -> Array:
@@ -45,6 +45,7 @@ def _sample(kind: str, key: Array, shape: tuple, cfg: ViTConfig) -> Array:
     * ``'uniform'``: ``U(-1, 1)``, DualPrompt's and L2P-PyTorch's ``prompt_init='uniform'``.
     * ``'normal'``: ``N(0, 0.02^2)``, the ViT embedding scale.
     * ``'zeros'``.
+    * ``'small_uniform'``: ``U[0, 0.01)``, the official L2P (JAX) prompts and LAE's prefixes.
     """
     if kind == "vpt":
         bound = math.sqrt(6.0 / (cfg.num_channels * cfg.patch_size ** 2 + cfg.hidden_size))
@@ -55,6 +56,8 @@ def _sample(kind: str, key: Array, shape: tuple, cfg: ViTConfig) -> Array:
         return 0.02 * jax.random.normal(key, shape, jnp.float32)
     if kind == "zeros":
         return jnp.zeros(shape, jnp.float32)
+    if kind == "small_uniform":
+        return jax.random.uniform(key, shape, jnp.float32, 0.0, 0.01)
     raise ValueError(f"prompt init must be one of {PROMPT_INITS}, got {kind!r}")
 
 
@@ -126,12 +129,14 @@ class PrefixConfig:
       length: prefix tokens per key/value half (the stored array is ``(2, length, D)``).
       layers: blocks that get a prefix (None = all). DualPrompt puts its G-prompt at
         blocks 0-1 and its E-prompt at 2-4.
-      init: ``'uniform'`` (DualPrompt's ``U(-1, 1)``, default), ``'vpt'``, ``'normal'`` or
-        ``'zeros'``.
+      init: ``'uniform'`` (DualPrompt's ``U(-1, 1)``, default), ``'vpt'``, ``'normal'``,
+        ``'zeros'`` or ``'small_uniform'`` (LAE's ``U[0, 0.01)``).
+      compensated: LAE's attention compensation (the prefix columns divided by their sum).
     """
     length: int
     layers: Optional[Sequence[int]] = None
     init: str = "uniform"
+    compensated: bool = False
 
     def __post_init__(self):
         _check_length(self.length)
@@ -158,15 +163,13 @@ def split_prefix(prefix: Array) -> tuple:
 
 
 def prefix_context(prefixes: Mapping, prefix_cfg: Optional[PrefixConfig] = None) -> PEFTContext:
-    """The backbone context for ``{layer: (2, Lp, D) or (B, 2, Lp, D)}`` prefixes.
-
-    ``prefix_cfg`` is accepted for symmetry with the other builders; nothing in it changes
-    the context.
-    """
-    del prefix_cfg
+    """The backbone context for ``{layer: (2, Lp, D) or (B, 2, Lp, D)}`` prefixes
+    (``prefix_cfg.compensated``: LAE's attention compensation)."""
+    compensated = bool(prefix_cfg.compensated) if prefix_cfg is not None else False
     layers = {}
     for key, prefix in prefixes.items():
         layer = layer_index(key)
         prefix_key, prefix_value = split_prefix(prefix)
-        layers[layer] = LayerPEFT(prefix_key=prefix_key, prefix_value=prefix_value)
+        layers[layer] = LayerPEFT(prefix_key=prefix_key, prefix_value=prefix_value,
+                                  prefix_compensated=compensated)
     return PEFTContext(layers=layers)

@@ -312,7 +312,8 @@ class ContinualTrainer:
         would wait for the previous step); ``health`` is :func:`guard_nonfinite`'s record."""
         labels, structure = jax.tree_util.tree_flatten(optimizer.labels)
         key = ("train", self._task_key(spec), tuple(labels), structure,
-               schedule_lengths(self.config.train, steps, steps // max(1, epochs)))
+               schedule_lengths(self.config.train, steps, steps // max(1, epochs)),
+               tuple(label for label, _ in self.group_start_steps(spec, steps // max(1, epochs))))
         if key not in self._compiled:
             method = self.method
 
@@ -355,10 +356,22 @@ class ContinualTrainer:
         for name, (label, mult) in derived.items():
             if label in groups:
                 groups[name] = optax.chain(groups[label], optax.scale(mult))
+        for label, start in self.group_start_steps(spec, steps // epochs):
+            if label not in groups:
+                raise ValueError(f"method {self.method.name}: group_start_epochs names "
+                                 f"{label!r}, which is not one of its groups {sorted(groups)}")
+            groups[label] = partition.start_after(groups[label], start)
         try:
             return partition.make_optimizer(labels, groups)
         except ValueError as err:
             raise ValueError(f"method {self.method.name}: {err}") from None
+
+    def group_start_steps(self, spec: TaskSpec, steps_per_epoch: int) -> tuple:
+        """``((label, first step), ...)`` of the groups the method starts after the task's
+        first step (:meth:`Method.group_start_epochs`)."""
+        starts = self.method.group_start_epochs(spec)
+        return tuple(sorted((label, int(epoch) * int(steps_per_epoch))
+                            for label, epoch in starts.items() if epoch > 0))
 
     def epochs(self, spec: TaskSpec) -> int:
         epochs = self.method.train_epochs(spec, int(self.config.train.epochs))

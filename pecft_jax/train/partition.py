@@ -256,6 +256,35 @@ def make_optimizer(labels: PyTree, groups: Mapping[str, Any], *, frozen_label: s
     return RoutedOptimizer(labels, transform)
 
 
+def start_after(inner: optax.GradientTransformation, steps: int
+                ) -> optax.GradientTransformation:
+    """``inner`` from its ``steps``-th call on; before that, zero updates and ``inner``'s
+    state untouched -- a parameter group held frozen for the first ``steps`` steps whose
+    optimizer state (Adam's moments and step count) starts when it starts learning, as a
+    PyTorch parameter with ``requires_grad=False`` (LAE's first epochs of a task)."""
+    import jax.numpy as jnp  # local: the rest of this module needs no jax.numpy
+
+    if steps <= 0:
+        return inner
+
+    def init(params):
+        # the start is state, not a constant of the compiled update: tasks of other lengths
+        # (another number of steps to wait) share one compiled step
+        return (jnp.zeros((), jnp.int32), jnp.asarray(steps, jnp.int32), inner.init(params))
+
+    def update(updates, state, params=None):
+        count, start, inner_state = state
+        new_updates, new_inner = inner.update(updates, inner_state, params)
+        active = count >= start
+        updates = jax.tree_util.tree_map(lambda u: jnp.where(active, u, jnp.zeros_like(u)),
+                                         new_updates)
+        inner_state = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new_inner,
+                                             inner_state)
+        return updates, (jnp.minimum(count + 1, start), start, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
 def parse_lr_mults(rules: Any) -> Tuple[Tuple[str, float], ...]:
     """``config.train.lr_mults`` as ``((regex, multiplier), ...)``; clear errors otherwise."""
     parsed = []
