@@ -1,6 +1,7 @@
-"""A run of SSIAT or EASE -- methods whose before_task writes what the steps or after_task
-need (the adapter before the task; a fresh temporary classifier) -- resumed from a
-checkpoint inside a task ends bit-identical to the uninterrupted run."""
+"""A run of SSIAT, EASE or LAE -- methods whose before_task writes what the steps or
+after_task need (the adapter before the task; a fresh temporary classifier; the offline
+copy), LAE with an optimizer group that starts late -- resumed from a checkpoint inside a
+task ends bit-identical to the uninterrupted run."""
 import pytest
 
 from pecft_jax.data import pipeline
@@ -14,7 +15,8 @@ class _Interrupted(Exception):
 
 
 def _config(method):
-    c = tiny_config(method, adapter={"bottleneck_dim": 4})
+    c = (tiny_config(method, layers=(0, 1)) if method == "lae"  # task 1: the module waits
+         else tiny_config(method, adapter={"bottleneck_dim": 4}))
     c.scenario.num_tasks = 2
     c.train.optimizer, c.train.momentum, c.train.weight_decay = "sgd", 0.9, 5e-4
     if method == "ssiat":
@@ -22,7 +24,7 @@ def _config(method):
     return c
 
 
-@pytest.mark.parametrize("method", ["ssiat", "ease"])
+@pytest.mark.parametrize("method", ["ssiat", "ease", "lae"])
 def test_resume_inside_the_second_task_is_bit_identical(method, tmp_path, monkeypatch):
     whole = train_and_evaluate(_config(method), str(tmp_path / "whole"))
     real_batches, calls = pipeline.train_batches, {"n": 0}

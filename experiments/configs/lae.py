@@ -7,12 +7,12 @@ Tuning", ICCV 2023).
 
 Paper settings (official gqk/LAE ``config/base/{cifar100,imagenet-r}_order1.yaml`` and
 ``config/vit_{adapter,lora,prefix}.yaml``): ViT-B/16 ImageNet-21k -- the original ViT
-paper's ``imagenet21k/ViT-B_16.npz`` (``vit.py``'s ``vit_b16_in21k``; not AugReg), run by timm
-0.5.4 with its exact GELU (``backbone.gelu_approximate=False``) on inputs in [0, 1] (no
-normalisation: ``backbone.mean=(0,)``, ``std=(1,)``); modules in blocks 0-4 (adapter 5 /
-LoRA rank 5 on key and value / prefix 10, the method's defaults), EMA decay 0.9999; Adam,
-no weight decay, constant rate, batch 24; classes in their own order (order 1: continuum's
-identity, seed 1):
+paper's ``imagenet21k/ViT-B_16.npz`` (``vit.py``'s ``vit_b16_in21k``; not AugReg), run by the
+repository's own ViT with PyTorch's exact GELU (``backbone.gelu_approximate=False``) on
+inputs in [0, 1] (no normalisation: ``backbone.mean=(0,)``, ``std=(1,)``); modules in blocks
+0-4 (adapter 5 / LoRA rank 5 on key and value / prefix 10, the method's defaults), EMA decay
+0.9999; Adam, no weight decay, constant rate, batch 24, the last partial batch of an epoch
+dropped (as here); classes in their own order (order 1: continuum's identity):
 
 * ``cifar100`` (10 tasks): 5 epochs, the module frozen for the first 3 of every later task,
   lr 0.0028125 (= 0.03 x 24 / 256).
@@ -22,9 +22,12 @@ Reported: the official README of the first release gives, for LAE with Prefix10 
 ImageNet-R (10 tasks, L2P's split, DualPrompt's training strategy), last 71.19 / average
 81.92; the paper's per-module tables were not readable here.
 
-Not reproduced: the official augmentation (RandomResizedCrop(224) + flip) and test
-transform (Resize(256) + CenterCrop(224)); ImageNet-R is TFDS ``imagenet_r`` split 80/20,
-not L2P's list; the official loader drops an epoch's last partial batch, as here.
+Not reproduced: the official augmentation (RandomResizedCrop(224) + flip; here the
+benchmark's resize to 224, a random crop of the 16-pixel zero-padded image and a flip) and
+test transform (Resize(256) + CenterCrop(224); here a resize to 224); ImageNet-R is TFDS
+``imagenet_r`` split 80/20, not L2P's list. The official log's headline "Acc" pools every
+seen test image, ``average_accuracy`` here averages the tasks' accuracies (equal on
+CIFAR-100, not on ImageNet-R's unequal tasks).
 """
 from pecft_jax.configs import benchmark, with_method_defaults
 

@@ -144,8 +144,9 @@ def _lora_input(lp: Optional[LayerPEFT], deterministic: bool, inp: Array) -> Arr
 
 
 def _adapter_branch(lp: LayerPEFT, params: Mapping, x: Array, deterministic: bool) -> Array:
-    """``scale * up(dropout(relu(down(x))))``; dropout only while training. Called inside a
-    module's compact method, so the Dropout is that module's child."""
+    """``scale * up(dropout(act(down(x))))``, ``act`` the context's ReLU or GELU; dropout
+    only while training. Called inside a module's compact method, so the Dropout is that
+    module's child."""
     dropout = None
     if lp.adapter_dropout and not deterministic:
         dropout = lambda h: nn.Dropout(rate=lp.adapter_dropout)(h, deterministic=False)

@@ -166,10 +166,13 @@ class LAE(Method):
         expert alone after the first task)."""
         seen = jnp.asarray(task.class_mask("seen"))
         online = self.expert_logits(trainable["pet"], trainable["head"], frozen, batch["image"])
-        offline = self.expert_logits(state["offline"], trainable["head"], frozen, batch["image"])
         log_p = lambda z: jax.nn.log_softmax(jnp.where(seen, z, -jnp.inf), axis=-1)
-        ensemble = jnp.maximum(log_p(online), log_p(offline))
-        return jnp.where(task.index > 0, ensemble, log_p(online))
+        # the offline expert exists from the second task on: no pass for it before
+        return jax.lax.cond(
+            task.index > 0,
+            lambda: jnp.maximum(log_p(online), log_p(self.expert_logits(
+                state["offline"], trainable["head"], frozen, batch["image"]))),
+            lambda: log_p(online))
 
     def count_trainable(self, trainable, state):
         return count_params(trainable)

@@ -4,8 +4,8 @@
 An adapter is ``up(relu(down(h)))`` scaled by ``scale`` and added to the residual branch:
 
 * ``mode='sequential'``: after the MLP, ``h + scale * up(relu(down(h)))`` where ``h`` is the
-  MLP output; with ``attn=True`` a second adapter does the same on the attention output (the
-  backbone always applies that one sequentially).
+  MLP output; with ``attn=True`` an adapter at the attention too (``attn_mode``: on its
+  output, sequentially, by default).
 * ``mode='parallel'`` (AdaptFormer): beside the MLP, ``mlp(x) + scale * up(relu(down(x)))``
   where ``x`` is the block's residual stream; AdaptFormer uses ``scale=0.1``.
 * ``attn_mode='parallel'`` (LAE's adapter, with ``mlp=False``): beside the attention,
@@ -48,7 +48,7 @@ class AdapterConfig:
       bottleneck_dim: width ``b`` of the bottleneck.
       mode: ``'sequential'`` or ``'parallel'`` (AdaptFormer).
       scale: multiplier of the adapter branch (AdaptFormer's default is 0.1).
-      attn: also put a (sequential) adapter on the attention output.
+      attn: also put an adapter at the attention (wired by ``attn_mode``).
       layers: block indices that get adapters (None = all).
       init: initialisation of ``down``: ``'kaiming_uniform'`` (AdaptFormer's choice,
         ``U(-1/sqrt(D), 1/sqrt(D))``) or ``'normal'`` (``N(0, init_std^2)``, Houlsby's

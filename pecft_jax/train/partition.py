@@ -261,7 +261,9 @@ def start_after(inner: optax.GradientTransformation, steps: int
     """``inner`` from its ``steps``-th call on; before that, zero updates and ``inner``'s
     state untouched -- a parameter group held frozen for the first ``steps`` steps whose
     optimizer state (Adam's moments and step count) starts when it starts learning, as a
-    PyTorch parameter with ``requires_grad=False`` (LAE's first epochs of a task)."""
+    PyTorch parameter with ``requires_grad=False`` (LAE's first epochs of a task). A
+    learning-rate schedule inside ``inner`` starts late too (PyTorch's would have run on);
+    the gradients of the waiting group are still computed, then dropped."""
     import jax.numpy as jnp  # local: the rest of this module needs no jax.numpy
 
     if steps <= 0:
