@@ -94,3 +94,15 @@ def assert_same_task_checkpoint(workdir_a, workdir_b, task):
             c.close()
     for key in ("trainable", "state"):
         jax.tree_util.tree_map(np.testing.assert_array_equal, a[key], b[key])
+
+
+def task_checkpoints(workdir, tasks, part=None):
+    """The task-end checkpoints of ``tasks`` in ``workdir`` (their ``part``, e.g.
+    ``'trainable'``, if given), read and closed."""
+    from pecft_jax.train.checkpoint import Checkpointer
+    ckpt = Checkpointer(str(workdir))
+    try:
+        restored = [ckpt.restore("tasks", t) for t in tasks]
+    finally:
+        ckpt.close()
+    return [r[part] for r in restored] if part else restored

@@ -15,10 +15,9 @@ from pecft_jax.backbones.backbone import Backbone, load_backbone
 from pecft_jax.methods import create_method
 from pecft_jax.methods.base import count_params
 from pecft_jax.train import partition
-from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import task_spec, tiny_config
+from helpers import task_checkpoints, task_spec, tiny_config
 
 TASKS = [[0, 1], [2, 3]]
 
@@ -110,11 +109,7 @@ def test_the_module_waits_while_the_new_head_learns():
     c.train.epochs = 2
     results = train_and_evaluate(c, workdir)
     assert results["compilation"]["traces"]["train_step"] == 2
-    ckpt = Checkpointer(workdir)
-    try:
-        first, second = (ckpt.restore("tasks", t) for t in (0, 1))
-    finally:
-        ckpt.close()
+    first, second = task_checkpoints(workdir, (0, 1))
     jax.tree_util.tree_map(np.testing.assert_array_equal, second["trainable"]["pet"],
                            first["trainable"]["pet"])
     k0, k1 = (np.asarray(s["trainable"]["head"]["kernel"]) for s in (first, second))

@@ -20,10 +20,9 @@ from pecft_jax.methods.o_lora import l2_loss, orthogonality_loss
 from pecft_jax.methods.sd_lora import direction_weights
 from pecft_jax.peft.lora import (LoraConfig, init_task_loras, lora_context, merge_lora,
                                  product_norms, task_lora_context)
-from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import tiny_config
+from helpers import task_checkpoints, tiny_config
 
 
 def _moments(rng, dim, rank, n=400, scale=None):
@@ -97,11 +96,7 @@ def test_inflora_updates_never_reach_the_old_tasks_inputs():
     c.scenario.num_tasks = 2
     results = train_and_evaluate(c, workdir)
     assert results["compilation"]["traces"] == {"train_step": 1, "eval_step": 1}
-    ckpt = Checkpointer(workdir)
-    try:
-        first, second = (ckpt.restore("tasks", t) for t in (0, 1))
-    finally:
-        ckpt.close()
+    first, second = task_checkpoints(workdir, (0, 1))
     for layer, targets in second["trainable"]["lora"].items():
         width = int(first["state"]["basis_width"][int(layer)])
         assert not first["state"]["retain"][int(layer)]
@@ -176,11 +171,7 @@ def test_sd_lora_freezes_old_directions_while_magnitudes_learn(carry):
     c.scenario.num_tasks = 2
     c.train.optimizer, c.train.momentum, c.train.learning_rate = "sgd", 0.9, 0.05
     train_and_evaluate(c, workdir)
-    ckpt = Checkpointer(workdir)
-    try:
-        first, second = (ckpt.restore("tasks", t)["trainable"] for t in (0, 1))
-    finally:
-        ckpt.close()
+    first, second = task_checkpoints(workdir, (0, 1), "trainable")
     for layer, targets in second["lora"].items():
         for target, f in targets.items():
             old = first["lora"][layer][target]
@@ -220,11 +211,7 @@ def test_o_lora_keeps_old_loras_and_trains_against_them():
     c.scenario.num_tasks = 2
     c.train.optimizer = "adamw"
     results = train_and_evaluate(c, workdir)
-    ckpt = Checkpointer(workdir)
-    try:
-        first, second = (ckpt.restore("tasks", t)["trainable"] for t in (0, 1))
-    finally:
-        ckpt.close()
+    first, second = task_checkpoints(workdir, (0, 1), "trainable")
     for layer, targets in second["lora"].items():
         for target, f in targets.items():
             old = first["lora"][layer][target]

@@ -2,7 +2,6 @@
 (numpy), the alignment's sampling distribution (means shrunk as the official code does,
 covariance + ridge), per-task heads frozen after their task, the pre-alignment head
 recalled, the slow learner as a parameter group, and the paper configuration's sizes."""
-import os
 import tempfile
 
 import jax
@@ -16,10 +15,10 @@ from pecft_jax.methods import create_method
 from pecft_jax.methods import statistics as stats_lib
 from pecft_jax.methods.base import count_params
 from pecft_jax.methods.slca import task_logit_norm
-from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import array_task_data, load_experiment_config, task_spec, tiny_config
+from helpers import (array_task_data, load_experiment_config, task_checkpoints, task_spec,
+                     tiny_config)
 
 
 def test_logit_norm_equals_the_official_formula():
@@ -102,11 +101,7 @@ def test_slow_learner_and_frozen_old_heads_through_the_loop():
     c.train.lr_mults = (("^backbone/", 0.01),)
     results = train_and_evaluate(c, workdir)
     assert results["compilation"]["traces"] == {"train_step": 1, "eval_step": 1}
-    ckpt = Checkpointer(os.path.join(workdir))
-    try:
-        first, second = (ckpt.restore("tasks", t) for t in (0, 1))
-    finally:
-        ckpt.close()
+    first, second = task_checkpoints(workdir, (0, 1))
     classes0 = list(range(5))  # remapped labels: task 0 owns 0..4 of the 10 digits
     k0, k1 = (np.asarray(s["trainable"]["head"]["kernel"]) for s in (first, second))
     np.testing.assert_array_equal(k1[:, classes0], k0[:, classes0])  # frozen after task 0

@@ -1,7 +1,6 @@
 """SSIAT against independent computations: the semantic shift of old class means (the
 official formula written out per class), the statistics and the CosFace loss (numpy),
 old heads frozen while the shared adapter trains, and the paper configuration's sizes."""
-import os
 import tempfile
 
 import jax
@@ -15,10 +14,10 @@ from pecft_jax.backbones.backbone import Backbone, load_backbone
 from pecft_jax.methods import create_method
 from pecft_jax.methods.base import count_params
 from pecft_jax.methods.ssiat import semantic_shift
-from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import array_task_data, load_experiment_config, task_spec, tiny_config
+from helpers import (array_task_data, load_experiment_config, task_checkpoints, task_spec,
+                     tiny_config)
 
 
 def reference_shift(y1, y2, means, sigma):
@@ -133,11 +132,7 @@ def test_old_heads_frozen_and_epochs_per_task():
     results = train_and_evaluate(c, workdir)
     per_epoch = results["train_steps"] // 3  # 1 epoch on task 0, 2 on task 1
     assert per_epoch > 0 and results["train_steps"] == 3 * per_epoch
-    ckpt = Checkpointer(os.path.join(workdir))
-    try:
-        first, second = (ckpt.restore("tasks", t)["trainable"] for t in (0, 1))
-    finally:
-        ckpt.close()
+    first, second = task_checkpoints(workdir, (0, 1), "trainable")
     # the shared adapter keeps training
     assert not np.array_equal(first["adapter"]["0"]["mlp"]["up"]["kernel"],
                               second["adapter"]["0"]["mlp"]["up"]["kernel"])

@@ -195,6 +195,22 @@ def apply_linear_head(head: Mapping[str, Array], features: Array) -> Array:
     return features @ head["kernel"] + head["bias"]
 
 
+def mask_task_slice(stacked: Any, task_index: Any, num_tasks: int) -> Any:
+    """The :meth:`Method.update_mask` of a tree whose leaves are stacked on a leading task
+    axis (one adapter / LoRA per task): 1 on slice ``task_index`` (may be traced), 0 on the
+    others, broadcast over each leaf's trailing axes."""
+    current = (jnp.arange(num_tasks) == task_index).astype(jnp.float32)
+    return jax.tree_util.tree_map(
+        lambda leaf: current.reshape((-1,) + (1,) * (jnp.ndim(leaf) - 1)), stacked)
+
+
+def mask_task_columns(head: Mapping[str, Any], task: "TaskSpec") -> dict:
+    """The :meth:`Method.update_mask` of a linear head over all classes that is one head per
+    task (the leaves end in the class axis): 1 on the current task's classes."""
+    columns = jnp.asarray(task.class_mask("task"), jnp.float32)
+    return {name: columns for name in head}
+
+
 def keep_class_columns(new: Any, old: Any, classes: np.ndarray) -> Any:
     """``new`` on the classes of the boolean ``classes`` mask, ``old`` on the others, for a
     classifier whose leaves end in a class axis (a ``(D, C)`` kernel, a ``(C,)`` bias):

@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pecft_jax import peft
-from pecft_jax.methods.base import Method, TaskSpec, config_field, count_params
+from pecft_jax.methods.base import (Method, TaskSpec, config_field, count_params,
+                                    mask_task_slice)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft.prompt_pool import cosine_similarity, l2_normalize
 
@@ -159,12 +160,7 @@ class EASE(Method):
     def update_mask(self, trainable, task):
         """Only the current task's adapter (slice ``t`` of the stacked ones) and the
         temporary classifier learn."""
-        current = jnp.arange(self.num_tasks) == task.index
-
-        def slice_mask(leaf):
-            return current.astype(jnp.float32).reshape((-1,) + (1,) * (leaf.ndim - 1))
-
-        return {"adapters": jax.tree_util.tree_map(slice_mask, trainable["adapters"]),
+        return {"adapters": mask_task_slice(trainable["adapters"], task.index, self.num_tasks),
                 "proxy": jax.tree_util.tree_map(lambda _: jnp.float32(1), trainable["proxy"])}
 
     # ------------------------------------------------------------------ traced

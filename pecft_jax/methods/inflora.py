@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pecft_jax.methods.base import (FROZEN, Method, TaskSpec, apply_linear_head, count_params,
-                                    init_linear_head)
+                                    init_linear_head, mask_task_columns, mask_task_slice)
 from pecft_jax.peft.lora import LoraConfig, init_task_loras, task_lora_context
 
 Array = jax.Array
@@ -165,12 +165,8 @@ class InfLoRA(Method):
 
     def update_mask(self, trainable, task):
         """Task ``t``'s ``B`` (slice ``t``) and head columns learn, nothing else."""
-        current = (jnp.arange(self.num_tasks) == task.index).astype(jnp.float32)
-        columns = jnp.asarray(task.class_mask("task"), jnp.float32)
-        return {"lora": jax.tree_util.tree_map(
-                    lambda leaf: current.reshape((-1,) + (1,) * (leaf.ndim - 1)),
-                    trainable["lora"]),
-                "head": {"kernel": columns, "bias": columns}}
+        return {"lora": mask_task_slice(trainable["lora"], task.index, self.num_tasks),
+                "head": mask_task_columns(trainable["head"], task)}
 
     def step_state(self, state):
         return {}  # the steps read no basis

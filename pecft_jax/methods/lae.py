@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from pecft_jax import peft
-from pecft_jax.methods.base import Method, TaskSpec, apply_linear_head, count_params
+from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, count_params,
+                                    mask_task_columns)
 
 Array = jax.Array
 MODULES = ("adapter", "lora", "prefix")
@@ -120,9 +121,8 @@ class LAE(Method):
         return {"pet": self.config.freeze_epochs} if task.index > 0 else {}
 
     def update_mask(self, trainable, task):
-        columns = jnp.asarray(task.class_mask("task"), jnp.float32)
         return {"pet": jax.tree_util.tree_map(lambda _: jnp.float32(1), trainable["pet"]),
-                "head": {"kernel": columns, "bias": columns}}
+                "head": mask_task_columns(trainable["head"], task)}
 
     def update(self, trainable, state, opt_state, frozen, batch, rng, task, optimizer):
         """The online step, then the offline module's EMA towards it (from the second task

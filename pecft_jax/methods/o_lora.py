@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, count_params,
-                                    init_linear_head)
+                                    init_linear_head, mask_task_columns, mask_task_slice)
 from pecft_jax.peft.lora import LoraConfig, init_task_loras, task_lora_context
 
 Array = jax.Array
@@ -115,12 +115,8 @@ class OLoRA(Method):
 
     def update_mask(self, trainable, task):
         """Task ``t``'s LoRA (slice ``t``) and head columns learn."""
-        current = (jnp.arange(self.num_tasks) == task.index).astype(jnp.float32)
-        columns = jnp.asarray(task.class_mask("task"), jnp.float32)
-        return {"lora": jax.tree_util.tree_map(
-                    lambda leaf: current.reshape((-1,) + (1,) * (leaf.ndim - 1)),
-                    trainable["lora"]),
-                "head": {"kernel": columns, "bias": columns}}
+        return {"lora": mask_task_slice(trainable["lora"], task.index, self.num_tasks),
+                "head": mask_task_columns(trainable["head"], task)}
 
     def features(self, trainable, frozen, images, deterministic=True, rng=None):
         return self.backbone.apply(frozen, images,

@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pecft_jax.methods.base import Method, TaskSpec, apply_linear_head, count_params
+from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, count_params,
+                                    mask_task_columns)
 from pecft_jax.peft.lora import (LoraConfig, init_task_loras, product_norms,
                                  task_lora_context)
 
@@ -134,14 +135,13 @@ class SDLoRA(Method):
         t = task.index
         current = (jnp.arange(self.num_tasks) == t).astype(jnp.float32)
         rank = jnp.asarray(self.rank_mask)[t]
-        columns = jnp.asarray(task.class_mask("task"), jnp.float32)
         lora = {layer: {target: {"A": current[:, None, None] * rank[None, None, :],
                                  "B": current[:, None, None] * rank[None, :, None]}
                         for target in targets}
                 for layer, targets in trainable["lora"].items()}
         return {"lora": lora,
                 "magnitude": (jnp.arange(self.num_tasks) <= t).astype(jnp.float32),
-                "head": {"kernel": columns, "bias": columns}}
+                "head": mask_task_columns(trainable["head"], task)}
 
     # ------------------------------------------------------------------ traced
     def features(self, trainable, frozen, images, task_index):

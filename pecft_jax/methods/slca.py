@@ -46,7 +46,7 @@ import numpy as np
 
 from pecft_jax.methods import statistics as stats_lib
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, count_params,
-                                    keep_class_columns)
+                                    keep_class_columns, mask_task_columns)
 
 Array = jax.Array
 
@@ -115,10 +115,9 @@ class SLCA(Method):
     def update_mask(self, trainable, task):
         """The backbone learns; of the head only the current task's classes (per-task heads,
         the earlier ones frozen -- also against weight decay)."""
-        current = jnp.asarray(task.class_mask("task"), jnp.float32)
         return {"backbone": jax.tree_util.tree_map(lambda _: jnp.float32(1),
                                                    trainable["backbone"]),
-                "head": {"kernel": current, "bias": current}}
+                "head": mask_task_columns(trainable["head"], task)}
 
     def step_state(self, state):
         return {"head": state["head"]}  # the statistics stay out of the compiled steps
