@@ -15,6 +15,13 @@ def format_matrix(matrix: Sequence[Sequence[float]], title: str) -> str:
     return "\n".join(lines)
 
 
+def _class_order_line(order: Sequence[int], shown: int = 20) -> str:
+    """The resolved class order (original class ids, learnt first to last), abbreviated."""
+    head = ", ".join(str(c) for c in order[:shown])
+    more = f", ... ({len(order)} classes)" if len(order) > shown else ""
+    return f"class order: [{head}{more}]"
+
+
 def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -23,6 +30,8 @@ def format_results(results: Mapping) -> str:
     parts = [f"method={results['method']} dataset={results['dataset']} "
              f"scenario={results.get('scenario', 'class')} tasks={results['num_tasks']} "
              f"trainable_params={results['trainable_params']:,}",
+             *([_class_order_line(results["class_order"])] if results.get("class_order")
+               else []),
              format_matrix(results["accuracy_matrix"], "class-IL accuracy matrix (%)"),
              format_matrix(results["task_il_accuracy_matrix"], "task-IL accuracy matrix (%)")]
     m = results["metrics"]

@@ -101,3 +101,12 @@ def test_empty_task_and_bad_shapes_are_rejected():
         metrics.task_incremental_accuracy(np.zeros((2, 3)), np.zeros((2,), int), [])
     with pytest.raises(ValueError, match=r"class ids in \[0, 3\)"):
         metrics.class_incremental_accuracy(np.zeros((2, 3)), np.zeros((2,), int), 5)
+
+
+def test_the_printed_report_names_the_class_order():
+    from pecft_jax.report import format_results
+    results = {"method": "m", "dataset": "d", "num_tasks": 2, "trainable_params": 1,
+               "class_order": list(range(30))[::-1], "accuracy_matrix": [[50.0]],
+               "task_il_accuracy_matrix": [[50.0]], "metrics": {"average_accuracy": 50.0}}
+    text = format_results(results)
+    assert "class order: [29, 28, 27," in text and "... (30 classes)]" in text
