@@ -125,6 +125,9 @@ def _is_number(value) -> bool:
             and math.isfinite(value))
 
 
+# what train.schedule may name (built by train/loop.py's make_base_optimizer)
+SCHEDULES = ("constant", "cosine", "cosine_epochs", "multistep_epochs", "coda_cosine")
+
 # (field, test, what it must be) -- checked before a run builds anything
 _RANGES = (
     ("seed", lambda v: _is_int(v) and 0 <= v < 2 ** 32, "an int in [0, 2**32)"),
@@ -134,9 +137,7 @@ _RANGES = (
     ("eval.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("train.learning_rate", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     ("train.warmup_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-    ("train.schedule", lambda v: v in ("constant", "cosine", "cosine_epochs",
-                                       "multistep_epochs", "coda_cosine"),
-     "'constant', 'cosine', 'cosine_epochs', 'multistep_epochs' or 'coda_cosine'"),
+    ("train.schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
     ("train.milestones", lambda v: isinstance(v, (tuple, list)) and all(
         _is_int(m) and m >= 1 for m in v), "a list of epochs >= 1 (e.g. (18,))"),
     ("train.lr_decay", lambda v: _is_number(v) and v > 0, "a finite number > 0"),

@@ -46,7 +46,7 @@ import numpy as np
 
 from pecft_jax.methods import statistics as stats_lib
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, count_params,
-                                    keep_class_columns, mask_task_columns)
+                                    mask_task_columns)
 
 Array = jax.Array
 
@@ -144,12 +144,8 @@ class SLCA(Method):
                                             task.classes)
         head = trainable["head"]
         if task.index > 0 and c.ca_epochs:
-            seen = task.class_mask("seen")
-            aligned = stats_lib.align_on_gaussians(
-                self.alignment(task), head, stats, task.seen_classes, seen, rng, ridge=c.ridge,
-                steps=len(task.seen_classes),
-                scales=stats_lib.mean_scales(task.task_of_class(), task.index, c.mean_decay))
-            head = keep_class_columns(aligned, head, seen)  # later tasks' heads untouched
+            head = stats_lib.realign_seen_heads(self.alignment(task), head, stats, task, rng,
+                                                ridge=c.ridge, mean_decay=c.mean_decay)
         if c.keep_aligned_head:
             trainable = dict(trainable, head=head)
         return trainable, jax.device_put({"stats": stats,

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from pecft_jax import peft
 from pecft_jax.methods import statistics as stats_lib
-from pecft_jax.methods.base import Method, TaskSpec, config_field, keep_class_columns
+from pecft_jax.methods.base import Method, TaskSpec, config_field
 from pecft_jax.peft.prompt_pool import cosine_similarity
 
 Array = jax.Array
@@ -182,12 +182,8 @@ class SSIAT(Method):
         stats = stats_lib.update_statistics(stats, features, labels, task.classes)
         head = trainable["head"]
         if t > 0 and c.ca_epochs:
-            seen = task.class_mask("seen")
-            aligned = stats_lib.align_on_gaussians(
-                self._alignment, head, stats, task.seen_classes, seen, rng, ridge=c.ridge,
-                steps=len(task.seen_classes),
-                scales=stats_lib.mean_scales(task.task_of_class(), t, c.mean_decay))
-            head = keep_class_columns(aligned, head, seen)  # later tasks' heads untouched
+            head = stats_lib.realign_seen_heads(self._alignment, head, stats, task, rng,
+                                                ridge=c.ridge, mean_decay=c.mean_decay)
         return dict(trainable, head=head), dict(state, stats=jax.device_put(stats))
 
     def drift_pass(self, carry, batch, before, after, frozen, means):

@@ -356,12 +356,11 @@ def multistep_epoch_schedule(learning_rate: float, milestones: Sequence[int], de
                              steps_per_epoch: int) -> Callable:
     """PyTorch's ``MultiStepLR(milestones, gamma=decay)`` stepped once per epoch:
     ``lr_e = lr * decay ** (number of milestones <= e)`` for every step of epoch ``e``."""
-    marks = jnp.asarray(sorted(int(m) for m in milestones) or [2 ** 30], jnp.int32)
+    marks = jnp.asarray(sorted(int(m) for m in milestones), jnp.int32)  # may be empty
 
     def schedule(count):
         epoch = jnp.floor_divide(count, max(1, steps_per_epoch))
-        passed = jnp.sum(marks <= epoch) if milestones else 0
-        return learning_rate * jnp.power(decay, passed)
+        return learning_rate * jnp.power(decay, jnp.sum(marks <= epoch))
     return schedule
 
 
@@ -513,3 +512,21 @@ def align_on_gaussians(fit: ClassifierFit, params: Any, stats: Mapping[str, Any]
     params, _ = fit(params, key, components, steps_per_epoch=max(1, int(steps)),
                     available=available, class_mask=class_mask)
     return params
+
+
+def realign_seen_heads(fit: ClassifierFit, head: Any, stats: Mapping[str, Any], task, key: Array,
+                       *, ridge: float, mean_decay: float) -> Any:
+    """SLCA's and SSIAT's classifier alignment after task ``task`` (a concrete
+    ``TaskSpec``): ``head`` -- a classifier whose leaves end in the class axis -- trained on
+    the Gaussians of every seen class, their means times :func:`mean_scales`, one pass of
+    the draws per epoch (a batch per seen class), the loss over the seen classes; the
+    columns of classes not seen yet are kept as they were (in the official code they do not
+    exist yet, so no weight decay reaches them)."""
+    from pecft_jax.methods.base import keep_class_columns  # no import cycle
+    seen = task.class_mask("seen")
+    aligned = align_on_gaussians(
+        fit, head, stats, task.seen_classes, seen, key, ridge=ridge,
+        steps=len(task.seen_classes),
+        scales=mean_scales(task.task_of_class(), task.index, mean_decay))
+    return keep_class_columns(aligned, head, seen)
+

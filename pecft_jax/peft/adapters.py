@@ -29,15 +29,14 @@ from typing import Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, layer_index,
-                                         resolve_layers)
+from pecft_jax.backbones.context import (ADAPTER_ACTIVATIONS, LayerPEFT, PEFTContext,
+                                         layer_index, resolve_layers)
 from pecft_jax.backbones.vit import ViTConfig
 
 Array = jax.Array
 ADAPTER_MODES = ("sequential", "parallel")
 ADAPTER_INITS = ("kaiming_uniform", "normal")
 ADAPTER_SITES = ("mlp", "attn")
-ADAPTER_ACTIVATIONS = ("relu", "gelu")
 
 
 @dataclasses.dataclass(frozen=True)

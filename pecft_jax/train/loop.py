@@ -32,7 +32,7 @@ from pecft_jax import metrics as metrics_lib
 from pecft_jax.backbones.backbone import load_backbone
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import pipeline, scenarios
-from pecft_jax.configs import check_run_config, distributed_settings
+from pecft_jax.configs import SCHEDULES, check_run_config, distributed_settings
 from pecft_jax.files import write_json_atomic, write_text_atomic
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
 from pecft_jax.methods.base import count_params, merge_state
@@ -676,8 +676,7 @@ def schedule_lengths(train_cfg: ml_collections.ConfigDict, total_steps: int,
         return (max(1, int(total_steps) // per_epoch), per_epoch)
     if name == "multistep_epochs":
         return (max(1, int(steps_per_epoch)),)
-    raise ValueError(f"unknown schedule {name!r}; use 'constant', 'cosine', 'cosine_epochs', "
-                     f"'coda_cosine' or 'multistep_epochs'")
+    raise ValueError(f"unknown schedule {name!r}; use one of {SCHEDULES}")
 
 
 def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
@@ -702,6 +701,9 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
     schedule_name = train_cfg.get("schedule", "constant")
     lengths = schedule_lengths(train_cfg, total_steps, steps_per_epoch)
     warmup = int(train_cfg.get("warmup_steps", 0))
+    if warmup and schedule_name in ("cosine_epochs", "coda_cosine", "multistep_epochs"):
+        raise ValueError(f"train.schedule={schedule_name!r} has no warm-up; set "
+                         f"train.warmup_steps=0 (or use 'cosine', which has one)")
     if schedule_name == "constant":
         schedule = (optax.linear_schedule(0.0, lr, warmup) if warmup else lr)
         if warmup:
@@ -711,19 +713,10 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
         schedule = optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
                                                       max(steps, warmup + 1))
     elif schedule_name == "cosine_epochs":
-        if warmup:
-            raise ValueError("train.schedule='cosine_epochs' has no warm-up; set "
-                             "train.warmup_steps=0 or use 'cosine'")
         schedule = cosine_epoch_schedule(lr, *lengths)
     elif schedule_name == "coda_cosine":
-        if warmup:
-            raise ValueError("train.schedule='coda_cosine' has no warm-up; set "
-                             "train.warmup_steps=0")
         schedule = coda_cosine_schedule(lr, *lengths)
     elif schedule_name == "multistep_epochs":
-        if warmup:
-            raise ValueError("train.schedule='multistep_epochs' has no warm-up; set "
-                             "train.warmup_steps=0")
         schedule = multistep_epoch_schedule(lr, tuple(train_cfg.get("milestones", ())),
                                             float(train_cfg.get("lr_decay", 0.1)), *lengths)
     name = train_cfg.get("optimizer", "adam")
