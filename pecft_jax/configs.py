@@ -11,7 +11,7 @@ import importlib.util
 import math
 import os
 import typing
-from typing import Optional
+from typing import Any, Optional
 
 import ml_collections
 
@@ -76,13 +76,20 @@ def base_config() -> ml_collections.ConfigDict:
     # None/"seed": default_rng(scenario.seed) permutation; "pycil": PyCIL's np.random.seed(seed)
     # permutation; "identity"; or a list of class ids
     c.scenario.class_order = None
-    c.scenario.seed = 1993  # the class-order seed used by the field's CIFAR-100 splits
+    c.scenario.seed = 1993  # the class-order seed of PyCIL-lineage codes (with class_order="pycil")
     c.scenario.joint = False  # True: one task of all the data (the joint upper bound)
 
     c.augment = ml_collections.ConfigDict()
     c.augment.enabled = False
     c.augment.crop_padding = 0
     c.augment.flip = False
+    # torchvision's RandomResizedCrop(image_size, crop_scale, crop_ratio) on the original
+    # image instead of resize + padded crop (the PyTorch prompt-method codes' transform)
+    c.augment.random_resized_crop = False
+    c.augment.crop_scale = (0.08, 1.0)
+    c.augment.crop_ratio = (3 / 4, 4 / 3)
+    # torchvision ColorJitter(brightness=b): pixels x U[1-b, 1+b] (0 = off)
+    c.augment.brightness = 0.0
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 1
@@ -91,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.learning_rate = 1e-3
     # 'constant' | 'cosine' (per step) | 'cosine_epochs' | 'multistep_epochs' (x train.lr_decay,
     # default 0.1, at the start of each epoch in train.milestones: PyTorch's MultiStepLR) |
-    # 'coda_cosine' (CODA-Prompt's / InfLoRA's per-epoch CosineSchedule)
+    # 'coda_cosine' (CODA-Prompt's / InfLoRA's per-epoch CosineSchedule) | 'timm_cosine'
+    # (timm's per-epoch cosine to train.min_lr, stepped one epoch late: HiDe-Prompt's)
     c.train.schedule = "constant"
     c.train.warmup_steps = 0
     c.train.momentum = 0.0  # sgd only
@@ -110,6 +118,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
+    # the unaugmented (test) transform: shorter side resized to this, then the central
+    # backbone.image_size crop (torchvision Resize(256) + CenterCrop(224)); None = resize
+    # straight to image_size. Also what cached features of training data see.
+    c.eval.resize_short = ml_collections.FieldReference(None, field_type=int)
+    # True: images are first squashed to resize_short x resize_short (aspect ratio not kept),
+    # for the training crops too -- the official L2P / DualPrompt JAX input pipeline
+    c.eval.squash = False
 
     c.method = ml_collections.ConfigDict()
     c.method.name = "l2p"
@@ -126,7 +141,8 @@ def _is_number(value) -> bool:
 
 
 # what train.schedule may name (built by train/loop.py's make_base_optimizer)
-SCHEDULES = ("constant", "cosine", "cosine_epochs", "multistep_epochs", "coda_cosine")
+SCHEDULES = ("constant", "cosine", "cosine_epochs", "multistep_epochs", "coda_cosine",
+             "timm_cosine")
 
 # (field, test, what it must be) -- checked before a run builds anything
 _RANGES = (
@@ -141,6 +157,7 @@ _RANGES = (
     ("train.milestones", lambda v: isinstance(v, (tuple, list)) and all(
         _is_int(m) and m >= 1 for m in v), "a list of epochs >= 1 (e.g. (18,))"),
     ("train.lr_decay", lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    ("train.min_lr", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     ("train.momentum", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("train.weight_decay", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     ("train.grad_clip_norm", lambda v: v is None or (_is_number(v) and v > 0),
@@ -200,7 +217,8 @@ def one_process(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 OPTIONAL_KEYS = ("benchmark", "dataset.train_split", "dataset.test_split",
                  "dataset.split_seed", "dataset.image_key", "dataset.label_key",
                  "scenario.domains", "scenario.datasets", "train.b1", "train.b2",
-                 "train.milestones", "train.lr_decay", "backbone.gelu_approximate")
+                 "train.milestones", "train.lr_decay", "train.min_lr",
+                 "backbone.gelu_approximate")
 
 
 def _flat_keys(tree: dict, prefix: str = "") -> list:
@@ -327,6 +345,54 @@ def pycil_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
     c.backbone.gelu_approximate = False  # timm's exact GELU, whatever the weights' format
     c.scenario.class_order = "pycil" if shuffle else "identity"
     c.scenario.seed = seed
+    return c
+
+
+# Pretrained weights the official codes load (file names as their authors publish them; put
+# the file at this path or pass --config.backbone.checkpoint).
+VIT_B16_IN21K = "weights/ViT-B_16.npz"  # Google's ImageNet-21k ViT-B/16 (imagenet21k/ViT-B_16.npz)
+# timm's `vit_base_patch16_224` in timm 0.4-0.6: AugReg, ImageNet-21k then fine-tuned on 1k
+VIT_B16_AUGREG_IN1K = ("weights/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--"
+                       "imagenet2012-steps_20k-lr_0.01-res_224.npz")
+
+
+def config_arg(config_name: str, arg: str, choices: tuple) -> str:
+    """A config file's ``arg`` (empty: the first of ``choices``, the default), refused
+    with the list of choices when the file has no such benchmark."""
+    arg = arg or choices[0]
+    if arg not in choices:
+        raise ValueError(f"{config_name} config: unknown benchmark {arg!r}; use one of "
+                         f"{', '.join(choices)}")
+    return arg
+
+
+def official_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
+                      mean: tuple = (0.0,), std: tuple = (1.0,), gelu_exact: bool = True,
+                      crop_scale: tuple = (0.08, 1.0), resize_short: Optional[int] = 256,
+                      squash: bool = False, brightness: float = 0.0,
+                      class_order: Any = "identity") -> ml_collections.ConfigDict:
+    """``c`` with the data protocol of an official prompt-method code (L2P / DualPrompt JAX,
+    CODA-Prompt, HiDe-Prompt, S-Prompts): the weights at ``checkpoint``; inputs ``(x/255 -
+    mean) / std`` (``ToTensor()`` alone: ``mean=(0,)``, ``std=(1,)``); the exact GELU of
+    timm / PyTorch (``gelu_exact=False``: the tanh form of flax's ``nn.gelu``, the JAX
+    code's); training crops ``RandomResizedCrop(size, scale=crop_scale)`` + horizontal flip
+    (+ ``ColorJitter(brightness)``) on the original image; test images
+    ``Resize(resize_short)`` + ``CenterCrop(size)`` (``None``: resized straight to the
+    size), ``squash``-ed to a square first as the JAX input pipeline does; classes in
+    ``class_order`` (the official codes here keep the datasets' own order)."""
+    c.backbone.checkpoint = checkpoint
+    c.backbone.mean, c.backbone.std = tuple(mean), tuple(std)
+    c.backbone.gelu_approximate = not gelu_exact
+    c.augment.enabled = True
+    c.augment.crop_padding = 0
+    c.augment.flip = True
+    c.augment.random_resized_crop = True
+    c.augment.crop_scale = tuple(crop_scale)
+    c.augment.crop_ratio = (3 / 4, 4 / 3)
+    c.augment.brightness = float(brightness)
+    c.eval.resize_short = resize_short
+    c.eval.squash = bool(squash)
+    c.scenario.class_order = class_order
     return c
 
 

@@ -118,9 +118,24 @@ def forward_transfer(R: Matrix, reference: Sequence[float]) -> float:
     return float(np.mean(before - ref[1:]))
 
 
-def summarize(R: Matrix, reference: Optional[Sequence[float]] = None) -> Dict[str, float]:
+def pooled_accuracy(R: Matrix, test_sizes: Sequence[int]) -> float:
+    """Accuracy over all test examples of the tasks after the last one, each task weighted
+    by its test-set size: ``sum_j n_j R[T-1][j] / sum_j n_j`` -- what code that scores one
+    loader of all seen test data reports (S-Prompts, PyCIL's "total" accuracy). Equals
+    :func:`average_accuracy` when the tasks' test sets are equally large."""
+    m = accuracy_matrix(R)
+    sizes = np.asarray(test_sizes, np.float64).reshape(-1)
+    if sizes.size != m.shape[1] or np.any(sizes <= 0):
+        raise ValueError(f"test_sizes needs one positive count per task ({m.shape[1]}), got "
+                         f"{list(test_sizes)}")
+    return float(np.sum(m[-1] * sizes) / np.sum(sizes))
+
+
+def summarize(R: Matrix, reference: Optional[Sequence[float]] = None,
+              test_sizes: Optional[Sequence[int]] = None) -> Dict[str, float]:
     """All metrics in one dict: ``average_accuracy``, ``average_incremental_accuracy``,
-    ``forgetting``, ``bwt`` and, with a ``reference``, ``fwt``."""
+    ``forgetting``, ``bwt``; with a ``reference``, ``fwt``; with the tasks' ``test_sizes``,
+    ``pooled_accuracy``."""
     out = {
         "average_accuracy": average_accuracy(R),
         "average_incremental_accuracy": average_incremental_accuracy(R),
@@ -129,6 +144,8 @@ def summarize(R: Matrix, reference: Optional[Sequence[float]] = None) -> Dict[st
     }
     if reference is not None:
         out["fwt"] = forward_transfer(R, reference)
+    if test_sizes is not None:
+        out["pooled_accuracy"] = pooled_accuracy(R, test_sizes)
     return out
 
 

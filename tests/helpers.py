@@ -45,25 +45,29 @@ def load_experiment_config(name, arg):
     return load_config_file(os.path.join(ROOT, "experiments", "configs", f"{name}.py"), arg)
 
 
-def array_task_data(images, labels, batch=8, num_devices=None):
+def array_task_data(images, labels, batch=8, num_devices=None, augmented=None):
     """A real TaskData over arrays, sharded over a mesh of ``num_devices`` (all by default)
-    like the loop's: fixed-size batches, the last one padded, with mask and index."""
+    like the loop's: fixed-size batches, the last one padded, with mask and index; its
+    ``augmented()`` view holds ``augmented`` (the same images by default, as a run without
+    augmentation)."""
     import numpy as np
     from pecft_jax.methods import TaskData
     from pecft_jax.train import mesh as mesh_lib
     mesh = mesh_lib.make_mesh(num_devices)
     images, labels = np.asarray(images), np.asarray(labels)
 
-    def batches():
-        for start in range(0, len(images), batch):
+    def batches(pixels=images):
+        for start in range(0, len(pixels), batch):
             order = np.arange(start, start + batch)
-            mask = (order < len(images)).astype(np.float32)
+            mask = (order < len(pixels)).astype(np.float32)
             rows = np.where(mask > 0, order, start)
-            yield {"image": images[rows], "label": labels[rows].astype(np.int32), "mask": mask,
+            yield {"image": pixels[rows], "label": labels[rows].astype(np.int32), "mask": mask,
                    "index": order.astype(np.int32)}
 
+    augmented = images if augmented is None else np.asarray(augmented)
     return TaskData(batches, len(images), shard=lambda b: mesh_lib.shard_batch(b, mesh),
-                    gather=mesh_lib.to_host, replicated=mesh_lib.replicated(mesh))
+                    gather=mesh_lib.to_host, replicated=mesh_lib.replicated(mesh),
+                    augmented_batches=lambda: batches(augmented))
 
 
 def class_dependent_tasks(tasks, per_class, seed=0):

@@ -13,7 +13,7 @@ from pecft_jax.data import (ArraySource, Preprocess, TransformedSource, build_sc
                             num_eval_batches, prefetch, preprocess_images, read_idx,
                             resize_bilinear, resolve_class_order, steps_per_epoch,
                             task_incremental, task_sizes, train_batches)
-from pecft_jax.data import sources as sources_lib
+from pecft_jax.data import pipeline, sources as sources_lib
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None
@@ -482,7 +482,7 @@ def test_prefetch_keeps_order_and_raises():
 
 
 def test_class_order_helper_rejects_unknown_strings():
-    with pytest.raises(ValueError, match="'seed', 'pycil', 'identity' or a list"):
+    with pytest.raises(ValueError, match="'seed', 'pycil', 'python_shuffle', 'identity' or a"):
         resolve_class_order(4, "random")
 
 
@@ -499,6 +499,24 @@ def test_pycil_class_order_is_the_legacy_numpy_permutation():
     assert reference[:10] == [68, 56, 78, 8, 23, 84, 90, 65, 74, 76]
     assert resolve_class_order(200, "pycil", 1993)[:6] == [168, 136, 51, 9, 183, 101]
     assert resolve_class_order(100, "seed", 1993) != reference  # default_rng's is another
+
+
+def test_python_shuffle_class_order_is_codas_random_shuffle():
+    """CODA-Prompt, seed s > 0: ``random.seed(s); random.shuffle(class_order)``."""
+    import random
+    state = random.getstate()
+    try:
+        for seed in (1, 2):
+            reference = list(range(100))
+            random.seed(seed)
+            random.shuffle(reference)
+            assert resolve_class_order(100, "python_shuffle", seed) == reference
+    finally:
+        random.setstate(state)
+    # the official code's first task for seed 1 (orange, house, rabbit, ...), CPython >= 3.2
+    assert resolve_class_order(100, "python_shuffle", 1)[:10] == [53, 37, 65, 51, 4, 20, 38, 9,
+                                                                  10, 81]
+    assert resolve_class_order(100, "identity") == list(range(100))
 
 
 def test_dataset_sequence_gives_each_dataset_its_own_label_block():
@@ -524,3 +542,172 @@ def test_dataset_sequence_gives_each_dataset_its_own_label_block():
     cfg.scenario.num_tasks = 3
     with pytest.raises(ValueError, match="num_tasks=3 but 2 datasets"):
         build_scenario(cfg)
+
+
+# --------------------------------------------------------------------------- crop transforms
+def test_random_resized_box_follows_torchvision_rules():
+    """Boxes lie in the image with area fraction in ``scale`` and aspect ratio in ``ratio``
+    (torchvision's RandomResizedCrop.get_params); the fraction is uniform over the range
+    and the log aspect ratio uniform over its range; the fallback is the centred box of the
+    nearest allowed ratio."""
+    rng = np.random.default_rng(0)
+    # up to 0.3 of the area every first try fits a 480 x 640 image, so the fraction is
+    # U(0.08, 0.3) (mean 0.19, sd 0.0635) and the log aspect ratio U(log 3/4, log 4/3)
+    scale, ratio = (0.08, 0.3), (3 / 4, 4 / 3)
+    fractions, log_aspects = [], []
+    for _ in range(2000):
+        top, left, h, w = pipeline.random_resized_box(480, 640, rng.random((10, 4)), scale, ratio)
+        assert 0 <= top and top + h <= 480 and 0 <= left and left + w <= 640
+        fractions.append(h * w / (480 * 640))
+        log_aspects.append(np.log(w / h))
+    fractions, log_aspects = np.array(fractions), np.array(log_aspects)
+    assert fractions.min() > 0.079 and fractions.max() < 0.301
+    assert abs(fractions.mean() - 0.19) < 0.005 and abs(fractions.std() - 0.0635) < 0.005
+    assert np.all(np.abs(log_aspects) <= np.log(4 / 3) + 0.02)
+    assert abs(log_aspects.mean()) < 0.01 and abs(log_aspects.std() - 0.166) < 0.01
+    # the first try is used when it fits: exact values from the formula
+    draws = np.zeros((10, 4))
+    draws[0] = (0.5, 0.5, 0.0, 1.0 - 1e-9)
+    side = int(round(np.sqrt(480 * 640 * 0.54)))
+    assert pipeline.random_resized_box(480, 640, draws, (0.08, 1.0), ratio) == \
+        (0, 640 - side, side, side)
+    # no try fits a 10 x 100 strip at these scales: the fallback is the centred 10 x 13 box
+    assert pipeline.random_resized_box(10, 100, rng.random((10, 4)), (0.9, 1.0), ratio) == \
+        (0, 43, 10, 13)
+
+
+def test_crops_resample_like_crop_then_resize():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(37, 53, 3)).astype(np.uint8)
+    # an integer crop box resampled = that crop resized (resize_bilinear's convention)
+    out = pipeline.resample_box(image, (5, 7, 20, 30), 16, clamp_to_box=True)
+    np.testing.assert_allclose(out, sources_lib.resize_bilinear(image[None, 5:25, 7:37], 16)[0],
+                               atol=1e-4)
+    # Resize(64) + CenterCrop(56) of a 64 x 64 image keeps the central 56 x 56 pixels
+    square = rng.integers(0, 256, size=(64, 64, 1)).astype(np.uint8)
+    box = pipeline.centre_box(64, 64, 64, 56)
+    assert box == (4.0, 4.0, 56.0, 56.0)
+    np.testing.assert_allclose(pipeline.resample_box(square, box, 56, clamp_to_box=False),
+                               square[4:60, 4:60], atol=1e-4)
+    # a 100 x 200 image: shorter side to 50 (100 wide), central 50 x 50 = original columns
+    # 50..149 halved
+    wide = rng.integers(0, 256, size=(100, 200, 3)).astype(np.uint8)
+    assert pipeline.centre_box(100, 200, 50, 50) == (0.0, 50.0, 100.0, 100.0)
+    np.testing.assert_allclose(
+        pipeline.resample_box(wide, pipeline.centre_box(100, 200, 50, 50), 50, False),
+        sources_lib.resize_bilinear(wide[None, :, 50:150], 50)[0], atol=1e-4)
+    # CIFAR's Resize(256) + CenterCrop(224) keeps the central 28 x 28 of 32 x 32
+    assert pipeline.centre_box(32, 32, 256, 224) == (2.0, 2.0, 28.0, 28.0)
+
+
+def test_random_resized_crop_batches_and_centre_cropped_eval(tmp_path):
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, size=(16, 12, 12, 3)).astype(np.uint8)
+    source = ArraySource(images, np.arange(16) % 2, num_classes=2)
+    prep = identity_preprocess(size=8, channels=3, augment=True, random_resized_crop=True,
+                               flip=True)
+    kw = dict(batch_size=8, seed=4, epoch=0, preprocess=prep)
+    first = list(train_batches(source, np.arange(16), np.arange(2), **kw))
+    again = list(train_batches(source, np.arange(16), np.arange(2), **kw))
+    assert first[0]["image"].shape == (8, 8, 8, 3)
+    np.testing.assert_array_equal(first[1]["image"], again[1]["image"])  # deterministic
+    # every output is a crop of its own original resized to 8 (flipped or not)
+    plain = identity_preprocess(size=12, channels=3)
+    originals = next(train_batches(source, np.arange(16), np.arange(2), batch_size=8, seed=4,
+                                   epoch=0, preprocess=plain))["image"]
+    assert not np.allclose(first[0]["image"], sources_lib.resize_bilinear(originals, 8))
+    # two hosts see the global batch's crops
+    halves = [next(train_batches(source, np.arange(16), np.arange(2), process_index=i,
+                                 process_count=2, **kw)) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]),
+                                  first[0]["image"])
+    # evaluation: Resize(10) + CenterCrop(8) of 12 x 12 = the central part, resampled
+    test = identity_preprocess(size=8, channels=3, resize_short=10)
+    batch = next(eval_batches(source, np.arange(4), np.arange(2), batch_size=4, preprocess=test))
+    box = pipeline.centre_box(12, 12, 10, 8)
+    np.testing.assert_allclose(batch["image"][2], pipeline.resample_box(images[2], box, 8, False),
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="crop_padding=0"):
+        identity_preprocess(size=8, augment=True, random_resized_crop=True, crop_padding=2)
+    with pytest.raises(ValueError, match="resize_short"):
+        identity_preprocess(size=8, resize_short=6)
+
+
+class VaryingSizeSource(sources_lib.ImageSource):
+    """Images of different shapes (as ImageNet-R's), read as a list."""
+
+    def __init__(self, images, labels):
+        self._list, self.labels = images, np.asarray(labels)
+        self.name, self.split, self.num_classes = "varying", "train", int(self.labels.max()) + 1
+        self.class_names = [str(i) for i in range(self.num_classes)]
+        self.image_shape = None
+
+    def _read(self, indices):
+        return [self._list[i] for i in indices]
+
+
+def test_crops_are_cut_from_originals_of_any_size():
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, size=(h, w, 3)).astype(np.uint8)
+              for h, w in [(20, 30), (40, 16), (24, 24), (50, 35)]]
+    source = VaryingSizeSource(images, [0, 1, 0, 1])
+    test = identity_preprocess(size=8, channels=3, resize_short=10)
+    batch = next(eval_batches(source, np.arange(4), np.arange(2), batch_size=4, preprocess=test))
+    for image, out in zip(images, batch["image"]):
+        box = pipeline.centre_box(image.shape[0], image.shape[1], 10, 8)
+        np.testing.assert_allclose(out, pipeline.resample_box(image, box, 8, False), atol=1e-4)
+    train = identity_preprocess(size=8, channels=3, augment=True, random_resized_crop=True)
+    out = next(train_batches(source, np.arange(4), np.arange(2), batch_size=4, seed=0, epoch=0,
+                             preprocess=train))
+    assert out["image"].shape == (4, 8, 8, 3) and np.isfinite(out["image"]).all()
+
+
+def test_augmented_pass_is_deterministic_and_host_independent():
+    """eval_stream with augment_seed: every example once, in order, through the training
+    augmentation drawn from the seed (S-Prompts' k-means pass); without it, no augmentation
+    even for an augmenting Preprocess."""
+    rng = np.random.default_rng(5)
+    images = rng.integers(1, 256, size=(10, 12, 12, 3)).astype(np.uint8)
+    source = ArraySource(images, np.arange(10) % 2, num_classes=2)
+    train = identity_preprocess(size=8, channels=3, augment=True, random_resized_crop=True,
+                                flip=True)
+    kw = dict(batch_size=4, preprocess=train)
+    parts = [(source, np.arange(10))]
+    plain = list(pipeline.eval_stream(parts, np.arange(2), **kw))
+    np.testing.assert_allclose(plain[0]["image"], sources_lib.resize_bilinear(images[:4], 8),
+                               atol=1e-4)
+    first = list(pipeline.eval_stream(parts, np.arange(2), augment_seed=7, **kw))
+    again = list(pipeline.eval_stream(parts, np.arange(2), augment_seed=7, **kw))
+    other = list(pipeline.eval_stream(parts, np.arange(2), augment_seed=8, **kw))
+    assert [b["label"].tolist() for b in first] == [b["label"].tolist() for b in plain]
+    for a, b, c, p in zip(first, again, other, plain):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        assert not np.allclose(a["image"], c["image"]) and not np.allclose(a["image"], p["image"])
+    halves = [list(pipeline.eval_stream(parts, np.arange(2), augment_seed=7, process_index=i,
+                                        process_count=2, **kw)) for i in range(2)]
+    for step, batch in enumerate(first):
+        np.testing.assert_array_equal(
+            np.concatenate([h[step]["image"] for h in halves]), batch["image"])
+
+
+def test_squash_and_brightness():
+    """``squash``: crops are cut from the image squashed to a square (L2P's JAX pipeline);
+    ``brightness``: ColorJitter's factor in [1-b, 1+b], clipped."""
+    rng = np.random.default_rng(6)
+    wide = rng.integers(0, 256, size=(20, 40, 3)).astype(np.uint8)
+    source = VaryingSizeSource([wide], [0])
+    test = identity_preprocess(size=8, channels=3, resize_short=10, squash=True)
+    out = next(eval_batches(source, np.arange(1), np.arange(1), batch_size=1, preprocess=test))
+    # squashed to 10 x 10, central 8 x 8 = rows 2..18, columns 4..36 of the original
+    np.testing.assert_allclose(
+        out["image"][0], pipeline.resample_box(wide, (2.0, 4.0, 16.0, 32.0), 8, False), atol=1e-4)
+    with pytest.raises(ValueError, match="squash needs resize_short"):
+        identity_preprocess(size=8, squash=True)
+    grey = np.full((64, 4, 4, 1), 200, np.uint8)
+    jitter = identity_preprocess(size=4, augment=True, brightness=0.5)
+    batch = next(train_batches(ArraySource(grey, np.zeros(64, int), num_classes=1), np.arange(64),
+                               np.zeros(1, int), batch_size=64, seed=0, epoch=0, preprocess=jitter))
+    values = batch["image"][:, 0, 0, 0]
+    assert values.min() >= 0.5 * 200 - 1e-3 and values.max() <= 255 + 1e-3
+    assert (values == 255).any() and values.min() < 130  # some clipped, some darkened
+    assert np.all(batch["image"] == values[:, None, None, None])  # one factor per image

@@ -212,9 +212,10 @@ def test_paper_trainable_parameter_counts_vit_b16(arg, classes, length):
     assert method.count_trainable(trainable, state) == prompts + head + tii
     expected = {"cifar100": 2_900_936, "imagenet_r": 4_206_736}[arg]
     assert prompts + head + tii == expected
-    # stored statistics: a mean and a D x D covariance per class, for both representations
-    assert state["tap_stats"]["cov"].shape == (classes, d, d)
-    assert state["tii_stats"]["mean"].shape == (classes, d)
+    # stored statistics, the official scripts' multi-centroid: per class 10 clusters, each
+    # a mean and a diagonal variance, for both representations
+    assert state["tap_stats"]["var"].shape == (classes, 10, d)
+    assert state["tii_stats"]["mean"].shape == (classes, 10, d)
 
 
 # ------------------------------------------------------------------------ end to end

@@ -398,6 +398,27 @@ def test_coda_cosine_schedule_is_the_official_cosineschedule_as_it_runs():
         last_epoch = epoch  # scheduler.step() after the epoch: -1 + 1 = 0, then 1, 2, ...
 
 
+def test_timm_cosine_is_timms_scheduler_stepped_as_hide_prompt_steps_it():
+    """timm's CosineLRScheduler sets epoch t's rate min + (lr - min)(1 + cos(pi t / T)) / 2;
+    the DualPrompt-PyTorch lineage calls scheduler.step(epoch) *after* epoch ``epoch``, so the
+    rate of epoch e + 1 is timm's t = e, and epoch 0 runs at the initial t = 0."""
+    import math
+    import ml_collections
+    from pecft_jax.train.loop import make_base_optimizer
+    cfg = ml_collections.ConfigDict({"learning_rate": 0.01, "optimizer": "sgd", "momentum": 0.0,
+                                     "schedule": "timm_cosine", "min_lr": 1e-3})
+    epochs, per_epoch = 6, 2
+    opt = make_base_optimizer(cfg, total_steps=epochs * per_epoch, steps_per_epoch=per_epoch)
+    state, params = opt.init(jnp.array([1.0])), jnp.array([1.0])
+    timm_t = 0  # the scheduler's epoch while an epoch runs
+    for epoch in range(epochs):
+        lr = 1e-3 + 0.5 * (0.01 - 1e-3) * (1 + math.cos(math.pi * timm_t / epochs))
+        for _ in range(per_epoch):
+            updates, state = opt.update(jnp.array([1.0]), state, params)
+            np.testing.assert_allclose(updates, [-lr], rtol=1e-6)
+        timm_t = epoch  # lr_scheduler.step(epoch) after the epoch
+
+
 def test_joint_on_a_domain_scenario_fails_clearly(tmp_path):
     config = tiny_config("finetune", mode="head")
     config.scenario.kind = "domain"
@@ -455,7 +476,8 @@ def test_resume_inside_a_task_with_a_stateless_optimizer_skips_before_task(tmp_p
 
 
 EXPERIMENT_CONFIGS = [
-    ("l2p", a) for a in ("split_mnist", "cifar100", "imagenet_r", "5datasets")] + [
+    ("l2p", a) for a in ("split_mnist", "cifar100", "cifar100_paper", "imagenet_r",
+                         "5datasets")] + [
     (m, a) for m in ("dualprompt", "coda_prompt", "hide_prompt")
     for a in ("split_mnist", "cifar100", "imagenet_r")] + [
     ("s_prompts", "domain_mnist"), ("s_prompts", "domainnet"),

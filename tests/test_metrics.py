@@ -110,3 +110,13 @@ def test_the_printed_report_names_the_class_order():
                "task_il_accuracy_matrix": [[50.0]], "metrics": {"average_accuracy": 50.0}}
     text = format_results(results)
     assert "class order: [29, 28, 27," in text and "... (30 classes)]" in text
+
+
+def test_pooled_accuracy_weights_tasks_by_test_size():
+    R = [[90.0], [80.0, 60.0]]
+    # 100 test examples of task 0 at 80%, 300 of task 1 at 60%: 80 + 180 right of 400
+    assert metrics.pooled_accuracy(R, [100, 300]) == pytest.approx(65.0)
+    assert metrics.pooled_accuracy(R, [5, 5]) == pytest.approx(metrics.average_accuracy(R))
+    assert metrics.summarize(R, test_sizes=[100, 300])["pooled_accuracy"] == pytest.approx(65.0)
+    with pytest.raises(ValueError, match="one positive count per task"):
+        metrics.pooled_accuracy(R, [100])

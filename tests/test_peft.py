@@ -411,7 +411,7 @@ def test_pool_init_options():
     assert pool["prompts"].shape == (2, 2, 16) and pool["keys"].shape == (2, 16)
     values = np.concatenate([np.ravel(pool["prompts"]), np.ravel(pool["keys"])])
     assert np.abs(values).max() <= 1 and 0.45 < values.std() < 0.7  # U(-1, 1): std 0.577
-    small = prompt_pool.init_pool(2, 2, 16, jax.random.key(1), key_init="l2p_jax",
+    small = prompt_pool.init_pool(2, 2, 16, jax.random.key(1), key_init="small_uniform",
                                   prompt_init="zeros")
     assert 0 <= small["keys"].min() and small["keys"].max() < 0.01 and not small["prompts"].any()
     ortho = prompt_pool.init_pool(2, 1, 16, jax.random.key(2), key_init="orthogonal",
@@ -438,6 +438,12 @@ def test_cosine_topk_and_batchwise_selection_match_numpy():
     batchwise = np.asarray(prompt_pool.select_topk(sim, 2, batchwise_prompt=True))
     majority = sorted(range(5), key=lambda i: (-counts[i], i))[:2]  # most chosen, lower id on ties
     np.testing.assert_array_equal(batchwise, np.tile(majority, (6, 1)))
+    # the official code votes within each device's batch: groups of 4 here (the last of 2)
+    grouped = np.asarray(prompt_pool.select_topk(sim, 2, batchwise_prompt=True, group_size=4))
+    for rows in (slice(0, 4), slice(4, 6)):
+        part = np.bincount(idx[rows].ravel(), minlength=5)
+        top = sorted(range(5), key=lambda i: (-part[i], i))[:2]
+        np.testing.assert_array_equal(grouped[rows], np.tile(top, (len(grouped[rows]), 1)))
     # a zero vector stays finite (L2P's clamped normalisation)
     zero = prompt_pool.cosine_similarity(np.zeros((1, 8), np.float32), keys.astype(np.float32))
     assert np.all(np.asarray(zero) == 0)

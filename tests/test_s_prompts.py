@@ -98,14 +98,19 @@ def test_each_example_gets_its_domains_prompt_and_classifier():
                                    rtol=1e-4, atol=1e-5)
 
 
-def test_after_task_keys_are_kmeans_centroids_of_normalised_frozen_features():
-    method, frozen = micro_method(num_tasks=2)
+@pytest.mark.parametrize("on_augmented", [True, False])
+def test_after_task_keys_are_kmeans_centroids_of_normalised_frozen_features(on_augmented):
+    """The keys cluster the augmented pass (the official code clusters its augmented
+    training loader) or, as an option, the plain images."""
+    method, frozen = micro_method(num_tasks=2, kmeans_on_augmented=on_augmented)
     trainable, state = method.init(jax.random.key(0), frozen)
     rng = np.random.default_rng(2)
-    images = np.concatenate([rng.uniform(-1, -0.2, (10, 16, 16, 1)),
-                             rng.uniform(0.2, 1, (10, 16, 16, 1))]).astype(np.float32)
-    data = array_task_data(images, np.zeros(20, np.int64))
+    plain = np.concatenate([rng.uniform(-1, -0.2, (10, 16, 16, 1)),
+                            rng.uniform(0.2, 1, (10, 16, 16, 1))]).astype(np.float32)
+    augmented = plain[:, ::-1, ::-1] * 0.5  # any other images: the view the keys must come from
+    data = array_task_data(plain, np.zeros(20, np.int64), augmented=augmented)
     _, new = method.after_task(spec(1, 2), trainable, state, frozen, data, jax.random.key(3))
+    images = augmented if on_augmented else plain
     q = np.asarray(method.backbone.apply(frozen, images, output="cls"), np.float64)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     c = np.asarray(new["centroids"][1], np.float64)

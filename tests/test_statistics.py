@@ -124,6 +124,21 @@ def test_multi_centroid_statistics_find_the_subclusters():
     assert comp["mean"].shape == (3, 3) and comp["scale"].shape == (3, 3)
 
 
+def test_zero_variance_clusters_are_skipped_when_asked():
+    """HiDe-Prompt's sampler skips a cluster whose variance is 0 on average (a single
+    example): not valid, never drawn; by default it is drawn with the ridge alone."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.normal(size=(20, 3)), [[9.0, 9.0, 9.0]]])  # one lone outlier
+    stats = S.update_statistics(S.empty_statistics(1, 3, "multi_centroid", n_centroids=2),
+                                x, np.zeros(len(x), int), [0], seed=0)
+    lone = int(np.argmin(stats["count"][0]))
+    assert stats["count"][0, lone] == 1 and not np.asarray(stats["var"][0, lone]).any()
+    kept = S.gaussian_components(stats, [0], every_class=True)
+    skipped = S.gaussian_components(stats, [0], every_class=True, skip_zero_variance=True)
+    assert kept["valid"].tolist() == [True, True]
+    assert skipped["valid"].tolist() == [j != lone for j in range(2)]
+
+
 @pytest.mark.parametrize("metric", ["l1", "l2", "sqeuclidean", "cosine"])
 def test_centroid_distances_match_numpy(metric):
     rng = np.random.default_rng(5)

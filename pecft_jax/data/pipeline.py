@@ -24,8 +24,9 @@ import numpy as np
 
 from pecft_jax.data.sources import ImageSource, resize_bilinear
 
-# Stream ids keep the shuffle and augmentation random streams apart for one seed.
-_SHUFFLE_STREAM, _AUGMENT_STREAM = 1, 2
+# Stream ids keep the shuffle and augmentation random streams apart for one seed (the third
+# is the augmentation of the fixed-order passes, e.g. S-Prompts' k-means on augmented data).
+_SHUFFLE_STREAM, _AUGMENT_STREAM, _PASS_AUGMENT_STREAM = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,26 @@ class Preprocess:
       crop_padding: random crop after zero-padding by this many pixels per side, in output
         pixels (applied after resizing); 0 disables it.
       flip: random horizontal flip (wrong for digits and text: leave it off there).
+      random_resized_crop: augmented batches are cut from the original image as torchvision's
+        ``RandomResizedCrop(image_size, scale=crop_scale, ratio=crop_ratio)`` does (area
+        fraction and aspect ratio drawn, ten tries, centre-crop fallback), then resized to
+        ``image_size``: the training transform of the PyTorch prompt-method codes (DualPrompt
+        and HiDe-Prompt ports, CODA-Prompt). Excludes ``crop_padding``.
+      crop_scale, crop_ratio: the ranges of that crop's area fraction and aspect ratio.
+      resize_short: unaugmented batches (evaluation, cached features): the shorter side is
+        resized to this, keeping the aspect ratio, and the central ``image_size`` square is
+        kept -- torchvision's ``Resize(resize_short)`` + ``CenterCrop(image_size)``; None:
+        resized straight to ``image_size``.
+      squash: with ``resize_short``, every image is first squashed to ``resize_short`` x
+        ``resize_short`` (aspect ratio not kept), and both crops are cut from that square --
+        the official L2P / DualPrompt JAX input pipeline (``tf.image.resize(.., (256, 256))``).
+      brightness: torchvision's ``ColorJitter(brightness=b)`` on augmented batches: pixels
+        times a factor drawn from ``U[max(0, 1 - b), 1 + b]``, clipped to the valid range
+        (HiDe-Prompt's CIFAR transform uses ``63/255``); 0 = off.
+
+    Both crops resample the original once (bilinear, no antialiasing, half-pixel centres);
+    torchvision on PIL images antialiases when it shrinks, so downscaled pixels differ
+    slightly, upscaled ones (CIFAR to 224) do not.
     """
     image_size: int
     channels: int
@@ -48,6 +69,12 @@ class Preprocess:
     augment: bool = False
     crop_padding: int = 0
     flip: bool = False
+    random_resized_crop: bool = False
+    crop_scale: tuple = (0.08, 1.0)
+    crop_ratio: tuple = (3 / 4, 4 / 3)
+    resize_short: int | None = None
+    squash: bool = False
+    brightness: float = 0.0
 
     def __post_init__(self):
         if self.image_size <= 0:
@@ -64,6 +91,36 @@ class Preprocess:
             raise ValueError(f"std must be positive, got {self.std}")
         if self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if self.random_resized_crop and self.crop_padding:
+            raise ValueError("random_resized_crop and crop_padding are two training crops; "
+                             "set augment.crop_padding=0 to use the random-resized crop")
+        scale, ratio = (tuple(float(v) for v in r) for r in (self.crop_scale, self.crop_ratio))
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got "
+                             f"{self.crop_scale}")
+        if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"crop_ratio must be (low, high) with 0 < low <= high, got "
+                             f"{self.crop_ratio}")
+        object.__setattr__(self, "crop_scale", scale)
+        object.__setattr__(self, "crop_ratio", ratio)
+        if self.squash and self.resize_short is None:
+            raise ValueError("squash needs resize_short (the side of the square images are "
+                             "squashed to, e.g. eval.resize_short=256)")
+        if not 0 <= self.brightness:
+            raise ValueError(f"brightness must be >= 0, got {self.brightness}")
+        if self.resize_short is not None and self.resize_short < self.image_size:
+            raise ValueError(f"resize_short ({self.resize_short}) must be >= image_size "
+                             f"({self.image_size}): the centre crop is cut from the resized image")
+
+    @property
+    def crops_training_images(self) -> bool:
+        """Training batches are random-resized crops of the original images."""
+        return self.augment and self.random_resized_crop
+
+    @property
+    def centre_crops(self) -> bool:
+        """Unaugmented batches are ``resize_short`` centre crops of the original images."""
+        return not self.augment and self.resize_short is not None
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -93,30 +150,42 @@ def _convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"cannot convert images with {have} channels to {channels}")
 
 
-def preprocess_images(images: np.ndarray, preprocess: Preprocess,
-                      crops: np.ndarray | None = None, flips: np.ndarray | None = None
+def preprocess_images(images: np.ndarray | Sequence[np.ndarray], preprocess: Preprocess,
+                      crops: np.ndarray | None = None, flips: np.ndarray | None = None,
+                      draws: np.ndarray | None = None, brightness: np.ndarray | None = None
                       ) -> np.ndarray:
     """uint8 ``(n, h, w, c)`` -> float32 ``(n, S, S, C)`` normalised model inputs.
 
     ``crops`` (``(n, 2)`` offsets into the padded image) and ``flips`` (``(n,)`` bool) apply
-    the augmentation; None skips it.
+    the augmentation; None skips it. ``brightness`` (``(n,)`` factors) scales the pixels.
+    ``draws`` (``(n, 10, 4)`` uniforms) cut random-resized crops instead of resizing; with
+    them, or with ``preprocess.centre_crops``, ``images`` are the originals (a list when
+    their sizes differ).
     """
-    x = np.asarray(images)
-    if x.ndim != 4:
-        raise ValueError(f"expected (n, H, W, C) images, got shape {x.shape}")
     size = preprocess.image_size
-    x = x.astype(np.float32)
-    # Work on as few channels as possible: reduce channels first; a grey image is expanded
-    # to RGB only at the end, by the broadcast of the per-channel normalisation.
-    if x.shape[-1] != 1 or preprocess.channels == 1:
-        x = _convert_channels(x, preprocess.channels)
-    if x.shape[1:3] != (size, size):
-        x = resize_bilinear(x, size)
+    if draws is not None or preprocess.centre_crops:
+        x = crop_images(images, preprocess, draws)
+        if x.shape[-1] != 1 or preprocess.channels == 1:
+            x = _convert_channels(x, preprocess.channels)
+    else:
+        x = np.asarray(images)
+        if x.ndim != 4:
+            raise ValueError(f"expected (n, H, W, C) images, got shape {x.shape}")
+        x = x.astype(np.float32)
+        # Work on as few channels as possible: reduce channels first; a grey image is
+        # expanded to RGB only at the end, by the broadcast of the per-channel normalisation.
+        if x.shape[-1] != 1 or preprocess.channels == 1:
+            x = _convert_channels(x, preprocess.channels)
+        if x.shape[1:3] != (size, size):
+            x = resize_bilinear(x, size)
     if crops is not None and preprocess.crop_padding > 0:
         x = _padded_crops(x, np.asarray(crops), preprocess.crop_padding)
     if flips is not None and preprocess.flip:
         flips = np.asarray(flips, bool)
         x[flips] = x[flips, :, ::-1]
+    if brightness is not None and preprocess.brightness:
+        x *= np.asarray(brightness, np.float32)[:, None, None, None]
+        np.clip(x, 0.0, 255.0, out=x)
     std = np.asarray(preprocess.std, np.float32)
     scale = 1.0 / (255.0 * std)
     shift = np.asarray(preprocess.mean, np.float32) / std
@@ -128,6 +197,93 @@ def preprocess_images(images: np.ndarray, preprocess: Preprocess,
     np.multiply(x, scale, out=out)
     out -= shift
     return out
+
+
+# A crop box is (top, left, height, width) in the original image's pixels (floats allowed),
+# plus whether sampling is clamped to the box (a crop that is then resized) or to the image
+# (a resize of the whole image that is then cropped).
+_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries ten boxes before its fallback
+
+
+def random_resized_box(height: int, width: int, draws: np.ndarray, scale: tuple,
+                       ratio: tuple) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` on an ``height x width`` image, with
+    its random numbers given: ``draws`` ``(10, 4)`` uniforms in [0, 1) (area fraction, log
+    aspect ratio, top, left for each try), so a batch's boxes come from one generator."""
+    area = height * width
+    log_ratio = np.log(ratio)
+    for u_area, u_ratio, u_top, u_left in np.asarray(draws, np.float64):
+        target = area * (scale[0] + u_area * (scale[1] - scale[0]))
+        aspect = np.exp(log_ratio[0] + u_ratio * (log_ratio[1] - log_ratio[0]))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+    in_ratio = width / height  # fallback: the largest centred box within the ratio range
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def centre_box(height: int, width: int, resize_short: int, size: int
+               ) -> tuple[float, float, float, float]:
+    """The part of an ``height x width`` image that ``Resize(resize_short)`` +
+    ``CenterCrop(size)`` keep, in original pixels (torchvision's rounding of both)."""
+    if height <= width:
+        new_h, new_w = resize_short, int(resize_short * width / height)
+    else:
+        new_h, new_w = int(resize_short * height / width), resize_short
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    sy, sx = height / new_h, width / new_w
+    return top * sy, left * sx, size * sy, size * sx
+
+
+def resample_box(image: np.ndarray, box: tuple, size: int, clamp_to_box: bool) -> np.ndarray:
+    """Bilinear samples of ``image`` ``(H, W, C)`` over ``box`` on a ``size x size`` grid
+    of half-pixel centres; edge pixels repeat the box's (a cropped image) or the image's
+    (a resized image) border. float32 ``(size, size, C)``."""
+    top, left, height, width = box
+    rows, cols = image.shape[:2]
+
+    def axis(start: float, extent: float, n_in: int):
+        centres = start + (np.arange(size) + 0.5) * (extent / size) - 0.5
+        lo_edge, hi_edge = ((start, start + extent - 1) if clamp_to_box else (0, n_in - 1))
+        centres = np.clip(centres, lo_edge, hi_edge)
+        lo = np.floor(centres).astype(np.int64)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (centres - lo).astype(np.float32)
+
+    y_lo, y_hi, y_frac = axis(top, height, rows)
+    x_lo, x_hi, x_frac = axis(left, width, cols)
+    x = image.astype(np.float32, copy=False)
+    r = x[y_lo] * (1 - y_frac)[:, None, None] + x[y_hi] * y_frac[:, None, None]
+    return r[:, x_lo] * (1 - x_frac)[None, :, None] + r[:, x_hi] * x_frac[None, :, None]
+
+
+def crop_images(images: Sequence[np.ndarray], preprocess: Preprocess,
+                draws: np.ndarray | None = None) -> np.ndarray:
+    """Originals of any sizes -> float32 ``(n, S, S, C)``: random-resized crops when
+    ``draws`` (``(n, 10, 4)`` uniforms) are given, else the ``resize_short`` centre crop."""
+    size = preprocess.image_size
+    out = []
+    for i, image in enumerate(images):
+        h, w = image.shape[:2]
+        # a squashed image is an (R, R) square: boxes are found there and mapped back
+        side = preprocess.resize_short if preprocess.squash else None
+        vh, vw = (side, side) if side else (h, w)
+        if draws is not None:
+            box = random_resized_box(vh, vw, draws[i], preprocess.crop_scale,
+                                     preprocess.crop_ratio)
+        else:
+            box = centre_box(vh, vw, preprocess.resize_short, size)
+        if side:
+            box = (box[0] * h / side, box[1] * w / side, box[2] * h / side, box[3] * w / side)
+        out.append(resample_box(image, box, size, clamp_to_box=draws is not None))
+    return np.stack(out) if out else np.zeros((0, size, size, 1), np.float32)
 
 
 def _padded_crops(x: np.ndarray, offsets: np.ndarray, padding: int) -> np.ndarray:
@@ -153,6 +309,25 @@ def _check_sharding(batch_size: int, process_index: int, process_count: int) -> 
     return batch_size // process_count
 
 
+def _augmentation(preprocess: Preprocess, batch_size: int, mine: slice, seed: tuple):
+    """This host's ``(crops, flips, draws, brightness factors)`` of a global batch (None each
+    when there is no augmentation), drawn for the whole global batch from ``seed`` and then
+    sliced, so they do not depend on the number of hosts."""
+    if not (preprocess.augment and (preprocess.crop_padding > 0 or preprocess.flip
+                                    or preprocess.random_resized_crop or preprocess.brightness)):
+        return None, None, None, None
+    rng = np.random.default_rng([int(v) for v in seed])
+    crops = rng.integers(0, 2 * preprocess.crop_padding + 1, size=(batch_size, 2))[mine]
+    flips = (rng.random(batch_size) < 0.5)[mine]
+    draws = (rng.random((batch_size, _ATTEMPTS, 4))[mine] if preprocess.random_resized_crop
+             else None)
+    factors = None
+    if preprocess.brightness:
+        b = preprocess.brightness
+        factors = rng.uniform(max(0.0, 1.0 - b), 1.0 + b, size=batch_size)[mine]
+    return crops, flips, draws, factors
+
+
 def _mapped_labels(source: ImageSource, indices: np.ndarray, label_map: np.ndarray) -> np.ndarray:
     label_map = np.asarray(label_map)
     original = source.labels[indices]
@@ -167,9 +342,12 @@ def _mapped_labels(source: ImageSource, indices: np.ndarray, label_map: np.ndarr
     return mapped.astype(np.int32)
 
 
-def _read(source: ImageSource, indices: np.ndarray, preprocess: Preprocess) -> np.ndarray:
-    # Sources of varying image size must resize while reading; fixed-size ones are resized
-    # in float later (no double rounding).
+def _read(source: ImageSource, indices: np.ndarray, preprocess: Preprocess
+          ) -> np.ndarray | list[np.ndarray]:
+    # Crops are cut from the originals. Otherwise sources of varying image size must resize
+    # while reading; fixed-size ones are resized in float later (no double rounding).
+    if preprocess.crops_training_images or preprocess.centre_crops:
+        return source.raw_images(indices)
     return source.images(indices, size=None if source.image_shape else preprocess.image_size)
 
 
@@ -219,20 +397,13 @@ def train_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarra
     labels = _mapped_labels(source, indices, label_map)  # validates every example once
     order = epoch_permutation(len(indices), seed, epoch)
     mine = slice(process_index * local, (process_index + 1) * local)
-    augment = preprocess.augment and (preprocess.crop_padding > 0 or preprocess.flip)
-
     def generate():
         for step in range(start_step, steps):
             positions = order[step * batch_size:(step + 1) * batch_size][mine]
-            crops = flips = None
-            if augment:
-                # Drawn for the global batch, then sliced: independent of the host count.
-                rng = np.random.default_rng([_AUGMENT_STREAM, int(seed), int(epoch), step])
-                crops = rng.integers(0, 2 * preprocess.crop_padding + 1, size=(batch_size, 2))
-                flips = rng.random(batch_size) < 0.5
-                crops, flips = crops[mine], flips[mine]
+            augmentation = _augmentation(preprocess, batch_size, mine,
+                                         (_AUGMENT_STREAM, seed, epoch, step))
             images = _read(source, indices[positions], preprocess)
-            yield {"image": preprocess_images(images, preprocess, crops, flips),
+            yield {"image": preprocess_images(images, preprocess, *augmentation),
                    "label": labels[positions], "index": positions.astype(np.int32)}
 
     return generate()
@@ -250,9 +421,11 @@ def eval_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarray
 
 def eval_stream(parts: Sequence[Tuple[ImageSource, np.ndarray]], label_map: np.ndarray, *,
                 batch_size: int, preprocess: Preprocess, process_index: int = 0,
-                process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                process_count: int = 1, augment_seed: int | None = None
+                ) -> Iterator[dict[str, np.ndarray]]:
     """The examples of several ``(source, indices)`` parts one after another (e.g. the test
-    sets of tasks 0..t), this host's shard of each global batch, no augmentation.
+    sets of tasks 0..t), this host's shard of each global batch, in order; augmented by
+    ``preprocess`` (drawn from ``augment_seed``) only when ``augment_seed`` is given.
 
     Batches run across the parts' boundaries, so only the stream's last global batch is
     padded (by repeating the stream's last example) to full size; ``mask`` is 1.0 for real examples
@@ -273,14 +446,18 @@ def eval_stream(parts: Sequence[Tuple[ImageSource, np.ndarray]], label_map: np.n
     total = int(starts[-1])
     mine = slice(process_index * local, (process_index + 1) * local)
 
-    def read(positions: np.ndarray) -> np.ndarray:
+    if augment_seed is None:
+        preprocess = dataclasses.replace(preprocess, augment=False)
+
+    def read(positions: np.ndarray, augmentation: tuple) -> np.ndarray:
         """Preprocessed images at stream ``positions`` (ascending), part by part."""
         pieces = []
         for (source, indices), lo, hi in zip(parts, starts[:-1], starts[1:]):
-            inside = positions[(positions >= lo) & (positions < hi)]
-            if len(inside):
-                pieces.append(preprocess_images(_read(source, indices[inside - lo], preprocess),
-                                                preprocess))
+            inside = (positions >= lo) & (positions < hi)
+            if inside.any():
+                images = _read(source, indices[positions[inside] - lo], preprocess)
+                pieces.append(preprocess_images(
+                    images, preprocess, *(None if a is None else a[inside] for a in augmentation)))
         return np.concatenate(pieces)
 
     def generate():
@@ -289,7 +466,9 @@ def eval_stream(parts: Sequence[Tuple[ImageSource, np.ndarray]], label_map: np.n
             mask = (order < total).astype(np.float32)
             # padding rows repeat the last example (whose cached features they then get)
             positions = np.where(mask > 0, order, total - 1)[mine]
-            images = read(positions)  # ascending: padding only ever follows the last example
+            augmentation = _augmentation(preprocess, batch_size, mine,
+                                         (_PASS_AUGMENT_STREAM, augment_seed or 0, start))
+            images = read(positions, augmentation)  # ascending: padding follows the last example
             yield {"image": images, "label": labels[positions], "mask": mask[mine],
                    "index": order[mine].astype(np.int32)}
 

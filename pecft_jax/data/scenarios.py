@@ -15,6 +15,7 @@ Kinds:
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any, Sequence
 
 import numpy as np
@@ -97,7 +98,9 @@ def resolve_class_order(classes: int | Sequence[int], class_order: Any = None, s
     ``'pycil'``: PyCIL's ``np.random.seed(seed); np.random.permutation(C)`` -- the order
     of PyCIL, LAMDA-PILOT and the pre-trained-model methods built on them (SimpleCIL, APER,
     EASE, SLCA, SSIAT, RanPAC), e.g. ``[68, 56, 78, 8, 23, ...]`` for CIFAR-100 with seed
-    1993."""
+    1993; or ``'python_shuffle'``: ``random.seed(seed); random.shuffle(order)`` of the
+    ascending ids -- CODA-Prompt's order for its runs with seed > 0 (its seed-0 run, the
+    one its scripts launch, keeps the identity)."""
     ids = (np.arange(classes) if isinstance(classes, (int, np.integer))
            else np.asarray(sorted(int(c) for c in classes), np.int64))
     if class_order is None or (isinstance(class_order, str) and class_order == "seed"):
@@ -107,8 +110,12 @@ def resolve_class_order(classes: int | Sequence[int], class_order: Any = None, s
             return [int(c) for c in ids]
         if class_order == "pycil":  # the legacy global generator, seeded as PyCIL seeds it
             return [int(c) for c in ids[np.random.RandomState(seed).permutation(len(ids))]]
-        raise ValueError(f"class_order must be 'seed', 'pycil', 'identity' or a list of class "
-                         f"ids, got {class_order!r}")
+        if class_order == "python_shuffle":  # Python's Mersenne Twister, as CODA seeds it
+            order = [int(c) for c in ids]
+            random.Random(seed).shuffle(order)
+            return order
+        raise ValueError(f"class_order must be 'seed', 'pycil', 'python_shuffle', 'identity' or "
+                         f"a list of class ids, got {class_order!r}")
     order = [int(c) for c in class_order]
     valid = set(ids.tolist())
     missing = sorted(valid - set(order))

@@ -127,6 +127,14 @@ class ImageSource:
         return np.stack([im if im.shape[:2] == (size, size)
                          else _to_uint8(resize_bilinear(im[None], size)[0]) for im in raw])
 
+    def raw_images(self, indices: np.ndarray) -> list[np.ndarray]:
+        """uint8 ``(H, W, C)`` images at ``indices`` in their own sizes, unresized: what the
+        crop-then-resize preprocessing (random-resized and centre crops) cuts from."""
+        if self.image_shape is not None:
+            return list(self.images(indices))
+        raw = self._read(self._check_indices(indices))
+        return list(raw)
+
     def _check_indices(self, indices) -> np.ndarray:
         indices = np.asarray(indices)
         if indices.size == 0:
@@ -255,6 +263,9 @@ class LabelOffsetSource(ImageSource):
     def images(self, indices: np.ndarray, size: int | None = None) -> np.ndarray:
         return self.base.images(indices, size=size)
 
+    def raw_images(self, indices: np.ndarray) -> list[np.ndarray]:
+        return self.base.raw_images(indices)
+
 
 class TransformedSource(ImageSource):
     """``base`` seen through domain transforms (applied lazily, in order, when read).
@@ -289,6 +300,17 @@ class TransformedSource(ImageSource):
         if size is not None and x.shape[1:3] != (size, size):
             x = _to_uint8(resize_bilinear(x, size))
         return x
+
+    def raw_images(self, indices: np.ndarray) -> list[np.ndarray]:
+        if self.image_shape is not None:
+            return list(self.images(indices))
+        images = []
+        for im in self.base.raw_images(indices):  # images of different sizes: one by one
+            x = im[None]
+            for t in self._transforms:
+                x = t(x)
+            images.append(np.ascontiguousarray(x[0]))
+        return images
 
 
 class TFDSSource(ImageSource):

@@ -183,9 +183,29 @@ def batch_accuracy(logits: Array, labels: Array) -> Array:
     return (jnp.argmax(logits, -1) == labels).mean()
 
 
-def init_linear_head(rng: Array, in_dim: int, num_classes: int) -> dict:
-    """A linear classifier over all classes of the scenario (trained with masking)."""
-    bound = 1.0 / np.sqrt(in_dim)  # PyTorch nn.Linear's default, what the reference code uses
+HEAD_INITS = ("torch_linear", "zeros", "trunc_normal")
+
+
+def init_linear_head(rng: Array, in_dim: int, num_classes: int, init: str = "torch_linear"
+                     ) -> dict:
+    """A linear classifier over all classes of the scenario (trained with masking).
+
+    ``init``: ``'torch_linear'`` -- PyTorch ``nn.Linear``'s default, kernel and bias
+    ``U(-1/sqrt(in_dim), 1/sqrt(in_dim))`` (the PyTorch ports); ``'zeros'`` -- kernel and bias
+    0 (the official L2P / DualPrompt JAX head, ``nn.Dense(kernel_init=zeros)``);
+    ``'trunc_normal'`` -- timm's ``trunc_normal_(std=.02)`` (cut at +-2, i.e. +-100 sd) and
+    bias 0 (timm's ViT head, which HiDe-Prompt's code keeps)."""
+    if init not in HEAD_INITS:
+        raise ValueError(f"unknown head init {init!r}; known: {', '.join(HEAD_INITS)}")
+    if init == "zeros":
+        return {"kernel": jnp.zeros((in_dim, num_classes), jnp.float32),
+                "bias": jnp.zeros((num_classes,), jnp.float32)}
+    if init == "trunc_normal":
+        std = 0.02
+        kernel = std * jax.random.truncated_normal(rng, -2.0 / std, 2.0 / std,
+                                                   (in_dim, num_classes), jnp.float32)
+        return {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}
+    bound = 1.0 / np.sqrt(in_dim)
     k_w, k_b = jax.random.split(rng)
     return {"kernel": jax.random.uniform(k_w, (in_dim, num_classes), jnp.float32, -bound, bound),
             "bias": jax.random.uniform(k_b, (num_classes,), jnp.float32, -bound, bound)}
@@ -280,14 +300,18 @@ class TaskData:
     def __init__(self, batches: Callable[[], Iterable[dict]], num_examples: int, *,
                  shard: Callable[[dict], dict], gather: Callable[[Any], Any],
                  replicated: jax.sharding.Sharding, capacity: Optional[int] = None,
-                 compiled: Optional[dict] = None):
+                 compiled: Optional[dict] = None,
+                 augmented_batches: Optional[Callable[[], Iterable[dict]]] = None):
         """``batches()`` yields this host's slice of each global batch (numpy); ``shard``
         turns it into global device arrays; ``gather`` fetches a global array to the host;
         ``replicated`` is the mesh's fully replicated sharding; ``capacity`` (>=
         ``num_examples``, default equal) is the largest task's example count in the run --
         per-example arrays of that length keep their shape from task to task;
-        ``compiled`` is the run's cache of compiled passes (shared across tasks)."""
+        ``compiled`` is the run's cache of compiled passes (shared across tasks);
+        ``augmented_batches()`` yields the same examples through the training augmentation
+        (see :meth:`augmented`)."""
         self._batches = batches
+        self._augmented_batches = augmented_batches
         self.num_examples = int(num_examples)
         self.capacity = int(capacity if capacity is not None else num_examples)
         if self.capacity < self.num_examples:
@@ -297,6 +321,18 @@ class TaskData:
         self._gather = gather
         self._replicated = replicated
         self._compiled = {} if compiled is None else compiled
+
+    def augmented(self) -> "TaskData":
+        """The same examples, in the same order, through the run's training augmentation
+        (random crops, flips; none when ``augment.enabled`` is off), for a method whose
+        official code computes statistics on its augmented training loader (S-Prompts'
+        k-means). The draws come from the run's seed and the task, so every call, and a
+        resumed run, sees the same augmented images."""
+        if self._augmented_batches is None:
+            raise ValueError("this TaskData was built without an augmented view")
+        return TaskData(self._augmented_batches, self.num_examples, shard=self._shard,
+                        gather=self._gather, replicated=self._replicated,
+                        capacity=self.capacity, compiled=self._compiled)
 
     def _replicate(self, tree: Any) -> Any:
         return jax.device_put(tree, self._replicated)

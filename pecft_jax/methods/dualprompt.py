@@ -58,8 +58,12 @@ class DualPrompt(Method):
         pool_size: Optional[int] = None                  # None = the number of tasks
         pull_constraint: float = 1.0                     # lambda
         batchwise_prompt: bool = False
+        # examples per batch-wise vote: the official code votes within each device's batch
+        # (16 for L2P, 24 for DualPrompt); 0 = over the whole batch
+        batchwise_group: int = 0
         prompt_init: str = "uniform"
         key_init: str = "uniform"
+        head_init: str = "torch_linear"  # base.HEAD_INITS
         shared_prompt_pool: bool = True
 
         def __post_init__(self):
@@ -99,7 +103,7 @@ class DualPrompt(Method):
                 for layer in self.e_layers},
             "e_keys": prompt_pool.init_pool(self.pool_size, 1, dim, k_key,
                                             key_init=c.key_init)["keys"],
-            "head": init_linear_head(k_head, dim, self.num_classes),
+            "head": init_linear_head(k_head, dim, self.num_classes, c.head_init),
         }
         return trainable, {}
 
@@ -131,6 +135,7 @@ class DualPrompt(Method):
         similarity = prompt_pool.cosine_similarity(q, trainable["e_keys"])
         return prompt_pool.select_topk(similarity, 1,
                                        batchwise_prompt=self.config.batchwise_prompt,
+                                       group_size=self.config.batchwise_group,
                                        weights=mask)
 
     @property

@@ -40,9 +40,13 @@ class L2P(Method):
         top_k: int = 5                # N
         pull_constraint: float = 0.1  # lambda
         batchwise_prompt: bool = False
+        # examples per batch-wise vote: the official code votes within each device's batch
+        # (16 for L2P, 24 for DualPrompt); 0 = over the whole batch
+        batchwise_group: int = 0
         diversity_penalty: bool = False
         prompt_init: str = "uniform"
         key_init: str = "uniform"
+        head_init: str = "torch_linear"  # base.HEAD_INITS
         # 'prompt': mean of the prompt tokens' outputs (the paper's); 'cls': the [CLS] output
         head_input: str = "prompt"
 
@@ -64,7 +68,8 @@ class L2P(Method):
         pool = prompt_pool.init_pool(c.pool_size, c.prompt_length, self.backbone.feature_dim,
                                      k_pool, key_init=c.key_init, prompt_init=c.prompt_init)
         trainable = {"prompts": pool["prompts"], "keys": pool["keys"],
-                     "head": init_linear_head(k_head, self.backbone.feature_dim, self.num_classes)}
+                     "head": init_linear_head(k_head, self.backbone.feature_dim, self.num_classes,
+                                              c.head_init)}
         state = {"task_counts": jnp.zeros((c.pool_size,), jnp.float32),
                  "previous_counts": jnp.zeros((c.pool_size,), jnp.float32)}
         return trainable, state
@@ -82,6 +87,7 @@ class L2P(Method):
         penalty = state["previous_counts"] if (train and c.diversity_penalty) else None
         idx = prompt_pool.select_topk(similarity, c.top_k, frequency_penalty=penalty,
                                       batchwise_prompt=c.batchwise_prompt,
+                                      group_size=c.batchwise_group,
                                       weights=batch.get("mask"))
         prompts = prompt_pool.gather_prompts(trainable["prompts"], idx)
         context = PEFTContext({0: LayerPEFT(prompt=prompts)})

@@ -10,17 +10,22 @@ CLIP text encoder, which this library does not have. For domain-incremental lear
   ``U(-1/sqrt(D), 1/sqrt(D))``] put after [CLS] at the input (after the position
   embedding), and a linear classifier ``W_s`` over the classes on the [CLS] output;
 * training domain ``s`` touches only ``P_s`` and ``W_s``: cross-entropy, SGD momentum 0.9
-  [lr 0.01, cosine over the epochs, batch 128], weight decay [5e-4 on the first domain,
-  2e-4 later] added to the gradient as PyTorch's ``SGD(weight_decay=...)`` does;
+  [lr 0.01, cosine stepped per epoch over 30 epochs, batch 128], weight decay [5e-4 on the
+  first domain, 2e-4 later] added to the gradient as PyTorch's ``SGD(weight_decay=...)``
+  does;
 * after domain ``s``: k-means [k = 5] on the L2-normalised frozen (un-prompted) [CLS]
-  features of its training images; the centroids are the domain's keys;
+  features of its training images [one pass through the training augmentation]; the
+  centroids are the domain's keys;
 * test: the frozen feature's distance to every stored centroid [the official code sums
   absolute differences, i.e. an L1 distance]; the domain of the nearest centroid picks the
   prompt and the classifier. ``logits`` returns ``task_pred`` = the predicted domain.
 
 Earlier domains' prompts and classifiers never change: every domain's prompt and classifier
 is in the one compiled train step (the domain index is traced), and ``update_mask`` lets only
-the current domain's learn.
+the current domain's learn. (The official code hands every domain's parameters to each
+domain's SGD, so under the PyTorch it pins (1.11) weight decay keeps shrinking the earlier
+domains' prompts and heads; that is an artefact of the code, not the method, and is not
+reproduced.)
 """
 from __future__ import annotations
 
@@ -54,6 +59,10 @@ class SPrompts(Method):
         distance: str = "l1"
         normalize_features: bool = True   # k-means on L2-normalised frozen features
         kmeans_n_init: int = 10
+        # k-means on one pass of the domain's training data through the training augmentation,
+        # as the official code clusters its augmented training loader (sprompt.py: clustering(
+        # self.train_loader)); False: on the un-augmented images
+        kmeans_on_augmented: bool = True
         first_weight_decay: float = 5e-4  # SGD weight decay on the first domain ...
         weight_decay: float = 2e-4        # ... and on the later ones
 
@@ -141,7 +150,8 @@ class SPrompts(Method):
 
     # --------------------------------------------------------------- after task
     def after_task(self, task, trainable, state, frozen, data, rng):
-        features, _ = data.map(self.query_pass, frozen)
+        source = data.augmented() if self.config.kmeans_on_augmented else data
+        features, _ = source.map(self.query_pass, frozen)
         k = min(self.config.num_centroids, features.shape[0])
         seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
         centers, _, _ = stats_lib.kmeans(features, k, seed=seed, n_init=self.config.kmeans_n_init)

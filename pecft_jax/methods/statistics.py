@@ -260,7 +260,8 @@ def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
 
 
 def gaussian_components(stats: Mapping[str, Any], classes: Sequence[int], *,
-                        ridge: float = 1e-4, every_class: bool = False) -> dict:
+                        ridge: float = 1e-4, every_class: bool = False,
+                        skip_zero_variance: bool = False) -> dict:
     """The Gaussians to sample for ``classes``: ``{'mean': (G, D), 'scale': ..., 'label': (G,),
     'valid': (G,)}``.
 
@@ -274,6 +275,11 @@ def gaussian_components(stats: Mapping[str, Any], classes: Sequence[int], *,
     ``C * K``), ``valid`` marking the ones of ``classes`` (non-empty clusters); the others
     have zero mean and scale. Their shapes stay the same from task to task, so a compiled
     fit (:class:`ClassifierFit`) sees one shape for the whole run.
+
+    ``skip_zero_variance``: a component whose stored variance is 0 on average (a cluster
+    of one example, or of identical ones) is not drawn from (``valid`` False), as the
+    official HiDe-Prompt sampler skips it (``if var.mean() == 0: continue``); by default it
+    is drawn from with the ridge alone.
     """
     mode = statistics_mode(stats)
     classes = [int(c) for c in classes]
@@ -285,6 +291,9 @@ def gaussian_components(stats: Mapping[str, Any], classes: Sequence[int], *,
     dim = np.shape(stats["mean"])[-1]
     wanted = set(classes)
     means, scales, labels, valid = [], [], [], []
+
+    def spread(variance) -> bool:  # False: the component is skipped when asked to
+        return not (skip_zero_variance and float(np.mean(variance)) == 0.0)
 
     def add(c, mean, scale, is_valid):
         means.append(np.asarray(mean) if is_valid else np.zeros(dim))
@@ -298,16 +307,16 @@ def gaussian_components(stats: Mapping[str, Any], classes: Sequence[int], *,
             cov = np.asarray(stats["cov"][c], np.float64)
             scale = (_psd_sqrt(cov + ridge * np.eye(dim)) if chosen
                      else np.zeros((dim, dim)))
-            add(c, stats["mean"][c], scale, chosen)
+            add(c, stats["mean"][c], scale, chosen and spread(np.diagonal(cov)))
         elif mode == "variance":
-            add(c, stats["mean"][c], np.sqrt(np.asarray(stats["var"][c], np.float64) + ridge),
-                chosen)
+            var = np.asarray(stats["var"][c], np.float64)
+            add(c, stats["mean"][c], np.sqrt(var + ridge), chosen and spread(var))
         else:
             clusters = range(count.shape[1]) if every_class else np.flatnonzero(count[c] > 0)
             for j in clusters:
-                add(c, stats["mean"][c, j],
-                    np.sqrt(np.asarray(stats["var"][c, j], np.float64) + ridge),
-                    chosen and bool(count[c, j] > 0))
+                var = np.asarray(stats["var"][c, j], np.float64)
+                add(c, stats["mean"][c, j], np.sqrt(var + ridge),
+                    chosen and bool(count[c, j] > 0) and spread(var))
     return {"mean": np.stack(means).astype(np.float32),
             "scale": np.stack(scales).astype(np.float32),
             "label": np.asarray(labels, np.int32),
@@ -349,6 +358,20 @@ def coda_cosine_schedule(learning_rate: float, epochs: int, steps_per_epoch: int
         epoch = jnp.floor_divide(count, max(1, steps_per_epoch))
         shifted = jnp.maximum(epoch - 1, 0)
         return learning_rate * jnp.cos(99.0 * jnp.pi * shifted / (200.0 * max(1, epochs - 1)))
+    return schedule
+
+
+def timm_cosine_schedule(learning_rate: float, min_lr: float, epochs: int,
+                         steps_per_epoch: int) -> Callable:
+    """timm's ``CosineLRScheduler(t_initial=epochs, lr_min=min_lr)`` as the DualPrompt-PyTorch
+    lineage's train loops step it (HiDe-Prompt's): ``scheduler.step(epoch)`` after each epoch
+    sets the next epoch's rate one epoch late, so epoch ``e`` runs at
+    ``min_lr + (lr - min_lr) (1 + cos(pi max(e - 1, 0) / epochs)) / 2``."""
+    def schedule(count):
+        epoch = jnp.floor_divide(count, max(1, steps_per_epoch))
+        shifted = jnp.maximum(epoch - 1, 0)
+        return min_lr + 0.5 * (learning_rate - min_lr) * (
+            1.0 + jnp.cos(jnp.pi * shifted / max(1, epochs)))
     return schedule
 
 
@@ -490,11 +513,13 @@ def mean_scales(task_of_class: np.ndarray, current_task: int, decay: float) -> n
 
 
 def alignment_components(stats: Mapping[str, Any], classes: Sequence[int], *, ridge: float,
-                         scales: Optional[np.ndarray] = None) -> dict:
+                         scales: Optional[np.ndarray] = None,
+                         skip_zero_variance: bool = False) -> dict:
     """The Gaussians an alignment draws from: those of every class of the storage
     (:func:`gaussian_components` with ``every_class``; valid for ``classes``), each mean
     times ``scales[c]`` of its class if given (:func:`mean_scales`)."""
-    components = gaussian_components(stats, classes, ridge=ridge, every_class=True)
+    components = gaussian_components(stats, classes, ridge=ridge, every_class=True,
+                                     skip_zero_variance=skip_zero_variance)
     if scales is not None:
         components["mean"] = components["mean"] * np.asarray(scales)[components["label"], None]
     return components
@@ -502,14 +527,18 @@ def alignment_components(stats: Mapping[str, Any], classes: Sequence[int], *, ri
 
 def align_on_gaussians(fit: ClassifierFit, params: Any, stats: Mapping[str, Any],
                        classes: Sequence[int], class_mask: np.ndarray, key: Array, *,
-                       ridge: float, steps: int, scales: Optional[np.ndarray] = None) -> Any:
+                       ridge: float, steps: int, scales: Optional[np.ndarray] = None,
+                       skip_zero_variance: bool = False) -> Any:
     """Trains ``params`` with ``fit`` (:func:`alignment_fit`) on features drawn from the
     Gaussians of ``classes`` (:func:`alignment_components`), ``steps`` batches per epoch,
     the loss over the classes in ``class_mask``. The Gaussians of every class of the
     storage go in with a validity mask, so one compiled program serves every task."""
-    components = alignment_components(stats, classes, ridge=ridge, scales=scales)
+    components = alignment_components(stats, classes, ridge=ridge, scales=scales,
+                                      skip_zero_variance=skip_zero_variance)
     available = int(components["valid"].sum()) * fit.batch_size
-    params, _ = fit(params, key, components, steps_per_epoch=max(1, int(steps)),
+    # skipped (zero-variance) components can leave fewer draws than `steps` batches
+    steps = max(1, min(int(steps), available // fit.batch_size))
+    params, _ = fit(params, key, components, steps_per_epoch=steps,
                     available=available, class_mask=class_mask)
     return params
 

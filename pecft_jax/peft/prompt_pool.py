@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-POOL_INITS = ("uniform", "l2p_jax", "normal", "orthogonal", "zeros")
+POOL_INITS = ("uniform", "small_uniform", "normal", "orthogonal", "zeros")
 
 
 def _sample(kind: str, key: Array, shape: tuple) -> Array:
@@ -25,8 +25,9 @@ def _sample(kind: str, key: Array, shape: tuple) -> Array:
 
     * ``'uniform'``: ``U(-1, 1)`` -- DualPrompt's (and L2P-PyTorch's) ``'uniform'`` for
       prompts and keys.
-    * ``'l2p_jax'``: ``U[0, 0.01)`` -- flax's default ``nn.initializers.uniform()``, which the
-      official L2P JAX code uses for ``prompt_init`` and ``prompt_key_init='uniform'``.
+    * ``'small_uniform'``: ``U[0, 0.01)`` -- flax's default ``nn.initializers.uniform()``,
+      which the official L2P / DualPrompt JAX code uses for ``prompt_init='uniform'`` and
+      ``prompt_key_init='uniform'`` (the same name as the prefix/prompt initialiser).
     * ``'normal'``: ``N(0, 0.02^2)``.
     * ``'orthogonal'``: rows (entries of the pool, flattened) orthonormal, as CODA-Prompt
       initialises its components and keys.
@@ -34,7 +35,7 @@ def _sample(kind: str, key: Array, shape: tuple) -> Array:
     """
     if kind == "uniform":
         return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
-    if kind == "l2p_jax":
+    if kind == "small_uniform":
         return jax.random.uniform(key, shape, jnp.float32, 0.0, 0.01)
     if kind == "normal":
         return 0.02 * jax.random.normal(key, shape, jnp.float32)
@@ -86,7 +87,8 @@ def selection_counts(idx: Array, pool_size: int) -> Array:
 
 
 def select_topk(similarity: Array, top_k: int, *, frequency_penalty: Optional[Array] = None,
-                batchwise_prompt: bool = False, weights: Optional[Array] = None) -> Array:
+                batchwise_prompt: bool = False, weights: Optional[Array] = None,
+                group_size: int = 0) -> Array:
     """Indices ``(B, top_k)`` of the selected pool entries, best first.
 
     Args:
@@ -104,6 +106,9 @@ def select_topk(similarity: Array, top_k: int, *, frequency_penalty: Optional[Ar
         example (ties go to the lower id).
       weights: optional ``(B,)`` votes of the examples in the batch-wise count (the batch
         mask: padding rows, which the official code never has, do not vote).
+      group_size: the batch-wise vote runs within consecutive groups of this many examples
+        (the official JAX code votes within each device's batch: 16 for L2P, 24 for
+        DualPrompt); 0 = one vote over the whole batch.
     """
     if similarity.ndim != 2:
         raise ValueError(f"similarity must be (B, M), got {tuple(similarity.shape)}")
@@ -121,13 +126,18 @@ def select_topk(similarity: Array, top_k: int, *, frequency_penalty: Optional[Ar
         score = -(1.0 - similarity) * freq  # larger is better
     _, idx = jax.lax.top_k(score, top_k)
     if batchwise_prompt:
-        if weights is None:
-            votes = selection_counts(idx, pool_size)
-        else:
-            votes = jnp.einsum("bkm,b->m", jax.nn.one_hot(idx, pool_size, dtype=jnp.float32),
-                               jnp.asarray(weights, jnp.float32))
-        _, major = jax.lax.top_k(votes, top_k)
-        idx = jnp.broadcast_to(major[None, :], idx.shape)
+        batch = idx.shape[0]
+        size = int(group_size) if group_size else batch
+        if size < 0:
+            raise ValueError(f"group_size must be >= 0, got {group_size}")
+        group = jnp.arange(batch) // size  # (B,) the vote each example takes part in
+        votes_of = jax.nn.one_hot(group, -(-batch // size), dtype=jnp.float32)  # (B, G)
+        if weights is not None:
+            votes_of = votes_of * jnp.asarray(weights, jnp.float32)[:, None]
+        votes = jnp.einsum("bkm,bg->gm", jax.nn.one_hot(idx, pool_size, dtype=jnp.float32),
+                           votes_of)
+        _, major = jax.lax.top_k(votes, top_k)  # (G, top_k)
+        idx = major[group]
     return idx
 
 

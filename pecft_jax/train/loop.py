@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
@@ -38,7 +39,7 @@ from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
 from pecft_jax.methods.base import count_params, merge_state
 from pecft_jax.methods.common import FROZEN_QUERY
 from pecft_jax.methods.statistics import (coda_cosine_schedule, cosine_epoch_schedule,
-                                         multistep_epoch_schedule)
+                                         multistep_epoch_schedule, timm_cosine_schedule)
 from pecft_jax.train import compilation
 from pecft_jax.train import mesh as mesh_lib
 from pecft_jax.train import partition
@@ -262,7 +263,7 @@ class ContinualTrainer:
                        enabled=self.config.get("progress_bar", True) and jax.process_index() == 0)
         step, tick, images_seen = position.step, time.time(), 0
         health = mesh_lib.replicate(np.array([-1, run.skipped_steps], np.int32), self.mesh)
-        data_seed = int(np.random.SeedSequence([self.config.seed, t]).generate_state(1)[0])
+        data_seed = self.task_seed(t)
         while step < steps:
             epoch, offset = divmod(step, per_epoch)
             batches = pipeline.train_batches(
@@ -466,8 +467,9 @@ class ContinualTrainer:
                        "average_incremental_accuracy": None, "forgetting": None, "bwt": None}
             task_summary = {"average_accuracy": float(np.mean(task_il[-1]))}
         else:
-            summary = metrics_lib.summarize(matrix)
-            task_summary = metrics_lib.summarize(task_il)
+            sizes = [len(task.test_indices) for task in self.scenario.tasks]
+            summary = metrics_lib.summarize(matrix, test_sizes=sizes)
+            task_summary = metrics_lib.summarize(task_il, test_sizes=sizes)
         out = {"method": self.method.name,
                "method_config": dataclasses.asdict(self.method.config),
                "dataset": self.config.dataset.name,
@@ -517,11 +519,24 @@ class ContinualTrainer:
         cached frozen queries, if ``queries``)."""
         def batches():
             return (with_queries(local, queries) for local in self._train_examples(task))
+
+        def augmented_batches():  # no cached queries: the images differ from the cached ones
+            return pipeline.eval_stream(
+                [(task.train_source, task.train_indices)], self.label_map,
+                batch_size=self.eval_batch_size, preprocess=self.train_preprocess,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                augment_seed=self.task_seed(task.index, "augmented_pass"))
         return TaskData(batches, len(task.train_indices),
                         shard=lambda local: mesh_lib.shard_batch(local, self.mesh),
                         gather=self._gather, replicated=mesh_lib.replicated(self.mesh),
                         capacity=max(len(t.train_indices) for t in self.tasks),
-                        compiled=self._task_data_compiled)
+                        compiled=self._task_data_compiled, augmented_batches=augmented_batches)
+
+    def task_seed(self, t: int, purpose: str = "") -> int:
+        """The host-side seed of task ``t``'s data order and augmentation (``purpose`` names
+        another stream of the same task)."""
+        entropy = [self.config.seed, t] + ([zlib.crc32(purpose.encode())] if purpose else [])
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
     def _train_examples(self, task: scenarios.Task):
         return self._fixed_batches([(task.train_source, task.train_indices)])
@@ -572,7 +587,13 @@ class ContinualTrainer:
             image_size=self.backbone.image_size, channels=self.backbone.channels,
             mean=tuple(self.backbone.mean), std=tuple(self.backbone.std),
             augment=augment and aug.get("enabled", False),
-            crop_padding=aug.get("crop_padding", 0), flip=aug.get("flip", False))
+            crop_padding=aug.get("crop_padding", 0), flip=aug.get("flip", False),
+            random_resized_crop=aug.get("random_resized_crop", False),
+            crop_scale=tuple(aug.get("crop_scale", (0.08, 1.0))),
+            crop_ratio=tuple(aug.get("crop_ratio", (3 / 4, 4 / 3))),
+            brightness=float(aug.get("brightness", 0.0)),
+            resize_short=self.config.eval.get("resize_short", None),
+            squash=self.config.eval.get("squash", False))
 
     def _count_trace(self, name: str, task: TaskSpec) -> None:
         """Counts a tracing of a jitted step (per task for a ``static_task`` method)."""
@@ -671,7 +692,7 @@ def schedule_lengths(train_cfg: ml_collections.ConfigDict, total_steps: int,
         return ()
     if name == "cosine":
         return (int(total_steps),)
-    if name in ("cosine_epochs", "coda_cosine"):
+    if name in ("cosine_epochs", "coda_cosine", "timm_cosine"):
         per_epoch = max(1, int(steps_per_epoch))
         return (max(1, int(total_steps) // per_epoch), per_epoch)
     if name == "multistep_epochs":
@@ -691,7 +712,9 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
       at the start of each milestone epoch) or ``'coda_cosine'`` (the ``CosineSchedule`` of
       CODA-Prompt's code base, which InfLoRA's reuses, as it runs there: stepped per epoch,
       ``lr_e = lr cos(99 pi max(e - 1, 0) / (200 (E - 1)))`` -- its constructor's first
-      step is undone, so epochs 0 and 1 both run at ``lr``);
+      step is undone, so epochs 0 and 1 both run at ``lr``) or ``'timm_cosine'`` (timm's
+      per-epoch ``CosineLRScheduler`` to ``train.min_lr``, one epoch late as the
+      DualPrompt-PyTorch lineage steps it: HiDe-Prompt's);
     * ``'adam'``, ``'adamw'`` (decoupled weight decay) or ``'sgd'`` (``momentum``);
       ``train.weight_decay`` on ``'adam'`` / ``'sgd'`` is PyTorch's coupled L2 term
       (``g + wd * p`` before the update), what ``torch.optim.SGD/Adam(weight_decay=)`` do;
@@ -701,7 +724,8 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
     schedule_name = train_cfg.get("schedule", "constant")
     lengths = schedule_lengths(train_cfg, total_steps, steps_per_epoch)
     warmup = int(train_cfg.get("warmup_steps", 0))
-    if warmup and schedule_name in ("cosine_epochs", "coda_cosine", "multistep_epochs"):
+    if warmup and schedule_name in ("cosine_epochs", "coda_cosine", "multistep_epochs",
+                                    "timm_cosine"):
         raise ValueError(f"train.schedule={schedule_name!r} has no warm-up; set "
                          f"train.warmup_steps=0 (or use 'cosine', which has one)")
     if schedule_name == "constant":
@@ -716,6 +740,8 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
         schedule = cosine_epoch_schedule(lr, *lengths)
     elif schedule_name == "coda_cosine":
         schedule = coda_cosine_schedule(lr, *lengths)
+    elif schedule_name == "timm_cosine":
+        schedule = timm_cosine_schedule(lr, float(train_cfg.get("min_lr", 0.0)), *lengths)
     elif schedule_name == "multistep_epochs":
         schedule = multistep_epoch_schedule(lr, tuple(train_cfg.get("milestones", ())),
                                             float(train_cfg.get("lr_decay", 0.1)), *lengths)
