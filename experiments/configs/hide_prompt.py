@@ -35,7 +35,9 @@
   ``Resize(256)`` + ``CenterCrop(224)`` (``datasets.py``); exact GELU; runs with seeds 42, 40
   and 44 (sh).
 
-Not reproduced: bicubic resizing (ours is bilinear), the prefix reshape without a permute
+Not reproduced: bicubic resizing (ours is bilinear), the ImageNet-R schedule's floor for the
+head (the head's rate is the prompts' times 0.1, floor included: 1e-6; official: 1e-5 for
+both groups), the prefix reshape without a permute
 and the per-GPU contrastive term (see ``pecft_jax/methods/hide_prompt.py``), the padded
 last batches of the distributed sampler, and the ImageNet-R split: the official code splits
 the image folder once with ``torch.utils.data.random_split`` (80/20, global torch seed) and
