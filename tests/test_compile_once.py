@@ -12,6 +12,7 @@ import pytest
 from pecft_jax.data import pipeline
 from pecft_jax.data.sources import ArraySource
 from pecft_jax.methods import TaskSpec
+from pecft_jax.methods.common import FROZEN_QUERY
 from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
 
 from helpers import ROOT, tiny_config
@@ -115,6 +116,30 @@ def test_augmentation_switches_the_training_cache_off(tmp_path):
     try:
         assert trainer.training_queries(trainer.tasks[0], epochs=3) is None
         assert trainer.test_queries(trainer.scenario.tasks[:1]) is not None  # tests: exact
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_augmented_pass_keeps_the_cache_only_without_augmentation(tmp_path, augment):
+    """TaskData.augmented(): without augmentation the plain batches, cached frozen queries
+    included (S-Prompts' k-means then computes nothing twice); with it, other images and no
+    cached queries."""
+    config = tiny_config()
+    config.scenario.num_tasks = 2
+    config.train.epochs = 2
+    config.augment.enabled = augment
+    config.augment.flip = True
+    trainer = ContinualTrainer(config, str(tmp_path))
+    try:
+        task = trainer.tasks[0]
+        queries = np.zeros((len(task.train_indices), trainer.backbone.feature_dim), np.float32)
+        data = trainer.task_data(task, queries)
+        plain = next(iter(data._batches()))
+        view = next(iter(data.augmented()._batches()))
+        assert (FROZEN_QUERY in view) is (not augment)
+        assert np.array_equal(view["image"], plain["image"]) is (not augment)
+        np.testing.assert_array_equal(view["label"], plain["label"])
     finally:
         trainer.close()
 

@@ -444,6 +444,11 @@ def test_cosine_topk_and_batchwise_selection_match_numpy():
         part = np.bincount(idx[rows].ravel(), minlength=5)
         top = sorted(range(5), key=lambda i: (-part[i], i))[:2]
         np.testing.assert_array_equal(grouped[rows], np.tile(top, (len(grouped[rows]), 1)))
+    from pecft_jax.methods.dualprompt import DualPrompt
+    from pecft_jax.methods.l2p import L2P
+    for config in (L2P.Config, DualPrompt.Config):
+        with pytest.raises(ValueError, match="batchwise_group must be >= 0"):
+            config(batchwise_group=-1)
     # a zero vector stays finite (L2P's clamped normalisation)
     zero = prompt_pool.cosine_similarity(np.zeros((1, 8), np.float32), keys.astype(np.float32))
     assert np.all(np.asarray(zero) == 0)

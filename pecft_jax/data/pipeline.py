@@ -113,6 +113,12 @@ class Preprocess:
                              f"({self.image_size}): the centre crop is cut from the resized image")
 
     @property
+    def augments(self) -> bool:
+        """Augmented batches differ from plain ones: augmentation on, and some of it set."""
+        return self.augment and bool(self.crop_padding > 0 or self.flip
+                                     or self.random_resized_crop or self.brightness)
+
+    @property
     def crops_training_images(self) -> bool:
         """Training batches are random-resized crops of the original images."""
         return self.augment and self.random_resized_crop
@@ -259,8 +265,9 @@ def resample_box(image: np.ndarray, box: tuple, size: int, clamp_to_box: bool) -
 
     y_lo, y_hi, y_frac = axis(top, height, rows)
     x_lo, x_hi, x_frac = axis(left, width, cols)
-    x = image.astype(np.float32, copy=False)
-    r = x[y_lo] * (1 - y_frac)[:, None, None] + x[y_hi] * y_frac[:, None, None]
+    # rows are gathered from the uint8 image and become float32 in the products: no float
+    # copy of a whole (possibly large) original
+    r = image[y_lo] * (1 - y_frac)[:, None, None] + image[y_hi] * y_frac[:, None, None]
     return r[:, x_lo] * (1 - x_frac)[None, :, None] + r[:, x_hi] * x_frac[None, :, None]
 
 
@@ -313,8 +320,7 @@ def _augmentation(preprocess: Preprocess, batch_size: int, mine: slice, seed: tu
     """This host's ``(crops, flips, draws, brightness factors)`` of a global batch (None each
     when there is no augmentation), drawn for the whole global batch from ``seed`` and then
     sliced, so they do not depend on the number of hosts."""
-    if not (preprocess.augment and (preprocess.crop_padding > 0 or preprocess.flip
-                                    or preprocess.random_resized_crop or preprocess.brightness)):
+    if not preprocess.augments:
         return None, None, None, None
     rng = np.random.default_rng([int(v) for v in seed])
     crops = rng.integers(0, 2 * preprocess.crop_padding + 1, size=(batch_size, 2))[mine]

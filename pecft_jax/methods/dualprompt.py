@@ -67,6 +67,9 @@ class DualPrompt(Method):
         shared_prompt_pool: bool = True
 
         def __post_init__(self):
+            if self.batchwise_group < 0:
+                raise ValueError(f"dualprompt batchwise_group must be >= 0 (0 = the whole "
+                                 f"batch), got {self.batchwise_group}")
             if not self.e_layers:
                 raise ValueError("dualprompt e_layers is empty: the E-prompt needs at least "
                                  "one block")

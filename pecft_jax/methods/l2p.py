@@ -54,6 +54,9 @@ class L2P(Method):
             if self.head_input not in ("prompt", "cls"):
                 raise ValueError(f"l2p head_input must be 'prompt' or 'cls', got "
                                  f"{self.head_input!r}")
+            if self.batchwise_group < 0:
+                raise ValueError(f"l2p batchwise_group must be >= 0 (0 = the whole batch), got "
+                                 f"{self.batchwise_group}")
             if not 0 < self.top_k <= self.pool_size:
                 raise ValueError(f"l2p top_k={self.top_k} must be in [1, "
                                  f"pool_size={self.pool_size}]")

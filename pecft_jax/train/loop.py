@@ -526,11 +526,14 @@ class ContinualTrainer:
                 batch_size=self.eval_batch_size, preprocess=self.train_preprocess,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 augment_seed=self.task_seed(task.index, "augmented_pass"))
+        # without augmentation the augmented view is the plain one, cached queries included
         return TaskData(batches, len(task.train_indices),
                         shard=lambda local: mesh_lib.shard_batch(local, self.mesh),
                         gather=self._gather, replicated=mesh_lib.replicated(self.mesh),
                         capacity=max(len(t.train_indices) for t in self.tasks),
-                        compiled=self._task_data_compiled, augmented_batches=augmented_batches)
+                        compiled=self._task_data_compiled,
+                        augmented_batches=(augmented_batches if self.train_preprocess.augments
+                                           else batches))
 
     def task_seed(self, t: int, purpose: str = "") -> int:
         """The host-side seed of task ``t``'s data order and augmentation (``purpose`` names
@@ -682,6 +685,10 @@ def nonfinite_leaves(tree: Any) -> List[str]:
             and not np.all(np.isfinite(np.asarray(leaf)))]
 
 
+# the cosines stepped once per epoch (their lengths: epochs and steps per epoch)
+EPOCH_COSINES = ("cosine_epochs", "coda_cosine", "timm_cosine")
+
+
 def schedule_lengths(train_cfg: ml_collections.ConfigDict, total_steps: int,
                      steps_per_epoch: int = 1) -> tuple:
     """The task lengths ``train.schedule`` is built from (and so bakes into a compiled
@@ -692,7 +699,7 @@ def schedule_lengths(train_cfg: ml_collections.ConfigDict, total_steps: int,
         return ()
     if name == "cosine":
         return (int(total_steps),)
-    if name in ("cosine_epochs", "coda_cosine", "timm_cosine"):
+    if name in EPOCH_COSINES:
         per_epoch = max(1, int(steps_per_epoch))
         return (max(1, int(total_steps) // per_epoch), per_epoch)
     if name == "multistep_epochs":
@@ -724,8 +731,7 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
     schedule_name = train_cfg.get("schedule", "constant")
     lengths = schedule_lengths(train_cfg, total_steps, steps_per_epoch)
     warmup = int(train_cfg.get("warmup_steps", 0))
-    if warmup and schedule_name in ("cosine_epochs", "coda_cosine", "multistep_epochs",
-                                    "timm_cosine"):
+    if warmup and schedule_name in EPOCH_COSINES + ("multistep_epochs",):
         raise ValueError(f"train.schedule={schedule_name!r} has no warm-up; set "
                          f"train.warmup_steps=0 (or use 'cosine', which has one)")
     if schedule_name == "constant":
