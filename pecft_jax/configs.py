@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "mnist5k"
     c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
+    # how images are resized: 'bilinear' (float, no antialiasing: TF's resize, fast) |
+    # 'pil_bilinear' | 'pil_bicubic' (PIL on uint8, step by step, as torchvision's transforms
+    # on PIL images: the PyTorch codes' Resize / RandomResizedCrop)
+    c.dataset.resample = "bilinear"
 
     c.scenario = ml_collections.ConfigDict()
     c.scenario.kind = "class"  # 'class' | 'task' | 'domain'
@@ -90,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.crop_ratio = (3 / 4, 4 / 3)
     # torchvision ColorJitter(brightness=b): pixels x U[1-b, 1+b] (0 = off)
     c.augment.brightness = 0.0
+    # the random-resized crop's own resampling (torchvision's RandomResizedCrop has its own
+    # interpolation): as dataset.resample; None = dataset.resample
+    c.augment.crop_resample = ml_collections.FieldReference(None, field_type=str)
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 1
@@ -144,6 +151,9 @@ def _is_number(value) -> bool:
 SCHEDULES = ("constant", "cosine", "cosine_epochs", "multistep_epochs", "coda_cosine",
              "timm_cosine")
 
+# what dataset.resample may name (data/pipeline.py's RESAMPLES)
+_RESAMPLES = ("bilinear", "pil_bilinear", "pil_bicubic")
+
 # (field, test, what it must be) -- checked before a run builds anything
 _RANGES = (
     ("seed", lambda v: _is_int(v) and 0 <= v < 2 ** 32, "an int in [0, 2**32)"),
@@ -166,6 +176,9 @@ _RANGES = (
     ("train.log_every_steps", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("train.prefetch", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = off)"),
     ("train.on_nonfinite", lambda v: v in ("stop", "skip_step"), "'stop' or 'skip_step'"),
+    ("dataset.resample", lambda v: v in _RESAMPLES, f"one of {_RESAMPLES}"),
+    ("augment.crop_resample", lambda v: v is None or v in _RESAMPLES,
+     f"None (dataset.resample) or one of {_RESAMPLES}"),
     ("feature_cache.max_bytes", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     ("distributed.heartbeat_timeout_seconds", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
 )
@@ -328,29 +341,11 @@ def benchmark(name: str) -> ml_collections.ConfigDict:
     return c
 
 
-def pycil_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
-                   mean: tuple = (0.0,), std: tuple = (1.0,), seed: int = 1993,
-                   shuffle: bool = True) -> ml_collections.ConfigDict:
-    """``c`` with the data protocol of the official code of the PyCIL / LAMDA-PILOT lineage
-    (SimpleCIL, APER, EASE, RanPAC, SLCA, SSIAT, InfLoRA, SD-LoRA): the ViT weights at
-    ``checkpoint``; inputs as the official transforms leave them -- ``ToTensor()`` alone
-    gives pixels in [0, 1] (``mean=(0,)``, ``std=(1,)``), unless the code normalises (SLCA);
-    timm's exact GELU (``backbone.gelu_approximate=False``; Google's ``.npz`` would load
-    with the tanh form of its JAX code);
-    classes in the order ``np.random.seed(seed); np.random.permutation(C)``
-    (``scenario.class_order='pycil'``), or in their own order where the official config
-    says ``"shuffle": false`` (``'identity'``)."""
-    c.backbone.checkpoint = checkpoint
-    c.backbone.mean, c.backbone.std = tuple(mean), tuple(std)
-    c.backbone.gelu_approximate = False  # timm's exact GELU, whatever the weights' format
-    c.scenario.class_order = "pycil" if shuffle else "identity"
-    c.scenario.seed = seed
-    return c
-
-
 # Pretrained weights the official codes load (file names as their authors publish them; put
 # the file at this path or pass --config.backbone.checkpoint).
 VIT_B16_IN21K = "weights/ViT-B_16.npz"  # Google's ImageNet-21k ViT-B/16 (imagenet21k/ViT-B_16.npz)
+# timm 0.6's `vit_base_patch16_224_in21k`: AugReg, ImageNet-21k (gs://vit_models/augreg/)
+VIT_B16_AUGREG_IN21K = "weights/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"
 # timm's `vit_base_patch16_224` in timm 0.4-0.6: AugReg, ImageNet-21k then fine-tuned on 1k
 VIT_B16_AUGREG_IN1K = ("weights/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--"
                        "imagenet2012-steps_20k-lr_0.01-res_224.npz")
@@ -370,16 +365,19 @@ def official_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
                       mean: tuple = (0.0,), std: tuple = (1.0,), gelu_exact: bool = True,
                       crop_scale: tuple = (0.08, 1.0), resize_short: Optional[int] = 256,
                       squash: bool = False, brightness: float = 0.0,
-                      class_order: Any = "identity") -> ml_collections.ConfigDict:
-    """``c`` with the data protocol of an official prompt-method code (L2P / DualPrompt JAX,
-    CODA-Prompt, HiDe-Prompt, S-Prompts): the weights at ``checkpoint``; inputs ``(x/255 -
-    mean) / std`` (``ToTensor()`` alone: ``mean=(0,)``, ``std=(1,)``); the exact GELU of
-    timm / PyTorch (``gelu_exact=False``: the tanh form of flax's ``nn.gelu``, the JAX
-    code's); training crops ``RandomResizedCrop(size, scale=crop_scale)`` + horizontal flip
-    (+ ``ColorJitter(brightness)``) on the original image; test images
-    ``Resize(resize_short)`` + ``CenterCrop(size)`` (``None``: resized straight to the
-    size), ``squash``-ed to a square first as the JAX input pipeline does; classes in
-    ``class_order`` (the official codes here keep the datasets' own order)."""
+                      class_order: Any = "identity", resample: str = "bilinear",
+                      crop_resample: Optional[str] = None) -> ml_collections.ConfigDict:
+    """``c`` with the data protocol of an official code: the weights at ``checkpoint``;
+    inputs ``(x/255 - mean) / std`` (``ToTensor()`` alone: ``mean=(0,)``, ``std=(1,)``);
+    the exact GELU of timm / PyTorch (``gelu_exact=False``: the tanh form of flax's
+    ``nn.gelu``, the JAX code's); training crops ``RandomResizedCrop(size,
+    scale=crop_scale)`` + horizontal flip (+ ``ColorJitter(brightness)``) on the original
+    image; test images ``Resize(resize_short)`` + ``CenterCrop(size)`` (``None``: resized
+    straight to the size), ``squash``-ed to a square first as the JAX input pipeline does;
+    ``resample`` / ``crop_resample`` the filters of the test resize and of the crop
+    (``'bilinear'``: TF's, the JAX codes'; ``'pil_bilinear'`` / ``'pil_bicubic'``:
+    torchvision's on PIL images, ``interpolation=3`` being bicubic); classes in
+    ``class_order``."""
     c.backbone.checkpoint = checkpoint
     c.backbone.mean, c.backbone.std = tuple(mean), tuple(std)
     c.backbone.gelu_approximate = not gelu_exact
@@ -390,9 +388,34 @@ def official_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
     c.augment.crop_scale = tuple(crop_scale)
     c.augment.crop_ratio = (3 / 4, 4 / 3)
     c.augment.brightness = float(brightness)
+    c.augment.crop_resample = crop_resample
+    c.dataset.resample = resample
     c.eval.resize_short = resize_short
     c.eval.squash = bool(squash)
     c.scenario.class_order = class_order
+    return c
+
+
+def pycil_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
+                   mean: tuple = (0.0,), std: tuple = (1.0,), seed: int = 1993,
+                   shuffle: bool = True, crop_scale: tuple = (0.05, 1.0),
+                   crop_resample: str = "pil_bilinear", brightness: float = 0.0,
+                   resize_short: int = 256, resample: str = "pil_bicubic"
+                   ) -> ml_collections.ConfigDict:
+    """``official_protocol`` with the defaults of the PyCIL / LAMDA-PILOT lineage's
+    ``utils/data.py`` ``build_transform`` (SimpleCIL, APER, EASE, RanPAC, SSIAT, SD-LoRA;
+    SLCA and InfLoRA pass their own): training ``RandomResizedCrop(224, scale=(0.05, 1))``
+    (bilinear) + ``RandomHorizontalFlip()``, test ``Resize(256, interpolation=3)`` (bicubic)
+    + ``CenterCrop(224)``, ``ToTensor()`` alone, so pixels in [0, 1] (``mean=(0,)``,
+    ``std=(1,)``) unless the code normalises (SLCA); timm's exact GELU; classes in the order
+    ``np.random.seed(seed); np.random.permutation(C)`` (``scenario.class_order='pycil'``),
+    or in their own order where the official config says ``"shuffle": false``
+    (``'identity'``)."""
+    official_protocol(c, checkpoint, mean=mean, std=std, crop_scale=crop_scale,
+                      resize_short=resize_short, brightness=brightness,
+                      class_order="pycil" if shuffle else "identity", resample=resample,
+                      crop_resample=crop_resample)
+    c.scenario.seed = seed
     return c
 
 

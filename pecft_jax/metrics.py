@@ -131,11 +131,25 @@ def pooled_accuracy(R: Matrix, test_sizes: Sequence[int]) -> float:
     return float(np.sum(m[-1] * sizes) / np.sum(sizes))
 
 
+def pooled_incremental_accuracy(R: Matrix, test_sizes: Sequence[int]) -> float:
+    """Mean over steps of the pooled accuracy on the tasks seen so far (row ``i``: ``sum_{j
+    <= i} n_j R[i][j] / sum_{j <= i} n_j``) -- the "average accuracy" of the PyCIL lineage's
+    logs, whose per-step figure is the pooled one. Equals
+    :func:`average_incremental_accuracy` when the tasks' test sets are equally large."""
+    m = accuracy_matrix(R)
+    sizes = np.asarray(test_sizes, np.float64).reshape(-1)
+    if sizes.size != m.shape[1] or np.any(sizes <= 0):
+        raise ValueError(f"test_sizes needs one positive count per task ({m.shape[1]}), got "
+                         f"{list(test_sizes)}")
+    return float(np.mean([np.sum(m[i, :i + 1] * sizes[:i + 1]) / np.sum(sizes[:i + 1])
+                          for i in range(m.shape[0])]))
+
+
 def summarize(R: Matrix, reference: Optional[Sequence[float]] = None,
               test_sizes: Optional[Sequence[int]] = None) -> Dict[str, float]:
     """All metrics in one dict: ``average_accuracy``, ``average_incremental_accuracy``,
     ``forgetting``, ``bwt``; with a ``reference``, ``fwt``; with the tasks' ``test_sizes``,
-    ``pooled_accuracy``."""
+    ``pooled_accuracy`` and ``pooled_incremental_accuracy``."""
     out = {
         "average_accuracy": average_accuracy(R),
         "average_incremental_accuracy": average_incremental_accuracy(R),
@@ -146,6 +160,7 @@ def summarize(R: Matrix, reference: Optional[Sequence[float]] = None,
         out["fwt"] = forward_transfer(R, reference)
     if test_sizes is not None:
         out["pooled_accuracy"] = pooled_accuracy(R, test_sizes)
+        out["pooled_incremental_accuracy"] = pooled_incremental_accuracy(R, test_sizes)
     return out
 
 

@@ -711,3 +711,135 @@ def test_squash_and_brightness():
     assert values.min() >= 0.5 * 200 - 1e-3 and values.max() <= 255 + 1e-3
     assert (values == 255).any() and values.min() < 130  # some clipped, some darkened
     assert np.all(batch["image"] == values[:, None, None, None])  # one factor per image
+
+
+# --------------------------------------------------------------------------- PIL resampling
+def _pil_filter_reference(kind):
+    """PIL's resampling filters (Resample.c): the triangle and Keys' cubic with a = -0.5."""
+    if kind == "pil_bilinear":
+        return 1.0, lambda x: np.maximum(0.0, 1.0 - np.abs(x))
+    a = -0.5
+
+    def cubic(x):
+        x = np.abs(x)
+        return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                        np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+    return 2.0, cubic
+
+
+def _resize_axis_reference(x, out_size, kind, axis):
+    """One pass of PIL's convolution resize along ``axis``, written from its description:
+    output pixel i is centred at (i + 0.5) * scale in input pixels; the filter is widened by
+    the scale when shrinking (antialiasing); taps outside the image are dropped and the rest
+    renormalised; the result is rounded to uint8."""
+    support, kernel = _pil_filter_reference(kind)
+    n_in = x.shape[axis]
+    scale = n_in / out_size
+    widen = max(scale, 1.0)
+    weights = np.zeros((out_size, n_in))
+    for i in range(out_size):
+        centre = (i + 0.5) * scale
+        lo = max(int(centre - support * widen + 0.5), 0)
+        hi = min(int(centre + support * widen + 0.5), n_in)
+        taps = kernel((np.arange(lo, hi) - centre + 0.5) / widen)
+        weights[i, lo:hi] = taps / taps.sum()
+    y = np.moveaxis(np.tensordot(weights, np.moveaxis(x.astype(np.float64), axis, 0), 1), 0, axis)
+    return np.clip(np.floor(y + 0.5), 0, 255)
+
+
+def _pil_resize_reference(image, height, width, kind):
+    """PIL resizes horizontally first, then vertically, each pass on uint8 values."""
+    x = image.astype(np.float64)
+    if x.shape[1] != width:
+        x = _resize_axis_reference(x, width, kind, 1)
+    if x.shape[0] != height:
+        x = _resize_axis_reference(x, height, kind, 0)
+    return x
+
+
+def _real_colour_images():
+    """sklearn's real digits, 8 x 8 upscaled by repetition and stacked three to an RGB image,
+    cut to a few sizes (square, wide, tall)."""
+    from sklearn.datasets import load_digits
+    digits = (load_digits().images[:12] * (255 / 16)).astype(np.uint8)
+    big = np.kron(digits, np.ones((4, 4), np.uint8))  # 12 x 32 x 32
+    rgb = np.stack([big[:4], big[4:8], big[8:]], axis=-1)  # 4 x 32 x 32 x 3
+    mosaic = np.concatenate(list(rgb), axis=1)  # 32 x 128
+    tall = np.ascontiguousarray(mosaic[:, :29].transpose(1, 0, 2))
+    return [rgb[0], rgb[1], mosaic[:, :75], tall]
+
+
+@pytest.mark.parametrize("kind", ["pil_bilinear", "pil_bicubic"])
+def test_pil_resampling_matches_a_reference_of_pils_filters(kind):
+    """``resample='pil_*'``: RandomResizedCrop crops then resizes, Resize(short) +
+    CenterCrop resizes then crops, as torchvision's transforms do on PIL images; pixels
+    equal a numpy re-computation of PIL's separable filters (off by one step only where
+    PIL's fixed-point sums round the other way). The same script against torchvision
+    itself: experiments/check_transforms_torchvision.py."""
+    rng = np.random.default_rng(11)
+    images = _real_colour_images()
+    other = "pil_bicubic" if kind == "pil_bilinear" else "pil_bilinear"
+    # the crop's filter is its own (torchvision's RandomResizedCrop has its interpolation)
+    crop = identity_preprocess(size=24, channels=3, augment=True, random_resized_crop=True,
+                               resample=other, crop_resample=kind)
+    centre = identity_preprocess(size=24, channels=3, resize_short=28, resample=kind)
+    plain = identity_preprocess(size=24, channels=3, resample=kind)
+    differing, total = 0, 0
+    for image in images:
+        h, w = image.shape[:2]
+        draws = rng.random((1, 10, 4))
+        top, left, bh, bw = pipeline.random_resized_box(h, w, draws[0], (0.08, 1.0),
+                                                        (3 / 4, 4 / 3))
+        expected = {
+            "crop": _pil_resize_reference(image[top:top + bh, left:left + bw], 24, 24, kind),
+            "plain": _pil_resize_reference(image, 24, 24, kind)}
+        new_h, new_w = (28, int(28 * w / h)) if h <= w else (int(28 * h / w), 28)
+        resized = _pil_resize_reference(image, new_h, new_w, kind)
+        t, l = int(round((new_h - 24) / 2)), int(round((new_w - 24) / 2))
+        expected["centre"] = resized[t:t + 24, l:l + 24]
+        got = {"crop": pipeline.preprocess_images([image], crop, draws=draws)[0],
+               "centre": pipeline.preprocess_images([image], centre)[0],
+               "plain": pipeline.preprocess_images([image], plain)[0]}
+        for name in expected:
+            assert np.abs(got[name] - expected[name]).max() <= 1, (name, image.shape)
+            differing += int((got[name] != expected[name]).sum())
+            total += got[name].size
+    assert differing / total < 0.01, differing / total
+    # and the filters differ from each other and from the float bilinear default
+    other = identity_preprocess(size=24, channels=3, resize_short=28)
+    assert np.abs(pipeline.preprocess_images([images[2]], other)[0]
+                  - pipeline.preprocess_images([images[2]], centre)[0]).mean() > 0.01
+
+
+def test_pil_resampling_reads_originals_and_truncates_brightness():
+    """With PIL resampling the pipeline reads the originals (a source of mixed sizes is not
+    resized by the source first), and the brightness jitter truncates to uint8 as PIL's
+    ImageEnhance.Brightness (torchvision's adjust_brightness on PIL images) does."""
+    from PIL import Image, ImageEnhance
+    images = _real_colour_images()
+    source = VaryingSizeSource(images, [0, 1, 0, 1])
+    prep = identity_preprocess(size=16, channels=3, resample="pil_bicubic")
+    batch = next(eval_batches(source, np.arange(4), np.arange(2), batch_size=4, preprocess=prep))
+    for image, out in zip(images, batch["image"]):
+        expected = np.asarray(Image.fromarray(image).resize((16, 16), Image.BICUBIC))
+        np.testing.assert_array_equal(out, expected)
+    jitter = identity_preprocess(size=16, channels=3, augment=True, brightness=0.4,
+                                 resample="pil_bicubic")
+    factors = np.array([0.7317, 1.2931, 1.0, 0.95], np.float32)
+    flips = np.zeros(4, bool)
+    out = pipeline.preprocess_images(images, jitter, flips=flips, brightness=factors)
+    for image, f, x in zip(images, factors, out):
+        resized = Image.fromarray(image).resize((16, 16), Image.BICUBIC)
+        np.testing.assert_array_equal(
+            x, np.asarray(ImageEnhance.Brightness(resized).enhance(float(f))))
+    with pytest.raises(ValueError, match="resample must be one of"):
+        identity_preprocess(size=8, resample="lanczos")
+    with pytest.raises(ValueError, match="crop_resample must be one of"):
+        identity_preprocess(size=8, crop_resample="nearest")
+    with pytest.raises(ValueError, match="squash reproduces TF"):
+        identity_preprocess(size=8, resize_short=10, squash=True, resample="pil_bilinear")
+    with pytest.raises(ValueError, match="squash reproduces TF"):
+        identity_preprocess(size=8, resize_short=10, squash=True, augment=True,
+                            random_resized_crop=True, crop_resample="pil_bicubic")
+    from pecft_jax import configs
+    assert configs._RESAMPLES == pipeline.RESAMPLES  # the config check names the same filters

@@ -120,3 +120,20 @@ def test_pooled_accuracy_weights_tasks_by_test_size():
     assert metrics.summarize(R, test_sizes=[100, 300])["pooled_accuracy"] == pytest.approx(65.0)
     with pytest.raises(ValueError, match="one positive count per task"):
         metrics.pooled_accuracy(R, [100])
+
+
+def test_pooled_incremental_accuracy_averages_the_pooled_curve():
+    """PyCIL's "average accuracy": the mean over steps of the accuracy over every seen test
+    example. By hand: step 0 pools task 0 alone (90), step 1 pools 80 + 180 right of 400."""
+    R = [[90.0], [80.0, 60.0]]
+    assert metrics.pooled_incremental_accuracy(R, [100, 300]) == pytest.approx((90 + 65) / 2)
+    R3 = [[50.0], [40.0, 70.0], [30.0, 60.0, 90.0]]
+    sizes = [10, 20, 70]
+    by_hand = (50.0 + (400 + 1400) / 30 + (300 + 1200 + 6300) / 100) / 3
+    assert metrics.pooled_incremental_accuracy(R3, sizes) == pytest.approx(by_hand)
+    assert metrics.pooled_incremental_accuracy(R3, [7, 7, 7]) == pytest.approx(
+        metrics.average_incremental_accuracy(R3))
+    assert metrics.summarize(R3, test_sizes=sizes)["pooled_incremental_accuracy"] == \
+        pytest.approx(by_hand)
+    with pytest.raises(ValueError, match="one positive count per task"):
+        metrics.pooled_incremental_accuracy(R3, [1, 0, 1])

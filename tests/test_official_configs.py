@@ -1,5 +1,6 @@
-"""The prompt-method paper configs hold the official codes' values, and their data protocol
-(random-resized crops, centre crops, squash, brightness, class order) runs end to end."""
+"""The paper configs hold the official codes' values, and their data protocol
+(random-resized crops, centre crops, squash, brightness, resampling filters, class order)
+runs end to end."""
 import jax
 import numpy as np
 import pytest
@@ -19,12 +20,25 @@ from helpers import load_experiment_config
 #     configs/{cifar100,imr}_hideprompt_5e.py (argparse-resolved), datasets.py
 #   S-Prompts: iamwangyabin/S-Prompts @a26e822 configs/domainnet_slip.json (net_type sip),
 #     methods/sprompt.py, utils/data.py:108-119
+#   PyCIL lineage, transforms: utils/data.py build_transform of zhoudw-zdw/RevisitingCIL
+#     (SimpleCIL, APER), EASE, SSIAT, SD-LoRA (LAMDA-PILOT's) and RanPAC/RanPAC (isCifar:
+#     Resize(224)); SLCA utils/data.py:35-65,124-149; InfLoRA utils/data.py:111-244; LAE
+#     main.py:38-43. "interpolation=3" is PIL's bicubic; torchvision's default bilinear.
 OFFICIAL_DATA = {"augment.random_resized_crop": True, "augment.flip": True,
                  "augment.crop_padding": 0, "scenario.class_order": "identity"}
 L2P_DATA = dict(OFFICIAL_DATA, **{"backbone.mean": (0.0,), "backbone.std": (1.0,),
                                   "augment.crop_scale": (0.05, 1.0), "eval.resize_short": 256,
                                   "eval.squash": True, "backbone.gelu_approximate": True,
-                                  "backbone.checkpoint": "weights/ViT-B_16.npz"})
+                                  "backbone.checkpoint": "weights/ViT-B_16.npz",
+                                  "dataset.resample": "bilinear"})  # tf.image.resize
+PYCIL_DATA = {"augment.enabled": True, "augment.random_resized_crop": True,
+              "augment.flip": True, "augment.crop_padding": 0, "augment.crop_scale": (0.05, 1.0),
+              "augment.crop_resample": "pil_bilinear", "augment.brightness": 0.0,
+              "dataset.resample": "pil_bicubic", "eval.resize_short": 256,
+              "backbone.mean": (0.0,), "backbone.std": (1.0,), "backbone.gelu_approximate": False,
+              "scenario.class_order": "pycil", "scenario.seed": 1993}
+# SLCA / InfLoRA / LAE: torchvision's default crop scale; their own filters and norms
+OWN_CROPS = dict(PYCIL_DATA, **{"augment.crop_scale": (0.08, 1.0)})
 OFFICIAL = {
     ("l2p", "cifar100"): dict(L2P_DATA, **{
         "method.pool_size": 10, "method.prompt_length": 10, "method.top_k": 4,
@@ -58,7 +72,8 @@ OFFICIAL = {
         "train.learning_rate": 0.001, "train.schedule": "coda_cosine", "train.batch_size": 128,
         "train.epochs": 20, "train.weight_decay": 0.0, "backbone.mean": (0.0,),
         "backbone.std": (1.0,), "augment.crop_scale": (0.08, 1.0), "eval.resize_short": None,
-        "backbone.gelu_approximate": False}),
+        "backbone.gelu_approximate": False, "dataset.resample": "pil_bilinear",
+        "augment.crop_resample": None}),
     ("coda_prompt", "imagenet_r"): dict(OFFICIAL_DATA, **{
         "train.epochs": 50, "eval.resize_short": 256, "train.schedule": "coda_cosine"}),
     ("hide_prompt", "cifar100"): dict(OFFICIAL_DATA, **{
@@ -74,11 +89,13 @@ OFFICIAL = {
         "train.grad_clip_norm": 1.0, "backbone.mean": (0.5071, 0.4867, 0.4408),
         "backbone.std": (0.2675, 0.2565, 0.2761), "augment.brightness": 63 / 255,
         "augment.crop_scale": (0.08, 1.0), "eval.resize_short": 256, "seed": 42,
-        "backbone.gelu_approximate": False}),
+        "backbone.gelu_approximate": False, "dataset.resample": "pil_bicubic",
+        "augment.crop_resample": "pil_bicubic"}),
     ("hide_prompt", "imagenet_r"): dict(OFFICIAL_DATA, **{
         "method.prompt_length": 20, "method.contrastive_weight": 0.5, "train.epochs": 150,
         "train.schedule": "timm_cosine", "train.min_lr": 1e-5, "backbone.mean": (0.0,),
-        "augment.crop_scale": (0.05, 1.0), "augment.brightness": 0.0}),
+        "augment.crop_scale": (0.05, 1.0), "augment.brightness": 0.0,
+        "dataset.resample": "pil_bicubic", "augment.crop_resample": "pil_bilinear"}),
     ("s_prompts", "domainnet"): dict(OFFICIAL_DATA, **{
         "method.prompt_length": 10, "method.num_centroids": 5, "method.distance": "l1",
         "method.kmeans_on_augmented": True, "method.first_weight_decay": 5e-4,
@@ -86,7 +103,32 @@ OFFICIAL = {
         "train.learning_rate": 0.01, "train.schedule": "cosine_epochs", "train.epochs": 30,
         "train.batch_size": 128, "backbone.mean": (0.485, 0.456, 0.406),
         "backbone.std": (0.229, 0.224, 0.225), "eval.resize_short": 256,
-        "backbone.gelu_approximate": False}),
+        "backbone.gelu_approximate": False, "dataset.resample": "pil_bilinear"}),
+    ("simplecil", "cifar100"): dict(PYCIL_DATA, **{"augment.enabled": False}),
+    ("aper", "cifar100,adapter"): PYCIL_DATA,
+    ("aper", "imagenet_r,adapter"): PYCIL_DATA,
+    ("ease", "cifar100"): PYCIL_DATA,
+    ("ease", "imagenet_r"): PYCIL_DATA,
+    ("ssiat", "cifar100"): PYCIL_DATA,
+    ("ssiat", "imagenet_r"): PYCIL_DATA,
+    ("sd_lora", "cifar100"): PYCIL_DATA,
+    ("sd_lora", "imagenet_r"): dict(PYCIL_DATA, **{"scenario.seed": 1995}),
+    ("ranpac", "cifar100"): dict(PYCIL_DATA, **{"eval.resize_short": 224}),
+    ("ranpac", "imagenet_r"): PYCIL_DATA,
+    ("slca", "cifar100"): dict(OWN_CROPS, **{
+        "augment.crop_resample": "pil_bicubic", "augment.brightness": 63 / 255,
+        "backbone.mean": (0.5071, 0.4867, 0.4408), "backbone.std": (0.2675, 0.2565, 0.2761)}),
+    ("slca", "imagenet_r"): dict(OWN_CROPS, **{
+        "augment.crop_resample": "pil_bicubic", "backbone.mean": (0.485, 0.456, 0.406),
+        "backbone.std": (0.229, 0.224, 0.225)}),
+    ("inflora", "cifar100"): dict(OWN_CROPS, **{
+        "dataset.resample": "pil_bilinear", "eval.resize_short": 224,
+        "scenario.class_order": "identity"}),
+    ("inflora", "imagenet_r"): dict(OWN_CROPS, **{
+        "dataset.resample": "pil_bilinear", "scenario.class_order": "identity"}),
+    ("lae", "cifar100"): {k: v for k, v in dict(OWN_CROPS, **{
+        "dataset.resample": "pil_bilinear", "augment.crop_resample": None,
+        "scenario.class_order": "identity"}).items() if k != "scenario.seed"},
 }
 
 
@@ -160,10 +202,15 @@ def tiny_official_run(name, arg, workdir, **overrides):
                                  "method.tap_epochs": 1, "method.prompt_layers": (0, 1),
                                  "method.tii_batch_size": 32, "method.n_centroids": 2,
                                  "train.milestones": (1,)}),
+    ("ranpac", "cifar100", {"method.M": 256}),  # PIL crops (bilinear) and tests (bicubic)
 ])
 def test_paper_configs_run_with_their_data_protocol(tmp_path, name, arg, overrides):
     results = tiny_official_run(name, arg, tmp_path, **overrides)
     assert len(results["accuracy_matrix"]) == 2
     assert np.all(np.isfinite(results["accuracy_matrix"][-1]))
-    assert results["class_order"] == list(range(10))  # the official codes' identity order
+    if name == "ranpac":  # PyCIL's np.random.seed(1993); np.random.permutation
+        np.random.seed(1993)
+        assert results["class_order"] == np.random.permutation(10).tolist()
+    else:
+        assert results["class_order"] == list(range(10))  # the official codes' identity order
     assert results["config"]["augment"]["random_resized_crop"] is True

@@ -38,16 +38,18 @@ finetune 87.67 / 81.27; ImageNet-R adapter 72.35 / 64.33, SSF 68.94 / 60.60, VPT
 splits above no number is published; LAMDA-PILOT's README shows curves only (its
 ImageNet-1k configs).
 
-Not reproduced: the official augmentation (RandomResizedCrop(224, scale=(0.05, 1)) + flip;
-this pipeline pads, crops and flips) and test transform (Resize(256, bicubic) +
-CenterCrop(224); here a bilinear resize to 224); ImageNet-R is TFDS ``imagenet_r`` split
-80/20, not the authors' train/test folders; the official loaders keep
-an epoch's last partial batch (dropped here). (timm's exact GELU: ``pycil_protocol``.)
-"""
-from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
+Data (the official ``utils/data.py`` ``build_transform``, set by ``pycil_protocol``):
+training ``RandomResizedCrop(224, scale=(0.05, 1))`` (bilinear) + flip; test and prototype
+passes ``Resize(256, interpolation=3)`` (bicubic) + ``CenterCrop(224)``; torchvision on PIL
+images (``augment.crop_resample='pil_bilinear'``, ``dataset.resample='pil_bicubic'``);
+``ToTensor()`` alone, so pixels in [0, 1]; timm's exact GELU.
 
-AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
-IN1K_FINETUNE = "imagenet2012-steps_20k-lr_0.01-res_224"
+Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20, not the authors' train/test
+folders; the official loaders keep an epoch's last partial batch (dropped here).
+"""
+from pecft_jax.configs import (VIT_B16_AUGREG_IN1K, VIT_B16_AUGREG_IN21K, benchmark,
+                               pycil_protocol, with_method_defaults)
+
 
 # variant -> (epochs, learning rate, batch size, weight decay), sources in the docstring
 CIFAR100 = {"adapter": (20, 0.01, 48, 5e-4), "ssf": (20, 0.01, 48, 5e-4),
@@ -88,9 +90,9 @@ def get_config(arg: str = "split_mnist"):
     c.train.epochs, c.train.learning_rate, c.train.batch_size, c.train.weight_decay = \
         table[variant]
     if c.benchmark == "imagenet_r":
-        pycil_protocol(c, f"weights/{AUGREG_IN21K}--{IN1K_FINETUNE}.npz")
+        pycil_protocol(c, VIT_B16_AUGREG_IN1K)
         c.method.vpt_deep = {"length": 30}
         c.method.vpt_shallow = {"length": 30}
     else:
-        pycil_protocol(c, f"weights/{AUGREG_IN21K}.npz")
+        pycil_protocol(c, VIT_B16_AUGREG_IN21K)
     return with_method_defaults(c)

@@ -25,7 +25,8 @@
   res_224.npz`` (later timm resolves the name to ``augreg2_in21k_ft_in1k``); exact GELU;
 * data (``dataloaders/utils.py:28-65``): inputs in [0, 1] (mean 0, std 1); training
   ``RandomResizedCrop(224)`` (scale (0.08, 1)) + flip on the original image; testing
-  ``Resize(224)`` on CIFAR-100, ``Resize(256)`` + ``CenterCrop(224)`` on ImageNet-R; classes
+  ``Resize(224)`` on CIFAR-100, ``Resize(256)`` + ``CenterCrop(224)`` on ImageNet-R, all
+  torchvision's default bilinear on PIL images (``dataset.resample='pil_bilinear'``); classes
   in their own order: the scripts run one repeat with seed 0, and the code shuffles only
   for seeds > 0 (``random.seed(s); random.shuffle(order)``: ``scenario.class_order=
   'python_shuffle'`` with ``scenario.seed=s`` reproduces those).
@@ -55,7 +56,8 @@ def get_config(arg: str = "split_mnist"):
         c.train.learning_rate = 0.01
         return with_method_defaults(c)
     official_protocol(c, VIT_B16_AUGREG_IN1K, crop_scale=(0.08, 1.0),
-                      resize_short=None if arg == "cifar100" else 256)
+                      resize_short=None if arg == "cifar100" else 256,
+                      resample="pil_bilinear")
     c.train.schedule = "coda_cosine"
     c.train.learning_rate = 0.001
     c.train.batch_size = 128

@@ -25,14 +25,17 @@ this backbone), inputs in [0, 1] (the official transforms end with ``ToTensor()`
   Official logs: average 81.74, last 76.17 (82.60 / 77.33 with the ImageNet-1k backbone);
   the paper's table reports B0 Inc5 only (78.31 / 70.58).
 
-Not reproduced: the official augmentation (RandomResizedCrop(224, scale=(0.05, 1)) + flip)
-and test transform (Resize(256, bicubic) + CenterCrop(224)); ImageNet-R is TFDS
-``imagenet_r`` split 80/20, not the authors' train/test folders; the official loader keeps an
-epoch's last partial batch (dropped here). (timm's exact GELU: ``pycil_protocol``.)
-"""
-from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
+Data (the official ``utils/data.py`` ``build_transform``, set by ``pycil_protocol``):
+training ``RandomResizedCrop(224, scale=(0.05, 1))`` (bilinear) + flip; test and prototype
+passes ``Resize(256, interpolation=3)`` (bicubic) + ``CenterCrop(224)``; torchvision on PIL
+images (``augment.crop_resample='pil_bilinear'``, ``dataset.resample='pil_bicubic'``);
+``ToTensor()`` alone, so pixels in [0, 1]; timm's exact GELU.
 
-AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
+Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20, not the authors' train/test
+folders; the official loader keeps an epoch's last partial batch (dropped here).
+"""
+from pecft_jax.configs import (VIT_B16_AUGREG_IN21K, benchmark, pycil_protocol,
+                               with_method_defaults)
 
 
 def get_config(arg: str = "split_mnist"):
@@ -63,5 +66,5 @@ def get_config(arg: str = "split_mnist"):
         raise ValueError(f"ease has configs for split_mnist, cifar100 and imagenet_r, not "
                          f"{c.benchmark!r}")
     c.train.epochs = 20
-    pycil_protocol(c, f"weights/{AUGREG_IN21K}.npz")
+    pycil_protocol(c, VIT_B16_AUGREG_IN21K)
     return with_method_defaults(c)

@@ -28,14 +28,15 @@
   (cfg :151-152; the paper describes one Gaussian per class: ``method.statistics=covariance``);
 * every linear layer (head, TII MLP and head) timm ``trunc_normal(std=.02)``, zero bias;
 * data: classes in their own order (``shuffle`` False, cfg :74); CIFAR-100:
-  ``RandomResizedCrop(224)`` (scale (0.08, 1): the code's (0.05, 1) is not passed) + flip +
-  ``ColorJitter(brightness=63/255)``, inputs standardised with the CIFAR-100 mean
-  (0.5071, 0.4867, 0.4408) and std (0.2675, 0.2565, 0.2761); ImageNet-R:
-  ``RandomResizedCrop(224, scale=(0.05, 1))`` + flip, inputs in [0, 1]; test
-  ``Resize(256)`` + ``CenterCrop(224)`` (``datasets.py``); exact GELU; runs with seeds 42, 40
-  and 44 (sh).
+  ``RandomResizedCrop(224, interpolation=3)`` (bicubic; scale (0.08, 1): the code's
+  (0.05, 1) is not passed) + flip + ``ColorJitter(brightness=63/255)``, inputs standardised
+  with the CIFAR-100 mean (0.5071, 0.4867, 0.4408) and std (0.2675, 0.2565, 0.2761);
+  ImageNet-R: ``RandomResizedCrop(224, scale=(0.05, 1))`` (bilinear) + flip, inputs in
+  [0, 1]; test ``Resize(256, interpolation=3)`` (bicubic) + ``CenterCrop(224)``
+  (``datasets.py``), all torchvision on PIL images (``dataset.resample='pil_bicubic'``,
+  ``augment.crop_resample``); exact GELU; runs with seeds 42, 40 and 44 (sh).
 
-Not reproduced: bicubic resizing (ours is bilinear), the ImageNet-R schedule's floor for the
+Not reproduced: the ImageNet-R schedule's floor for the
 head (the head's rate is the prompts' times 0.1, floor included: 1e-6; official: 1e-5 for
 both groups), the prefix reshape without a permute
 and the per-GPU contrastive term (see ``pecft_jax/methods/hide_prompt.py``), the padded
@@ -75,13 +76,15 @@ def get_config(arg: str = "split_mnist"):
         return with_method_defaults(c)
     if arg == "cifar100":
         official_protocol(c, VIT_B16_IN21K, mean=CIFAR100_MEAN, std=CIFAR100_STD,
-                          crop_scale=(0.08, 1.0), brightness=63 / 255)
+                          crop_scale=(0.08, 1.0), brightness=63 / 255,
+                          resample="pil_bicubic", crop_resample="pil_bicubic")
         c.train.epochs = 50
         c.train.schedule = "multistep_epochs"
         c.train.milestones = (31,)
         c.train.lr_decay = 0.1
     else:
-        official_protocol(c, VIT_B16_IN21K, crop_scale=(0.05, 1.0))
+        official_protocol(c, VIT_B16_IN21K, crop_scale=(0.05, 1.0), resample="pil_bicubic",
+                          crop_resample="pil_bilinear")
         m.prompt_length = 20
         m.contrastive_weight = 0.5
         c.train.epochs = 150

@@ -19,17 +19,20 @@ lr 5e-4, no weight decay, batch 128, the official per-epoch ``CosineSchedule``
 * ``imagenet_r`` (10 tasks): 50 epochs, ``lamb`` 0.98. Official logs: last 75.34 +- 0.22,
   average 80.60 (paper: 75.65 +- 0.14 / 80.82).
 
-Not reproduced: the official training augmentation (RandomResizedCrop(224) + flip; this
-pipeline pads, crops and flips) and test transform (CIFAR: Resize(224); ImageNet-R:
-Resize(256) + CenterCrop(224)); the input statistics are taken on un-augmented images (the
+Data (official ``utils/data.py:111-159`` CIFAR-100, ``:161-244`` ImageNet-R): training
+``RandomResizedCrop(224)`` (scale (0.08, 1)) + flip; test ``Resize(224)`` on CIFAR-100,
+``Resize(256)`` + ``CenterCrop(224)`` on ImageNet-R; torchvision's default bilinear on PIL
+images (``dataset.resample`` and ``augment.crop_resample`` ``'pil_bilinear'``); timm's exact
+GELU.
+
+Not reproduced: the input statistics are taken on un-augmented images (the
 official passes use the augmented loader); ImageNet-R is TFDS ``imagenet_r`` split 80/20
 (the official code splits the folder at random on its first run); the loop drops an
 epoch's last partial batch (kept officially). The official "+CA" configs (classifier alignment) are
 not here.
 """
-from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
-
-AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
+from pecft_jax.configs import (VIT_B16_AUGREG_IN21K, benchmark, pycil_protocol,
+                               with_method_defaults)
 
 
 def get_config(arg: str = "split_mnist"):
@@ -54,5 +57,8 @@ def get_config(arg: str = "split_mnist"):
                          f"{c.benchmark!r}")
     c.train.learning_rate = 5e-4
     c.train.batch_size = 128
-    pycil_protocol(c, f"weights/{AUGREG_IN21K}.npz", shuffle=False)
+    # Resize(224) of CIFAR's squares is Resize(224) + CenterCrop(224)
+    pycil_protocol(c, VIT_B16_AUGREG_IN21K, shuffle=False, crop_scale=(0.08, 1.0),
+                   crop_resample="pil_bilinear", resample="pil_bilinear",
+                   resize_short=224 if c.benchmark == "cifar100" else 256)
     return with_method_defaults(c)

@@ -22,7 +22,8 @@
   task masked in training (:69); no weight decay (:44);
 * data: classes in their own order (no shuffle); inputs in [0, 1]; training images squashed
   to 256 x 256, random-resized crop of area (0.05, 1) and aspect (3/4, 4/3) to 224, flip;
-  test images squashed to 256 x 256, central 224 crop (``input_pipeline.py``); tanh GELU
+  test images squashed to 256 x 256, central 224 crop (``input_pipeline.py``), all
+  resized by TF's bilinear ``tf.image.resize`` (``dataset.resample='bilinear'``); tanh GELU
   (flax ``nn.gelu``). Not reproduced: the JPEG re-encoding of training images, the dropped
   last partial test batch.
 

@@ -22,16 +22,18 @@ Reported: the official README of the first release gives, for LAE with Prefix10 
 ImageNet-R (10 tasks, L2P's split, DualPrompt's training strategy), last 71.19 / average
 81.92; the paper's per-module tables were not readable here.
 
-Not reproduced: the official augmentation (RandomResizedCrop(224) + flip; here the
-benchmark's resize to 224, a random crop of the 16-pixel zero-padded image and a flip) and
-test transform (Resize(256) + CenterCrop(224); here a resize to 224); ImageNet-R is TFDS
-``imagenet_r`` split 80/20, not L2P's list. The official log's headline "Acc" pools every
-seen test image, ``average_accuracy`` here averages the tasks' accuracies (equal on
-CIFAR-100, not on ImageNet-R's unequal tasks).
-"""
-from pecft_jax.configs import benchmark, with_method_defaults
+Data (official ``main.py:38-43``, ``libml/data/transform.py``): training
+``RandomResizedCrop(224)`` (scale (0.08, 1)) + flip, test ``Resize(256)`` +
+``CenterCrop(224)``, torchvision's default bilinear on PIL images
+(``dataset.resample='pil_bilinear'``).
 
-VIT_B16_IN21K = "imagenet21k_ViT-B_16.npz"  # gs://vit_models/imagenet21k/ViT-B_16.npz
+The official log's headline "Acc" pools every seen test image: compare it with results.json's
+``metrics.pooled_accuracy`` (``average_accuracy`` averages the tasks' accuracies: equal on
+CIFAR-100, not on ImageNet-R's unequal tasks).
+
+Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20, not L2P's list.
+"""
+from pecft_jax.configs import VIT_B16_IN21K, benchmark, official_protocol, with_method_defaults
 
 
 def get_config(arg: str = "split_mnist"):
@@ -60,8 +62,6 @@ def get_config(arg: str = "split_mnist"):
         raise ValueError(f"lae has configs for split_mnist, cifar100 and imagenet_r, not "
                          f"{c.benchmark!r}")
     c.train.batch_size = 24
-    c.backbone.checkpoint = f"weights/{VIT_B16_IN21K}"
-    c.backbone.gelu_approximate = False
-    c.backbone.mean, c.backbone.std = (0.0,), (1.0,)
-    c.scenario.class_order = "identity"
+    official_protocol(c, VIT_B16_IN21K, crop_scale=(0.08, 1.0), resize_short=256,
+                      resample="pil_bilinear", class_order="identity")
     return with_method_defaults(c)

@@ -16,9 +16,7 @@ normalisation (mean = std = 0.5), the benchmarks' default class order and augmen
 CIFAR-100 / ImageNet-R have no official O-LoRA figure (third-party ViT runs exist with
 unknown settings).
 """
-from pecft_jax.configs import benchmark, with_method_defaults
-
-AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
+from pecft_jax.configs import VIT_B16_AUGREG_IN21K, benchmark, with_method_defaults
 
 
 def get_config(arg: str = "split_mnist"):
@@ -38,5 +36,5 @@ def get_config(arg: str = "split_mnist"):
     c.train.learning_rate = 1e-3
     c.train.epochs = 1
     c.train.batch_size = 64
-    c.backbone.checkpoint = f"weights/{AUGREG_IN21K}.npz"
+    c.backbone.checkpoint = VIT_B16_AUGREG_IN21K
     return with_method_defaults(c)

@@ -23,9 +23,12 @@ Paper setting: official RanPAC/RanPAC ``args/cifar224_publish.csv`` and
 * both: M = 10,000, ``tuned_epoch`` 20, ``body_lr`` 0.01, SGD momentum 0.9, weight decay
   5e-4 (PyTorch's, coupled), ``CosineAnnealingLR(T_max=20, eta_min=0)`` stepped per epoch,
   batch 48, ``use_input_norm=False`` (pixels in [0, 1]: ``backbone.mean=(0,)``,
-  ``backbone.std=(1,)``), training augmentation (official RandomResizedCrop(224,
-  scale=(0.05, 1)) + flip; this pipeline offers padded random crops + flip), lambda grid
-  10^-8..10^8.
+  ``backbone.std=(1,)``), lambda grid 10^-8..10^8;
+* data (official ``utils/data.py`` ``build_transform``, through ``pycil_protocol``): training
+  ``RandomResizedCrop(224, scale=(0.05, 1))`` (bilinear) + flip; test and statistics passes
+  ``Resize(256, interpolation=3)`` (bicubic) + ``CenterCrop(224)``, on CIFAR-100
+  (``isCifar``) ``Resize(224, interpolation=3)`` + ``CenterCrop(224)``; torchvision on PIL
+  images; timm's exact GELU.
 
 Memory: ``G`` is M x M float32 -- 400 MB at M = 10,000, held on every device and stored in
 every task checkpoint (``Q`` and the head, ``M x C``, add 4 MB each per 100 classes;
@@ -38,13 +41,8 @@ the authors' pre-split train/test folders; the class order is the official
 Repository tables (``paper_tables/Table_data_main_*.csv``, final average accuracy):
 CIFAR-100 92.2, ImageNet-R 77.9.
 """
-from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
-
-# Google's AugReg ViT-B/16 checkpoints (gs://vit_models/augreg/), the weights timm 0.6.12
-# loads for the backbones named above; put them under weights/ or pass
-# --config.backbone.checkpoint=PATH.
-AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
-IN1K_FINETUNE = "imagenet2012-steps_20k-lr_0.01-res_224"
+from pecft_jax.configs import (VIT_B16_AUGREG_IN1K, VIT_B16_AUGREG_IN21K, benchmark,
+                               pycil_protocol, with_method_defaults)
 
 
 def get_config(arg: str = "split_mnist"):
@@ -64,10 +62,10 @@ def get_config(arg: str = "split_mnist"):
     else:
         c.method.M = 10_000
         if c.benchmark == "cifar100":
-            pycil_protocol(c, f"weights/{AUGREG_IN21K}.npz")
+            pycil_protocol(c, VIT_B16_AUGREG_IN21K, resize_short=224)
         else:
             c.method.first_session = "ssf"
-            pycil_protocol(c, f"weights/{AUGREG_IN21K}--{IN1K_FINETUNE}.npz")
+            pycil_protocol(c, VIT_B16_AUGREG_IN1K)
         c.train.epochs = 20
         c.train.learning_rate = 0.01
         c.train.batch_size = 48

@@ -21,7 +21,8 @@ another benchmark):
 * weights: timm ``vit_base_patch16_224`` (``sinet.py:69-70``) = the AugReg ImageNet-21k
   checkpoint fine-tuned on ImageNet-1k (``models/vit.py:75-77``); exact GELU;
 * data (``utils/data.py:108-119``): training ``RandomResizedCrop(224)`` + flip, testing
-  ``Resize(256)`` + ``CenterCrop(224)``, inputs standardised with the ImageNet mean / std;
+  ``Resize(256)`` + ``CenterCrop(224)``, torchvision's default bilinear on PIL images
+  (``dataset.resample='pil_bilinear'``), inputs standardised with the ImageNet mean / std;
   DomainNet's six domains in the official order (clipart, infograph, painting, quickdraw,
   real, sketch; 345 classes each) from TFDS ``domainnet/<domain>`` (the official split lists,
   clipart and painting cleaned), prepared beforehand in ``dataset.data_dir`` (``tfds build
@@ -48,7 +49,8 @@ def get_config(arg: str = "domain_mnist"):
     arg = arg or "domain_mnist"
     if arg == "domainnet":
         c = benchmark("cifar100")  # ViT-B/16 at 224, TFDS data_dir
-        official_protocol(c, VIT_B16_AUGREG_IN1K, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        official_protocol(c, VIT_B16_AUGREG_IN1K, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                          resample="pil_bilinear")
         c.dataset.name = "tfds:domainnet"
         c.scenario.kind = "domain"
         c.scenario.domains = [f"tfds:domainnet/{d}" for d in DOMAINNET]

@@ -22,10 +22,14 @@ order ``np.random.seed(seed); np.random.permutation`` (``'pycil'``):
   paper Table 2, last 77.34 +- 0.35, average 82.04 +- 0.24 (SD-LoRA-RR 77.18 / 81.74);
   log 78.17 / 82.59.
 
-Not reproduced: the official augmentation (RandomResizedCrop(224, scale=(0.05, 1)) + flip)
-and test transform (Resize(256, bicubic) + CenterCrop(224)); ImageNet-R is TFDS
-``imagenet_r`` split 80/20, not LAMDA-PILOT's train/test folders; the loop drops an epoch's
-last partial batch (kept officially).
+Data (the official ``utils/data.py`` ``build_transform``, set by ``pycil_protocol``):
+training ``RandomResizedCrop(224, scale=(0.05, 1))`` (bilinear) + flip; test passes
+``Resize(256, interpolation=3)`` (bicubic) + ``CenterCrop(224)``; torchvision on PIL images
+(``augment.crop_resample='pil_bilinear'``, ``dataset.resample='pil_bicubic'``);
+``ToTensor()`` alone, so pixels in [0, 1]; timm's exact GELU.
+
+Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20, not LAMDA-PILOT's train/test
+folders; the loop drops an epoch's last partial batch (kept officially).
 """
 from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
 

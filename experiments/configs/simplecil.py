@@ -15,8 +15,9 @@ and ``imagenetr_5_5_...``; LAMDA-PILOT ``exps/simplecil.json`` / ``simplecil_inr
 * backbone ViT-B/16 ImageNet-21k (official: timm ``vit_base_patch16_224_in21k``, the augreg
   weights, no pre-logits layer; PILOT uses the in1k-fine-tuned ``vit_base_patch16_224``);
 * inputs ``ToTensor()`` without normalisation, so pixels in [0, 1]: ``backbone.mean=(0,)``,
-  ``backbone.std=(1,)`` (official ``build_transform``: Resize(256, bicubic), CenterCrop(224);
-  this pipeline resizes bilinearly to 224 without a crop);
+  ``backbone.std=(1,)``; images as the official ``utils/data.py`` ``build_transform`` test
+  transform leaves them, ``Resize(256, interpolation=3)`` (bicubic) + ``CenterCrop(224)``,
+  torchvision on PIL images (``dataset.resample='pil_bicubic'``, ``eval.resize_short=256``);
 * data: ImageNet-R is TFDS ``imagenet_r`` split 80/20 here, not the authors' train/test
   folders;
 * splits: the official configs are B0 Inc5; these benchmarks are PILOT's B0 Inc10
@@ -29,19 +30,15 @@ and ``imagenetr_5_5_...``; LAMDA-PILOT ``exps/simplecil.json`` / ``simplecil_inr
 Official logs (B0 Inc5, ViT-B/16 in21k): CIFAR-100 last 81.28 / average 87.57; ImageNet-R
 last 54.55 / average 62.57.
 """
-from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
-
-# Google's AugReg ViT-B/16 ImageNet-21k checkpoint (gs://vit_models/augreg/), the weights of
-# timm 0.6.12's vit_base_patch16_224_in21k; put it under weights/ or pass
-# --config.backbone.checkpoint=PATH.
-AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
+from pecft_jax.configs import (VIT_B16_AUGREG_IN21K, benchmark, pycil_protocol,
+                               with_method_defaults)
 
 
 def get_config(arg: str = "split_mnist"):
     c = benchmark(arg or "split_mnist")
     c.method.name = "simplecil"
-    c.augment.enabled = False  # nothing is trained: no augmented batch is ever drawn
     if c.benchmark in ("cifar100", "imagenet_r"):
-        pycil_protocol(c, f"weights/{AUGREG_IN21K}.npz")
+        pycil_protocol(c, VIT_B16_AUGREG_IN21K)
         c.eval.batch_size = 128
+    c.augment.enabled = False  # nothing is trained: no augmented batch is ever drawn
     return with_method_defaults(c)

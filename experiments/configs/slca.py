@@ -26,16 +26,21 @@ Reported: the official README's chart (labelled "Averaged Accuracy", backbone no
 shows CIFAR-100 91.53, ImageNet-R 77.00 -- the values the paper gives, as far as we could
 tell without its text, as last accuracy with the ImageNet-21k backbone (unverified).
 
-Not reproduced: the official augmentation (CIFAR: RandomResizedCrop(224, bicubic) + flip +
-ColorJitter(brightness=63/255); ImageNet-R: RandomResizedCrop + flip; this pipeline pads,
-crops and flips) and test transform (Resize(256, bicubic) + CenterCrop(224)); ImageNet-R is
-TFDS ``imagenet_r`` split 80/20 (the official runs used DualPrompt's random 80/20 split,
-whose files were not published); the official loader keeps an epoch's last partial batch
-(dropped here). (timm's exact GELU: ``pycil_protocol``.)
-"""
-from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
+Data (official ``utils/data.py:35-65`` ``cifar100_224``, ``:124-149`` ``imagenet-r``):
+training ``RandomResizedCrop(224, interpolation=3)`` (bicubic, scale (0.08, 1)) + flip, on
+CIFAR-100 + ``ColorJitter(brightness=63/255)``; test and statistics passes
+``Resize(256, interpolation=3)`` + ``CenterCrop(224)``; torchvision on PIL images
+(``dataset.resample`` and ``augment.crop_resample`` ``'pil_bicubic'``); timm's exact GELU.
 
-AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
+Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20 (the official runs used
+DualPrompt's random 80/20 split, whose files were not published); the official loader keeps
+an epoch's last partial batch (dropped here).
+"""
+from pecft_jax.configs import (VIT_B16_AUGREG_IN21K, benchmark, pycil_protocol,
+                               with_method_defaults)
+
+# RandomResizedCrop(224, interpolation=3) with its default scale; Resize(256, interpolation=3)
+TRANSFORMS = dict(crop_scale=(0.08, 1.0), crop_resample="pil_bicubic", resample="pil_bicubic")
 
 
 def get_config(arg: str = "split_mnist"):
@@ -54,14 +59,15 @@ def get_config(arg: str = "split_mnist"):
         # 57.4 final accuracy on the demo; a 0.03 head rate 36.6.)
         c.train.milestones = ()
         return with_method_defaults(c)
-    weights = f"weights/{AUGREG_IN21K}.npz"
+    weights = VIT_B16_AUGREG_IN21K
     if c.benchmark == "cifar100":
         c.train.epochs, c.train.milestones = 20, (18,)
         pycil_protocol(c, weights, mean=(0.5071, 0.4867, 0.4408),
-                       std=(0.2675, 0.2565, 0.2761))
+                       std=(0.2675, 0.2565, 0.2761), brightness=63 / 255, **TRANSFORMS)
     elif c.benchmark == "imagenet_r":
         c.train.epochs, c.train.milestones = 50, (40,)
-        pycil_protocol(c, weights, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        pycil_protocol(c, weights, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                       **TRANSFORMS)
     else:
         raise ValueError(f"slca has configs for split_mnist, cifar100 and imagenet_r, not "
                          f"{c.benchmark!r}")

@@ -23,16 +23,19 @@ epochs (the method's defaults), class order ``np.random.seed(1993); np.random.pe
 Reported (official README table, mean +- std over 3 seeds, last / average accuracy):
 ImageNet-R 79.38 +- 0.59 / 83.63 +- 0.43; CIFAR-100 91.35 +- 0.26 / 94.35 +- 0.60.
 
-Not reproduced: the official augmentation (RandomResizedCrop(224, scale=(0.05, 1)) + flip;
-this pipeline pads, crops and flips) and test transform (Resize(256, bicubic) +
-CenterCrop(224)); ImageNet-R is TFDS ``imagenet_r`` split 80/20, not the authors' folders.
+Data (the official ``utils/data.py`` ``build_transform``, set by ``pycil_protocol``):
+training ``RandomResizedCrop(224, scale=(0.05, 1))`` (bilinear) + flip; test and statistics
+passes ``Resize(256, interpolation=3)`` (bicubic) + ``CenterCrop(224)``; torchvision on PIL
+images (``augment.crop_resample='pil_bilinear'``, ``dataset.resample='pil_bicubic'``);
+``ToTensor()`` alone, so pixels in [0, 1]; timm's exact GELU.
+
+Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20, not the authors' folders.
 The semantic shift is computed on the same images before and after the task (see the
 method's docstring for how the official code differs); the official loader keeps an epoch's
-last partial batch (dropped here). (timm's exact GELU: ``pycil_protocol``.)
+last partial batch (dropped here).
 """
-from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
-
-AUGREG_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
+from pecft_jax.configs import (VIT_B16_AUGREG_IN21K, benchmark, pycil_protocol,
+                               with_method_defaults)
 
 
 def get_config(arg: str = "split_mnist"):
@@ -57,5 +60,5 @@ def get_config(arg: str = "split_mnist"):
     c.train.epochs = 20
     c.method.incremental_epochs = 10
     c.train.batch_size = 48
-    pycil_protocol(c, f"weights/{AUGREG_IN21K}.npz")
+    pycil_protocol(c, VIT_B16_AUGREG_IN21K)
     return with_method_defaults(c)

@@ -28,6 +28,10 @@ from pecft_jax.data.sources import ImageSource, resize_bilinear
 # is the augmentation of the fixed-order passes, e.g. S-Prompts' k-means on augmented data).
 _SHUFFLE_STREAM, _AUGMENT_STREAM, _PASS_AUGMENT_STREAM = 1, 2, 3
 
+# How images are resampled (``Preprocess.resample``): this module's float bilinear, or PIL's
+# filters as torchvision's transforms apply them to PIL images.
+RESAMPLES = ("bilinear", "pil_bilinear", "pil_bicubic")
+
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
@@ -57,10 +61,18 @@ class Preprocess:
       brightness: torchvision's ``ColorJitter(brightness=b)`` on augmented batches: pixels
         times a factor drawn from ``U[max(0, 1 - b), 1 + b]``, clipped to the valid range
         (HiDe-Prompt's CIFAR transform uses ``63/255``); 0 = off.
-
-    Both crops resample the original once (bilinear, no antialiasing, half-pixel centres);
-    torchvision on PIL images antialiases when it shrinks, so downscaled pixels differ
-    slightly, upscaled ones (CIFAR to 224) do not.
+      resample: how images are resized. ``'bilinear'`` (default): each resize or crop samples
+        the original once, bilinear in float with half-pixel centres and no antialiasing
+        (TF's ``tf.image.resize``, the L2P / DualPrompt JAX pipeline; fast).
+        ``'pil_bilinear'`` / ``'pil_bicubic'``: PIL resizes the uint8 images step by step
+        as torchvision's transforms do on PIL images -- ``Resize(resize_short)`` resizes
+        the whole image, then ``CenterCrop`` crops; antialiased when shrinking, rounded to
+        uint8 after each step (and after the brightness jitter, which truncates as PIL's
+        ``ImageEnhance`` does). Not with ``squash`` (TF's resize).
+      crop_resample: the same for the random-resized crop (cropped, then resized), which
+        has its own interpolation in torchvision (``RandomResizedCrop(224)`` is bilinear
+        while the PyCIL-lineage test ``Resize(256, interpolation=3)`` is bicubic); None:
+        ``resample``.
     """
     image_size: int
     channels: int
@@ -75,6 +87,8 @@ class Preprocess:
     resize_short: int | None = None
     squash: bool = False
     brightness: float = 0.0
+    resample: str = "bilinear"
+    crop_resample: str | None = None
 
     def __post_init__(self):
         if self.image_size <= 0:
@@ -108,6 +122,16 @@ class Preprocess:
                              "squashed to, e.g. eval.resize_short=256)")
         if not 0 <= self.brightness:
             raise ValueError(f"brightness must be >= 0, got {self.brightness}")
+        if self.crop_resample is None:
+            object.__setattr__(self, "crop_resample", self.resample)
+        for field in ("resample", "crop_resample"):
+            if getattr(self, field) not in RESAMPLES:
+                raise ValueError(f"{field} must be one of {RESAMPLES}, got "
+                                 f"{getattr(self, field)!r}")
+        if self.squash and {self.resample, self.crop_resample} != {"bilinear"}:
+            raise ValueError("squash reproduces TF's bilinear resize of the L2P / DualPrompt "
+                             "JAX pipeline; use it with resample='bilinear' (and "
+                             "crop_resample None or 'bilinear')")
         if self.resize_short is not None and self.resize_short < self.image_size:
             raise ValueError(f"resize_short ({self.resize_short}) must be >= image_size "
                              f"({self.image_size}): the centre crop is cut from the resized image")
@@ -127,6 +151,13 @@ class Preprocess:
     def centre_crops(self) -> bool:
         """Unaugmented batches are ``resize_short`` centre crops of the original images."""
         return not self.augment and self.resize_short is not None
+
+    @property
+    def reads_originals(self) -> bool:
+        """Batches are made from the original images in their own sizes (crops are cut from
+        them, or PIL resizes them), not from images the source resized."""
+        return (self.crops_training_images or self.centre_crops
+                or self.resample != "bilinear")
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -169,8 +200,10 @@ def preprocess_images(images: np.ndarray | Sequence[np.ndarray], preprocess: Pre
     their sizes differ).
     """
     size = preprocess.image_size
-    if draws is not None or preprocess.centre_crops:
-        x = crop_images(images, preprocess, draws)
+    resample = preprocess.resample if draws is None else preprocess.crop_resample
+    if resample != "bilinear" or draws is not None or preprocess.centre_crops:
+        x = (pil_images(images, preprocess, draws) if resample != "bilinear"
+             else crop_images(images, preprocess, draws))
         if x.shape[-1] != 1 or preprocess.channels == 1:
             x = _convert_channels(x, preprocess.channels)
     else:
@@ -192,6 +225,8 @@ def preprocess_images(images: np.ndarray | Sequence[np.ndarray], preprocess: Pre
     if brightness is not None and preprocess.brightness:
         x *= np.asarray(brightness, np.float32)[:, None, None, None]
         np.clip(x, 0.0, 255.0, out=x)
+        if resample != "bilinear":  # PIL's ImageEnhance.Brightness truncates to uint8
+            np.trunc(x, out=x)
     std = np.asarray(preprocess.std, np.float32)
     scale = 1.0 / (255.0 * std)
     shift = np.asarray(preprocess.mean, np.float32) / std
@@ -293,6 +328,46 @@ def crop_images(images: Sequence[np.ndarray], preprocess: Preprocess,
     return np.stack(out) if out else np.zeros((0, size, size, 1), np.float32)
 
 
+def pil_images(images: Sequence[np.ndarray], preprocess: Preprocess,
+               draws: np.ndarray | None = None) -> np.ndarray:
+    """Originals of any sizes (uint8 ``(H, W, C)``) -> float32 ``(n, S, S, C)`` with values
+    in 0..255, resampled by PIL as torchvision's transforms do on PIL images: with ``draws``
+    (``(n, 10, 4)`` uniforms) ``RandomResizedCrop`` -- the box of
+    ``random_resized_box``, cropped, then resized to ``S x S``; else with
+    ``resize_short`` ``Resize(resize_short)`` + ``CenterCrop(S)``; else ``Resize((S, S))``
+    (filters: ``preprocess.crop_resample`` for the crops, ``preprocess.resample`` else)."""
+    from PIL import Image  # Pillow: a dependency; imported here so numpy-only runs skip it
+    filters = {"pil_bilinear": Image.BILINEAR, "pil_bicubic": Image.BICUBIC}
+    method = filters[preprocess.resample if draws is None else preprocess.crop_resample]
+    size = preprocess.image_size
+    out = []
+    for i, image in enumerate(images):
+        image = np.asarray(image)
+        if image.dtype != np.uint8:
+            raise ValueError(f"PIL resampling needs uint8 images, got {image.dtype}")
+        if image.shape[-1] == 4:  # RGBA: the alpha channel carries no class information
+            image = image[..., :3]
+        h, w = image.shape[:2]
+        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        if draws is not None:
+            top, left, bh, bw = random_resized_box(h, w, draws[i], preprocess.crop_scale,
+                                                   preprocess.crop_ratio)
+            pil = pil.crop((left, top, left + bw, top + bh)).resize((size, size), method)
+        elif preprocess.resize_short is not None:
+            short = preprocess.resize_short  # torchvision's Resize(int): short side, int()
+            new_h, new_w = ((short, int(short * w / h)) if h <= w
+                            else (int(short * h / w), short))
+            if (new_h, new_w) != (h, w):
+                pil = pil.resize((new_w, new_h), method)
+            top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+            pil = pil.crop((left, top, left + size, top + size))
+        elif (h, w) != (size, size):
+            pil = pil.resize((size, size), method)
+        x = np.asarray(pil, np.float32)
+        out.append(x[..., None] if x.ndim == 2 else x)
+    return np.stack(out) if out else np.zeros((0, size, size, 1), np.float32)
+
+
 def _padded_crops(x: np.ndarray, offsets: np.ndarray, padding: int) -> np.ndarray:
     """Crop each image at ``offsets`` (dy, dx) of its zero-padded version (black border, as
     in the usual ``RandomCrop(size, padding)``) without building the padded batch."""
@@ -350,9 +425,9 @@ def _mapped_labels(source: ImageSource, indices: np.ndarray, label_map: np.ndarr
 
 def _read(source: ImageSource, indices: np.ndarray, preprocess: Preprocess
           ) -> np.ndarray | list[np.ndarray]:
-    # Crops are cut from the originals. Otherwise sources of varying image size must resize
-    # while reading; fixed-size ones are resized in float later (no double rounding).
-    if preprocess.crops_training_images or preprocess.centre_crops:
+    # Crops and PIL resizes start from the originals. Otherwise sources of varying image size
+    # must resize while reading; fixed-size ones are resized in float later (no double rounding).
+    if preprocess.reads_originals:
         return source.raw_images(indices)
     return source.images(indices, size=None if source.image_shape else preprocess.image_size)
 

@@ -596,7 +596,9 @@ class ContinualTrainer:
             crop_ratio=tuple(aug.get("crop_ratio", (3 / 4, 4 / 3))),
             brightness=float(aug.get("brightness", 0.0)),
             resize_short=self.config.eval.get("resize_short", None),
-            squash=self.config.eval.get("squash", False))
+            squash=self.config.eval.get("squash", False),
+            resample=self.config.dataset.get("resample", "bilinear"),
+            crop_resample=aug.get("crop_resample", None))
 
     def _count_trace(self, name: str, task: TaskSpec) -> None:
         """Counts a tracing of a jitted step (per task for a ``static_task`` method)."""
