@@ -45,14 +45,16 @@ OFFICIAL = {
         "method.pull_constraint": 1.0, "method.batchwise_prompt": True,
         "method.batchwise_group": 16, "method.prompt_init": "small_uniform",
         "method.key_init": "small_uniform", "method.head_init": "zeros",
-        "method.head_input": "prompt", "train.optimizer": "adam", "train.schedule": "constant",
+        "method.head_input": "prompt", "method.use_prompt_mask": False,
+        "method.shared_prompt_pool": False, "train.optimizer": "adam", "train.schedule": "constant",
         "train.batch_size": 128, "train.learning_rate": 0.015, "train.epochs": 5,
         "train.grad_clip_norm": 1.0, "train.weight_decay": 0.0}),
     ("l2p", "cifar100_paper"): {  # the first release, 8cfb210
         "method.prompt_length": 5, "method.top_k": 5, "method.pull_constraint": 0.1},
     ("l2p", "5datasets"): dict(L2P_DATA, **{
         "method.pool_size": 20, "method.prompt_length": 10, "method.top_k": 4,
-        "method.pull_constraint": 0.5,
+        "method.pull_constraint": 0.5, "method.use_prompt_mask": True,
+        "method.shared_prompt_pool": True,
         "scenario.datasets": ["tfds:cifar10", "tfds:mnist", "tfds:svhn_cropped",
                               "tfds:not_mnist", "tfds:fashion_mnist"]}),
     ("dualprompt", "cifar100"): dict(L2P_DATA, **{

@@ -33,9 +33,10 @@ December 2021; the PyTorch port l2p-pytorch keeps them): length 5, top-N 5, pull
 
 ``5datasets`` (``configs/five_datasets_l2p.py``): CIFAR-10, MNIST, SVHN, notMNIST,
 Fashion-MNIST in the official order, pool 20 (:99), length 10, top-N 4, pull-constraint 0.5
-(:122), the rest as ``cifar100``. Not reproduced: the official run's task prompt mask
-(``use_prompt_mask`` :104, task t trains pool entries 4t..4t+3) and its copy of the previous
-task's prompts (``shared_prompt_pool`` :107) -- this is L2P's 5-datasets without them.
+(:122), the task prompt mask (``use_prompt_mask`` :104: training on task t uses pool
+entries 4t..4t+3 for every example, ``train_continual.py:237-247``) and the copy of the
+previous task's prompts into them (``shared_prompt_pool`` :107, ``train_continual.py:550-570``;
+keys not copied, ``shared_prompt_key`` False :108), the rest as ``cifar100``.
 
 ``imagenet_r``: the ``cifar100`` setting on Split ImageNet-R (the L2P paper has no
 ImageNet-R run; DualPrompt's split, TFDS ``test[:80%]`` / ``test[80%:]``, is used).
@@ -76,6 +77,7 @@ def get_config(arg: str = "split_mnist"):
     m.prompt_length = 5 if arg == "cifar100_paper" else 10
     m.top_k = 5 if arg == "cifar100_paper" else 4
     m.pull_constraint = {"cifar100_paper": 0.1, "5datasets": 0.5}.get(arg, 1.0)
+    m.use_prompt_mask = m.shared_prompt_pool = arg == "5datasets"
     m.batchwise_prompt = True
     m.batchwise_group = PER_DEVICE_BATCH
     m.prompt_init = m.key_init = "small_uniform"

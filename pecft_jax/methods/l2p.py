@@ -12,6 +12,10 @@ Algorithm (paper Alg. 1, official code's defaults in brackets):
 * loss = CE over the current task's classes (other logits masked)
          + lambda * sum_selected (1 - cos(q(x), k_i))  [lambda = 0.1].
 
+Options of the official code's 5-datasets config: ``use_prompt_mask`` -- in training, task t
+uses (and pulls the keys of) pool entries tN .. (t+1)N-1 for every example instead of the
+similarity choice; ``shared_prompt_pool`` -- those entries start as a copy of task t-1's.
+
 Trainable: prompts, keys and the head. Everything of the backbone stays frozen.
 """
 from __future__ import annotations
@@ -20,6 +24,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
                                     init_linear_head)
@@ -49,6 +54,12 @@ class L2P(Method):
         head_init: str = "torch_linear"  # base.HEAD_INITS
         # 'prompt': mean of the prompt tokens' outputs (the paper's); 'cls': the [CLS] output
         head_input: str = "prompt"
+        # official use_prompt_mask: training on task t uses pool entries [tN, (t+1)N) for every
+        # example (the similarity choice where (t+1)N > M, as the official code drops the mask)
+        use_prompt_mask: bool = False
+        # official shared_prompt_pool: entries [tN, (t+1)N) start as a copy of [(t-1)N, tN)
+        # at task t > 0 (keys keep their own; where (t+1)N <= M)
+        shared_prompt_pool: bool = False
 
         def __post_init__(self):
             if self.head_input not in ("prompt", "cls"):
@@ -78,11 +89,16 @@ class L2P(Method):
         return trainable, state
 
     def before_task(self, task, trainable, state, frozen, data, rng):
+        n, t = self.config.top_k, task.index
+        if self.config.shared_prompt_pool and 0 < t and (t + 1) * n <= self.config.pool_size:
+            prompts = np.array(trainable["prompts"])  # a host-side copy: compiles nothing
+            prompts[t * n:(t + 1) * n] = prompts[(t - 1) * n:t * n]
+            trainable = dict(trainable, prompts=prompts)
         # Selection frequencies of earlier tasks drive the (optional) diversity penalty.
         return trainable, {"task_counts": jnp.zeros_like(state["task_counts"]),
                            "previous_counts": state["previous_counts"] + state["task_counts"]}
 
-    def _forward(self, trainable, state, frozen, batch, train: bool):
+    def _forward(self, trainable, state, frozen, batch, train: bool, task=None):
         images = batch["image"]
         q = frozen_query(self.backbone, frozen, batch)
         similarity = prompt_pool.cosine_similarity(q, trainable["keys"])
@@ -92,6 +108,10 @@ class L2P(Method):
                                       batchwise_prompt=c.batchwise_prompt,
                                       group_size=c.batchwise_group,
                                       weights=batch.get("mask"))
+        if train and c.use_prompt_mask:  # the task's own entries (the index may be traced)
+            own = task.index * c.top_k + jnp.arange(c.top_k, dtype=idx.dtype)
+            fits = (task.index + 1) * c.top_k <= c.pool_size
+            idx = jnp.where(fits, jnp.broadcast_to(own, idx.shape), idx)
         prompts = prompt_pool.gather_prompts(trainable["prompts"], idx)
         context = PEFTContext({0: LayerPEFT(prompt=prompts)})
         tokens = self.backbone.apply(frozen, images, context, output="tokens")
@@ -102,7 +122,7 @@ class L2P(Method):
         return apply_linear_head(trainable["head"], feature), q, idx
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
-        logits, q, idx = self._forward(trainable, state, frozen, batch, train=True)
+        logits, q, idx = self._forward(trainable, state, frozen, batch, train=True, task=task)
         ce = self.masked_ce(logits, batch["label"], task)
         matching = prompt_pool.key_matching_loss(q, trainable["keys"], idx)
         counts = prompt_pool.selection_counts(idx, self.config.pool_size).astype(jnp.float32)
