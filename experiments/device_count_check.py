@@ -23,7 +23,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "s_prompts", "simplecil",
-           "ranpac", "finetune")
+           "ranpac", "aper", "ease", "slca", "ssiat", "inflora", "sd_lora", "lae", "o_lora",
+           "finetune")
 
 WORKER = """
 import json, sys

@@ -31,10 +31,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def describe(err: BaseException) -> str:
-    """One line for an error: its innermost cause, and where that was raised when it is
+    """One line for an error: the first in its chain of causes that pecft_jax raised (its
+    messages name the problem and the fix, e.g. a damaged checkpoint wrapping orbax's
+    decoding error), else the innermost cause, with where that was raised when it is
     outside pecft_jax (a line of the user's config file, say)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+
+    def raised_in_package(e: BaseException) -> bool:
+        frames = traceback.extract_tb(e.__traceback__)
+        return bool(frames) and os.path.abspath(frames[-1].filename).startswith(package + os.sep)
+
     inner = err
-    while inner.__cause__ is not None or inner.__context__ is not None:
+    while not raised_in_package(inner) and (inner.__cause__ is not None
+                                            or inner.__context__ is not None):
         inner = inner.__cause__ if inner.__cause__ is not None else inner.__context__
     text = " ".join(str(inner).split()) or type(inner).__name__
     if isinstance(inner, KeyError):  # ml_collections' word for a key the config lacks
@@ -43,7 +52,6 @@ def describe(err: BaseException) -> str:
     if not isinstance(inner, (ValueError, FileNotFoundError)) or "Errno" in text:
         text = f"{type(inner).__name__}: {text}"
     frames = traceback.extract_tb(inner.__traceback__)
-    package = os.path.dirname(os.path.abspath(__file__))
     if frames and not os.path.abspath(frames[-1].filename).startswith(package + os.sep):
         if "site-packages" not in frames[-1].filename:
             text += f" ({frames[-1].filename}, line {frames[-1].lineno})"

