@@ -319,8 +319,9 @@ class TransformedSource(ImageSource):
 class TFDSSource(ImageSource):
     """A split of a prepared TFDS dataset, read with random access (``array_record``).
 
-    All labels are read at construction unless given (reading them decodes each record
-    once); images are decoded only when asked for.
+    All labels are read at construction unless given (``load_tfds`` reads them from a view
+    of the records that leaves the images undecoded); images are decoded only when asked
+    for.
     """
 
     def __init__(self, data_source, *, name: str, split: str, class_names: Sequence[str],
@@ -521,6 +522,12 @@ def load_digits(split: str, *, seed: int = DEFAULT_SPLIT_SEED,
 _TFDS_LABEL_CACHE: dict[tuple, np.ndarray] = {}
 
 
+def _tfds_labels(records, label_key: str) -> np.ndarray:
+    """Every record's label (``records`` leaves the images undecoded)."""
+    return np.asarray([int(np.asarray(records[i][label_key])) for i in range(len(records))],
+                      np.int64)
+
+
 def load_tfds(name: str, split: str, *, data_dir: str | None = None, image_key: str = "image",
               label_key: str = "label") -> TFDSSource:
     """A split (``'train'``, ``'test[:50%]'``, ...) of a TFDS dataset prepared under ``data_dir``.
@@ -567,9 +574,16 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, image_key: 
     image_shape = None if any(d is None for d in shape) else tuple(int(d) for d in shape)
     data = builder.as_data_source(split=split)
     cache_key = (os.fspath(builder.data_dir), split, label_key, len(data))
+    labels = _TFDS_LABEL_CACHE.get(cache_key)
+    if labels is None:  # the labels alone: the image bytes are left undecoded
+        try:
+            labels = _tfds_labels(builder.as_data_source(
+                split=split, decoders={image_key: tfds.decode.SkipDecoding()}), label_key)
+        except ImportError:  # a TFDS path that wants TensorFlow to skip (its mock data):
+            labels = _tfds_labels(data, label_key)  # decode the records instead
     source = TFDSSource(data, name=f"tfds:{name}", split=split, class_names=label_feature.names,
                         image_shape=image_shape, image_key=image_key, label_key=label_key,
-                        labels=_TFDS_LABEL_CACHE.get(cache_key))
+                        labels=labels)
     _TFDS_LABEL_CACHE[cache_key] = source.labels
     return source
 
