@@ -73,6 +73,9 @@ def entry():
     try:
         app.run(main)
     except Exception as err:  # absl's flag errors and SystemExit pass through untouched
+        if type(err).__name__ == "Preempted":  # (the loop's, imported only once JAX starts)
+            print(f"{err}", file=sys.stderr)
+            sys.exit(128 + err.signum)  # the shell's status for a signal: 143 TERM, 130 INT
         if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
             raise
         print(f"error: {describe(err)}\n(--verbose prints the traceback)", file=sys.stderr)

@@ -157,3 +157,37 @@ def test_a_lost_process_fails_the_other_within_seconds_and_a_restart_resumes(
         assert sorted(ours) == sorted(theirs)
         for key in ours:
             np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+def test_a_stop_signal_to_one_process_checkpoints_both_and_a_restart_resumes(
+        tmp_path, two_process_run):
+    """SIGTERM to one process of two: they agree at the next logged step (a collective),
+    write the checkpoint together and both stop naming it; restarted, they end as the
+    uninterrupted run, bit for bit."""
+    import signal
+    import time
+    workdir = str(tmp_path)
+    port = _free_port()
+    procs = [_launch(workdir, port, i) for i in range(2)]
+    deadline = time.time() + 300
+    inside = os.path.join(workdir, "checkpoints", "latest")
+    while not (os.path.isdir(inside) and any(p.isdigit() for p in os.listdir(inside))):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    errors = []
+    for proc in procs:  # (the launcher is a script: the CLI would exit 143)
+        _, err = proc.communicate(timeout=300)
+        errors.append(err)
+        assert proc.returncode != 0 and "Preempted: stopped by SIGTERM" in err, err[-3000:]
+    # the same step in both, its checkpoint written once by both together
+    steps = {err.split("Preempted: stopped by SIGTERM ")[1].split(";")[0] for err in errors}
+    assert len(steps) == 1, steps
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+    reference, matrix = two_process_run
+    assert _run_two_processes(workdir) == matrix
+    for task in (0, 1):
+        ours, theirs = _params(workdir, task), _params(reference, task)
+        for key in theirs:
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)

@@ -1,9 +1,12 @@
 """No silent wrong results: damaged checkpoints, diverged training, torn files."""
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +20,7 @@ from pecft_jax.train.checkpoint import (Checkpointer, CheckpointCorrupt, Checkpo
                                         _meta_digest)
 from pecft_jax.train.loop import NonFiniteError, guard_nonfinite, train_and_evaluate
 
-from helpers import tiny_config
+from helpers import ROOT, assert_same_task_checkpoint, tiny_config
 
 
 # ------------------------------------------------------------------------- atomic files
@@ -312,3 +315,39 @@ def test_a_key_misspelt_in_a_config_file_is_an_error_not_ignored(tmp_path):
     c.dataset.test_split = "test[:50%]"  # optional keys the data code reads are fine
     from pecft_jax.configs import check_run_config
     check_run_config(c)
+
+
+@pytest.mark.parametrize("signum, status", [
+    (signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
+def test_a_stop_signal_writes_a_checkpoint_and_the_rerun_resumes_exactly(tmp_path, signum,
+                                                                         status):
+    """SIGTERM (preemption notice) or Ctrl-C mid-task: the run writes a checkpoint at its
+    next step, says so in one line and exits 128 + the signal; re-running the command
+    finishes bit-identical to an uninterrupted run."""
+    from test_fault_injection import _command, _config_file, _learning_records, _progress, _run
+    config_file = _config_file(tmp_path)
+    reference = _run(config_file, "l2p", tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    workdir = tmp_path / "stopped"
+    process = subprocess.Popen(_command(config_file, "l2p", workdir), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while _progress(workdir) < 3:  # inside the first task, a few steps checkpointed
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-3000:]
+        time.sleep(0.01)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == status, err[-3000:]
+    name = signal.Signals(signum).name
+    line = [x for x in err.splitlines() if x.startswith(f"stopped by {name}")]
+    assert len(line) == 1 and "checkpoint latest/" in line[0] and "re-run" in line[0], err[-2000:]
+    assert "Traceback" not in err and not (workdir / "results.json").exists()
+    step = int(line[0].split("checkpoint latest/")[1].split()[0])
+    assert step in [int(p) for p in os.listdir(workdir / "checkpoints" / "latest")]
+    final = _run(config_file, "l2p", workdir)
+    assert final.returncode == 0, final.stderr[-3000:]
+    ours = json.load(open(workdir / "results.json"))
+    theirs = json.load(open(tmp_path / "reference" / "results.json"))
+    assert ours["accuracy_matrix"] == theirs["accuracy_matrix"]
+    assert _learning_records(workdir) == _learning_records(tmp_path / "reference")
+    assert_same_task_checkpoint(tmp_path / "reference", workdir, 1)

@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -151,16 +153,59 @@ class ContinualTrainer:
         self.base_rng = jax.random.key(config.seed)
         self.writer = MetricWriter(workdir, enabled=write_metrics and jax.process_index() == 0)
         self.checkpointer = Checkpointer(workdir)
+        self._stop_signal: Optional[int] = None  # SIGTERM / SIGINT received (see run)
 
     # ====================================================================== the run
     def run(self) -> dict:
-        run, position = self.restore_or_init()
-        if jax.process_index() == 0:  # after the resume checks: `evaluate` rebuilds from it
-            write_text_atomic(os.path.join(self.workdir, "config.json"),
-                              self.config.to_json(indent=1))
-        for t in range(position.task, len(self.tasks)):
-            self.learn_task(run, t, position if t == position.task else Position(t))
-        return self.results(run)
+        previous = self._catch_stop_signals()
+        try:
+            run, position = self.restore_or_init()
+            if jax.process_index() == 0:  # after the resume checks: `evaluate` rebuilds from it
+                write_text_atomic(os.path.join(self.workdir, "config.json"),
+                                  self.config.to_json(indent=1))
+            for t in range(position.task, len(self.tasks)):
+                self.learn_task(run, t, position if t == position.task else Position(t))
+                if t + 1 < len(self.tasks) and self.stop_requested():
+                    raise self._preempted(f"after task {t} (0-based), whose checkpoint tasks/{t} "
+                                          f"is written")
+            return self.results(run)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    # ================================================================= preemption
+    def _catch_stop_signals(self) -> dict:
+        """SIGTERM (a TPU VM's or a cluster's preemption notice) and SIGINT (Ctrl-C) ask the
+        run to stop at the next step it can checkpoint: the step's checkpoint is written and
+        :class:`Preempted` raised; re-running the command resumes there exactly. A second
+        Ctrl-C interrupts at once. Returns the previous handlers (restored by ``run``)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # Python delivers signals to the main thread only
+
+        def request_stop(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
+            self._stop_signal = signum
+            log.warning("%s received: the run stops after writing a checkpoint at its next step "
+                        "(Ctrl-C again to stop at once)", signal.Signals(signum).name)
+
+        return {signum: signal.signal(signum, request_stop)
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def stop_requested(self) -> bool:
+        """A stop signal reached this process -- or, in a multi-process run, any process
+        (all of them must write the checkpoint together; a collective, so every process
+        asks at the same steps)."""
+        asked = self._stop_signal is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            asked = bool(np.any(multihost_utils.process_allgather(np.int32(asked))))
+        return asked
+
+    def _preempted(self, where: str) -> "Preempted":
+        signum = self._stop_signal if self._stop_signal is not None else signal.SIGTERM
+        return Preempted(signum, f"stopped by {signal.Signals(signum).name} {where}; re-run "
+                                 f"the same command to resume from it")
 
     def learn_task(self, run: RunState, t: int, position: Position) -> None:
         """before_task -> gradient steps -> after_task -> evaluation -> checkpoint."""
@@ -290,13 +335,20 @@ class ContinualTrainer:
                                       task=t)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in host.items()})
                 bar.update(1)
-                if every and step % every == 0 and step < steps:
+                # a multi-process run agrees on stopping at logged steps (a collective)
+                stop = step < steps and (jax.process_count() == 1 or step % log_every == 0) \
+                    and self.stop_requested()
+                if (every and step % every == 0 and step < steps) or stop:
                     self._check_health(run, t, health)  # never a checkpoint of diverged values
                     self.checkpointer.save(task_end=False, step=run.global_step,
                                            trainable=trainable,
                                            state=merge_state(run.state, state),
                                            opt_state=opt_state, rng=self.base_rng,
                                            meta=self._meta(run, t, step, False))
+                if stop:
+                    bar.close()
+                    raise self._preempted(f"at step {step} of task {t} (0-based); checkpoint "
+                                          f"latest/{run.global_step} is written")
                 if step >= steps:
                     break
         bar.close()
@@ -670,6 +722,14 @@ class ContinualTrainer:
 
 
 # =========================================================================== pieces
+class Preempted(Exception):
+    """The run stopped on SIGTERM / SIGINT after writing a checkpoint to resume from."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
 class NonFiniteError(FloatingPointError):
     """A training step or a method's after-task work produced NaN or infinite values."""
 
