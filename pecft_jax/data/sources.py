@@ -18,6 +18,13 @@ index, so a large TFDS dataset never has to sit in memory. Names understood by
 ``'tfds:<name>'``
     A TFDS dataset already prepared in ``array_record`` format under ``data_dir`` (read with
     ``tfds`` data sources, random access, no TensorFlow needed). Nothing is ever downloaded.
+``'folder'``
+    Images in class folders under ``data_dir``, as the PyTorch toolboxes distribute
+    ImageNet-R, CUB or DomainNet: ``data_dir/<split>/<class>/**/<image>`` when ``data_dir``
+    holds split folders (``train``, ``test``, ...), else ``data_dir/<class>/**/<image>``
+    split once with the stratified, seeded split of mnist5k. Classes and files are taken in
+    torchvision ``ImageFolder``'s order (sorted class folders, then ``sorted(os.walk)`` and
+    sorted file names), so class ids and example ids match the PyTorch codes'.
 """
 from __future__ import annotations
 
@@ -36,7 +43,9 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
-KNOWN_SOURCES = ("fashion_mnist", "mnist5k", "digits", "tfds:<name>")
+KNOWN_SOURCES = ("fashion_mnist", "mnist5k", "digits", "tfds:<name>", "folder")
+# torchvision's IMG_EXTENSIONS: the files an ImageFolder takes
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # The held-out split of datasets without an official test set uses this seed unless told
 # otherwise; it is deliberately NOT the experiment seed, so the test set never changes.
 DEFAULT_SPLIT_SEED = 0
@@ -588,18 +597,114 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, image_key: 
     return source
 
 
+class FolderSource(ImageSource):
+    """Image files with their class ids (e.g. from :func:`scan_image_folder`), decoded by
+    Pillow when read and converted to RGB as ``ImageFolder``'s loader does."""
+
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, *, name: str, split: str,
+                 class_names: Sequence[str], num_threads: int | None = None):
+        self.paths = list(paths)
+        self.name, self.split = name, split
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.labels = _check_labels(np.asarray(labels, np.int64), self.num_classes,
+                                    f"{name} ({split})")
+        self.image_shape = None  # photos come in their own sizes
+        self._threads = num_threads or min(8, os.cpu_count() or 1)
+
+    @staticmethod
+    def _load(path: str) -> np.ndarray:
+        from PIL import Image
+        with _readable(path):
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+
+    def _read(self, indices: np.ndarray) -> list[np.ndarray]:
+        paths = [self.paths[i] for i in indices.tolist()]
+        if len(paths) < 16 or self._threads <= 1:
+            return [self._load(p) for p in paths]
+        with concurrent.futures.ThreadPoolExecutor(self._threads) as pool:  # PIL frees the GIL
+            return list(pool.map(self._load, paths))
+
+
+def _class_folders(directory: str) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+
+
+def scan_image_folder(directory: str, class_names: Sequence[str] | None = None
+                      ) -> tuple[list[str], np.ndarray, list[str]]:
+    """``(paths, labels, class_names)`` of ``directory/<class>/**/<image>`` in
+    ``ImageFolder``'s order; ``class_names`` (default: the sorted class folders) fixes the
+    class ids, and every folder must be one of them."""
+    found = _class_folders(directory)
+    if not found:
+        raise FileNotFoundError(f"{directory} holds no class folders; expected "
+                                f"{directory}/<class>/<image files>")
+    class_names = list(class_names) if class_names is not None else found
+    unknown = sorted(set(found) - set(class_names))
+    if unknown:
+        raise ValueError(f"{directory} has class folders {unknown[:5]} that the other split "
+                         "lacks; every split needs the same classes")
+    paths, labels = [], []
+    for index, name in enumerate(class_names):
+        if name not in found:
+            continue
+        files = [os.path.join(root, f)
+                 for root, _, names in sorted(os.walk(os.path.join(directory, name),
+                                                      followlinks=True))
+                 for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise FileNotFoundError(f"class folder {os.path.join(directory, name)} holds no image "
+                                    f"file (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        paths += files
+        labels += [index] * len(files)
+    return paths, np.asarray(labels, np.int64), class_names
+
+
+def load_image_folder(root: str | None, split: str, *, seed: int = DEFAULT_SPLIT_SEED,
+                      test_fraction: float = 0.2) -> FolderSource:
+    """Split ``split`` of the image folders under ``root`` (see the module docstring)."""
+    if not root or not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset 'folder' needs dataset.data_dir, the folder holding "
+                                f"<split>/<class>/<images> or <class>/<images>; got {root!r}")
+    folders = _class_folders(root)
+    split_folders = [f for f in folders if f in ("train", "test", "val", "validation")]
+    name = f"folder:{os.path.basename(os.path.normpath(root))}"
+    if split_folders:  # root/<split>/<class>/...: the class ids are the union's, sorted
+        if split not in folders:
+            raise ValueError(f"{root} has the split folders {split_folders}, not {split!r}; "
+                             "set dataset.train_split / dataset.test_split to them")
+        classes = sorted({c for f in split_folders for c in _class_folders(os.path.join(root, f))})
+        paths, labels, classes = scan_image_folder(os.path.join(root, split), classes)
+        return FolderSource(paths, labels, name=name, split=split, class_names=classes)
+    paths, labels, classes = scan_image_folder(root)
+    if split == "all":
+        return FolderSource(paths, labels, name=name, split=split, class_names=classes)
+    if split not in ("train", "test"):
+        raise ValueError(f"{root} has no split folders: its splits are 'train' and 'test' (a "
+                         f"seeded {1 - test_fraction:.0%}/{test_fraction:.0%} split per class) "
+                         f"and 'all', not {split!r}")
+    train, test = stratified_split(labels, test_fraction, seed)
+    rows = train if split == "train" else test
+    return FolderSource([paths[i] for i in rows], labels[rows], name=name, split=split,
+                        class_names=classes)
+
+
 def load_source(name: str, split: str, *, data_dir: str | None = None,
                 seed: int = DEFAULT_SPLIT_SEED, test_fraction: float = 0.2,
                 image_key: str = "image", label_key: str = "label") -> ImageSource:
     """Open split ``split`` of dataset ``name`` (see the module docstring for names).
 
     Args:
-      name: ``'fashion_mnist'``, ``'mnist5k'``, ``'digits'`` or ``'tfds:<name>'``.
-      split: ``'train'``/``'test'`` (``'all'`` for mnist5k/digits; any TFDS split string).
-      data_dir: folder of the idx files (fashion_mnist) or the TFDS data_dir.
-      seed: seed of the held-out split of mnist5k/digits. Keep the default so the test set
-        is the same in every experiment; it is not the experiment seed.
-      test_fraction: held-out fraction per class for mnist5k/digits.
+      name: ``'fashion_mnist'``, ``'mnist5k'``, ``'digits'``, ``'tfds:<name>'`` or
+        ``'folder'``.
+      split: ``'train'``/``'test'`` (``'all'`` for mnist5k/digits/folders without split
+        folders; any TFDS split string; a folder's split folder name).
+      data_dir: folder of the idx files (fashion_mnist), the TFDS data_dir, or the root of
+        the image folders.
+      seed: seed of the held-out split of mnist5k/digits/folders. Keep the default so the
+        test set is the same in every experiment; it is not the experiment seed.
+      test_fraction: held-out fraction per class for mnist5k/digits/folders.
       image_key, label_key: TFDS feature names.
     """
     if name == "fashion_mnist":
@@ -611,4 +716,6 @@ def load_source(name: str, split: str, *, data_dir: str | None = None,
     if name.startswith("tfds:") and len(name) > 5:
         return load_tfds(name[5:], split, data_dir=data_dir, image_key=image_key,
                          label_key=label_key)
+    if name == "folder":
+        return load_image_folder(data_dir, split, seed=seed, test_fraction=test_fraction)
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(KNOWN_SOURCES)}")
