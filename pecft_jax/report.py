@@ -53,3 +53,25 @@ def format_results(results: Mapping) -> str:
                      f"({comp['compile_seconds']:.1f} s), {comp['cache_hits']} read from the "
                      f"persistent cache, {comp['trace_seconds']:.1f} s tracing")
     return "\n".join(parts)
+
+
+def format_plan(plan: Mapping) -> str:
+    """The text ``--dry_run`` prints for :func:`pecft_jax.train.loop.plan_run`'s plan."""
+    import json
+    lines = [f"method={plan['method']} dataset={plan['dataset']} scenario={plan['scenario']} "
+             f"tasks={len(plan['tasks'])} devices={plan['devices']} "
+             f"processes={plan['processes']}",
+             _class_order_line(plan["class_order"]),
+             f"backbone {plan['backbone']['name']}: {plan['backbone']['params']:,} frozen "
+             f"parameters (fingerprint {plan['backbone']['fingerprint']})",
+             f"trainable parameters at initialisation: {plan['trainable_params']:,}; method "
+             f"state: {plan['state_size']:,} scalars",
+             "task | classes (original ids)          | train | test  | epochs | steps"]
+    for t, task in enumerate(plan["tasks"]):
+        classes = ", ".join(str(c) for c in task["classes"][:8]) + (
+            ", ..." if len(task["classes"]) > 8 else "")
+        lines.append(f"{t + 1:4d} | {classes:32s} | {task['train_examples']:5d} | "
+                     f"{task['test_examples']:5d} | {task['epochs']:6d} | {task['steps']}")
+    lines.append("resolved config:")
+    lines.append(json.dumps(plan["config"], indent=1, sort_keys=True, default=str))
+    return "\n".join(lines)

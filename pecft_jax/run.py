@@ -21,13 +21,32 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from pecft_jax.report import format_results
+from pecft_jax.configs import BENCHMARKS
+from pecft_jax.report import format_plan, format_results
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and results go")
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "experiments", "configs")
+
+
+def _config_help() -> str:
+    """The --config help: the shipped config files (one per method) and the benchmarks."""
+    shipped = (sorted(f[:-3] for f in os.listdir(_CONFIGS) if f.endswith(".py"))
+               if os.path.isdir(_CONFIGS) else [])
+    return ("experiment config file[:benchmark], e.g. experiments/configs/l2p.py:split_mnist. "
+            f"Shipped (experiments/configs/<method>.py): {', '.join(shipped) or 'none found'}. "
+            f"Benchmarks: {', '.join(BENCHMARKS)} (each file's docstring lists its own, "
+            "e.g. cifar100_paper, domainnet). Override any field with --config.<key>=<value>.")
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, _config_help(), lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and results go (required "
+                               "unless --dry_run)")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "on an error, print the whole traceback")
-flags.mark_flags_as_required(["config", "workdir"])
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print what the run would do -- class order, "
+                             "every task's classes, examples, epochs and steps, parameter "
+                             "counts, the resolved config -- and exit without training or "
+                             "writing anything")
+flags.mark_flags_as_required(["config"])
 
 
 def describe(err: BaseException) -> str:
@@ -63,6 +82,13 @@ def main(argv):
     # Our progress at INFO; libraries (orbax logs every checkpoint step) at WARNING.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("pecft_jax").setLevel(logging.INFO)
+    if _DRY_RUN.value:
+        from pecft_jax.train.loop import plan_run  # after flags: JAX starts here
+        print(format_plan(plan_run(_CONFIG.value)))
+        return
+    if not _WORKDIR.value:
+        raise ValueError("--workdir is required: the folder for checkpoints and results "
+                         "(re-running with the same one resumes)")
     from pecft_jax.train.loop import train_and_evaluate  # after flags: JAX starts here
     results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print(format_results(results))

@@ -261,3 +261,20 @@ print(json.dumps(values))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [[3, "loss", 0.5]]
+
+
+def test_a_dry_run_plans_the_run_from_shapes_and_writes_nothing(l2p_run, tmp_path):
+    """--dry_run: the class order, tasks, epochs, steps and parameter counts a run would
+    have (the real run's figures), nothing trained, no file written."""
+    from pecft_jax.train.loop import plan_run
+    _, results = l2p_run
+    config = tiny_config()
+    before = set(os.listdir(tmp_path))
+    plan = plan_run(config)
+    assert set(os.listdir(tmp_path)) == before
+    assert plan["class_order"] == results["class_order"]
+    assert [t["classes"] for t in plan["tasks"]] == \
+        [results["class_order"][2 * t:2 * t + 2] for t in range(5)]
+    assert sum(t["steps"] for t in plan["tasks"]) == results["train_steps"]
+    assert plan["trainable_params"] == results["trainable_params"]
+    assert plan["devices"] == 8 and plan["config"]["method"]["name"] == "l2p"

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 import zlib
@@ -100,6 +101,40 @@ class Position:
     opt_state: Any = None
     inside: bool = False
     seconds_in_task: float = 0.0  # spent on the task before the checkpoint resumed from
+
+
+def plan_run(config: ml_collections.ConfigDict) -> dict:
+    """What a run of ``config`` would do, without training or writing anything: the
+    resolved config (method defaults filled in), the class order, every task's classes,
+    examples, epochs and steps, and the parameter counts (the trainable tree and state at
+    initialisation, from shapes: nothing is computed). ``python -m pecft_jax.run
+    --dry_run`` prints it."""
+    with tempfile.TemporaryDirectory() as scratch:  # the trainer's checkpointer wants a dir
+        trainer = ContinualTrainer(config, scratch, write_metrics=False)
+        try:
+            trainable, state = jax.eval_shape(trainer.method.init, jax.random.key(0),
+                                              trainer.frozen)
+            order = [int(c) for c in trainer.scenario.class_order]
+            tasks = []
+            for t, task in enumerate(trainer.tasks):
+                epochs = trainer.epochs(trainer.task_spec(t))
+                tasks.append({"classes": [order[c] for c in task.classes],
+                              "train_examples": len(task.train_indices),
+                              "test_examples": len(task.test_indices), "epochs": epochs,
+                              "steps": trainer.steps_in_task(task, epochs) if epochs else 0})
+            return {"method": trainer.method.name,
+                    "method_config": dataclasses.asdict(trainer.method.config),
+                    "dataset": config.dataset.name, "scenario": trainer.scenario.kind,
+                    "class_order": order, "tasks": tasks,
+                    "trainable_params": int(trainer.method.count_trainable(trainable, state)),
+                    "state_size": count_params(state),
+                    "backbone": {"name": trainer.backbone.config.name,
+                                 "params": count_params(trainer.frozen),
+                                 "fingerprint": trainer.fingerprint},
+                    "devices": int(trainer.mesh.size), "processes": int(jax.process_count()),
+                    "config": config.to_dict()}
+        finally:
+            trainer.close()
 
 
 class ContinualTrainer:
