@@ -9,7 +9,8 @@ Each entry is ``<config file in experiments/configs>[:arg]``; it runs as its own
 table is built from the ``results.json`` files. With ``--seeds`` every entry runs once per
 seed (``--config.seed=S``) and its row gives mean +- standard deviation (ddof=1) over them.
 The workdir of a run is named after its entry, its overrides and its seed. Also writes
-``<root>/table.md``.
+``<root>/table.md``, ``accuracy_curves.png`` and ``forgetting.png`` (``pecft_jax.plots``;
+``python -m pecft_jax.report WORKDIR...`` tabulates and plots any finished runs).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import platform
 import subprocess
 import sys
 
+from pecft_jax import plots, report
 from pecft_jax.files import write_text_atomic
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -53,14 +55,8 @@ def run(entry: str, root: str, overrides: list, seed=None) -> dict:
 
 def fmt(values, digits=2):
     """A value, or mean +- std (ddof=1) of several; n/a where undefined."""
-    values = [v for v in (values if isinstance(values, list) else [values]) if v is not None]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.{digits}f} +- {std:.{digits}f}"
+    values = values if isinstance(values, list) else [values]
+    return report.format_mean_std(report.mean_std(values), digits)
 
 
 def table(rows: list) -> str:
@@ -109,6 +105,10 @@ def main():
     print(text + footer)
     os.makedirs(args.workdir_root, exist_ok=True)
     write_text_atomic(os.path.join(args.workdir_root, "table.md"), text + "\n" + footer + "\n")
+    # the entries' accuracy curves and per-task forgetting, with std bands over the seeds
+    for name, draw in (("accuracy_curves.png", plots.plot_accuracy_curves),
+                       ("forgetting.png", plots.plot_forgetting)):
+        print("written:", draw(rows, os.path.join(args.workdir_root, name)))
 
 
 if __name__ == "__main__":

@@ -147,6 +147,14 @@ def _is_number(value) -> bool:
             and math.isfinite(value))
 
 
+# Keys that say how a run executes, not what it computes (beyond float rounding): a run may
+# resume with them changed, and runs that differ only in them (and the seed) are one
+# setting in pecft_jax.report's tables.
+EXECUTION_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "train.prefetch",
+                  "train.on_nonfinite", "progress_bar", "compilation_cache_dir",
+                  "feature_cache.enabled", "feature_cache.max_bytes", "eval.batch_size",
+                  "num_devices", "distributed")
+
 # what train.schedule may name (built by train/loop.py's make_base_optimizer)
 SCHEDULES = ("constant", "cosine", "cosine_epochs", "multistep_epochs", "coda_cosine",
              "timm_cosine")

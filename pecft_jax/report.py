@@ -1,7 +1,21 @@
-"""Human-readable tables of a run's results."""
+"""Human-readable tables of runs' results, and the report over many workdirs.
+
+    python -m pecft_jax.report WORKDIR [WORKDIR ...] [--out DIR]
+
+groups the runs by everything in their config but the seed (and the keys that only say how
+a run executes, ``configs.EXECUTION_KEYS``), prints one row per group with mean +- std
+(ddof 1) over its seeds, and writes ``table.md``, ``table.csv``, ``accuracy_curves.png``
+and ``forgetting.png`` into DIR (default: the current folder).
+"""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 
 def format_matrix(matrix: Sequence[Sequence[float]], title: str) -> str:
@@ -75,3 +89,181 @@ def format_plan(plan: Mapping) -> str:
     lines.append("resolved config:")
     lines.append(json.dumps(plan["config"], indent=1, sort_keys=True, default=str))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ many runs, grouped
+def _flat(tree: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, path))
+        else:
+            out[path] = json.dumps(value, sort_keys=True, default=str)
+    return out
+
+
+def setting_of(results: Mapping) -> dict:
+    """The flat config of a run without its seed and execution-only keys: what runs of one
+    setting share."""
+    from pecft_jax.configs import EXECUTION_KEYS
+    return {k: v for k, v in _flat(results.get("config", {})).items()
+            if k != "seed" and not any(k == e or k.startswith(e + ".") for e in EXECUTION_KEYS)}
+
+
+def group_runs(runs: Sequence[Mapping]) -> List[Tuple[str, List[Mapping]]]:
+    """``[(label, [results of each seed])]``, one entry per setting, in first-seen order.
+    A label is the method (``(joint)`` for the upper bound) plus the config values that set
+    it apart from the other groups (at most three, the rest counted)."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(json.dumps(setting_of(r), sort_keys=True), []).append(r)
+    settings = [setting_of(members[0]) for members in groups.values()]
+    out = []
+    for setting, members in zip(settings, groups.values()):
+        label = members[0]["method"] + (" (joint)" if members[0].get("joint") else "")
+        # what tells it from the other settings of the same method
+        peers = [s for s in settings if s.get("method.name") == setting.get("method.name")]
+        keys = sorted({k for s in peers for k in s})
+        differs = [f"{k}={json.loads(setting[k]) if k in setting else '-'}" for k in keys
+                   if k != "scenario.joint" and len({s.get(k) for s in peers}) > 1]
+        if differs:
+            shown = ", ".join(differs[:3]) + (f", +{len(differs) - 3}" if len(differs) > 3
+                                             else "")
+            label += f" [{shown}]"
+        out.append((label, members))
+    return out
+
+
+def mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (ddof 1; None for one value) of the defined
+    values; (None, None) when there are none."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def _task_identity(r: Mapping) -> Optional[float]:
+    m = r.get("task_identity_matrix")
+    return sum(m[-1]) / len(m[-1]) if m else None
+
+
+# (column, how a run gives it, decimals)
+COLUMNS: Tuple[Tuple[str, Callable, int], ...] = (
+    ("final avg acc", lambda r: r["metrics"]["average_accuracy"], 2),
+    ("avg incremental acc", lambda r: r["metrics"].get("average_incremental_accuracy"), 2),
+    ("forgetting", lambda r: r["metrics"].get("forgetting"), 2),
+    ("BWT", lambda r: r["metrics"].get("bwt"), 2),
+    ("FWT", lambda r: r["metrics"].get("fwt"), 2),
+    ("pooled acc", lambda r: r["metrics"].get("pooled_accuracy"), 2),
+    ("task-IL avg acc", lambda r: r.get("task_il_metrics", {}).get("average_accuracy"), 2),
+    ("task identity", _task_identity, 2),
+    ("trainable params", lambda r: r.get("trainable_params"), 0),
+    ("s/task", lambda r: (sum(r["seconds_per_task"]) / len(r["seconds_per_task"])
+                          if r.get("seconds_per_task") else None), 1),
+)
+
+
+def summarize_groups(groups) -> List[dict]:
+    """One dict per group: its label, number of runs, seeds, and (mean, std) per column."""
+    rows = []
+    for label, runs in groups:
+        row = {"setting": label, "runs": len(runs),
+               "seeds": [r.get("config", {}).get("seed") for r in runs]}
+        for name, get, _ in COLUMNS:
+            row[name] = mean_std([get(r) for r in runs])
+        rows.append(row)
+    return rows
+
+
+def format_mean_std(value: Tuple[Optional[float], Optional[float]], digits: int) -> str:
+    """``mean +- std`` of a :func:`mean_std` pair (the mean alone for one run; n/a)."""
+    mean, std = value
+    if mean is None:
+        return "n/a"
+    text = f"{mean:,.{digits}f}"
+    if std is None or (digits == 0 and std == 0):  # (one run; counts that never vary)
+        return text
+    return f"{text} +- {std:,.{digits}f}"
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The groups as a markdown table; columns no run defines are left out."""
+    shown = [(n, d) for n, _, d in COLUMNS if any(r[n][0] is not None for r in rows)]
+    lines = ["| setting | runs | " + " | ".join(n for n, _ in shown) + " |",
+             "|---|---|" + "---|" * len(shown)]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['runs']} | "
+                     + " | ".join(format_mean_std(r[n], d) for n, d in shown) + " |")
+    return "\n".join(lines)
+
+
+def csv_table(rows: Sequence[dict]) -> str:
+    """The groups as CSV: for every column its mean and its std (empty where undefined)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["setting", "runs", "seeds"] + [f"{n} {part}" for n, _, _ in COLUMNS
+                                                     for part in ("mean", "std")])
+    for r in rows:
+        writer.writerow([r["setting"], r["runs"], " ".join(str(s) for s in r["seeds"])]
+                        + ["" if v is None else v for n, _, _ in COLUMNS for v in r[n]])
+    return out.getvalue()
+
+
+def load_runs(workdirs: Sequence[str]) -> List[dict]:
+    """The ``results.json`` of each workdir; a workdir without one is an error naming it."""
+    runs = []
+    for workdir in workdirs:
+        path = os.path.join(workdir, "results.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{workdir} has no results.json: the run has not finished "
+                                    "(re-run its command to resume it)")
+        with open(path) as f:
+            runs.append(json.load(f))
+    return runs
+
+
+def write_report(runs: Sequence[Mapping], out_dir: str) -> dict:
+    """``table.md``, ``table.csv``, ``accuracy_curves.png`` and ``forgetting.png`` of the
+    runs, grouped, in ``out_dir``; returns the paths and the markdown."""
+    from pecft_jax import plots
+    from pecft_jax.files import write_text_atomic
+    os.makedirs(out_dir, exist_ok=True)
+    groups = group_runs(runs)
+    rows = summarize_groups(groups)
+    text = markdown_table(rows)
+    paths = {"table.md": os.path.join(out_dir, "table.md"),
+             "table.csv": os.path.join(out_dir, "table.csv")}
+    write_text_atomic(paths["table.md"], text + "\n")
+    write_text_atomic(paths["table.csv"], csv_table(rows))
+    paths["accuracy_curves.png"] = plots.plot_accuracy_curves(
+        groups, os.path.join(out_dir, "accuracy_curves.png"))
+    paths["forgetting.png"] = plots.plot_forgetting(groups, os.path.join(out_dir,
+                                                                         "forgetting.png"))
+    return {"paths": paths, "markdown": text}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pecft_jax.report",
+        description="Group finished runs by setting (all of the config but the seed) and "
+                    "write mean +- std tables and plots.")
+    parser.add_argument("workdirs", nargs="+", help="run folders holding results.json")
+    parser.add_argument("--out", default=".", help="where table.md, table.csv and the PNGs go")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(load_runs(args.workdirs), args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report["markdown"])
+    print("written: " + ", ".join(report["paths"].values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

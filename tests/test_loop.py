@@ -46,6 +46,9 @@ def test_results_file_has_the_documented_fields(l2p_run):
         assert all(t >= c - 1e-9 for c, t in zip(ci, ti))
     assert os.path.exists(os.path.join(workdir, "metrics.jsonl"))
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+    from PIL import Image  # every run draws its matrices
+    with Image.open(os.path.join(workdir, "accuracy_matrix.png")) as image:
+        assert image.size[0] > 300 and np.asarray(image.convert("L")).std() > 10
 
 
 def test_a_five_task_run_compiles_one_train_and_one_eval_step(l2p_run):

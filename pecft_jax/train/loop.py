@@ -36,7 +36,8 @@ from pecft_jax import metrics as metrics_lib
 from pecft_jax.backbones.backbone import load_backbone
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import pipeline, scenarios
-from pecft_jax.configs import SCHEDULES, check_run_config, distributed_settings
+from pecft_jax.configs import (EXECUTION_KEYS, SCHEDULES, check_run_config,
+                               distributed_settings)
 from pecft_jax.files import write_json_atomic, write_text_atomic
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
 from pecft_jax.methods.base import count_params, merge_state
@@ -53,13 +54,6 @@ from pecft_jax.train.logging_utils import MetricWriter, progress
 log = logging.getLogger("pecft_jax")
 Array = jax.Array
 
-# Config keys that may change between a run and its resumption.
-_RESUMABLE_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "train.prefetch",
-                   "train.on_nonfinite",
-                   "progress_bar", "compilation_cache_dir", "feature_cache.enabled",
-                   "feature_cache.max_bytes",
-                   "eval.batch_size", "num_devices", "distributed")
-
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) the experiment in ``workdir`` and writes ``results.json``."""
@@ -74,6 +68,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, "results.json"), results, indent=1,
                           default=_json_default)
+        try:
+            from pecft_jax import plots
+            plots.plot_accuracy_matrices(results, os.path.join(workdir, "accuracy_matrix.png"))
+        except Exception as err:  # a figure is not a result: results.json stands, say why
+            log.warning("accuracy_matrix.png not drawn (%s: %s)", type(err).__name__, err)
     return results
 
 
@@ -887,7 +886,7 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
 def config_hash(config: ml_collections.ConfigDict) -> str:
     flat = _flatten_config(config.to_dict())
     for key in list(flat):
-        if any(key == k or key.startswith(k + ".") for k in _RESUMABLE_KEYS):
+        if any(key == k or key.startswith(k + ".") for k in EXECUTION_KEYS):
             del flat[key]
     blob = json.dumps(flat, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

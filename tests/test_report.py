@@ -1,0 +1,88 @@
+"""pecft_jax.report over many runs: grouping by setting, mean +- std, tables, plots."""
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pecft_jax import metrics, plots, report
+
+
+def fake_run(matrix, seed, method="l2p", lr=0.01, progress_bar=False, seconds=(1.0, 2.0, 3.0)):
+    """A results.json as the loop writes it, from an accuracy matrix."""
+    return {"method": method, "dataset": "mnist5k", "num_tasks": len(matrix),
+            "accuracy_matrix": matrix, "task_il_accuracy_matrix": matrix,
+            "metrics": metrics.summarize(matrix, test_sizes=[10] * len(matrix)),
+            "task_il_metrics": metrics.summarize(matrix), "trainable_params": 1234,
+            "seconds_per_task": list(seconds), "class_order": list(range(6)),
+            "config": {"seed": seed, "progress_bar": progress_bar,
+                       "method": {"name": method}, "train": {"learning_rate": lr}}}
+
+
+MATRICES = [[[90.0], [70.0, 80.0], [60.0, 50.0, 85.0]],
+            [[95.0], [65.0, 75.0], [55.0, 60.0, 80.0]],
+            [[85.0], [75.0, 70.0], [65.0, 40.0, 90.0]]]
+
+
+def test_runs_group_by_setting_not_seed_nor_execution_keys():
+    runs = [fake_run(m, seed) for seed, m in enumerate(MATRICES)]
+    runs[1]["config"]["progress_bar"] = True  # how it ran, not what it computed
+    runs.append(fake_run(MATRICES[0], 0, lr=0.1))
+    runs.append(fake_run(MATRICES[1], 0, method="simplecil"))
+    groups = report.group_runs(runs)
+    assert [label for label, _ in groups] == ["l2p [train.learning_rate=0.01]",
+                                              "l2p [train.learning_rate=0.1]", "simplecil"]
+    assert [len(members) for _, members in groups] == [3, 1, 1]
+
+
+def test_summary_is_the_mean_and_sample_std_over_seeds():
+    runs = [fake_run(m, seed) for seed, m in enumerate(MATRICES)]
+    (row,) = report.summarize_groups(report.group_runs(runs))
+    finals = [np.mean(m[-1]) for m in MATRICES]
+    assert row["final avg acc"][0] == pytest.approx(np.mean(finals))
+    assert row["final avg acc"][1] == pytest.approx(np.std(finals, ddof=1))
+    forgetting = [metrics.forgetting(m) for m in MATRICES]
+    assert row["forgetting"][1] == pytest.approx(np.std(forgetting, ddof=1))
+    assert row["s/task"] == (pytest.approx(2.0), pytest.approx(0.0))
+    assert row["FWT"] == (None, None) and row["seeds"] == [0, 1, 2]
+    table = report.markdown_table([row])
+    assert "FWT" not in table and "task identity" not in table  # columns nobody defines
+    assert f"{np.mean(finals):.2f} +- {np.std(finals, ddof=1):.2f}" in table
+    assert "| 1,234 |" in table  # a count that never varies shows no +- 0
+    parsed = list(csv.DictReader(io.StringIO(report.csv_table([row]))))
+    assert float(parsed[0]["final avg acc mean"]) == pytest.approx(np.mean(finals))
+    assert parsed[0]["FWT mean"] == "" and parsed[0]["seeds"] == "0 1 2"
+    assert report.mean_std([3.0]) == (3.0, None) and report.mean_std([None]) == (None, None)
+
+
+def _png_with_content(path):
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L"), np.float64)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 300
+    assert pixels.std() > 10  # not a blank canvas
+
+
+def test_the_report_writes_tables_and_plots(tmp_path):
+    workdirs = []
+    for seed, m in enumerate(MATRICES):
+        workdir = tmp_path / f"run{seed}"
+        os.makedirs(workdir)
+        (workdir / "results.json").write_text(json.dumps(fake_run(m, seed)))
+        workdirs.append(str(workdir))
+    assert report.main([*workdirs, "--out", str(tmp_path / "out")]) == 0
+    for name in ("accuracy_curves.png", "forgetting.png"):
+        _png_with_content(tmp_path / "out" / name)
+    assert (tmp_path / "out" / "table.md").read_text().startswith("| setting | runs |")
+    assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path)]) == 1
+
+
+def test_per_task_forgetting_and_the_matrix_figure(tmp_path):
+    for m in MATRICES:
+        per_task = plots.task_forgetting(m)
+        assert per_task.mean() == pytest.approx(metrics.forgetting(m))
+    np.testing.assert_allclose(plots.task_forgetting(MATRICES[0]), [30.0, 30.0])
+    path = plots.plot_accuracy_matrices(fake_run(MATRICES[0], 0), str(tmp_path / "m.png"))
+    _png_with_content(path)
