@@ -281,3 +281,52 @@ def test_a_dry_run_plans_the_run_from_shapes_and_writes_nothing(l2p_run, tmp_pat
     assert sum(t["steps"] for t in plan["tasks"]) == results["train_steps"]
     assert plan["trainable_params"] == results["trainable_params"]
     assert plan["devices"] == 8 and plan["config"]["method"]["name"] == "l2p"
+
+
+def test_logs_hold_the_learning_rate_task_averages_config_and_hparams(tmp_path):
+    """metrics.jsonl / TensorBoard: the base learning rate of each logged step's update
+    (here a per-step cosine), the class-IL and task-IL averages after each task; the
+    config as text and an HParams summary in the event files."""
+    import optax
+    from tensorboardX.proto import event_pb2
+    config = tiny_config()
+    config.scenario.num_tasks = 2
+    config.train.schedule = "cosine"
+    config.train.log_every_steps = 5
+    config.train.checkpoint_every_steps = 0
+    results = train_and_evaluate(config, str(tmp_path))
+    steps = results["train_steps"] // 2
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rates = [(r["step"], r["task"], r["train/learning_rate"]) for r in records
+             if "train/learning_rate" in r]
+    assert len(rates) >= 4
+    cosine = optax.cosine_decay_schedule(0.01, steps)
+    for step, task, rate in rates:
+        assert rate == pytest.approx(float(cosine(step - task * steps - 1)), rel=1e-5)
+    evals = [r for r in records if "eval/average_accuracy" in r]
+    for r, row, task_row in zip(evals, results["accuracy_matrix"],
+                                results["task_il_accuracy_matrix"]):
+        assert r["eval/average_accuracy"] == pytest.approx(np.mean(row))
+        assert r["eval/task_il_average_accuracy"] == pytest.approx(np.mean(task_row))
+
+    def events(folder):
+        out = []
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path):
+                out += events(path)
+                continue
+            data, offset = open(path, "rb").read(), 0
+            while offset < len(data):
+                length = int.from_bytes(data[offset:offset + 8], "little")
+                out.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+                offset += 16 + length
+        return out
+
+    values = [v for e in events(str(tmp_path / "tensorboard")) for v in e.summary.value]
+    tags = {v.tag for v in values}
+    assert "config/text_summary" in tags and "train/learning_rate" in tags
+    text = next(v for v in values if v.tag == "config/text_summary")
+    assert '"learning_rate": 0.01' in text.tensor.string_val[0].decode()
+    plugins = {v.metadata.plugin_data.plugin_name for v in values}
+    assert "hparams" in plugins

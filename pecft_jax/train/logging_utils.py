@@ -24,6 +24,14 @@ def _import_summary_writer():
     return SummaryWriter
 
 
+def _flat(tree: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else key
+        out.update(_flat(value, path) if isinstance(value, Mapping) else {path: value})
+    return out
+
+
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
@@ -74,6 +82,21 @@ class MetricWriter:
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, float(value), int(step))
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        """A text in TensorBoard (e.g. the run's config), shown as markdown."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, f"```\n{text}\n```", int(step))
+
+    def hparams(self, config: Mapping, results: Mapping[str, Optional[float]]) -> None:
+        """TensorBoard's HParams view: the run's scalar config values (flattened,
+        ``train.learning_rate``) against its final metrics."""
+        if not (self.enabled and self._tb is not None):
+            return
+        params = {k: v for k, v in _flat(config).items()
+                  if isinstance(v, (bool, int, float, str))}
+        metrics = {k: float(v) for k, v in results.items() if v is not None}
+        self._tb.add_hparams(params, metrics, name="hparams")
 
     def close(self) -> None:
         if self._jsonl is not None:

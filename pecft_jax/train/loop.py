@@ -197,12 +197,19 @@ class ContinualTrainer:
             if jax.process_index() == 0:  # after the resume checks: `evaluate` rebuilds from it
                 write_text_atomic(os.path.join(self.workdir, "config.json"),
                                   self.config.to_json(indent=1))
+            self.writer.text("config", self.config.to_json(indent=1), run.global_step)
             for t in range(position.task, len(self.tasks)):
                 self.learn_task(run, t, position if t == position.task else Position(t))
                 if t + 1 < len(self.tasks) and self.stop_requested():
                     raise self._preempted(f"after task {t} (0-based), whose checkpoint tasks/{t} "
                                           f"is written")
-            return self.results(run)
+            results = self.results(run)
+            self.writer.hparams(results["config"], {
+                "hparam/average_accuracy": results["metrics"]["average_accuracy"],
+                "hparam/forgetting": results["metrics"].get("forgetting"),
+                "hparam/task_il_average_accuracy":
+                    results["task_il_metrics"].get("average_accuracy")})
+            return results
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -339,6 +346,7 @@ class ContinualTrainer:
         task_arg = self.traced_task(spec)
         every = int(self.config.train.get("checkpoint_every_steps", 0) or 0)
         log_every = int(self.config.train.get("log_every_steps", 20) or 20)
+        schedule = make_schedule(self.config.train, steps, per_epoch)  # for the logs
         bar = progress(total=steps, initial=position.step, desc=f"task {t + 1}/{len(self.tasks)}",
                        enabled=self.config.get("progress_bar", True) and jax.process_index() == 0)
         step, tick, images_seen = position.step, time.time(), 0
@@ -364,6 +372,8 @@ class ContinualTrainer:
                     self._check_health(run, t, health)
                     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     host["images_per_sec"] = images_seen / max(time.time() - tick, 1e-9)
+                    # the base rate of this step's update (parameter groups scale it)
+                    host["learning_rate"] = learning_rate_at(schedule, step - 1)
                     tick, images_seen = time.time(), 0
                     self.writer.write(run.global_step, {f"train/{k}": v for k, v in host.items()},
                                       task=t)
@@ -543,8 +553,11 @@ class ContinualTrainer:
         for key, values in row.items():
             if key not in ("class_il", "task_il"):
                 run.extra_rows.setdefault(key, []).append(values)
-        self.writer.write(run.global_step, {f"eval/class_il_task{j}": v
-                                            for j, v in enumerate(row["class_il"])}, task=t)
+        scalars = {f"eval/class_il_task{j}": v for j, v in enumerate(row["class_il"])}
+        scalars.update({f"eval/task_il_task{j}": v for j, v in enumerate(row["task_il"])})
+        scalars["eval/average_accuracy"] = float(np.mean(row["class_il"]))
+        scalars["eval/task_il_average_accuracy"] = float(np.mean(row["task_il"]))
+        self.writer.write(run.global_step, scalars, task=t)
         log.info("task %d: class-IL %s", t, " ".join(f"{v:.1f}" for v in row["class_il"]))
 
     def results(self, run: RunState) -> dict:
@@ -823,26 +836,10 @@ def schedule_lengths(train_cfg: ml_collections.ConfigDict, total_steps: int,
     raise ValueError(f"unknown schedule {name!r}; use one of {SCHEDULES}")
 
 
-def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
-                        steps_per_epoch: int = 1) -> optax.GradientTransformation:
-    """``train.optimizer`` at ``train.learning_rate`` on ``train.schedule``:
-
-    * ``'constant'`` (after an optional linear warm-up), ``'cosine'`` (per step, to 0 at the
-      task's last step), ``'cosine_epochs'`` (PyTorch's ``CosineAnnealingLR(T_max=epochs)``
-      stepped once per epoch, as most official PyTorch code runs it),
-      ``'multistep_epochs'`` (PyTorch's ``MultiStepLR(milestones=train.milestones,
-      gamma=train.lr_decay)`` stepped once per epoch: the rate is multiplied by ``lr_decay``
-      at the start of each milestone epoch) or ``'coda_cosine'`` (the ``CosineSchedule`` of
-      CODA-Prompt's code base, which InfLoRA's reuses, as it runs there: stepped per epoch,
-      ``lr_e = lr cos(99 pi max(e - 1, 0) / (200 (E - 1)))`` -- its constructor's first
-      step is undone, so epochs 0 and 1 both run at ``lr``) or ``'timm_cosine'`` (timm's
-      per-epoch ``CosineLRScheduler`` to ``train.min_lr``, one epoch late as the
-      DualPrompt-PyTorch lineage steps it: HiDe-Prompt's);
-    * ``'adam'``, ``'adamw'`` (decoupled weight decay) or ``'sgd'`` (``momentum``);
-      ``train.weight_decay`` on ``'adam'`` / ``'sgd'`` is PyTorch's coupled L2 term
-      (``g + wd * p`` before the update), what ``torch.optim.SGD/Adam(weight_decay=)`` do;
-    * ``train.grad_clip_norm`` clips each parameter group's global norm first.
-    """
+def make_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int,
+                  steps_per_epoch: int = 1):
+    """``train.learning_rate`` on ``train.schedule`` (see :func:`make_base_optimizer`): a
+    number or an optax schedule of the step."""
     lr = train_cfg.learning_rate
     schedule_name = train_cfg.get("schedule", "constant")
     lengths = schedule_lengths(train_cfg, total_steps, steps_per_epoch)
@@ -867,7 +864,41 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
     elif schedule_name == "multistep_epochs":
         schedule = multistep_epoch_schedule(lr, tuple(train_cfg.get("milestones", ())),
                                             float(train_cfg.get("lr_decay", 0.1)), *lengths)
-    name = train_cfg.get("optimizer", "adam")
+    return schedule
+
+
+def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
+                        steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """``train.optimizer`` at ``train.learning_rate`` on ``train.schedule``:
+
+    * ``'constant'`` (after an optional linear warm-up), ``'cosine'`` (per step, to 0 at the
+      task's last step), ``'cosine_epochs'`` (PyTorch's ``CosineAnnealingLR(T_max=epochs)``
+      stepped once per epoch, as most official PyTorch code runs it),
+      ``'multistep_epochs'`` (PyTorch's ``MultiStepLR(milestones=train.milestones,
+      gamma=train.lr_decay)`` stepped once per epoch: the rate is multiplied by ``lr_decay``
+      at the start of each milestone epoch) or ``'coda_cosine'`` (the ``CosineSchedule`` of
+      CODA-Prompt's code base, which InfLoRA's reuses, as it runs there: stepped per epoch,
+      ``lr_e = lr cos(99 pi max(e - 1, 0) / (200 (E - 1)))`` -- its constructor's first
+      step is undone, so epochs 0 and 1 both run at ``lr``) or ``'timm_cosine'`` (timm's
+      per-epoch ``CosineLRScheduler`` to ``train.min_lr``, one epoch late as the
+      DualPrompt-PyTorch lineage steps it: HiDe-Prompt's);
+    * ``'adam'``, ``'adamw'`` (decoupled weight decay) or ``'sgd'`` (``momentum``);
+      ``train.weight_decay`` on ``'adam'`` / ``'sgd'`` is PyTorch's coupled L2 term
+      (``g + wd * p`` before the update), what ``torch.optim.SGD/Adam(weight_decay=)`` do;
+    * ``train.grad_clip_norm`` clips each parameter group's global norm first.
+    """
+    schedule = make_schedule(train_cfg, total_steps, steps_per_epoch)
+    return _optimizer_from(train_cfg, schedule, train_cfg.get("optimizer", "adam"))
+
+
+def learning_rate_at(schedule, step: int) -> float:
+    """The rate ``schedule`` (a number or an optax schedule) gives the update of ``step``
+    (0-based: optax counts the updates it has made)."""
+    return float(schedule(step)) if callable(schedule) else float(schedule)
+
+
+def _optimizer_from(train_cfg: ml_collections.ConfigDict, schedule, name: str
+                    ) -> optax.GradientTransformation:
     weight_decay = float(train_cfg.get("weight_decay", 0.0) or 0.0)
     if name == "adam":
         opt = optax.adam(schedule, b1=train_cfg.get("b1", 0.9), b2=train_cfg.get("b2", 0.999))
