@@ -54,6 +54,8 @@ def evaluate_checkpoint(workdir: str, task: Optional[int] = None) -> dict:
     result = {"task": task, "class_il": row["class_il"], "task_il": row["task_il"],
               "recorded_class_il": recorded,
               "recorded_task_il": meta["task_il_accuracy_matrix"][task]}
+    # top-5, old/new-class accuracy, task identity, the confusion over the seen classes
+    result.update({k: v for k, v in row.items() if k not in result})
     write_json_atomic(os.path.join(workdir, f"eval_task{task}.json"), result, indent=1)
     return result
 

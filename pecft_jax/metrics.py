@@ -202,6 +202,42 @@ def task_incremental_accuracy(logits, labels, task_classes: Sequence[int]) -> fl
                                 "classes of this task")
 
 
+def top_k_accuracy(logits, labels, seen_classes: Union[int, Sequence[int]], k: int = 5
+                   ) -> float:
+    """Accuracy (%) when the label is among the ``k`` highest logits of the seen classes
+    (``k`` capped at their number; ties broken towards the lower class id)."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    _check_batch(logits, labels)
+    classes = _class_ids(seen_classes, logits.shape[1], "seen_classes")
+    k = min(int(k), classes.size)
+    order = np.argsort(-logits[:, classes], axis=1, kind="stable")[:, :k]
+    return float(100.0 * np.mean(np.any(classes[order] == labels[:, None], axis=1)))
+
+
+def class_il_predictions(logits, seen_classes: Union[int, Sequence[int]]) -> np.ndarray:
+    """The class-IL prediction of every example: the argmax over the seen classes."""
+    logits = np.asarray(logits)
+    classes = _class_ids(seen_classes, logits.shape[1], "seen_classes")
+    return classes[np.argmax(logits[:, classes], axis=1)]
+
+
+def confusion_matrix(labels, predictions, classes: Sequence[int]) -> np.ndarray:
+    """``(C, C)`` counts: row = true class, column = predicted class, both in the order of
+    ``classes``."""
+    index = {int(c): i for i, c in enumerate(classes)}
+    out = np.zeros((len(index), len(index)), np.int64)
+    np.add.at(out, ([index[int(c)] for c in labels], [index[int(c)] for c in predictions]), 1)
+    return out
+
+
+def subset_accuracy(labels, predictions, classes: Sequence[int]) -> Optional[float]:
+    """Accuracy (%) over the examples whose label is one of ``classes`` (None if none is):
+    e.g. the old and the new classes after a task."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    chosen = np.isin(labels, np.asarray(list(classes), np.int64))
+    return float(100.0 * np.mean(predictions[chosen] == labels[chosen])) if chosen.any() else None
+
+
 def _restricted_accuracy(logits, labels, allowed, what: str, where: str) -> float:
     """Accuracy (%) of the argmax over the ``allowed`` classes' logits only."""
     logits, labels = np.asarray(logits), np.asarray(labels)

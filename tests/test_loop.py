@@ -46,6 +46,24 @@ def test_results_file_has_the_documented_fields(l2p_run):
         assert all(t >= c - 1e-9 for c, t in zip(ci, ti))
     assert os.path.exists(os.path.join(workdir, "metrics.jsonl"))
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+    # the evaluation's extras: top-5 >= top-1 (100 while at most 5 classes are seen),
+    # old/new-class accuracy pooling to the row's class-IL accuracy, the last confusion
+    top5 = saved["class_il_top5_matrix"]
+    assert all(t5 >= c - 1e-9 for r5, r in zip(top5, matrix) for t5, c in zip(r5, r))
+    assert top5[1] == [100.0, 100.0]
+    old_new = saved["old_new_class_il_matrix"]
+    assert old_new[0][0] is None and old_new[0][1] == pytest.approx(matrix[0][0])
+    confusion = saved["final_confusion_matrix"]
+    counts = np.asarray(confusion["matrix"])
+    assert confusion["classes"] == saved["class_order"] and counts.shape == (10, 10)
+    per_task = counts.sum(axis=1).reshape(5, 2).sum(axis=1)  # test examples of each task
+    assert np.trace(counts) / counts.sum() * 100 == pytest.approx(
+        np.sum(np.asarray(matrix[-1]) * per_task) / per_task.sum())
+    sizes = [int(x) for x in per_task[:4]]
+    assert old_new[4][0] == pytest.approx(np.dot(matrix[4][:4], sizes) / sum(sizes))
+    per_class = saved["final_per_class_accuracy"]
+    c0 = str(saved["class_order"][0])
+    assert per_class[c0] == pytest.approx(100 * counts[0, 0] / counts[0].sum())
     from PIL import Image  # every run draws its matrices
     with Image.open(os.path.join(workdir, "accuracy_matrix.png")) as image:
         assert image.size[0] > 300 and np.asarray(image.convert("L")).std() > 10

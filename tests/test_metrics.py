@@ -137,3 +137,28 @@ def test_pooled_incremental_accuracy_averages_the_pooled_curve():
         pytest.approx(by_hand)
     with pytest.raises(ValueError, match="one positive count per task"):
         metrics.pooled_incremental_accuracy(R3, [1, 0, 1])
+
+
+def test_top_k_old_new_and_confusion_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 12))
+    labels = rng.integers(0, 8, size=200)
+    seen = list(range(8))
+    ranked = np.argsort(-logits[:, :8], axis=1)
+    for k in (1, 3, 5):
+        expected = 100 * np.mean([labels[i] in ranked[i, :k] for i in range(200)])
+        assert metrics.top_k_accuracy(logits, labels, seen, k) == pytest.approx(expected)
+    assert metrics.top_k_accuracy(logits, labels, seen, 1) == pytest.approx(
+        metrics.class_incremental_accuracy(logits, labels, seen))
+    assert metrics.top_k_accuracy(logits, labels, seen, 50) == 100.0  # k capped at 8
+    predictions = metrics.class_il_predictions(logits, seen)
+    np.testing.assert_array_equal(predictions, np.argmax(logits[:, :8], axis=1))
+    confusion = metrics.confusion_matrix(labels, predictions, seen)
+    for true in range(8):
+        for pred in range(8):
+            assert confusion[true, pred] == np.sum((labels == true) & (predictions == pred))
+    old = metrics.subset_accuracy(labels, predictions, range(6))
+    new = metrics.subset_accuracy(labels, predictions, [6, 7])
+    n_old, n_new = np.sum(labels < 6), np.sum(labels >= 6)
+    assert (old * n_old + new * n_new) / 200 == pytest.approx(100 * np.mean(predictions == labels))
+    assert metrics.subset_accuracy(labels, predictions, [11]) is None

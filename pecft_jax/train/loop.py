@@ -88,6 +88,9 @@ class RunState:
     global_step: int = 0
     task_started: float = 0.0  # wall clock of the current task's start (resumes included)
     skipped_steps: int = 0  # steps skipped for a non-finite loss (train.on_nonfinite)
+    # the latest evaluation's class-IL confusion over the seen classes:
+    # {'classes': remapped ids, 'matrix': counts (true x predicted)}
+    confusion: Optional[dict] = None
 
 
 @dataclasses.dataclass
@@ -307,7 +310,8 @@ class ContinualTrainer:
         self.writer.discard_after(meta["global_step"])
         run = RunState(None, None, meta["accuracy_matrix"], meta["task_il_accuracy_matrix"],
                        meta.get("extra_rows", {}), meta["seconds_per_task"], meta["global_step"],
-                       skipped_steps=int(meta.get("skipped_nonfinite_steps", 0)))
+                       skipped_steps=int(meta.get("skipped_nonfinite_steps", 0)),
+                       confusion=meta.get("confusion"))
         if kind == "tasks":
             restored = self.checkpointer.restore(kind, ckpt_step)
             position = Position(meta["task"] + 1)
@@ -515,17 +519,28 @@ class ContinualTrainer:
         logits_np, labels_np = np.concatenate(logits), np.concatenate(labels)
         pred_np = np.concatenate(task_pred) if task_pred else None
         bounds = np.cumsum([0] + [task.num_test for task in eval_tasks])
-        row: Dict[str, List[float]] = {"class_il": [], "task_il": []}
+        row: Dict[str, Any] = {"class_il": [], "task_il": [], "class_il_top5": []}
         for task, lo, hi in zip(eval_tasks, bounds[:-1], bounds[1:]):
             row["class_il"].append(metrics_lib.class_incremental_accuracy(
                 logits_np[lo:hi], labels_np[lo:hi], seen))
             row["task_il"].append(metrics_lib.task_incremental_accuracy(
                 logits_np[lo:hi], labels_np[lo:hi], task.classes))
+            row["class_il_top5"].append(metrics_lib.top_k_accuracy(
+                logits_np[lo:hi], labels_np[lo:hi], seen, 5))
             # task-identity accuracy (prompt / domain selection); joint training has one
             # task, so there is no identity to infer
             if pred_np is not None and not self.joint:
                 row.setdefault("task_identity", []).append(
                     100.0 * float(np.mean(pred_np[lo:hi] == task.index)))
+        predictions = metrics_lib.class_il_predictions(logits_np, seen)
+        if not self.joint:  # the classes learnt before task t, and task t's own
+            new = set(self.scenario.tasks[t].classes)
+            row["old_new_class_il"] = [
+                metrics_lib.subset_accuracy(labels_np, predictions, sorted(set(seen) - new)),
+                metrics_lib.subset_accuracy(labels_np, predictions, sorted(new))]
+        row["confusion"] = {"classes": [int(c) for c in seen],
+                            "matrix": metrics_lib.confusion_matrix(labels_np, predictions,
+                                                                   seen).tolist()}
         return row
 
     def compiled_eval_step(self, spec: TaskSpec) -> Callable:
@@ -550,6 +565,7 @@ class ContinualTrainer:
     def record(self, run: RunState, t: int, row: Dict[str, List[float]]) -> None:
         run.accuracy_matrix.append(row["class_il"])
         run.task_il_matrix.append(row["task_il"])
+        run.confusion = row.pop("confusion", None)
         for key, values in row.items():
             if key not in ("class_il", "task_il"):
                 run.extra_rows.setdefault(key, []).append(values)
@@ -588,6 +604,15 @@ class ContinualTrainer:
                "config": self.config.to_dict()}
         for key, rows in run.extra_rows.items():
             out[f"{key}_matrix"] = rows
+        if run.confusion is not None:  # the last evaluation's, in original class ids
+            order = self.scenario.class_order
+            counts = np.asarray(run.confusion["matrix"])
+            classes = [int(order[c]) for c in run.confusion["classes"]]
+            totals = counts.sum(axis=1)
+            out["final_confusion_matrix"] = {"classes": classes, "matrix": counts.tolist()}
+            out["final_per_class_accuracy"] = {
+                str(c): (100.0 * float(counts[i, i]) / totals[i] if totals[i] else None)
+                for i, c in enumerate(classes)}
         return out
 
     # ======================================================================= helpers
@@ -727,6 +752,7 @@ class ContinualTrainer:
                 "seconds_in_task": 0.0 if task_done else time.time() - run.task_started,
                 "skipped_nonfinite_steps": run.skipped_steps,
                 "train_steps": run.global_step, "fingerprint": self.fingerprint,
+                "confusion": run.confusion,
                 "config_hash": self.config_hash, "method": self.method.name,
                 "layout": self.layout()}
 
