@@ -87,10 +87,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, as_batched, lora_delta,
-                                         ssf)
-from pecft_jax.backbones.vit import (ATTENTION_IMPLS, COMPUTE_DTYPES, _adapter_branch,
-                                     _at_least_f32, _lora_input)
+from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, adapter_branch,
+                                         as_batched, at_least_f32, lora_delta, lora_input, ssf)
+from pecft_jax.backbones.vit import ATTENTION_IMPLS, COMPUTE_DTYPES
 
 Array = jax.Array
 OUTPUTS = ("tokens", "cls", "mean", "pooled", "features")
@@ -263,7 +262,7 @@ class BertAttention(nn.Module):
                                 kernel_init=_INIT, name=name)(x)
             y = y.reshape(batch, length, dim)
             if name in lora:
-                y = y + lora_delta(_lora_input(lp, deterministic, x), lora[name], lp.lora_scaling)
+                y = y + lora_delta(lora_input(lp, deterministic, x), lora[name], lp.lora_scaling)
             y = ssf(y, ssf_params, name)
             return y.reshape(batch, length, heads, head_dim)
 
@@ -290,7 +289,7 @@ class BertAttention(nn.Module):
                                                     implementation=cfg.attention)
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-            scores = _at_least_f32(scores)  # the softmax in at least float32
+            scores = at_least_f32(scores)  # the softmax in at least float32
             scores = scores + jnp.where(keep, jnp.zeros((), scores.dtype),
                                         jnp.finfo(scores.dtype).min)
             weights = jax.nn.softmax(scores, axis=-1)
@@ -304,7 +303,7 @@ class BertAttention(nn.Module):
                               kernel_init=_INIT, name="out")(attended)
         if "out" in lora:
             flat = attended.reshape(batch, length, dim)
-            out = out + lora_delta(_lora_input(lp, deterministic, flat), lora["out"],
+            out = out + lora_delta(lora_input(lp, deterministic, flat), lora["out"],
                                    lp.lora_scaling)
         return ssf(out, ssf_params, "out")
 
@@ -320,13 +319,13 @@ class BertMlp(nn.Module):
         h = nn.Dense(cfg.intermediate_size, dtype=cfg.compute_dtype, kernel_init=_INIT,
                      name="Dense_0")(x)
         if "fc1" in lora:
-            h = h + lora_delta(_lora_input(lp, deterministic, x), lora["fc1"], lp.lora_scaling)
+            h = h + lora_delta(lora_input(lp, deterministic, x), lora["fc1"], lp.lora_scaling)
         h = ssf(h, ssf_params, "fc1")
         h = nn.gelu(h, approximate=False)
         y = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype, kernel_init=_INIT,
                      name="Dense_1")(h)
         if "fc2" in lora:
-            y = y + lora_delta(_lora_input(lp, deterministic, h), lora["fc2"], lp.lora_scaling)
+            y = y + lora_delta(lora_input(lp, deterministic, h), lora["fc2"], lp.lora_scaling)
         return ssf(y, ssf_params, "fc2")
 
 
@@ -346,13 +345,13 @@ class BertLayer(nn.Module):
         a = _dropout(a, cfg.hidden_dropout, deterministic)
         if lp is not None and lp.adapter_attn is not None:
             source = a if lp.adapter_attn_mode == "sequential" else attn_input
-            a = a + _adapter_branch(lp, lp.adapter_attn, source, deterministic)
+            a = a + adapter_branch(lp, lp.adapter_attn, source, deterministic)
         mlp_input = ssf(_layer_norm(cfg, "LayerNorm_0")(x + a), ssf_params, "ln1")
         f = BertMlp(cfg, name="MlpBlock_3")(mlp_input, lp, deterministic)
         f = _dropout(f, cfg.hidden_dropout, deterministic)
         if lp is not None and lp.adapter is not None:
             source = f if lp.adapter_mode == "sequential" else mlp_input
-            f = f + _adapter_branch(lp, lp.adapter, source, deterministic)
+            f = f + adapter_branch(lp, lp.adapter, source, deterministic)
         out = ssf(_layer_norm(cfg, "LayerNorm_2")(mlp_input + f), ssf_params, "ln2")
         return out, {"attn_input": attn_input, "mlp_input": mlp_input}
 
@@ -456,8 +455,8 @@ class Bert(nn.Module):
         if stop_at_layer is None:
             x = ssf(x, model_ssf, "final")
         # what the methods read is float32 whatever the compute dtype
-        tokens = _at_least_f32(x)
-        blocks = jax.tree_util.tree_map(_at_least_f32, blocks)
+        tokens = at_least_f32(x)
+        blocks = jax.tree_util.tree_map(at_least_f32, blocks)
         cls = tokens[:, 0]
         if output == "tokens":
             return tokens

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -226,3 +227,27 @@ def resolve_layers(layers: Optional[Sequence[int]], num_layers: int, what: str) 
     if not resolved:
         raise ValueError(f"{what}: layers is empty; pass None for all blocks or list some")
     return resolved
+
+
+# Shared by the backbones' Flax modules (called inside their compact methods).
+def at_least_f32(x: Array) -> Array:
+    """``x`` in float32 if its dtype is narrower (bf16), unchanged otherwise."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def lora_input(lp: Optional[LayerPEFT], deterministic: bool, inp: Array) -> Array:
+    """The LoRA branch's input: dropout (HF peft's lora_dropout) while training.
+    Called inside a module's compact method, so the Dropout is that module's child."""
+    if lp is None or lp.lora_dropout == 0.0 or deterministic:
+        return inp
+    return nn.Dropout(rate=lp.lora_dropout)(inp, deterministic=False)
+
+
+def adapter_branch(lp: LayerPEFT, params: Mapping, x: Array, deterministic: bool) -> Array:
+    """``scale * up(dropout(act(down(x))))``, ``act`` the context's ReLU or GELU; dropout
+    only while training. Called inside a module's compact method, so the Dropout is that
+    module's child."""
+    dropout = None
+    if lp.adapter_dropout and not deterministic:
+        dropout = lambda h: nn.Dropout(rate=lp.adapter_dropout)(h, deterministic=False)
+    return lp.adapter_scale * bottleneck(x, params, dropout, lp.adapter_activation)

@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, as_batched, bottleneck,
-                                         lora_delta, ssf)
+from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, adapter_branch,
+                                         as_batched, at_least_f32, lora_delta, lora_input, ssf)
 
 Array = jax.Array
 OUTPUTS = ("logits", "pre_logits", "cls", "tokens", "features")
@@ -135,27 +135,10 @@ def get_config(name: str, **overrides) -> ViTConfig:
     return ViTConfig(**fields)
 
 
-def _lora_input(lp: Optional[LayerPEFT], deterministic: bool, inp: Array) -> Array:
-    """The LoRA branch's input: dropout (HF peft's lora_dropout) while training.
-    Called inside a module's compact method, so the Dropout is that module's child."""
-    if lp is None or lp.lora_dropout == 0.0 or deterministic:
-        return inp
-    return nn.Dropout(rate=lp.lora_dropout)(inp, deterministic=False)
 
 
-def _adapter_branch(lp: LayerPEFT, params: Mapping, x: Array, deterministic: bool) -> Array:
-    """``scale * up(dropout(act(down(x))))``, ``act`` the context's ReLU or GELU; dropout
-    only while training. Called inside a module's compact method, so the Dropout is that
-    module's child."""
-    dropout = None
-    if lp.adapter_dropout and not deterministic:
-        dropout = lambda h: nn.Dropout(rate=lp.adapter_dropout)(h, deterministic=False)
-    return lp.adapter_scale * bottleneck(x, params, dropout, lp.adapter_activation)
 
 
-def _at_least_f32(x: Array) -> Array:
-    """``x`` in float32 if its dtype is narrower (bf16), unchanged otherwise."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _layer_norm(cfg: ViTConfig, name: str) -> nn.LayerNorm:
@@ -180,7 +163,7 @@ class Attention(nn.Module):
                                 name=name)(x)
             y = y.reshape(batch, length, dim)
             if name in lora:
-                y = y + lora_delta(_lora_input(lp, deterministic, x), lora[name], lp.lora_scaling)
+                y = y + lora_delta(lora_input(lp, deterministic, x), lora[name], lp.lora_scaling)
             y = ssf(y, ssf_params, name)
             return y.reshape(batch, length, heads, head_dim)
 
@@ -199,7 +182,7 @@ class Attention(nn.Module):
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
             # the softmax in at least float32 (a no-op for float32 / float64 activations)
-            weights = jax.nn.softmax(_at_least_f32(scores), axis=-1)
+            weights = jax.nn.softmax(at_least_f32(scores), axis=-1)
             if compensated:  # LAE: the prefix columns (first) divided by their sum lambda
                 num_prefix = k.shape[1] - length
                 lam = jnp.maximum(weights[..., :num_prefix].sum(-1, keepdims=True), 1e-12)
@@ -209,7 +192,7 @@ class Attention(nn.Module):
         out = nn.DenseGeneral(features=dim, axis=(-2, -1), dtype=cfg.compute_dtype,
                               name="out")(attended)
         if "out" in lora:
-            out = out + lora_delta(_lora_input(lp, deterministic, attended.reshape(batch, length, dim)), lora["out"],
+            out = out + lora_delta(lora_input(lp, deterministic, attended.reshape(batch, length, dim)), lora["out"],
                                    lp.lora_scaling)
         return ssf(out, ssf_params, "out")
 
@@ -225,12 +208,12 @@ class MlpBlock(nn.Module):
 
         h = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, name="Dense_0")(x)
         if "fc1" in lora:
-            h = h + lora_delta(_lora_input(lp, deterministic, x), lora["fc1"], lp.lora_scaling)
+            h = h + lora_delta(lora_input(lp, deterministic, x), lora["fc1"], lp.lora_scaling)
         h = ssf(h, ssf_params, "fc1")
         h = nn.gelu(h, approximate=cfg.gelu_approximate)
         y = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype, name="Dense_1")(h)
         if "fc2" in lora:
-            y = y + lora_delta(_lora_input(lp, deterministic, h), lora["fc2"], lp.lora_scaling)
+            y = y + lora_delta(lora_input(lp, deterministic, h), lora["fc2"], lp.lora_scaling)
         return ssf(y, ssf_params, "fc2")
 
 
@@ -249,15 +232,15 @@ class EncoderBlock(nn.Module):
                                                                        deterministic)
         if lp is not None and lp.adapter_attn is not None:
             source = h if lp.adapter_attn_mode == "sequential" else attn_input
-            h = h + _adapter_branch(lp, lp.adapter_attn, source, deterministic)
+            h = h + adapter_branch(lp, lp.adapter_attn, source, deterministic)
         x = x + h
         mlp_input = ssf(_layer_norm(self.cfg, "LayerNorm_2")(x), ssf_params, "ln2")
         h = MlpBlock(self.cfg, name="MlpBlock_3")(mlp_input, lp, deterministic)
         if lp is not None and lp.adapter is not None:
             if lp.adapter_mode == "sequential":
-                h = h + _adapter_branch(lp, lp.adapter, h, deterministic)
+                h = h + adapter_branch(lp, lp.adapter, h, deterministic)
             else:  # AdaptFormer: a parallel branch from the block's residual stream
-                h = h + _adapter_branch(lp, lp.adapter, x, deterministic)
+                h = h + adapter_branch(lp, lp.adapter, x, deterministic)
         return x + h, {"attn_input": attn_input, "mlp_input": mlp_input}
 
 
@@ -320,8 +303,8 @@ class ViT(nn.Module):
         tokens, num_prompts, blocks = _PosEmbedTransformer(cfg, name="Transformer")(
             x, peft, stop_at_layer, deterministic)
         # what the methods read (keys, heads, statistics) is float32 whatever the compute dtype
-        tokens = _at_least_f32(tokens)
-        blocks = jax.tree_util.tree_map(_at_least_f32, blocks)
+        tokens = at_least_f32(tokens)
+        blocks = jax.tree_util.tree_map(at_least_f32, blocks)
         if cfg.classifier == "token":
             pooled = tokens[:, 0]
         else:
