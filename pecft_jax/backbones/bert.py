@@ -88,7 +88,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, adapter_branch,
-                                         as_batched, at_least_f32, lora_delta, lora_input, ssf)
+                                         as_batched, at_least_f32, compensate_prefix,
+                                         lora_delta, lora_input, project_heads, ssf,
+                                         with_prefix)
 from pecft_jax.backbones.vit import ATTENTION_IMPLS, COMPUTE_DTYPES
 
 Array = jax.Array
@@ -257,28 +259,13 @@ class BertAttention(nn.Module):
         lora = (lp.lora or {}) if lp is not None else {}
         ssf_params = lp.ssf if lp is not None else None
 
-        def project(name: str) -> Array:
-            y = nn.DenseGeneral(features=(heads, head_dim), dtype=cfg.compute_dtype,
-                                kernel_init=_INIT, name=name)(x)
-            y = y.reshape(batch, length, dim)
-            if name in lora:
-                y = y + lora_delta(lora_input(lp, deterministic, x), lora[name], lp.lora_scaling)
-            y = ssf(y, ssf_params, name)
-            return y.reshape(batch, length, heads, head_dim)
-
-        q, k, v = project("query"), project("key"), project("value")
-        if lp is not None and lp.prefix_key is not None:
-            pk = as_batched(lp.prefix_key, batch).astype(k.dtype)
-            pv = as_batched(lp.prefix_value, batch).astype(v.dtype)
-            if pk.shape[-1] != dim or pv.shape != pk.shape:
-                raise ValueError(f"prefix key/value must be (B, Lp, {dim}); got {pk.shape}, "
-                                 f"{pv.shape}")
-            k = jnp.concatenate([pk.reshape(batch, -1, heads, head_dim), k], axis=1)
-            v = jnp.concatenate([pv.reshape(batch, -1, heads, head_dim), v], axis=1)
-            # the prefix columns are always attended to
-            key_mask = jnp.concatenate([jnp.ones((batch, pk.shape[1]), key_mask.dtype),
+        q, k, v = (project_heads(x, name, lp, heads, head_dim, deterministic,
+                                 dtype=cfg.compute_dtype, kernel_init=_INIT)
+                   for name in ("query", "key", "value"))
+        k, v, num_prefix = with_prefix(lp, k, v)
+        if num_prefix:  # the prefix columns are always attended to
+            key_mask = jnp.concatenate([jnp.ones((batch, num_prefix), key_mask.dtype),
                                         key_mask], axis=1)
-        num_prefix = k.shape[1] - length
         compensated = num_prefix > 0 and lp.prefix_compensated
         attn_dropout = cfg.attention_dropout if not deterministic else 0.0
         keep = key_mask[:, None, None, :].astype(bool)  # (B, 1, 1, K)
@@ -293,10 +280,8 @@ class BertAttention(nn.Module):
             scores = scores + jnp.where(keep, jnp.zeros((), scores.dtype),
                                         jnp.finfo(scores.dtype).min)
             weights = jax.nn.softmax(scores, axis=-1)
-            if compensated:  # LAE: the prefix columns (first) divided by their sum lambda
-                lam = jnp.maximum(weights[..., :num_prefix].sum(-1, keepdims=True), 1e-12)
-                weights = jnp.concatenate([weights[..., :num_prefix] / lam,
-                                           weights[..., num_prefix:]], axis=-1)
+            if compensated:
+                weights = compensate_prefix(weights, num_prefix)
             weights = _dropout(weights, attn_dropout, deterministic)
             attended = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
         out = nn.DenseGeneral(features=dim, axis=(-2, -1), dtype=cfg.compute_dtype,

@@ -251,3 +251,43 @@ def adapter_branch(lp: LayerPEFT, params: Mapping, x: Array, deterministic: bool
     if lp.adapter_dropout and not deterministic:
         dropout = lambda h: nn.Dropout(rate=lp.adapter_dropout)(h, deterministic=False)
     return lp.adapter_scale * bottleneck(x, params, dropout, lp.adapter_activation)
+
+
+def project_heads(x: Array, name: str, lp: Optional[LayerPEFT], heads: int, head_dim: int,
+                  deterministic: bool, **dense) -> Array:
+    """Attention projection ``name`` (query / key / value) of ``x`` ``(B, N, D)`` to
+    ``(B, N, heads, head_dim)``, with the layer's LoRA and SSF at ``name``; a
+    ``DenseGeneral`` child of the calling module (``dense``: its dtype, kernel_init)."""
+    batch, length, dim = x.shape
+    y = nn.DenseGeneral(features=(heads, head_dim), name=name, **dense)(x)
+    y = y.reshape(batch, length, dim)
+    lora = (lp.lora or {}) if lp is not None else {}
+    if name in lora:
+        y = y + lora_delta(lora_input(lp, deterministic, x), lora[name], lp.lora_scaling)
+    y = ssf(y, lp.ssf if lp is not None else None, name)
+    return y.reshape(batch, length, heads, head_dim)
+
+
+def with_prefix(lp: Optional[LayerPEFT], k: Array, v: Array) -> Tuple[Array, Array, int]:
+    """Keys and values ``(B, K, H, hd)`` with the layer's prefix keys / values in front
+    (prefix tuning), and the number of prefix columns (0 without)."""
+    if lp is None or lp.prefix_key is None:
+        return k, v, 0
+    batch, _, heads, head_dim = k.shape
+    pk = as_batched(lp.prefix_key, batch).astype(k.dtype)
+    pv = as_batched(lp.prefix_value, batch).astype(v.dtype)
+    if pk.shape[-1] != heads * head_dim or pv.shape != pk.shape:
+        raise ValueError(f"prefix key/value must be (B, Lp, {heads * head_dim}); got "
+                         f"{pk.shape}, {pv.shape}")
+    k = jnp.concatenate([pk.reshape(batch, -1, heads, head_dim), k], axis=1)
+    v = jnp.concatenate([pv.reshape(batch, -1, heads, head_dim), v], axis=1)
+    return k, v, pk.shape[1]
+
+
+def compensate_prefix(weights: Array, num_prefix: int) -> Array:
+    """LAE's compensated prefix: the attention weights of the prefix columns (the first
+    ``num_prefix``) divided by their sum ``lambda``, i.e. ``(1 - lambda) Attn(x) +
+    Attn_prefix(x)`` after the value product."""
+    lam = jnp.maximum(weights[..., :num_prefix].sum(-1, keepdims=True), 1e-12)
+    return jnp.concatenate([weights[..., :num_prefix] / lam, weights[..., num_prefix:]],
+                           axis=-1)

@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, adapter_branch,
-                                         as_batched, at_least_f32, lora_delta, lora_input, ssf)
+                                         as_batched, at_least_f32, compensate_prefix,
+                                         lora_delta, lora_input, project_heads, ssf,
+                                         with_prefix)
 
 Array = jax.Array
 OUTPUTS = ("logits", "pre_logits", "cls", "tokens", "features")
@@ -157,37 +159,18 @@ class Attention(nn.Module):
         heads, head_dim = cfg.num_heads, cfg.head_dim
         lora = (lp.lora or {}) if lp is not None else {}
         ssf_params = lp.ssf if lp is not None else None
-
-        def project(name: str) -> Array:
-            y = nn.DenseGeneral(features=(heads, head_dim), dtype=cfg.compute_dtype,
-                                name=name)(x)
-            y = y.reshape(batch, length, dim)
-            if name in lora:
-                y = y + lora_delta(lora_input(lp, deterministic, x), lora[name], lp.lora_scaling)
-            y = ssf(y, ssf_params, name)
-            return y.reshape(batch, length, heads, head_dim)
-
-        q, k, v = project("query"), project("key"), project("value")
-        if lp is not None and lp.prefix_key is not None:
-            pk = as_batched(lp.prefix_key, batch).astype(k.dtype)
-            pv = as_batched(lp.prefix_value, batch).astype(v.dtype)
-            if pk.shape[-1] != dim or pv.shape != pk.shape:
-                raise ValueError(f"prefix key/value must be (B, Lp, {dim}); got {pk.shape}, "
-                                 f"{pv.shape}")
-            k = jnp.concatenate([pk.reshape(batch, -1, heads, head_dim), k], axis=1)
-            v = jnp.concatenate([pv.reshape(batch, -1, heads, head_dim), v], axis=1)
-        compensated = lp is not None and lp.prefix_key is not None and lp.prefix_compensated
+        q, k, v = (project_heads(x, name, lp, heads, head_dim, deterministic,
+                                 dtype=cfg.compute_dtype) for name in ("query", "key", "value"))
+        k, v, num_prefix = with_prefix(lp, k, v)
+        compensated = num_prefix > 0 and lp.prefix_compensated
         if cfg.attention != "einsum" and not compensated:
             attended = jax.nn.dot_product_attention(q, k, v, implementation=cfg.attention)
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
             # the softmax in at least float32 (a no-op for float32 / float64 activations)
             weights = jax.nn.softmax(at_least_f32(scores), axis=-1)
-            if compensated:  # LAE: the prefix columns (first) divided by their sum lambda
-                num_prefix = k.shape[1] - length
-                lam = jnp.maximum(weights[..., :num_prefix].sum(-1, keepdims=True), 1e-12)
-                weights = jnp.concatenate([weights[..., :num_prefix] / lam,
-                                           weights[..., num_prefix:]], axis=-1)
+            if compensated:
+                weights = compensate_prefix(weights, num_prefix)
             attended = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
         out = nn.DenseGeneral(features=dim, axis=(-2, -1), dtype=cfg.compute_dtype,
                               name="out")(attended)
