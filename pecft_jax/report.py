@@ -40,6 +40,37 @@ def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+# The lower and upper bound of the demo benchmarks on the bundled backbone (sequential
+# fine-tuning and joint training over 3 seeds; the file says how it was measured).
+BOUNDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                           "demo_bounds.json")
+
+
+def verdict_line(results: Mapping, bounds_file: str = BOUNDS_FILE) -> Optional[str]:
+    """Where a run's final average accuracy lies between the shipped lower and upper bound
+    of its benchmark -- only for a run of the very setting the bounds were measured on
+    (benchmark, the bundled backbone, tasks and class order); None otherwise."""
+    config = results.get("config", {})
+    benchmark = config.get("benchmark")
+    if (results.get("method") == "finetune" or results.get("joint")
+            or not os.path.exists(bounds_file)):
+        return None
+    with open(bounds_file) as f:
+        table = json.load(f).get(benchmark)
+    if (table is None or config.get("backbone", {}).get("checkpoint") != "demo"
+            or results.get("num_tasks") != table["num_tasks"]
+            or list(results.get("class_order", [])) != table["class_order"]):
+        return None
+    low, high = table["finetune"]["mean"], table["joint"]["mean"]
+    accuracy = results["metrics"]["average_accuracy"]
+    share = 100.0 * (accuracy - low) / (high - low)
+    return (f"verdict: {results['method']} reaches {accuracy:.2f} on {benchmark}, between "
+            f"sequential fine-tuning ({low:.2f} +- {table['finetune']['std']:.2f}) and joint "
+            f"training ({high:.2f} +- {table['joint']['std']:.2f}; {len(table['seeds'])} "
+            f"seeds each, {os.path.basename(bounds_file)}): {share:.0f}% of the way from the "
+            f"lower to the upper bound")
+
+
 def format_results(results: Mapping) -> str:
     parts = [f"method={results['method']} dataset={results['dataset']} "
              f"scenario={results.get('scenario', 'class')} tasks={results['num_tasks']} "
@@ -58,6 +89,9 @@ def format_results(results: Mapping) -> str:
         parts.append(f"WARNING: {skipped} of {results.get('train_steps', '?')} training steps "
                      f"had a non-finite loss or parameters and were skipped "
                      f"(train.on_nonfinite='skip_step')")
+    verdict = verdict_line(results)
+    if verdict:
+        parts.append(verdict)
     secs = results.get("seconds_per_task", [])
     if secs:
         parts.append("seconds per task: " + " ".join(f"{s:.1f}" for s in secs))

@@ -86,3 +86,24 @@ def test_per_task_forgetting_and_the_matrix_figure(tmp_path):
     np.testing.assert_allclose(plots.task_forgetting(MATRICES[0]), [30.0, 30.0])
     path = plots.plot_accuracy_matrices(fake_run(MATRICES[0], 0), str(tmp_path / "m.png"))
     _png_with_content(path)
+
+
+def test_the_verdict_places_a_demo_run_between_its_bounds(tmp_path):
+    bounds = {"split_mnist": {"num_tasks": 3, "class_order": list(range(6)), "seeds": [0, 1, 2],
+                              "finetune": {"mean": 20.0, "std": 1.0},
+                              "joint": {"mean": 80.0, "std": 2.0}}}
+    path = tmp_path / "bounds.json"
+    path.write_text(json.dumps(bounds))
+    run = fake_run(MATRICES[0], 0)  # final average accuracy (60 + 50 + 85) / 3 = 65
+    run["config"].update(benchmark="split_mnist", backbone={"checkpoint": "demo"})
+    line = report.verdict_line(run, str(path))
+    assert line.startswith("verdict: l2p reaches 65.00 on split_mnist")
+    assert "(20.00 +- 1.00)" in line and "(80.00 +- 2.00; 3 seeds" in line
+    assert "75% of the way" in line  # (65 - 20) / (80 - 20)
+    other = json.loads(json.dumps(run))
+    other["config"]["backbone"]["checkpoint"] = "random:ViT-Micro/4"  # not the bounds' setting
+    assert report.verdict_line(other, str(path)) is None
+    other = json.loads(json.dumps(run))
+    other["class_order"] = list(reversed(range(6)))
+    assert report.verdict_line(other, str(path)) is None
+    assert report.verdict_line(dict(run, method="finetune"), str(path)) is None
