@@ -88,6 +88,32 @@ def test_evaluate_reproduces_the_recorded_rows(l2p_run):
                                    atol=1e-9)
 
 
+def test_evaluate_on_training_data_and_exported_predictions(l2p_run):
+    """--split train evaluates the tasks' training data; --predictions exports every
+    example's task, label, prediction (original class ids) and logits, which give back the
+    row's accuracies."""
+    workdir, results = l2p_run
+    test = evaluate_checkpoint(workdir, 2, predictions=True)
+    train = evaluate_checkpoint(workdir, 2, split="train", predictions=True)
+    assert "recorded_class_il" not in train and os.path.exists(
+        os.path.join(workdir, "eval_task2_train.json"))
+    for out, split in ((test, "test"), (train, "train")):
+        with np.load(os.path.join(workdir, f"predictions_task2_{split}.npz")) as f:
+            arrays = {k: f[k] for k in f.files}
+        order = results["class_order"]
+        assert arrays["seen_classes"].tolist() == order[:6]
+        np.testing.assert_array_equal(
+            arrays["prediction"], arrays["seen_classes"][np.argmax(arrays["logits"], axis=1)])
+        for t in range(3):
+            rows = arrays["task"] == t
+            assert set(arrays["label"][rows].tolist()) == set(order[2 * t:2 * t + 2])
+            accuracy = 100 * np.mean(arrays["prediction"][rows] == arrays["label"][rows])
+            assert accuracy == pytest.approx(out["class_il"][t])
+    assert len(np.load(os.path.join(workdir, "predictions_task2_train.npz"))["label"]) > \
+        len(np.load(os.path.join(workdir, "predictions_task2_test.npz"))["label"])
+    np.testing.assert_allclose(test["class_il"], results["accuracy_matrix"][2], atol=1e-9)
+
+
 def test_checkpoints_do_not_contain_the_backbone(l2p_run):
     workdir, _ = l2p_run
     from pecft_jax.train.checkpoint import Checkpointer

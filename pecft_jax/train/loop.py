@@ -490,10 +490,17 @@ class ContinualTrainer:
         return per_epoch * epochs
 
     # ===================================================================== evaluation
-    def evaluate(self, run: RunState, t: int) -> Dict[str, List[float]]:
+    def evaluate(self, run: RunState, t: int, split: str = "test",
+                 predictions: bool = False) -> Dict[str, Any]:
         """Accuracy (%) on the test data of tasks 0..t (all tasks for joint training), read
         as one stream -- one padded batch in all, not one per task -- and split by task.
-        Padding rows do not take part in batch-wise choices (``inputs['mask']``)."""
+        Padding rows do not take part in batch-wise choices (``inputs['mask']``).
+        ``split='train'``: on their training data instead (un-augmented); ``predictions``:
+        the row also holds every example's task, label, class-IL prediction (original class
+        ids) and logits over the seen classes, under ``'predictions'``."""
+        if split not in ("test", "train"):
+            raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+        predictions_wanted = predictions
         spec = self.task_spec(min(t, len(self.tasks) - 1))
         eval_step, task_arg = self.compiled_eval_step(spec), self.traced_task(spec)
         eval_tasks = self.scenario.tasks if self.joint else self.scenario.tasks[:t + 1]
@@ -503,10 +510,13 @@ class ContinualTrainer:
         groups = ([[task] for task in eval_tasks] if self.method.predictions_depend_on_batch
                   else [eval_tasks])
         logits, labels, task_pred = [], [], []
+        def data(task):
+            return ((task.test_source, task.test_indices) if split == "test"
+                    else (task.train_source, task.train_indices))
+
         for group in groups:
-            queries = self.test_queries(group)
-            for local in self._fixed_batches(
-                    [(task.test_source, task.test_indices) for task in group]):
+            queries = self.test_queries(group) if split == "test" else None
+            for local in self._fixed_batches([data(task) for task in group]):
                 batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
                 inputs = {k: batch[k] for k in ("image", "mask", FROZEN_QUERY) if k in batch}
                 out = self._gather(eval_step(run.trainable, state, self.frozen, inputs,
@@ -518,7 +528,7 @@ class ContinualTrainer:
                     task_pred.append(out["task_pred"][keep])
         logits_np, labels_np = np.concatenate(logits), np.concatenate(labels)
         pred_np = np.concatenate(task_pred) if task_pred else None
-        bounds = np.cumsum([0] + [task.num_test for task in eval_tasks])
+        bounds = np.cumsum([0] + [len(data(task)[1]) for task in eval_tasks])
         row: Dict[str, Any] = {"class_il": [], "task_il": [], "class_il_top5": []}
         for task, lo, hi in zip(eval_tasks, bounds[:-1], bounds[1:]):
             row["class_il"].append(metrics_lib.class_incremental_accuracy(
@@ -541,6 +551,12 @@ class ContinualTrainer:
         row["confusion"] = {"classes": [int(c) for c in seen],
                             "matrix": metrics_lib.confusion_matrix(labels_np, predictions,
                                                                    seen).tolist()}
+        if predictions_wanted:
+            order = np.asarray(self.scenario.class_order)
+            row["predictions"] = {
+                "task": np.repeat([task.index for task in eval_tasks], np.diff(bounds)),
+                "label": order[labels_np], "prediction": order[predictions],
+                "seen_classes": order[np.asarray(seen)], "logits": logits_np[:, seen]}
         return row
 
     def compiled_eval_step(self, spec: TaskSpec) -> Callable:
