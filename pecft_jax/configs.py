@@ -242,12 +242,27 @@ OPTIONAL_KEYS = ("benchmark", "dataset.train_split", "dataset.test_split",
                  "backbone.gelu_approximate")
 
 
-def _flat_keys(tree: dict, prefix: str = "") -> list:
-    keys = []
+def flatten_config(tree: collections.abc.Mapping, keep_empty: bool = True,
+                   prefix: str = "") -> dict:
+    """A nested config dict as ``{'train.learning_rate': 0.01, ...}``; an empty section is
+    a leaf ``{}`` (``keep_empty``) or left out (what the config hash has always done)."""
+    out = {}
     for key, value in tree.items():
         path = f"{prefix}.{key}" if prefix else key
-        keys += _flat_keys(value, path) if isinstance(value, dict) and value else [path]
-    return keys
+        if isinstance(value, collections.abc.Mapping) and (value or not keep_empty):
+            out.update(flatten_config(value, keep_empty, path))
+        else:
+            out[path] = value
+    return out
+
+
+def is_execution_key(key: str) -> bool:
+    """A dotted config key among (or inside) :data:`EXECUTION_KEYS`."""
+    return any(key == k or key.startswith(k + ".") for k in EXECUTION_KEYS)
+
+
+def _flat_keys(tree: dict) -> list:
+    return list(flatten_config(tree))
 
 
 def check_run_config(config: ml_collections.ConfigDict) -> None:

@@ -118,16 +118,21 @@ def forward_transfer(R: Matrix, reference: Sequence[float]) -> float:
     return float(np.mean(before - ref[1:]))
 
 
+def _test_sizes(test_sizes: Sequence[int], num_tasks: int) -> np.ndarray:
+    sizes = np.asarray(test_sizes, np.float64).reshape(-1)
+    if sizes.size != num_tasks or np.any(sizes <= 0):
+        raise ValueError(f"test_sizes needs one positive count per task ({num_tasks}), got "
+                         f"{list(test_sizes)}")
+    return sizes
+
+
 def pooled_accuracy(R: Matrix, test_sizes: Sequence[int]) -> float:
     """Accuracy over all test examples of the tasks after the last one, each task weighted
     by its test-set size: ``sum_j n_j R[T-1][j] / sum_j n_j`` -- what code that scores one
     loader of all seen test data reports (S-Prompts, PyCIL's "total" accuracy). Equals
     :func:`average_accuracy` when the tasks' test sets are equally large."""
     m = accuracy_matrix(R)
-    sizes = np.asarray(test_sizes, np.float64).reshape(-1)
-    if sizes.size != m.shape[1] or np.any(sizes <= 0):
-        raise ValueError(f"test_sizes needs one positive count per task ({m.shape[1]}), got "
-                         f"{list(test_sizes)}")
+    sizes = _test_sizes(test_sizes, m.shape[1])
     return float(np.sum(m[-1] * sizes) / np.sum(sizes))
 
 
@@ -137,10 +142,7 @@ def pooled_incremental_accuracy(R: Matrix, test_sizes: Sequence[int]) -> float:
     logs, whose per-step figure is the pooled one. Equals
     :func:`average_incremental_accuracy` when the tasks' test sets are equally large."""
     m = accuracy_matrix(R)
-    sizes = np.asarray(test_sizes, np.float64).reshape(-1)
-    if sizes.size != m.shape[1] or np.any(sizes <= 0):
-        raise ValueError(f"test_sizes needs one positive count per task ({m.shape[1]}), got "
-                         f"{list(test_sizes)}")
+    sizes = _test_sizes(test_sizes, m.shape[1])
     return float(np.mean([np.sum(m[i, :i + 1] * sizes[:i + 1]) / np.sum(sizes[:i + 1])
                           for i in range(m.shape[0])]))
 

@@ -126,23 +126,13 @@ def format_plan(plan: Mapping) -> str:
 
 
 # ------------------------------------------------------------------ many runs, grouped
-def _flat(tree: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, Mapping) and value:
-            out.update(_flat(value, path))
-        else:
-            out[path] = json.dumps(value, sort_keys=True, default=str)
-    return out
-
-
 def setting_of(results: Mapping) -> dict:
-    """The flat config of a run without its seed and execution-only keys: what runs of one
-    setting share."""
-    from pecft_jax.configs import EXECUTION_KEYS
-    return {k: v for k, v in _flat(results.get("config", {})).items()
-            if k != "seed" and not any(k == e or k.startswith(e + ".") for e in EXECUTION_KEYS)}
+    """The flat config of a run (values as JSON text) without its seed and execution-only
+    keys: what runs of one setting share."""
+    from pecft_jax.configs import flatten_config, is_execution_key
+    return {k: json.dumps(v, sort_keys=True, default=str)
+            for k, v in flatten_config(results.get("config", {})).items()
+            if k != "seed" and not is_execution_key(k)}
 
 
 def group_runs(runs: Sequence[Mapping]) -> List[Tuple[str, List[Mapping]]]:

@@ -94,6 +94,31 @@ def _run_two_processes(workdir):
     return outputs[0]
 
 
+def _launch_until_checkpointed(workdir):
+    """Both processes of a run, returned once it has written a checkpoint inside task 0."""
+    import time
+    port = _free_port()
+    procs = [_launch(workdir, port, i) for i in range(2)]
+    deadline = time.time() + 300
+    inside = os.path.join(workdir, "checkpoints", "latest")
+    while not (os.path.isdir(inside) and any(p.isdigit() for p in os.listdir(inside))):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    return procs
+
+
+def _assert_restart_ends_as(workdir, two_process_run):
+    """Both processes restarted on ``workdir`` end as the uninterrupted run: its accuracy
+    matrix, and every task checkpoint's parameters bit for bit."""
+    reference, matrix = two_process_run
+    assert _run_two_processes(workdir) == matrix
+    for task in (0, 1):
+        ours, theirs = _params(workdir, task), _params(reference, task)
+        assert sorted(ours) == sorted(theirs)
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("two"))
@@ -130,13 +155,7 @@ def test_a_lost_process_fails_the_other_within_seconds_and_a_restart_resumes(
     import signal
     import time
     workdir = str(tmp_path)
-    port = _free_port()
-    procs = [_launch(workdir, port, i) for i in range(2)]
-    deadline = time.time() + 300
-    inside = os.path.join(workdir, "checkpoints", "latest")
-    while not (os.path.isdir(inside) and any(p.isdigit() for p in os.listdir(inside))):
-        assert time.time() < deadline and all(p.poll() is None for p in procs)
-        time.sleep(0.1)
+    procs = _launch_until_checkpointed(workdir)
     procs[1].send_signal(signal.SIGKILL)
     killed = time.time()
     try:
@@ -150,13 +169,7 @@ def test_a_lost_process_fails_the_other_within_seconds_and_a_restart_resumes(
     assert took < 60, took
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
-    reference, matrix = two_process_run
-    assert _run_two_processes(workdir) == matrix
-    for task in (0, 1):
-        ours, theirs = _params(workdir, task), _params(reference, task)
-        assert sorted(ours) == sorted(theirs)
-        for key in ours:
-            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    _assert_restart_ends_as(workdir, two_process_run)
 
 
 def test_a_stop_signal_to_one_process_checkpoints_both_and_a_restart_resumes(
@@ -165,15 +178,8 @@ def test_a_stop_signal_to_one_process_checkpoints_both_and_a_restart_resumes(
     write the checkpoint together and both stop naming it; restarted, they end as the
     uninterrupted run, bit for bit."""
     import signal
-    import time
     workdir = str(tmp_path)
-    port = _free_port()
-    procs = [_launch(workdir, port, i) for i in range(2)]
-    deadline = time.time() + 300
-    inside = os.path.join(workdir, "checkpoints", "latest")
-    while not (os.path.isdir(inside) and any(p.isdigit() for p in os.listdir(inside))):
-        assert time.time() < deadline and all(p.poll() is None for p in procs)
-        time.sleep(0.05)
+    procs = _launch_until_checkpointed(workdir)
     procs[1].send_signal(signal.SIGTERM)
     errors = []
     for proc in procs:  # (the launcher is a script: the CLI would exit 143)
@@ -185,9 +191,4 @@ def test_a_stop_signal_to_one_process_checkpoints_both_and_a_restart_resumes(
     assert len(steps) == 1, steps
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
-    reference, matrix = two_process_run
-    assert _run_two_processes(workdir) == matrix
-    for task in (0, 1):
-        ours, theirs = _params(workdir, task), _params(reference, task)
-        for key in theirs:
-            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    _assert_restart_ends_as(workdir, two_process_run)

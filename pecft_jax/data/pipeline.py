@@ -270,15 +270,23 @@ def random_resized_box(height: int, width: int, draws: np.ndarray, scale: tuple,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def centre_box(height: int, width: int, resize_short: int, size: int
-               ) -> tuple[float, float, float, float]:
-    """The part of an ``height x width`` image that ``Resize(resize_short)`` +
-    ``CenterCrop(size)`` keep, in original pixels (torchvision's rounding of both)."""
+def resize_short_geometry(height: int, width: int, resize_short: int, size: int
+                          ) -> tuple[int, int, int, int]:
+    """``(new_h, new_w, top, left)`` of torchvision's ``Resize(resize_short)`` (the short
+    side to ``resize_short``, the long one truncated) and ``CenterCrop(size)`` (its offsets
+    rounded) on an ``height x width`` image."""
     if height <= width:
         new_h, new_w = resize_short, int(resize_short * width / height)
     else:
         new_h, new_w = int(resize_short * height / width), resize_short
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+
+
+def centre_box(height: int, width: int, resize_short: int, size: int
+               ) -> tuple[float, float, float, float]:
+    """The part of an ``height x width`` image that ``Resize(resize_short)`` +
+    ``CenterCrop(size)`` keep, in original pixels (torchvision's rounding of both)."""
+    new_h, new_w, top, left = resize_short_geometry(height, width, resize_short, size)
     sy, sx = height / new_h, width / new_w
     return top * sy, left * sx, size * sy, size * sx
 
@@ -354,12 +362,9 @@ def pil_images(images: Sequence[np.ndarray], preprocess: Preprocess,
                                                    preprocess.crop_ratio)
             pil = pil.crop((left, top, left + bw, top + bh)).resize((size, size), method)
         elif preprocess.resize_short is not None:
-            short = preprocess.resize_short  # torchvision's Resize(int): short side, int()
-            new_h, new_w = ((short, int(short * w / h)) if h <= w
-                            else (int(short * h / w), short))
+            new_h, new_w, top, left = resize_short_geometry(h, w, preprocess.resize_short, size)
             if (new_h, new_w) != (h, w):
                 pil = pil.resize((new_w, new_h), method)
-            top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
             pil = pil.crop((left, top, left + size, top + size))
         elif (h, w) != (size, size):
             pil = pil.resize((size, size), method)

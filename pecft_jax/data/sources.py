@@ -325,6 +325,17 @@ class TransformedSource(ImageSource):
         return images
 
 
+def _in_threads(fn: Callable, items, threads: int, at_least: int) -> list:
+    """``[fn(x) for x in items]``, spread over ``threads`` threads when there are at least
+    ``at_least`` items: image decoding (PIL, cv2) releases the GIL, so threads speed up
+    large reads."""
+    items = list(items)
+    if len(items) < at_least or threads <= 1:
+        return [fn(x) for x in items]
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))
+
+
 class TFDSSource(ImageSource):
     """A split of a prepared TFDS dataset, read with random access (``array_record``).
 
@@ -350,12 +361,7 @@ class TFDSSource(ImageSource):
                                     f"{name} ({split})")
 
     def _map(self, fn, items):
-        items = list(items)
-        if len(items) < 64 or self._threads <= 1:
-            return [fn(i) for i in items]
-        # Decoding releases the GIL in cv2/PIL, so threads speed up large reads.
-        with concurrent.futures.ThreadPoolExecutor(self._threads) as pool:
-            return list(pool.map(fn, items))
+        return _in_threads(fn, items, self._threads, at_least=64)
 
     def _read_one(self, i: int) -> np.ndarray:
         im = np.asarray(self._data[int(i)][self.image_key])
@@ -589,7 +595,7 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, image_key: 
             labels = _tfds_labels(builder.as_data_source(
                 split=split, decoders={image_key: tfds.decode.SkipDecoding()}), label_key)
         except ImportError:  # a TFDS path that wants TensorFlow to skip (its mock data):
-            labels = _tfds_labels(data, label_key)  # decode the records instead
+            labels = None  # TFDSSource decodes the records to read them
     source = TFDSSource(data, name=f"tfds:{name}", split=split, class_names=label_feature.names,
                         image_shape=image_shape, image_key=image_key, label_key=label_key,
                         labels=labels)
@@ -620,11 +626,8 @@ class FolderSource(ImageSource):
                 return np.asarray(image.convert("RGB"))
 
     def _read(self, indices: np.ndarray) -> list[np.ndarray]:
-        paths = [self.paths[i] for i in indices.tolist()]
-        if len(paths) < 16 or self._threads <= 1:
-            return [self._load(p) for p in paths]
-        with concurrent.futures.ThreadPoolExecutor(self._threads) as pool:  # PIL frees the GIL
-            return list(pool.map(self._load, paths))
+        return _in_threads(self._load, [self.paths[i] for i in indices.tolist()],
+                           self._threads, at_least=16)
 
 
 def _class_folders(directory: str) -> list[str]:

@@ -24,14 +24,6 @@ def _import_summary_writer():
     return SummaryWriter
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}.{key}" if prefix else key
-        out.update(_flat(value, path) if isinstance(value, Mapping) else {path: value})
-    return out
-
-
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
@@ -93,7 +85,8 @@ class MetricWriter:
         ``train.learning_rate``) against its final metrics."""
         if not (self.enabled and self._tb is not None):
             return
-        params = {k: v for k, v in _flat(config).items()
+        from pecft_jax.configs import flatten_config
+        params = {k: v for k, v in flatten_config(config, keep_empty=False).items()
                   if isinstance(v, (bool, int, float, str))}
         metrics = {k: float(v) for k, v in results.items() if v is not None}
         self._tb.add_hparams(params, metrics, name="hparams")

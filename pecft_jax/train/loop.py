@@ -36,8 +36,8 @@ from pecft_jax import metrics as metrics_lib
 from pecft_jax.backbones.backbone import load_backbone
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import pipeline, scenarios
-from pecft_jax.configs import (EXECUTION_KEYS, SCHEDULES, check_run_config,
-                               distributed_settings)
+from pecft_jax.configs import (SCHEDULES, check_run_config, distributed_settings,
+                               flatten_config, is_execution_key)
 from pecft_jax.files import write_json_atomic, write_text_atomic
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
 from pecft_jax.methods.base import count_params, merge_state
@@ -500,7 +500,11 @@ class ContinualTrainer:
         ids) and logits over the seen classes, under ``'predictions'``."""
         if split not in ("test", "train"):
             raise ValueError(f"split must be 'test' or 'train', got {split!r}")
-        predictions_wanted = predictions
+
+        def data(task):
+            return ((task.test_source, task.test_indices) if split == "test"
+                    else (task.train_source, task.train_indices))
+
         spec = self.task_spec(min(t, len(self.tasks) - 1))
         eval_step, task_arg = self.compiled_eval_step(spec), self.traced_task(spec)
         eval_tasks = self.scenario.tasks if self.joint else self.scenario.tasks[:t + 1]
@@ -510,10 +514,6 @@ class ContinualTrainer:
         groups = ([[task] for task in eval_tasks] if self.method.predictions_depend_on_batch
                   else [eval_tasks])
         logits, labels, task_pred = [], [], []
-        def data(task):
-            return ((task.test_source, task.test_indices) if split == "test"
-                    else (task.train_source, task.train_indices))
-
         for group in groups:
             queries = self.test_queries(group) if split == "test" else None
             for local in self._fixed_batches([data(task) for task in group]):
@@ -542,20 +542,20 @@ class ContinualTrainer:
             if pred_np is not None and not self.joint:
                 row.setdefault("task_identity", []).append(
                     100.0 * float(np.mean(pred_np[lo:hi] == task.index)))
-        predictions = metrics_lib.class_il_predictions(logits_np, seen)
+        predicted = metrics_lib.class_il_predictions(logits_np, seen)
         if not self.joint:  # the classes learnt before task t, and task t's own
             new = set(self.scenario.tasks[t].classes)
             row["old_new_class_il"] = [
-                metrics_lib.subset_accuracy(labels_np, predictions, sorted(set(seen) - new)),
-                metrics_lib.subset_accuracy(labels_np, predictions, sorted(new))]
+                metrics_lib.subset_accuracy(labels_np, predicted, sorted(set(seen) - new)),
+                metrics_lib.subset_accuracy(labels_np, predicted, sorted(new))]
         row["confusion"] = {"classes": [int(c) for c in seen],
-                            "matrix": metrics_lib.confusion_matrix(labels_np, predictions,
+                            "matrix": metrics_lib.confusion_matrix(labels_np, predicted,
                                                                    seen).tolist()}
-        if predictions_wanted:
+        if predictions:
             order = np.asarray(self.scenario.class_order)
             row["predictions"] = {
                 "task": np.repeat([task.index for task in eval_tasks], np.diff(bounds)),
-                "label": order[labels_np], "prediction": order[predictions],
+                "label": order[labels_np], "prediction": order[predicted],
                 "seen_classes": order[np.asarray(seen)], "logits": logits_np[:, seen]}
         return row
 
@@ -930,17 +930,7 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
     * ``train.grad_clip_norm`` clips each parameter group's global norm first.
     """
     schedule = make_schedule(train_cfg, total_steps, steps_per_epoch)
-    return _optimizer_from(train_cfg, schedule, train_cfg.get("optimizer", "adam"))
-
-
-def learning_rate_at(schedule, step: int) -> float:
-    """The rate ``schedule`` (a number or an optax schedule) gives the update of ``step``
-    (0-based: optax counts the updates it has made)."""
-    return float(schedule(step)) if callable(schedule) else float(schedule)
-
-
-def _optimizer_from(train_cfg: ml_collections.ConfigDict, schedule, name: str
-                    ) -> optax.GradientTransformation:
+    name = train_cfg.get("optimizer", "adam")
     weight_decay = float(train_cfg.get("weight_decay", 0.0) or 0.0)
     if name == "adam":
         opt = optax.adam(schedule, b1=train_cfg.get("b1", 0.9), b2=train_cfg.get("b2", 0.999))
@@ -956,24 +946,17 @@ def _optimizer_from(train_cfg: ml_collections.ConfigDict, schedule, name: str
     return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
 
 
+def learning_rate_at(schedule, step: int) -> float:
+    """The rate ``schedule`` (a number or an optax schedule) gives the update of ``step``
+    (0-based: optax counts the updates it has made)."""
+    return float(schedule(step)) if callable(schedule) else float(schedule)
+
+
 def config_hash(config: ml_collections.ConfigDict) -> str:
-    flat = _flatten_config(config.to_dict())
-    for key in list(flat):
-        if any(key == k or key.startswith(k + ".") for k in EXECUTION_KEYS):
-            del flat[key]
+    flat = {k: v for k, v in flatten_config(config.to_dict(), keep_empty=False).items()
+            if not is_execution_key(k)}
     blob = json.dumps(flat, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _flatten_config(tree: Dict, prefix: str = "") -> Dict:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            out.update(_flatten_config(value, path))
-        else:
-            out[path] = value
-    return out
 
 
 def _json_default(value: Any) -> Any:
