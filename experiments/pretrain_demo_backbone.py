@@ -81,7 +81,7 @@ def main():
         correct = total_seen = 0
         for batch in pipeline.eval_batches(test, np.arange(len(test)), identity,
                                            batch_size=500, preprocess=plain):
-            pred = np.asarray(predict(params, batch["image"]))
+            pred = np.asarray(predict(params, batch["inputs"]))
             keep = batch["mask"].astype(bool)
             correct += int((pred[keep] == batch["label"][keep]).sum())
             total_seen += int(keep.sum())
@@ -93,7 +93,7 @@ def main():
         for batch in pipeline.train_batches(train, np.arange(len(train)), identity,
                                             batch_size=args.batch_size, seed=args.seed,
                                             epoch=epoch, preprocess=augment):
-            params, opt_state, loss = train_step(params, opt_state, batch["image"],
+            params, opt_state, loss = train_step(params, opt_state, batch["inputs"],
                                                  batch["label"])
             losses.append(loss)
         print(f"epoch {epoch + 1}/{args.epochs}: loss {float(np.mean(jax.device_get(losses))):.4f} "

@@ -64,6 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
     # jax.nn.dot_product_attention; 'cudnn' = cuDNN flash attention, NVIDIA GPUs, bf16)
     c.backbone.dtype = "float32"
     c.backbone.attention = "einsum"
+    # text backbones ('minilm', a HF BERT folder, 'random:BERT-Tiny'): every text truncated /
+    # padded to max_length tokens ([CLS] and [SEP] included; one compiled shape); tokenizer:
+    # a tokenizer.json (or its folder) instead of the checkpoint's own
+    c.backbone.max_length = ml_collections.FieldReference(None, field_type=int)
+    c.backbone.tokenizer = ml_collections.FieldReference(None, field_type=str)
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "mnist5k"
@@ -72,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
     # 'pil_bilinear' | 'pil_bicubic' (PIL on uint8, step by step, as torchvision's transforms
     # on PIL images: the PyTorch codes' Resize / RandomResizedCrop)
     c.dataset.resample = "bilinear"
+    # text datasets: keep a seeded random subset of at most this many examples per class
+    # before their seeded train/test split (a CPU-sized run); 0 = all
+    c.dataset.max_per_class = 0
 
     c.scenario = ml_collections.ConfigDict()
     c.scenario.kind = "class"  # 'class' | 'task' | 'domain'
@@ -187,6 +195,9 @@ _RANGES = (
     ("dataset.resample", lambda v: v in _RESAMPLES, f"one of {_RESAMPLES}"),
     ("augment.crop_resample", lambda v: v is None or v in _RESAMPLES,
      f"None (dataset.resample) or one of {_RESAMPLES}"),
+    ("backbone.max_length", lambda v: v is None or (_is_int(v) and v >= 2),
+     "None (image backbones) or an int >= 2 (room for [CLS] and [SEP])"),
+    ("dataset.max_per_class", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = all)"),
     ("feature_cache.max_bytes", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     ("distributed.heartbeat_timeout_seconds", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
 )
@@ -295,6 +306,7 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
 
 
 BENCHMARKS = ("split_mnist", "cifar100", "imagenet_r", "5datasets", "domain_mnist")
+TEXT_BENCHMARKS = ("wordnet", "vader", "text_sequence")
 
 
 def benchmark(name: str) -> ml_collections.ConfigDict:
@@ -315,6 +327,25 @@ def benchmark(name: str) -> ml_collections.ConfigDict:
     * ``domain_mnist`` -- domain-incremental demo on real offline data: MNIST-5k seen as
       itself, rotated by 90 degrees, colour-inverted and rotated by 180 degrees (4 domains,
       the same 10 classes), on the bundled backbone.
+
+    Text (:data:`TEXT_BENCHMARKS`; real pretrained all-MiniLM-L6-v2, real human-labelled
+    text, all offline: see ``pecft_jax/data/text_sources.py``):
+
+    * ``wordnet``       -- class-incremental, 5 tasks x 4 classes: WordNet 3.0 definitions
+      labelled with their 20 largest noun categories, 150 per class (120 train / 30 test),
+      classes in the order of a seeded permutation (``scenario.seed`` 1993).
+    * ``vader``         -- domain-incremental, 4 tasks: negative vs positive sentiment of
+      tweets, movie reviews, Amazon reviews, NYT editorials (the VADER ground truth),
+      300 per class and domain (240 train / 60 test).
+    * ``text_sequence`` -- class-incremental over a sequence of datasets in O-LoRA's spirit
+      (one dataset per task, its own classes): BBC News (5) -> TREC (6) -> WordNet (20) ->
+      VADER movie reviews (2), 33 classes, 100 per class (80 / 20; fewer where a class has
+      fewer: TREC's ABBR has 86).
+    Texts are truncated / padded to a fixed length: 48 tokens for WordNet (99% of its
+    definitions fit: median 14, 99th percentile 45), 64 for VADER (99th percentile 45-65),
+    128 for the sequence (BBC articles, median 432, are cut). The sizes (a subset of each
+    class, 2 epochs) make a run take minutes on a 2-core CPU; ``--config.dataset.max_per_class=0``
+    uses every example (WordNet: 64,036 / 16,010).
     """
     c = base_config()
     if name == "split_mnist":
@@ -358,8 +389,33 @@ def benchmark(name: str) -> ml_collections.ConfigDict:
             c.dataset.train_split = "test[:80%]"
             c.dataset.test_split = "test[80%:]"
             c.scenario.num_tasks = 10
+    elif name in TEXT_BENCHMARKS:
+        c.backbone.checkpoint = "minilm"
+        c.backbone.max_length = {"wordnet": 48, "vader": 64}.get(name, 128)
+        c.scenario.class_order = None  # the seeded permutation (scenario.seed)
+        c.train.epochs = 2
+        c.train.batch_size = 32
+        c.train.checkpoint_every_steps = 100
+        c.eval.batch_size = 128
+        if name == "wordnet":
+            c.dataset.name = "wordnet"
+            c.dataset.max_per_class = 150
+            c.scenario.num_tasks = 5
+        elif name == "vader":
+            c.dataset.name = "vader:tweets"
+            c.dataset.max_per_class = 300
+            c.scenario.kind = "domain"
+            c.scenario.num_tasks = 4
+            c.scenario.domains = ["vader:tweets", "vader:movies", "vader:amazon", "vader:nyt"]
+            c.scenario.class_order = "identity"
+        else:
+            c.dataset.name = "text_sequence"
+            c.dataset.max_per_class = 100
+            c.scenario.num_tasks = 4
+            c.scenario.datasets = ["bbc", "trec", "wordnet", "vader:movies"]
     else:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+        raise ValueError(f"unknown benchmark {name!r}; known: "
+                         f"{', '.join(BENCHMARKS + TEXT_BENCHMARKS)}")
     c.benchmark = name
     return c
 

@@ -21,7 +21,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from pecft_jax.configs import BENCHMARKS
+from pecft_jax.configs import BENCHMARKS, TEXT_BENCHMARKS
 from pecft_jax.report import format_plan, format_results
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -34,8 +34,9 @@ def _config_help() -> str:
                if os.path.isdir(_CONFIGS) else [])
     return ("experiment config file[:benchmark], e.g. experiments/configs/l2p.py:split_mnist. "
             f"Shipped (experiments/configs/<method>.py): {', '.join(shipped) or 'none found'}. "
-            f"Benchmarks: {', '.join(BENCHMARKS)} (each file's docstring lists its own, "
-            "e.g. cifar100_paper, domainnet). Override any field with --config.<key>=<value>.")
+            f"Benchmarks: {', '.join(BENCHMARKS + TEXT_BENCHMARKS)} (each file's docstring "
+            "lists its own, e.g. cifar100_paper, domainnet). Override any field with "
+            "--config.<key>=<value>.")
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, _config_help(), lock_config=True)

@@ -61,7 +61,7 @@ def array_task_data(images, labels, batch=8, num_devices=None, augmented=None):
             order = np.arange(start, start + batch)
             mask = (order < len(pixels)).astype(np.float32)
             rows = np.where(mask > 0, order, start)
-            yield {"image": pixels[rows], "label": labels[rows].astype(np.int32), "mask": mask,
+            yield {"inputs": pixels[rows], "label": labels[rows].astype(np.int32), "mask": mask,
                    "index": order.astype(np.int32)}
 
     augmented = images if augmented is None else np.asarray(augmented)

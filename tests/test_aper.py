@@ -50,7 +50,7 @@ def test_prototypes_are_class_means_of_pretrained_and_adapted_features(micro):
             sums[c] = feats[labels == c].mean(0)
         protos = np.asarray(state["sum"]) / np.maximum(np.asarray(state["count"]), 1)[:, None]
         np.testing.assert_allclose(protos, sums, rtol=1e-5, atol=1e-5)
-        logits = np.asarray(method.logits(trainable, state, frozen, {"image": images[:5]},
+        logits = np.asarray(method.logits(trainable, state, frozen, {"inputs": images[:5]},
                                           task_spec(t, TASKS)))
         unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
         expected = unit(feats[:5]) @ unit(sums).T

@@ -30,11 +30,14 @@ D, I = MICRO_HF["hidden_size"], MICRO_HF["intermediate_size"]
 
 
 # ------------------------------------------------------------------ independent numpy BERT
-def _numpy_bert(t, conf, ids, mask, types=None, ctx=None, blocks=None, prefix=""):
+def _numpy_bert(t, conf, ids, mask, types=None, ctx=None, blocks=None, prefix="",
+                embeddings=None):
     """BERT's forward in float64 from the equations, on Hugging Face tensor names and
     layouts (Linear weight (out, in)). ``ctx`` (a PEFTContext, read as plain arrays) adds
     the hooks where the bert module's docstring places them; ``blocks`` (a list) collects
-    each block's (attention input, FFN input). Returns (tokens, mask used, pooling mask)."""
+    each block's (attention input, FFN input); ``embeddings`` (b, n, d), if given, replaces
+    the sum of word, position and type embeddings (inputs that are not vocabulary words).
+    Returns (tokens, mask used, pooling mask)."""
     def p(name):
         return np.asarray(t[prefix + name], np.float64)
 
@@ -80,6 +83,8 @@ def _numpy_bert(t, conf, ids, mask, types=None, ctx=None, blocks=None, prefix=""
     x = (p("embeddings.word_embeddings.weight")[ids]
          + p("embeddings.position_embeddings.weight")[np.arange(length)][None]
          + p("embeddings.token_type_embeddings.weight")[types])
+    if embeddings is not None:
+        x = np.asarray(embeddings, np.float64)
     x = ln(x, "embeddings.LayerNorm")
     model_ssf = ctx.ssf if ctx is not None else None
     x = scale_shift(x, model_ssf, "embed")

@@ -129,7 +129,7 @@ def trained_task1():
 
 def test_prefix_context_is_the_weighted_component_sum(trained_task1):
     method, frozen, trainable, _, images = trained_task1
-    q = frozen_query(BACKBONE, frozen, {"image": images})
+    q = frozen_query(BACKBONE, frozen, {"inputs": images})
     components = method.components(trainable, 1, train=False)
     # every task's slice, fixed size (one compiled step); tasks 0 and 1 (2 + 2) active
     assert components["0"]["prompts"].shape == (6, 4, 32)
@@ -151,7 +151,7 @@ def test_prefix_context_is_the_weighted_component_sum(trained_task1):
 
 def test_only_the_current_slice_and_head_learn(trained_task1):
     method, frozen, trainable, state, images = trained_task1
-    batch = {"image": images, "label": jnp.array([2, 3] * 4)}
+    batch = {"inputs": images, "label": jnp.array([2, 3] * 4)}
     ortho_method = make_method(ortho_mu=0.5)
     (loss, aux), grads = jax.jit(jax.value_and_grad(
         lambda tr: ortho_method.loss(tr, state, frozen, batch, jax.random.key(0), spec(1)),

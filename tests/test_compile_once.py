@@ -64,13 +64,13 @@ def test_eval_stream_runs_across_parts_with_one_padding():
     mask = np.concatenate([b["mask"] for b in batches])
     assert mask.tolist() == [1.0] * 8
     # pixel value = the example's own index (+100 in part 1), whatever its source's size
-    pixels = np.concatenate([b["image"][:, 0, 0, 0] for b in batches])
+    pixels = np.concatenate([b["inputs"][:, 0, 0, 0] for b in batches])
     np.testing.assert_allclose(pixels, [0, 1, 2, 3, 4, 106, 100, 103], atol=1e-3)
     labels = np.concatenate([b["label"] for b in batches])
     assert labels.tolist() == [0, 1, 2, 0, 1, 0, 0, 0]
     single = list(pipeline.eval_stream(parts[:1], np.arange(3), batch_size=4, preprocess=pre))
     assert [b["mask"].tolist() for b in single] == [[1] * 4, [1, 0, 0, 0]]
-    np.testing.assert_allclose(single[1]["image"][:, 0, 0, 0], [4, 4, 4, 4], atol=1e-3)
+    np.testing.assert_allclose(single[1]["inputs"][:, 0, 0, 0], [4, 4, 4, 4], atol=1e-3)
 
 
 # -------------------------------------------------------------- frozen-query cache
@@ -99,7 +99,7 @@ def test_the_cache_feeds_the_steps_and_evaluation_with_the_frozen_query(tmp_path
         queries = trainer.training_queries(task, epochs=2)
         assert trainer.training_queries(task, epochs=1) is None  # one epoch: nothing gained
         local = next(iter(trainer._train_examples(task)))
-        expected = trainer.backbone.apply(trainer.frozen, local["image"], output="cls")
+        expected = trainer.backbone.apply(trainer.frozen, local["inputs"], output="cls")
         np.testing.assert_allclose(queries[:len(expected)], expected, rtol=1e-5, atol=1e-6)
         test = trainer.test_queries(trainer.scenario.tasks[:2])
         assert test.shape == (sum(t.num_test for t in trainer.scenario.tasks[:2]),
@@ -138,7 +138,7 @@ def test_the_augmented_pass_keeps_the_cache_only_without_augmentation(tmp_path, 
         plain = next(iter(data._batches()))
         view = next(iter(data.augmented()._batches()))
         assert (FROZEN_QUERY in view) is (not augment)
-        assert np.array_equal(view["image"], plain["image"]) is (not augment)
+        assert np.array_equal(view["inputs"], plain["inputs"]) is (not augment)
         np.testing.assert_array_equal(view["label"], plain["label"])
     finally:
         trainer.close()

@@ -328,7 +328,7 @@ def test_tfds_prepared_dataset_batches(tmp_path):
         prep = Preprocess(image_size=16, channels=3)
         batch = next(train_batches(train, scenario.tasks[0].train_indices, scenario.label_map(),
                                    batch_size=8, seed=0, epoch=0, preprocess=prep))
-        assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
+        assert batch["inputs"].shape == (8, 16, 16, 3) and batch["inputs"].dtype == np.float32
         assert batch["label"].dtype == np.int32 and batch["label"].max() < scenario.num_classes
         with pytest.raises(ValueError, match="no split 'validation'"):
             load_source("tfds:cifar100", "validation", data_dir=str(tmp_path))
@@ -392,7 +392,7 @@ def test_preprocess_channels_and_normalisation():
 # --------------------------------------------------------------------------- batching
 def _indices_of(batch):
     """toy_source images hold their row index in every pixel."""
-    return batch["image"][:, 0, 0, 0].round().astype(int)
+    return batch["inputs"][:, 0, 0, 0].round().astype(int)
 
 
 def test_train_batches_shuffle_shapes_and_labels():
@@ -402,13 +402,13 @@ def test_train_batches_shuffle_shapes_and_labels():
     kw = dict(batch_size=9, seed=5, preprocess=identity_preprocess())
     epoch0 = list(train_batches(source, indices, label_map, epoch=0, **kw))
     assert len(epoch0) == steps_per_epoch(47, 9) == 5
-    assert all(b["image"].shape == (9, 4, 4, 1) and b["label"].shape == (9,) for b in epoch0)
+    assert all(b["inputs"].shape == (9, 4, 4, 1) and b["label"].shape == (9,) for b in epoch0)
     seen = np.concatenate([_indices_of(b) for b in epoch0])
     assert len(set(seen)) == 45 and set(seen) <= set(indices)  # no repeats within an epoch
     for b in epoch0:
         np.testing.assert_array_equal(b["label"], label_map[source.labels[_indices_of(b)]])
     again = list(train_batches(source, indices, label_map, epoch=0, **kw))
-    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(epoch0, again))
+    assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(epoch0, again))
     epoch1 = np.concatenate([_indices_of(b) for b in train_batches(source, indices, label_map,
                                                                    epoch=1, **kw)])
     assert not np.array_equal(seen, epoch1)
@@ -428,7 +428,7 @@ def test_start_step_resumes_without_reading_skipped_images():
     assert source.reads == 2 * 8  # only the two remaining batches were read
     assert len(tail) == 2
     for a, b in zip(full[3:], tail):
-        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
         np.testing.assert_array_equal(a["label"], b["label"])
 
 
@@ -442,7 +442,7 @@ def test_augmentation_is_a_padded_crop_and_flip():
     order = next(train_batches(source, np.arange(16), np.zeros(1, int), preprocess=plain, **kw))
     aug = next(train_batches(source, np.arange(16), np.zeros(1, int), preprocess=augmented, **kw))
     changed = 0
-    for original, out in zip(order["image"], aug["image"]):
+    for original, out in zip(order["inputs"], aug["inputs"]):
         padded = np.pad(original, ((2, 2), (2, 2), (0, 0)))
         windows = [padded[dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)]
         candidates = windows + [w[:, ::-1] for w in windows]
@@ -451,7 +451,7 @@ def test_augmentation_is_a_padded_crop_and_flip():
     assert changed > 8  # most examples were actually moved or flipped
     no_flip = identity_preprocess(size=6, augment=True, crop_padding=0, flip=False)
     same = next(train_batches(source, np.arange(16), np.zeros(1, int), preprocess=no_flip, **kw))
-    np.testing.assert_array_equal(same["image"], order["image"])
+    np.testing.assert_array_equal(same["inputs"], order["inputs"])
 
 
 def test_host_shards_partition_the_global_batch():
@@ -464,8 +464,8 @@ def test_host_shards_partition_the_global_batch():
                                      process_count=count, **kw)) for i in range(count)]
         for step, batch in enumerate(whole):
             parts = [s[step] for s in shards]
-            assert parts[0]["image"].shape[0] == 8 // count
-            for key in ("image", "label"):
+            assert parts[0]["inputs"].shape[0] == 8 // count
+            for key in ("inputs", "label"):
                 np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), batch[key])
     with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
         train_batches(source, np.arange(48), np.arange(4), process_count=3, **kw)
@@ -477,7 +477,7 @@ def test_eval_batches_pad_and_mask():
     prep = identity_preprocess()
     batches = list(eval_batches(source, indices, np.arange(3), batch_size=8, preprocess=prep))
     assert len(batches) == num_eval_batches(23, 8) == 3
-    assert all(b["image"].shape == (8, 4, 4, 1) and b["mask"].shape == (8,) for b in batches)
+    assert all(b["inputs"].shape == (8, 4, 4, 1) and b["mask"].shape == (8,) for b in batches)
     mask = np.concatenate([b["mask"] for b in batches])
     assert mask.sum() == 23 and mask.dtype == np.float32
     real = np.concatenate([_indices_of(b) for b in batches])[mask > 0]
@@ -491,7 +491,7 @@ def test_eval_batches_pad_and_mask():
                                 process_index=i, process_count=2)) for i in range(2)]
     assert sum(b["mask"].sum() for s in shards for b in s) == 23
     for step in range(3):
-        for key in ("image", "index"):
+        for key in ("inputs", "index"):
             np.testing.assert_array_equal(
                 np.concatenate([shards[0][step][key], shards[1][step][key]]), batches[step][key])
 
@@ -563,7 +563,7 @@ def test_dataset_sequence_gives_each_dataset_its_own_label_block():
     for task in scenario.tasks:
         batch = next(eval_batches(task.test_source, task.test_indices, scenario.label_map(),
                                   batch_size=8, preprocess=pre))
-        assert batch["image"].shape == (8, 16, 16, 1)
+        assert batch["inputs"].shape == (8, 16, 16, 1)
         assert set(batch["label"][batch["mask"] > 0]) <= set(task.classes)
     cfg.scenario.num_tasks = 3
     with pytest.raises(ValueError, match="num_tasks=3 but 2 datasets"):
@@ -635,23 +635,23 @@ def test_random_resized_crop_batches_and_centre_cropped_eval(tmp_path):
     kw = dict(batch_size=8, seed=4, epoch=0, preprocess=prep)
     first = list(train_batches(source, np.arange(16), np.arange(2), **kw))
     again = list(train_batches(source, np.arange(16), np.arange(2), **kw))
-    assert first[0]["image"].shape == (8, 8, 8, 3)
-    np.testing.assert_array_equal(first[1]["image"], again[1]["image"])  # deterministic
+    assert first[0]["inputs"].shape == (8, 8, 8, 3)
+    np.testing.assert_array_equal(first[1]["inputs"], again[1]["inputs"])  # deterministic
     # every output is a crop of its own original resized to 8 (flipped or not)
     plain = identity_preprocess(size=12, channels=3)
     originals = next(train_batches(source, np.arange(16), np.arange(2), batch_size=8, seed=4,
-                                   epoch=0, preprocess=plain))["image"]
-    assert not np.allclose(first[0]["image"], sources_lib.resize_bilinear(originals, 8))
+                                   epoch=0, preprocess=plain))["inputs"]
+    assert not np.allclose(first[0]["inputs"], sources_lib.resize_bilinear(originals, 8))
     # two hosts see the global batch's crops
     halves = [next(train_batches(source, np.arange(16), np.arange(2), process_index=i,
                                  process_count=2, **kw)) for i in range(2)]
-    np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]),
-                                  first[0]["image"])
+    np.testing.assert_array_equal(np.concatenate([h["inputs"] for h in halves]),
+                                  first[0]["inputs"])
     # evaluation: Resize(10) + CenterCrop(8) of 12 x 12 = the central part, resampled
     test = identity_preprocess(size=8, channels=3, resize_short=10)
     batch = next(eval_batches(source, np.arange(4), np.arange(2), batch_size=4, preprocess=test))
     box = pipeline.centre_box(12, 12, 10, 8)
-    np.testing.assert_allclose(batch["image"][2], pipeline.resample_box(images[2], box, 8, False),
+    np.testing.assert_allclose(batch["inputs"][2], pipeline.resample_box(images[2], box, 8, False),
                                atol=1e-4)
     with pytest.raises(ValueError, match="crop_padding=0"):
         identity_preprocess(size=8, augment=True, random_resized_crop=True, crop_padding=2)
@@ -679,13 +679,13 @@ def test_crops_are_cut_from_originals_of_any_size():
     source = VaryingSizeSource(images, [0, 1, 0, 1])
     test = identity_preprocess(size=8, channels=3, resize_short=10)
     batch = next(eval_batches(source, np.arange(4), np.arange(2), batch_size=4, preprocess=test))
-    for image, out in zip(images, batch["image"]):
+    for image, out in zip(images, batch["inputs"]):
         box = pipeline.centre_box(image.shape[0], image.shape[1], 10, 8)
         np.testing.assert_allclose(out, pipeline.resample_box(image, box, 8, False), atol=1e-4)
     train = identity_preprocess(size=8, channels=3, augment=True, random_resized_crop=True)
     out = next(train_batches(source, np.arange(4), np.arange(2), batch_size=4, seed=0, epoch=0,
                              preprocess=train))
-    assert out["image"].shape == (4, 8, 8, 3) and np.isfinite(out["image"]).all()
+    assert out["inputs"].shape == (4, 8, 8, 3) and np.isfinite(out["inputs"]).all()
 
 
 def test_augmented_pass_is_deterministic_and_host_independent():
@@ -700,20 +700,20 @@ def test_augmented_pass_is_deterministic_and_host_independent():
     kw = dict(batch_size=4, preprocess=train)
     parts = [(source, np.arange(10))]
     plain = list(pipeline.eval_stream(parts, np.arange(2), **kw))
-    np.testing.assert_allclose(plain[0]["image"], sources_lib.resize_bilinear(images[:4], 8),
+    np.testing.assert_allclose(plain[0]["inputs"], sources_lib.resize_bilinear(images[:4], 8),
                                atol=1e-4)
     first = list(pipeline.eval_stream(parts, np.arange(2), augment_seed=7, **kw))
     again = list(pipeline.eval_stream(parts, np.arange(2), augment_seed=7, **kw))
     other = list(pipeline.eval_stream(parts, np.arange(2), augment_seed=8, **kw))
     assert [b["label"].tolist() for b in first] == [b["label"].tolist() for b in plain]
     for a, b, c, p in zip(first, again, other, plain):
-        np.testing.assert_array_equal(a["image"], b["image"])
-        assert not np.allclose(a["image"], c["image"]) and not np.allclose(a["image"], p["image"])
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+        assert not np.allclose(a["inputs"], c["inputs"]) and not np.allclose(a["inputs"], p["inputs"])
     halves = [list(pipeline.eval_stream(parts, np.arange(2), augment_seed=7, process_index=i,
                                         process_count=2, **kw)) for i in range(2)]
     for step, batch in enumerate(first):
         np.testing.assert_array_equal(
-            np.concatenate([h[step]["image"] for h in halves]), batch["image"])
+            np.concatenate([h[step]["inputs"] for h in halves]), batch["inputs"])
 
 
 def test_squash_and_brightness():
@@ -726,17 +726,17 @@ def test_squash_and_brightness():
     out = next(eval_batches(source, np.arange(1), np.arange(1), batch_size=1, preprocess=test))
     # squashed to 10 x 10, central 8 x 8 = rows 2..18, columns 4..36 of the original
     np.testing.assert_allclose(
-        out["image"][0], pipeline.resample_box(wide, (2.0, 4.0, 16.0, 32.0), 8, False), atol=1e-4)
+        out["inputs"][0], pipeline.resample_box(wide, (2.0, 4.0, 16.0, 32.0), 8, False), atol=1e-4)
     with pytest.raises(ValueError, match="squash needs resize_short"):
         identity_preprocess(size=8, squash=True)
     grey = np.full((64, 4, 4, 1), 200, np.uint8)
     jitter = identity_preprocess(size=4, augment=True, brightness=0.5)
     batch = next(train_batches(ArraySource(grey, np.zeros(64, int), num_classes=1), np.arange(64),
                                np.zeros(1, int), batch_size=64, seed=0, epoch=0, preprocess=jitter))
-    values = batch["image"][:, 0, 0, 0]
+    values = batch["inputs"][:, 0, 0, 0]
     assert values.min() >= 0.5 * 200 - 1e-3 and values.max() <= 255 + 1e-3
     assert (values == 255).any() and values.min() < 130  # some clipped, some darkened
-    assert np.all(batch["image"] == values[:, None, None, None])  # one factor per image
+    assert np.all(batch["inputs"] == values[:, None, None, None])  # one factor per image
 
 
 # --------------------------------------------------------------------------- PIL resampling
@@ -846,7 +846,7 @@ def test_pil_resampling_reads_originals_and_truncates_brightness():
     source = VaryingSizeSource(images, [0, 1, 0, 1])
     prep = identity_preprocess(size=16, channels=3, resample="pil_bicubic")
     batch = next(eval_batches(source, np.arange(4), np.arange(2), batch_size=4, preprocess=prep))
-    for image, out in zip(images, batch["image"]):
+    for image, out in zip(images, batch["inputs"]):
         expected = np.asarray(Image.fromarray(image).resize((16, 16), Image.BICUBIC))
         np.testing.assert_array_equal(out, expected)
     jitter = identity_preprocess(size=16, channels=3, augment=True, brightness=0.4,

@@ -91,13 +91,13 @@ def test_prompt_shapes_and_prefix_placement(setup):
 
 def test_test_time_selection_is_top1_cosine_and_reported_as_task_pred(setup):
     method, frozen, trainable, state, images, direct = setup
-    q = np.asarray(frozen_query(BACKBONE, frozen, {"image": images}))
+    q = np.asarray(frozen_query(BACKBONE, frozen, {"inputs": images}))
     # keys near a few queries, so that different examples pick different E-prompts
     keys = np.stack([q[0] + 0.1, q[3] - 0.05, q[5] * 1.3]).astype(np.float32)
     trainable = dict(trainable, e_keys=jnp.asarray(keys))
     expected = np.argmax(np_cosine(q, keys), axis=1)
     assert len(set(expected.tolist())) > 1
-    logits, task_pred = jax.jit(method.logits)(trainable, state, frozen, {"image": images},
+    logits, task_pred = jax.jit(method.logits)(trainable, state, frozen, {"inputs": images},
                                                spec(2))  # the task index traced, as in the loop
     np.testing.assert_array_equal(task_pred, expected)
     # the logits are those of the prompted model with exactly these E-prompts
@@ -114,11 +114,11 @@ def test_training_uses_the_true_task_prompt_and_pulls_its_key(setup):
     method, frozen, trainable, state, images, direct = setup
     t = 1
     labels = jnp.array([2, 3] * 4)
-    batch = {"image": images, "label": labels}
+    batch = {"inputs": images, "label": labels}
     (loss, aux), grads = jax.jit(jax.value_and_grad(
         lambda tr: method.loss(tr, state, frozen, batch, jax.random.key(3), spec(t)),
         has_aux=True))(trainable)
-    q = np.asarray(frozen_query(BACKBONE, frozen, {"image": images}))
+    q = np.asarray(frozen_query(BACKBONE, frozen, {"inputs": images}))
     matching = np.mean(1.0 - np_cosine(q, trainable["e_keys"])[:, t])
     np.testing.assert_allclose(aux["metrics"]["key_matching"], matching, rtol=1e-5)
     logits = np.asarray(direct(trainable, frozen, images, jnp.full((8, 1), t, jnp.int32)),

@@ -102,7 +102,7 @@ def test_prototypes_and_logits_equal_separate_passes(micro):
         np.testing.assert_allclose(state["prototypes"], want, rtol=2e-4, atol=2e-5)
         real = want  # the complemented blocks are the next task's inputs
     images = np.concatenate([d[0][:3] for d in data])
-    logits = np.asarray(method.logits(trainable, state, frozen, {"image": images},
+    logits = np.asarray(method.logits(trainable, state, frozen, {"inputs": images},
                                       task_spec(2, TASKS)))
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     feats = [unit(phi(j, images)) for j in range(3)]

@@ -22,7 +22,7 @@ from helpers import array_task_data, assert_same_task_checkpoint, tiny_config
 
 # ------------------------------------------------------------------ TaskData.reduce / map
 def _gram_and_class_sums(carry, batch, w):
-    x = batch["image"].reshape(batch["image"].shape[0], -1) @ w
+    x = batch["inputs"].reshape(batch["inputs"].shape[0], -1) @ w
     xm = x * batch["mask"][:, None]
     onehot = jax.nn.one_hot(batch["label"], carry["sums"].shape[0]) * batch["mask"][:, None]
     return {"gram": carry["gram"] + xm.T @ x, "sums": carry["sums"] + onehot.T @ x,
@@ -54,7 +54,7 @@ def test_map_passes_labels_and_positions_and_drops_padding():
     images = np.arange(21, dtype=np.float32).reshape(21, 1, 1, 1)
     labels = np.arange(21) % 4
     out, got_labels = array_task_data(images, labels).map(
-        lambda batch, scale: {"x": batch["image"][:, 0, 0, 0] * scale, "label": batch["label"],
+        lambda batch, scale: {"x": batch["inputs"][:, 0, 0, 0] * scale, "label": batch["label"],
                               "index": batch["index"]}, 2.0)
     np.testing.assert_array_equal(out["x"], 2.0 * np.arange(21))
     np.testing.assert_array_equal(out["label"], labels)
@@ -145,7 +145,7 @@ def test_simplecil_matrix_equals_a_numpy_recomputation(simplecil_run):
         for b in pipeline.eval_batches(source, indices, trainer.label_map, batch_size=64,
                                        preprocess=trainer.eval_preprocess):
             keep = b["mask"] > 0
-            out.append(np.asarray(feature(frozen, b["image"]), np.float64)[keep])
+            out.append(np.asarray(feature(frozen, b["inputs"]), np.float64)[keep])
             labels.append(b["label"][keep])
         return np.concatenate(out), np.concatenate(labels)
 
@@ -243,7 +243,7 @@ class ProjectedHead(Finetune):
 
     def before_task(self, task, trainable, state, frozen, data, rng):
         def second_moment(carry, batch, frozen):
-            f = self.backbone.apply(frozen, batch["image"], output="cls")
+            f = self.backbone.apply(frozen, batch["inputs"], output="cls")
             return carry + (f * batch["mask"][:, None]).T @ f
 
         dim = self.backbone.feature_dim
@@ -271,7 +271,7 @@ def test_subspace_from_data_before_the_task_confines_every_update(tmp_path, monk
         task = trainer.tasks[1]
         feature = jax.jit(lambda p, x: trainer.backbone.apply(p, x, output="cls"))
         feats = np.concatenate([
-            np.asarray(feature(trainer.frozen, b["image"]), np.float64)[b["mask"] > 0]
+            np.asarray(feature(trainer.frozen, b["inputs"]), np.float64)[b["mask"] > 0]
             for b in pipeline.eval_batches(task.train_source, task.train_indices,
                                            trainer.label_map, batch_size=64,
                                            preprocess=trainer.eval_preprocess)])

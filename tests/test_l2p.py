@@ -34,7 +34,7 @@ def _setup(**options):
         lambda s: (0.2 * rng.normal(size=s.shape)).astype(np.float32), shapes)
     method = make_method(**options)
     trainable, state = method.init(jax.random.key(1), frozen)
-    batch = {"image": jax.random.normal(jax.random.key(2), (8, 16, 16, 1)),
+    batch = {"inputs": jax.random.normal(jax.random.key(2), (8, 16, 16, 1)),
              "label": jnp.array([0, 1] * 4)}
     return method, frozen, trainable, state, batch
 

@@ -42,7 +42,7 @@ def test_offline_module_is_the_ema_of_the_online_one(micro):
     step = jax.jit(lambda tr, st, os, b: method.update(tr, st, os, frozen, b, jax.random.key(2),
                                                        task_spec(1, TASKS), optimizer))
     for _ in range(4):
-        batch = {"image": rng.normal(size=(6, 16, 16, 1)).astype(np.float32),
+        batch = {"inputs": rng.normal(size=(6, 16, 16, 1)).astype(np.float32),
                  "label": np.array([2, 3, 2, 3, 3, 2], np.int32)}
         trainable, state, opt_state, _ = step(trainable, state, opt_state, batch)
         online = jax.tree_util.tree_map(np.asarray, trainable["pet"])
@@ -65,7 +65,7 @@ def test_ensemble_is_the_classwise_maximum_of_the_two_experts(micro):
     state = {"offline": noisy(trainable["pet"], 3)}
     images = np.random.default_rng(0).normal(size=(5, 16, 16, 1)).astype(np.float32)
     tasks = [[0, 1], [2, 3], [4, 5]]
-    got = np.asarray(method.logits(trainable, state, frozen, {"image": images},
+    got = np.asarray(method.logits(trainable, state, frozen, {"inputs": images},
                                    task_spec(1, tasks)))
     seen = [0, 1, 2, 3]
 
@@ -78,7 +78,7 @@ def test_ensemble_is_the_classwise_maximum_of_the_two_experts(micro):
     want = np.maximum(probs(trainable["pet"]), probs(state["offline"]))
     np.testing.assert_allclose(np.exp(got[:, seen]), want, rtol=1e-5, atol=1e-7)
     assert np.all(np.isneginf(got[:, 4:]))  # unseen classes take no part
-    first = np.asarray(method.logits(trainable, state, frozen, {"image": images},
+    first = np.asarray(method.logits(trainable, state, frozen, {"inputs": images},
                                      task_spec(0, tasks)))  # online alone after task 0
     np.testing.assert_allclose(np.exp(first[:, :2]).sum(1), 1.0, rtol=1e-5)
     assert not np.allclose(first[:, :2], got[:, :2])

@@ -172,7 +172,7 @@ def test_interrupted_run_resumes_to_the_same_accuracy_matrix(l2p_run, tmp_path, 
     # and logged again (same steps, same values as the uninterrupted run's)
     def records(path):
         with open(os.path.join(path, "metrics.jsonl")) as f:
-            return [{k: v for k, v in json.loads(line).items() if k != "train/images_per_sec"}
+            return [{k: v for k, v in json.loads(line).items() if k != "train/examples_per_sec"}
                     for line in f]
     assert records(workdir) == records(l2p_run[0])
 
@@ -229,7 +229,7 @@ def test_l2p_masks_classes_outside_the_current_task():
     trainable, state = method.init(jax.random.key(0), frozen)
     task = TaskSpec(index=1, num_classes=10,
                     task_classes=((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)))
-    batch = {"image": jax.random.normal(jax.random.key(1), (8, 16, 16, 1)),
+    batch = {"inputs": jax.random.normal(jax.random.key(1), (8, 16, 16, 1)),
              "label": jnp.array([2, 3] * 4)}
     grads = jax.grad(lambda t: method.loss(t, state, frozen, batch, jax.random.key(2), task)[0])(
         trainable)

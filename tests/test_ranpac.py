@@ -62,7 +62,7 @@ def test_head_and_lambda_equal_a_numpy_ridge_on_the_same_random_features(micro):
                                    atol=1e-4 * np.abs(head).max())
         # columns of classes not seen yet stay zero; logits are h @ head
         assert np.all(np.asarray(state["head"])[:, 3 * (t + 1):] == 0)
-        logits = method.logits(trainable, state, frozen, {"image": images[:4]},
+        logits = method.logits(trainable, state, frozen, {"inputs": images[:4]},
                                task_spec(t, TASKS))
         np.testing.assert_allclose(logits, h[:4] @ np.asarray(state["head"]), rtol=1e-4,
                                    atol=1e-4 * np.abs(h[:4] @ head).max())

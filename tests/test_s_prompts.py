@@ -70,9 +70,9 @@ def test_domain_prediction_is_the_nearest_stored_centroid():
         d[:, ~valid] = np.inf
         d[:, t + 1:] = np.inf
         expected = d.min(-1).argmin(-1)
-        got = np.asarray(method.predict_domain(state, frozen, {"image": jnp.asarray(images)}, spec(t)))
+        got = np.asarray(method.predict_domain(state, frozen, {"inputs": jnp.asarray(images)}, spec(t)))
         np.testing.assert_array_equal(got, expected)
-    assert set(np.asarray(method.predict_domain(state, frozen, {"image": jnp.asarray(images)}, spec(2)))) \
+    assert set(np.asarray(method.predict_domain(state, frozen, {"inputs": jnp.asarray(images)}, spec(2)))) \
         >= {1, 2}
 
 
@@ -82,13 +82,13 @@ def test_each_example_gets_its_domains_prompt_and_classifier():
     images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (6, 16, 16, 1)), jnp.float32)
     domain = np.array([0, 2, 1, 1, 0, 2])
     # keys that send example i to domain[i]: centroids at the examples' own features
-    q = np.asarray(method._query(frozen, {"image": images}))
+    q = np.asarray(method._query(frozen, {"inputs": images}))
     centroids = np.full((3, 2, 32), 100.0)
     for i, s in enumerate(domain):
         centroids[s, 0 if i < 3 else 1] = q[i]
     state = dict(state, centroids=jnp.asarray(centroids, jnp.float32),
                  centroid_valid=jnp.ones((3, 2), bool))
-    logits, task_pred = method.logits(trainable, state, frozen, {"image": images}, spec(2))
+    logits, task_pred = method.logits(trainable, state, frozen, {"inputs": images}, spec(2))
     np.testing.assert_array_equal(task_pred, domain)
     for i, s in enumerate(domain):
         ctx = PEFTContext({0: LayerPEFT(prompt=trainable["prompts"][str(s)])})
@@ -125,7 +125,7 @@ def test_weight_decay_is_torch_sgd_weight_decay_on_the_current_domain_only():
     method, frozen = micro_method(first_weight_decay=0.3, weight_decay=0.1)
     plain, _ = micro_method(first_weight_decay=0.0, weight_decay=0.0)
     trainable, state = method.init(jax.random.key(0), frozen)
-    batch = {"image": jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (8, 16, 16, 1)),
+    batch = {"inputs": jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (8, 16, 16, 1)),
                                   jnp.float32), "label": jnp.arange(8) % 10}
     for t, wd in ((0, 0.3), (1, 0.1)):
         g = jax.grad(lambda p: method.loss(p, state, frozen, batch, None, spec(t))[0])(trainable)

@@ -109,7 +109,7 @@ def test_cosface_loss(micro):
     images = np.random.default_rng(0).normal(size=(6, 16, 16, 1)).astype(np.float32)
     labels = np.array([2, 3, 2, 3, 3, 2])
     task = task_spec(1, [[0, 1], [2, 3]])
-    loss, _ = method.loss(trainable, state, frozen, {"image": images, "label": labels},
+    loss, _ = method.loss(trainable, state, frozen, {"inputs": images, "label": labels},
                           jax.random.key(1), task)
     f = np.asarray(backbone.apply(frozen, images, peft.adapter_context(
         trainable["adapter"], method.config.adapter), output="cls"), np.float64)

@@ -44,7 +44,7 @@ def test_statistics_from_task_data_map_skips_padding():
     images = rng.standard_normal((21, 4, 4, 1)).astype(np.float32)  # 21: last batch padded
     labels = np.arange(21) % 3
     w = rng.standard_normal((16, 6)).astype(np.float32)
-    fn = lambda batch, w: batch["image"].reshape(batch["image"].shape[0], -1) @ w
+    fn = lambda batch, w: batch["inputs"].reshape(batch["inputs"].shape[0], -1) @ w
     out = S.statistics_from_task(array_task_data(images, labels), fn, [0, 1, 2],
                                  S.empty_statistics(3, 6), w)
     feats = images.reshape(21, -1) @ w

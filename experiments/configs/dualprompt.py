@@ -1,7 +1,7 @@
 """DualPrompt (Wang et al., ECCV 2022).
 
     python -m pecft_jax.run --config experiments/configs/dualprompt.py:split_mnist --workdir DIR
-    (arg: split_mnist [default] | cifar100 | imagenet_r)
+    (arg: split_mnist [default] | cifar100 | imagenet_r | wordnet | vader | text_sequence)
 
 ``cifar100`` and ``imagenet_r`` are the official code's settings: google-research/l2p @dd8836e,
 ``configs/cifar100_dualprompt.py`` / ``configs/imr_dualprompt.py`` (line numbers below, the
@@ -33,13 +33,17 @@ The papers' text was not readable offline; no setting is known to differ from th
 there is no separate paper variant. Published (DualPrompt paper, as the dualprompt-pytorch
 README's "Paper Results" quotes them): Split CIFAR-100 average accuracy 86.51, forgetting
 5.16; Split ImageNet-R 68.13 / 4.68.
+
+``wordnet`` | ``vader`` | ``text_sequence`` (all-MiniLM-L6-v2; DualPrompt has no official text
+setting): the method's defaults above (G-prompt at blocks 0-1, E-prompts at 2-4 of the six),
+the demo's rate 0.03 for runs of a few dozen steps a task, gradient clipping 1.0.
 """
-from pecft_jax.configs import (VIT_B16_IN21K, benchmark, config_arg, official_protocol,
-                               with_method_defaults)
+from pecft_jax.configs import (TEXT_BENCHMARKS, VIT_B16_IN21K, benchmark, config_arg,
+                               official_protocol, with_method_defaults)
 
 OFFICIAL_DEVICES = 8
 PER_DEVICE_BATCH = 24  # configs/{cifar100,imr}_dualprompt.py:25
-ARGS = ("split_mnist", "cifar100", "imagenet_r")
+ARGS = ("split_mnist", "cifar100", "imagenet_r") + TEXT_BENCHMARKS
 
 
 def get_config(arg: str = "split_mnist"):
@@ -50,7 +54,7 @@ def get_config(arg: str = "split_mnist"):
     c.train.optimizer = "adam"
     c.train.schedule = "constant"
     c.train.grad_clip_norm = 1.0
-    if arg == "split_mnist":
+    if arg == "split_mnist" or arg in TEXT_BENCHMARKS:
         # ~36 steps per task on the demo (3 epochs, as L2P's demo) instead of ~2000: the
         # official config's base rate unscaled (0.01 gives 36.3% class-IL, 0.03 gives 42.8%)
         c.train.learning_rate = 0.03

@@ -2,10 +2,11 @@
 
     python -m pecft_jax.run --config experiments/configs/finetune.py:split_mnist --workdir DIR
     arg: <benchmark>[,<mode>][,joint]   e.g. split_mnist,head  or  split_mnist,full,joint
-    benchmark: split_mnist | cifar100 | imagenet_r ; mode: full [default] | head | lora |
-    adapter | ssf | prompt ; joint: all tasks' data as one task (scenario.joint=True)
+    benchmark: split_mnist | cifar100 | imagenet_r | wordnet | vader | text_sequence
+    mode: full [default] | head | lora | adapter | ssf | prompt
+    joint: all tasks' data as one task (scenario.joint=True)
 """
-from pecft_jax.configs import benchmark, with_method_defaults
+from pecft_jax.configs import TEXT_BENCHMARKS, benchmark, with_method_defaults
 
 
 def get_config(arg: str = "split_mnist"):
@@ -18,6 +19,6 @@ def get_config(arg: str = "split_mnist"):
     c.train.optimizer = "adam"
     # full fine-tuning moves the whole backbone: a small step; the others a larger one
     c.train.learning_rate = 1e-4 if c.method.mode == "full" else 1e-3
-    if c.benchmark != "split_mnist":
+    if c.benchmark not in ("split_mnist",) + TEXT_BENCHMARKS:
         c.train.epochs = 5
     return with_method_defaults(c)

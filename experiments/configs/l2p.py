@@ -1,7 +1,8 @@
 """L2P (Wang et al., CVPR 2022).
 
     python -m pecft_jax.run --config experiments/configs/l2p.py:split_mnist --workdir DIR
-    (arg: split_mnist [default] | cifar100 | cifar100_paper | 5datasets | imagenet_r)
+    (arg: split_mnist [default] | cifar100 | cifar100_paper | 5datasets | imagenet_r |
+     wordnet | vader | text_sequence)
 
 ``cifar100`` is the official code's setting: google-research/l2p @dd8836e,
 ``configs/cifar100_l2p.py`` (line numbers below; ViT-B/16 ImageNet-21k,
@@ -45,12 +46,12 @@ Published (L2P paper, as the l2p-pytorch README's "Paper Results" quotes them; t
 was not readable offline): Split CIFAR-100 average accuracy 83.83, forgetting 7.63;
 5-datasets 81.14 / 4.64. REPRODUCING.md has the commands.
 """
-from pecft_jax.configs import (VIT_B16_IN21K, benchmark, config_arg, official_protocol,
-                               with_method_defaults)
+from pecft_jax.configs import (TEXT_BENCHMARKS, VIT_B16_IN21K, benchmark, config_arg,
+                               official_protocol, with_method_defaults)
 
 OFFICIAL_DEVICES = 8    # README.md:66: 8 V100 GPUs or 4 TPUs (8 cores)
 PER_DEVICE_BATCH = 16   # configs/cifar100_l2p.py:25
-ARGS = ("split_mnist", "cifar100", "cifar100_paper", "5datasets", "imagenet_r")
+ARGS = ("split_mnist", "cifar100", "cifar100_paper", "5datasets", "imagenet_r") + TEXT_BENCHMARKS
 
 
 def get_config(arg: str = "split_mnist"):
@@ -66,6 +67,11 @@ def get_config(arg: str = "split_mnist"):
         # mostly prompt. N=1 keeps L2P's prompt:image ratio closer to the paper's (25:196).
         # Measured on this demo (3 epochs, lr 0.03): N=5 25.5% / N=1 39.7% final accuracy.
         m.top_k = 1
+        c.train.learning_rate = 0.03
+        return with_method_defaults(c)
+    if arg in TEXT_BENCHMARKS:
+        # L2P has no official text setting: the method's defaults (above) on all-MiniLM-L6-v2
+        # (25 prompt tokens beside 48-128 text tokens), the demo's rate for short runs.
         c.train.learning_rate = 0.03
         return with_method_defaults(c)
     official_protocol(c, VIT_B16_IN21K, gelu_exact=False, crop_scale=(0.05, 1.0),

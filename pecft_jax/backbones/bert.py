@@ -41,7 +41,8 @@ output; ``s(., p)`` is the block's SSF at point ``p``)::
                      at l == 0 after the embeddings' LayerNorm, SSF 'embed' and dropout --
                      prompts carry no position embedding, as in the ViT. 'append' puts
                      them in front of earlier prompts, 'replace' overwrites them. Their
-                     attention-mask entries are 1; they are not pooled by 'mean'.
+                     attention-mask entries are lp.prompt_mask (default 1); they are not
+                     pooled by 'mean'.
     attn_input  = x                                 (what query/key/value read)
     q = s(Wq x + bq + lora_query(x), 'query')       (k, v alike: 'key', 'value')
     prefix_key/value concatenated in front of the projected k / v; mask 1 for those
@@ -161,6 +162,8 @@ class BertConfig:
 _NAMED = {
     # name: (vocab, hidden, layers, heads, intermediate, max_positions, type_vocab)
     "BERT-Micro": (128, 32, 2, 2, 64, 64, 2),          # tests
+    # tests of whole runs: BERT-Tiny with the 6 blocks the methods' default layers name
+    "BERT-Tiny6": (30522, 128, 6, 2, 512, 512, 2),
     "BERT-Tiny": (30522, 128, 2, 2, 512, 512, 2),      # google/bert_uncased_L-2_H-128_A-2
     "MiniLM-L6-H384": (30522, 384, 6, 12, 1536, 512, 2),  # all-MiniLM-L6-v2's encoder
     "BERT-Base": (30522, 768, 12, 12, 3072, 512, 2),
@@ -342,16 +345,21 @@ class BertLayer(nn.Module):
 
 
 def _insert_prompt(x: Array, key_mask: Array, num_prompts: int, lp: LayerPEFT) -> tuple:
-    """Put lp.prompt after [CLS] (mask 1); returns (tokens, key mask, new prompt count)."""
+    """Put lp.prompt after [CLS] (mask lp.prompt_mask, default 1); returns (tokens, key
+    mask, new prompt count)."""
     batch, _, dim = x.shape
     prompt = as_batched(lp.prompt, batch).astype(x.dtype)
     if prompt.shape[-1] != dim:
         raise ValueError(f"prompt tokens have width {prompt.shape[-1]}, the encoder has {dim}")
     added = prompt.shape[1]
+    if lp.prompt_mask is None:
+        prompt_mask = jnp.ones((batch, added), key_mask.dtype)
+    else:
+        prompt_mask = jnp.broadcast_to(jnp.asarray(lp.prompt_mask), (batch, added))
+        prompt_mask = prompt_mask.astype(key_mask.dtype)
     keep_from = 1 + num_prompts if lp.prompt_mode == "replace" else 1
     x = jnp.concatenate([x[:, :1], prompt, x[:, keep_from:]], axis=1)
-    key_mask = jnp.concatenate([key_mask[:, :1], jnp.ones((batch, added), key_mask.dtype),
-                                key_mask[:, keep_from:]], axis=1)
+    key_mask = jnp.concatenate([key_mask[:, :1], prompt_mask, key_mask[:, keep_from:]], axis=1)
     return x, key_mask, (added if lp.prompt_mode == "replace" else num_prompts + added)
 
 
@@ -483,6 +491,18 @@ def apply(cfg: BertConfig, params: Mapping, token_ids: Array, attention_mask: Ar
     return Bert(cfg).apply({"params": params}, token_ids, attention_mask, peft,
                            token_type_ids=token_type_ids, output=output,
                            stop_at_layer=stop_at_layer, deterministic=deterministic, rngs=rngs)
+
+
+def embed_vectors(cfg: BertConfig, params: Mapping, vectors: Array, positions: Array,
+                  token_type: int = 0) -> Array:
+    """BERT's embedding layer on vectors of the word-embedding space (soft tokens that are
+    not vocabulary rows): ``LN(vectors + position[positions] + token_type[token_type])``
+    with the frozen ``params`` -- what the layer computes for a token whose word embedding is
+    ``vectors``. ``vectors`` ``(..., L, D)``, ``positions`` int ``(L,)``. No dropout."""
+    emb = params["embeddings"]
+    x = (vectors + jnp.take(emb["position_embeddings"]["embedding"], positions, axis=0)
+         + emb["token_type_embeddings"]["embedding"][token_type])
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps).apply({"params": emb["LayerNorm"]}, x)
 
 
 def param_count(tree: Any) -> int:

@@ -20,6 +20,11 @@ Layer ``l`` of a ``PEFTContext`` describes the insertions at transformer block `
                      deep prompt. ``prompt_mode='append'`` inserts them in front of the
                      existing prompt tokens; ``'replace'`` overwrites the prompt tokens the
                      previous layers produced (VPT-deep), which needs equal lengths.
+* ``prompt_mask``  -- (text backbones) ``(Lp,)`` or ``(B, Lp)``, 1 where a prompt token
+                     may be attended to, 0 where it is inert: its key column gets the
+                     padding mask, so the other tokens' outputs are exactly those without
+                     it (fixed-size prompt arrays whose unused entries are switched off,
+                     e.g. Progressive Prompts' later tasks). Default: all 1.
 * ``prefix_key`` / ``prefix_value`` -- ``(B, Lp, D)`` or ``(Lp, D)`` concatenated to the
                      *projected* keys and values of block ``l``'s attention (prefix tuning
                      as DualPrompt and CODA-Prompt use it: a prompt of length 2*Lp split
@@ -65,6 +70,7 @@ MODEL_SSF_POINTS = ("embed", "final")  # outside the blocks (PEFTContext.ssf)
 @flax.struct.dataclass
 class LayerPEFT:
     prompt: Optional[Array] = None
+    prompt_mask: Optional[Array] = None
     prefix_key: Optional[Array] = None
     prefix_value: Optional[Array] = None
     lora: Optional[Mapping[str, Mapping[str, Array]]] = None
@@ -91,6 +97,8 @@ class LayerPEFT:
         if self.adapter_activation not in ADAPTER_ACTIVATIONS:
             raise ValueError(f"adapter_activation must be one of {ADAPTER_ACTIVATIONS}, got "
                              f"{self.adapter_activation!r}")
+        if self.prompt_mask is not None and self.prompt is None:
+            raise ValueError("prompt_mask is given without a prompt")
         if (self.prefix_key is None) != (self.prefix_value is None):
             raise ValueError("prefix_key and prefix_value must be given together")
         for target in (self.lora or {}):

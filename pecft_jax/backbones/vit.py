@@ -229,6 +229,9 @@ class EncoderBlock(nn.Module):
 
 def _insert_prompt(x: Array, num_prompts: int, lp: LayerPEFT) -> tuple:
     """Put lp.prompt after [CLS]; returns (tokens, new prompt count)."""
+    if lp.prompt_mask is not None:
+        raise ValueError("prompt_mask needs an attention mask, which the ViT does not have "
+                         "(every token attends to every token); it is for text backbones")
     batch, _, dim = x.shape
     prompt = as_batched(lp.prompt, batch).astype(x.dtype)
     if prompt.shape[-1] != dim:

@@ -1,4 +1,5 @@
-"""Host-side batching: shuffling, resizing, augmentation, normalisation, host sharding.
+"""Host-side batching: shuffling, resizing, augmentation, normalisation (images) or
+tokenisation (text), host sharding.
 
 Everything here is numpy on the host and deterministic:
 
@@ -18,11 +19,12 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from typing import Iterator, Sequence, Tuple
+from typing import Any, Iterator, Sequence, Tuple
 
+import jax
 import numpy as np
 
-from pecft_jax.data.sources import ImageSource, resize_bilinear
+from pecft_jax.data.sources import ImageSource, LabelledSource, resize_bilinear
 
 # Stream ids keep the shuffle and augmentation random streams apart for one seed (the third
 # is the augmentation of the fixed-order passes, e.g. S-Prompts' k-means on augmented data).
@@ -414,7 +416,7 @@ def _augmentation(preprocess: Preprocess, batch_size: int, mine: slice, seed: tu
     return crops, flips, draws, factors
 
 
-def _mapped_labels(source: ImageSource, indices: np.ndarray, label_map: np.ndarray) -> np.ndarray:
+def _mapped_labels(source: LabelledSource, indices: np.ndarray, label_map: np.ndarray) -> np.ndarray:
     label_map = np.asarray(label_map)
     original = source.labels[indices]
     if original.size and original.max() >= len(label_map):
@@ -437,6 +439,25 @@ def _read(source: ImageSource, indices: np.ndarray, preprocess: Preprocess
     return source.images(indices, size=None if source.image_shape else preprocess.image_size)
 
 
+def prepare_inputs(source: LabelledSource, indices: np.ndarray, preprocess: Any,
+                   augmentation: tuple = (None, None, None, None)) -> Any:
+    """The backbone's inputs for ``source``'s examples at ``indices``: preprocessed images
+    ``float32 (n, S, S, C)`` for an image ``Preprocess``, or the token arrays
+    ``{'token_ids', 'attention_mask'}`` for a :class:`~pecft_jax.data.text.TextPreprocess`
+    (text has no augmentation)."""
+    if source.modality == "text":
+        if isinstance(preprocess, Preprocess):
+            raise ValueError(f"{source.name} holds text, but the pipeline was given an image "
+                             f"Preprocess; a text backbone tokenises it")
+        return preprocess(source.texts(indices))
+    return preprocess_images(_read(source, indices, preprocess), preprocess, *augmentation)
+
+
+def concat_inputs(pieces: Sequence[Any]) -> Any:
+    """Concatenates inputs along the batch axis (arrays, or dicts of arrays for text)."""
+    return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *pieces)
+
+
 def _as_indices(indices) -> np.ndarray:
     indices = np.asarray(indices)
     if indices.size == 0:
@@ -452,7 +473,7 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(num_examples)
 
 
-def train_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarray, *,
+def train_batches(source: LabelledSource, indices: np.ndarray, label_map: np.ndarray, *,
                   batch_size: int, seed: int, epoch: int, preprocess: Preprocess,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1
                   ) -> Iterator[dict[str, np.ndarray]]:
@@ -468,7 +489,8 @@ def train_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarra
       process_index, process_count: this host and the number of hosts.
 
     Yields:
-      ``{'image': float32 (b, S, S, C), 'label': int32 (b,), 'index': int32 (b,)}``,
+      ``{'inputs': float32 (b, S, S, C), 'label': int32 (b,), 'index': int32 (b,)}``
+      (for text ``inputs`` is ``{'token_ids', 'attention_mask'}``, int32 ``(b, L)``),
       ``steps_per_epoch`` of them minus ``start_step``; ``index`` is the example's position
       in ``indices`` (what rows of a per-task feature cache are keyed by).
     """
@@ -488,14 +510,14 @@ def train_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarra
             positions = order[step * batch_size:(step + 1) * batch_size][mine]
             augmentation = _augmentation(preprocess, batch_size, mine,
                                          (_AUGMENT_STREAM, seed, epoch, step))
-            images = _read(source, indices[positions], preprocess)
-            yield {"image": preprocess_images(images, preprocess, *augmentation),
+            yield {"inputs": prepare_inputs(source, indices[positions], preprocess,
+                                            augmentation),
                    "label": labels[positions], "index": positions.astype(np.int32)}
 
     return generate()
 
 
-def eval_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarray, *,
+def eval_batches(source: LabelledSource, indices: np.ndarray, label_map: np.ndarray, *,
                  batch_size: int, preprocess: Preprocess, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """All examples in order, this host's shard of each global batch, no augmentation:
@@ -505,7 +527,7 @@ def eval_batches(source: ImageSource, indices: np.ndarray, label_map: np.ndarray
                        process_count=process_count)
 
 
-def eval_stream(parts: Sequence[Tuple[ImageSource, np.ndarray]], label_map: np.ndarray, *,
+def eval_stream(parts: Sequence[Tuple[LabelledSource, np.ndarray]], label_map: np.ndarray, *,
                 batch_size: int, preprocess: Preprocess, process_index: int = 0,
                 process_count: int = 1, augment_seed: int | None = None
                 ) -> Iterator[dict[str, np.ndarray]]:
@@ -520,8 +542,8 @@ def eval_stream(parts: Sequence[Tuple[ImageSource, np.ndarray]], label_map: np.n
     different image sizes (a dataset sequence) share a batch.
 
     Yields:
-      ``{'image': float32 (b, S, S, C), 'label': int32 (b,), 'mask': float32 (b,),
-      'index': int32 (b,)}``; ``index`` is the example's position in the stream (part 0's
+      ``{'inputs': float32 (b, S, S, C) or the token arrays, 'label': int32 (b,), 'mask':
+      float32 (b,), 'index': int32 (b,)}``; ``index`` is the example's position in the stream (part 0's
       examples first); padding rows carry positions past the end.
     """
     local = _check_sharding(batch_size, process_index, process_count)
@@ -535,16 +557,16 @@ def eval_stream(parts: Sequence[Tuple[ImageSource, np.ndarray]], label_map: np.n
     if augment_seed is None:
         preprocess = dataclasses.replace(preprocess, augment=False)
 
-    def read(positions: np.ndarray, augmentation: tuple) -> np.ndarray:
-        """Preprocessed images at stream ``positions`` (ascending), part by part."""
+    def read(positions: np.ndarray, augmentation: tuple) -> Any:
+        """Prepared inputs at stream ``positions`` (ascending), part by part."""
         pieces = []
         for (source, indices), lo, hi in zip(parts, starts[:-1], starts[1:]):
             inside = (positions >= lo) & (positions < hi)
             if inside.any():
-                images = _read(source, indices[positions[inside] - lo], preprocess)
-                pieces.append(preprocess_images(
-                    images, preprocess, *(None if a is None else a[inside] for a in augmentation)))
-        return np.concatenate(pieces)
+                pieces.append(prepare_inputs(
+                    source, indices[positions[inside] - lo], preprocess,
+                    tuple(None if a is None else a[inside] for a in augmentation)))
+        return concat_inputs(pieces)
 
     def generate():
         for start in range(0, total, batch_size):
@@ -554,8 +576,8 @@ def eval_stream(parts: Sequence[Tuple[ImageSource, np.ndarray]], label_map: np.n
             positions = np.where(mask > 0, order, total - 1)[mine]
             augmentation = _augmentation(preprocess, batch_size, mine,
                                          (_PASS_AUGMENT_STREAM, augment_seed or 0, start))
-            images = read(positions, augmentation)  # ascending: padding follows the last example
-            yield {"image": images, "label": labels[positions], "mask": mask[mine],
+            inputs = read(positions, augmentation)  # ascending: padding follows the last example
+            yield {"inputs": inputs, "label": labels[positions], "mask": mask[mine],
                    "index": order[mine].astype(np.int32)}
 
     return generate()

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pecft_jax.data.sources import (DEFAULT_SPLIT_SEED, ImageSource, LabelOffsetSource,
+from pecft_jax.data.sources import (DEFAULT_SPLIT_SEED, LabelledSource, LabelOffsetSource,
                                     TransformedSource, load_source)
 
 KINDS = ("class", "task", "domain")
@@ -33,8 +33,8 @@ class Task:
     classes: tuple[int, ...]       # remapped label ids (positions in class_order)
     train_indices: np.ndarray      # into train_source
     test_indices: np.ndarray       # into test_source
-    train_source: ImageSource
-    test_source: ImageSource
+    train_source: LabelledSource
+    test_source: LabelledSource
     domain: str | None = None
 
     @property
@@ -82,7 +82,7 @@ class Scenario:
             seen.update(task.classes)
         return tuple(sorted(seen))
 
-    def class_names(self, source: ImageSource | None = None) -> list[str]:
+    def class_names(self, source: LabelledSource | None = None) -> list[str]:
         """Class names in remapped order (names of the first task's train source by default)."""
         source = source or self.tasks[0].train_source
         return [source.class_names[c] for c in self.class_order]
@@ -161,19 +161,19 @@ def task_sizes(num_classes: int, num_tasks: int, first_task_classes: int | None 
     return [m] + [rest // (num_tasks - 1)] * (num_tasks - 1)
 
 
-def _check_pair(train: ImageSource, test: ImageSource) -> int:
+def _check_pair(train: LabelledSource, test: LabelledSource) -> int:
     if train.num_classes != test.num_classes:
         raise ValueError(f"train source {train.name} has {train.num_classes} classes but test "
                          f"source {test.name} has {test.num_classes}; use splits of one dataset")
     return train.num_classes
 
 
-def _present_classes(source: ImageSource) -> np.ndarray:
+def _present_classes(source: LabelledSource) -> np.ndarray:
     return np.unique(source.labels)
 
 
 # --------------------------------------------------------------------------- builders
-def class_incremental(train: ImageSource, test: ImageSource, num_tasks: int, *,
+def class_incremental(train: LabelledSource, test: LabelledSource, num_tasks: int, *,
                       first_task_classes: int | None = None, class_order: Any = None,
                       seed: int = 0, kind: str = "class") -> Scenario:
     """Split the classes of ``train``/``test`` into ``num_tasks`` disjoint groups.
@@ -215,7 +215,7 @@ def class_incremental(train: ImageSource, test: ImageSource, num_tasks: int, *,
                     label_space=label_space)
 
 
-def task_incremental(train: ImageSource, test: ImageSource, num_tasks: int, *,
+def task_incremental(train: LabelledSource, test: LabelledSource, num_tasks: int, *,
                      first_task_classes: int | None = None, class_order: Any = None,
                      seed: int = 0) -> Scenario:
     """The class-incremental split with ``kind='task'`` (task id known at test time)."""
@@ -223,7 +223,7 @@ def task_incremental(train: ImageSource, test: ImageSource, num_tasks: int, *,
                              class_order=class_order, seed=seed, kind="task")
 
 
-def dataset_sequence(datasets: Sequence[tuple[str, ImageSource, ImageSource]]) -> Scenario:
+def dataset_sequence(datasets: Sequence[tuple[str, LabelledSource, LabelledSource]]) -> Scenario:
     """Class-incremental over a sequence of datasets, one task each (e.g. 5-datasets:
     CIFAR-10, MNIST, Fashion-MNIST, SVHN, notMNIST). Task ``t`` owns the next
     ``num_classes`` label ids; images of different sizes/channels are made uniform by the
@@ -244,7 +244,7 @@ def dataset_sequence(datasets: Sequence[tuple[str, ImageSource, ImageSource]]) -
     return Scenario(kind="class", tasks=tasks, class_order=list(range(total)), num_classes=total)
 
 
-def domain_incremental(domains: Sequence[tuple[str, ImageSource, ImageSource]], *,
+def domain_incremental(domains: Sequence[tuple[str, LabelledSource, LabelledSource]], *,
                        class_order: Any = None, seed: int = 0) -> Scenario:
     """One task per ``(name, train, test)`` domain; every task has every class.
 
@@ -328,6 +328,8 @@ def build_scenario(cfg) -> Scenario:
     options = dict(seed=int(_get(ds, "split_seed", DEFAULT_SPLIT_SEED)),
                    image_key=_get(ds, "image_key", "image"),
                    label_key=_get(ds, "label_key", "label"))
+    if _get(ds, "max_per_class"):
+        options["max_per_class"] = int(_get(ds, "max_per_class"))
     if ds is not None and _get(ds, "test_fraction") is not None:
         options["test_fraction"] = float(_get(ds, "test_fraction"))
     train_split, test_split = _get(ds, "train_split", "train"), _get(ds, "test_split", "test")

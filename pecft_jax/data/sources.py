@@ -91,15 +91,16 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- sources
-class ImageSource:
-    """Random-access labelled images.
+class LabelledSource:
+    """Random-access labelled examples of one modality (what scenarios split into tasks).
 
     Attributes:
       name, split: where the data came from (for logs and error messages).
       labels: ``(N,)`` int64, every label in memory.
       class_names: one name per class id.
       num_classes: number of class ids (``len(class_names)``).
-      image_shape: ``(H, W, C)`` when all images share it, else ``None``.
+      modality: ``'image'`` (:class:`ImageSource`) or ``'text'``
+        (:class:`pecft_jax.data.text.TextSource`): which backbone can read it.
     """
 
     name: str
@@ -107,10 +108,33 @@ class ImageSource:
     labels: np.ndarray
     class_names: list[str]
     num_classes: int
-    image_shape: tuple[int, int, int] | None
+    modality: str = ""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def _check_indices(self, indices) -> np.ndarray:
+        indices = np.asarray(indices)
+        if indices.size == 0:
+            return np.zeros(0, np.int64)
+        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+            raise TypeError(f"indices must be a 1-D integer array, got {indices.dtype} "
+                            f"with shape {indices.shape}")
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"index out of range for {self.name} ({self.split}) with "
+                             f"{len(self)} examples: min {indices.min()}, max {indices.max()}")
+        return indices
+
+
+class ImageSource(LabelledSource):
+    """Random-access labelled images.
+
+    Attributes (besides :class:`LabelledSource`'s):
+      image_shape: ``(H, W, C)`` when all images share it, else ``None``.
+    """
+
+    modality = "image"
+    image_shape: tuple[int, int, int] | None
 
     def _read(self, indices: np.ndarray) -> np.ndarray | list[np.ndarray]:
         """Subclasses: uint8 images at ``indices``, one array or a list of (H, W, C)."""
@@ -146,18 +170,6 @@ class ImageSource:
             return list(self.images(indices))
         raw = self._read(self._check_indices(indices))
         return list(raw)
-
-    def _check_indices(self, indices) -> np.ndarray:
-        indices = np.asarray(indices)
-        if indices.size == 0:
-            return np.zeros(0, np.int64)
-        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-            raise TypeError(f"indices must be a 1-D integer array, got {indices.dtype} "
-                            f"with shape {indices.shape}")
-        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
-            raise IndexError(f"index out of range for {self.name} ({self.split}) with "
-                             f"{len(self)} examples: min {indices.min()}, max {indices.max()}")
-        return indices
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)}, "
@@ -256,9 +268,10 @@ def get_domain_transform(name: str) -> DomainTransform:
 class LabelOffsetSource(ImageSource):
     """``base`` with its labels shifted by ``offset`` into a larger label space of
     ``num_classes`` ids: how several datasets share one classifier when each is a task of a
-    class-incremental sequence (5-datasets)."""
+    class-incremental sequence (5-datasets; BBC -> TREC -> WordNet -> VADER for text, whose
+    examples it reads with ``texts``)."""
 
-    def __init__(self, base: ImageSource, offset: int, num_classes: int,
+    def __init__(self, base: LabelledSource, offset: int, num_classes: int,
                  class_names: Sequence[str] | None = None):
         if offset < 0 or offset + base.num_classes > num_classes:
             raise ValueError(f"offset {offset} + {base.num_classes} classes of {base.name} do "
@@ -269,11 +282,15 @@ class LabelOffsetSource(ImageSource):
         self.num_classes = num_classes
         self.class_names = (list(class_names) if class_names is not None else
                             [f"{i}" for i in range(num_classes)])
-        self.image_shape = base.image_shape
+        self.modality = base.modality
+        self.image_shape = getattr(base, "image_shape", None)
         self.origin_indices = getattr(base, "origin_indices", None)
 
     def images(self, indices: np.ndarray, size: int | None = None) -> np.ndarray:
         return self.base.images(indices, size=size)
+
+    def texts(self, indices: np.ndarray) -> list[str]:
+        return self.base.texts(indices)
 
     def raw_images(self, indices: np.ndarray) -> list[np.ndarray]:
         return self.base.raw_images(indices)
@@ -695,12 +712,15 @@ def load_image_folder(root: str | None, split: str, *, seed: int = DEFAULT_SPLIT
 
 def load_source(name: str, split: str, *, data_dir: str | None = None,
                 seed: int = DEFAULT_SPLIT_SEED, test_fraction: float = 0.2,
-                image_key: str = "image", label_key: str = "label") -> ImageSource:
-    """Open split ``split`` of dataset ``name`` (see the module docstring for names).
+                image_key: str = "image", label_key: str = "label",
+                max_per_class: int = 0) -> LabelledSource:
+    """Open split ``split`` of dataset ``name`` (see the module docstring for names, and
+    :mod:`pecft_jax.data.text_sources` for the text datasets).
 
     Args:
-      name: ``'fashion_mnist'``, ``'mnist5k'``, ``'digits'``, ``'tfds:<name>'`` or
-        ``'folder'``.
+      name: ``'fashion_mnist'``, ``'mnist5k'``, ``'digits'``, ``'tfds:<name>'``,
+        ``'folder'``, or a text dataset (``'wordnet'``, ``'trec'``, ``'bbc'``,
+        ``'vader:<domain>'``).
       split: ``'train'``/``'test'`` (``'all'`` for mnist5k/digits/folders without split
         folders; any TFDS split string; a folder's split folder name).
       data_dir: folder of the idx files (fashion_mnist), the TFDS data_dir, or the root of
@@ -709,7 +729,17 @@ def load_source(name: str, split: str, *, data_dir: str | None = None,
         test set is the same in every experiment; it is not the experiment seed.
       test_fraction: held-out fraction per class for mnist5k/digits/folders.
       image_key, label_key: TFDS feature names.
+      max_per_class: text datasets: a seeded random subset of at most this many examples
+        of each class is split (0 = all).
     """
+    from pecft_jax.data import text_sources
+    if name in text_sources.KNOWN_TEXT_SOURCES or name.startswith("vader:"):
+        return text_sources.load_text_source(name, split, data_dir=data_dir, seed=seed,
+                                             test_fraction=test_fraction,
+                                             max_per_class=max_per_class)
+    if max_per_class:
+        raise ValueError(f"dataset.max_per_class={max_per_class} applies to the text datasets; "
+                         f"{name!r} is an image dataset: set it to 0")
     if name == "fashion_mnist":
         return load_fashion_mnist(split, data_dir)
     if name == "mnist5k":
@@ -721,4 +751,5 @@ def load_source(name: str, split: str, *, data_dir: str | None = None,
                          label_key=label_key)
     if name == "folder":
         return load_image_folder(data_dir, split, seed=seed, test_fraction=test_fraction)
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(KNOWN_SOURCES)}")
+    raise ValueError(f"unknown dataset {name!r}; known: "
+                     f"{', '.join(KNOWN_SOURCES + text_sources.KNOWN_TEXT_SOURCES)}")

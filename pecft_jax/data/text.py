@@ -1,16 +1,22 @@
-"""Text -> ``token_ids`` / ``attention_mask`` arrays for the BERT encoder.
+"""Labelled text and its tokenisation: :class:`TextSource` (what text readers return and
+scenarios split into tasks), :class:`TextTokenizer` (text -> ``token_ids`` /
+``attention_mask`` arrays for the BERT encoder) and :class:`TextPreprocess` (the pipeline's
+text counterpart of the image ``Preprocess``).
 
-A thin wrapper over the ``tokenizers`` package (``Tokenizer.from_file('tokenizer.json')``).
+The tokenizer is a thin wrapper over the ``tokenizers`` package (``Tokenizer.from_file('tokenizer.json')``).
 Padding and truncation are always set here from the caller's arguments: a
 ``tokenizer.json`` may carry its own (all-MiniLM-L6-v2's pads and truncates to a fixed 128
 tokens), which is switched off first, so the result never depends on what the file says.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
+
+from pecft_jax.data.sources import LabelledSource, _check_labels
 
 PADDINGS = ("longest", "max_length")
 
@@ -74,3 +80,53 @@ class TextTokenizer:
         return {"token_ids": np.asarray([e.ids for e in encodings], np.int32),
                 "attention_mask": np.asarray([e.attention_mask for e in encodings], np.int32),
                 "token_type_ids": np.asarray([e.type_ids for e in encodings], np.int32)}
+
+
+class TextSource(LabelledSource):
+    """In-memory labelled texts: ``texts`` (N strings) and ``labels`` (N,).
+
+    ``origin_indices`` (optional) gives each example's row in the file it was split from,
+    so callers can check that a train and a test split never share an example.
+    """
+
+    modality = "text"
+
+    def __init__(self, texts: Sequence[str], labels: np.ndarray, *, name: str, split: str,
+                 class_names: Sequence[str], origin_indices: Optional[np.ndarray] = None):
+        self.name, self.split = name, split
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.labels = _check_labels(labels, self.num_classes, name)
+        self._texts = list(texts)
+        if len(self._texts) != len(self.labels):
+            raise ValueError(f"{name}: {len(self._texts)} texts but {len(self.labels)} labels")
+        bad = [i for i, t in enumerate(self._texts) if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise ValueError(f"{name} ({split}): examples {bad[:5]} are empty or not strings")
+        self.origin_indices = (None if origin_indices is None
+                               else np.asarray(origin_indices, dtype=np.int64))
+
+    def texts(self, indices: np.ndarray) -> list:
+        return [self._texts[i] for i in self._check_indices(indices).tolist()]
+
+    def __repr__(self) -> str:
+        return (f"TextSource(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+                f"num_classes={self.num_classes})")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextPreprocess:
+    """Texts -> the text backbone's inputs ``{'token_ids', 'attention_mask'}`` (int32
+    ``(b, max_length)``): every batch is padded to the same length, so a run compiles each
+    kind of step once. Text is never augmented (``augment`` exists so the pipeline treats
+    both modalities alike)."""
+    tokenizer: TextTokenizer
+    augment: bool = False
+
+    @property
+    def augments(self) -> bool:
+        return False
+
+    def __call__(self, texts: Sequence[str]) -> Dict[str, np.ndarray]:
+        encoded = self.tokenizer(texts)
+        return {"token_ids": encoded["token_ids"], "attention_mask": encoded["attention_mask"]}

@@ -23,6 +23,7 @@ _REGISTRY = {
     "sd_lora": "pecft_jax.methods.sd_lora:SDLoRA",
     "o_lora": "pecft_jax.methods.o_lora:OLoRA",
     "lae": "pecft_jax.methods.lae:LAE",
+    "progressive_prompts": "pecft_jax.methods.progressive_prompts:ProgressivePrompts",
 }
 
 

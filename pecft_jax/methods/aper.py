@@ -95,7 +95,7 @@ class APER(Method):
     def features(self, trainable, frozen, batch):
         """``[f_pre(x), f_adapted(x)]``: the pre-trained and the adapted [CLS] features."""
         return jnp.concatenate([frozen_query(self.backbone, frozen, batch),
-                                self.adapted.features(trainable, frozen, batch["image"])], -1)
+                                self.adapted.features(trainable, frozen, batch["inputs"])], -1)
 
     def after_task(self, task, trainable, state, frozen, data, rng):
         trainable = FirstSession.finish(trainable)  # frozen from here on

@@ -284,7 +284,9 @@ class TaskData:
 
     Functions receive a *batch* dict, sharded over the mesh along its first axis::
 
-        {'image': (B, ...) inputs, 'label': (B,) int32 remapped labels,
+        {'inputs': (B, H, W, C) images, or for a text backbone {'token_ids',
+                   'attention_mask'} (B, L) int32 arrays -- read through backbone.apply,
+         'label': (B,) int32 remapped labels,
          'mask': (B,) float32, 1 for real examples and 0 for the padding of the last batch,
          'index': (B,) int32, the example's position in the task (0..num_examples-1)}
 
@@ -512,7 +514,7 @@ class Method:
 
     def logits(self, trainable: dict, state: dict, frozen: Any, batch: Mapping[str, Array],
                task: TaskSpec) -> Any:
-        """Evaluation logits of ``batch['image']`` over all ``num_classes`` classes (the loop
+        """Evaluation logits of ``batch['inputs']`` over all ``num_classes`` classes (the loop
         masks unseen ones); ``(logits, task_pred)`` when the method ``infers_task``. ``batch``
         may also hold ``'frozen_query'`` (see ``uses_frozen_query``)."""
         raise NotImplementedError

@@ -225,7 +225,7 @@ class CodaPrompt(Method):
     def _logits(self, trainable, frozen, batch, task_index, train):
         q = frozen_query(self.backbone, frozen, batch)
         components = self.components(trainable, task_index, train)
-        feature = prompted_cls_token(self.backbone, frozen, batch["image"],
+        feature = prompted_cls_token(self.backbone, frozen, batch["inputs"],
                                      self.context(components, q))
         return apply_linear_head(trainable["head"], feature), components
 

@@ -12,8 +12,13 @@ from pecft_jax.backbones.backbone import Backbone
 FROZEN_QUERY = "frozen_query"
 
 
+def num_examples(inputs) -> int:
+    """The batch size of a batch's ``inputs`` (an image array or a dict of token arrays)."""
+    return jax.tree_util.tree_leaves(inputs)[0].shape[0]
+
+
 def frozen_query(backbone: Backbone, frozen, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """q(x): the frozen, un-prompted pretrained model's [CLS] feature of ``batch['image']``,
+    """q(x): the frozen, un-prompted pretrained model's [CLS] feature of ``batch['inputs']``,
     without gradient -- or ``batch['frozen_query']`` when the loop precomputed it (fixed,
     un-augmented examples: the test sets, training data without augmentation).
 
@@ -21,7 +26,7 @@ def frozen_query(backbone: Backbone, frozen, batch: Mapping[str, jax.Array]) -> 
     infer the task from it; SimpleCIL's prototypes are its class means."""
     if FROZEN_QUERY in batch:
         return jax.lax.stop_gradient(batch[FROZEN_QUERY])
-    return jax.lax.stop_gradient(backbone.apply(frozen, batch["image"], output="cls"))
+    return jax.lax.stop_gradient(backbone.apply(frozen, batch["inputs"], output="cls"))
 
 
 def prompted_cls_token(backbone: Backbone, frozen, images: jax.Array, context) -> jax.Array:

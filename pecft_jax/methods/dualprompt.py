@@ -30,7 +30,7 @@ import numpy as np
 
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
                                     init_linear_head)
-from pecft_jax.methods.common import frozen_query, prompted_cls_token
+from pecft_jax.methods.common import frozen_query, num_examples, prompted_cls_token
 from pecft_jax.peft import prompt_pool
 from pecft_jax.backbones.context import resolve_layers
 from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
@@ -150,9 +150,9 @@ class DualPrompt(Method):
         return apply_linear_head(trainable["head"], feature)
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
-        images = batch["image"]
+        images = batch["inputs"]
         q = frozen_query(self.backbone, frozen, batch)
-        idx = jnp.full((images.shape[0], 1), task.index, jnp.int32)  # the true task's E-prompt
+        idx = jnp.full((num_examples(images), 1), task.index, jnp.int32)  # the true task's E-prompt
         logits = self._logits(trainable, frozen, images, idx)
         ce = self.masked_ce(logits, batch["label"], task)
         matching = prompt_pool.key_matching_loss(q, trainable["e_keys"], idx)
@@ -165,4 +165,4 @@ class DualPrompt(Method):
     def logits(self, trainable, state, frozen, batch, task):
         idx = self.select(trainable, frozen_query(self.backbone, frozen, batch),
                           batch.get("mask"))
-        return self._logits(trainable, frozen, batch["image"], idx), idx[:, 0]
+        return self._logits(trainable, frozen, batch["inputs"], idx), idx[:, 0]

@@ -53,7 +53,7 @@ import numpy as np
 from pecft_jax import peft
 from pecft_jax.methods.base import (Method, TaskSpec, config_field, count_params,
                                     mask_task_slice)
-from pecft_jax.methods.common import frozen_query
+from pecft_jax.methods.common import frozen_query, num_examples
 from pecft_jax.peft.prompt_pool import cosine_similarity, l2_normalize
 
 Array = jax.Array
@@ -174,7 +174,7 @@ class EASE(Method):
     def all_subspaces(self, adapters, frozen, images, t) -> Array:
         """``(T, B, D)``: ``phi_j(x)`` for ``j <= t``, zeros for the subspaces not trained yet
         (skipped, not computed)."""
-        shape = (images.shape[0], self.backbone.feature_dim)
+        shape = (num_examples(images), self.backbone.feature_dim)
 
         def one(j):
             return jax.lax.cond(j <= t, lambda: self.subspace(adapters, frozen, images, j)
@@ -183,7 +183,7 @@ class EASE(Method):
         return jax.lax.map(one, jnp.arange(self.num_tasks))
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
-        f = self.subspace(trainable["adapters"], frozen, batch["image"], task.index,
+        f = self.subspace(trainable["adapters"], frozen, batch["inputs"], task.index,
                           deterministic=False, rng=rng)
         proxy = trainable["proxy"]
         logits = proxy["sigma"] * cosine_similarity(f, proxy["kernel"].T)
@@ -192,7 +192,7 @@ class EASE(Method):
 
     def logits(self, trainable, state, frozen, batch, task: TaskSpec):
         c = self.config
-        phi = l2_normalize(self.all_subspaces(trainable["adapters"], frozen, batch["image"],
+        phi = l2_normalize(self.all_subspaces(trainable["adapters"], frozen, batch["inputs"],
                                               task.index))                        # (T, B, D)
         cos = jnp.einsum("jbd,cjd->bcj", phi, l2_normalize(state["prototypes"]))  # (B, C, T)
         weights = subspace_weights(task.task_of_class(), self.num_tasks, task.index, c.alpha,
@@ -230,7 +230,7 @@ class EASE(Method):
 
     def accumulate(self, carry, batch, adapters, frozen, t):
         """Adds the batch's features in every trained subspace to their classes' sums."""
-        phi = self.all_subspaces(adapters, frozen, batch["image"], t)              # (T, B, D)
+        phi = self.all_subspaces(adapters, frozen, batch["inputs"], t)              # (T, B, D)
         onehot = jax.nn.one_hot(batch["label"], self.num_classes) * batch["mask"][:, None]
         out = {"sum": carry["sum"] + jnp.einsum("bc,jbd->cjd", onehot, phi, precision=HIGHEST),
                "count": carry["count"] + onehot.sum(0)}

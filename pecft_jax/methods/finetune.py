@@ -71,11 +71,11 @@ class Finetune(Method):
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         logits = apply_linear_head(trainable["head"],
-                                   self.features(trainable, frozen, batch["image"],
+                                   self.features(trainable, frozen, batch["inputs"],
                                                  deterministic=False, rng=rng))
         loss = self.masked_ce(logits, batch["label"], task)
         return loss, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
     def logits(self, trainable, state, frozen, batch, task):
         return apply_linear_head(trainable["head"],
-                                 self.features(trainable, frozen, batch["image"]))
+                                 self.features(trainable, frozen, batch["inputs"]))

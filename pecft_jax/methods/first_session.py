@@ -77,7 +77,7 @@ class FirstSession:
              task) -> tuple:
         """Cross-entropy of the cosine classifier over the task's classes (dropout in the
         module on), with the method's masking and training accuracy."""
-        f = self.features(trainable, frozen, batch["image"], deterministic=False, rng=rng)
+        f = self.features(trainable, frozen, batch["inputs"], deterministic=False, rng=rng)
         logits = self.logits(trainable, f)
         ce = method.masked_ce(logits, batch["label"], task)
         return ce, {"metrics": {"accuracy": method.train_accuracy(logits, batch["label"], task)}}

@@ -327,7 +327,7 @@ class HiDePrompt(Method):
                 for layer in raw}
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
-        features = self._prompted_cls(frozen, batch["image"], self._training_prompt(trainable, task))
+        features = self._prompted_cls(frozen, batch["inputs"], self._training_prompt(trainable, task))
         logits = apply_linear_head(trainable["head"], features)
         ce = self.masked_ce(logits, batch["label"], task)
         protos, valid = stats_lib.prototypes(state["tap_stats"])
@@ -347,7 +347,7 @@ class HiDePrompt(Method):
         # every task's prompt (the prediction is one of the seen tasks)
         prompts = self._stacked(self.effective_prompts(trainable["prompts"], self.num_tasks - 1))
         per_example = {layer: value[task_pred] for layer, value in prompts.items()}
-        features = self._prompted_cls(frozen, batch["image"], per_example)
+        features = self._prompted_cls(frozen, batch["inputs"], per_example)
         return apply_linear_head(state["head"], features), task_pred
 
     # -------------------------------------------------------------- after task
@@ -374,7 +374,7 @@ class HiDePrompt(Method):
     def feature_pass(self, batch, frozen, prompt):
         """A batch's frozen and prompted [CLS] features (a TaskData pass)."""
         return {"frozen": frozen_query(self.backbone, frozen, batch),
-                "prompted": self._prompted_cls(frozen, batch["image"], prompt)}
+                "prompted": self._prompted_cls(frozen, batch["inputs"], prompt)}
 
     def step_state(self, state):
         """The steps read the TAP means (prototypes for the contrastive term), the TII and the

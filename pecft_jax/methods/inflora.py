@@ -179,19 +179,19 @@ class InfLoRA(Method):
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         logits = apply_linear_head(trainable["head"],
-                                   self.features(trainable, frozen, batch["image"]))
+                                   self.features(trainable, frozen, batch["inputs"]))
         ce = self.masked_ce(logits, batch["label"], task)
         return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
     def logits(self, trainable, state, frozen, batch, task):
         return apply_linear_head(trainable["head"],
-                                 self.features(trainable, frozen, batch["image"]))
+                                 self.features(trainable, frozen, batch["inputs"]))
 
     # ------------------------------------------------------------ around tasks
     def input_moments(self, carry, batch, trainable, frozen):
         """Adds ``sum x x^T`` over the batch's tokens of every block's query/key/value input
         (padding rows weigh 0) to ``carry`` ``(L, D, D)`` (a TaskData reduction)."""
-        blocks = self.features(trainable, frozen, batch["image"], output="features")["blocks"]
+        blocks = self.features(trainable, frozen, batch["inputs"], output="features")["blocks"]
         x = jnp.stack([b["attn_input"] for b in blocks])                   # (L, B, N, D)
         weighted = x * batch["mask"][None, :, None, None]
         return carry + jnp.einsum("lbnd,lbne->lde", weighted, x, precision=HIGHEST)

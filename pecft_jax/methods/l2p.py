@@ -99,7 +99,7 @@ class L2P(Method):
                            "previous_counts": state["previous_counts"] + state["task_counts"]}
 
     def _forward(self, trainable, state, frozen, batch, train: bool, task=None):
-        images = batch["image"]
+        images = batch["inputs"]
         q = frozen_query(self.backbone, frozen, batch)
         similarity = prompt_pool.cosine_similarity(q, trainable["keys"])
         c = self.config

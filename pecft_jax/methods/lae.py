@@ -157,7 +157,7 @@ class LAE(Method):
                                                            output="cls"))
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
-        logits = self.expert_logits(trainable["pet"], trainable["head"], frozen, batch["image"])
+        logits = self.expert_logits(trainable["pet"], trainable["head"], frozen, batch["inputs"])
         ce = self.masked_ce(logits, batch["label"], task)
         return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
@@ -165,13 +165,13 @@ class LAE(Method):
         """``log max(softmax(online), softmax(offline))`` over the seen classes (the online
         expert alone after the first task)."""
         seen = jnp.asarray(task.class_mask("seen"))
-        online = self.expert_logits(trainable["pet"], trainable["head"], frozen, batch["image"])
+        online = self.expert_logits(trainable["pet"], trainable["head"], frozen, batch["inputs"])
         log_p = lambda z: jax.nn.log_softmax(jnp.where(seen, z, -jnp.inf), axis=-1)
         # the offline expert exists from the second task on: no pass for it before
         return jax.lax.cond(
             task.index > 0,
             lambda: jnp.maximum(log_p(online), log_p(self.expert_logits(
-                state["offline"], trainable["head"], frozen, batch["image"]))),
+                state["offline"], trainable["head"], frozen, batch["inputs"]))),
             lambda: log_p(online))
 
     def count_trainable(self, trainable, state):

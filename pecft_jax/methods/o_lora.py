@@ -126,7 +126,7 @@ class OLoRA(Method):
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         c = self.config
         logits = apply_linear_head(trainable["head"], self.features(
-            trainable, frozen, batch["image"], deterministic=False, rng=rng))
+            trainable, frozen, batch["inputs"], deterministic=False, rng=rng))
         ce = self.masked_ce(logits, batch["label"], task)
         orth = orthogonality_loss(trainable["lora"], task.index)
         l2 = l2_loss(trainable["lora"], task.index)
@@ -136,7 +136,7 @@ class OLoRA(Method):
 
     def logits(self, trainable, state, frozen, batch, task):
         return apply_linear_head(trainable["head"],
-                                 self.features(trainable, frozen, batch["image"]))
+                                 self.features(trainable, frozen, batch["inputs"]))
 
     def count_trainable(self, trainable, state):
         return count_params(trainable)

@@ -166,7 +166,7 @@ class RanPAC(Method):
         first-session module: the frozen query, which the loop may have precomputed)."""
         if not self.adapted:
             return frozen_query(self.backbone, frozen, batch)
-        return self.adapted.features(trainable, frozen, batch["image"])
+        return self.adapted.features(trainable, frozen, batch["inputs"])
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         return self.adapted.loss(self, trainable, frozen, batch, rng, task)

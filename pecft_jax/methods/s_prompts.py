@@ -113,7 +113,7 @@ class SPrompts(Method):
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         prompts, kernels, biases = self._stacked(trainable)
         own = [prompts[task.index], kernels[task.index], biases[task.index]]  # traced index
-        features = self._features(frozen, batch["image"], own[0])
+        features = self._features(frozen, batch["inputs"], own[0])
         logits = features @ own[1] + own[2]
         ce = self.masked_ce(logits, batch["label"], task)
         # torch SGD's weight decay (g += wd * p) on the parameters being trained
@@ -143,7 +143,7 @@ class SPrompts(Method):
     def logits(self, trainable, state, frozen, batch, task):
         domain = self.predict_domain(state, frozen, batch, task)
         prompts, kernels, biases = self._stacked(trainable)
-        features = self._features(frozen, batch["image"], prompts[domain])  # (B, L, D) prompts
+        features = self._features(frozen, batch["inputs"], prompts[domain])  # (B, L, D) prompts
         every = jnp.einsum("bd,tdc->btc", features, kernels) + biases[None]
         logits = jnp.take_along_axis(every, domain[:, None, None], axis=1)[:, 0]
         return logits, domain

@@ -152,13 +152,13 @@ class SDLoRA(Method):
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         logits = apply_linear_head(trainable["head"], self.features(
-            trainable, frozen, batch["image"], task.index))
+            trainable, frozen, batch["inputs"], task.index))
         ce = self.masked_ce(logits, batch["label"], task)
         return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
     def logits(self, trainable, state, frozen, batch, task):
         return apply_linear_head(trainable["head"], self.features(
-            trainable, frozen, batch["image"], task.index))
+            trainable, frozen, batch["inputs"], task.index))
 
     def count_trainable(self, trainable, state):
         """Every task's factors within its rank, the magnitudes and the head."""

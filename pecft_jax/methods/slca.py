@@ -100,6 +100,11 @@ class SLCA(Method):
     def init(self, rng, frozen):
         copy = jax.tree_util.tree_map(jnp.array, dict(frozen))
         if self.config.fresh_final_norm:
+            if "encoder_norm" not in copy.get("Transformer", {}):
+                raise ValueError(f"slca fresh_final_norm re-initialises the final encoder_norm "
+                                 f"of a pre-LN ViT; {self.backbone.config.name} has none (a "
+                                 f"post-LN BERT ends each block with its own LayerNorm): set "
+                                 f"method.fresh_final_norm=False")
             norm = copy["Transformer"]["encoder_norm"]
             copy["Transformer"] = dict(copy["Transformer"], encoder_norm={
                 "scale": jnp.ones_like(norm["scale"]), "bias": jnp.zeros_like(norm["bias"])})
@@ -128,13 +133,13 @@ class SLCA(Method):
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         logits = apply_linear_head(trainable["head"],
-                                   self.features(trainable["backbone"], batch["image"]))
+                                   self.features(trainable["backbone"], batch["inputs"]))
         ce = self.masked_ce(logits, batch["label"], task)
         return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
     def logits(self, trainable, state, frozen, batch, task):
         return apply_linear_head(state["head"],
-                                 self.features(trainable["backbone"], batch["image"]))
+                                 self.features(trainable["backbone"], batch["inputs"]))
 
     # -------------------------------------------------------------- after task
     def after_task(self, task, trainable, state, frozen, data, rng):
@@ -153,7 +158,7 @@ class SLCA(Method):
 
     def feature_pass(self, batch, backbone_params):
         """A batch's [CLS] features under the trained backbone (a TaskData pass)."""
-        return self.features(backbone_params, batch["image"])
+        return self.features(backbone_params, batch["inputs"])
 
     def alignment(self, task: TaskSpec) -> stats_lib.ClassifierFit:
         if self._alignment is None:

@@ -152,7 +152,7 @@ class SSIAT(Method):
         return self.config.scale * cosine_similarity(features, head["kernel"].T)
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
-        f = self.features(trainable["adapter"], frozen, batch["image"], False, rng)
+        f = self.features(trainable["adapter"], frozen, batch["inputs"], False, rng)
         logits = self.scaled_cosine(trainable["head"], f)
         labels = batch["label"]
         margin = self.config.scale * self.config.margin * jax.nn.one_hot(
@@ -162,7 +162,7 @@ class SSIAT(Method):
 
     def logits(self, trainable, state, frozen, batch, task):
         return self.scaled_cosine(trainable["head"],
-                                  self.features(trainable["adapter"], frozen, batch["image"]))
+                                  self.features(trainable["adapter"], frozen, batch["inputs"]))
 
     # -------------------------------------------------------------- after task
     def after_task(self, task, trainable, state, frozen, data, rng):
@@ -189,10 +189,10 @@ class SSIAT(Method):
     def drift_pass(self, carry, batch, before, after, frozen, means):
         """Adds a batch's feature drift under this task's training to every class mean's
         shift sums (a TaskData reduction: the same images through both models)."""
-        y1 = self.features(before, frozen, batch["image"])
-        y2 = self.features(after, frozen, batch["image"])
+        y1 = self.features(before, frozen, batch["inputs"])
+        y2 = self.features(after, frozen, batch["inputs"])
         return semantic_shift(carry, y1, y2, means, batch["mask"], self.config.shift_sigma)
 
     def feature_pass(self, batch, adapter, frozen):
         """A batch's features under the adapted model (a TaskData pass)."""
-        return self.features(adapter, frozen, batch["image"])
+        return self.features(adapter, frozen, batch["inputs"])

@@ -24,8 +24,8 @@ class FrozenQueryCache:
     def __init__(self, backbone, frozen, *, shard: Callable[[dict], dict],
                  gather: Callable[[Any], Any], max_bytes: int):
         # exactly what a method computes when no cached value is in the batch
-        self._query = jax.jit(lambda frozen, image: frozen_query(backbone, frozen,
-                                                                 {"image": image}))
+        self._query = jax.jit(lambda frozen, inputs: frozen_query(backbone, frozen,
+                                                                  {"inputs": inputs}))
         self._frozen = frozen
         self._shard = shard
         self._gather = gather
@@ -46,8 +46,8 @@ class FrozenQueryCache:
         if name not in self._arrays:
             rows = []
             for local in batches():
-                batch = self._shard({"image": local["image"], "mask": local["mask"]})
-                query = np.asarray(self._gather(self._query(self._frozen, batch["image"])))
+                batch = self._shard({"inputs": local["inputs"], "mask": local["mask"]})
+                query = np.asarray(self._gather(self._query(self._frozen, batch["inputs"])))
                 rows.append(query[np.asarray(self._gather(batch["mask"])) > 0])
             self._arrays[name] = (np.concatenate(rows).astype(np.float32, copy=False) if rows
                                   else np.zeros((0, self.dim), np.float32))

