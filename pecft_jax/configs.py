@@ -11,7 +11,7 @@ import importlib.util
 import math
 import os
 import typing
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import ml_collections
 
@@ -428,6 +428,29 @@ VIT_B16_AUGREG_IN21K = "weights/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0
 # timm's `vit_base_patch16_224` in timm 0.4-0.6: AugReg, ImageNet-21k then fine-tuned on 1k
 VIT_B16_AUGREG_IN1K = ("weights/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--"
                        "imagenet2012-steps_20k-lr_0.01-res_224.npz")
+
+
+# Hugging Face's bert-base-uncased (model.safetensors, config.json, tokenizer.json): the BERT
+# of the text papers (Progressive Prompts' BERT experiments).
+BERT_BASE_UNCASED = "weights/bert-base-uncased"
+# Zhang et al. (2015) text-classification CSVs (train.csv, test.csv, classes.txt) as the
+# continual-learning codes use them, under this folder: <name>_csv/ for each name below.
+TEXT_CSV_ROOT = "data"
+TEXT_CSV_DATASETS = ("ag_news", "yelp_review_full", "amazon_review_full", "yahoo_answers",
+                     "dbpedia")
+
+
+def text_csv_sequence(c: ml_collections.ConfigDict, order: Sequence[str]) -> None:
+    """``c``'s scenario: one task per CSV dataset of ``order`` (names of
+    :data:`TEXT_CSV_DATASETS`, read from ``TEXT_CSV_ROOT/<name>_csv``), each its own classes."""
+    unknown = [name for name in order if name not in TEXT_CSV_DATASETS]
+    if unknown:
+        raise ValueError(f"unknown CSV text datasets {unknown}; known: {TEXT_CSV_DATASETS}")
+    c.dataset.name = "text_csv_sequence"
+    c.scenario.num_tasks = len(order)
+    c.scenario.datasets = [{"name": f"csv:{name}",
+                            "data_dir": os.path.join(TEXT_CSV_ROOT, f"{name}_csv")}
+                           for name in order]
 
 
 def config_arg(config_name: str, arg: str, choices: tuple) -> str:

@@ -457,6 +457,36 @@ def test_prompts_and_prefixes_change_the_output(micro, batch):
     assert prefixed.shape == plain.shape and np.abs(prefixed - plain).max() > 1e-2
 
 
+def test_masked_prompt_tokens_change_no_other_token(micro, batch):
+    """prompt_mask 0 makes prompt tokens inert: every other token's output is that of the
+    sequence without them, exactly; per-example masks too."""
+    cfg, params, _ = micro
+    ids, mask, _ = batch
+    rng = np.random.default_rng(8)
+    kept, dropped = _rand(rng, 2, D, std=1.0), _rand(rng, 3, D, std=1.0)
+    short = _tokens(cfg, params, ids, mask, PEFTContext({0: LayerPEFT(prompt=kept)}))
+    both = np.concatenate([kept, dropped])
+    masked = _tokens(cfg, params, ids, mask, PEFTContext({0: LayerPEFT(
+        prompt=both, prompt_mask=np.array([1, 1, 0, 0, 0]))}))
+    assert masked.shape == (4, short.shape[1] + 3, D)
+    keep = np.r_[0, 1, 2, 6:masked.shape[1]]  # [CLS], the live prompts, the text
+    np.testing.assert_allclose(masked[:, keep], short, atol=1e-5)
+    per_example = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]] * 2)
+    mixed = _tokens(cfg, params, ids, mask, PEFTContext({0: LayerPEFT(
+        prompt=both, prompt_mask=per_example)}))
+    np.testing.assert_allclose(mixed[0][keep], short[0], atol=1e-5)
+    assert np.abs(mixed[1][keep] - short[1]).max() > 1e-2
+    with pytest.raises(ValueError, match="prompt_mask is given without a prompt"):
+        LayerPEFT(prompt_mask=np.ones(2))
+    from pecft_jax.backbones import vit
+    vcfg = vit.get_config("ViT-Micro/4", num_classes=0)
+    vparams = vit.init_params(vcfg, jax.random.key(0))
+    with pytest.raises(ValueError, match="prompt_mask needs an attention mask"):
+        vit.apply(vcfg, vparams, np.zeros((1, vcfg.image_size, vcfg.image_size, 1)),
+                  PEFTContext({0: LayerPEFT(prompt=np.zeros((1, vcfg.hidden_size)),
+                                            prompt_mask=np.ones(1))}), output="cls")
+
+
 def test_lora_with_zero_b_is_the_plain_encoder_and_trains_b_first(micro, batch):
     cfg, params, _ = micro
     ids, mask, _ = batch

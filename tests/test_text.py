@@ -274,3 +274,46 @@ def test_text_configs_load_for_every_text_benchmark(name):
         assert c.backbone.checkpoint == "minilm" and c.benchmark == arg
         assert c.backbone.max_length == {"wordnet": 48, "vader": 64}.get(arg, 128)
         assert c.method.name == name and c.train.epochs == 2
+
+
+def test_csv_text_datasets_read_the_zhang_et_al_layout(tmp_path):
+    rows = [("3", "Wall St. Bears Claw Back", "Reuters - Short-sellers, \\nWall Street's"),
+            ("1", "Title one", "body, with a comma"), ("3", "Another", ""),
+            ("2", "Only title", "x")]
+    import csv as csv_lib
+    for split in ("train", "test"):
+        with open(tmp_path / f"{split}.csv", "w", newline="") as f:
+            csv_lib.writer(f, quoting=csv_lib.QUOTE_ALL).writerows(rows)
+    (tmp_path / "classes.txt").write_text("World\nSports\nBusiness\n")
+    source = ts.load_text_source("csv:ag_news", "train", data_dir=str(tmp_path))
+    assert source.class_names == ["World", "Sports", "Business"]
+    assert source.labels.tolist() == [2, 0, 2, 1]
+    assert source.texts([0, 1, 2]) == ["Wall St. Bears Claw Back Reuters - Short-sellers, "
+                                       "Wall Street's", "Title one body, with a comma", "Another"]
+    capped = ts.load_text_source("csv", "test", data_dir=str(tmp_path), max_per_class=1)
+    assert sorted(capped.labels.tolist()) == [0, 1, 2]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train.csv").write_text('"x","text"\n')
+    with pytest.raises(ValueError, match="is not a class index"):
+        ts.load_text_source("csv", "train", data_dir=str(tmp_path / "bad"))
+    with pytest.raises(FileNotFoundError, match="needs dataset.data_dir holding train.csv"):
+        ts.load_text_source("csv", "test", data_dir=str(tmp_path / "bad"))
+    # a sequence of CSV datasets, each from its own folder, each its own classes
+    from pecft_jax.configs import base_config
+    c = base_config()
+    c.scenario.num_tasks = 2
+    c.scenario.datasets = [{"name": "csv:a", "data_dir": str(tmp_path)},
+                           {"name": "csv:b", "data_dir": str(tmp_path)}]
+    scenario = scenarios.build_scenario(c)
+    assert [t.classes for t in scenario.tasks] == [(0, 1, 2), (3, 4, 5)]
+    assert scenario.class_names()[3:] == ["csv:b:World", "csv:b:Sports", "csv:b:Business"]
+
+
+@pytest.mark.parametrize("order", ["bert_order4", "bert_order5", "bert_order6"])
+def test_progressive_prompts_paper_configs_name_the_official_orders(order):
+    c = load_config_file(os.path.join(ROOT, "experiments", "configs",
+                                      "progressive_prompts.py"), order)
+    names = [d["name"] for d in c.scenario.datasets]
+    assert len(names) == 5 and len(set(names)) == 5 and all(n.startswith("csv:") for n in names)
+    assert (c.backbone.max_length, c.train.learning_rate, c.train.batch_size,
+            c.train.epochs, c.method.prompt_length) == (451, 3e-5, 8, 50, 10)

