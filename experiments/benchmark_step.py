@@ -166,8 +166,8 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     batch = {"inputs": jnp.asarray(images), "label": jnp.asarray(labels),
              "mask": jnp.ones(args.batch_size), "index": jnp.arange(args.batch_size)}
     if cached:
-        batch[FROZEN_QUERY] = jax.jit(lambda f, x: frozen_query(method.backbone, f,
-                                                                {"inputs": x}))(frozen, batch["inputs"])
+        query = jax.jit(lambda f, x: frozen_query(method.backbone, f, {"inputs": x}))
+        batch[FROZEN_QUERY] = query(frozen, batch["inputs"])
     task = spec if method.static_task else TaskSpec(np.int32(0), NUM_CLASSES, task_classes())
 
     kind = jax.local_devices()[0].device_kind

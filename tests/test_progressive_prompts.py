@@ -125,3 +125,26 @@ def test_learnt_tasks_never_change(tmp_path):
                                   first["head"]["hidden"]["kernel"][0])
     np.testing.assert_array_equal(second["mlp"]["down"]["kernel"][0],
                                   first["mlp"]["down"]["kernel"][0])
+
+
+@needs_minilm
+def test_shared_classes_are_scored_by_the_latest_task(micro, batch):  # noqa: F811
+    """Domain-incremental (every task teaches classes 0 and 1): after task t the logits are
+    head t's with prompts 0..t -- never an unlearnt task's zeros."""
+    cfg, params, _ = micro
+    ids, mask, _ = batch
+    method = ProgressivePrompts({"prompt_length": LENGTH, "residual_mlp": False},
+                                TextBackbone(cfg, minilm_dir(), max_length=10), num_classes=2,
+                                num_tasks=TASKS)
+    trainable, state = method.init(jax.random.key(3), params)
+    spec = task_spec(0, ((0, 1),) * TASKS)
+    inputs = {"token_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+    for t in range(TASKS):
+        spec = task_spec(t, ((0, 1),) * TASKS)
+        _, state = method.after_task(spec, trainable, state, params, None, None)
+        got = np.asarray(method.logits(trainable, state, params, {"inputs": inputs}, spec))
+        tokens = jnp.broadcast_to(state["prompt_tokens"], (4,) + state["prompt_tokens"].shape)
+        want = np.asarray(method._head(trainable["head"],
+                                       method._encode(params, inputs, tokens, t), t))
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert np.abs(got).max() > 0

@@ -1,6 +1,7 @@
 """Progressive Prompts (Razdaibiedina et al., ICLR 2023), on text.
 
-    python -m pecft_jax.run --config experiments/configs/progressive_prompts.py:wordnet --workdir DIR
+    python -m pecft_jax.run --workdir DIR \
+        --config experiments/configs/progressive_prompts.py:wordnet
     arg: wordnet [default] | vader | text_sequence | bert_order4 | bert_order5 | bert_order6
 
 The method's values are the official BERT code's (arazd/ProgressivePrompts @01572d6,

@@ -63,10 +63,10 @@ class TextBackbone:
     """A BERT-family encoder over ``inputs = {'token_ids', 'attention_mask'}`` (int
     ``(B, max_length)``), with the tokenizer that makes them.
 
-    ``output='cls'`` (and ``'pre_logits'``) is the encoder's pooled sentence representation -- the [CLS] token or
-    the mean of the real tokens, as the checkpoint was trained (``config.pooling``;
-    sentence-transformers' ``1_Pooling`` for MiniLM says mean) -- the counterpart of the
-    ViT's ``'cls'``, which is likewise its classifier's pooling. ``'tokens'`` keeps [CLS] at
+    ``output='cls'`` (and ``'pre_logits'``) is the encoder's pooled sentence representation
+    -- the [CLS] token or the mean of the real tokens, as the checkpoint was trained
+    (``config.pooling``; sentence-transformers' ``1_Pooling`` for MiniLM says mean) -- the
+    counterpart of the ViT's ``'cls'``, which is likewise its classifier's pooling. ``'tokens'`` keeps [CLS] at
     position 0, so methods that read ``tokens[:, 0]`` read BERT's [CLS] state.
     """
     config: bert.BertConfig

@@ -416,7 +416,8 @@ def _augmentation(preprocess: Preprocess, batch_size: int, mine: slice, seed: tu
     return crops, flips, draws, factors
 
 
-def _mapped_labels(source: LabelledSource, indices: np.ndarray, label_map: np.ndarray) -> np.ndarray:
+def _mapped_labels(source: LabelledSource, indices: np.ndarray, label_map: np.ndarray
+                   ) -> np.ndarray:
     label_map = np.asarray(label_map)
     original = source.labels[indices]
     if original.size and original.max() >= len(label_map):
@@ -543,8 +544,8 @@ def eval_stream(parts: Sequence[Tuple[LabelledSource, np.ndarray]], label_map: n
 
     Yields:
       ``{'inputs': float32 (b, S, S, C) or the token arrays, 'label': int32 (b,), 'mask':
-      float32 (b,), 'index': int32 (b,)}``; ``index`` is the example's position in the stream (part 0's
-      examples first); padding rows carry positions past the end.
+      float32 (b,), 'index': int32 (b,)}``; ``index`` is the example's position in the
+      stream (part 0's examples first); padding rows carry positions past the end.
     """
     local = _check_sharding(batch_size, process_index, process_count)
     parts = [(source, _as_indices(indices)) for source, indices in parts]

@@ -220,21 +220,25 @@ class ProgressivePrompts(Method):
         return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
     def logits(self, trainable, state, frozen, batch, task):
-        """Every learnt task ``j``'s classes scored by head ``j`` with prompts ``0..j``."""
+        """Every learnt task ``j``'s classes scored by head ``j`` with prompts ``0..j``. A
+        class several tasks share (domain-incremental: no task identity at test time) is
+        scored by the latest learnt of them, with every prompt so far."""
         inputs = batch["inputs"]
         batch_size = inputs["token_ids"].shape[0]
         tokens = jnp.broadcast_to(state["prompt_tokens"],
                                   (batch_size,) + state["prompt_tokens"].shape)
-        owner = jnp.asarray(np.concatenate([
-            np.full(len(classes), k) for k, classes in enumerate(task.task_classes)]))
-        order = jnp.asarray(np.concatenate([np.asarray(c, int) for c in task.task_classes]))
-        owner = jnp.zeros(self.num_classes, jnp.int32).at[order].set(owner)
+        has = np.zeros((self.num_tasks, self.num_classes), bool)    # task k teaches class c
+        for k, classes in enumerate(task.task_classes):
+            has[k, list(classes)] = True
+        learnt = jnp.asarray(has) & (jnp.arange(self.num_tasks) <= task.index)[:, None]
+        owner = jnp.max(jnp.where(learnt, jnp.arange(self.num_tasks)[:, None], -1), axis=0)
 
         def one(j):
             def scored():
                 return self._head(trainable["head"], self._encode(frozen, inputs, tokens, j),
                                   j)
-            return jax.lax.cond(j <= task.index, scored,
+            # only the passes whose head scores some class (none past the current task)
+            return jax.lax.cond(jnp.any(owner == j), scored,
                                 lambda: jnp.zeros((batch_size, self.num_classes), jnp.float32))
 
         per_task = jax.lax.map(one, jnp.arange(self.num_tasks))        # (T, B, C)

@@ -146,9 +146,10 @@ def check_modality(scenario: scenarios.Scenario, backbone: Any) -> None:
     for task in scenario.tasks:
         for source in (task.train_source, task.test_source):
             if source.modality != backbone.modality:
+                article = "an" if backbone.modality == "image" else "a"
                 raise ValueError(
                     f"dataset {source.name!r} holds {source.modality} data but "
-                    f"backbone.checkpoint gives a {backbone.modality} backbone "
+                    f"backbone.checkpoint gives {article} {backbone.modality} backbone "
                     f"({backbone.config.name}); pair text datasets (wordnet, trec, bbc, "
                     f"vader:<domain>) with a text checkpoint ('minilm', a BERT folder) and "
                     f"image datasets with a ViT")
