@@ -35,7 +35,7 @@ demo: setup
 	$(PY) -m pecft_jax.run --config experiments/configs/l2p.py:split_mnist --workdir $(WORKDIR)
 
 # The text demo: Progressive Prompts on WordNet (5 tasks x 4 classes of real definitions) with
-# the real pretrained all-MiniLM-L6-v2; the same outputs as `make demo` (~4 min on 2 cores).
+# the real pretrained all-MiniLM-L6-v2; the same outputs as `make demo` (~6 min on 2 cores).
 TEXT_WORKDIR ?= workdirs/wordnet_progressive_prompts
 demo-text: setup data
 	$(PY) -m pecft_jax.run --config experiments/configs/progressive_prompts.py:wordnet --workdir $(TEXT_WORKDIR)
