@@ -70,10 +70,11 @@ def test_domain_prediction_is_the_nearest_stored_centroid():
         d[:, ~valid] = np.inf
         d[:, t + 1:] = np.inf
         expected = d.min(-1).argmin(-1)
-        got = np.asarray(method.predict_domain(state, frozen, {"inputs": jnp.asarray(images)}, spec(t)))
+        got = np.asarray(method.predict_domain(state, frozen, {"inputs": jnp.asarray(images)},
+                                               spec(t)))
         np.testing.assert_array_equal(got, expected)
-    assert set(np.asarray(method.predict_domain(state, frozen, {"inputs": jnp.asarray(images)}, spec(2)))) \
-        >= {1, 2}
+    predicted = method.predict_domain(state, frozen, {"inputs": jnp.asarray(images)}, spec(2))
+    assert set(np.asarray(predicted)) >= {1, 2}
 
 
 def test_each_example_gets_its_domains_prompt_and_classifier():

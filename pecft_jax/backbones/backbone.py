@@ -16,10 +16,11 @@ it is never baked into a compiled program as a constant and never reaches ``jax.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
+import json
 import os
 from typing import Any, Optional, Sequence
-
-import importlib.util
 
 import jax
 
@@ -66,8 +67,9 @@ class TextBackbone:
     ``output='cls'`` (and ``'pre_logits'``) is the encoder's pooled sentence representation
     -- the [CLS] token or the mean of the real tokens, as the checkpoint was trained
     (``config.pooling``; sentence-transformers' ``1_Pooling`` for MiniLM says mean) -- the
-    counterpart of the ViT's ``'cls'``, which is likewise its classifier's pooling. ``'tokens'`` keeps [CLS] at
-    position 0, so methods that read ``tokens[:, 0]`` read BERT's [CLS] state.
+    counterpart of the ViT's ``'cls'``, which is likewise its classifier's pooling.
+    ``'tokens'`` keeps [CLS] at position 0, so methods that read ``tokens[:, 0]`` read
+    BERT's [CLS] state.
     """
     config: bert.BertConfig
     tokenizer_path: str
@@ -87,9 +89,11 @@ class TextBackbone:
         return bert.apply(self.config, params, inputs["token_ids"], inputs["attention_mask"],
                           peft, output="pooled" if pooled else output, **kwargs)
 
+    @functools.cached_property
     def tokenizer(self):
+        """The tokenizer (read from its file once per backbone): every batch padded to
+        ``max_length``, one compiled shape per kind of step."""
         from pecft_jax.data.text import TextTokenizer
-        # every batch padded to max_length: one compiled shape per kind of step
         return TextTokenizer(self.tokenizer_path, self.max_length, padding="max_length")
 
 
@@ -115,8 +119,7 @@ def is_text_checkpoint(checkpoint: str) -> bool:
         return checkpoint.split(":", 1)[1] in bert.named_configs()
     directory = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
     config_path = os.path.join(directory, "config.json")
-    if not checkpoint.endswith((".npz",)) and os.path.isfile(config_path):
-        import json
+    if not checkpoint.endswith(".npz") and os.path.isfile(config_path):
         with open(config_path) as handle:
             return json.load(handle).get("model_type") == "bert"
     return False
@@ -150,7 +153,7 @@ def load_text_backbone(checkpoint: str, *, max_length: Optional[int], tokenizer:
     backbone = TextBackbone(cfg, os.fspath(source), int(max_length))
     # a missing or unusable tokenizer fails here, before the run; so does one whose ids
     # run past the embedding table (a gather there would clamp them silently)
-    vocabulary = backbone.tokenizer().tokenizer.get_vocab_size()
+    vocabulary = backbone.tokenizer.tokenizer.get_vocab_size()
     if vocabulary > cfg.vocab_size:
         raise ValueError(f"the tokenizer {source} has {vocabulary} tokens but {cfg.name} embeds "
                          f"{cfg.vocab_size}; give the checkpoint's own tokenizer "
@@ -201,6 +204,6 @@ def backbone_from_config(bcfg: Any, seed: int) -> tuple:
         return load_text_backbone(bcfg.checkpoint, max_length=bcfg.get("max_length", None),
                                   tokenizer=bcfg.get("tokenizer", None), seed=seed, **execution)
     return load_backbone(bcfg.checkpoint, image_size=bcfg.get("image_size", None),
-                         mean=tuple(bcfg.get("mean", (0.5,))), std=tuple(bcfg.get("std", (0.5,))),
-                         seed=seed, gelu_approximate=bcfg.get("gelu_approximate", None),
-                         **execution)
+                         mean=tuple(bcfg.get("mean", (0.5,))),
+                         std=tuple(bcfg.get("std", (0.5,))), seed=seed,
+                         gelu_approximate=bcfg.get("gelu_approximate", None), **execution)

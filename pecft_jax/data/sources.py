@@ -482,14 +482,20 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int
     return train.astype(np.int64), test.astype(np.int64)
 
 
-def _split_array_source(images, labels, *, name, split, class_names, seed, test_fraction):
+def split_rows(labels: np.ndarray, split: str, *, name: str, seed: int,
+               test_fraction: float) -> np.ndarray:
+    """The rows of split ``split`` of a dataset without an official test set: ``'all'``, or
+    ``'train'`` / ``'test'`` of the seeded :func:`stratified_split`."""
     if split == "all":
-        return ArraySource(images, labels, name=name, split=split, class_names=class_names,
-                           origin_indices=np.arange(len(labels)))
+        return np.arange(len(labels))
     if split not in ("train", "test"):
         raise ValueError(f"{name} has splits 'train', 'test' and 'all', got {split!r}")
     train, test = stratified_split(labels, test_fraction, seed)
-    rows = train if split == "train" else test
+    return train if split == "train" else test
+
+
+def _split_array_source(images, labels, *, name, split, class_names, seed, test_fraction):
+    rows = split_rows(labels, split, name=name, seed=seed, test_fraction=test_fraction)
     return ArraySource(images[rows], labels[rows], name=name, split=split,
                        class_names=class_names, origin_indices=rows)
 

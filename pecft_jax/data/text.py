@@ -4,9 +4,10 @@ scenarios split into tasks), :class:`TextTokenizer` (text -> ``token_ids`` /
 text counterpart of the image ``Preprocess``).
 
 The tokenizer is a thin wrapper over the ``tokenizers`` package
-(``Tokenizer.from_file('tokenizer.json')``). Padding and truncation are always set here from the caller's arguments: a
-``tokenizer.json`` may carry its own (all-MiniLM-L6-v2's pads and truncates to a fixed 128
-tokens), which is switched off first, so the result never depends on what the file says.
+(``Tokenizer.from_file('tokenizer.json')``). Padding and truncation are always set here
+from the caller's arguments: a ``tokenizer.json`` may carry its own (all-MiniLM-L6-v2's
+pads and truncates to a fixed 128 tokens), which is switched off first, so the result
+never depends on what the file says.
 """
 from __future__ import annotations
 

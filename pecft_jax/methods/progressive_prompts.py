@@ -111,7 +111,7 @@ class ProgressivePrompts(Method):
                              f"text tokens need position ids up to {self.positions.max()}, but "
                              f"{cfg.name} has {cfg.max_position_embeddings}; shorten "
                              f"backbone.max_length or method.prompt_length")
-        self.cls_id = backbone.tokenizer().tokenizer.token_to_id("[CLS]")
+        self.cls_id = backbone.tokenizer.tokenizer.token_to_id("[CLS]")
         if self.cls_id is None:
             raise ValueError(f"the tokenizer {backbone.tokenizer_path} has no [CLS] token, whose "
                              f"embedding starts every prompt")

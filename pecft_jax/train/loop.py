@@ -744,7 +744,7 @@ class ContinualTrainer:
             if augment and aug.get("enabled", False):
                 raise ValueError("augment.enabled=True with a text backbone: there is no text "
                                  "augmentation; set augment.enabled=False")
-            return TextPreprocess(self.backbone.tokenizer())
+            return TextPreprocess(self.backbone.tokenizer)
         return pipeline.Preprocess(
             image_size=self.backbone.image_size, channels=self.backbone.channels,
             mean=tuple(self.backbone.mean), std=tuple(self.backbone.std),
