@@ -126,7 +126,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
     c.train.checkpoint_every_steps = 200
     c.train.log_every_steps = 20
-    c.train.prefetch = 2  # batches prepared ahead on the host (0 = off)
+    # The host input pipeline (grain, pecft_jax/data/loader.py): batches read ahead, reading
+    # threads (PIL and numpy release the GIL), worker processes (0: none; they start once
+    # per task). None of them changes the batches.
+    c.train.prefetch = 2
+    c.train.read_threads = 2
+    c.train.read_processes = 0
     # a step with a non-finite loss or parameters: 'stop' the run (nothing diverged is
     # checkpointed) or 'skip_step' (keep the step's inputs; results.json counts them)
     c.train.on_nonfinite = "stop"
@@ -159,6 +164,7 @@ def _is_number(value) -> bool:
 # resume with them changed, and runs that differ only in them (and the seed) are one
 # setting in pecft_jax.report's tables.
 EXECUTION_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "train.prefetch",
+                  "train.read_threads", "train.read_processes",
                   "train.on_nonfinite", "progress_bar", "compilation_cache_dir",
                   "feature_cache.enabled", "feature_cache.max_bytes", "eval.batch_size",
                   "num_devices", "distributed")
@@ -191,6 +197,9 @@ _RANGES = (
     ("train.checkpoint_every_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = off)"),
     ("train.log_every_steps", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("train.prefetch", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = off)"),
+    ("train.read_threads", lambda v: _is_int(v) and v >= 0,
+     "an int >= 0 (0 = read in the training thread)"),
+    ("train.read_processes", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = none)"),
     ("train.on_nonfinite", lambda v: v in ("stop", "skip_step"), "'stop' or 'skip_step'"),
     ("dataset.resample", lambda v: v in _RESAMPLES, f"one of {_RESAMPLES}"),
     ("augment.crop_resample", lambda v: v is None or v in _RESAMPLES,

@@ -110,3 +110,49 @@ def task_checkpoints(workdir, tasks, part=None):
     finally:
         ckpt.close()
     return [r[part] for r in restored] if part else restored
+
+
+class Interrupted(Exception):
+    """A simulated crash of a run."""
+
+
+class _CrashingIterator:
+    """The loop's training-batch iterator, raising :class:`Interrupted` when the run takes
+    its ``at``-th batch (counted over tasks from 1), as if the process died there."""
+
+    def __init__(self, iterator, counter, at, each_batch):
+        self.iterator, self.counter, self.at, self.each_batch = iterator, counter, at, each_batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.iterator)
+        self.counter["n"] += 1
+        if self.counter["n"] == self.at:
+            raise Interrupted()
+        if self.each_batch is not None:
+            self.each_batch()
+        return batch
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def close(self):
+        from pecft_jax.data import loader
+        loader.close(self.iterator)
+
+
+def crash_at_training_batch(monkeypatch, at, each_batch=None):
+    """Until the returned function is called, a run crashes (:class:`Interrupted`) when it
+    takes its ``at``-th training batch (1-based, counted over tasks); ``each_batch()`` runs
+    for every batch taken before."""
+    from pecft_jax.data import loader
+    real, counter = loader.resume, {"n": 0}
+
+    def resume(*args, **kwargs):
+        iterator, start = real(*args, **kwargs)
+        return _CrashingIterator(iterator, counter, at, each_batch), start
+
+    monkeypatch.setattr(loader, "resume", resume)
+    return lambda: monkeypatch.setattr(loader, "resume", real)

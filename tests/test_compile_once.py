@@ -225,12 +225,12 @@ def test_batchwise_selection_is_evaluated_task_by_task(tmp_path, monkeypatch, ba
     """Batch-wise prompt choice depends on the batch: the official code evaluates each task
     in batches of its own, so the loop does too; otherwise one stream serves all tasks."""
     calls = []
-    real = pipeline.eval_stream
 
-    def recording(parts, *args, **kwargs):
-        calls.append(len(parts))
-        return real(parts, *args, **kwargs)
-    monkeypatch.setattr(pipeline, "eval_stream", recording)
+    class Recording(pipeline.StreamBatches):
+        def __init__(self, parts, *args, **kwargs):
+            calls.append(len(parts))
+            super().__init__(parts, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "StreamBatches", Recording)
     config = tiny_config(batchwise_prompt=batchwise)
     config.scenario.num_tasks = 2
     config.train.epochs = 0

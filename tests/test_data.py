@@ -10,7 +10,7 @@ import pytest
 
 from pecft_jax.data import (ArraySource, Preprocess, TransformedSource, build_scenario,
                             class_incremental, domain_incremental, eval_batches, load_source,
-                            num_eval_batches, prefetch, preprocess_images, read_idx,
+                            num_eval_batches, preprocess_images, read_idx,
                             resize_bilinear, resolve_class_order, steps_per_epoch,
                             task_incremental, task_sizes, train_batches)
 from pecft_jax.data import pipeline, sources as sources_lib
@@ -494,17 +494,6 @@ def test_eval_batches_pad_and_mask():
         for key in ("inputs", "index"):
             np.testing.assert_array_equal(
                 np.concatenate([shards[0][step][key], shards[1][step][key]]), batches[step][key])
-
-
-def test_prefetch_keeps_order_and_raises():
-    assert list(prefetch(iter(range(10)), size=3)) == list(range(10))
-
-    def broken():
-        yield 1
-        raise RuntimeError("reader failed")
-
-    with pytest.raises(RuntimeError, match="reader failed"):
-        list(prefetch(broken()))
 
 
 def test_class_order_helper_rejects_unknown_strings():

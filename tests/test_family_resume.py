@@ -4,14 +4,9 @@ copy), LAE with an optimizer group that starts late -- resumed from a checkpoint
 task ends bit-identical to the uninterrupted run."""
 import pytest
 
-from pecft_jax.data import pipeline
 from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import assert_same_task_checkpoint, tiny_config
-
-
-class _Interrupted(Exception):
-    pass
+from helpers import Interrupted, assert_same_task_checkpoint, crash_at_training_batch, tiny_config
 
 
 def _config(method):
@@ -27,20 +22,12 @@ def _config(method):
 @pytest.mark.parametrize("method", ["ssiat", "ease", "lae"])
 def test_resume_inside_the_second_task_is_bit_identical(method, tmp_path, monkeypatch):
     whole = train_and_evaluate(_config(method), str(tmp_path / "whole"))
-    real_batches, calls = pipeline.train_batches, {"n": 0}
     first_task_steps = whole["train_steps"] // 2
-
-    def crashing_batches(*args, **kwargs):
-        for batch in real_batches(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == first_task_steps + 8:  # task 1, after its step-6 checkpoint
-                raise _Interrupted()
-            yield batch
-
-    monkeypatch.setattr(pipeline, "train_batches", crashing_batches)
-    with pytest.raises(_Interrupted):
+    # task 1, after its step-6 checkpoint
+    undo = crash_at_training_batch(monkeypatch, first_task_steps + 8)
+    with pytest.raises(Interrupted):
         train_and_evaluate(_config(method), str(tmp_path / "resumed"))
-    monkeypatch.setattr(pipeline, "train_batches", real_batches)
+    undo()
     resumed = train_and_evaluate(_config(method), str(tmp_path / "resumed"))
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
     assert_same_task_checkpoint(tmp_path / "whole", tmp_path / "resumed", 1)

@@ -17,7 +17,8 @@ from pecft_jax.train import partition
 from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
 
-from helpers import array_task_data, assert_same_task_checkpoint, tiny_config
+from helpers import (Interrupted, array_task_data, assert_same_task_checkpoint,
+                     crash_at_training_batch, tiny_config)
 
 
 # ------------------------------------------------------------------ TaskData.reduce / map
@@ -430,14 +431,9 @@ def test_joint_on_a_domain_scenario_fails_clearly(tmp_path):
         train_and_evaluate(config, str(tmp_path))
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def test_resume_inside_a_task_with_a_stateless_optimizer_skips_before_task(tmp_path, monkeypatch):
     """Plain SGD keeps no optimizer arrays; a run resumed inside task 0 (RanPAC's phase 1)
     must still continue past before_task, and end where the uninterrupted run ends."""
-    from pecft_jax.data import pipeline
     from pecft_jax.methods.ranpac import RanPAC
 
     def config():
@@ -448,19 +444,10 @@ def test_resume_inside_a_task_with_a_stateless_optimizer_skips_before_task(tmp_p
         return c
 
     whole = train_and_evaluate(config(), str(tmp_path / "whole"))
-    real_batches, calls = pipeline.train_batches, {"n": 0}
-
-    def crashing_batches(*args, **kwargs):
-        for batch in real_batches(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 20:  # inside task 0, after the checkpoint of step 18
-                raise _Interrupted()
-            yield batch
-
-    monkeypatch.setattr(pipeline, "train_batches", crashing_batches)
-    with pytest.raises(_Interrupted):
+    undo = crash_at_training_batch(monkeypatch, 20)  # inside task 0, after step 18's checkpoint
+    with pytest.raises(Interrupted):
         train_and_evaluate(config(), str(tmp_path / "resumed"))
-    monkeypatch.setattr(pipeline, "train_batches", real_batches)
+    undo()
     seen = []
     real_before = RanPAC.before_task
 

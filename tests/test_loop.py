@@ -10,13 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pecft_jax.data import pipeline
 from pecft_jax.evaluate import evaluate_checkpoint
 from pecft_jax.methods import TaskSpec, create_method
 from pecft_jax.train.checkpoint import Checkpointer, CheckpointMismatch
 from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import tiny_config
+from helpers import Interrupted, crash_at_training_batch, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -131,30 +130,19 @@ def assert_rows_close(actual, expected, atol):
         np.testing.assert_allclose(a, e, atol=atol)
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def test_interrupted_run_resumes_to_the_same_accuracy_matrix(l2p_run, tmp_path, monkeypatch):
     _, uninterrupted = l2p_run
     workdir = str(tmp_path)
-    real_batches = pipeline.train_batches
-    calls = {"n": 0}
-
-    def crashing_batches(*args, **kwargs):
-        for batch in real_batches(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 17:  # inside task 2 (about 7 steps per task), after a checkpoint
-                raise _Interrupted()
-            clock["offset"] += 100.0  # each batch "takes" 100 s of the loop's clock
-            yield batch
-
     clock, real_time = {"offset": 0.0}, time.time
-    monkeypatch.setattr(pipeline, "train_batches", crashing_batches)
+
+    def tick():  # each batch "takes" 100 s of the loop's clock
+        clock["offset"] += 100.0
+    # the 17th batch is inside task 2 (about 7 steps per task), after a checkpoint
+    undo = crash_at_training_batch(monkeypatch, 17, each_batch=tick)
     monkeypatch.setattr(time, "time", lambda: real_time() + clock["offset"])
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         train_and_evaluate(tiny_config(), workdir)
-    monkeypatch.setattr(pipeline, "train_batches", real_batches)
+    undo()
     monkeypatch.setattr(time, "time", real_time)
     steps = sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest")))
     assert steps, "a mid-task checkpoint should exist"
@@ -162,6 +150,10 @@ def test_interrupted_run_resumes_to_the_same_accuracy_matrix(l2p_run, tmp_path, 
     _, step, meta = ckpt.latest()
     ckpt.close()
     assert not meta["task_done"] and meta["seconds_in_task"] >= 100.0
+    # the checkpoint holds the grain iterator of the task's batches, at the checkpointed step
+    assert meta["input_iterator"] == {"grain_state": {"next_index": meta["step_in_task"]},
+                                      "start": 0, "processes": 0,
+                                      "position": meta["step_in_task"]}
     resumed = train_and_evaluate(tiny_config(), workdir)
     assert_rows_close(resumed["accuracy_matrix"], uninterrupted["accuracy_matrix"], atol=1e-9)
     # the resumed process compiled its one train step once

@@ -3,13 +3,12 @@ handwritten digits, 8 x 8 upscaled to CIFAR's 32 x 32 x 3 and PNG-encoded) throu
 stock CIFAR-10 builder -- no mock: records written by TFDS, decoded by Pillow as on a user's
 machine. Labels are read without decoding a single image, and a paper config runs end to
 end on it with a random tiny ViT."""
-import io
-
 import numpy as np
 import pytest
 
 from pecft_jax.data import load_source
 from pecft_jax.data import sources as sources_lib
+from pecft_jax.data import tfds_offline
 from pecft_jax.train.loop import train_and_evaluate
 
 from helpers import load_experiment_config
@@ -30,33 +29,11 @@ def data_dir(tmp_path_factory):
     """TFDS's own CIFAR-10 builder, its download replaced by the digits (under
     skip_registration, so the registered builder stays the stock one): the records are
     PNG bytes, as `tfds build cifar10 --file_format=array_record` writes them."""
-    from PIL import Image
     from tensorflow_datasets.image_classification import cifar
     images, labels = _digits()
-
-    def png(image):
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        return buffer.getvalue()
-
-    with tfds.core.registered.skip_registration():
-        class DigitsAsCifar10(cifar.Cifar10):
-            name = "cifar10"
-
-            def _split_generators(self, dl_manager):
-                return {"train": self._generate_examples(range(TRAIN)),
-                        "test": self._generate_examples(range(TRAIN, len(labels)))}
-
-            def _generate_examples(self, rows):
-                for i in rows:
-                    yield i, {"id": f"digit_{i}", "image": png(images[i]),
-                              "label": int(labels[i])}
-
     root = str(tmp_path_factory.mktemp("tfds"))
-    builder = DigitsAsCifar10(data_dir=root, file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
-    return root
+    return tfds_offline.prepare_from_arrays(cifar.Cifar10, root, {
+        "train": (images[:TRAIN], labels[:TRAIN]), "test": (images[TRAIN:], labels[TRAIN:])})
 
 
 def test_a_real_dataset_reads_labels_without_decoding_images(data_dir, monkeypatch):

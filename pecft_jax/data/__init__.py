@@ -1,6 +1,7 @@
-"""Data: offline readers, continual scenarios, deterministic host-side batching."""
-from pecft_jax.data.pipeline import (Preprocess, epoch_permutation, eval_batches,
-                                     num_eval_batches, prefetch, preprocess_images,
+"""Data: offline readers, continual scenarios, deterministic host-side batching read by grain."""
+from pecft_jax.data.loader import ReadOptions
+from pecft_jax.data.pipeline import (Preprocess, StreamBatches, TrainBatches, epoch_permutation,
+                                     eval_batches, num_eval_batches, preprocess_images,
                                      steps_per_epoch, train_batches)
 from pecft_jax.data.scenarios import (Scenario, Task, build_scenario, class_incremental,
                                       domain_incremental, parse_domain_spec, resolve_class_order,
@@ -11,10 +12,11 @@ from pecft_jax.data.sources import (ArraySource, FolderSource, ImageSource, TFDS
                                     stratified_split)
 
 __all__ = [
-    "ArraySource", "FolderSource", "ImageSource", "Preprocess", "Scenario", "TFDSSource", "Task",
-    "TransformedSource", "build_scenario", "class_incremental", "domain_incremental",
-    "epoch_permutation", "eval_batches", "get_domain_transform", "load_source",
-    "num_eval_batches", "parse_domain_spec", "prefetch", "preprocess_images", "read_idx",
-    "resize_bilinear", "resolve_class_order", "scan_image_folder", "stratified_split", "steps_per_epoch",
+    "ArraySource", "FolderSource", "ImageSource", "Preprocess", "ReadOptions", "Scenario",
+    "StreamBatches", "TFDSSource", "Task", "TrainBatches", "TransformedSource",
+    "build_scenario", "class_incremental", "domain_incremental", "epoch_permutation",
+    "eval_batches", "get_domain_transform", "load_source", "num_eval_batches",
+    "parse_domain_spec", "preprocess_images", "read_idx", "resize_bilinear",
+    "resolve_class_order", "scan_image_folder", "stratified_split", "steps_per_epoch",
     "task_incremental", "task_sizes", "train_batches",
 ]

@@ -7,8 +7,10 @@ Everything here is numpy on the host and deterministic:
 * augmentation of step ``s`` is drawn from ``(seed, epoch, s)`` for the whole *global*
   batch, and each host keeps its slice, so the global batch does not depend on how many
   hosts share it;
-* ``start_step`` skips batches without reading their images, so a resumed run sees the
-  same batches as an uninterrupted one.
+* a task's training batches are a random-access sequence (:class:`TrainBatches`, and
+  :class:`StreamBatches` for fixed-order passes): batch ``s`` is a function of ``s``, so
+  grain (:mod:`pecft_jax.data.loader`) reads them in parallel and in order, and a resumed
+  run starts at its step without reading the images of the earlier ones.
 
 Training batches drop the remainder of an epoch so every step has the same shape (one
 compilation per task). Evaluation batches keep every example: the last batch is padded to
@@ -17,8 +19,6 @@ full size and carries a ``mask`` (1 for real examples, 0 for padding).
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from typing import Any, Iterator, Sequence, Tuple
 
 import jax
@@ -474,48 +474,91 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(num_examples)
 
 
+class TrainBatches:
+    """A task's training batches as a random-access sequence: item ``s`` is this host's shard
+    of the global batch of step ``s`` (epoch ``s // per_epoch``).
+
+    Each item is a pure function of ``s``: the order of an epoch is drawn from ``(seed,
+    epoch)`` and a step's augmentation from ``(seed, epoch, step in the epoch)`` for the whole
+    global batch. So any reader -- this thread, grain's reading threads or its worker
+    processes (:mod:`pecft_jax.data.loader`) -- builds any step, in any order, and a resumed
+    run rebuilds exactly the batches an uninterrupted one would have seen.
+
+    Args:
+      source, indices: the examples (``indices`` into ``source``), e.g. a task's train stream.
+      label_map: original label -> trained label (``scenario.label_map()``); every example's
+        label is checked once, here.
+      batch_size: global batch size; an item holds ``batch_size // process_count`` examples.
+      seed: determines the orders and the augmentation (use a per-task seed).
+      preprocess: resizing, channels, normalisation, augmentation (or tokenisation).
+      epochs: epochs in the sequence (its length is ``epochs * per_epoch``).
+      process_index, process_count: this host and the number of hosts.
+
+    Items: ``{'inputs': float32 (b, S, S, C), 'label': int32 (b,), 'index': int32 (b,)}``
+    (for text ``inputs`` is ``{'token_ids', 'attention_mask'}``, int32 ``(b, L)``); ``index``
+    is the example's position in ``indices`` (what rows of a per-task feature cache are keyed
+    by).
+    """
+
+    def __init__(self, source: LabelledSource, indices: np.ndarray, label_map: np.ndarray, *,
+                 batch_size: int, seed: int, preprocess: Any, epochs: int = 1,
+                 process_index: int = 0, process_count: int = 1):
+        local = _check_sharding(batch_size, process_index, process_count)
+        self.source, self.indices = source, _as_indices(indices)
+        self.batch_size, self.seed, self.preprocess = int(batch_size), int(seed), preprocess
+        self.per_epoch = steps_per_epoch(len(self.indices), batch_size)
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(self.indices)} training examples of {source.name} do not "
+                             f"fill one batch of {batch_size}; lower batch_size")
+        if epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {epochs}")
+        self.epochs = int(epochs)
+        self.labels = _mapped_labels(source, self.indices, label_map)
+        self.mine = slice(process_index * local, (process_index + 1) * local)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.epochs * self.per_epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The permutation of epoch ``epoch``, kept for the few epochs being read (two
+        threads may both draw it: they draw the same one)."""
+        order = self._orders.get(epoch)
+        if order is None:
+            order = epoch_permutation(len(self.indices), self.seed, epoch)
+            if len(self._orders) >= 4:
+                self._orders.clear()
+            self._orders[epoch] = order
+        return order
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        step = int(step)
+        if not 0 <= step < len(self):
+            raise IndexError(f"step {step} outside the {len(self)} steps of these batches")
+        epoch, offset = divmod(step, self.per_epoch)
+        size = self.batch_size
+        positions = self.order(epoch)[offset * size:(offset + 1) * size][self.mine]
+        augmentation = _augmentation(self.preprocess, size, self.mine,
+                                     (_AUGMENT_STREAM, self.seed, epoch, offset))
+        return {"inputs": prepare_inputs(self.source, self.indices[positions], self.preprocess,
+                                         augmentation),
+                "label": self.labels[positions], "index": positions.astype(np.int32)}
+
+
 def train_batches(source: LabelledSource, indices: np.ndarray, label_map: np.ndarray, *,
                   batch_size: int, seed: int, epoch: int, preprocess: Preprocess,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1
                   ) -> Iterator[dict[str, np.ndarray]]:
-    """One epoch of shuffled training batches, this host's shard.
-
-    Args:
-      source, indices: the examples (``indices`` into ``source``), e.g. a task's train stream.
-      label_map: original label -> trained label (``scenario.label_map()``).
-      batch_size: global batch size; this host yields ``batch_size // process_count``.
-      seed, epoch: determine the order and the augmentation (use a per-task seed).
-      preprocess: resizing, channels, normalisation, augmentation.
-      start_step: first step to yield (earlier steps are skipped without reading images).
-      process_index, process_count: this host and the number of hosts.
-
-    Yields:
-      ``{'inputs': float32 (b, S, S, C), 'label': int32 (b,), 'index': int32 (b,)}``
-      (for text ``inputs`` is ``{'token_ids', 'attention_mask'}``, int32 ``(b, L)``),
-      ``steps_per_epoch`` of them minus ``start_step``; ``index`` is the example's position
-      in ``indices`` (what rows of a per-task feature cache are keyed by).
-    """
-    local = _check_sharding(batch_size, process_index, process_count)
-    indices = _as_indices(indices)
-    steps = steps_per_epoch(len(indices), batch_size)
-    if steps == 0:
-        raise ValueError(f"{len(indices)} training examples of {source.name} do not fill one "
-                         f"batch of {batch_size}; lower batch_size")
+    """One epoch of :class:`TrainBatches` read in this thread: the batches of steps
+    ``start_step ..`` of epoch ``epoch`` (earlier steps are skipped without reading images);
+    the arguments are :class:`TrainBatches`'."""
+    batches = TrainBatches(source, indices, label_map, batch_size=batch_size, seed=seed,
+                           preprocess=preprocess, epochs=epoch + 1,
+                           process_index=process_index, process_count=process_count)
+    steps = batches.per_epoch
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step {start_step} outside [0, {steps}] for this epoch")
-    labels = _mapped_labels(source, indices, label_map)  # validates every example once
-    order = epoch_permutation(len(indices), seed, epoch)
-    mine = slice(process_index * local, (process_index + 1) * local)
-    def generate():
-        for step in range(start_step, steps):
-            positions = order[step * batch_size:(step + 1) * batch_size][mine]
-            augmentation = _augmentation(preprocess, batch_size, mine,
-                                         (_AUGMENT_STREAM, seed, epoch, step))
-            yield {"inputs": prepare_inputs(source, indices[positions], preprocess,
-                                            augmentation),
-                   "label": labels[positions], "index": positions.astype(np.int32)}
-
-    return generate()
+    return (batches[epoch * steps + step] for step in range(start_step, steps))
 
 
 def eval_batches(source: LabelledSource, indices: np.ndarray, label_map: np.ndarray, *,
@@ -528,96 +571,77 @@ def eval_batches(source: LabelledSource, indices: np.ndarray, label_map: np.ndar
                        process_count=process_count)
 
 
+class StreamBatches:
+    """The examples of several ``(source, indices)`` parts one after another (e.g. the test
+    sets of tasks 0..t) in fixed-size batches, as a random-access sequence: item ``b`` is this
+    host's shard of global batch ``b``; augmented by ``preprocess`` (drawn from
+    ``augment_seed`` and the batch) only when ``augment_seed`` is given.
+
+    Batches run across the parts' boundaries, so only the stream's last global batch is
+    padded (by repeating the stream's last example) to full size; ``mask`` is 1.0 for real
+    examples and 0.0 for padding, so ``sum(mask)`` over all hosts and batches equals the
+    number of examples. A part's examples are decoded and resized by its own source, so parts
+    of different image sizes (a dataset sequence) share a batch.
+
+    Items: ``{'inputs': float32 (b, S, S, C) or the token arrays, 'label': int32 (b,),
+    'mask': float32 (b,), 'index': int32 (b,)}``; ``index`` is the example's position in the
+    stream (part 0's examples first); padding rows carry positions past the end.
+    """
+
+    def __init__(self, parts: Sequence[Tuple[LabelledSource, np.ndarray]],
+                 label_map: np.ndarray, *, batch_size: int, preprocess: Any,
+                 process_index: int = 0, process_count: int = 1,
+                 augment_seed: int | None = None):
+        local = _check_sharding(batch_size, process_index, process_count)
+        self.parts = [(source, _as_indices(indices)) for source, indices in parts]
+        self.labels = np.concatenate([_mapped_labels(source, indices, label_map)
+                                      for source, indices in self.parts]
+                                     or [np.zeros(0, np.int32)])
+        self.starts = np.cumsum([0] + [len(indices) for _, indices in self.parts])
+        self.total = int(self.starts[-1])
+        self.batch_size, self.augment_seed = int(batch_size), augment_seed
+        self.mine = slice(process_index * local, (process_index + 1) * local)
+        if augment_seed is None:
+            preprocess = dataclasses.replace(preprocess, augment=False)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return num_eval_batches(self.total, self.batch_size)
+
+    def _read(self, positions: np.ndarray, augmentation: tuple) -> Any:
+        """Prepared inputs at stream ``positions`` (ascending), part by part."""
+        pieces = []
+        for (source, indices), lo, hi in zip(self.parts, self.starts[:-1], self.starts[1:]):
+            inside = (positions >= lo) & (positions < hi)
+            if inside.any():
+                pieces.append(prepare_inputs(
+                    source, indices[positions[inside] - lo], self.preprocess,
+                    tuple(None if a is None else a[inside] for a in augmentation)))
+        return concat_inputs(pieces)
+
+    def __getitem__(self, b: int) -> dict[str, Any]:
+        b = int(b)
+        if not 0 <= b < len(self):
+            raise IndexError(f"batch {b} outside the {len(self)} batches of this stream")
+        start = b * self.batch_size
+        order = np.arange(start, start + self.batch_size)
+        mask = (order < self.total).astype(np.float32)
+        # padding rows repeat the last example (whose cached features they then get)
+        positions = np.where(mask > 0, order, self.total - 1)[self.mine]
+        augmentation = (_augmentation(self.preprocess, self.batch_size, self.mine,
+                                      (_PASS_AUGMENT_STREAM, self.augment_seed, start))
+                        if self.augment_seed is not None else (None, None, None, None))
+        return {"inputs": self._read(positions, augmentation),  # ascending: padding is last
+                "label": self.labels[positions], "mask": mask[self.mine],
+                "index": order[self.mine].astype(np.int32)}
+
+
 def eval_stream(parts: Sequence[Tuple[LabelledSource, np.ndarray]], label_map: np.ndarray, *,
                 batch_size: int, preprocess: Preprocess, process_index: int = 0,
                 process_count: int = 1, augment_seed: int | None = None
                 ) -> Iterator[dict[str, np.ndarray]]:
-    """The examples of several ``(source, indices)`` parts one after another (e.g. the test
-    sets of tasks 0..t), this host's shard of each global batch, in order; augmented by
-    ``preprocess`` (drawn from ``augment_seed``) only when ``augment_seed`` is given.
-
-    Batches run across the parts' boundaries, so only the stream's last global batch is
-    padded (by repeating the stream's last example) to full size; ``mask`` is 1.0 for real examples
-    and 0.0 for padding, so ``sum(mask)`` over all hosts and batches equals the number of
-    examples. A part's examples are decoded and resized by its own source, so parts of
-    different image sizes (a dataset sequence) share a batch.
-
-    Yields:
-      ``{'inputs': float32 (b, S, S, C) or the token arrays, 'label': int32 (b,), 'mask':
-      float32 (b,), 'index': int32 (b,)}``; ``index`` is the example's position in the
-      stream (part 0's examples first); padding rows carry positions past the end.
-    """
-    local = _check_sharding(batch_size, process_index, process_count)
-    parts = [(source, _as_indices(indices)) for source, indices in parts]
-    labels = np.concatenate([_mapped_labels(source, indices, label_map)
-                             for source, indices in parts] or [np.zeros(0, np.int32)])
-    starts = np.cumsum([0] + [len(indices) for _, indices in parts])
-    total = int(starts[-1])
-    mine = slice(process_index * local, (process_index + 1) * local)
-
-    if augment_seed is None:
-        preprocess = dataclasses.replace(preprocess, augment=False)
-
-    def read(positions: np.ndarray, augmentation: tuple) -> Any:
-        """Prepared inputs at stream ``positions`` (ascending), part by part."""
-        pieces = []
-        for (source, indices), lo, hi in zip(parts, starts[:-1], starts[1:]):
-            inside = (positions >= lo) & (positions < hi)
-            if inside.any():
-                pieces.append(prepare_inputs(
-                    source, indices[positions[inside] - lo], preprocess,
-                    tuple(None if a is None else a[inside] for a in augmentation)))
-        return concat_inputs(pieces)
-
-    def generate():
-        for start in range(0, total, batch_size):
-            order = np.arange(start, start + batch_size)
-            mask = (order < total).astype(np.float32)
-            # padding rows repeat the last example (whose cached features they then get)
-            positions = np.where(mask > 0, order, total - 1)[mine]
-            augmentation = _augmentation(preprocess, batch_size, mine,
-                                         (_PASS_AUGMENT_STREAM, augment_seed or 0, start))
-            inputs = read(positions, augmentation)  # ascending: padding follows the last example
-            yield {"inputs": inputs, "label": labels[positions], "mask": mask[mine],
-                   "index": order[mine].astype(np.int32)}
-
-    return generate()
-
-
-def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
-    """Run ``iterator`` in a background thread, ``size`` items ahead (overlaps host
-    preprocessing with device steps). Exceptions are re-raised in the consumer."""
-    if size <= 0:
-        yield from iterator
-        return
-    buffer: queue.Queue = queue.Queue(maxsize=size)
-    done = object()
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for item in iterator:
-                if stop.is_set():
-                    return
-                buffer.put(item)
-            buffer.put(done)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            buffer.put(e)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full buffer
-            try:
-                buffer.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.01)
+    """:class:`StreamBatches` read in order in this thread (the arguments are its)."""
+    stream = StreamBatches(parts, label_map, batch_size=batch_size, preprocess=preprocess,
+                           process_index=process_index, process_count=process_count,
+                           augment_seed=augment_seed)
+    return (stream[b] for b in range(len(stream)))

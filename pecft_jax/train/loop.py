@@ -35,7 +35,7 @@ import optax
 from pecft_jax import metrics as metrics_lib
 from pecft_jax.backbones.backbone import backbone_from_config
 from pecft_jax.backbones.pretrained import fingerprint
-from pecft_jax.data import pipeline, scenarios
+from pecft_jax.data import loader, pipeline, scenarios
 from pecft_jax.data.text import TextPreprocess
 from pecft_jax.configs import (SCHEDULES, check_run_config, distributed_settings,
                                flatten_config, is_execution_key)
@@ -104,6 +104,7 @@ class Position:
     opt_state: Any = None
     inside: bool = False
     seconds_in_task: float = 0.0  # spent on the task before the checkpoint resumed from
+    input_state: Optional[dict] = None  # the training batches' grain iterator, when saved
 
 
 def plan_run(config: ml_collections.ConfigDict) -> dict:
@@ -185,6 +186,12 @@ class ContinualTrainer:
         self.tasks = self.training_tasks()
         self.method: Method = create_method(config.method.name, config.method, self.backbone,
                                             self.scenario.num_classes, len(self.tasks))
+        self.read_options = loader.ReadOptions(
+            threads=int(config.train.get("read_threads", 2)),
+            processes=int(config.train.get("read_processes", 0)),
+            prefetch=int(config.train.get("prefetch", 2)))
+        # the fixed-order passes start an iterator per pass: no worker processes to start
+        self.pass_read_options = dataclasses.replace(self.read_options, processes=0)
         self.train_preprocess = self._preprocess(augment=True)
         self.eval_preprocess = self._preprocess(augment=False)
         cache_cfg = config.get("feature_cache", ml_collections.ConfigDict())
@@ -338,7 +345,8 @@ class ContinualTrainer:
             opt_state = restored["opt_state"]  # None when the optimizer keeps no arrays
             position = Position(t, meta["step_in_task"],
                                 target if opt_state is None else opt_state, inside=True,
-                                seconds_in_task=float(meta.get("seconds_in_task", 0.0)))
+                                seconds_in_task=float(meta.get("seconds_in_task", 0.0)),
+                                input_state=meta.get("input_iterator"))
         run.trainable, run.state = restored["trainable"], restored["state"]
         log.info("resuming from checkpoint %s/%d (task %d, step %d)", kind, ckpt_step,
                  position.task, position.step)
@@ -366,16 +374,17 @@ class ContinualTrainer:
                        enabled=self.config.get("progress_bar", True) and jax.process_index() == 0)
         step, tick, examples_seen = position.step, time.time(), 0
         health = mesh_lib.replicate(np.array([-1, run.skipped_steps], np.int32), self.mesh)
-        data_seed = self.task_seed(t)
-        while step < steps:
-            epoch, offset = divmod(step, per_epoch)
-            batches = pipeline.train_batches(
-                task.train_source, task.train_indices, self.label_map,
-                batch_size=self.batch_size, seed=data_seed, epoch=epoch,
-                preprocess=self.train_preprocess, start_step=offset,
-                process_index=jax.process_index(), process_count=jax.process_count())
-            # host-side reading/augmentation overlaps the device steps
-            for local in pipeline.prefetch(batches, int(self.config.train.get("prefetch", 2))):
+        batches = pipeline.TrainBatches(
+            task.train_source, task.train_indices, self.label_map, batch_size=self.batch_size,
+            seed=self.task_seed(t), preprocess=self.train_preprocess, epochs=epochs,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        # host-side reading and augmentation run in grain's threads (and worker processes),
+        # ahead of the device steps; a resumed task continues from the saved iterator state
+        batch_iterator, read_start = loader.resume(
+            batches, self.read_options, position.input_state if position.inside else None,
+            step)
+        try:
+            for local in batch_iterator:
                 batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
                 trainable, state, opt_state, metrics, health = train_step(
                     trainable, state, opt_state, self.frozen, batch, rng, np.int32(step), task_arg,
@@ -399,17 +408,21 @@ class ContinualTrainer:
                     and self.stop_requested()
                 if (every and step % every == 0 and step < steps) or stop:
                     self._check_health(run, t, health)  # never a checkpoint of diverged values
+                    meta = self._meta(run, t, step, False)
+                    meta["input_iterator"] = loader.checkpoint_state(
+                        batch_iterator, self.read_options, read_start, step)
                     self.checkpointer.save(task_end=False, step=run.global_step,
                                            trainable=trainable,
                                            state=merge_state(run.state, state),
-                                           opt_state=opt_state, rng=self.base_rng,
-                                           meta=self._meta(run, t, step, False))
+                                           opt_state=opt_state, rng=self.base_rng, meta=meta)
                 if stop:
                     bar.close()
                     raise self._preempted(f"at step {step} of task {t} (0-based); checkpoint "
                                           f"latest/{run.global_step} is written")
-                if step >= steps:
-                    break
+        finally:
+            loader.close(batch_iterator)
+        if step != steps:
+            raise RuntimeError(f"task {t}'s batches ended at step {step} of {steps}")
         bar.close()
         self._check_health(run, t, health)
         run.trainable = mesh_lib.to_host(trainable)
@@ -673,11 +686,12 @@ class ContinualTrainer:
             return (with_queries(local, queries) for local in self._train_examples(task))
 
         def augmented_batches():  # no cached queries: the images differ from the cached ones
-            return pipeline.eval_stream(
+            return loader.read(pipeline.StreamBatches(
                 [(task.train_source, task.train_indices)], self.label_map,
                 batch_size=self.eval_batch_size, preprocess=self.train_preprocess,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                augment_seed=self.task_seed(task.index, "augmented_pass"))
+                augment_seed=self.task_seed(task.index, "augmented_pass")),
+                self.pass_read_options)
         # without augmentation the augmented view is the plain one, cached queries included
         return TaskData(batches, len(task.train_indices),
                         shard=lambda local: mesh_lib.shard_batch(local, self.mesh),
@@ -699,10 +713,10 @@ class ContinualTrainer:
     def _fixed_batches(self, parts):
         """This host's slice of un-augmented eval-size batches over ``(source, indices)``
         parts, in order (evaluation, the TaskData passes, the query cache)."""
-        return pipeline.eval_stream(
+        return loader.read(pipeline.StreamBatches(
             parts, self.label_map, batch_size=self.eval_batch_size,
             preprocess=self.eval_preprocess, process_index=jax.process_index(),
-            process_count=jax.process_count())
+            process_count=jax.process_count()), self.pass_read_options)
 
     # ================================================================= frozen queries
     def training_queries(self, task: scenarios.Task, epochs: int) -> Optional[np.ndarray]:
