@@ -53,6 +53,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
     c.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
     c.distributed.heartbeat_timeout_seconds = 10
+    # Weights & Biases logging, besides metrics.jsonl and TensorBoard: on when `project` is
+    # set (wandb must then be installed: pip install wandb). `name` '' = the workdir's
+    # name; `mode` '' = wandb's own setting (WANDB_MODE), or 'online' / 'offline'. A
+    # resumed run continues the same W&B run (its id is kept in the workdir).
+    c.wandb = ml_collections.ConfigDict()
+    c.wandb.project = ""
+    c.wandb.entity = ""
+    c.wandb.name = ""
+    c.wandb.mode = ""
+    c.wandb.tags = ()
 
     c.backbone = ml_collections.ConfigDict()
     c.backbone.checkpoint = "demo"  # path, 'demo', or 'random:<ViT name>'
@@ -167,7 +177,7 @@ EXECUTION_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "trai
                   "train.read_threads", "train.read_processes",
                   "train.on_nonfinite", "progress_bar", "compilation_cache_dir",
                   "feature_cache.enabled", "feature_cache.max_bytes", "eval.batch_size",
-                  "num_devices", "distributed")
+                  "num_devices", "distributed", "wandb")
 
 # what train.schedule may name (built by train/loop.py's make_base_optimizer)
 SCHEDULES = ("constant", "cosine", "cosine_epochs", "multistep_epochs", "coda_cosine",
@@ -200,6 +210,8 @@ _RANGES = (
     ("train.read_threads", lambda v: _is_int(v) and v >= 0,
      "an int >= 0 (0 = read in the training thread)"),
     ("train.read_processes", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = none)"),
+    ("wandb.mode", lambda v: v in ("", "online", "offline"),
+     "'' (wandb's own setting), 'online' or 'offline'"),
     ("train.on_nonfinite", lambda v: v in ("stop", "skip_step"), "'stop' or 'skip_step'"),
     ("dataset.resample", lambda v: v in _RESAMPLES, f"one of {_RESAMPLES}"),
     ("augment.crop_resample", lambda v: v is None or v in _RESAMPLES,
@@ -312,6 +324,12 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
         if present and not ok(node):
             raise ValueError(f"config {path} must be {what}, got {node!r}; set "
                              f"--config.{path}=...")
+    project = config.get("wandb", {}).get("project", "")
+    if project and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"config wandb.project={project!r} asks for Weights & Biases logging, "
+                         f"but wandb is not installed: pip install wandb (or leave "
+                         f"wandb.project empty; metrics.jsonl and TensorBoard are written "
+                         f"either way)")
 
 
 BENCHMARKS = ("split_mnist", "cifar100", "imagenet_r", "5datasets", "domain_mnist")

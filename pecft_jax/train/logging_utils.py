@@ -1,8 +1,11 @@
-"""Metrics to ``workdir/metrics.jsonl`` and TensorBoard event files; a per-task progress bar."""
+"""Metrics to ``workdir/metrics.jsonl``, TensorBoard event files and (optionally) Weights &
+Biases; a per-task progress bar."""
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
 import sys
 from typing import Mapping, Optional
 
@@ -24,11 +27,48 @@ def _import_summary_writer():
     return SummaryWriter
 
 
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def start_wandb(workdir: str, settings: Mapping, config: Mapping):
+    """A Weights & Biases run for the workdir (``settings``: the config's ``wandb`` section;
+    ``config``: the run's config, flattened into W&B's). Its id is kept in the workdir, so a
+    resumed run continues the same W&B run. Raises a clear error when wandb is missing."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError(
+            f"config.wandb.project={settings['project']!r} asks for Weights & Biases logging, "
+            f"but wandb is not installed: pip install wandb (or leave wandb.project empty; "
+            f"metrics.jsonl and TensorBoard are written either way)") from None
+    from pecft_jax.configs import flatten_config
+    id_path = os.path.join(workdir, WANDB_ID_FILE)
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        # W&B's run ids: letters and digits, unique within the project
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits)
+                         for _ in range(12))
+        write_text_atomic(id_path, run_id + "\n")
+    return wandb.init(
+        project=settings["project"], entity=settings.get("entity") or None,
+        name=settings.get("name") or os.path.basename(os.path.abspath(workdir)),
+        tags=list(settings.get("tags", ())) or None, mode=settings.get("mode") or None,
+        dir=workdir, id=run_id, resume="allow",
+        config=flatten_config(dict(config), keep_empty=False))
+
+
 class MetricWriter:
-    def __init__(self, workdir: str, enabled: bool = True):
+    """Writes scalars to ``metrics.jsonl``, TensorBoard (when tensorboardX imports) and,
+    when ``wandb`` settings name a project, Weights & Biases."""
+
+    def __init__(self, workdir: str, enabled: bool = True, wandb: Optional[Mapping] = None,
+                 config: Optional[Mapping] = None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -38,6 +78,8 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         except ImportError:  # TensorBoard logging is optional; JSONL is always written
             self._tb = None
+        if wandb is not None and wandb.get("project"):
+            self._wandb = start_wandb(workdir, wandb, config or {})
 
     def discard_after(self, step: int) -> int:
         """Drops the ``metrics.jsonl`` records past global step ``step`` (and a line torn by a
@@ -74,6 +116,10 @@ class MetricWriter:
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, float(value), int(step))
+        if self._wandb is not None:
+            # W&B keeps the first value of a step: a resumed run's re-logged steps (those
+            # after its checkpoint) are dropped there, with the same values
+            self._wandb.log({k: float(v) for k, v in scalars.items()}, step=int(step))
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         """A text in TensorBoard (e.g. the run's config), shown as markdown."""
@@ -83,6 +129,9 @@ class MetricWriter:
     def hparams(self, config: Mapping, results: Mapping[str, Optional[float]]) -> None:
         """TensorBoard's HParams view: the run's scalar config values (flattened,
         ``train.learning_rate``) against its final metrics."""
+        if self._wandb is not None:  # the config went in at wandb.init
+            self._wandb.summary.update({k: float(v) for k, v in results.items()
+                                        if v is not None})
         if not (self.enabled and self._tb is not None):
             return
         from pecft_jax.configs import flatten_config
@@ -96,6 +145,9 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 class _NoBar:

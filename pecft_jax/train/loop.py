@@ -206,7 +206,8 @@ class ContinualTrainer:
         self._task_data_compiled: Dict[tuple, Callable] = {}  # the methods' TaskData passes
         self.config_hash = config_hash(config)
         self.base_rng = jax.random.key(config.seed)
-        self.writer = MetricWriter(workdir, enabled=write_metrics and jax.process_index() == 0)
+        self.writer = MetricWriter(workdir, enabled=write_metrics and jax.process_index() == 0,
+                                   wandb=config.get("wandb"), config=config.to_dict())
         self.checkpointer = Checkpointer(workdir)
         self._stop_signal: Optional[int] = None  # SIGTERM / SIGINT received (see run)
 
