@@ -155,6 +155,15 @@ def base_config() -> ml_collections.ConfigDict:
     # True: images are first squashed to resize_short x resize_short (aspect ratio not kept),
     # for the training crops too -- the official L2P / DualPrompt JAX input pipeline
     c.eval.squash = False
+    # Evaluation on the tasks not learnt yet too (rows of the accuracy matrices then hold
+    # every task; an entry right of the diagonal scores task j's class-IL accuracy over the
+    # classes of tasks 0..j, those known once j is learnt), which forward transfer needs.
+    c.eval.future_tasks = False
+    # FWT's reference accuracy b_j (results.json 'reference_accuracy', metrics 'fwt'):
+    # '' none; 'init' the model before any task is learnt -- the pretrained backbone with
+    # the method's initial parameters, evaluated on every task (GEM's b_j, Lopez-Paz &
+    # Ranzato 2017). Needs future_tasks.
+    c.eval.fwt_reference = ""
 
     c.method = ml_collections.ConfigDict()
     c.method.name = "l2p"
@@ -210,6 +219,7 @@ _RANGES = (
     ("train.read_threads", lambda v: _is_int(v) and v >= 0,
      "an int >= 0 (0 = read in the training thread)"),
     ("train.read_processes", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = none)"),
+    ("eval.fwt_reference", lambda v: v in ("", "init"), "'' (none) or 'init'"),
     ("wandb.mode", lambda v: v in ("", "online", "offline"),
      "'' (wandb's own setting), 'online' or 'offline'"),
     ("train.on_nonfinite", lambda v: v in ("stop", "skip_step"), "'stop' or 'skip_step'"),
@@ -324,6 +334,14 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
         if present and not ok(node):
             raise ValueError(f"config {path} must be {what}, got {node!r}; set "
                              f"--config.{path}=...")
+    evaluation = config.get("eval", {})
+    if evaluation.get("fwt_reference", "") and not evaluation.get("future_tasks", False):
+        raise ValueError("eval.fwt_reference needs eval.future_tasks=True: forward transfer "
+                         "compares R[j-1][j], the accuracy on task j before it is learnt, "
+                         "with the reference; set --config.eval.future_tasks=True")
+    if evaluation.get("future_tasks", False) and config.get("scenario", {}).get("joint", False):
+        raise ValueError("eval.future_tasks with scenario.joint=True: joint training learns "
+                         "every task at once, so no task lies in the future; leave one unset")
     project = config.get("wandb", {}).get("project", "")
     if project and importlib.util.find_spec("wandb") is None:
         raise ValueError(f"config wandb.project={project!r} asks for Weights & Biases logging, "

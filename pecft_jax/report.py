@@ -79,6 +79,14 @@ def format_results(results: Mapping) -> str:
                else []),
              format_matrix(results["accuracy_matrix"], "class-IL accuracy matrix (%)"),
              format_matrix(results["task_il_accuracy_matrix"], "task-IL accuracy matrix (%)")]
+    rows = results["accuracy_matrix"]
+    if any(len(row) > i + 1 for i, row in enumerate(rows)):
+        parts.append("(right of the diagonal: tasks not learnt yet, eval.future_tasks)")
+    reference = results.get("reference_accuracy")
+    if reference:
+        parts.append("reference before any task (FWT's b_j): class-IL "
+                     + " ".join(f"{v:.2f}" for v in reference["class_il"]) + "; task-IL "
+                     + " ".join(f"{v:.2f}" for v in reference["task_il"]))
     m = results["metrics"]
     parts.append("class-IL: " + "  ".join(f"{k}={_fmt(v)}" for k, v in m.items()))
     tm = results.get("task_il_metrics", {})

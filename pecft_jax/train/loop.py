@@ -92,6 +92,9 @@ class RunState:
     # the latest evaluation's class-IL confusion over the seen classes:
     # {'classes': remapped ids, 'matrix': counts (true x predicted)}
     confusion: Optional[dict] = None
+    # accuracies of the model before any task is learnt (eval.fwt_reference='init'):
+    # {'class_il': [...], 'task_il': [...]}, one per task
+    reference: Optional[dict] = None
 
 
 @dataclasses.dataclass
@@ -183,6 +186,8 @@ class ContinualTrainer:
         check_modality(self.scenario, self.backbone)
         self.label_map = self.scenario.label_map()
         self.joint = bool(config.scenario.get("joint", False))
+        self.future_tasks = bool(config.eval.get("future_tasks", False))
+        self.fwt_reference = config.eval.get("fwt_reference", "")
         self.tasks = self.training_tasks()
         self.method: Method = create_method(config.method.name, config.method, self.backbone,
                                             self.scenario.num_classes, len(self.tasks))
@@ -220,6 +225,9 @@ class ContinualTrainer:
                 write_text_atomic(os.path.join(self.workdir, "config.json"),
                                   self.config.to_json(indent=1))
             self.writer.text("config", self.config.to_json(indent=1), run.global_step)
+            if (self.fwt_reference == "init" and run.reference is None
+                    and position.task == 0 and not position.inside):
+                self.record_reference(run)
             for t in range(position.task, len(self.tasks)):
                 self.learn_task(run, t, position if t == position.task else Position(t))
                 if t + 1 < len(self.tasks) and self.stop_requested():
@@ -296,7 +304,7 @@ class ContinualTrainer:
         if self.query_cache is not None:
             self.query_cache.drop(f"train/{task.index}")
         run.seconds_per_task.append(time.time() - run.task_started)
-        self.record(run, t, self.evaluate(run, t))
+        self.record(run, t, self.evaluate(run, t, future=self.future_tasks))
         self.checkpointer.save(task_end=True, step=t, trainable=run.trainable, state=run.state,
                                opt_state=None, rng=self.base_rng,
                                meta=self._meta(run, t, steps, True))
@@ -330,7 +338,8 @@ class ContinualTrainer:
         run = RunState(None, None, meta["accuracy_matrix"], meta["task_il_accuracy_matrix"],
                        meta.get("extra_rows", {}), meta["seconds_per_task"], meta["global_step"],
                        skipped_steps=int(meta.get("skipped_nonfinite_steps", 0)),
-                       confusion=meta.get("confusion"))
+                       confusion=meta.get("confusion"),
+                       reference=meta.get("reference_accuracy"))
         if kind == "tasks":
             restored = self.checkpointer.restore(kind, ckpt_step)
             position = Position(meta["task"] + 1)
@@ -516,13 +525,17 @@ class ContinualTrainer:
 
     # ===================================================================== evaluation
     def evaluate(self, run: RunState, t: int, split: str = "test",
-                 predictions: bool = False) -> Dict[str, Any]:
+                 predictions: bool = False, future: bool = False) -> Dict[str, Any]:
         """Accuracy (%) on the test data of tasks 0..t (all tasks for joint training), read
         as one stream -- one padded batch in all, not one per task -- and split by task.
         Padding rows do not take part in batch-wise choices (``inputs['mask']``).
         ``split='train'``: on their training data instead (un-augmented); ``predictions``:
         the row also holds every example's task, label, class-IL prediction (original class
-        ids) and logits over the seen classes, under ``'predictions'``."""
+        ids) and logits over the seen classes, under ``'predictions'``. ``future``: the
+        tasks after t too, each one's class-IL accuracy over the classes of the tasks up to
+        and including it (those known once it is learnt; ``t = -1``: before any task is
+        learnt, FWT's reference row).
+        Old/new-class accuracy, the confusion matrix and predictions cover tasks 0..t."""
         if split not in ("test", "train"):
             raise ValueError(f"split must be 'test' or 'train', got {split!r}")
 
@@ -530,10 +543,11 @@ class ContinualTrainer:
             return ((task.test_source, task.test_indices) if split == "test"
                     else (task.train_source, task.train_indices))
 
-        spec = self.task_spec(min(t, len(self.tasks) - 1))
+        spec = self.task_spec(min(max(t, 0), len(self.tasks) - 1))
         eval_step, task_arg = self.compiled_eval_step(spec), self.traced_task(spec)
-        eval_tasks = self.scenario.tasks if self.joint else self.scenario.tasks[:t + 1]
-        seen = sorted({c for task in eval_tasks for c in task.classes})
+        learnt = self.scenario.tasks if self.joint else self.scenario.tasks[:t + 1]
+        eval_tasks = self.scenario.tasks if (self.joint or future) else learnt
+        seen = sorted({c for task in learnt for c in task.classes})
         state = self.method.step_state(run.state)
         # one stream over all tasks, unless predictions depend on the batch's other examples
         groups = ([[task] for task in eval_tasks] if self.method.predictions_depend_on_batch
@@ -555,18 +569,26 @@ class ContinualTrainer:
         pred_np = np.concatenate(task_pred) if task_pred else None
         bounds = np.cumsum([0] + [len(data(task)[1]) for task in eval_tasks])
         row: Dict[str, Any] = {"class_il": [], "task_il": [], "class_il_top5": []}
-        for task, lo, hi in zip(eval_tasks, bounds[:-1], bounds[1:]):
+        for i, (task, lo, hi) in enumerate(zip(eval_tasks, bounds[:-1], bounds[1:])):
+            known = seen if i < len(learnt) else sorted(  # the classes known once it is learnt
+                {c for earlier in eval_tasks[:i + 1] for c in earlier.classes})
             row["class_il"].append(metrics_lib.class_incremental_accuracy(
-                logits_np[lo:hi], labels_np[lo:hi], seen))
+                logits_np[lo:hi], labels_np[lo:hi], known))
             row["task_il"].append(metrics_lib.task_incremental_accuracy(
                 logits_np[lo:hi], labels_np[lo:hi], task.classes))
             row["class_il_top5"].append(metrics_lib.top_k_accuracy(
-                logits_np[lo:hi], labels_np[lo:hi], seen, 5))
+                logits_np[lo:hi], labels_np[lo:hi], known, 5))
             # task-identity accuracy (prompt / domain selection); joint training has one
             # task, so there is no identity to infer
             if pred_np is not None and not self.joint:
                 row.setdefault("task_identity", []).append(
                     100.0 * float(np.mean(pred_np[lo:hi] == task.index)))
+        if not learnt:  # the reference row: nothing learnt, nothing else to say
+            return row
+        # what follows is about the learnt tasks (the stream's first examples)
+        learnt_end = int(bounds[len(learnt)])
+        logits_np, labels_np = logits_np[:learnt_end], labels_np[:learnt_end]
+        bounds = bounds[:len(learnt) + 1]
         predicted = metrics_lib.class_il_predictions(logits_np, seen)
         if not self.joint:  # the classes learnt before task t, and task t's own
             new = set(self.scenario.tasks[t].classes)
@@ -579,7 +601,7 @@ class ContinualTrainer:
         if predictions:
             order = np.asarray(self.scenario.class_order)
             row["predictions"] = {
-                "task": np.repeat([task.index for task in eval_tasks], np.diff(bounds)),
+                "task": np.repeat([task.index for task in learnt], np.diff(bounds)),
                 "label": order[labels_np], "prediction": order[predicted],
                 "seen_classes": order[np.asarray(seen)], "logits": logits_np[:, seen]}
         return row
@@ -610,12 +632,26 @@ class ContinualTrainer:
         for key, values in row.items():
             if key not in ("class_il", "task_il"):
                 run.extra_rows.setdefault(key, []).append(values)
-        scalars = {f"eval/class_il_task{j}": v for j, v in enumerate(row["class_il"])}
-        scalars.update({f"eval/task_il_task{j}": v for j, v in enumerate(row["task_il"])})
-        scalars["eval/average_accuracy"] = float(np.mean(row["class_il"]))
-        scalars["eval/task_il_average_accuracy"] = float(np.mean(row["task_il"]))
+        learnt = len(row["class_il"]) if self.joint else t + 1
+        scalars = {}
+        for kind in ("class_il", "task_il"):
+            for j, value in enumerate(row[kind]):  # tasks not learnt yet (eval.future_tasks)
+                scalars[f"eval/{'future_' if j >= learnt else ''}{kind}_task{j}"] = value
+        scalars["eval/average_accuracy"] = float(np.mean(row["class_il"][:learnt]))
+        scalars["eval/task_il_average_accuracy"] = float(np.mean(row["task_il"][:learnt]))
         self.writer.write(run.global_step, scalars, task=t)
         log.info("task %d: class-IL %s", t, " ".join(f"{v:.1f}" for v in row["class_il"]))
+
+    def record_reference(self, run: RunState) -> None:
+        """FWT's reference: every task evaluated before any is learnt (``fwt_reference``
+        'init': the pretrained backbone with the method's initial parameters)."""
+        row = self.evaluate(run, -1, future=True)
+        run.reference = {"class_il": row["class_il"], "task_il": row["task_il"]}
+        self.writer.write(run.global_step, {
+            **{f"eval/reference_class_il_task{j}": v for j, v in enumerate(row["class_il"])},
+            **{f"eval/reference_task_il_task{j}": v for j, v in enumerate(row["task_il"])}})
+        log.info("reference (before task 0): class-IL %s",
+                 " ".join(f"{v:.1f}" for v in row["class_il"]))
 
     def results(self, run: RunState) -> dict:
         matrix, task_il = run.accuracy_matrix, run.task_il_matrix
@@ -625,8 +661,11 @@ class ContinualTrainer:
             task_summary = {"average_accuracy": float(np.mean(task_il[-1]))}
         else:
             sizes = [len(task.test_indices) for task in self.scenario.tasks]
-            summary = metrics_lib.summarize(matrix, test_sizes=sizes)
-            task_summary = metrics_lib.summarize(task_il, test_sizes=sizes)
+            reference = run.reference or {}
+            summary = metrics_lib.summarize(matrix, reference=reference.get("class_il"),
+                                            test_sizes=sizes)
+            task_summary = metrics_lib.summarize(task_il, reference=reference.get("task_il"),
+                                                 test_sizes=sizes)
         out = {"method": self.method.name,
                "method_config": dataclasses.asdict(self.method.config),
                "dataset": self.config.dataset.name,
@@ -643,6 +682,8 @@ class ContinualTrainer:
                "skipped_nonfinite_steps": run.skipped_steps,
                "backbone": {"name": self.backbone.config.name, "fingerprint": self.fingerprint},
                "config": self.config.to_dict()}
+        if run.reference is not None:
+            out["reference_accuracy"] = run.reference
         for key, rows in run.extra_rows.items():
             out[f"{key}_matrix"] = rows
         if run.confusion is not None:  # the last evaluation's, in original class ids
@@ -801,7 +842,7 @@ class ContinualTrainer:
                 "seconds_in_task": 0.0 if task_done else time.time() - run.task_started,
                 "skipped_nonfinite_steps": run.skipped_steps,
                 "train_steps": run.global_step, "fingerprint": self.fingerprint,
-                "confusion": run.confusion,
+                "confusion": run.confusion, "reference_accuracy": run.reference,
                 "config_hash": self.config_hash, "method": self.method.name,
                 "layout": self.layout()}
 
