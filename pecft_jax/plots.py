@@ -57,8 +57,8 @@ def plot_accuracy_matrices(results: Mapping, path: str) -> str:
                 if np.isfinite(v):
                     ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8,
                             color="white" if v < 60 else "black")
-        ax.set_xticks(range(m.shape[1]), [str(j + 1) for j in range(m.shape[1])])
-        ax.set_yticks(range(m.shape[0]), [str(i + 1) for i in range(m.shape[0])])
+        ax.set_xticks(range(m.shape[1]), [str(j) for j in range(m.shape[1])])  # from 0
+        ax.set_yticks(range(m.shape[0]), [str(i) for i in range(m.shape[0])])
         ax.set_xlabel("evaluated on task")
         ax.set_ylabel("after learning task")
         final = np.nanmean(m[-1])
@@ -121,7 +121,7 @@ def plot_forgetting(groups: Sequence, path: str) -> str:
         values = np.array([task_forgetting(r["accuracy_matrix"]) for r in runs])
         if values.shape[1] == 0:
             continue
-        x = np.arange(1, values.shape[1] + 1) + (g - (len(groups) - 1) / 2) * width
+        x = np.arange(values.shape[1]) + (g - (len(groups) - 1) / 2) * width  # tasks from 0
         std = values.std(axis=0, ddof=1) if len(runs) > 1 else None
         ax.bar(x, values.mean(axis=0), width, yerr=std, capsize=2, label=label)
     ax.axhline(0, color="black", linewidth=0.8)

@@ -22,10 +22,11 @@ def format_matrix(matrix: Sequence[Sequence[float]], title: str) -> str:
     if not matrix:
         return f"{title}: (empty)"
     width = max(len(row) for row in matrix)
-    lines = [title, "after task | " + " ".join(f"T{j + 1:>5}" for j in range(width))]
+    # tasks are numbered from 0, as in every file, log, key and option (README)
+    lines = [title, "after task | " + " ".join(f"T{j:>5}" for j in range(width))]
     for i, row in enumerate(matrix):
         cells = " ".join(f"{v:6.2f}" for v in row)
-        lines.append(f"{i + 1:>10} | {cells}")
+        lines.append(f"{i:>10} | {cells}")
     return "\n".join(lines)
 
 
@@ -126,7 +127,7 @@ def format_plan(plan: Mapping) -> str:
     for t, task in enumerate(plan["tasks"]):
         classes = ", ".join(str(c) for c in task["classes"][:8]) + (
             ", ..." if len(task["classes"]) > 8 else "")
-        lines.append(f"{t + 1:4d} | {classes:32s} | {task['train_examples']:5d} | "
+        lines.append(f"{t:4d} | {classes:32s} | {task['train_examples']:5d} | "
                      f"{task['test_examples']:5d} | {task['epochs']:6d} | {task['steps']}")
     lines.append("resolved config:")
     lines.append(json.dumps(plan["config"], indent=1, sort_keys=True, default=str))

@@ -380,7 +380,8 @@ class ContinualTrainer:
         every = int(self.config.train.get("checkpoint_every_steps", 0) or 0)
         log_every = int(self.config.train.get("log_every_steps", 20) or 20)
         schedule = make_schedule(self.config.train, steps, per_epoch)  # for the logs
-        bar = progress(total=steps, initial=position.step, desc=f"task {t + 1}/{len(self.tasks)}",
+        bar = progress(total=steps, initial=position.step,
+                       desc=f"task {t} [0-{len(self.tasks) - 1}]",
                        enabled=self.config.get("progress_bar", True) and jax.process_index() == 0)
         step, tick, examples_seen = position.step, time.time(), 0
         health = mesh_lib.replicate(np.array([-1, run.skipped_steps], np.int32), self.mesh)
