@@ -1,10 +1,12 @@
 """Re-evaluate a run's saved checkpoint.
 
     python -m pecft_jax.evaluate --workdir DIR [--task T] [--split train] [--predictions]
+                                 [--future_tasks]
 
 Rebuilds the model from DIR/config.json, the pretrained backbone (checked against the
 fingerprint stored in the checkpoint) and the checkpoint of task T (default: the last one
-saved), evaluates on the test data of tasks 0..T and prints the accuracy row next to the row
+saved), evaluates on the test data of tasks 0..T (all tasks with ``--future_tasks`` or when
+the run evaluated them, ``eval.future_tasks``) and prints the accuracy row next to the row
 recorded during training. Writes DIR/eval_task<T>.json (``--split train``: on the tasks'
 training data, un-augmented, DIR/eval_task<T>_train.json). ``--predictions`` also writes
 DIR/predictions_task<T>_<split>.npz: every example's ``task``, ``label`` and class-IL
@@ -37,7 +39,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def evaluate_checkpoint(workdir: str, task: Optional[int] = None, split: str = "test",
-                        predictions: bool = False) -> dict:
+                        predictions: bool = False, future_tasks: bool = False) -> dict:
     from pecft_jax.train.loop import ContinualTrainer, RunState
     # a multi-process run's checkpoints are whole on disk: one process evaluates them
     config = one_process(load_run_config(workdir))
@@ -53,7 +55,8 @@ def evaluate_checkpoint(workdir: str, task: Optional[int] = None, split: str = "
         trainer.check_meta(meta)
         restored = trainer.checkpointer.restore("tasks", task)
         run = RunState(restored["trainable"], restored["state"], [], [], {}, [])
-        row = trainer.evaluate(run, task, split=split, predictions=predictions)
+        row = trainer.evaluate(run, task, split=split, predictions=predictions,
+                               future=future_tasks or trainer.future_tasks)
     finally:
         trainer.close()
     result = {"task": task, "split": split, "class_il": row["class_il"],
@@ -78,17 +81,22 @@ def evaluate_checkpoint(workdir: str, task: Optional[int] = None, split: str = "
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--task", type=int, default=None, help="0-based task index")
+    parser.add_argument("--task", type=int, default=None,
+                        help="the task whose checkpoint to evaluate (from 0; default: the last)")
     parser.add_argument("--split", choices=("test", "train"), default="test",
                         help="the tasks' test data (default) or training data")
     parser.add_argument("--predictions", action="store_true",
                         help="also write every example's prediction and logits to "
                              "predictions_task<T>_<split>.npz")
+    parser.add_argument("--future_tasks", action="store_true",
+                        help="also evaluate the tasks after T (not learnt yet by that "
+                             "checkpoint)")
     args = parser.parse_args(argv)
-    result = evaluate_checkpoint(args.workdir, args.task, args.split, args.predictions)
+    result = evaluate_checkpoint(args.workdir, args.task, args.split, args.predictions,
+                                 args.future_tasks)
     fmt = lambda row: " ".join(f"{v:6.2f}" for v in row)
     print(f"task {result['task']} checkpoint, accuracy (%) on the {args.split} data of tasks "
-          f"0..{result['task']}")
+          f"0..{len(result['class_il']) - 1}")
     print(f"  class-IL  re-evaluated: {fmt(result['class_il'])}")
     if "recorded_class_il" in result:
         print(f"  class-IL  recorded:     {fmt(result['recorded_class_il'])}")

@@ -26,8 +26,10 @@ def _fwt(matrix, reference):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fwt")
-    return (train_and_evaluate(_config(), str(root / "future")),
-            train_and_evaluate(_config(future=False, reference=""), str(root / "plain")))
+    future = train_and_evaluate(_config(), str(root / "future"))
+    plain = train_and_evaluate(_config(future=False, reference=""), str(root / "plain"))
+    future["workdir"], plain["workdir"] = str(root / "future"), str(root / "plain")
+    return future, plain
 
 
 def test_future_entries_add_to_the_matrix_and_change_nothing_learnt(runs):
@@ -40,6 +42,20 @@ def test_future_entries_add_to_the_matrix_and_change_nothing_learnt(runs):
     for key in ("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt"):
         assert future["metrics"][key] == plain["metrics"][key]
     assert "fwt" not in plain["metrics"] and "reference_accuracy" not in plain
+
+
+def test_evaluate_re_scores_future_tasks_from_a_checkpoint(runs):
+    """The plain run's task-0 checkpoint, re-evaluated on every task, gives the row the
+    future-evaluating run recorded (the two trained alike); a run that recorded future
+    tasks is re-evaluated on them by default."""
+    from pecft_jax.evaluate import evaluate_checkpoint
+    future, plain = runs
+    again = evaluate_checkpoint(plain["workdir"], task=0, future_tasks=True)
+    assert again["class_il"] == future["accuracy_matrix"][0]
+    assert again["task_il"] == future["task_il_accuracy_matrix"][0]
+    recorded = evaluate_checkpoint(future["workdir"], task=1)
+    assert recorded["class_il"] == recorded["recorded_class_il"]
+    assert len(recorded["class_il"]) == 3
 
 
 def test_fwt_is_gem_formula_on_the_reference_row(runs):
