@@ -107,3 +107,9 @@ def test_the_verdict_places_a_demo_run_between_its_bounds(tmp_path):
     other["class_order"] = list(reversed(range(6)))
     assert report.verdict_line(other, str(path)) is None
     assert report.verdict_line(dict(run, method="finetune"), str(path)) is None
+    # an entry measured on another backbone (the text demo's) speaks for that one only
+    bounds["split_mnist"]["backbone_checkpoint"] = "minilm"
+    path.write_text(json.dumps(bounds))
+    assert report.verdict_line(run, str(path)) is None
+    run["config"]["backbone"]["checkpoint"] = "minilm"
+    assert report.verdict_line(run, str(path)).startswith("verdict: l2p reaches 65.00")
