@@ -139,10 +139,12 @@ def format_plan(plan: Mapping) -> str:
 # ------------------------------------------------------------------ many runs, grouped
 def setting_of(results: Mapping) -> dict:
     """The flat config of a run (values as JSON text) without its seed and execution-only
-    keys: what runs of one setting share."""
-    from pecft_jax.configs import flatten_config, is_execution_key
-    return {k: json.dumps(v, sort_keys=True, default=str)
-            for k, v in flatten_config(results.get("config", {})).items()
+    keys: what runs of one setting share. A key the run's config lacks (written before the
+    key existed) has its default value, as it had in that run."""
+    from pecft_jax.configs import base_config, flatten_config, is_execution_key
+    flat = dict(flatten_config(base_config().to_dict()))
+    flat.update(flatten_config(results.get("config", {})))
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in flat.items()
             if k != "seed" and not is_execution_key(k)}
 
 

@@ -113,3 +113,14 @@ def test_the_verdict_places_a_demo_run_between_its_bounds(tmp_path):
     assert report.verdict_line(run, str(path)) is None
     run["config"]["backbone"]["checkpoint"] = "minilm"
     assert report.verdict_line(run, str(path)).startswith("verdict: l2p reaches 65.00")
+
+
+def test_a_key_missing_from_an_older_run_counts_as_its_default():
+    """A run written before a config key existed belongs with runs that have the key at its
+    default value, and apart from runs that set it otherwise."""
+    old, new, other = (fake_run(m, s) for s, m in enumerate(MATRICES))
+    new["config"]["eval"] = {"future_tasks": False}  # the default
+    other["config"]["eval"] = {"future_tasks": True}
+    groups = report.group_runs([old, new, other])
+    assert [len(members) for _, members in groups] == [2, 1]
+    assert groups[1][0] == "l2p [eval.future_tasks=True]"
