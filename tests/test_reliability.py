@@ -357,6 +357,6 @@ def test_dry_run_prints_the_plan_and_a_missing_workdir_is_named(tmp_path):
     done = _cli(f"--config={CONFIGS}/l2p.py:split_mnist", "--dry_run")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "class order: [0, 1, 2, 3" in done.stdout and "resolved config:" in done.stdout
-    assert "   5 | 8, 9" in done.stdout  # the last task's row
+    assert "   4 | 8, 9" in done.stdout  # the last task's row (tasks from 0)
     missing = _cli(f"--config={CONFIGS}/l2p.py:split_mnist")
     assert missing.returncode == 1 and "error: --workdir is required" in missing.stderr
