@@ -46,7 +46,9 @@ class ReadOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ReadOptions.{field} must be an int >= 0, got {value!r}")
         if self.processes and not self.threads:
-            raise ValueError("ReadOptions.processes > 0 needs threads >= 1 in each process")
+            raise ValueError("ReadOptions.processes > 0 needs threads >= 1 (config "
+                             "train.read_processes, train.read_threads): each worker process "
+                             "reads with that many threads; set --config.train.read_threads=1")
 
 
 def read(batches: Sequence, options: ReadOptions = ReadOptions(), start: int = 0,
