@@ -124,3 +124,26 @@ def test_a_key_missing_from_an_older_run_counts_as_its_default():
     groups = report.group_runs([old, new, other])
     assert [len(members) for _, members in groups] == [2, 1]
     assert groups[1][0] == "l2p [eval.future_tasks=True]"
+
+
+def test_the_shipped_bounds_are_those_of_their_benchmarks():
+    """Each entry of demo_bounds.json is its benchmark's setting as the config files build
+    it (backbone, tasks, class order), so the demos' verdict lines fire, and its mean and
+    std are those of its runs."""
+    from pecft_jax.data import build_scenario
+    from helpers import load_experiment_config
+    with open(report.BOUNDS_FILE) as f:
+        table = json.load(f)
+    benchmarks = [name for name in table if not name.startswith("_")]
+    assert set(benchmarks) == {"split_mnist", "wordnet"}
+    for name in benchmarks:
+        entry, config = table[name], load_experiment_config("finetune", name)
+        assert config.backbone.checkpoint == entry.get("backbone_checkpoint", "demo")
+        scenario = build_scenario(config)
+        assert len(scenario.tasks) == entry["num_tasks"]
+        assert [int(c) for c in scenario.class_order] == entry["class_order"]
+        for bound in ("finetune", "joint"):
+            runs = entry[bound]["runs"]
+            assert len(runs) == len(entry["seeds"]) == 3
+            assert entry[bound]["mean"] == pytest.approx(np.mean(runs), abs=1e-4)
+            assert entry[bound]["std"] == pytest.approx(np.std(runs, ddof=1), abs=1e-4)
