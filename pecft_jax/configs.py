@@ -298,6 +298,24 @@ def flatten_config(tree: collections.abc.Mapping, keep_empty: bool = True,
     return out
 
 
+# Keys added after runs were checkpointed, with the value that reproduces those runs: at
+# that value a key is left out of the config hash, so checkpoints written before it existed
+# still resume (loop.config_hash); set otherwise it is part of the run's identity.
+HASHED_ONLY_WHEN_SET = {"eval.future_tasks": False, "eval.fwt_reference": ""}
+
+
+def check_wandb_installed(config: ml_collections.ConfigDict) -> None:
+    """A run that will log to Weights & Biases (``wandb.project`` set) needs wandb: checked
+    before anything is loaded by the process that logs (re-evaluating such a run's
+    checkpoints logs nothing and needs no wandb)."""
+    project = config.get("wandb", {}).get("project", "")
+    if project and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"config wandb.project={project!r} asks for Weights & Biases logging, "
+                         f"but wandb is not installed: pip install wandb (or leave "
+                         f"wandb.project empty; metrics.jsonl and TensorBoard are written "
+                         f"either way)")
+
+
 def is_execution_key(key: str) -> bool:
     """A dotted config key among (or inside) :data:`EXECUTION_KEYS`."""
     return any(key == k or key.startswith(k + ".") for k in EXECUTION_KEYS)
@@ -342,12 +360,6 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
     if evaluation.get("future_tasks", False) and config.get("scenario", {}).get("joint", False):
         raise ValueError("eval.future_tasks with scenario.joint=True: joint training learns "
                          "every task at once, so no task lies in the future; leave one unset")
-    project = config.get("wandb", {}).get("project", "")
-    if project and importlib.util.find_spec("wandb") is None:
-        raise ValueError(f"config wandb.project={project!r} asks for Weights & Biases logging, "
-                         f"but wandb is not installed: pip install wandb (or leave "
-                         f"wandb.project empty; metrics.jsonl and TensorBoard are written "
-                         f"either way)")
 
 
 BENCHMARKS = ("split_mnist", "cifar100", "imagenet_r", "5datasets", "domain_mnist")

@@ -10,6 +10,7 @@ and ``forgetting.png`` into DIR (default: the current folder).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import io
 import json
@@ -142,8 +143,15 @@ def setting_of(results: Mapping) -> dict:
     keys: what runs of one setting share. A key the run's config lacks (written before the
     key existed) has its default value, as it had in that run."""
     from pecft_jax.configs import base_config, flatten_config, is_execution_key
+    from pecft_jax.methods import get_method_class
+    config = results.get("config", {})
     flat = dict(flatten_config(base_config().to_dict()))
-    flat.update(flatten_config(results.get("config", {})))
+    try:  # the method's own defaults (config files hold every method field)
+        method = get_method_class(config.get("method", {}).get("name", ""))
+        flat.update(flatten_config({"method": dataclasses.asdict(method.Config())}))
+    except (ValueError, KeyError, TypeError):  # a method this version does not have
+        pass
+    flat.update(flatten_config(config))
     return {k: json.dumps(v, sort_keys=True, default=str) for k, v in flat.items()
             if k != "seed" and not is_execution_key(k)}
 

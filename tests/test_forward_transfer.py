@@ -111,3 +111,19 @@ def test_bad_fwt_settings_are_refused_before_anything_runs(tmp_path):
         train_and_evaluate(c, str(tmp_path))
     with pytest.raises(ValueError, match="eval.fwt_reference must be"):
         train_and_evaluate(_config(reference="linear"), str(tmp_path))
+
+
+def test_the_new_eval_keys_at_their_defaults_leave_the_config_hash_as_it_was():
+    """Checkpoints written before eval.future_tasks / eval.fwt_reference existed still
+    resume: at their defaults the keys are not part of the config hash; set, they are."""
+    from pecft_jax.train.loop import config_hash
+    config = tiny_config()
+    older = tiny_config()
+    del older.eval["future_tasks"], older.eval["fwt_reference"]
+    assert config_hash(config) == config_hash(older)
+    assert config_hash(_config()) != config_hash(config)
+
+
+def test_a_method_that_masks_unlearnt_classes_refuses_future_tasks(tmp_path):
+    with pytest.raises(ValueError, match="lae: its logits mask the classes of tasks not learnt"):
+        train_and_evaluate(_config("lae"), str(tmp_path))

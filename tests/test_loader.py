@@ -136,3 +136,23 @@ def test_a_run_read_by_worker_processes_resumes_from_their_state(tmp_path, monke
     resumed = train_and_evaluate(_run_config(read_threads=1, read_processes=2),
                                  str(tmp_path / "processes"))
     assert resumed["accuracy_matrix"] == threads["accuracy_matrix"]
+
+
+class _Broken:
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        if i == 3:
+            raise OSError(f"unreadable record {i}")
+        return {"x": np.full(2, i)}
+
+
+@pytest.mark.parametrize("options", OPTIONS[:3], ids=lambda o: f"t{o.threads}p{o.processes}")
+def test_a_reading_error_reaches_the_consumer(options):
+    iterator = loader.read(_Broken(), options)
+    got = []
+    with pytest.raises(OSError, match="unreadable record 3"):
+        for batch in iterator:
+            got.append(int(batch["x"][0]))
+    assert got == [0, 1, 2]  # the batches before it arrive, in order

@@ -36,11 +36,14 @@ class _FakeRun:
         self.calls, self.kwargs, self.summary = calls, kwargs, {}
         calls.append(("init", kwargs))
 
-    def log(self, scalars, step):
-        self.calls.append(("log", step, dict(scalars)))
+    def define_metric(self, name, step_metric=None):
+        self.calls.append(("define_metric", name, step_metric))
 
-    def finish(self):
-        self.calls.append(("finish", dict(self.summary)))
+    def log(self, record):
+        self.calls.append(("log", dict(record)))
+
+    def finish(self, exit_code=0):
+        self.calls.append(("finish", dict(self.summary), exit_code))
 
 
 def test_wandb_receives_every_logged_scalar_and_the_final_metrics(tmp_path, monkeypatch):
@@ -61,20 +64,48 @@ def test_wandb_receives_every_logged_scalar_and_the_final_metrics(tmp_path, monk
     assert init["config"]["method.name"] == "simplecil"
     with open(os.path.join(workdir, "wandb_run_id.txt")) as f:
         assert init["id"] == f.read().strip() and re.fullmatch(r"[a-z0-9]{12}", init["id"])
-    # every record of metrics.jsonl, with its step, and nothing else
-    logged = [(c[1], c[2]) for c in calls if c[0] == "log"]
-    expected = [(r["step"], {k: v for k, v in r.items() if k not in ("step", "task")})
+    # records are plotted against the run's global step, a field of each record
+    assert ("define_metric", "*", "global_step") in calls
+    # every record of metrics.jsonl, with its global step and task, and nothing else -- both
+    # evaluations, though SimpleCIL logs them at one global step (no gradient steps)
+    logged = [c[1] for c in calls if c[0] == "log"]
+    expected = [{"global_step": r["step"], **{k: v for k, v in r.items() if k != "step"}}
                 for r in _records(workdir)]
     assert logged == expected and len(logged) == 2
+    assert [r["global_step"] for r in logged] == [0, 0] and [r["task"] for r in logged] == [0, 1]
     finish = [c for c in calls if c[0] == "finish"]
-    assert len(finish) == 1 and calls[-1][0] == "finish"
+    assert len(finish) == 1 and calls[-1][0] == "finish" and finish[0][2] == 0
     assert finish[0][1]["hparam/average_accuracy"] == pytest.approx(
         results["metrics"]["average_accuracy"])
+
+    # re-evaluating the run's checkpoints logs nothing, so it needs no wandb
+    from pecft_jax.evaluate import evaluate_checkpoint
+    real = importlib.util.find_spec
+    with monkeypatch.context() as patch:
+        patch.delitem(sys.modules, "wandb")
+        patch.setattr(importlib.util, "find_spec",
+                      lambda name, *args: None if name == "wandb" else real(name, *args))
+        again = evaluate_checkpoint(workdir)
+    assert again["class_il"] == again["recorded_class_il"]
 
     # a second run in the workdir (a resume) continues the same W&B run
     calls.clear()
     train_and_evaluate(_config(project="pecft"), workdir)
     assert calls[0][1]["id"] == init["id"]
+
+    # a run that fails is marked so (exit code 1)
+    calls.clear()
+    failing = _config(project="pecft")
+    with monkeypatch.context() as patch:
+        from pecft_jax.train.loop import ContinualTrainer
+
+        def broken(self, *args, **kwargs):
+            self.writer.write(0, {"probe": 1.0})  # W&B has started
+            raise RuntimeError("a crash")
+        patch.setattr(ContinualTrainer, "learn_task", broken)
+        with pytest.raises(RuntimeError, match="a crash"):
+            train_and_evaluate(failing, str(tmp_path / "failing"))
+    assert calls[-1][0] == "finish" and calls[-1][2] == 1
 
 
 def test_a_real_offline_wandb_run_holds_the_logged_values(tmp_path, monkeypatch):

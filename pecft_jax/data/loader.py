@@ -21,10 +21,13 @@ skipped ones.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain.python as grain
 from absl import flags
+
+log = logging.getLogger("pecft_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +37,8 @@ class ReadOptions:
     Attributes:
       threads: reading threads; 0 reads in the consuming thread (no read-ahead).
       processes: grain worker processes, each with ``threads`` threads; 0: none.
-      prefetch: batches read ahead, per process.
+      prefetch: batches read ahead, per process (at least ``threads``: each thread reads
+        one batch ahead).
     """
     threads: int = 2
     processes: int = 0
@@ -59,9 +63,10 @@ def read(batches: Sequence, options: ReadOptions = ReadOptions(), start: int = 0
     if not 0 <= start <= len(batches):
         raise ValueError(f"start {start} outside [0, {len(batches)}]")
     dataset = grain.MapDataset.source(batches)[start:]
+    # grain keeps at most prefetch_buffer_size reads in flight: no fewer than the threads
     iterable = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=options.threads,
-        prefetch_buffer_size=options.prefetch if options.threads else 0))
+        prefetch_buffer_size=max(options.prefetch, options.threads) if options.threads else 0))
     if options.processes:
         # grain's workers read absl flags (their defaults are fine): a library caller that
         # is not an absl app has not parsed them
@@ -100,5 +105,10 @@ def resume(batches: Sequence, options: ReadOptions, saved: Mapping | None,
     if (saved is not None and int(saved.get("position", -1)) == position
             and int(saved.get("processes", -1)) == options.processes):
         start = int(saved["start"])
-        return read(batches, options, start=start, state=saved["grain_state"]), start
+        try:
+            return read(batches, options, start=start, state=saved["grain_state"]), start
+        except (KeyError, TypeError, ValueError) as err:  # e.g. a state from another grain
+            log.warning("the saved input iterator state does not restore (%s: %s); reading "
+                        "from step %d afresh (the same batches)", type(err).__name__, err,
+                        position)
     return read(batches, options, start=position), position

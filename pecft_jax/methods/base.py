@@ -393,6 +393,10 @@ class Method:
     #: True when ``logits`` also returns the task it inferred for each example,
     #: ``(logits, task_pred)``; the loop then reports task-identity accuracy.
     infers_task: bool = False
+    #: False when ``logits`` masks the classes of tasks not learnt yet (to -inf or a
+    #: constant): an evaluation on future tasks (``eval.future_tasks``, FWT) would measure
+    #: the mask, not transfer, so the loop refuses it for such a method.
+    scores_unlearnt_classes: bool = True
     #: False (the default): ``loss`` / ``update`` / ``logits`` get the task with a *traced*
     #: index, so each kind of step compiles once per run; ``param_labels`` and
     #: ``optimizer_groups`` must then give the same optimizer for tasks with the same labels.

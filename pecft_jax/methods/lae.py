@@ -45,6 +45,7 @@ MODULES = ("adapter", "lora", "prefix")
 
 class LAE(Method):
     name = "lae"
+    scores_unlearnt_classes = False  # logits: log-softmax over the seen classes only
     train_class_mask = "task"  # the official loss: the current task's logits only
 
     @dataclasses.dataclass(frozen=True)

@@ -80,6 +80,7 @@ def _dropout(x: Array, rate: float, rng: Array) -> Array:
 
 class ProgressivePrompts(Method):
     name = "progressive_prompts"
+    scores_unlearnt_classes = False  # a class no learnt task teaches gets logit 0
     train_class_mask = "task"
 
     @dataclasses.dataclass(frozen=True)

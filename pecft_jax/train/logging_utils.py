@@ -51,12 +51,18 @@ def start_wandb(workdir: str, settings: Mapping, config: Mapping):
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits)
                          for _ in range(12))
         write_text_atomic(id_path, run_id + "\n")
-    return wandb.init(
+    run = wandb.init(
         project=settings["project"], entity=settings.get("entity") or None,
         name=settings.get("name") or os.path.basename(os.path.abspath(workdir)),
         tags=list(settings.get("tags", ())) or None, mode=settings.get("mode") or None,
         dir=workdir, id=run_id, resume="allow",
         config=flatten_config(dict(config), keep_empty=False))
+    # Records are plotted against the run's global step, a field of each record, not W&B's
+    # own step: several records share a global step (a task without gradient steps logs
+    # its evaluation at the step of the one before), which W&B's step would merge.
+    run.define_metric("global_step")
+    run.define_metric("*", step_metric="global_step")
+    return run
 
 
 class MetricWriter:
@@ -69,6 +75,8 @@ class MetricWriter:
         self._jsonl = None
         self._tb = None
         self._wandb = None
+        # W&B starts with the first record, after the run's resume checks have passed
+        self._wandb_start = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -79,7 +87,12 @@ class MetricWriter:
         except ImportError:  # TensorBoard logging is optional; JSONL is always written
             self._tb = None
         if wandb is not None and wandb.get("project"):
-            self._wandb = start_wandb(workdir, wandb, config or {})
+            self._wandb_start = lambda: start_wandb(workdir, wandb, config or {})
+
+    def _wandb_run(self):
+        if self._wandb is None and self._wandb_start is not None:
+            self._wandb, self._wandb_start = self._wandb_start(), None
+        return self._wandb
 
     def discard_after(self, step: int) -> int:
         """Drops the ``metrics.jsonl`` records past global step ``step`` (and a line torn by a
@@ -116,10 +129,12 @@ class MetricWriter:
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, float(value), int(step))
-        if self._wandb is not None:
-            # W&B keeps the first value of a step: a resumed run's re-logged steps (those
-            # after its checkpoint) are dropped there, with the same values
-            self._wandb.log({k: float(v) for k, v in scalars.items()}, step=int(step))
+        if self._wandb_run() is not None:
+            # a resumed run logs the records after its checkpoint again: W&B shows them
+            # twice at their global step, with the same values
+            self._wandb.log({"global_step": int(step), **({"task": task} if task is not None
+                                                           else {}),
+                             **{k: float(v) for k, v in scalars.items()}})
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         """A text in TensorBoard (e.g. the run's config), shown as markdown."""
@@ -129,7 +144,7 @@ class MetricWriter:
     def hparams(self, config: Mapping, results: Mapping[str, Optional[float]]) -> None:
         """TensorBoard's HParams view: the run's scalar config values (flattened,
         ``train.learning_rate``) against its final metrics."""
-        if self._wandb is not None:  # the config went in at wandb.init
+        if self._wandb_run() is not None:  # the config went in at wandb.init
             self._wandb.summary.update({k: float(v) for k, v in results.items()
                                         if v is not None})
         if not (self.enabled and self._tb is not None):
@@ -140,13 +155,15 @@ class MetricWriter:
         metrics = {k: float(v) for k, v in results.items() if v is not None}
         self._tb.add_hparams(params, metrics, name="hparams")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Closes the files; a W&B run is marked failed (exit code 1) when the run did not
+        finish (an exception, a preemption: its resume continues the same W&B run)."""
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=1 if failed else 0)
             self._wandb = None
 
 

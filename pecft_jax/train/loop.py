@@ -37,8 +37,9 @@ from pecft_jax.backbones.backbone import backbone_from_config
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import loader, pipeline, scenarios
 from pecft_jax.data.text import TextPreprocess
-from pecft_jax.configs import (SCHEDULES, check_run_config, distributed_settings,
-                               flatten_config, is_execution_key)
+from pecft_jax.configs import (HASHED_ONLY_WHEN_SET, SCHEDULES, check_run_config,
+                               check_wandb_installed, distributed_settings, flatten_config,
+                               is_execution_key)
 from pecft_jax.files import write_json_atomic, write_text_atomic
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
 from pecft_jax.methods.base import count_params, merge_state
@@ -64,8 +65,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         results = trainer.run()
         results["compilation"] = dict(monitor.report(), traces=dict(trainer.trace_counts))
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(failed=True)
+        raise
+    trainer.close()
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, "results.json"), results, indent=1,
                           default=_json_default)
@@ -175,6 +178,9 @@ class ContinualTrainer:
         if distributed is not None:
             mesh_lib.initialise_distributed(**distributed)
         self.mesh = mesh_lib.make_mesh(config.get("num_devices", None))
+        self.logs_metrics = write_metrics and jax.process_index() == 0
+        if self.logs_metrics:
+            check_wandb_installed(config)
         self.batch_size = config.train.batch_size
         mesh_lib.check_batch_size(self.batch_size, self.mesh, "train.batch_size")
         self.eval_batch_size = config.get("eval", {}).get("batch_size", self.batch_size)
@@ -191,6 +197,11 @@ class ContinualTrainer:
         self.tasks = self.training_tasks()
         self.method: Method = create_method(config.method.name, config.method, self.backbone,
                                             self.scenario.num_classes, len(self.tasks))
+        if self.future_tasks and not self.method.scores_unlearnt_classes:
+            raise ValueError(f"eval.future_tasks with {self.method.name}: its logits mask the "
+                             f"classes of tasks not learnt yet, so the accuracy on a future task "
+                             f"(and FWT) would measure the mask, not transfer; leave "
+                             f"eval.future_tasks and eval.fwt_reference unset for this method")
         self.read_options = loader.ReadOptions(
             threads=int(config.train.get("read_threads", 2)),
             processes=int(config.train.get("read_processes", 0)),
@@ -211,7 +222,7 @@ class ContinualTrainer:
         self._task_data_compiled: Dict[tuple, Callable] = {}  # the methods' TaskData passes
         self.config_hash = config_hash(config)
         self.base_rng = jax.random.key(config.seed)
-        self.writer = MetricWriter(workdir, enabled=write_metrics and jax.process_index() == 0,
+        self.writer = MetricWriter(workdir, enabled=self.logs_metrics,
                                    wandb=config.get("wandb"), config=config.to_dict())
         self.checkpointer = Checkpointer(workdir)
         self._stop_signal: Optional[int] = None  # SIGTERM / SIGINT received (see run)
@@ -880,9 +891,9 @@ class ContinualTrainer:
             raise CheckpointMismatch(f"checkpoint is from method {meta['method']!r}, not "
                                      f"{self.method.name!r}")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.checkpointer.close()
-        self.writer.close()
+        self.writer.close(failed)
 
 
 # =========================================================================== pieces
@@ -1029,7 +1040,8 @@ def learning_rate_at(schedule, step: int) -> float:
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
     flat = {k: v for k, v in flatten_config(config.to_dict(), keep_empty=False).items()
-            if not is_execution_key(k)}
+            if not is_execution_key(k)
+            and not (k in HASHED_ONLY_WHEN_SET and v == HASHED_ONLY_WHEN_SET[k])}
     blob = json.dumps(flat, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
