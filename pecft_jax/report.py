@@ -10,8 +10,8 @@ and ``forgetting.png`` into DIR (default: the current folder).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import io
 import json
 import os

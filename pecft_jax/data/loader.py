@@ -76,7 +76,11 @@ def read(batches: Sequence, options: ReadOptions = ReadOptions(), start: int = 0
             num_workers=options.processes, per_worker_buffer_size=max(options.prefetch, 1)))
     iterator = iter(iterable)
     if state is not None:
-        iterator.set_state(dict(state))
+        try:
+            iterator.set_state(dict(state))
+        except Exception:  # no worker processes left behind by a state that does not fit
+            close(iterator)
+            raise
     return iterator
 
 

@@ -387,7 +387,8 @@ def _padded_crops(x: np.ndarray, offsets: np.ndarray, padding: int) -> np.ndarra
     return out
 
 
-def _check_sharding(batch_size: int, process_index: int, process_count: int) -> int:
+def _host_slice(batch_size: int, process_index: int, process_count: int) -> slice:
+    """This host's rows of a global batch (checked: the hosts split it evenly)."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if process_count <= 0 or not 0 <= process_index < process_count:
@@ -395,7 +396,8 @@ def _check_sharding(batch_size: int, process_index: int, process_count: int) -> 
     if batch_size % process_count:
         raise ValueError(f"global batch_size {batch_size} is not divisible by the "
                          f"{process_count} hosts; pick a multiple of {process_count}")
-    return batch_size // process_count
+    local = batch_size // process_count
+    return slice(process_index * local, (process_index + 1) * local)
 
 
 def _augmentation(preprocess: Preprocess, batch_size: int, mine: slice, seed: tuple):
@@ -503,7 +505,7 @@ class TrainBatches:
     def __init__(self, source: LabelledSource, indices: np.ndarray, label_map: np.ndarray, *,
                  batch_size: int, seed: int, preprocess: Any, epochs: int = 1,
                  process_index: int = 0, process_count: int = 1):
-        local = _check_sharding(batch_size, process_index, process_count)
+        self.mine = _host_slice(batch_size, process_index, process_count)
         self.source, self.indices = source, _as_indices(indices)
         self.batch_size, self.seed, self.preprocess = int(batch_size), int(seed), preprocess
         self.per_epoch = steps_per_epoch(len(self.indices), batch_size)
@@ -514,7 +516,6 @@ class TrainBatches:
             raise ValueError(f"epochs must be positive, got {epochs}")
         self.epochs = int(epochs)
         self.labels = _mapped_labels(source, self.indices, label_map)
-        self.mine = slice(process_index * local, (process_index + 1) * local)
         self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -592,7 +593,7 @@ class StreamBatches:
                  label_map: np.ndarray, *, batch_size: int, preprocess: Any,
                  process_index: int = 0, process_count: int = 1,
                  augment_seed: int | None = None):
-        local = _check_sharding(batch_size, process_index, process_count)
+        self.mine = _host_slice(batch_size, process_index, process_count)
         self.parts = [(source, _as_indices(indices)) for source, indices in parts]
         self.labels = np.concatenate([_mapped_labels(source, indices, label_map)
                                       for source, indices in self.parts]
@@ -600,7 +601,6 @@ class StreamBatches:
         self.starts = np.cumsum([0] + [len(indices) for _, indices in self.parts])
         self.total = int(self.starts[-1])
         self.batch_size, self.augment_seed = int(batch_size), augment_seed
-        self.mine = slice(process_index * local, (process_index + 1) * local)
         if augment_seed is None:
             preprocess = dataclasses.replace(preprocess, augment=False)
         self.preprocess = preprocess

@@ -34,14 +34,9 @@ def start_wandb(workdir: str, settings: Mapping, config: Mapping):
     """A Weights & Biases run for the workdir (``settings``: the config's ``wandb`` section;
     ``config``: the run's config, flattened into W&B's). Its id is kept in the workdir, so a
     resumed run continues the same W&B run. Raises a clear error when wandb is missing."""
-    try:
-        import wandb
-    except ImportError:
-        raise ImportError(
-            f"config.wandb.project={settings['project']!r} asks for Weights & Biases logging, "
-            f"but wandb is not installed: pip install wandb (or leave wandb.project empty; "
-            f"metrics.jsonl and TensorBoard are written either way)") from None
-    from pecft_jax.configs import flatten_config
+    from pecft_jax.configs import check_wandb_installed, flatten_config
+    check_wandb_installed({"wandb": dict(settings)})
+    import wandb
     id_path = os.path.join(workdir, WANDB_ID_FILE)
     if os.path.exists(id_path):
         with open(id_path) as f:
@@ -144,15 +139,14 @@ class MetricWriter:
     def hparams(self, config: Mapping, results: Mapping[str, Optional[float]]) -> None:
         """TensorBoard's HParams view: the run's scalar config values (flattened,
         ``train.learning_rate``) against its final metrics."""
+        metrics = {k: float(v) for k, v in results.items() if v is not None}
         if self._wandb_run() is not None:  # the config went in at wandb.init
-            self._wandb.summary.update({k: float(v) for k, v in results.items()
-                                        if v is not None})
+            self._wandb.summary.update(metrics)
         if not (self.enabled and self._tb is not None):
             return
         from pecft_jax.configs import flatten_config
         params = {k: v for k, v in flatten_config(config, keep_empty=False).items()
                   if isinstance(v, (bool, int, float, str))}
-        metrics = {k: float(v) for k, v in results.items() if v is not None}
         self._tb.add_hparams(params, metrics, name="hparams")
 
     def close(self, failed: bool = False) -> None:

@@ -659,9 +659,9 @@ class ContinualTrainer:
         'init': the pretrained backbone with the method's initial parameters)."""
         row = self.evaluate(run, -1, future=True)
         run.reference = {"class_il": row["class_il"], "task_il": row["task_il"]}
-        self.writer.write(run.global_step, {
-            **{f"eval/reference_class_il_task{j}": v for j, v in enumerate(row["class_il"])},
-            **{f"eval/reference_task_il_task{j}": v for j, v in enumerate(row["task_il"])}})
+        self.writer.write(run.global_step, {f"eval/reference_{kind}_task{j}": value
+                                            for kind, values in run.reference.items()
+                                            for j, value in enumerate(values)})
         log.info("reference (before task 0): class-IL %s",
                  " ".join(f"{v:.1f}" for v in row["class_il"]))
 
