@@ -35,7 +35,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, port, process_id, num_processes=2):
+def _launch(workdir, port, process_id, num_processes=2, devices=2):
     script = f"""
 import json, sys
 sys.path.insert(0, {TESTS!r})
@@ -46,7 +46,7 @@ c = _config(coordinator_address="localhost:{port}", num_processes={num_processes
 results = train_and_evaluate(c, {workdir!r})
 print("RESULT " + json.dumps(results["accuracy_matrix"]))
 """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu")
     return subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -126,16 +126,29 @@ def two_process_run(tmp_path_factory):
 
 
 def test_two_processes_match_one_process_with_as_many_devices(tmp_path, two_process_run):
+    """Bit for bit when the one process also reduces across its devices through JAX's
+    cross-process collectives (a one-process distributed run: every device is a gloo rank,
+    as in the two-process run); to float rounding through the in-process all-reduce."""
     workdir, matrix = two_process_run
-    outputs = [matrix]
+    two_params = _params(workdir, 1)
+
+    gloo = str(tmp_path / "gloo")
+    proc = _launch(gloo, _free_port(), 0, num_processes=1, devices=4)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(out.split("RESULT ", 1)[1]) == matrix
+    for task in (0, 1):
+        ours, theirs = _params(gloo, task), _params(workdir, task)
+        assert sorted(ours) == sorted(theirs)
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
 
     one = _config()
     one.num_devices = 4
     single = train_and_evaluate(one, str(tmp_path / "one"))
-    assert single["accuracy_matrix"] == outputs[0]
-    # parameters to float rounding (measured: 2.2e-8 at most): the cross-process all-reduce
-    # (gloo) sums the devices' gradients in another order than the in-process one
-    two_params = _params(workdir, 1)
+    assert single["accuracy_matrix"] == matrix
+    # parameters to float rounding (measured: 2.2e-8 at most): the in-process all-reduce
+    # sums the devices' gradients in another order than gloo's ring
     for key, value in _params(str(tmp_path / "one"), 1).items():
         np.testing.assert_allclose(two_params[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
 
