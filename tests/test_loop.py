@@ -169,6 +169,28 @@ def test_interrupted_run_resumes_to_the_same_accuracy_matrix(l2p_run, tmp_path, 
     assert records(workdir) == records(l2p_run[0])
 
 
+def test_a_run_crashed_before_its_first_checkpoint_restarts_its_log(tmp_path, monkeypatch):
+    """No checkpoint to resume from: the rerun starts over, and so does metrics.jsonl (the
+    crashed attempt's records would otherwise be followed by the same steps again)."""
+    config = tiny_config()
+    config.scenario.num_tasks = 2
+    config.train.log_every_steps = 1
+    config.train.checkpoint_every_steps = 100
+    undo = crash_at_training_batch(monkeypatch, 4)
+    with pytest.raises(Interrupted):
+        train_and_evaluate(config, str(tmp_path))
+    undo()
+    ckpt = Checkpointer(str(tmp_path))
+    assert ckpt.latest() is None
+    ckpt.close()
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+    train_and_evaluate(config, str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f if '"train/loss"' in line]
+    assert steps == sorted(set(steps)) and steps[:3] == [1, 2, 3]
+
+
 def test_one_device_and_eight_devices_give_the_same_matrix(l2p_run, tmp_path):
     _, eight = l2p_run
     config = tiny_config()

@@ -332,6 +332,8 @@ class ContinualTrainer:
         """
         resume = self.checkpointer.latest()
         if resume is None:
+            # a run that crashed before its first checkpoint starts over, and so does its log
+            self.writer.discard_after(-1)
             rng = jax.random.fold_in(self.base_rng, 10 ** 6)
             # One compiled program, not one eager compilation per parameter shape, and
             # without LLVM's optimisations: it runs once, and XLA:CPU spends ~1 s optimising
