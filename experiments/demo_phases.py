@@ -45,7 +45,7 @@ def main() -> None:
                 totals[label] = totals.get(label, 0.0) + time.time() - started
         setattr(owner, name, wrapper)
 
-    timed(loop, "load_backbone", "load the backbone")
+    timed(loop, "backbone_from_config", "load the backbone")
     timed(loop.ContinualTrainer, "__init__", "set-up (incl. the backbone)")
     timed(loop.ContinualTrainer, "restore_or_init", "initialise the method")
     timed(loop.ContinualTrainer, "training_queries", "frozen queries of training data")
