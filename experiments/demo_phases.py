@@ -21,6 +21,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START = time.time()
 
 
+# (owner, attribute, label): the loop's phases, each timed around its calls
+PHASES = (("loop", "backbone_from_config", "load the backbone"),
+          ("loop.ContinualTrainer", "__init__", "set-up (incl. the backbone)"),
+          ("loop.ContinualTrainer", "restore_or_init", "initialise the method"),
+          ("loop.ContinualTrainer", "training_queries", "frozen queries of training data"),
+          ("loop.ContinualTrainer", "train", "gradient steps (incl. their compilation)"),
+          ("loop.ContinualTrainer", "evaluate", "evaluations (incl. test-set queries)"),
+          ("checkpoint.Checkpointer", "save", "checkpoints"))
+
+
+def instrument(totals: dict, loop, checkpoint, patch=setattr) -> None:
+    """Wraps every phase of :data:`PHASES` so that its seconds add up in ``totals[label]``
+    (``patch`` sets the wrapper: ``setattr``, or a test's ``monkeypatch.setattr``)."""
+    modules = {"loop": loop, "checkpoint": checkpoint}
+    for owner_path, name, label in PHASES:
+        module, _, attr = owner_path.partition(".")
+        owner = getattr(modules[module], attr) if attr else modules[module]
+        original = getattr(owner, name)
+
+        def wrapper(*a, _original=original, _label=label, **k):
+            started = time.time()
+            try:
+                return _original(*a, **k)
+            finally:
+                totals[_label] = totals.get(_label, 0.0) + time.time() - started
+        patch(owner, name, functools.wraps(original)(wrapper))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("method")
@@ -33,25 +61,7 @@ def main() -> None:
     from pecft_jax.train import checkpoint, loop
     totals["imports"] = time.time() - START
 
-    def timed(owner, name, label):
-        original = getattr(owner, name)
-
-        @functools.wraps(original)
-        def wrapper(*a, **k):
-            started = time.time()
-            try:
-                return original(*a, **k)
-            finally:
-                totals[label] = totals.get(label, 0.0) + time.time() - started
-        setattr(owner, name, wrapper)
-
-    timed(loop, "backbone_from_config", "load the backbone")
-    timed(loop.ContinualTrainer, "__init__", "set-up (incl. the backbone)")
-    timed(loop.ContinualTrainer, "restore_or_init", "initialise the method")
-    timed(loop.ContinualTrainer, "training_queries", "frozen queries of training data")
-    timed(loop.ContinualTrainer, "train", "gradient steps (incl. their compilation)")
-    timed(loop.ContinualTrainer, "evaluate", "evaluations (incl. test-set queries)")
-    timed(checkpoint.Checkpointer, "save", "checkpoints")
+    instrument(totals, loop, checkpoint)
 
     config = load_config_file(os.path.join(ROOT, "experiments", "configs", f"{args.method}.py"))
     config.progress_bar = False

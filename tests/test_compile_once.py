@@ -210,6 +210,24 @@ def test_benchmark_worker_times_the_library_step_and_counts_its_flops():
         assert result["flops"] > 0  # XLA's cost analysis of the compiled step
 
 
+def test_demo_phases_times_every_phase_of_a_run(tmp_path, monkeypatch):
+    """experiments/demo_phases.py wraps the loop's phases by name: each must still exist
+    and be reached by a run (a rename made the script fail before)."""
+    import importlib.util
+    from pecft_jax.train import checkpoint, loop
+    path = os.path.join(ROOT, "experiments", "demo_phases.py")
+    spec = importlib.util.spec_from_file_location("demo_phases", path)
+    phases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phases)
+    totals = {}
+    phases.instrument(totals, loop, checkpoint, patch=monkeypatch.setattr)
+    config = tiny_config()
+    config.scenario.num_tasks = 2
+    train_and_evaluate(config, str(tmp_path))
+    assert sorted(totals) == sorted(label for _, _, label in phases.PHASES)
+    assert all(seconds > 0 for seconds in totals.values()), totals
+
+
 def test_padding_rows_do_not_vote_in_batchwise_selection():
     from pecft_jax.peft.prompt_pool import select_topk
     # rows 0-2 prefer entry 0, rows 3-4 entry 1; rows 0-2 are padding
