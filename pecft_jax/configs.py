@@ -198,6 +198,14 @@ _RESAMPLES = ("bilinear", "pil_bilinear", "pil_bicubic")
 # (field, test, what it must be) -- checked before a run builds anything
 _RANGES = (
     ("seed", lambda v: _is_int(v) and 0 <= v < 2 ** 32, "an int in [0, 2**32)"),
+    ("scenario.seed", lambda v: v is None or (_is_int(v) and 0 <= v < 2 ** 32),
+     "None or an int in [0, 2**32)"),
+    ("dataset.split_seed", lambda v: v is None or (_is_int(v) and 0 <= v < 2 ** 32),
+     "None or an int in [0, 2**32)"),
+    ("dataset.test_fraction", lambda v: v is None or (_is_number(v) and 0 < v < 1),
+     "None or a number in (0, 1)"),
+    ("num_devices", lambda v: v is None or (_is_int(v) and v >= 1),
+     "None (every local device) or an int >= 1"),
     ("scenario.num_tasks", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("train.epochs", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = no gradient steps)"),
     ("train.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
@@ -241,7 +249,9 @@ def distributed_settings(config: ml_collections.ConfigDict) -> Optional[dict]:
     group = config.get("distributed", False)
     if isinstance(group, bool):
         return {} if group else None
-    address = group.get("coordinator_address", None)
+    # JAX's own variable stands in for the flag (as jax.distributed.initialize reads it)
+    address = group.get("coordinator_address", None) or os.environ.get(
+        "JAX_COORDINATOR_ADDRESS") or None
     if not (group.get("enabled", False) or address):
         return None
     count = group.get("num_processes", None)
@@ -264,13 +274,12 @@ def distributed_settings(config: ml_collections.ConfigDict) -> Optional[dict]:
 
 def one_process(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``config`` for a single process (e.g. evaluating a multi-process run's checkpoints,
-    which are whole on disk): multi-process start-up switched off."""
+    which are whole on disk): multi-process start-up switched off, whatever the config or
+    ``JAX_COORDINATOR_ADDRESS`` says."""
     config = ml_collections.ConfigDict(config.to_dict())
-    if isinstance(config.get("distributed", False), bool):
-        config.distributed = False
-    else:
-        config.distributed.enabled = False
-        config.distributed.coordinator_address = None
+    if "distributed" in config:
+        del config["distributed"]
+    config.distributed = False  # the boolean form: no multi-process start-up
     return config
 
 
@@ -278,7 +287,8 @@ def one_process(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # data/scenarios.py for dataset/scenario, make_base_optimizer for Adam's betas and the
 # multi-step schedule).
 OPTIONAL_KEYS = ("benchmark", "dataset.train_split", "dataset.test_split",
-                 "dataset.split_seed", "dataset.image_key", "dataset.label_key",
+                 "dataset.split_seed", "dataset.test_fraction", "dataset.image_key",
+                 "dataset.label_key",
                  "scenario.domains", "scenario.datasets", "train.b1", "train.b2",
                  "train.milestones", "train.lr_decay", "train.min_lr",
                  "backbone.gelu_approximate")
@@ -345,7 +355,7 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
     for path, ok, what in _RANGES:
         node, present = config, True
         for part in path.split("."):
-            if part not in node:
+            if not hasattr(node, "keys") or part not in node:  # (`distributed` may be a bool)
                 present = False
                 break
             node = node[part]

@@ -7,17 +7,18 @@ import tempfile
 from typing import Any
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` so that a crash at any moment leaves either the previous
-    file or the new one, never a truncated mix: a temporary file in the same directory,
-    flushed to disk, then renamed over ``path`` (``os.replace`` is atomic on POSIX)."""
+def write_atomic(path: str, write, mode: str = "w") -> None:
+    """Calls ``write(f)`` on a file that becomes ``path`` only once written whole, so a
+    crash at any moment leaves either the previous file or the new one, never a truncated
+    mix: a temporary file in the same directory, flushed to disk, then renamed over
+    ``path`` (``os.replace`` is atomic on POSIX)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -25,6 +26,18 @@ def write_text_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """:func:`write_atomic` of ``text``."""
+    write_atomic(path, lambda f: f.write(text))
+
+
+def save_figure_atomic(fig, path: str, **savefig_options) -> None:
+    """:func:`write_atomic` of a matplotlib figure, in the format of ``path``'s extension
+    (the temporary file's own name has none)."""
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    write_atomic(path, lambda f: fig.savefig(f, format=fmt, **savefig_options), mode="wb")
 
 
 def write_json_atomic(path: str, value: Any, **dump_options) -> None:

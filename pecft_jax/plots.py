@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pecft_jax import metrics as metrics_lib
+from pecft_jax.files import save_figure_atomic
 
 
 def _figure(width: float, height: float):
@@ -66,7 +67,7 @@ def plot_accuracy_matrices(results: Mapping, path: str) -> str:
     fig.colorbar(image, ax=list(axes), shrink=0.8)
     fig.suptitle(f"{results['method']} on {results['dataset']} ({len(results['accuracy_matrix'])}"
                  f" tasks)")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure_atomic(fig, path, dpi=110, bbox_inches="tight")
     return path
 
 
@@ -98,7 +99,7 @@ def plot_accuracy_curves(groups: Sequence, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("accuracy after each task (mean +- std over seeds)")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure_atomic(fig, path, dpi=110, bbox_inches="tight")
     return path
 
 
@@ -130,5 +131,5 @@ def plot_forgetting(groups: Sequence, path: str) -> str:
     ax.set_ylabel("forgetting (points)")
     ax.legend(fontsize=8)
     ax.set_title("forgetting per task at the end (mean +- std over seeds)")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure_atomic(fig, path, dpi=110, bbox_inches="tight")
     return path

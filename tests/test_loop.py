@@ -191,6 +191,35 @@ def test_a_run_crashed_before_its_first_checkpoint_restarts_its_log(tmp_path, mo
     assert steps == sorted(set(steps)) and steps[:3] == [1, 2, 3]
 
 
+def test_a_resumed_run_without_gradient_steps_logs_each_evaluation_once(tmp_path,
+                                                                        monkeypatch):
+    """SimpleCIL takes no gradient steps: every task's evaluation is logged at global step
+    0. A crash after task 2's evaluation was logged, before its checkpoint was written,
+    resumes from task 1's checkpoint (step 0): task 2's row must not be logged twice."""
+    from pecft_jax.train.checkpoint import Checkpointer as RealCheckpointer
+    config = tiny_config("simplecil")
+    reference = train_and_evaluate(config, str(tmp_path / "reference"))
+
+    real_save = RealCheckpointer.save
+
+    def crashing_save(self, *, task_end, step, **kwargs):
+        if task_end and step == 2:
+            raise Interrupted("killed before the checkpoint of task 2")
+        return real_save(self, task_end=task_end, step=step, **kwargs)
+    monkeypatch.setattr(RealCheckpointer, "save", crashing_save)
+    with pytest.raises(Interrupted):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    monkeypatch.setattr(RealCheckpointer, "save", real_save)
+    resumed = train_and_evaluate(config, str(tmp_path / "run"))
+    assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
+
+    def records(path):
+        with open(path / "metrics.jsonl") as f:
+            return [json.loads(line) for line in f]
+    assert records(tmp_path / "run") == records(tmp_path / "reference")
+    assert [r["task"] for r in records(tmp_path / "run")] == [0, 1, 2, 3, 4]
+
+
 def test_one_device_and_eight_devices_give_the_same_matrix(l2p_run, tmp_path):
     _, eight = l2p_run
     config = tiny_config()

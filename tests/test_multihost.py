@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from pecft_jax.configs import distributed_settings
+from pecft_jax.configs import distributed_settings, one_process
 from pecft_jax.evaluate import evaluate_checkpoint
 from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import train_and_evaluate
@@ -74,6 +74,15 @@ def test_distributed_settings_from_the_config_and_the_environment(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     monkeypatch.setenv("JAX_PROCESS_ID", "1")
     assert distributed_settings(_config(coordinator_address="h:1"))["process_id"] == 1
+    # JAX's three variables alone start a multi-process run (as README says they may)
+    assert distributed_settings(_config()) is None
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "h:2")
+    assert distributed_settings(_config()) == {
+        "coordinator_address": "h:2", "num_processes": 2, "process_id": 1,
+        "heartbeat_timeout_seconds": 10}
+    # ... but never for `evaluate`, which reads a run's checkpoints in one process
+    assert distributed_settings(one_process(_config(enabled=True))) is None
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
     # a config.json written before `distributed` became a group
     old = tiny_config()
     del old["distributed"]

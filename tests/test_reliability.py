@@ -260,7 +260,9 @@ def test_a_non_finite_or_negative_learning_rate_is_refused_before_anything_runs(
     ("seed", -1), ("train.log_every_steps", 0), ("scenario.num_tasks", 0), ("train.epochs", -1),
     ("train.batch_size", 0), ("eval.batch_size", -8), ("train.learning_rate", float("nan")),
     ("train.momentum", 1.5), ("train.weight_decay", -1e-4), ("train.grad_clip_norm", -1.0),
-    ("train.checkpoint_every_steps", -5), ("train.on_nonfinite", "ignore")])
+    ("train.checkpoint_every_steps", -5), ("train.on_nonfinite", "ignore"),
+    ("scenario.seed", -1), ("dataset.split_seed", -3), ("dataset.test_fraction", 1.5),
+    ("num_devices", 0)])
 def test_bad_values_are_refused_naming_the_field_before_anything_runs(tmp_path, field, value):
     c = tiny_config()
     section, _, key = field.rpartition(".")
@@ -313,8 +315,17 @@ def test_a_key_misspelt_in_a_config_file_is_an_error_not_ignored(tmp_path):
         train_and_evaluate(c, str(tmp_path))
     c = tiny_config()
     c.dataset.test_split = "test[:50%]"  # optional keys the data code reads are fine
+    c.dataset.test_fraction = 0.25
+    c.dataset.split_seed = 7
     from pecft_jax.configs import check_run_config
     check_run_config(c)
+
+
+def test_more_devices_than_there_are_names_the_field(tmp_path):
+    c = tiny_config()
+    c.num_devices = 9  # 8 simulated devices
+    with pytest.raises(ValueError, match=r"num_devices=9, but 8 devices .*--config.num_devices"):
+        train_and_evaluate(c, str(tmp_path))
 
 
 @pytest.mark.parametrize("signum, status", [

@@ -88,6 +88,23 @@ def test_per_task_forgetting_and_the_matrix_figure(tmp_path):
     _png_with_content(path)
 
 
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A crash while a figure is being drawn to disk leaves the previous file (and no
+    temporary file) behind."""
+    from matplotlib.figure import Figure
+    path = plots.plot_accuracy_matrices(fake_run(MATRICES[0], 0), str(tmp_path / "m.png"))
+    before = open(path, "rb").read()
+
+    def dies_midway(self, f, **kwargs):
+        f.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Figure, "savefig", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_accuracy_matrices(fake_run(MATRICES[1], 1), path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["m.png"]
+
+
 def test_the_verdict_places_a_demo_run_between_its_bounds(tmp_path):
     bounds = {"split_mnist": {"num_tasks": 3, "class_order": list(range(6)), "seeds": [0, 1, 2],
                               "finetune": {"mean": 20.0, "std": 1.0},

@@ -89,11 +89,13 @@ class MetricWriter:
             self._wandb, self._wandb_start = self._wandb_start(), None
         return self._wandb
 
-    def discard_after(self, step: int) -> int:
-        """Drops the ``metrics.jsonl`` records past global step ``step`` (and a line torn by a
-        crash): what a run resumed from a checkpoint at ``step`` will write again. Returns
-        the number of records dropped. (TensorBoard event files are append-only; a viewer
-        shows the re-run steps' latest values.)"""
+    def discard_after(self, step: int, task: Optional[int] = None) -> int:
+        """Drops what a run resumed from a checkpoint at global step ``step`` will write
+        again: the ``metrics.jsonl`` records past that step, a line torn by a crash, and the
+        evaluation records (those of a task without ``train/`` scalars) of tasks ``task``
+        and later -- a task without gradient steps logs its evaluation at the step where
+        the previous one ended. Returns the number of records dropped. (TensorBoard event
+        files are append-only; a viewer shows the re-run steps' latest values.)"""
         if not self.enabled:
             return 0
         path = self._jsonl.name
@@ -106,7 +108,9 @@ class MetricWriter:
                 except ValueError:
                     dropped += 1
                     continue
-                if record.get("step", 0) <= step:
+                evaluation = task is not None and record.get("task", -1) >= task and not any(
+                    key.startswith("train/") for key in record)
+                if record.get("step", 0) <= step and not evaluation:
                     kept.append(json.dumps(record) + "\n")
                 else:
                     dropped += 1

@@ -346,8 +346,6 @@ class ContinualTrainer:
         kind, ckpt_step, meta = resume
         self.check_meta(meta)
         self.check_layout(meta)
-        # what the crashed run logged after this checkpoint is logged again from here
-        self.writer.discard_after(meta["global_step"])
         run = RunState(None, None, meta["accuracy_matrix"], meta["task_il_accuracy_matrix"],
                        meta.get("extra_rows", {}), meta["seconds_per_task"], meta["global_step"],
                        skipped_steps=int(meta.get("skipped_nonfinite_steps", 0)),
@@ -371,6 +369,8 @@ class ContinualTrainer:
                                 seconds_in_task=float(meta.get("seconds_in_task", 0.0)),
                                 input_state=meta.get("input_iterator"))
         run.trainable, run.state = restored["trainable"], restored["state"]
+        # what the crashed run logged after this checkpoint is logged again from here
+        self.writer.discard_after(meta["global_step"], position.task)
         log.info("resuming from checkpoint %s/%d (task %d, step %d)", kind, ckpt_step,
                  position.task, position.step)
         return run, position

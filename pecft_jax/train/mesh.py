@@ -31,7 +31,9 @@ def make_mesh(num_devices: Optional[int] = None) -> Mesh:
     devices = jax.devices()
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
-            raise ValueError(f"asked for {num_devices} devices, {len(devices)} are available")
+            raise ValueError(f"num_devices={num_devices}, but {len(devices)} devices are "
+                             f"available; set --config.num_devices between 1 and "
+                             f"{len(devices)} (or leave it unset for all of them)")
         devices = devices[:num_devices]
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
