@@ -220,12 +220,86 @@ def test_a_resumed_run_without_gradient_steps_logs_each_evaluation_once(tmp_path
     assert [r["task"] for r in records(tmp_path / "run")] == [0, 1, 2, 3, 4]
 
 
+def test_a_run_diverging_mid_task_keeps_its_last_good_checkpoint(l2p_run, tmp_path,
+                                                                 monkeypatch):
+    """A batch of NaNs inside task 1, after a mid-task checkpoint: the run stops naming the
+    task and the step, the checkpoint before stays the latest (finite), and the rerun on
+    clean data resumes from it and ends as the uninterrupted run."""
+    from pecft_jax.data import loader
+    from pecft_jax.train.loop import NonFiniteError
+    real_resume, seen = loader.resume, {"n": 0}
+
+    class Poisoning:
+        def __init__(self, iterator):
+            self.iterator = iterator
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            batch = next(self.iterator)
+            seen["n"] += 1
+            if seen["n"] == 14:  # task 1 (9 steps a task), step 4, after its checkpoint at 3
+                batch = dict(batch, inputs=np.full_like(batch["inputs"], np.nan))
+            return batch
+
+        def get_state(self):
+            return self.iterator.get_state()
+
+        def close(self):
+            loader.close(self.iterator)
+
+    def resume(*args, **kwargs):
+        iterator, start = real_resume(*args, **kwargs)
+        return Poisoning(iterator), start
+    monkeypatch.setattr(loader, "resume", resume)
+    workdir = str(tmp_path)
+    with pytest.raises(NonFiniteError, match=r"task 1 \(0-based\), step 4 of the task"):
+        train_and_evaluate(tiny_config(), workdir)
+    monkeypatch.setattr(loader, "resume", real_resume)
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+    ckpt = Checkpointer(workdir)
+    kind, _, meta = ckpt.latest()
+    restored = ckpt.restore(kind, ckpt.latest()[1])
+    ckpt.close()
+    assert (kind, meta["task"], meta["step_in_task"]) == ("latest", 1, 3)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(restored["trainable"]))
+    resumed = train_and_evaluate(tiny_config(), workdir)
+    assert_rows_close(resumed["accuracy_matrix"], l2p_run[1]["accuracy_matrix"], atol=1e-9)
+
+
+def test_non_finite_values_after_a_task_stop_the_run_before_its_checkpoint(tmp_path,
+                                                                          monkeypatch):
+    from pecft_jax.methods.l2p import L2P
+    from pecft_jax.train.loop import NonFiniteError
+    real = L2P.after_task
+
+    def after_task(self, task, trainable, state, *args):
+        trainable, state = real(self, task, trainable, state, *args)
+        if int(task.index) == 1:  # e.g. statistics divided by an empty class
+            trainable = dict(trainable, head=jax.tree_util.tree_map(
+                lambda x: x * np.nan, trainable["head"]))
+        return trainable, state
+    monkeypatch.setattr(L2P, "after_task", after_task)
+    config = tiny_config()
+    config.scenario.num_tasks = 2
+    with pytest.raises(NonFiniteError, match=r"task 1 \(0-based\) ended with non-finite "
+                                             r"values in .*head.* after its after_task"):
+        train_and_evaluate(config, str(tmp_path))
+    ckpt = Checkpointer(str(tmp_path))
+    assert ckpt.task_steps() == [0]  # task 1's values never reached a checkpoint
+    ckpt.close()
+    assert not os.path.exists(tmp_path / "results.json")
+
+
 def test_one_device_and_eight_devices_give_the_same_matrix(l2p_run, tmp_path):
     _, eight = l2p_run
     config = tiny_config()
     config.num_devices = 1
     one = train_and_evaluate(config, str(tmp_path))
-    assert_rows_close(one["accuracy_matrix"], eight["accuracy_matrix"], atol=2.0)
+    # the same predictions: the parameters differ only by float rounding (the gradients'
+    # cross-device sums run in another order; README's device-count table)
+    assert one["accuracy_matrix"] == eight["accuracy_matrix"]
 
 
 def test_resuming_with_another_config_or_backbone_fails_clearly(l2p_run, tmp_path):

@@ -90,6 +90,20 @@ def test_distributed_settings_from_the_config_and_the_environment(monkeypatch):
     assert distributed_settings(old) == {}
 
 
+def test_a_launcher_that_initialised_jax_distributed_itself_is_not_initialised_again(
+        monkeypatch):
+    from pecft_jax.train import mesh
+
+    def initialize(**kwargs):
+        raise RuntimeError("jax.distributed.initialize should only be called once")
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    mesh.initialise_distributed(coordinator_address="h:1", num_processes=2, process_id=0)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="only be called once"):
+        mesh.initialise_distributed(coordinator_address="h:1", num_processes=2, process_id=0)
+
+
 def _run_two_processes(workdir):
     """Both processes of a run to the end; the accuracy matrix they agree on."""
     port = _free_port()
