@@ -292,6 +292,33 @@ def test_non_finite_values_after_a_task_stop_the_run_before_its_checkpoint(tmp_p
     assert not os.path.exists(tmp_path / "results.json")
 
 
+def test_a_crash_inside_a_checkpoint_write_resumes_from_the_one_before(l2p_run, tmp_path,
+                                                                       monkeypatch):
+    """The process dies while orbax writes task 2's checkpoint, its arrays on disk but the
+    commit (the rename of the temporary directory) not done: the half-written directory is
+    what a kill at that moment leaves. The rerun resumes from the last complete checkpoint
+    and ends as the uninterrupted run."""
+    from orbax.checkpoint._src.path import atomicity
+    real = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def dies_before_the_commit(self, *args, **kwargs):
+        if "tasks" in str(self.get_final()) and self.get_final().name == "2":
+            raise Interrupted("killed inside the checkpoint write")
+        return await real(self, *args, **kwargs)
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", dies_before_the_commit)
+    workdir = str(tmp_path)
+    with pytest.raises(Exception):
+        train_and_evaluate(tiny_config(), workdir)
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", real)
+    left = os.listdir(os.path.join(workdir, "checkpoints", "tasks"))
+    assert any(name.startswith("2.") and "tmp" in name for name in left), left
+    ckpt = Checkpointer(workdir)
+    assert ckpt.task_steps() == [0, 1]
+    ckpt.close()
+    resumed = train_and_evaluate(tiny_config(), workdir)
+    assert_rows_close(resumed["accuracy_matrix"], l2p_run[1]["accuracy_matrix"], atol=1e-9)
+
+
 def test_one_device_and_eight_devices_give_the_same_matrix(l2p_run, tmp_path):
     _, eight = l2p_run
     config = tiny_config()
