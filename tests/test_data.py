@@ -557,6 +557,12 @@ def test_dataset_sequence_gives_each_dataset_its_own_label_block():
     cfg.scenario.num_tasks = 3
     with pytest.raises(ValueError, match="num_tasks=3 but 2 datasets"):
         build_scenario(cfg)
+    cfg.scenario.num_tasks = 2
+    cfg.scenario.class_order = "identity"  # what the sequence does anyway
+    assert build_scenario(cfg).class_order == list(range(20))
+    cfg.scenario.class_order = "seed"  # would be ignored: refused
+    with pytest.raises(ValueError, match="class_order='seed' has no effect on a sequence"):
+        build_scenario(cfg)
 
 
 # --------------------------------------------------------------------------- crop transforms

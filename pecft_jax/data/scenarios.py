@@ -359,6 +359,12 @@ def build_scenario(cfg) -> Scenario:
                                   seed=seed)
 
     if _get(sc, "datasets"):  # a sequence of datasets, one task each (5-datasets)
+        if _get(sc, "class_order", None) not in (None, "identity"):
+            raise ValueError(
+                f"scenario.class_order={_get(sc, 'class_order')!r} has no effect on a sequence "
+                "of datasets (scenario.datasets): each task is one dataset, its classes in "
+                "the dataset's order; reorder scenario.datasets instead and leave "
+                "scenario.class_order unset")
         specs = [parse_domain_spec(spec) for spec in _get(sc, "datasets")]
         num_tasks = _get(sc, "num_tasks")
         if num_tasks is not None and int(num_tasks) != len(specs):
