@@ -24,7 +24,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "s_prompts", "simplecil",
            "ranpac", "aper", "ease", "slca", "ssiat", "inflora", "sd_lora", "lae", "o_lora",
-           "finetune")
+           "finetune", "progressive_prompts")  # (its default config: WordNet on MiniLM)
 
 WORKER = """
 import json, sys
