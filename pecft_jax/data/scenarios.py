@@ -359,9 +359,10 @@ def build_scenario(cfg) -> Scenario:
                                   seed=seed)
 
     if _get(sc, "datasets"):  # a sequence of datasets, one task each (5-datasets)
-        if _get(sc, "class_order", None) not in (None, "identity"):
+        order = _get(sc, "class_order", None)
+        if not (order is None or (isinstance(order, str) and order == "identity")):
             raise ValueError(
-                f"scenario.class_order={_get(sc, 'class_order')!r} has no effect on a sequence "
+                f"scenario.class_order={order!r} has no effect on a sequence "
                 "of datasets (scenario.datasets): each task is one dataset, its classes in "
                 "the dataset's order; reorder scenario.datasets instead and leave "
                 "scenario.class_order unset")

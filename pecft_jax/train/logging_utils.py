@@ -89,13 +89,15 @@ class MetricWriter:
             self._wandb, self._wandb_start = self._wandb_start(), None
         return self._wandb
 
-    def discard_after(self, step: int, task: Optional[int] = None) -> int:
+    def discard_after(self, step: int, rerun_from_task: Optional[int] = None) -> int:
         """Drops what a run resumed from a checkpoint at global step ``step`` will write
         again: the ``metrics.jsonl`` records past that step, a line torn by a crash, and the
-        evaluation records (those of a task without ``train/`` scalars) of tasks ``task``
-        and later -- a task without gradient steps logs its evaluation at the step where
-        the previous one ended. Returns the number of records dropped. (TensorBoard event
-        files are append-only; a viewer shows the re-run steps' latest values.)"""
+        evaluation records (records that carry a task and no ``train/`` key) of tasks
+        ``rerun_from_task`` and later -- a task without gradient steps logs its evaluation
+        at the step where the previous one ended. ``step=-1`` drops every record (a run
+        starting over). Returns the number of records dropped; the file is rewritten only
+        when there are any. (TensorBoard event files are append-only; a viewer shows the
+        re-run steps' latest values.)"""
         if not self.enabled:
             return 0
         path = self._jsonl.name
@@ -108,13 +110,15 @@ class MetricWriter:
                 except ValueError:
                     dropped += 1
                     continue
-                evaluation = task is not None and record.get("task", -1) >= task and not any(
-                    key.startswith("train/") for key in record)
+                evaluation = (rerun_from_task is not None
+                              and record.get("task", -1) >= rerun_from_task
+                              and not any(key.startswith("train/") for key in record))
                 if record.get("step", 0) <= step and not evaluation:
                     kept.append(json.dumps(record) + "\n")
                 else:
                     dropped += 1
-        write_text_atomic(path, "".join(kept))
+        if dropped:
+            write_text_atomic(path, "".join(kept))
         self._jsonl = open(path, "a")
         return dropped
 

@@ -333,7 +333,10 @@ class ContinualTrainer:
         resume = self.checkpointer.latest()
         if resume is None:
             # a run that crashed before its first checkpoint starts over, and so does its log
-            self.writer.discard_after(-1)
+            dropped = self.writer.discard_after(-1)
+            if dropped:
+                log.warning("no checkpoint in %s: the run starts over, and metrics.jsonl "
+                            "with it (%d earlier records dropped)", self.workdir, dropped)
             rng = jax.random.fold_in(self.base_rng, 10 ** 6)
             # One compiled program, not one eager compilation per parameter shape, and
             # without LLVM's optimisations: it runs once, and XLA:CPU spends ~1 s optimising
