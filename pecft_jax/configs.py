@@ -195,13 +195,15 @@ SCHEDULES = ("constant", "cosine", "cosine_epochs", "multistep_epochs", "coda_co
 # what dataset.resample may name (data/pipeline.py's RESAMPLES)
 _RESAMPLES = ("bilinear", "pil_bilinear", "pil_bicubic")
 
+def _is_seed(v) -> bool:  # what numpy's and JAX's seeding accept
+    return _is_int(v) and 0 <= v < 2 ** 32
+
+
 # (field, test, what it must be) -- checked before a run builds anything
 _RANGES = (
-    ("seed", lambda v: _is_int(v) and 0 <= v < 2 ** 32, "an int in [0, 2**32)"),
-    ("scenario.seed", lambda v: v is None or (_is_int(v) and 0 <= v < 2 ** 32),
-     "None or an int in [0, 2**32)"),
-    ("dataset.split_seed", lambda v: v is None or (_is_int(v) and 0 <= v < 2 ** 32),
-     "None or an int in [0, 2**32)"),
+    ("seed", _is_seed, "an int in [0, 2**32)"),
+    ("scenario.seed", lambda v: v is None or _is_seed(v), "None or an int in [0, 2**32)"),
+    ("dataset.split_seed", lambda v: v is None or _is_seed(v), "None or an int in [0, 2**32)"),
     ("dataset.test_fraction", lambda v: v is None or (_is_number(v) and 0 < v < 1),
      "None or a number in (0, 1)"),
     ("num_devices", lambda v: v is None or (_is_int(v) and v >= 1),

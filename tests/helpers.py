@@ -116,12 +116,13 @@ class Interrupted(Exception):
     """A simulated crash of a run."""
 
 
-class _CrashingIterator:
-    """The loop's training-batch iterator, raising :class:`Interrupted` when the run takes
-    its ``at``-th batch (counted over tasks from 1), as if the process died there."""
+class _WatchedIterator:
+    """The loop's training-batch iterator, each batch passed through ``on_batch(n, batch)``
+    (``n`` counts the run's batches over tasks from 1), which returns the batch to use or
+    raises."""
 
-    def __init__(self, iterator, counter, at, each_batch):
-        self.iterator, self.counter, self.at, self.each_batch = iterator, counter, at, each_batch
+    def __init__(self, iterator, counter, on_batch):
+        self.iterator, self.counter, self.on_batch = iterator, counter, on_batch
 
     def __iter__(self):
         return self
@@ -129,11 +130,7 @@ class _CrashingIterator:
     def __next__(self):
         batch = next(self.iterator)
         self.counter["n"] += 1
-        if self.counter["n"] == self.at:
-            raise Interrupted()
-        if self.each_batch is not None:
-            self.each_batch()
-        return batch
+        return self.on_batch(self.counter["n"], batch)
 
     def get_state(self):
         return self.iterator.get_state()
@@ -143,16 +140,28 @@ class _CrashingIterator:
         loader.close(self.iterator)
 
 
-def crash_at_training_batch(monkeypatch, at, each_batch=None):
-    """Until the returned function is called, a run crashes (:class:`Interrupted`) when it
-    takes its ``at``-th training batch (1-based, counted over tasks); ``each_batch()`` runs
-    for every batch taken before."""
+def watch_training_batches(monkeypatch, on_batch):
+    """Until the returned function is called, every training batch a run takes passes
+    through ``on_batch(n, batch) -> batch`` (``n``: 1-based, counted over tasks)."""
     from pecft_jax.data import loader
     real, counter = loader.resume, {"n": 0}
 
     def resume(*args, **kwargs):
         iterator, start = real(*args, **kwargs)
-        return _CrashingIterator(iterator, counter, at, each_batch), start
+        return _WatchedIterator(iterator, counter, on_batch), start
 
     monkeypatch.setattr(loader, "resume", resume)
     return lambda: monkeypatch.setattr(loader, "resume", real)
+
+
+def crash_at_training_batch(monkeypatch, at, each_batch=None):
+    """Until the returned function is called, a run crashes (:class:`Interrupted`) when it
+    takes its ``at``-th training batch (1-based, counted over tasks), as if the process died
+    there; ``each_batch()`` runs for every batch taken before."""
+    def on_batch(n, batch):
+        if n == at:
+            raise Interrupted()
+        if each_batch is not None:
+            each_batch()
+        return batch
+    return watch_training_batches(monkeypatch, on_batch)

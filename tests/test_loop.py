@@ -15,7 +15,7 @@ from pecft_jax.methods import TaskSpec, create_method
 from pecft_jax.train.checkpoint import Checkpointer, CheckpointMismatch
 from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import Interrupted, crash_at_training_batch, tiny_config
+from helpers import Interrupted, crash_at_training_batch, tiny_config, watch_training_batches
 
 
 @pytest.fixture(scope="module")
@@ -225,42 +225,19 @@ def test_a_run_diverging_mid_task_keeps_its_last_good_checkpoint(l2p_run, tmp_pa
     """A batch of NaNs inside task 1, after a mid-task checkpoint: the run stops naming the
     task and the step, the checkpoint before stays the latest (finite), and the rerun on
     clean data resumes from it and ends as the uninterrupted run."""
-    from pecft_jax.data import loader
     from pecft_jax.train.loop import NonFiniteError
-    real_resume, seen = loader.resume, {"n": 0}
 
-    class Poisoning:
-        def __init__(self, iterator):
-            self.iterator = iterator
-
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            batch = next(self.iterator)
-            seen["n"] += 1
-            if seen["n"] == 14:  # task 1 (9 steps a task), step 4, after its checkpoint at 3
-                batch = dict(batch, inputs=np.full_like(batch["inputs"], np.nan))
-            return batch
-
-        def get_state(self):
-            return self.iterator.get_state()
-
-        def close(self):
-            loader.close(self.iterator)
-
-    def resume(*args, **kwargs):
-        iterator, start = real_resume(*args, **kwargs)
-        return Poisoning(iterator), start
-    monkeypatch.setattr(loader, "resume", resume)
+    def poison(n, batch):  # task 1 (9 steps a task), step 4, after its checkpoint at 3
+        return dict(batch, inputs=np.full_like(batch["inputs"], np.nan)) if n == 14 else batch
+    undo = watch_training_batches(monkeypatch, poison)
     workdir = str(tmp_path)
     with pytest.raises(NonFiniteError, match=r"task 1 \(0-based\), step 4 of the task"):
         train_and_evaluate(tiny_config(), workdir)
-    monkeypatch.setattr(loader, "resume", real_resume)
+    undo()
     assert not os.path.exists(os.path.join(workdir, "results.json"))
     ckpt = Checkpointer(workdir)
-    kind, _, meta = ckpt.latest()
-    restored = ckpt.restore(kind, ckpt.latest()[1])
+    kind, step, meta = ckpt.latest()
+    restored = ckpt.restore(kind, step)
     ckpt.close()
     assert (kind, meta["task"], meta["step_in_task"]) == ("latest", 1, 3)
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(restored["trainable"]))
