@@ -151,6 +151,7 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     import jax.numpy as jnp
     import numpy as np
     import optax
+    from pecft_jax import compiler
     from pecft_jax.backbones import vit
     from pecft_jax.methods import TaskSpec
     from pecft_jax.methods.common import FROZEN_QUERY, frozen_query
@@ -166,14 +167,14 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     batch = {"inputs": jnp.asarray(images), "label": jnp.asarray(labels),
              "mask": jnp.ones(args.batch_size), "index": jnp.arange(args.batch_size)}
     if cached:
-        query = jax.jit(lambda f, x: frozen_query(method.backbone, f, {"inputs": x}))
+        query = compiler.jit(lambda f, x: frozen_query(method.backbone, f, {"inputs": x}))
         batch[FROZEN_QUERY] = query(frozen, batch["inputs"])
     task = spec if method.static_task else TaskSpec(np.int32(0), NUM_CLASSES, task_classes())
 
     kind = jax.local_devices()[0].device_kind
     if method.name in ("simplecil", "ranpac"):  # their per-task work: a statistics pass
         carry, fn, extra = statistics_pass(method, trainable, state)
-        step_fn = jax.jit(fn, donate_argnums=0)
+        step_fn = compiler.jit(fn, donate_argnums=0)
         flops = step_flops(step_fn, carry, batch, frozen, extra)
         box = [carry]
 
@@ -189,7 +190,7 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
         labels_tree, method.optimizer_groups(spec, optax.adam(LEARNING_RATE)))
     opt_state = optimizer.init(trainable)
     static = (7,) if method.static_task else ()
-    update = jax.jit(lambda tr, st, os_, fr, b, key, step, t: method.update(
+    update = compiler.jit(lambda tr, st, os_, fr, b, key, step, t: method.update(
         tr, st, os_, fr, b, jax.random.fold_in(key, step), t, optimizer),
         donate_argnums=(0, 1, 2), static_argnums=static)
     key = jax.random.key(3)
@@ -431,8 +432,10 @@ def versions() -> str:
                          capture_output=True, text=True)
     torch = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
                            capture_output=True, text=True)
+    from pecft_jax import compiler  # what the library's programs compile with
     return (f"jax {out.stdout.strip() or '?'}, torch "
-            f"{torch.stdout.strip() if torch.returncode == 0 else 'not installed'}")
+            f"{torch.stdout.strip() if torch.returncode == 0 else 'not installed'}; "
+            f"pecft_jax XLA options {compiler.compiler_options()}")
 
 
 def run_worker(args, variant: str) -> dict:
@@ -512,7 +515,8 @@ def demo_mode(args) -> None:
             command = [sys.executable, "-m", "pecft_jax.run", "--config",
                        f"experiments/configs/{args.method}.py", "--workdir",
                        os.path.join(workdir, "run"), "--config.progress_bar=False",
-                       f"--config.compilation_cache_dir={os.path.join(workdir, 'xla')}"]
+                       f"--config.compilation_cache_dir={os.path.join(workdir, 'xla')}",
+                       f"--config.host_devices={args.host_devices}"]
             load_before, start = os.getloadavg()[0], time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             wall = time.perf_counter() - start
@@ -563,6 +567,9 @@ def main():
                              "its Config defaults, the paper's)")
     parser.add_argument("--set", action="append", default=[],
                         help="a method Config field, KEY=JSON (repeatable)")
+    parser.add_argument("--host-devices", type=int, default=0,
+                        help="--mode demo: the run's host_devices (a CPU host split into "
+                             "this many devices, one batch shard each; 0 = one device)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pecft_jax import compiler
 from pecft_jax.backbones.backbone import Backbone
 
 Array = jax.Array
@@ -342,7 +343,7 @@ class TaskData:
     def _jit(self, kind: str, fn: Callable, **options) -> Callable:
         key = (kind, fn)  # bound methods compare equal for the same object and function
         if key not in self._compiled:
-            self._compiled[key] = jax.jit(fn, **options)
+            self._compiled[key] = compiler.jit(fn, **options)
         return self._compiled[key]
 
     def map(self, fn: Callable[..., Any], *args) -> Tuple[Any, np.ndarray]:

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pecft_jax import peft
+from pecft_jax import compiler, peft
 from pecft_jax.methods.base import Method, TaskSpec, config_field, count_params
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.methods.first_session import ADAPTATIONS, FirstSession
@@ -96,8 +96,8 @@ def validation_errors(fit: dict, val: dict, n_val: Array, ridges: Array) -> Arra
 
 
 # compiled once per process (a fresh jax.jit per call would trace again every task)
-_validation_errors = jax.jit(validation_errors)
-_ridge_solve = jax.jit(ridge_solve)
+_validation_errors = compiler.jit(validation_errors)
+_ridge_solve = compiler.jit(ridge_solve)
 
 
 class RanPAC(Method):

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pecft_jax import compiler
+
 Array = jax.Array
 MODES = ("covariance", "variance", "multi_centroid")
 METRICS = ("l2", "l1", "sqeuclidean", "cosine")
@@ -417,7 +419,7 @@ class ClassifierFit:
         self.apply_fn, self.direction, self.learning_rate = apply_fn, direction, learning_rate
         self.logit_transform = logit_transform
         self.epochs, self.batch_size, self.draw = int(epochs), int(batch_size), draw
-        self._compiled = jax.jit(self._fit)
+        self._compiled = compiler.jit(self._fit)
 
     def __call__(self, params: Any, key: Array, draw_data: Any, *, steps_per_epoch: int,
                  available: int, class_mask: Optional[np.ndarray] = None

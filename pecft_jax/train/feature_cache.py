@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, Optional
 
-import jax
 import numpy as np
 
+from pecft_jax import compiler
 from pecft_jax.methods.common import FROZEN_QUERY, frozen_query
 
 
@@ -24,7 +24,7 @@ class FrozenQueryCache:
     def __init__(self, backbone, frozen, *, shard: Callable[[dict], dict],
                  gather: Callable[[Any], Any], max_bytes: int):
         # exactly what a method computes when no cached value is in the batch
-        self._query = jax.jit(lambda frozen, inputs: frozen_query(backbone, frozen,
+        self._query = compiler.jit(lambda frozen, inputs: frozen_query(backbone, frozen,
                                                                   {"inputs": inputs}))
         self._frozen = frozen
         self._shard = shard

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from pecft_jax import compiler
 from pecft_jax import metrics as metrics_lib
 from pecft_jax.backbones.backbone import backbone_from_config
 from pecft_jax.backbones.pretrained import fingerprint
@@ -175,9 +176,10 @@ class ContinualTrainer:
         self.lr_mults = partition.parse_lr_mults(config.train.get("lr_mults", ()))
         self.on_nonfinite = config.train.get("on_nonfinite", "stop")
         distributed = distributed_settings(config)
-        if distributed is not None:
-            mesh_lib.initialise_distributed(**distributed)
-        self.mesh = mesh_lib.make_mesh(config.get("num_devices", None))
+        with mesh_lib.split_host(config.get("host_devices", 0)):  # JAX's backends start here
+            if distributed is not None:
+                mesh_lib.initialise_distributed(**distributed)
+            self.mesh = mesh_lib.make_mesh(config.get("num_devices", None))
         self.logs_metrics = write_metrics and jax.process_index() == 0
         if self.logs_metrics:
             check_wandb_installed(config)
@@ -480,7 +482,7 @@ class ContinualTrainer:
                 return guard_nonfinite(new, (trainable, state, opt_state), step, health, skip)
 
             replicated = mesh_lib.replicated(self.mesh)
-            self._compiled[key] = jax.jit(
+            self._compiled[key] = compiler.jit(
                 train_step, donate_argnums=(0, 1, 2), static_argnums=self._task_argnums(7),
                 out_shardings=(replicated,) * 5)
         return self._compiled[key]
@@ -639,7 +641,7 @@ class ContinualTrainer:
                     return {"logits": logits, "task_pred": task_pred}
                 return {"logits": out}
 
-            self._compiled[key] = jax.jit(eval_step, static_argnums=self._task_argnums(4))
+            self._compiled[key] = compiler.jit(eval_step, static_argnums=self._task_argnums(4))
         return self._compiled[key]
 
     def record(self, run: RunState, t: int, row: Dict[str, List[float]]) -> None:
@@ -698,6 +700,8 @@ class ContinualTrainer:
                "seconds_per_task": run.seconds_per_task, "train_steps": run.global_step,
                "skipped_nonfinite_steps": run.skipped_steps,
                "backbone": {"name": self.backbone.config.name, "fingerprint": self.fingerprint},
+               # what the steps ran on: results agree across layouts to float rounding
+               "layout": dict(self.layout(), platform=jax.default_backend()),
                "config": self.config.to_dict()}
         if run.reference is not None:
             out["reference_accuracy"] = run.reference

@@ -1,0 +1,48 @@
+"""pecft_jax.compiler: which XLA options programs compile with, and that they take effect."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pecft_jax import compiler
+
+
+def test_options_only_on_the_tested_jaxlib_and_never_over_the_users_flags():
+    assert compiler.compiler_options("0.10.2", "") == {compiler.YNN_FUSIONS: ""}
+    assert compiler.compiler_options("0.10.0rc1", "--xla_force_host_platform_device_count=8") \
+        == {compiler.YNN_FUSIONS: ""}
+    assert compiler.compiler_options("0.9.2", "") is None
+    assert compiler.compiler_options("0.11.0", "") is None
+    assert compiler.compiler_options(
+        "0.10.2", f"--{compiler.YNN_FUSIONS}=+LIBRARY_FUSION_TYPE_REDUCE") is None
+
+
+def _layer_norms(x, w, target):
+    """Matmuls and the reductions of LayerNorm, forward and backward (what YNNPACK takes)."""
+    def loss(w):
+        h = x
+        for _ in range(3):
+            h = h @ w
+            mean = h.mean(-1, keepdims=True)
+            h = (h - mean) / jnp.sqrt(((h - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
+        return jnp.sum(h * target)
+    return jax.value_and_grad(loss)(w)
+
+
+@pytest.mark.skipif(compiler.compiler_options() is None,
+                    reason="no pecft_jax XLA options for this jaxlib / XLA_FLAGS")
+def test_the_option_reaches_xla_and_changes_no_result():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(96, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(64, 64)) / 8, jnp.float32)
+    target = jnp.asarray(rng.normal(size=(96, 64)), jnp.float32)
+    default = jax.jit(_layer_norms).lower(x, w, target).compile()
+    ours = compiler.jit(_layer_norms).lower(x, w, target).compile()
+    # XLA:CPU's default hands these reductions to YNNPACK; with the option it does not
+    assert "ynn" in default.as_text().lower()
+    assert "ynn" not in ours.as_text().lower()
+    (loss_a, grad_a), (loss_b, grad_b) = default(x, w, target), ours(x, w, target)
+    # the same sums in another order: float32 rounding of a sum of ~6,000 terms of size ~1
+    np.testing.assert_allclose(float(loss_b), float(loss_a), atol=1e-3)
+    scale = float(jnp.abs(grad_a).max())
+    np.testing.assert_allclose(np.asarray(grad_b), np.asarray(grad_a), atol=1e-5 * scale)
