@@ -6,14 +6,16 @@ hands reductions (LayerNorm's and softmax's means and sums, and their gradients)
 by default, which made CODA-Prompt's step 1.14x and S-Prompts' 1.12x slower than XLA's own
 fused loops; L2P, DualPrompt, HiDe-Prompt and full fine-tuning did not change beyond the
 noise. So YNNPACK fusions are switched off (``xla_cpu_experimental_ynn_fusion_type=''``).
-The option only touches XLA:CPU's code generation (on a GPU it is an unused field), and it
-changes the order of float additions in those reductions, not what is computed.
+The option only touches XLA:CPU's code generation (every XLA backend reads the same
+DebugOptions, where it is an unused field for GPUs -- not tried on a TPU), and it changes
+the order of float additions in those reductions, not what is computed. Programs that run
+once a run (random initialisation) and eager operations compile without it.
 
 The option is passed per program (``jax.jit(..., compiler_options=...)``), so it applies
 whenever a program compiles -- in a script, a test or a notebook whose backend is already
 running -- without changing the process's environment. It is left out:
 
-* on a jaxlib outside the range it was measured on (:data:`TESTED_JAXLIB`): an XLA that has
+* on a jaxlib outside 0.10.x (:data:`TESTED_JAXLIB`; measured on 0.10.2): an XLA that has
   renamed or removed an experimental option refuses to compile with it;
 * where the user's ``XLA_FLAGS`` already sets it: theirs wins.
 """

@@ -15,31 +15,33 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 FLAG = "--xla_force_host_platform_device_count"
 
 
-@pytest.mark.parametrize("before,inside", [
-    (None, f"{FLAG}=2"),
-    ("--xla_cpu_enable_fast_math=false", f"--xla_cpu_enable_fast_math=false {FLAG}=2"),
-    (f"{FLAG}=8", f"{FLAG}=8"),  # the user's own count wins
+@pytest.mark.parametrize("xla_flags,message", [
+    (f"{FLAG}=8", "host_devices=2 not applied: XLA_FLAGS sets 8 CPU device(s)"),
+    (f"--xla_cpu_enable_fast_math=false {FLAG}=2", ""),  # the same count: nothing to say
+    ("", "host_devices=2 not applied: JAX had started before this run, with 8 cpu"),
 ])
-def test_the_flag_is_set_for_the_start_of_jax_only(monkeypatch, caplog, before, inside):
-    started = jax.local_device_count()  # the suite's 8 simulated devices, before the block
-    if before is None:
-        monkeypatch.delenv("XLA_FLAGS", raising=False)
-    else:
-        monkeypatch.setenv("XLA_FLAGS", before)
+def test_a_count_that_cannot_apply_is_said(monkeypatch, caplog, xla_flags, message):
+    assert jax.local_device_count() == 8  # JAX started (the suite's 8 simulated devices)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags)
     with caplog.at_level(logging.WARNING, logger=mesh_lib.__name__):
-        with mesh_lib.split_host(2):
-            assert os.environ.get("XLA_FLAGS") == inside
-    assert os.environ.get("XLA_FLAGS") == before  # child processes see the user's value
-    # JAX had started in this process before the block: said, not silently ignored
-    assert f"host_devices=2 not applied: JAX had started with {started} CPU" in caplog.text
+        mesh_lib.split_host(2)
+    assert (message in caplog.text) if message else not caplog.text
+    assert jax.config.jax_num_cpu_devices == -1  # nothing changed
+    assert os.environ["XLA_FLAGS"] == xla_flags
 
 
-def test_zero_leaves_xla_alone(monkeypatch, caplog):
+def test_the_users_jax_num_cpu_devices_wins(monkeypatch, caplog):
+    monkeypatch.setattr(mesh_lib, "user_cpu_device_count", lambda: (4, "jax_num_cpu_devices"))
+    with caplog.at_level(logging.WARNING, logger=mesh_lib.__name__):
+        mesh_lib.split_host(2)
+    assert "host_devices=2 not applied: jax_num_cpu_devices sets 4 CPU device(s)" in caplog.text
+
+
+def test_zero_leaves_jax_alone(monkeypatch, caplog):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     with caplog.at_level(logging.WARNING, logger=mesh_lib.__name__):
-        with mesh_lib.split_host(0):
-            assert "XLA_FLAGS" not in os.environ
-    assert not caplog.text
+        mesh_lib.split_host(0)
+    assert not caplog.text and jax.config.jax_num_cpu_devices == -1
 
 
 def _run(workdir, host_devices):

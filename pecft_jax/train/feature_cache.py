@@ -25,7 +25,7 @@ class FrozenQueryCache:
                  gather: Callable[[Any], Any], max_bytes: int):
         # exactly what a method computes when no cached value is in the batch
         self._query = compiler.jit(lambda frozen, inputs: frozen_query(backbone, frozen,
-                                                                  {"inputs": inputs}))
+                                                                       {"inputs": inputs}))
         self._frozen = frozen
         self._shard = shard
         self._gather = gather

@@ -176,10 +176,10 @@ class ContinualTrainer:
         self.lr_mults = partition.parse_lr_mults(config.train.get("lr_mults", ()))
         self.on_nonfinite = config.train.get("on_nonfinite", "stop")
         distributed = distributed_settings(config)
-        with mesh_lib.split_host(config.get("host_devices", 0)):  # JAX's backends start here
-            if distributed is not None:
-                mesh_lib.initialise_distributed(**distributed)
-            self.mesh = mesh_lib.make_mesh(config.get("num_devices", None))
+        mesh_lib.split_host(config.get("host_devices", 0))  # before JAX's backends start
+        if distributed is not None:
+            mesh_lib.initialise_distributed(**distributed)
+        self.mesh = mesh_lib.make_mesh(config.get("num_devices", None))
         self.logs_metrics = write_metrics and jax.process_index() == 0
         if self.logs_metrics:
             check_wandb_installed(config)
@@ -883,7 +883,8 @@ class ContinualTrainer:
                 f"{ours['devices']} in {ours['processes']}: resumed, it would continue to float "
                 f"rounding, not as the original. Resume with --config.num_devices="
                 f"{saved['devices'] // saved['processes']} on each of {saved['processes']} "
-                f"process(es), or start a fresh --workdir")
+                f"process(es) (on a CPU host with fewer devices: --config.host_devices="
+                f"{saved['devices'] // saved['processes']}), or start a fresh --workdir")
 
     def check_meta(self, meta: dict) -> None:
         if meta["fingerprint"] != self.fingerprint:

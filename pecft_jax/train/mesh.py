@@ -8,10 +8,10 @@ TPU slice.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from typing import Any, Iterator, Mapping, Optional
+import re
+from typing import Any, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -23,28 +23,37 @@ HOST_DEVICE_COUNT = "xla_force_host_platform_device_count"
 log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def split_host(count: int) -> Iterator[None]:
-    """Inside: JAX's CPU backend, if it starts here, presents the host as ``count`` devices
-    (``count`` 0: XLA's one). XLA reads ``XLA_FLAGS`` when a backend starts, so the flag is
-    added for the block and the variable restored after it, leaving child processes alone;
-    a count the user's ``XLA_FLAGS`` already gives wins. Why: XLA:CPU runs one program on
-    one device with intra-op threads, which kept 1.7 of 2 cores busy in a ViT-Demo step;
-    one batch shard per core keeps both busy (README "Speed")."""
-    before = os.environ.get("XLA_FLAGS")
-    if count and HOST_DEVICE_COUNT not in (before or ""):
-        os.environ["XLA_FLAGS"] = f"{before or ''} --{HOST_DEVICE_COUNT}={count}".strip()
+def user_cpu_device_count() -> Optional[Tuple[int, str]]:
+    """The CPU device count the user set, and where; None when unset."""
+    if jax.config.jax_num_cpu_devices >= 0:  # (JAX_NUM_CPU_DEVICES sets it at import)
+        return jax.config.jax_num_cpu_devices, "jax_num_cpu_devices"
+    found = re.search(rf"--{HOST_DEVICE_COUNT}=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return (int(found.group(1)), "XLA_FLAGS") if found else None
+
+
+def split_host(count: int) -> None:
+    """Before JAX starts its backends: its CPU backend presents the host as ``count``
+    devices (0: leave JAX's setting, one device by default). Why: XLA:CPU runs one program
+    on one device with intra-op threads, which kept 1.7 of 2 cores busy in a ViT-Demo step;
+    one batch shard per core keeps both busy (README "Speed"). A count the user gave
+    (``XLA_FLAGS``' --xla_force_host_platform_device_count, ``JAX_NUM_CPU_DEVICES`` or
+    ``jax.config``'s ``jax_num_cpu_devices``) wins; a process that had already started JAX
+    keeps its devices. Either is said in a warning, not silently ignored."""
+    if not count:
+        return
+    user = user_cpu_device_count()
+    if user is not None:
+        if user[0] != count:
+            log.warning("host_devices=%d not applied: %s sets %d CPU device(s)", count,
+                        user[1], user[0])
+        return
     try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("XLA_FLAGS", None)
-        else:
-            os.environ["XLA_FLAGS"] = before
-    if count and jax.default_backend() == "cpu" and jax.local_device_count() != count:
-        log.warning("host_devices=%d not applied: JAX had started with %d CPU device(s) "
-                    "before this run (set it from the command line, or XLA_FLAGS=--%s=%d)",
-                    count, jax.local_device_count(), HOST_DEVICE_COUNT, count)
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX's backends are up: the count can no longer change
+        log.warning("host_devices=%d not applied: JAX had started before this run, with %d "
+                    "%s device(s) (in a notebook: jax.config.update('jax_num_cpu_devices', "
+                    "%d) right after `import jax`)", count, jax.local_device_count(),
+                    jax.default_backend(), count)
 
 
 def initialise_distributed(**settings) -> None:
