@@ -46,14 +46,16 @@ def test_the_option_reaches_xla_and_changes_no_result():
     target = jnp.asarray(rng.normal(size=(96, 64)), jnp.float32)
     default = jax.jit(_layer_norms).lower(x, w, target).compile()
     ours = compiler.jit(_layer_norms).lower(x, w, target).compile()
-    # XLA:CPU's default hands these reductions to YNNPACK; with the option it does not
-    assert "ynn" in default.as_text().lower()
     assert "ynn" not in ours.as_text().lower()
     (loss_a, grad_a), (loss_b, grad_b) = default(x, w, target), ours(x, w, target)
     # the same sums in another order: float32 rounding of a sum of ~6,000 terms of size ~1
     np.testing.assert_allclose(float(loss_b), float(loss_a), atol=1e-3)
     scale = float(jnp.abs(grad_a).max())
     np.testing.assert_allclose(np.asarray(grad_b), np.asarray(grad_a), atol=1e-5 * scale)
+    # XLA:CPU's default hands these reductions to YNNPACK (on the AMD EPYC VMs this project
+    # runs on); a CPU where it does not leaves nothing for the option to switch off
+    if "ynn" not in default.as_text().lower():
+        pytest.skip("XLA:CPU used no YNNPACK fusion on this CPU: the option changed nothing")
 
 
 # programs that run once a run and may compile without the options (file, what they run)
