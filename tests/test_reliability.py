@@ -262,7 +262,7 @@ def test_a_non_finite_or_negative_learning_rate_is_refused_before_anything_runs(
     ("train.momentum", 1.5), ("train.weight_decay", -1e-4), ("train.grad_clip_norm", -1.0),
     ("train.checkpoint_every_steps", -5), ("train.on_nonfinite", "ignore"),
     ("scenario.seed", -1), ("dataset.split_seed", -3), ("dataset.test_fraction", 1.5),
-    ("num_devices", 0)])
+    ("num_devices", 0), ("host_devices", -1)])
 def test_bad_values_are_refused_naming_the_field_before_anything_runs(tmp_path, field, value):
     c = tiny_config()
     section, _, key = field.rpartition(".")
