@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     # so the data-parallel steps run one batch shard per core. Takes effect only when the
     # run starts JAX (the command line; not a process that already used JAX) and unless
     # XLA_FLAGS sets --xla_force_host_platform_device_count. No effect on GPU/TPU runs.
-    # README "Speed": demos up to 1.27x faster on 2 cores, RanPAC's 1.4x slower.
+    # README "Speed": demos up to 1.33x faster on 2 cores, RanPAC's 1.4x slower.
     c.host_devices = 0
     # Multi-process (multi-host) runs: `enabled`, or a coordinator address, makes every
     # process call jax.distributed.initialize; without the three addresses JAX reads the
