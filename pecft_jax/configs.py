@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     # On a CPU host: present its cores to XLA as this many devices (0 = XLA's one device),
     # so the data-parallel steps run one batch shard per core. Takes effect only when the
     # run starts JAX (the command line; not a process that already used JAX) and unless
-    # XLA_FLAGS sets --xla_force_host_platform_device_count. No effect on GPU/TPU runs.
+    # XLA_FLAGS (--xla_force_host_platform_device_count) or jax_num_cpu_devices sets a
+    # count. No effect on GPU/TPU runs.
     # README "Speed": demos up to 1.33x faster on 2 cores, RanPAC's 1.4x slower.
     c.host_devices = 0
     # Multi-process (multi-host) runs: `enabled`, or a coordinator address, makes every
