@@ -51,6 +51,29 @@ def test_reduce_sums_across_the_mesh_exactly_as_on_one_device():
     assert float(eight["count"]) == 45
 
 
+def test_on_one_device_takes_the_local_copy_of_a_replicated_result_and_refuses_shards():
+    images = np.arange(16, dtype=np.float32).reshape(16, 1, 1, 1)
+    data = array_task_data(images, np.zeros(16, int), batch=8)
+    summed = data.reduce(lambda carry, batch: carry + batch["inputs"].sum(), jnp.zeros(()))
+    assert len(summed.sharding.device_set) == 8
+    host = np.arange(3.0)
+    local, placed = data.on_one_device((summed, host))
+    first = min(jax.devices(), key=lambda d: d.id)
+    assert local.devices() == {first} and placed.devices() == {first}
+    # no transfer: the very buffer the replicated array holds on that device
+    shard = next(s.data for s in summed.addressable_shards if s.device == first)
+    assert local.unsafe_buffer_pointer() == shard.unsafe_buffer_pointer()
+    assert float(local) == 120.0
+    np.testing.assert_array_equal(np.asarray(placed), host)
+    # a function of it runs on that device alone
+    assert jax.jit(lambda x: x * 2)(local).devices() == {first}
+    sharded = jax.device_put(np.arange(8.0), jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
+        jax.sharding.PartitionSpec("data")))
+    with pytest.raises(ValueError, match="replicated arrays"):
+        data.on_one_device({"x": sharded})
+
+
 def test_map_passes_labels_and_positions_and_drops_padding():
     images = np.arange(21, dtype=np.float32).reshape(21, 1, 1, 1)
     labels = np.arange(21) % 4

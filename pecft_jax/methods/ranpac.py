@@ -190,16 +190,20 @@ class RanPAC(Method):
         in_fit[:n] = fit
         sums = data.reduce(self.accumulate, {"fit": zeros(), "val": zeros()}, trainable,
                            projection, frozen, jnp.asarray(in_fit))
-        ridges = jnp.asarray(self.config.ridges, jnp.float32)
+        # the solves run on one device: replicated, every device would repeat them
+        sums, G, Q = data.on_one_device((sums, state["G"], state["Q"]))
+        ridges = np.asarray(self.config.ridges, np.float32)
         errors = np.asarray(_validation_errors(sums["fit"], sums["val"],
                                                np.float32(n - fit.sum()), ridges))
         ridge = float(self.config.ridges[int(np.argmin(errors))])  # first minimum: smallest
         log.info("ranpac task %d: lambda %g (held-out MSE %.4g)", task.index, ridge,
                  float(np.min(errors)))
-        G = state["G"] + sums["fit"]["G"] + sums["val"]["G"]
-        Q = state["Q"] + sums["fit"]["Q"] + sums["val"]["Q"]
+        G = G + sums["fit"]["G"] + sums["val"]["G"]
+        Q = Q + sums["fit"]["Q"] + sums["val"]["Q"]
         head = _ridge_solve(G, Q, np.float32(ridge))
-        ridge_log = jnp.asarray(state["ridge"]).at[task.index].set(ridge)
+        ridge_log = np.asarray(state["ridge"]).copy()
+        ridge_log[task.index] = ridge
+        G, Q, head = jax.device_get((G, Q, head))  # host arrays: the loop places the state
         return trainable, dict(state, G=G, Q=Q, head=head, ridge=ridge_log)
 
     def accumulate(self, carry, batch, trainable, projection, frozen, fit):
