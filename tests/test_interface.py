@@ -51,6 +51,31 @@ def test_reduce_sums_across_the_mesh_exactly_as_on_one_device():
     assert float(eight["count"]) == 45
 
 
+@pytest.mark.parametrize("num_devices", [8, 2])
+def test_additive_reduce_sums_each_devices_shard_and_counts_init_once(num_devices):
+    rng = np.random.default_rng(1)
+    images = rng.integers(-3, 4, (45, 2, 2, 1)).astype(np.float32)
+    labels = rng.integers(0, 3, 45)
+    w = rng.integers(-2, 3, (4, 5)).astype(np.float32)
+    # a non-zero start (a method's running sums): it must be counted once, not per device
+    init = {"gram": jnp.full((5, 5), 7.0), "sums": jnp.ones((3, 5)), "count": jnp.full((), 2.0)}
+    data = array_task_data(images, labels, batch=16, num_devices=num_devices)
+    summed = data.reduce(_gram_and_class_sums, init, w, additive=True)
+    folded = array_task_data(images, labels, batch=16, num_devices=1).reduce(
+        _gram_and_class_sums, init, w)
+    assert summed["gram"].sharding.is_fully_replicated
+    assert len(summed["gram"].sharding.device_set) == num_devices
+    for key in init:  # integer-valued: exact in any order
+        np.testing.assert_array_equal(np.asarray(summed[key]), np.asarray(folded[key]))
+    x = images.reshape(45, -1) @ w
+    np.testing.assert_array_equal(np.asarray(summed["gram"]), 7.0 + x.T @ x)
+    assert float(summed["count"]) == 47
+    # a second pass reuses the compiled fold (one program per function for the run)
+    again = data.reduce(_gram_and_class_sums, init, w, additive=True)
+    np.testing.assert_array_equal(np.asarray(again["sums"]), np.asarray(summed["sums"]))
+    assert sum(key[0] == "reduce_additive" for key in data._compiled) == 1
+
+
 def test_on_one_device_takes_the_local_copy_of_a_replicated_result_and_refuses_shards():
     images = np.arange(16, dtype=np.float32).reshape(16, 1, 1, 1)
     data = array_task_data(images, np.zeros(16, int), batch=8)

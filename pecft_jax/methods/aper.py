@@ -99,7 +99,7 @@ class APER(Method):
 
     def after_task(self, task, trainable, state, frozen, data, rng):
         trainable = FirstSession.finish(trainable)  # frozen from here on
-        return trainable, data.reduce(self.accumulate, state, trainable, frozen)
+        return trainable, data.reduce(self.accumulate, state, trainable, frozen, additive=True)
 
     def accumulate(self, carry, batch, trainable, frozen):
         """Adds the batch's concatenated features to their classes' sums and counts."""

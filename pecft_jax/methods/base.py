@@ -361,14 +361,26 @@ class TaskData:
         stacked = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outputs)
         return stacked, np.concatenate(labels)
 
-    def reduce(self, fn: Callable[..., Any], init: Any, *args) -> Any:
+    def reduce(self, fn: Callable[..., Any], init: Any, *args, additive: bool = False) -> Any:
         """Folds ``carry = fn(carry, batch, *args)`` over every batch on the devices and
         returns the final carry (device arrays, replicated on the mesh).
 
-        ``fn`` is jit-compiled once; the batch is sharded and the carry replicated, so a
-        contraction over the batch axis (``h.T @ h``, a masked per-class sum) is summed
-        across the mesh by the compiler and per-example values never reach the host.
-        Padding rows have ``mask == 0``: ``fn`` must weight by it."""
+        ``fn`` is jit-compiled once. Padding rows have ``mask == 0``: ``fn`` must weight by
+        it. Two ways to run it over a mesh of several devices:
+
+        * ``additive=False``: the batch is sharded and the carry replicated, so a
+          contraction over the batch axis (``h.T @ h``, a masked per-class sum) is summed
+          across the mesh by the compiler at every batch; any fold is exact.
+        * ``additive=True``, for a fold that only adds the batch's terms,
+          ``fn(carry, batch) = carry + g(batch)`` (a Gram matrix, per-class sums -- every
+          pass in pecft_jax): each device folds its own shard of every batch into a carry
+          of its own (the first device's starts at ``init``, the others' at zero) and the
+          carries are summed once, at the end. The per-batch sum across the mesh goes:
+          for RanPAC's two 2,000 x 2,000 Gram matrices that is 32 MB a batch. The result
+          equals the other way's to float rounding (the order of the additions differs).
+        """
+        if additive:
+            return self._reduce_per_device(fn, init, args)
         step = self._jit("reduce", fn, donate_argnums=0, out_shardings=self._replicated)
         # a copy: the steps donate the carry's buffers, and device_put may alias ``init``'s
         carry = jax.tree_util.tree_map(jnp.copy, self._replicate(init))
@@ -376,6 +388,48 @@ class TaskData:
         for local in self._batches():
             carry = step(carry, self._shard(local), *args)
         return carry
+
+    def _reduce_per_device(self, fn: Callable[..., Any], init: Any, args: tuple) -> Any:
+        mesh = self._replicated.mesh
+        axis = mesh.axis_names[0]  # the loop's meshes are 1-D, batch-sharded
+        devices = mesh.devices.size
+        per_device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+        unshared = jax.sharding.PartitionSpec()
+        if ("reduce_additive", fn) not in self._compiled:
+            def local_fold(carry, batch, *args):  # one device: its carry, its shard
+                mine = jax.tree_util.tree_map(lambda c: c[0], carry)
+                return jax.tree_util.tree_map(lambda c: c[None], fn(mine, batch, *args))
+
+            def step(carry, batch, *args):
+                # check_vma off: a method's fold may hold device-independent values (a
+                # ``lax.cond`` branch of zeros) beside shard-dependent ones; every output is
+                # per device by construction (out_specs), so the check has nothing to add
+                return jax.shard_map(local_fold, mesh=mesh,
+                                     in_specs=(per_device.spec, per_device.spec)
+                                     + (unshared,) * len(args),
+                                     out_specs=per_device.spec, check_vma=False)(
+                                         carry, batch, *args)
+
+            self._compiled[("reduce_additive", fn)] = compiler.jit(
+                step, donate_argnums=0, out_shardings=per_device)
+            self._compiled[("reduce_additive_total", fn)] = compiler.jit(
+                lambda carry: jax.tree_util.tree_map(lambda c: c.sum(0), carry),
+                out_shardings=self._replicated)
+        step = self._compiled[("reduce_additive", fn)]
+        total = self._compiled[("reduce_additive_total", fn)]
+
+        def start(value):
+            value = np.asarray(jax.device_get(value))
+            zeros = np.zeros_like(value)
+            return jax.make_array_from_callback(
+                (devices,) + value.shape, per_device,
+                lambda index: (value if index[0].indices(devices)[0] == 0 else zeros)[None])
+
+        carry = jax.tree_util.tree_map(start, init)
+        args = self._replicate(args)
+        for local in self._batches():
+            carry = step(carry, self._shard(local), *args)
+        return total(carry)
 
     def on_one_device(self, tree: Any) -> Any:
         """``tree`` (replicated device arrays, e.g. a :meth:`reduce` result, or host arrays)

@@ -211,7 +211,7 @@ class EASE(Method):
         if self.config.use_init_ptm:
             zeros["ptm"] = jnp.zeros((self.num_classes, dim), jnp.float32)
         sums = jax.device_get(data.reduce(self.accumulate, zeros, trainable["adapters"],
-                                          frozen, np.int32(t)))
+                                          frozen, np.int32(t), additive=True))
         new = list(task.classes)
         count = np.maximum(sums["count"][new], 1.0)
         prototypes = np.array(jax.device_get(state["prototypes"]), copy=True)

@@ -199,7 +199,8 @@ class InfLoRA(Method):
     def _moments(self, trainable, frozen, data) -> np.ndarray:
         layers, dim = self.backbone.config.num_layers, self.backbone.feature_dim
         return np.asarray(jax.device_get(data.reduce(
-            self.input_moments, jnp.zeros((layers, dim, dim), jnp.float32), trainable, frozen)))
+            self.input_moments, jnp.zeros((layers, dim, dim), jnp.float32), trainable, frozen,
+            additive=True)))
 
     @staticmethod
     def _bases(state):

@@ -189,7 +189,7 @@ class RanPAC(Method):
         in_fit = np.zeros(data.capacity, np.float32)
         in_fit[:n] = fit
         sums = data.reduce(self.accumulate, {"fit": zeros(), "val": zeros()}, trainable,
-                           projection, frozen, jnp.asarray(in_fit))
+                           projection, frozen, jnp.asarray(in_fit), additive=True)
         # the solves run on one device: replicated, every device would repeat them
         sums, G, Q = data.on_one_device((sums, state["G"], state["Q"]))
         ridges = np.asarray(self.config.ridges, np.float32)

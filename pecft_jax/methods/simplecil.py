@@ -30,8 +30,8 @@ from pecft_jax.peft.prompt_pool import cosine_similarity
 def class_feature_sums(carry: dict, features: jax.Array, labels: jax.Array,
                        mask: jax.Array) -> dict:
     """Adds a batch to per-class feature sums ``(C, D)`` and counts ``(C,)`` (padding rows
-    have ``mask == 0``). A contraction over the batch axis: under ``TaskData.reduce`` the
-    compiler sums it across the mesh."""
+    have ``mask == 0``). It only adds the batch's terms: ``TaskData.reduce(...,
+    additive=True)`` lets each device sum its own shard and adds the devices' sums once."""
     onehot = jax.nn.one_hot(labels, carry["count"].shape[0], dtype=features.dtype)
     onehot = onehot * mask[:, None]
     sums = jnp.matmul(onehot.T, features, precision=jax.lax.Precision.HIGHEST)  # full float32
@@ -55,7 +55,7 @@ class SimpleCIL(Method):
         return 0
 
     def after_task(self, task, trainable, state, frozen, data, rng):
-        return trainable, data.reduce(self.accumulate, state, frozen)
+        return trainable, data.reduce(self.accumulate, state, frozen, additive=True)
 
     def accumulate(self, carry, batch, frozen):
         """Adds the batch's frozen features to their classes' sums and counts."""

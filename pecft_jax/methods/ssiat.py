@@ -175,7 +175,7 @@ class SSIAT(Method):
                                 {"num": jnp.zeros((self.num_classes, dim), jnp.float32),
                                  "den": jnp.zeros((self.num_classes,), jnp.float32)},
                                 state["adapter_before"], trainable["adapter"], frozen,
-                                jnp.asarray(stats["mean"]))
+                                jnp.asarray(stats["mean"]), additive=True)
             shift = jax.device_get(drift["num"] / jnp.maximum(drift["den"], 1e-30)[:, None])
             stats = dict(stats, mean=stats["mean"] + shift * jax.device_get(old)[:, None])
         features, labels = data.map(self.feature_pass, trainable["adapter"], frozen)
