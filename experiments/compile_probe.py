@@ -1,5 +1,5 @@
-"""How long XLA takes to compile a small transformer's training step, its blocks unrolled or
-in a ``lax.scan``, and how fast the compiled step runs: the probe behind README "Speed",
+"""How long a small transformer's training step takes to trace, lower and compile, its blocks
+unrolled or in a ``lax.scan``, and how fast the compiled step runs: the probe behind README "Speed",
 "What was tried against the first-run compile".
 
     python experiments/compile_probe.py --layers unrolled

@@ -51,29 +51,36 @@ def test_reduce_sums_across_the_mesh_exactly_as_on_one_device():
     assert float(eight["count"]) == 45
 
 
-@pytest.mark.parametrize("num_devices", [8, 2])
-def test_additive_reduce_sums_each_devices_shard_and_counts_init_once(num_devices):
+@pytest.mark.parametrize("num_devices, replicated_init", [(8, False), (2, True), (1, True)])
+def test_additive_reduce_sums_each_devices_shard_and_counts_init_once(num_devices,
+                                                                     replicated_init):
     rng = np.random.default_rng(1)
     images = rng.integers(-3, 4, (45, 2, 2, 1)).astype(np.float32)
     labels = rng.integers(0, 3, 45)
     w = rng.integers(-2, 3, (4, 5)).astype(np.float32)
-    # a non-zero start (a method's running sums): it must be counted once, not per device
-    init = {"gram": jnp.full((5, 5), 7.0), "sums": jnp.ones((3, 5)), "count": jnp.full((), 2.0)}
     data = array_task_data(images, labels, batch=16, num_devices=num_devices)
+    # a non-zero start (a method's running sums): it must be counted once, not per device;
+    # replicated: what a method passes when its state came from an earlier pass
+    init = {"gram": np.full((5, 5), 7.0, np.float32), "sums": np.ones((3, 5), np.float32),
+            "count": np.full((), 2.0, np.float32)}
+    if replicated_init:
+        init = data.replicate(init)
+    before = jax.tree_util.tree_map(np.array, init)
     summed = data.reduce(_gram_and_class_sums, init, w, additive=True)
     folded = array_task_data(images, labels, batch=16, num_devices=1).reduce(
-        _gram_and_class_sums, init, w)
+        _gram_and_class_sums, before, w)
     assert summed["gram"].sharding.is_fully_replicated
     assert len(summed["gram"].sharding.device_set) == num_devices
-    for key in init:  # integer-valued: exact in any order
+    for key in before:  # integer-valued: exact in any order
         np.testing.assert_array_equal(np.asarray(summed[key]), np.asarray(folded[key]))
+        np.testing.assert_array_equal(np.asarray(init[key]), before[key])  # init untouched
     x = images.reshape(45, -1) @ w
     np.testing.assert_array_equal(np.asarray(summed["gram"]), 7.0 + x.T @ x)
     assert float(summed["count"]) == 47
-    # a second pass reuses the compiled fold (one program per function for the run)
+    # a second pass runs the same compiled fold: no new trace
     again = data.reduce(_gram_and_class_sums, init, w, additive=True)
     np.testing.assert_array_equal(np.asarray(again["sums"]), np.asarray(summed["sums"]))
-    assert sum(key[0] == "reduce_additive" for key in data._compiled) == 1
+    assert data._compiled[("reduce_additive", _gram_and_class_sums)]._cache_size() == 1
 
 
 def test_on_one_device_takes_the_local_copy_of_a_replicated_result_and_refuses_shards():
@@ -97,6 +104,11 @@ def test_on_one_device_takes_the_local_copy_of_a_replicated_result_and_refuses_s
         jax.sharding.PartitionSpec("data")))
     with pytest.raises(ValueError, match="replicated arrays"):
         data.on_one_device({"x": sharded})
+    # an array on another device than the chosen one is moved there
+    elsewhere = jax.device_put(np.arange(2.0), jax.devices()[3])
+    moved = data.on_one_device(elsewhere)
+    assert moved.devices() == {first}
+    np.testing.assert_array_equal(np.asarray(moved), np.arange(2.0))
 
 
 def test_map_passes_labels_and_positions_and_drops_padding():

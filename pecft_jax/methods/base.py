@@ -302,13 +302,13 @@ class TaskData:
 
     def __init__(self, batches: Callable[[], Iterable[dict]], num_examples: int, *,
                  shard: Callable[[dict], dict], gather: Callable[[Any], Any],
-                 replicated: jax.sharding.Sharding, capacity: Optional[int] = None,
+                 replicated: jax.sharding.NamedSharding, capacity: Optional[int] = None,
                  compiled: Optional[dict] = None,
                  augmented_batches: Optional[Callable[[], Iterable[dict]]] = None):
         """``batches()`` yields this host's slice of each global batch (numpy); ``shard``
         turns it into global device arrays; ``gather`` fetches a global array to the host;
-        ``replicated`` is the mesh's fully replicated sharding; ``capacity`` (>=
-        ``num_examples``, default equal) is the largest task's example count in the run --
+        ``replicated`` is the (1-D, batch-sharded) mesh's fully replicated sharding;
+        ``capacity`` (>= ``num_examples``, default equal) is the largest task's example count in the run --
         per-example arrays of that length keep their shape from task to task;
         ``compiled`` is the run's cache of compiled passes (shared across tasks);
         ``augmented_batches()`` yields the same examples through the training augmentation
@@ -337,7 +337,9 @@ class TaskData:
                         gather=self._gather, replicated=self._replicated,
                         capacity=self.capacity, compiled=self._compiled)
 
-    def _replicate(self, tree: Any) -> Any:
+    def replicate(self, tree: Any) -> Any:
+        """``tree`` placed on every device of the mesh (a result of :meth:`on_one_device` that
+        the steps will read, e.g. a solved head)."""
         return jax.device_put(tree, self._replicated)
 
     def _jit(self, kind: str, fn: Callable, **options) -> Callable:
@@ -350,7 +352,7 @@ class TaskData:
         """``fn(batch, *args) -> pytree of per-example arrays`` over every example; returns
         the outputs concatenated on the host (numpy, padding dropped) and the labels."""
         compiled = self._jit("map", fn)
-        args = self._replicate(args)
+        args = self.replicate(args)
         outputs, labels = [], []
         for local in self._batches():
             batch = self._shard(local)
@@ -383,8 +385,8 @@ class TaskData:
             return self._reduce_per_device(fn, init, args)
         step = self._jit("reduce", fn, donate_argnums=0, out_shardings=self._replicated)
         # a copy: the steps donate the carry's buffers, and device_put may alias ``init``'s
-        carry = jax.tree_util.tree_map(jnp.copy, self._replicate(init))
-        args = self._replicate(args)
+        carry = jax.tree_util.tree_map(jnp.copy, self.replicate(init))
+        args = self.replicate(args)
         for local in self._batches():
             carry = step(carry, self._shard(local), *args)
         return carry
@@ -392,10 +394,14 @@ class TaskData:
     def _reduce_per_device(self, fn: Callable[..., Any], init: Any, args: tuple) -> Any:
         mesh = self._replicated.mesh
         axis = mesh.axis_names[0]  # the loop's meshes are 1-D, batch-sharded
-        devices = mesh.devices.size
-        per_device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
-        unshared = jax.sharding.PartitionSpec()
+        per_device = jax.sharding.PartitionSpec(axis)
+        whole = jax.sharding.PartitionSpec()
         if ("reduce_additive", fn) not in self._compiled:
+            def first_device_only(tree):  # init on the first device, zeros on the others
+                def place(x):
+                    return jnp.where(jax.lax.axis_index(axis) == 0, x, jnp.zeros_like(x))[None]
+                return jax.tree_util.tree_map(place, tree)
+
             def local_fold(carry, batch, *args):  # one device: its carry, its shard
                 mine = jax.tree_util.tree_map(lambda c: c[0], carry)
                 return jax.tree_util.tree_map(lambda c: c[None], fn(mine, batch, *args))
@@ -405,28 +411,24 @@ class TaskData:
                 # ``lax.cond`` branch of zeros) beside shard-dependent ones; every output is
                 # per device by construction (out_specs), so the check has nothing to add
                 return jax.shard_map(local_fold, mesh=mesh,
-                                     in_specs=(per_device.spec, per_device.spec)
-                                     + (unshared,) * len(args),
-                                     out_specs=per_device.spec, check_vma=False)(
-                                         carry, batch, *args)
+                                     in_specs=(per_device, per_device) + (whole,) * len(args),
+                                     out_specs=per_device, check_vma=False)(carry, batch, *args)
 
+            # both with the carry's sharding spelt out: on a one-device mesh the shard_map's
+            # own output sharding differs from it, and the step would compile twice
+            carry_sharding = jax.sharding.NamedSharding(mesh, per_device)
+            self._compiled[("reduce_additive_start", fn)] = compiler.jit(jax.shard_map(
+                first_device_only, mesh=mesh, in_specs=whole, out_specs=per_device),
+                out_shardings=carry_sharding)
             self._compiled[("reduce_additive", fn)] = compiler.jit(
-                step, donate_argnums=0, out_shardings=per_device)
+                step, donate_argnums=0, out_shardings=carry_sharding)
             self._compiled[("reduce_additive_total", fn)] = compiler.jit(
                 lambda carry: jax.tree_util.tree_map(lambda c: c.sum(0), carry),
                 out_shardings=self._replicated)
-        step = self._compiled[("reduce_additive", fn)]
-        total = self._compiled[("reduce_additive_total", fn)]
-
-        def start(value):
-            value = np.asarray(jax.device_get(value))
-            zeros = np.zeros_like(value)
-            return jax.make_array_from_callback(
-                (devices,) + value.shape, per_device,
-                lambda index: (value if index[0].indices(devices)[0] == 0 else zeros)[None])
-
-        carry = jax.tree_util.tree_map(start, init)
-        args = self._replicate(args)
+        start, step, total = (self._compiled[(kind, fn)] for kind in (
+            "reduce_additive_start", "reduce_additive", "reduce_additive_total"))
+        carry = start(self.replicate(init))  # new buffers on the devices: safe to donate
+        args = self.replicate(args)
         for local in self._batches():
             carry = step(carry, self._shard(local), *args)
         return total(carry)

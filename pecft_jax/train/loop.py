@@ -567,7 +567,10 @@ class ContinualTrainer:
         learnt = self.scenario.tasks if self.joint else self.scenario.tasks[:t + 1]
         eval_tasks = self.scenario.tasks if (self.joint or future) else learnt
         seen = sorted({c for task in learnt for c in task.classes})
-        state = self.method.step_state(run.state)
+        # on the devices once: host arrays given to the jitted step would be copied to every
+        # device again at each batch
+        trainable = mesh_lib.replicate(run.trainable, self.mesh)
+        state = mesh_lib.replicate(self.method.step_state(run.state), self.mesh)
         # one stream over all tasks, unless predictions depend on the batch's other examples
         groups = ([[task] for task in eval_tasks] if self.method.predictions_depend_on_batch
                   else [eval_tasks])
@@ -577,8 +580,7 @@ class ContinualTrainer:
             for local in self._fixed_batches([data(task) for task in group]):
                 batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
                 inputs = {k: batch[k] for k in ("inputs", "mask", FROZEN_QUERY) if k in batch}
-                out = self._gather(eval_step(run.trainable, state, self.frozen, inputs,
-                                             task_arg))
+                out = self._gather(eval_step(trainable, state, self.frozen, inputs, task_arg))
                 keep = np.asarray(self._gather(batch["mask"])) > 0
                 logits.append(out["logits"][keep])
                 labels.append(np.asarray(self._gather(batch["label"]))[keep])
