@@ -84,8 +84,8 @@ def main() -> None:
         started = time.perf_counter()
         jax.block_until_ready(compiled(prompt, weights, x))
         times.append(time.perf_counter() - started)
-    print(f"{args.layers}, gradient of {args.grad}: compile {compile_seconds:.3f} s, step {1e3 * np.median(times):.2f} ms "
-          f"(median of {args.steps}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+    print(f"{args.layers}, gradient of {args.grad}: compile {compile_seconds:.3f} s, "
+          f"step {1e3 * np.median(times):.2f} ms (median of {args.steps}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
           f"load {os.getloadavg()[0]:.2f}")
 
 

@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     # run starts JAX (the command line; not a process that already used JAX) and unless
     # XLA_FLAGS (--xla_force_host_platform_device_count) or jax_num_cpu_devices sets a
     # count. No effect on GPU/TPU runs.
-    # README "Speed": demos up to 1.33x faster on 2 cores, RanPAC's 1.4x slower.
+    # README "Speed": demos 1.0-1.33x faster on 2 cores.
     c.host_devices = 0
     # Multi-process (multi-host) runs: `enabled`, or a coordinator address, makes every
     # process call jax.distributed.initialize; without the three addresses JAX reads the

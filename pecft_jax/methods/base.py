@@ -308,8 +308,9 @@ class TaskData:
         """``batches()`` yields this host's slice of each global batch (numpy); ``shard``
         turns it into global device arrays; ``gather`` fetches a global array to the host;
         ``replicated`` is the (1-D, batch-sharded) mesh's fully replicated sharding;
-        ``capacity`` (>= ``num_examples``, default equal) is the largest task's example count in the run --
-        per-example arrays of that length keep their shape from task to task;
+        ``capacity`` (>= ``num_examples``, default equal) is the largest task's example
+        count in the run -- per-example arrays of that length keep their shape from task to
+        task;
         ``compiled`` is the run's cache of compiled passes (shared across tasks);
         ``augmented_batches()`` yields the same examples through the training augmentation
         (see :meth:`augmented`)."""
@@ -338,8 +339,8 @@ class TaskData:
                         capacity=self.capacity, compiled=self._compiled)
 
     def replicate(self, tree: Any) -> Any:
-        """``tree`` placed on every device of the mesh (a result of :meth:`on_one_device` that
-        the steps will read, e.g. a solved head)."""
+        """``tree`` placed on every device of the mesh, as the passes take their arguments
+        and their starting carry."""
         return jax.device_put(tree, self._replicated)
 
     def _jit(self, kind: str, fn: Callable, **options) -> Callable:
@@ -377,8 +378,8 @@ class TaskData:
           ``fn(carry, batch) = carry + g(batch)`` (a Gram matrix, per-class sums -- every
           pass in pecft_jax): each device folds its own shard of every batch into a carry
           of its own (the first device's starts at ``init``, the others' at zero) and the
-          carries are summed once, at the end. The per-batch sum across the mesh goes:
-          for RanPAC's two 2,000 x 2,000 Gram matrices that is 32 MB a batch. The result
+          carries are summed once, at the end, instead of across the mesh at every batch
+          (for RanPAC's two 2,000 x 2,000 Gram matrices, 32 MB a batch). The result
           equals the other way's to float rounding (the order of the additions differs).
         """
         if additive:
