@@ -15,6 +15,7 @@ from pecft_jax.methods import create_method
 from pecft_jax.methods.coda_prompt import (COMPONENT_FIELDS, as_prefix, assemble_prompt,
                                            component_weights, gram_schmidt_extend)
 from pecft_jax.methods.common import frozen_query
+from pecft_jax.peft.prompt_pool import l2_normalize
 from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.methods.base import count_params
 from pecft_jax.train.loop import train_and_evaluate
@@ -82,6 +83,29 @@ def test_weights_and_assembled_prompt_match_numpy():
     assert prefix.shape == (5, 2, 3, 16)
     np.testing.assert_array_equal(prefix[:, 0], prompt[:, :3])  # first half: prefix keys
     np.testing.assert_array_equal(prefix[:, 1], prompt[:, 3:])  # second half: prefix values
+
+
+def test_weights_without_the_bmd_tensor_match_normalise_then_dot_with_gradients():
+    """component_weights avoids materialising q ⊙ A_m; its values and gradients must equal
+    the direct formula's, also for all-zero rows (the slices of tasks not yet begun)."""
+    rng = np.random.default_rng(3)
+    q, keys, attention = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                          for s in ((6, 12), (9, 12), (9, 12)))
+    keys, attention = keys.at[7].set(0.0), attention.at[8].set(0.0)
+    cotangent = jnp.asarray(rng.normal(size=(6, 9)), jnp.float32)
+
+    def direct(q, keys, attention):
+        return jnp.einsum("bmd,md->bm", l2_normalize(q[:, None, :] * attention[None]),
+                          l2_normalize(keys))
+
+    ours, theirs = component_weights(q, keys, attention), direct(q, keys, attention)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(ours)[:, 7:] == 0.0)
+    grads = [jax.grad(lambda *a, fn=fn: jnp.sum(fn(*a) * cotangent), argnums=(0, 1, 2))(
+        q, keys, attention) for fn in (component_weights, direct)]
+    for ours_grad, their_grad in zip(*grads):
+        assert np.all(np.isfinite(ours_grad))
+        np.testing.assert_allclose(ours_grad, their_grad, rtol=1e-4, atol=1e-4)
 
 
 def test_gram_schmidt_new_rows_are_orthonormal_and_orthogonal_to_old():
