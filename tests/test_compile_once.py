@@ -74,9 +74,10 @@ def test_eval_stream_runs_across_parts_with_one_padding():
 
 
 # -------------------------------------------------------------- frozen-query cache
-def _run(tmp_path, name, method="l2p", cache=True, epochs=2, **options):
+def _run(tmp_path, name, method="l2p", cache=True, epochs=2, schedule="constant", **options):
     config = tiny_config(method, **options)
     config.train.epochs = epochs
+    config.train.schedule = schedule
     config.feature_cache.enabled = cache
     return train_and_evaluate(config, str(tmp_path / name))
 
@@ -160,6 +161,24 @@ def test_dualprompt_compiles_one_train_and_one_eval_step_for_all_tasks(tmp_path)
     assert report["traces"] == {"train_step": 1, "eval_step": 1}, report
     assert report["by_function"]["jit(train_step)"] == 1
     assert report["by_function"]["jit(eval_step)"] == 1
+    # nothing compiled per task or per leaf shape: the optimizer's init is one program (run
+    # eagerly, it compiled one per distinct leaf shape)
+    counts = dict(report["by_function"])
+    assert counts.pop("jit(init)") == 2, counts  # the method's and the optimizer's
+    assert set(counts.values()) == {1}, counts
+    assert "jit(broadcast_in_dim)" not in counts, counts
+
+
+def test_optimizer_init_and_logged_rate_compile_with_the_train_step_not_per_operation(tmp_path):
+    """A schedule over each task's length bakes the length into the train step; here the
+    tasks differ in size, so each length compiles one train step, one optimizer init and
+    one logged-rate schedule -- and nothing per leaf shape or per schedule operation."""
+    counts = _run(tmp_path, "cos", "l2p", epochs=1, schedule="cosine")["compilation"][
+        "by_function"]
+    steps = counts["jit(train_step)"]
+    assert counts["jit(schedule)"] == steps and counts["jit(init)"] == steps + 1, counts
+    eager = {"jit(broadcast_in_dim)", "jit(cos)", "jit(multiply)", "jit(add)", "jit(minimum)"}
+    assert not eager & set(counts), counts
 
 
 # ---------------------------------------------------------- persistent compile cache

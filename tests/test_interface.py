@@ -111,6 +111,22 @@ def test_on_one_device_takes_the_local_copy_of_a_replicated_result_and_refuses_s
     np.testing.assert_array_equal(np.asarray(moved), np.arange(2.0))
 
 
+@pytest.mark.parametrize("num_devices", [8, 1])
+def test_on_one_device_places_every_kind_of_input_alike(num_devices):
+    """A replicated result, a host array and an uncommitted jnp array come back with one
+    placement, so the algebra jitted on them compiles once (RanPAC's first task gave it
+    an uncommitted G, the later ones a host G: two compilations of the solve)."""
+    images = np.arange(16, dtype=np.float32).reshape(16, 1, 1, 1)
+    data = array_task_data(images, np.zeros(16, int), batch=8, num_devices=num_devices)
+    summed = data.reduce(lambda carry, batch: carry + batch["inputs"].sum(), jnp.zeros(()))
+    first = min(summed.sharding.device_set, key=lambda d: d.id)
+    placed = data.on_one_device((summed, np.float32(2.0), jnp.float32(3.0)))
+    assert {x.sharding for x in placed} == {jax.sharding.SingleDeviceSharding(first)}
+    add = jax.jit(lambda a, b: a + b)
+    assert [float(add(placed[0], x)) for x in placed] == [240.0, 122.0, 123.0]
+    assert add._cache_size() == 1
+
+
 def test_map_passes_labels_and_positions_and_drops_padding():
     images = np.arange(21, dtype=np.float32).reshape(21, 1, 1, 1)
     labels = np.arange(21) % 4

@@ -663,4 +663,5 @@ def load_hf_bert(path: Union[str, os.PathLike], **overrides) -> Tuple[BertConfig
         raise CheckpointError(f"{file} does not load as {cfg.name} "
                               f"(config.json: {cfg.num_layers} layers, hidden "
                               f"{cfg.hidden_size}): " + "; ".join(problems))
-    return cfg, unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
+    # device_put: jnp.asarray would compile a program per distinct shape (pretrained.py)
+    return cfg, unflatten_params({k: jax.device_put(v) for k, v in flat.items()})

@@ -239,7 +239,9 @@ def _config_from_metadata(path: str, metadata: Mapping[str, str]) -> ViTConfig:
 
 
 def _to_jax_tree(flat: Mapping[str, np.ndarray]) -> dict:
-    return unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
+    # device_put, not jnp.asarray: on jax 0.10 jnp.asarray of a numpy array compiles an
+    # identity program per distinct shape (lax.stage); the values and dtypes are the same
+    return unflatten_params({k: jax.device_put(v) for k, v in flat.items()})
 
 
 # --------------------------------------------------------------------------------------------

@@ -451,9 +451,10 @@ class TaskData:
                     raise ValueError(f"on_one_device takes replicated arrays (a reduce "
                                      f"result, the state); got one sharded as {x.sharding}")
                 local = {s.device: s.data for s in x.addressable_shards}
-                if device in local:
-                    return local[device]
-                return jax.device_put(x.addressable_shards[0].data, device)
+                # committed to ``device`` in every case (an uncommitted array or a one-device
+                # mesh's shard would otherwise give the algebra's jit another signature, and
+                # so another compilation); the local copy is not copied again
+                return jax.device_put(local.get(device, x.addressable_shards[0].data), device)
             return jax.device_put(x, device)
 
         return jax.tree_util.tree_map(place, tree)

@@ -47,12 +47,12 @@ COMPONENT_FIELDS = ("prompts", "keys", "attention")
 def component_weights(query, keys, attention, eps: float = 1e-12):
     """alpha ``(B, M)``: cosine similarity between the attended query ``q ⊙ A_m`` and ``K_m``.
 
-    query ``(B, D)``, keys and attention ``(M, D)``. The same value as normalising ``q ⊙ A_m``
-    and ``K_m`` (as ``peft.prompt_pool.l2_normalize`` does, with its ``eps``) and taking their dot product,
-    computed without the ``(B, M, D)`` tensor ``q ⊙ A_m``: the numerator is
-    ``q @ (A ⊙ K)^T`` and ``||q ⊙ A_m||^2 = (q ⊙ q) @ (A ⊙ A)^T`` (a sum of non-negative
-    terms), two ``(B, D) x (D, M)`` products. Materialising ``(B, M, D)`` and its gradient
-    made the demo's whole training step about 1.5x slower on CPU."""
+    query ``(B, D)``, keys and attention ``(M, D)``. The same value as normalising
+    ``q ⊙ A_m`` and ``K_m`` (as ``peft.prompt_pool.l2_normalize`` does, with its ``eps``)
+    and taking their dot product, computed without the ``(B, M, D)`` tensor ``q ⊙ A_m``:
+    the numerator is ``q @ (A ⊙ K)^T`` and ``||q ⊙ A_m||^2 = (q ⊙ q) @ (A ⊙ A)^T`` (a sum
+    of non-negative terms), two ``(B, D) x (D, M)`` products. Materialising ``(B, M, D)``
+    and its gradient made the demo's whole training step about 1.5x slower on CPU."""
     numerator = jnp.einsum("bd,md->bm", query, attention * keys)
     attended_sq = jnp.einsum("bd,md->bm", jnp.square(query), jnp.square(attention))
     keys_sq = jnp.sum(jnp.square(keys), axis=-1)

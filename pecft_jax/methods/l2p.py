@@ -94,9 +94,11 @@ class L2P(Method):
             prompts = np.array(trainable["prompts"])  # a host-side copy: compiles nothing
             prompts[t * n:(t + 1) * n] = prompts[(t - 1) * n:t * n]
             trainable = dict(trainable, prompts=prompts)
-        # Selection frequencies of earlier tasks drive the (optional) diversity penalty.
-        return trainable, {"task_counts": jnp.zeros_like(state["task_counts"]),
-                           "previous_counts": state["previous_counts"] + state["task_counts"]}
+        # Selection frequencies of earlier tasks drive the (optional) diversity penalty
+        # (whole-number counts: exact in numpy, on the host, compiling nothing).
+        task_counts = np.asarray(state["task_counts"])
+        return trainable, {"task_counts": np.zeros_like(task_counts),
+                           "previous_counts": np.asarray(state["previous_counts"]) + task_counts}
 
     def _forward(self, trainable, state, frozen, batch, train: bool, task=None):
         images = batch["inputs"]

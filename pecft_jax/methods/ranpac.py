@@ -97,7 +97,16 @@ def validation_errors(fit: dict, val: dict, n_val: Array, ridges: Array) -> Arra
 
 # compiled once per process (a fresh jax.jit per call would trace again every task)
 _validation_errors = compiler.jit(validation_errors)
-_ridge_solve = compiler.jit(ridge_solve)
+def add_task_and_solve(G: Array, Q: Array, sums: dict, ridge) -> tuple:
+    """``G`` and ``Q`` with a task's fit and held-out sums added, and the head
+    ``(G + ridge I)^-1 Q`` they give: one program (added eagerly, each sum compiled a
+    program of its own for every shape and placement of its operands)."""
+    G = G + sums["fit"]["G"] + sums["val"]["G"]
+    Q = Q + sums["fit"]["Q"] + sums["val"]["Q"]
+    return G, Q, ridge_solve(G, Q, ridge)
+
+
+_add_task_and_solve = compiler.jit(add_task_and_solve)
 
 
 class RanPAC(Method):
@@ -183,7 +192,8 @@ class RanPAC(Method):
         n = data.num_examples
         fit = fit_split(n, self.config.fit_fraction, rng)
         m, c = self.width, self.num_classes
-        zeros = lambda: {"G": jnp.zeros((m, m), jnp.float32), "Q": jnp.zeros((m, c), jnp.float32)}
+        # host zeros: jnp.zeros would compile a program per shape
+        zeros = lambda: {"G": np.zeros((m, m), np.float32), "Q": np.zeros((m, c), np.float32)}
         projection = {"w_rand": state["w_rand"]} if self.config.M else {}  # not G: 400 MB
         # padded to the run's largest task: one compiled pass serves every task
         in_fit = np.zeros(data.capacity, np.float32)
@@ -198,9 +208,7 @@ class RanPAC(Method):
         ridge = float(self.config.ridges[int(np.argmin(errors))])  # first minimum: smallest
         log.info("ranpac task %d: lambda %g (held-out MSE %.4g)", task.index, ridge,
                  float(np.min(errors)))
-        G = G + sums["fit"]["G"] + sums["val"]["G"]
-        Q = Q + sums["fit"]["Q"] + sums["val"]["Q"]
-        head = _ridge_solve(G, Q, np.float32(ridge))
+        G, Q, head = _add_task_and_solve(G, Q, sums, np.float32(ridge))
         ridge_log = np.asarray(state["ridge"]).copy()
         ridge_log[task.index] = ridge
         # on the host between tasks (G: 400 MB at M = 10,000); the steps read only the head

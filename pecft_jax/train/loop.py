@@ -387,17 +387,16 @@ class ContinualTrainer:
         (with their cached frozen queries, if ``queries``)."""
         t = spec.index
         steps = self.steps_in_task(task, epochs)
-        per_epoch = steps // epochs
         optimizer = self.optimizer(spec, run.trainable, task, epochs)
         trainable = mesh_lib.replicate(run.trainable, self.mesh)
         state = mesh_lib.replicate(self.method.step_state(run.state), self.mesh)
-        opt_state = mesh_lib.replicate(position.opt_state if position.inside
-                                       else optimizer.init(trainable), self.mesh)
+        opt_state = (mesh_lib.replicate(position.opt_state, self.mesh) if position.inside
+                     else self.initial_optimizer_state(spec, optimizer, epochs, steps, trainable))
         train_step = self.compiled_train_step(spec, optimizer, epochs, steps)
         task_arg = self.traced_task(spec)
         every = int(self.config.train.get("checkpoint_every_steps", 0) or 0)
         log_every = int(self.config.train.get("log_every_steps", 20) or 20)
-        schedule = make_schedule(self.config.train, steps, per_epoch)  # for the logs
+        schedule = self.logged_schedule(spec, optimizer, epochs, steps)
         bar = progress(total=steps, initial=position.step,
                        desc=f"task {t} [0-{len(self.tasks) - 1}]",
                        enabled=self.config.get("progress_bar", True) and jax.process_index() == 0)
@@ -465,10 +464,7 @@ class ContinualTrainer:
         health) -> (trainable, state, opt_state, metrics, health)``; the step's key is
         ``fold_in(task_rng, step)``, derived on the device (an eager ``fold_in`` on the host
         would wait for the previous step); ``health`` is :func:`guard_nonfinite`'s record."""
-        labels, structure = jax.tree_util.tree_flatten(optimizer.labels)
-        key = ("train", self._task_key(spec), tuple(labels), structure,
-               schedule_lengths(self.config.train, steps, steps // max(1, epochs)),
-               tuple(label for label, _ in self.group_start_steps(spec, steps // max(1, epochs))))
+        key = ("train",) + self._optimizer_key(spec, optimizer, epochs, steps)
         if key not in self._compiled:
             method = self.method
 
@@ -485,6 +481,39 @@ class ContinualTrainer:
             self._compiled[key] = compiler.jit(
                 train_step, donate_argnums=(0, 1, 2), static_argnums=self._task_argnums(7),
                 out_shardings=(replicated,) * 5)
+        return self._compiled[key]
+
+    def _optimizer_key(self, spec: TaskSpec, optimizer: partition.RoutedOptimizer,
+                       epochs: int, steps: int) -> tuple:
+        """What a task's optimizer is built from: tasks with the same key share its compiled
+        programs (the task index is an input)."""
+        labels, structure = jax.tree_util.tree_flatten(optimizer.labels)
+        per_epoch = steps // max(1, epochs)
+        return (self._task_key(spec), tuple(labels), structure,
+                schedule_lengths(self.config.train, steps, per_epoch),
+                tuple(label for label, _ in self.group_start_steps(spec, per_epoch)))
+
+    def initial_optimizer_state(self, spec: TaskSpec, optimizer: partition.RoutedOptimizer,
+                                epochs: int, steps: int, trainable: Any) -> Any:
+        """``optimizer.init(trainable)``, replicated: one jitted program shared like the
+        train step (run eagerly, its zeros compiled a program per leaf shape)."""
+        key = ("optimizer_init",) + self._optimizer_key(spec, optimizer, epochs, steps)
+        if key not in self._compiled:
+            self._compiled[key] = compiler.jit(
+                optimizer.init, out_shardings=mesh_lib.replicated(self.mesh))
+        return self._compiled[key](trainable)
+
+    def logged_schedule(self, spec: TaskSpec, optimizer: partition.RoutedOptimizer,
+                        epochs: int, steps: int) -> Any:
+        """``train.schedule`` for the logs (the base rate of each update): a number, or a
+        jitted function of the step shared like the train step (evaluated eagerly, each
+        operation in it compiled a program of its own)."""
+        schedule = make_schedule(self.config.train, steps, steps // max(1, epochs))
+        if not callable(schedule):
+            return schedule
+        key = ("logged_schedule",) + self._optimizer_key(spec, optimizer, epochs, steps)
+        if key not in self._compiled:
+            self._compiled[key] = compiler.jit(schedule)
         return self._compiled[key]
 
     def traced_task(self, spec: TaskSpec) -> TaskSpec:
