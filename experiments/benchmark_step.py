@@ -526,10 +526,10 @@ def demo_run(args, workdir: str, cache_dir: str) -> dict:
 
 
 def demo_mode(args) -> None:
-    if args.method in ("simplecil", "ranpac"):
+    if args.method in ("simplecil", "ranpac") and "torch" in args.variants:
         raise SystemExit(f"--mode demo compares a demo with a PyTorch loop of its gradient "
-                         f"steps; {args.method}'s demo is (mostly) statistics passes, time "
-                         f"those with --mode step")
+                         f"steps; {args.method}'s demo is (mostly) statistics passes: time "
+                         f"those with --mode step, or its demo alone with --variants jax")
     kinds = ("cold", "warm") if args.warm_cache else ("cold",)
     rows: Dict[str, List[dict]] = {kind: [] for kind in kinds}
     torch_steps = []
