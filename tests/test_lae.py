@@ -15,7 +15,7 @@ from pecft_jax.backbones.backbone import Backbone, load_backbone
 from pecft_jax.methods import create_method
 from pecft_jax.methods.base import count_params
 from pecft_jax.train import partition
-from pecft_jax.train.loop import train_and_evaluate
+from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
 
 from helpers import task_checkpoints, task_spec, tiny_config
 
@@ -119,6 +119,31 @@ def test_the_module_waits_while_the_new_head_learns():
     # unchanged online module moves it by float rounding only)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                            second["state"]["offline"], first["trainable"]["pet"])
+
+
+def test_each_task_s_optimizer_init_starts_the_module_at_its_own_step(tmp_path):
+    """The jitted optimizer init is shared by tasks with the same optimizer key; the step
+    at which LAE's module starts is a constant of that program, so tasks whose epochs
+    differ in length must each get their own start (a shared program gave task 2 the start
+    of task 1)."""
+    c = tiny_config("lae", layers=(0, 1), freeze_epochs=1)
+    c.train.epochs = 2
+    trainer = ContinualTrainer(c, str(tmp_path))
+    try:
+        run, _ = trainer.restore_or_init()
+        lengths = {t: trainer.steps_in_task(trainer.tasks[t], 2) for t in (1, 2, 3, 4)}
+        other = [t for t in lengths if lengths[t] != lengths[1]]
+        assert other, f"the tiny tasks must differ in length for this test: {lengths}"
+        pair = (1, other[0])
+        for t in pair:
+            spec = trainer.task_spec(t)
+            optimizer = trainer.optimizer(spec, run.trainable, trainer.tasks[t], 2)
+            ours = trainer.initial_optimizer_state(spec, optimizer, 2, lengths[t],
+                                                   run.trainable)
+            jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(ours),
+                                   jax.device_get(optimizer.init(run.trainable)))
+    finally:
+        trainer.close()
 
 
 def test_official_module_sizes():

@@ -53,8 +53,12 @@ def component_weights(query, keys, attention, eps: float = 1e-12):
     the numerator is ``q @ (A ⊙ K)^T`` and ``||q ⊙ A_m||^2 = (q ⊙ q) @ (A ⊙ A)^T`` (a sum
     of non-negative terms), two ``(B, D) x (D, M)`` products. Materialising ``(B, M, D)``
     and its gradient made the demo's whole training step about 1.5x slower on CPU."""
-    numerator = jnp.einsum("bd,md->bm", query, attention * keys)
-    attended_sq = jnp.einsum("bd,md->bm", jnp.square(query), jnp.square(attention))
+    # full float32 products: on a GPU / TPU the default precision (TF32 / bf16 passes) would
+    # round these sums, which the elementwise form did not (their cost is negligible)
+    highest = jax.lax.Precision.HIGHEST
+    numerator = jnp.einsum("bd,md->bm", query, attention * keys, precision=highest)
+    attended_sq = jnp.einsum("bd,md->bm", jnp.square(query), jnp.square(attention),
+                             precision=highest)
     keys_sq = jnp.sum(jnp.square(keys), axis=-1)
     return (numerator * jax.lax.rsqrt(jnp.maximum(attended_sq, eps))
             * jax.lax.rsqrt(jnp.maximum(keys_sq, eps))[None, :])

@@ -95,8 +95,6 @@ def validation_errors(fit: dict, val: dict, n_val: Array, ridges: Array) -> Arra
     return jax.lax.map(error, ridges)
 
 
-# compiled once per process (a fresh jax.jit per call would trace again every task)
-_validation_errors = compiler.jit(validation_errors)
 def add_task_and_solve(G: Array, Q: Array, sums: dict, ridge) -> tuple:
     """``G`` and ``Q`` with a task's fit and held-out sums added, and the head
     ``(G + ridge I)^-1 Q`` they give: one program (added eagerly, each sum compiled a
@@ -106,6 +104,8 @@ def add_task_and_solve(G: Array, Q: Array, sums: dict, ridge) -> tuple:
     return G, Q, ridge_solve(G, Q, ridge)
 
 
+# compiled once per process (a fresh jax.jit per call would trace again every task)
+_validation_errors = compiler.jit(validation_errors)
 _add_task_and_solve = compiler.jit(add_task_and_solve)
 
 

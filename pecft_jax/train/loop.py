@@ -496,8 +496,12 @@ class ContinualTrainer:
     def initial_optimizer_state(self, spec: TaskSpec, optimizer: partition.RoutedOptimizer,
                                 epochs: int, steps: int, trainable: Any) -> Any:
         """``optimizer.init(trainable)``, replicated: one jitted program shared like the
-        train step (run eagerly, its zeros compiled a program per leaf shape)."""
-        key = ("optimizer_init",) + self._optimizer_key(spec, optimizer, epochs, steps)
+        train step (run eagerly, its zeros compiled a program per leaf shape). Its key adds
+        the groups' start steps, which the train step reads from the optimizer state but
+        this program bakes in as constants (``partition.start_after``: a group that starts
+        after a number of epochs starts at another step in a task of another length)."""
+        key = ("optimizer_init",) + self._optimizer_key(spec, optimizer, epochs, steps) + (
+            self.group_start_steps(spec, steps // max(1, epochs)),)
         if key not in self._compiled:
             self._compiled[key] = compiler.jit(
                 optimizer.init, out_shardings=mesh_lib.replicated(self.mesh))
