@@ -611,7 +611,7 @@ def load_hf_bert(path: Union[str, os.PathLike], **overrides) -> Tuple[BertConfig
     """
     from safetensors.numpy import load_file
 
-    from pecft_jax.backbones.pretrained import CheckpointError, unflatten_params
+    from pecft_jax.backbones.pretrained import CheckpointError, to_jax_tree
 
     file, directory = _locate(os.fspath(path))
     config_path = os.path.join(directory, "config.json")
@@ -663,5 +663,4 @@ def load_hf_bert(path: Union[str, os.PathLike], **overrides) -> Tuple[BertConfig
         raise CheckpointError(f"{file} does not load as {cfg.name} "
                               f"(config.json: {cfg.num_layers} layers, hidden "
                               f"{cfg.hidden_size}): " + "; ".join(problems))
-    # device_put: jnp.asarray would compile a program per distinct shape (pretrained.py)
-    return cfg, unflatten_params({k: jax.device_put(v) for k, v in flat.items()})
+    return cfg, to_jax_tree(flat)

@@ -214,7 +214,7 @@ def load_params(path: PathLike) -> Tuple[ViTConfig, dict]:
     flat = load_file(path)
     _check_flat_shapes(cfg, {k: v.shape for k, v in flat.items()}, path)
     _verify_fingerprint(path, flat, metadata)
-    return cfg, _to_jax_tree(flat)
+    return cfg, to_jax_tree(flat)
 
 
 def _verify_fingerprint(path: str, flat: Mapping[str, np.ndarray],
@@ -238,7 +238,8 @@ def _config_from_metadata(path: str, metadata: Mapping[str, str]) -> ViTConfig:
     return ViTConfig(**fields)
 
 
-def _to_jax_tree(flat: Mapping[str, np.ndarray]) -> dict:
+def to_jax_tree(flat: Mapping[str, np.ndarray]) -> dict:
+    """A loader's flat ``{"a/b/c": numpy array}`` as the nested tree of device arrays."""
     # device_put, not jnp.asarray: on jax 0.10 jnp.asarray of a numpy array compiles an
     # identity program per distinct shape (lax.stage); the values and dtypes are the same
     return unflatten_params({k: jax.device_put(v) for k, v in flat.items()})
@@ -839,4 +840,4 @@ def load_pretrained(path: PathLike, *, image_size: Optional[int] = None,
             flat[_POS_KEY], image_size // cfg.patch_size, method=resize_method))
         cfg = cfg.replace(image_size=image_size)
     _check_flat_shapes(cfg, {k: v.shape for k, v in flat.items()}, ckpt.file)
-    return cfg, _to_jax_tree(flat)
+    return cfg, to_jax_tree(flat)
