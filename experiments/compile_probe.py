@@ -84,9 +84,10 @@ def main() -> None:
         started = time.perf_counter()
         jax.block_until_ready(compiled(prompt, weights, x))
         times.append(time.perf_counter() - started)
+    flags = os.environ.get("XLA_FLAGS", "")
     print(f"{args.layers}, gradient of {args.grad}: compile {compile_seconds:.3f} s, "
-          f"step {1e3 * np.median(times):.2f} ms (median of {args.steps}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-          f"load {os.getloadavg()[0]:.2f}")
+          f"step {1e3 * np.median(times):.2f} ms (median of {args.steps}); "
+          f"XLA_FLAGS={flags!r}; load {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
