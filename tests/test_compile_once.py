@@ -274,3 +274,74 @@ def test_batchwise_selection_is_evaluated_task_by_task(tmp_path, monkeypatch, ba
     train_and_evaluate(config, str(tmp_path))
     # (single-part calls also come from computing the cached test queries, task by task)
     assert max(calls) == (1 if batchwise else 2), calls
+
+
+# ------------------------------------------------------------- per-task initialisation
+def _per_task_loop(method, rng):
+    """The per-task draws of HiDe-Prompt, S-Prompts and EASE written as a loop over tasks,
+    one ``fold_in`` key each: what ``init_per_task`` must reproduce."""
+    from pecft_jax import peft
+    from pecft_jax.methods.base import init_linear_head
+    from pecft_jax.peft.prompts import init_prefixes
+    keys = [jax.random.fold_in(rng, t) for t in range(method.num_tasks)]
+    if method.name == "hide_prompt":
+        return [init_prefixes(method.backbone.config, method.prefix_cfg, k) for k in keys]
+    if method.name == "s_prompts":
+        dim = method.backbone.feature_dim
+        out = []
+        for k in keys:
+            k_prompt, k_head = jax.random.split(k)
+            bound = 1.0 / np.sqrt(dim)
+            out.append((jax.random.uniform(k_prompt, (method.config.prompt_length, dim),
+                                           jnp.float32, -bound, bound),
+                        init_linear_head(k_head, dim, method.num_classes)))
+        return out
+    return [peft.init_adapters(method.backbone.config, method.config.adapter, k) for k in keys]
+
+
+@pytest.mark.parametrize("name", ["hide_prompt", "s_prompts", "ease"])
+def test_per_task_parameters_are_drawn_in_one_program_with_the_loops_values(name):
+    from pecft_jax.backbones import vit
+    from pecft_jax.backbones.backbone import Backbone
+    from pecft_jax.methods import create_method
+    cfg = vit.get_config("ViT-Micro/4")
+    options = {"prompt_layers": [0, 1]} if name == "hide_prompt" else {}
+    method = create_method(name, {"name": name, **options}, Backbone(cfg), 6, 3)
+    frozen = jax.jit(lambda key: vit.init_params(cfg, key))(jax.random.key(0))
+    rng = jax.random.key(1)
+    trainable, state = jax.jit(method.init)(rng, frozen)
+    # the key each method hands its per-task draws
+    if name == "hide_prompt":
+        per_task_key = jax.random.split(rng, 3)[0]
+        got = [trainable["prompts"][str(t)] for t in range(3)]
+    elif name == "s_prompts":
+        per_task_key = rng
+        got = [(trainable["prompts"][str(t)], trainable["heads"][str(t)]) for t in range(3)]
+    else:
+        per_task_key = jax.random.split(rng)[0]
+        got = [jax.tree_util.tree_map(lambda leaf, t=t: leaf[t], trainable["adapters"])
+               for t in range(3)]
+    want = jax.jit(lambda key: _per_task_loop(method, key))(per_task_key)
+    for t in range(3):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got[t], want[t])
+
+
+def test_per_task_draws_compile_one_threefry_per_leaf_whatever_the_number_of_tasks():
+    from pecft_jax.methods.base import init_per_task
+
+    def draw(key):  # two leaves, as a prefix layer's key and value halves
+        k_a, k_b = jax.random.split(key)
+        return {"a": jax.random.uniform(k_a, (2, 4)), "b": jax.random.normal(k_b, (3,))}
+
+    def threefry_size(fn):  # xors of the optimised program: threefry's rounds, inlined
+        return jax.jit(fn).lower(jax.random.key(0)).compile().as_text().count(" xor(")
+
+    batched = [threefry_size(lambda k, n=n: init_per_task(draw, k, n)) for n in (1, 5)]
+    looped = [threefry_size(lambda k, n=n: [draw(jax.random.fold_in(k, t)) for t in range(n)])
+              for n in (1, 5)]
+    assert looped[1] > 4 * looped[0], looped   # the loop: one threefry per task and leaf
+    assert batched[1] < 1.5 * batched[0], batched
+    values = init_per_task(draw, jax.random.key(3), 5)
+    for t in range(5):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, values[str(t)],
+                               draw(jax.random.fold_in(jax.random.key(3), t)))

@@ -52,7 +52,7 @@ import numpy as np
 
 from pecft_jax import peft
 from pecft_jax.methods.base import (Method, TaskSpec, config_field, count_params,
-                                    mask_task_slice)
+                                    init_per_task, mask_task_slice)
 from pecft_jax.methods.common import frozen_query, num_examples
 from pecft_jax.peft.prompt_pool import cosine_similarity, l2_normalize
 
@@ -134,10 +134,9 @@ class EASE(Method):
     # ------------------------------------------------------------------ set-up
     def init(self, rng, frozen):
         k_adapters, k_proxy = jax.random.split(rng)
-        per_task = [peft.init_adapters(self.backbone.config, self.config.adapter,
-                                       jax.random.fold_in(k_adapters, t))
-                    for t in range(self.num_tasks)]
-        adapters = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_task)
+        adapters = init_per_task(
+            lambda key: peft.init_adapters(self.backbone.config, self.config.adapter, key),
+            k_adapters, self.num_tasks, stacked=True)
         dim = self.backbone.feature_dim
         state = {"prototypes": jnp.zeros((self.num_classes, self.num_tasks, dim), jnp.float32),
                  "count": jnp.zeros((self.num_classes,), jnp.float32)}

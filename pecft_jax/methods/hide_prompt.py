@@ -71,7 +71,8 @@ import optax
 
 from pecft_jax.methods import statistics as stats_lib
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, count_params,
-                                    init_linear_head, mask_current_task, mask_logits)
+                                    init_linear_head, init_per_task, mask_current_task,
+                                    mask_logits)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
 
@@ -239,9 +240,9 @@ class HiDePrompt(Method):
     def init(self, rng, frozen):
         k_prompts, k_head, k_tii = jax.random.split(rng, 3)
         dim = self.backbone.feature_dim
-        prompts = {str(t): init_prefixes(self.backbone.config, self.prefix_cfg,
-                                         jax.random.fold_in(k_prompts, t))
-                   for t in range(self.num_tasks)}
+        prompts = init_per_task(
+            lambda key: init_prefixes(self.backbone.config, self.prefix_cfg, key), k_prompts,
+            self.num_tasks)
         head = init_linear_head(k_head, dim, self.num_classes, self.config.head_init)
         trainable = {"prompts": prompts, "head": head}
         shapes = stats_lib.statistics_shapes(self.num_classes, dim, self.config.statistics,
@@ -285,10 +286,13 @@ class HiDePrompt(Method):
         if t == 0:
             return trainable, state
         # Task t's prompt starts from task t-1's; the head continues from the aligned head.
-        previous = self.effective_prompts(trainable["prompts"], t - 1)[-1]
+        # In numpy on the host: eager jnp compiles a program per operation and shape, and
+        # its float32 element-wise operations round as numpy's do.
+        host = jax.tree_util.tree_map(np.asarray, trainable["prompts"])
+        previous = self.effective_prompts(host, t - 1)[-1]
         prompts = dict(trainable["prompts"])
-        prompts[str(t)] = {layer: jnp.array(value) for layer, value in previous.items()}
-        head = jax.tree_util.tree_map(jnp.array, state["head"])
+        prompts[str(t)] = {layer: np.array(value) for layer, value in previous.items()}
+        head = jax.tree_util.tree_map(np.array, state["head"])
         return dict(trainable, prompts=prompts, head=head), state
 
     # --------------------------------------------------------------- optimiser

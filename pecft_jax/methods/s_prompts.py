@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pecft_jax.methods import statistics as stats_lib
-from pecft_jax.methods.base import Method, TaskSpec, init_linear_head, mask_current_task
+from pecft_jax.methods.base import (Method, TaskSpec, init_linear_head, init_per_task,
+                                    mask_current_task)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 from pecft_jax.peft.prompt_pool import l2_normalize
@@ -81,12 +82,15 @@ class SPrompts(Method):
     def init(self, rng, frozen):
         dim = self.backbone.feature_dim
         bound = 1.0 / np.sqrt(dim)  # nn.Linear(D, L, bias=False).weight, the official prompt
-        prompts, heads = {}, {}
-        for s in range(self.num_tasks):
-            k_prompt, k_head = jax.random.split(jax.random.fold_in(rng, s))
-            prompts[str(s)] = jax.random.uniform(k_prompt, (self.config.prompt_length, dim),
-                                                 jnp.float32, -bound, bound)
-            heads[str(s)] = init_linear_head(k_head, dim, self.num_classes)
+
+        def one_domain(key):
+            k_prompt, k_head = jax.random.split(key)
+            return (jax.random.uniform(k_prompt, (self.config.prompt_length, dim), jnp.float32,
+                                       -bound, bound),
+                    init_linear_head(k_head, dim, self.num_classes))
+        domains = init_per_task(one_domain, rng, self.num_tasks)
+        prompts = {s: prompt for s, (prompt, _) in domains.items()}
+        heads = {s: head for s, (_, head) in domains.items()}
         k = self.config.num_centroids
         state = {"centroids": jnp.zeros((self.num_tasks, k, dim), jnp.float32),
                  "centroid_valid": jnp.zeros((self.num_tasks, k), bool)}
