@@ -111,7 +111,8 @@ def main():
               "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
               "label_smoothing": args.label_smoothing,
               "fashion_mnist_test_accuracy": round(accuracy, 2), "minutes": round(minutes, 1),
-              "sha256": digest, "weights_fingerprint": weights_fingerprint, "jax": jax.__version__, "devices": str(jax.devices())}
+              "sha256": digest, "weights_fingerprint": weights_fingerprint,
+              "jax": jax.__version__, "devices": str(jax.devices())}
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(record, f, indent=1)
     print(json.dumps(record, indent=1))

@@ -22,7 +22,6 @@ from pecft_jax.train.loop import train_and_evaluate
 from helpers import array_task_data, load_experiment_config, task_spec, tiny_config
 
 
-
 def load_config(arg):
     return load_experiment_config("hide_prompt", arg)
 

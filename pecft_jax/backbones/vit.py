@@ -137,12 +137,6 @@ def get_config(name: str, **overrides) -> ViTConfig:
     return ViTConfig(**fields)
 
 
-
-
-
-
-
-
 def _layer_norm(cfg: ViTConfig, name: str) -> nn.LayerNorm:
     # Flax computes the statistics in float32 even for a bf16 dtype
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=name)
@@ -175,7 +169,8 @@ class Attention(nn.Module):
         out = nn.DenseGeneral(features=dim, axis=(-2, -1), dtype=cfg.compute_dtype,
                               name="out")(attended)
         if "out" in lora:
-            out = out + lora_delta(lora_input(lp, deterministic, attended.reshape(batch, length, dim)), lora["out"],
+            merged = attended.reshape(batch, length, dim)
+            out = out + lora_delta(lora_input(lp, deterministic, merged), lora["out"],
                                    lp.lora_scaling)
         return ssf(out, ssf_params, "out")
 

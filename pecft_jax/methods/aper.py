@@ -49,7 +49,8 @@ class APER(Method):
 
     @dataclasses.dataclass(frozen=True)
     class Config:
-        variant: str = "adapter"  # the paper's best; 'finetune' | 'vpt_shallow' | 'vpt_deep' | 'ssf'
+        # the paper's best; 'finetune' | 'vpt_shallow' | 'vpt_deep' | 'ssf'
+        variant: str = "adapter"
         # official vision_transformer_adapter.py: ffn_num 64, scalar 0.1, dropout 0.1, 'lora'
         # init (down U(+-1/sqrt(D)), up and biases 0), parallel to the MLP, every block
         adapter: peft.AdapterConfig = config_field(

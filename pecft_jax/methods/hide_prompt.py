@@ -122,7 +122,8 @@ def init_tii_head(rng: Array, dim: int, num_classes: int, hidden: Sequence[int] 
     for i in range(len(hidden) + 1):
         mlp[f"fc{i}"] = init_linear_head(keys[i], widths[i], widths[i + 1], init)
         if _middle_norm(i, len(hidden)):
-            mlp[f"norm{i}"] = {"scale": jnp.ones((widths[i + 1],)), "bias": jnp.zeros((widths[i + 1],))}
+            width = widths[i + 1]
+            mlp[f"norm{i}"] = {"scale": jnp.ones((width,)), "bias": jnp.zeros((width,))}
     mlp["norm"] = {"scale": jnp.ones((dim,)), "bias": jnp.zeros((dim,))}
     params["mlp"] = mlp
     return params

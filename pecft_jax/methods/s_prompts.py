@@ -124,8 +124,8 @@ class SPrompts(Method):
         c = self.config
         wd = jnp.where(task.index == 0, c.first_weight_decay, c.weight_decay)
         decay = 0.5 * wd * sum(jnp.sum(jnp.square(p)) for p in own)
-        return ce + decay, {"metrics": {"ce": ce,
-                                        "accuracy": self.train_accuracy(logits, batch["label"], task)}}
+        accuracy = self.train_accuracy(logits, batch["label"], task)
+        return ce + decay, {"metrics": {"ce": ce, "accuracy": accuracy}}
 
     def _query(self, frozen, batch) -> Array:
         q = frozen_query(self.backbone, frozen, batch)

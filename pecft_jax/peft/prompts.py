@@ -12,7 +12,8 @@ Trainable pytree (layer keys are strings, e.g. "0"): ``{layer: (length, D)}``.
 
 Prefix tuning leaves the sequence alone and concatenates ``length`` learnable keys and
 values to the projected keys/values of each chosen block's attention.
-Trainable pytree (layer keys are strings, e.g. "0"): ``{layer: (2, length, D)}`` -- index 0 is the key half, 1 the value half.
+Trainable pytree (layer keys are strings, e.g. "0"): ``{layer: (2, length, D)}`` -- index 0
+is the key half, 1 the value half.
 
 Both context builders also take per-example arrays (``(B, length, D)`` prompts,
 ``(B, 2, length, D)`` prefixes), which is what prompt-pool methods produce after selecting

@@ -13,8 +13,9 @@ and the frozen tree never enters ``jax.grad`` or the optimizer state.
 Inside a method's trainable tree the same rule holds per leaf: :func:`make_optimizer`
 returns a :class:`RoutedOptimizer` whose ``split`` cuts the ``'frozen'``-labelled leaves
 (an old task's prompt, a backbone block frozen by ``train.lr_mults``) out of what is
-differentiated -- keeping the tree's structure, with ``None`` in their place -- and :func:`apply_lr_mults` turns the config's ``(regex, multiplier)`` rules
-into labels and learning-rate groups.
+differentiated -- keeping the tree's structure, with ``None`` in their place -- and
+:func:`apply_lr_mults` turns the config's ``(regex, multiplier)`` rules into labels and
+learning-rate groups.
 
 Paths are the dict keys joined by ``'/'`` (int keys as their decimal string), e.g.
 ``'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'`` or ``'lora/3/query/A'``.
