@@ -288,10 +288,10 @@ def _per_task_loop(method, rng):
         return [init_prefixes(method.backbone.config, method.prefix_cfg, k) for k in keys]
     if method.name == "s_prompts":
         dim = method.backbone.feature_dim
+        bound = 1.0 / np.sqrt(dim)
         out = []
         for k in keys:
             k_prompt, k_head = jax.random.split(k)
-            bound = 1.0 / np.sqrt(dim)
             out.append((jax.random.uniform(k_prompt, (method.config.prompt_length, dim),
                                            jnp.float32, -bound, bound),
                         init_linear_head(k_head, dim, method.num_classes)))
@@ -327,7 +327,7 @@ def test_per_task_parameters_are_drawn_in_one_program_with_the_loops_values(name
 
 
 def test_per_task_draws_compile_one_threefry_per_leaf_whatever_the_number_of_tasks():
-    from pecft_jax.methods.base import init_per_task
+    from pecft_jax.peft.per_task import init_per_task
 
     def draw(key):  # two leaves, as a prefix layer's key and value halves
         k_a, k_b = jax.random.split(key)

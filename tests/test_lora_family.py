@@ -18,8 +18,8 @@ from pecft_jax.methods.inflora import (design_down_projection, gpm_threshold,
                                        update_dual_gpm)
 from pecft_jax.methods.o_lora import l2_loss, orthogonality_loss
 from pecft_jax.methods.sd_lora import direction_weights
-from pecft_jax.peft.lora import (LoraConfig, init_task_loras, lora_context, merge_lora,
-                                 product_norms, task_lora_context)
+from pecft_jax.peft.lora import (LoraConfig, init_lora, init_task_loras, lora_context,
+                                 merge_lora, product_norms, task_lora_context)
 from pecft_jax.train.loop import train_and_evaluate
 
 from helpers import task_checkpoints, tiny_config
@@ -121,6 +121,10 @@ def test_stacked_task_loras_add_up_like_single_loras():
     params = vit.init_params(cfg, jax.random.key(0))
     lora_cfg = LoraConfig(r=2, lora_alpha=4, target_modules=("query", "value"))
     stacked = init_task_loras(cfg, lora_cfg, 3, jax.random.key(1))
+    for t in range(3):  # slice t is init_lora's draw from fold_in(rng, t), to the bit
+        jax.tree_util.tree_map(
+            lambda leaf, one, t=t: np.testing.assert_array_equal(leaf[t], one), stacked,
+            init_lora(cfg, lora_cfg, jax.random.fold_in(jax.random.key(1), t)))
     stacked = jax.tree_util.tree_map(
         lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), stacked)
     weights = jnp.asarray([0.5, 2.0, 0.0])

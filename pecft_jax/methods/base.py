@@ -212,22 +212,6 @@ def init_linear_head(rng: Array, in_dim: int, num_classes: int, init: str = "tor
             "bias": jax.random.uniform(k_b, (num_classes,), jnp.float32, -bound, bound)}
 
 
-def init_per_task(init_one: Callable[[Array], Any], rng: Array, num_tasks: int,
-                  stacked: bool = False) -> Any:
-    """``init_one(fold_in(rng, t))`` for every task ``t``: ``{str(t): tree}``, or the trees
-    stacked on a leading task axis (``stacked``).
-
-    The draws are one ``vmap`` over the tasks, with the same values as a loop over them
-    (each task's key is mapped alone). Why: every random draw is its own unrolled threefry
-    in the compiled ``init``, so a loop compiled one per task and leaf (HiDe-Prompt's five
-    tasks x five prompted layers: 0.85 -> 0.24 s of compilation on this project's CPU)."""
-    trees = jax.vmap(lambda t: init_one(jax.random.fold_in(rng, t)))(jnp.arange(num_tasks))
-    if stacked:
-        return trees
-    return {str(t): jax.tree_util.tree_map(lambda leaf, t=t: leaf[t], trees)
-            for t in range(num_tasks)}
-
-
 def apply_linear_head(head: Mapping[str, Array], features: Array) -> Array:
     return features @ head["kernel"] + head["bias"]
 

@@ -52,8 +52,9 @@ import numpy as np
 
 from pecft_jax import peft
 from pecft_jax.methods.base import (Method, TaskSpec, config_field, count_params,
-                                    init_per_task, mask_task_slice)
+                                    mask_task_slice)
 from pecft_jax.methods.common import frozen_query, num_examples
+from pecft_jax.peft.per_task import init_per_task
 from pecft_jax.peft.prompt_pool import cosine_similarity, l2_normalize
 
 Array = jax.Array

@@ -71,9 +71,9 @@ import optax
 
 from pecft_jax.methods import statistics as stats_lib
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, count_params,
-                                    init_linear_head, init_per_task, mask_current_task,
-                                    mask_logits)
+                                    init_linear_head, mask_current_task, mask_logits)
 from pecft_jax.methods.common import frozen_query
+from pecft_jax.peft.per_task import init_per_task
 from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
 
 Array = jax.Array

@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pecft_jax.methods import statistics as stats_lib
-from pecft_jax.methods.base import (Method, TaskSpec, init_linear_head, init_per_task,
-                                    mask_current_task)
+from pecft_jax.methods.base import Method, TaskSpec, init_linear_head, mask_current_task
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 from pecft_jax.peft.prompt_pool import l2_normalize
+from pecft_jax.peft.per_task import init_per_task
 
 Array = jax.Array
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from pecft_jax.backbones.context import (LORA_TARGETS, LayerPEFT, PEFTContext, layer_index,
                                          resolve_layers)
 from pecft_jax.backbones.vit import ViTConfig
+from pecft_jax.peft.per_task import init_per_task
 
 Array = jax.Array
 
@@ -197,8 +198,8 @@ def init_task_loras(cfg: ViTConfig, lora_cfg: LoraConfig, num_tasks: int, rng: A
     from ``fold_in(rng, t)`` (every ``B`` zero: a LoRA not trained yet adds nothing). The
     shapes never change, so a step compiled once serves every task (the continual LoRA
     methods train slice ``t`` while task ``t`` runs)."""
-    per_task = [init_lora(cfg, lora_cfg, jax.random.fold_in(rng, t)) for t in range(num_tasks)]
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_task)
+    return init_per_task(lambda key: init_lora(cfg, lora_cfg, key), rng, num_tasks,
+                         stacked=True)
 
 
 def task_lora_context(task_loras: Mapping, lora_cfg: LoraConfig,
