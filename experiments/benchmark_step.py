@@ -18,8 +18,10 @@ The JAX side is the library's own step: ``method.update`` through the routed opt
 jit-compiled with donated buffers, the task index an input -- what the loop runs. The
 PyTorch side re-implements the same computation (same shapes, same prompts, same loss
 terms, Adam) in eager PyTorch the way the official PyTorch code does it; both run float32
-on the same threads (``--threads``). SimpleCIL and RanPAC time their statistics pass over
-a batch instead (RanPAC's phase 2 on the frozen backbone: ``h = ReLU(f W)``,
+on the same threads (``--threads``). ``--host-devices 2`` splits the host into two XLA
+devices with the batch sharded over them, as ``--config.host_devices=2`` does in a run
+(PyTorch keeps its ``--threads`` intra-op threads). SimpleCIL and RanPAC time their
+statistics pass over a batch instead (RanPAC's phase 2 on the frozen backbone: ``h = ReLU(f W)``,
 ``G += h^T h``, ``Q += h^T y``). CODA-Prompt's JAX step weighs all M components (those of
 later tasks masked to 0, so one program serves every task); the PyTorch port, like the
 official code, only those of tasks 0..t -- on task 0 that is 1/T of them.
@@ -149,24 +151,31 @@ def timed(step, steps: int, warmup: int = 3) -> Dict[str, float]:
 # ============================================================================ pecft_jax
 def jax_worker(args, cached: bool) -> Dict[str, float]:
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
     from pecft_jax import compiler
     from pecft_jax.backbones import vit
     from pecft_jax.methods import TaskSpec
     from pecft_jax.methods.common import FROZEN_QUERY, frozen_query
+    from pecft_jax.train import mesh as mesh_lib
     from pecft_jax.train import partition
 
+    # as the loop does: the host split into devices (before JAX starts), the batch sharded
+    # over them, everything else replicated
+    mesh_lib.split_host(args.host_devices)
+    mesh = mesh_lib.make_mesh()
+    mesh_lib.check_batch_size(args.batch_size, mesh, "--batch-size")
     method, cfg = make_method(args)
     frozen = jax.jit(lambda key: vit.init_params(cfg, key))(jax.random.key(0))
     trainable, state = jax.jit(method.init)(jax.random.key(1), frozen)
     spec = TaskSpec(0, NUM_CLASSES, task_classes())
     trainable, state = method.before_task(spec, trainable, state, frozen, None,
                                           jax.random.key(2))
+    frozen, trainable, state = mesh_lib.replicate((frozen, trainable, state), mesh)
     images, labels = inputs(cfg, args.batch_size)
-    batch = {"inputs": jnp.asarray(images), "label": jnp.asarray(labels),
-             "mask": jnp.ones(args.batch_size), "index": jnp.arange(args.batch_size)}
+    batch = mesh_lib.shard_batch({"inputs": images, "label": labels,
+                                  "mask": np.ones(args.batch_size, np.float32),
+                                  "index": np.arange(args.batch_size, dtype=np.int32)}, mesh)
     if cached:
         query = compiler.jit(lambda f, x: frozen_query(method.backbone, f, {"inputs": x}))
         batch[FROZEN_QUERY] = query(frozen, batch["inputs"])
@@ -443,7 +452,8 @@ def run_worker(args, variant: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", variant,
                "--method", args.method, "--arch", args.arch, "--batch-size",
                str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads),
-               "--dtype", args.dtype, "--attention", args.attention]
+               "--dtype", args.dtype, "--attention", args.attention,
+               "--host-devices", str(args.host_devices or 0)]
     command += ["--demo-settings"] if args.demo_settings else []
     for item in args.set:
         command += ["--set", item]
@@ -476,7 +486,7 @@ def step_mode(args) -> None:
     print(f"machine: {machine()}; {versions()}; {args.threads} threads")
     print(f"{args.method} step, {args.arch}, batch {args.batch_size}, {args.dtype}, attention "
           f"{args.attention}, {args.steps} timed steps x {args.rounds} rounds (alternating "
-          f"processes)")
+          f"processes); JAX on {max(args.host_devices, 1)} host device(s)")
     medians = {}
     for variant, rows in results.items():
         wall = statistics.median(r["wall"] for r in rows)
@@ -510,7 +520,8 @@ def demo_run(args, workdir: str, cache_dir: str) -> dict:
     command = [sys.executable, "-m", "pecft_jax.run", "--config",
                f"experiments/configs/{args.method}.py", "--workdir", workdir,
                "--config.progress_bar=False", f"--config.compilation_cache_dir={cache_dir}",
-               f"--config.host_devices={args.host_devices}"]
+               ] + ([] if args.host_devices is None else
+                    [f"--config.host_devices={args.host_devices}"])
     load_before, start = os.getloadavg()[0], time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -522,6 +533,7 @@ def demo_run(args, workdir: str, cache_dir: str) -> dict:
     return {"wall": wall, "compile": comp["compile_seconds"] + comp["trace_seconds"],
             "xla": comp["xla_compilations"], "cache_hits": comp["cache_hits"],
             "steps": results["train_steps"], "final": results["metrics"]["average_accuracy"],
+            "devices": results["layout"]["devices"],
             "load": load_before}
 
 
@@ -542,7 +554,8 @@ def demo_mode(args) -> None:
                 print(f"  round {round_index + 1}: demo, {kind} compilation cache, "
                       f"{row['wall']:.1f} s (compile + trace {row['compile']:.1f} s, "
                       f"{row['xla']} XLA compilations, {row['cache_hits']} cache reads, "
-                      f"{row['steps']} steps, final {row['final']:.2f}%), load "
+                      f"{row['steps']} steps, {row['devices']} device(s), final "
+                      f"{row['final']:.2f}%), load "
                       f"{row['load']:.2f}", flush=True)
         if "torch" in args.variants:
             torch_steps.append(run_worker(args, "torch")["wall"])
@@ -589,11 +602,15 @@ def main():
     parser.add_argument("--warm-cache", action="store_true",
                         help="--mode demo: after each cold run, run the demo again on the "
                              "compilation cache it filled (a re-run)")
-    parser.add_argument("--host-devices", type=int, default=0,
-                        help="--mode demo: the run's host_devices (a CPU host split into "
-                             "this many devices, one batch shard each; 0 = one device)")
+    parser.add_argument("--host-devices", type=int, default=None,
+                        help="the JAX side's host_devices (a CPU host split into this many "
+                             "devices, the batch sharded over them as the loop does; 0 = one "
+                             "device). --mode step: default 0; --mode demo: default the "
+                             "config's (2 in the image demos)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mode == "step" and args.host_devices is None:
+        args.host_devices = 0
     if args.worker:
         if args.worker == "torch":
             result = torch_worker(args)

@@ -222,8 +222,8 @@ def test_benchmark_worker_times_the_library_step_and_counts_its_flops():
     spec.loader.exec_module(bench)
     args = argparse.Namespace(method="l2p", arch="ViT-Micro/4", batch_size=8, steps=2,
                               threads=1, demo_settings=False, set=["top_k=1"],
-                              dtype="float32", attention="einsum")
-    for cached in (False, True):
+                              dtype="float32", attention="einsum", host_devices=0)
+    for cached in (False, True):  # the batch sharded over the test's 8 devices
         result = bench.jax_worker(args, cached=cached)
         assert result["wall"] > 0 and result["cpu"] > 0
         assert result["flops"] > 0  # XLA's cost analysis of the compiled step

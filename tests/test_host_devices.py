@@ -72,3 +72,13 @@ def test_a_run_in_a_fresh_process_splits_the_host(tmp_path):
     assert one_layout == {"devices": 1, "processes": 1, "platform": "cpu"}
     # the same run on another layout: equal to float rounding (README: device counts)
     np.testing.assert_allclose(np.asarray(split[-1]), np.asarray(one[-1]), atol=2.0)
+
+
+def test_the_image_demos_split_the_host_in_two_and_nothing_else_does():
+    """A fixed count (not the host's cores), so a demo computes the same on every machine;
+    the paper benchmarks and the text demos keep XLA's one device."""
+    from pecft_jax.configs import benchmark
+    assert benchmark("split_mnist").host_devices == 2
+    assert benchmark("domain_mnist").host_devices == 2
+    for name in ("cifar100", "imagenet_r", "5datasets", "wordnet", "vader", "text_sequence"):
+        assert benchmark(name).host_devices == 0, name
