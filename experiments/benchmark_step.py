@@ -119,7 +119,9 @@ def accelerator_report(flops: float, seconds: float, device_kind: str,
 
 
 def step_flops(jitted, *args) -> float:
-    """XLA's FLOP count of one call of ``jitted`` (0 when the backend does not say)."""
+    """XLA's FLOP count of one call of ``jitted`` (0 when the backend does not say), for one
+    device: of a program split over several, XLA analyses one device's part (measured: the
+    L2P demo step counts 6.66 GFLOP on one device, 3.33 on each of two)."""
     try:
         cost = jitted.lower(*args).compile().cost_analysis()
     except Exception:  # cost analysis is best-effort in every backend
@@ -185,7 +187,7 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     if method.name in ("simplecil", "ranpac"):  # their per-task work: a statistics pass
         carry, fn, extra = statistics_pass(method, trainable, state)
         step_fn = compiler.jit(fn, donate_argnums=0)
-        flops = step_flops(step_fn, carry, batch, frozen, extra)
+        flops = step_flops(step_fn, carry, batch, frozen, extra) * mesh.size
         box = [carry]
 
         def step():
@@ -204,7 +206,8 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
         tr, st, os_, fr, b, jax.random.fold_in(key, step), t, optimizer),
         donate_argnums=(0, 1, 2), static_argnums=static)
     key = jax.random.key(3)
-    flops = step_flops(update, trainable, state, opt_state, frozen, batch, key, np.int32(0), task)
+    flops = mesh.size * step_flops(update, trainable, state, opt_state, frozen, batch, key,
+                                   np.int32(0), task)
     box = [trainable, state, opt_state, 0]
 
     def step():
