@@ -163,11 +163,18 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     from pecft_jax.train import partition
 
     # as the loop does: the host split into devices (before JAX starts), the batch sharded
-    # over them, everything else replicated
-    mesh_lib.split_host(args.host_devices)
-    mesh = mesh_lib.make_mesh()
-    mesh_lib.check_batch_size(args.batch_size, mesh, "--batch-size")
+    # over them, everything else replicated. One device otherwise (an accelerator's step
+    # against PyTorch's one device), whatever else XLA_FLAGS or the machine offer.
     method, cfg = make_method(args)
+    if method.name in ("simplecil", "ranpac") and args.host_devices > 1:
+        raise SystemExit(f"--host-devices {args.host_devices}: {method.name}'s statistics "
+                         f"pass keeps a carry per device in the loop (TaskData.reduce), which "
+                         f"this script does not reproduce; time its demo instead (--mode "
+                         f"demo) or leave --host-devices at 0")
+    mesh_lib.split_host(args.host_devices)
+    on_cpu = jax.default_backend() == "cpu"
+    mesh = mesh_lib.make_mesh(max(args.host_devices, 1) if on_cpu else 1)
+    mesh_lib.check_batch_size(args.batch_size, mesh, "--batch-size")
     frozen = jax.jit(lambda key: vit.init_params(cfg, key))(jax.random.key(0))
     trainable, state = jax.jit(method.init)(jax.random.key(1), frozen)
     spec = TaskSpec(0, NUM_CLASSES, task_classes())
@@ -194,7 +201,8 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
             box[0] = step_fn(box[0], batch, frozen, extra)
             jax.block_until_ready(box[0])
         result = timed(step, args.steps)
-        return dict(result, **accelerator_report(flops, result["wall"], kind, jax_peak_memory()))
+        return dict(result, devices=mesh.size,
+                    **accelerator_report(flops, result["wall"], kind, jax_peak_memory()))
 
     state = method.step_state(state)  # what the loop passes into its steps
     labels_tree = method.param_labels(trainable, spec)
@@ -216,7 +224,8 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
         jax.block_until_ready(metrics)
         box[:] = [tr, st, os_, n + 1]
     result = timed(step, args.steps)
-    return dict(result, **accelerator_report(flops, result["wall"], kind, jax_peak_memory()))
+    return dict(result, devices=mesh.size,
+                **accelerator_report(flops, result["wall"], kind, jax_peak_memory()))
 
 
 def statistics_pass(method, trainable, state):
@@ -487,9 +496,11 @@ def step_mode(args) -> None:
                   f"{result['load'][1]:.2f}", flush=True)
     print(f"command: python experiments/benchmark_step.py {' '.join(sys.argv[1:])}")
     print(f"machine: {machine()}; {versions()}; {args.threads} threads")
+    jax_devices = sorted({row["devices"] for variant, rows in results.items()
+                          if variant != "torch" for row in rows})  # what the workers ran on
     print(f"{args.method} step, {args.arch}, batch {args.batch_size}, {args.dtype}, attention "
           f"{args.attention}, {args.steps} timed steps x {args.rounds} rounds (alternating "
-          f"processes); JAX on {max(args.host_devices, 1)} host device(s)")
+          f"processes); JAX on {'/'.join(map(str, jax_devices)) or '-'} device(s)")
     medians = {}
     for variant, rows in results.items():
         wall = statistics.median(r["wall"] for r in rows)
@@ -607,9 +618,10 @@ def main():
                              "compilation cache it filled (a re-run)")
     parser.add_argument("--host-devices", type=int, default=None,
                         help="the JAX side's host_devices (a CPU host split into this many "
-                             "devices, the batch sharded over them as the loop does; 0 = one "
-                             "device). --mode step: default 0; --mode demo: default the "
-                             "config's (2 in the image demos)")
+                             "devices, the batch sharded over them as the loop does; 0: "
+                             "XLA's one CPU device). --mode step: default 0, and always one "
+                             "device on an accelerator; --mode demo: default the config's "
+                             "(2 in the image demos)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode == "step" and args.host_devices is None:

@@ -433,8 +433,8 @@ def benchmark(name: str) -> ml_collections.ConfigDict:
         # The image demos run data-parallel over the host split into two XLA devices, on
         # any CPU host (a count fixed here, not the host's core count, so that a demo
         # computes the same on every machine). One XLA device keeps about 1.7 of 2 cores
-        # busy in these small steps; two shards keep both: README "Speed" (demos 0.93-1.38x
-        # faster, most prompt and LoRA methods 1.1-1.4x). Results agree with one device to
+        # busy in these small steps; two shards keep both: README "Speed" (demos 0.95-1.33x
+        # faster, the prompt and LoRA methods 1.08-1.33x). Results agree with one device to
         # float rounding; 14 of 16 demos' accuracy matrices are the same
         # (--config.host_devices=0 runs them on one device).
         c.host_devices = 2

@@ -222,11 +222,18 @@ def test_benchmark_worker_times_the_library_step_and_counts_its_flops():
     spec.loader.exec_module(bench)
     args = argparse.Namespace(method="l2p", arch="ViT-Micro/4", batch_size=8, steps=2,
                               threads=1, demo_settings=False, set=["top_k=1"],
-                              dtype="float32", attention="einsum", host_devices=0)
-    for cached in (False, True):  # the batch sharded over the test's 8 devices
+                              dtype="float32", attention="einsum", host_devices=2)
+    flops = []
+    for cached in (False, True):  # the batch sharded over 2 of the test's 8 devices
         result = bench.jax_worker(args, cached=cached)
-        assert result["wall"] > 0 and result["cpu"] > 0
-        assert result["flops"] > 0  # XLA's cost analysis of the compiled step
+        assert result["wall"] > 0 and result["cpu"] > 0 and result["devices"] == 2
+        flops.append(result["flops"])  # XLA's cost analysis of the compiled step
+    args.host_devices = 0
+    one = bench.jax_worker(args, cached=False)
+    assert one["devices"] == 1
+    # counted over every device: the split step's FLOPs are the one-device step's, not half
+    assert flops[0] == pytest.approx(one["flops"], rel=0.01)
+    assert 0 < flops[1] < flops[0]  # the cached query skips the frozen forward
 
 
 def test_demo_phases_times_every_phase_of_a_run(tmp_path, monkeypatch):
