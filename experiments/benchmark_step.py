@@ -56,6 +56,8 @@ METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "s_prompts", "simp
 # methods whose training step reads the frozen query, which the loop then precomputes for
 # un-augmented data; for the others 'jax-cached' would time a step the loop never runs
 QUERY_IN_STEP = ("l2p", "dualprompt", "coda_prompt")
+# methods without a gradient step: their per-task work, and what is timed, is a statistics pass
+STATISTICS_PASS = ("simplecil", "ranpac")
 NUM_CLASSES, NUM_TASKS = 100, 10
 LEARNING_RATE = 1e-3
 
@@ -166,11 +168,6 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     # over them, everything else replicated. One device otherwise (an accelerator's step
     # against PyTorch's one device), whatever else XLA_FLAGS or the machine offer.
     method, cfg = make_method(args)
-    if method.name in ("simplecil", "ranpac") and args.host_devices > 1:
-        raise SystemExit(f"--host-devices {args.host_devices}: {method.name}'s statistics "
-                         f"pass keeps a carry per device in the loop (TaskData.reduce), which "
-                         f"this script does not reproduce; time its demo instead (--mode "
-                         f"demo) or leave --host-devices at 0")
     mesh_lib.split_host(args.host_devices)
     on_cpu = jax.default_backend() == "cpu"
     mesh = mesh_lib.make_mesh(max(args.host_devices, 1) if on_cpu else 1)
@@ -191,7 +188,7 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     task = spec if method.static_task else TaskSpec(np.int32(0), NUM_CLASSES, task_classes())
 
     kind = jax.local_devices()[0].device_kind
-    if method.name in ("simplecil", "ranpac"):  # their per-task work: a statistics pass
+    if method.name in STATISTICS_PASS:
         carry, fn, extra = statistics_pass(method, trainable, state)
         step_fn = compiler.jit(fn, donate_argnums=0)
         flops = step_flops(step_fn, carry, batch, frozen, extra) * mesh.size
@@ -397,7 +394,7 @@ def torch_worker(args) -> Dict[str, float]:
             feature = model(images, prompts=prompt.expand(len(images), -1, -1))[:, 0]
             decay = 0.5 * c.first_weight_decay * sum(p.square().sum() for p in params)
             return F.cross_entropy(head(feature) + mask, labels) + decay
-    elif method.name in ("simplecil", "ranpac"):
+    elif method.name in STATISTICS_PASS:
         width = method.width if method.name == "ranpac" else d
         w_rand = torch.randn(d, width) if method.name == "ranpac" and c.M else None
         sums = {"a": torch.zeros(NUM_CLASSES, d) if method.name == "simplecil"
@@ -552,7 +549,7 @@ def demo_run(args, workdir: str, cache_dir: str) -> dict:
 
 
 def demo_mode(args) -> None:
-    if args.method in ("simplecil", "ranpac") and "torch" in args.variants:
+    if args.method in STATISTICS_PASS and "torch" in args.variants:
         raise SystemExit(f"--mode demo compares a demo with a PyTorch loop of its gradient "
                          f"steps; {args.method}'s demo is (mostly) statistics passes: time "
                          f"those with --mode step, or its demo alone with --variants jax")
@@ -626,6 +623,11 @@ def main():
     args = parser.parse_args()
     if args.mode == "step" and args.host_devices is None:
         args.host_devices = 0
+    if args.mode == "step" and args.method in STATISTICS_PASS and args.host_devices > 1:
+        raise SystemExit(f"--host-devices {args.host_devices}: {args.method}'s statistics "
+                         f"pass keeps a carry per device in the loop (TaskData.reduce), which "
+                         f"this script does not reproduce; time its demo instead (--mode "
+                         f"demo) or leave --host-devices at 0")
     if args.worker:
         if args.worker == "torch":
             result = torch_worker(args)
