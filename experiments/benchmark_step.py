@@ -621,6 +621,13 @@ def main():
                              "(2 in the image demos)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for flag in ("rounds", "steps", "batch_size", "threads"):
+        if getattr(args, flag) < 1:  # a median of nothing would end in a traceback
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got "
+                         f"{getattr(args, flag)}")
+    if args.host_devices is not None and args.host_devices < 0:
+        parser.error(f"--host-devices must be 0 (XLA's one CPU device) or more, got "
+                     f"{args.host_devices}")
     if args.mode == "step" and args.host_devices is None:
         args.host_devices = 0
     if args.mode == "step" and args.method in STATISTICS_PASS and args.host_devices > 1:

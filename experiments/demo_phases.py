@@ -29,23 +29,29 @@ PHASES = (("loop", "backbone_from_config", "load the backbone"),
           ("loop.ContinualTrainer", "train", "gradient steps (incl. their compilation)"),
           ("loop.ContinualTrainer", "evaluate", "evaluations (incl. test-set queries)"),
           ("checkpoint.Checkpointer", "save", "checkpoints"))
+# the method's own work between tasks (statistics passes, fitted heads, subspaces), on the
+# method's class: ("method", name, label)
+METHOD_PHASES = (("method", "before_task", "the method's before_task / after_task"),
+                 ("method", "after_task", "the method's before_task / after_task"))
 
 
-def instrument(totals: dict, loop, checkpoint, patch=setattr) -> None:
-    """Wraps every phase of :data:`PHASES` so that its seconds add up in ``totals[label]``
-    (``patch`` sets the wrapper: ``setattr``, or a test's ``monkeypatch.setattr``)."""
-    modules = {"loop": loop, "checkpoint": checkpoint}
-    for owner_path, name, label in PHASES:
+def instrument(totals: dict, loop, checkpoint, method_class: type,
+               patch=setattr) -> None:
+    """Wraps every phase of :data:`PHASES` and :data:`METHOD_PHASES` (on ``method_class``,
+    the run's method) so that its seconds add up in ``totals[label]`` (``patch`` sets the
+    wrapper: ``setattr``, or a test's ``monkeypatch.setattr``)."""
+    owners = {"loop": loop, "checkpoint": checkpoint, "method": method_class}
+    for owner_path, name, label in PHASES + METHOD_PHASES:
         module, _, attr = owner_path.partition(".")
-        owner = getattr(modules[module], attr) if attr else modules[module]
+        owner = getattr(owners[module], attr) if attr else owners[module]
         original = getattr(owner, name)
 
         def wrapper(*a, _original=original, _label=label, **k):
-            started = time.time()
+            started = time.perf_counter()
             try:
                 return _original(*a, **k)
             finally:
-                totals[_label] = totals.get(_label, 0.0) + time.time() - started
+                totals[_label] = totals.get(_label, 0.0) + time.perf_counter() - started
         patch(owner, name, functools.wraps(original)(wrapper))
 
 
@@ -58,12 +64,12 @@ def main() -> None:
     import jax  # noqa: F401  (its import is a phase of its own)
     totals = collections.OrderedDict(imports=time.time() - START)
     from pecft_jax.configs import load_config_file
+    from pecft_jax.methods import get_method_class
     from pecft_jax.train import checkpoint, loop
     totals["imports"] = time.time() - START
 
-    instrument(totals, loop, checkpoint)
-
     config = load_config_file(os.path.join(ROOT, "experiments", "configs", f"{args.method}.py"))
+    instrument(totals, loop, checkpoint, get_method_class(config.method.name))
     config.progress_bar = False
     if not args.warm_cache:
         config.compilation_cache_dir = ""

@@ -213,13 +213,36 @@ def test_a_rerun_reads_its_programs_from_the_persistent_cache(tmp_path):
 
 
 # ----------------------------------------------------------------- the benchmark script
-def test_benchmark_worker_times_the_library_step_and_counts_its_flops():
-    import argparse
+def _benchmark_script():
     import importlib.util
     path = os.path.join(ROOT, "experiments", "benchmark_step.py")
     spec = importlib.util.spec_from_file_location("benchmark_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("flag, value", [("--rounds", "0"), ("--steps", "0"),
+                                         ("--batch-size", "-1"), ("--threads", "0"),
+                                         ("--host-devices", "-2")])
+def test_benchmark_script_refuses_counts_below_one_before_anything_runs(
+        flag, value, monkeypatch, capsys):
+    bench = _benchmark_script()
+    started = []
+    monkeypatch.setattr(bench, "demo_mode", started.append)
+    monkeypatch.setattr(bench, "step_mode", started.append)
+    for mode in ("step", "demo"):
+        monkeypatch.setattr("sys.argv", ["benchmark_step.py", "--mode", mode, flag, value])
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main()
+        assert exit_info.value.code == 2  # argparse's usage error
+        assert f"{flag} must be" in capsys.readouterr().err
+    assert not started
+
+
+def test_benchmark_worker_times_the_library_step_and_counts_its_flops():
+    import argparse
+    bench = _benchmark_script()
     args = argparse.Namespace(method="l2p", arch="ViT-Micro/4", batch_size=8, steps=2,
                               threads=1, demo_settings=False, set=["top_k=1"],
                               dtype="float32", attention="einsum", host_devices=2)
@@ -245,12 +268,18 @@ def test_demo_phases_times_every_phase_of_a_run(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("demo_phases", path)
     phases = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(phases)
+    from pecft_jax.methods import get_method_class
     totals = {}
-    phases.instrument(totals, loop, checkpoint, patch=monkeypatch.setattr)
-    config = tiny_config()
+    # a method with work of its own after each task (statistics, TII, alignments)
+    config = tiny_config("hide_prompt", prompt_layers=[0, 1], prompt_length=2, tii_epochs=1,
+                         tii_batch_size=16, tii_align_epochs=1, tii_align_samples=8,
+                         tap_epochs=1, tap_samples=8)
     config.scenario.num_tasks = 2
+    phases.instrument(totals, loop, checkpoint, get_method_class("hide_prompt"),
+                      patch=monkeypatch.setattr)
     train_and_evaluate(config, str(tmp_path))
-    assert sorted(totals) == sorted(label for _, _, label in phases.PHASES)
+    assert sorted(totals) == sorted({label for _, _, label in phases.PHASES
+                                     + phases.METHOD_PHASES})
     assert all(seconds > 0 for seconds in totals.values()), totals
 
 
