@@ -166,9 +166,10 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
 
     # as the loop does: the host split into devices (before JAX starts), the batch sharded
     # over them, everything else replicated. One device otherwise (an accelerator's step
-    # against PyTorch's one device), whatever else XLA_FLAGS or the machine offer.
-    method, cfg = make_method(args)
+    # against PyTorch's one device), whatever else XLA_FLAGS or the machine offer. The split
+    # first: building a method may start JAX (HiDe-Prompt's eval_shape), and then it is late.
     mesh_lib.split_host(args.host_devices)
+    method, cfg = make_method(args)
     on_cpu = jax.default_backend() == "cpu"
     mesh = mesh_lib.make_mesh(max(args.host_devices, 1) if on_cpu else 1)
     mesh_lib.check_batch_size(args.batch_size, mesh, "--batch-size")

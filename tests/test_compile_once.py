@@ -212,6 +212,48 @@ def test_a_rerun_reads_its_programs_from_the_persistent_cache(tmp_path):
     assert second["cache_hits"] == first["xla_compilations"]
 
 
+_CRASH_INSIDE_A_TASK = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from _pytest.monkeypatch import MonkeyPatch
+from helpers import Interrupted, crash_at_training_batch, tiny_config
+from pecft_jax.train.loop import plan_run, train_and_evaluate
+config = tiny_config()
+config.scenario.num_tasks = 2
+config.compilation_cache_dir = {cache!r}
+if {crash!r}:
+    # task 1's 5th batch: task 0 is evaluated, task 1 has its step-3 checkpoint
+    crash_at_training_batch(MonkeyPatch(), plan_run(config)["tasks"][0]["steps"] + 5)
+    try:
+        train_and_evaluate(config, {workdir!r})
+    except Interrupted:
+        print(json.dumps("interrupted"))
+else:
+    print(json.dumps(train_and_evaluate(config, {workdir!r})["compilation"]))
+"""
+
+
+def test_a_run_resumed_inside_a_task_reads_every_program_from_the_cache(tmp_path):
+    """The resume restores the optimizer state against its structure: an eager
+    ``optimizer.init`` compiled a program per leaf shape that the crashed run, which had
+    initialised it jitted, never wrote to the cache."""
+    cache, workdir = str(tmp_path / "xla"), str(tmp_path / "run")
+    outputs = []
+    for crash in (True, False):
+        code = _CRASH_INSIDE_A_TASK.format(tests=os.path.join(ROOT, "tests"), cache=cache,
+                                           workdir=workdir, crash=crash)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if crash:
+            assert os.listdir(os.path.join(workdir, "checkpoints", "latest"))
+    interrupted, resumed = outputs
+    assert interrupted == "interrupted"
+    assert resumed["traces"]["train_step"] == 1  # it resumed inside task 1
+    assert resumed["xla_compilations"] == 0, resumed
+
+
 # ----------------------------------------------------------------- the benchmark script
 def _benchmark_script():
     import importlib.util

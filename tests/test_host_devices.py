@@ -82,3 +82,21 @@ def test_the_image_demos_split_the_host_in_two_and_nothing_else_does():
     assert benchmark("domain_mnist").host_devices == 2
     for name in ("cifar100", "imagenet_r", "5datasets", "wordnet", "vader", "text_sequence"):
         assert benchmark(name).host_devices == 0, name
+
+
+def test_the_step_benchmark_splits_the_host_for_every_method_it_splits():
+    """benchmark_step's worker must split the host before it builds the method: building
+    HiDe-Prompt starts JAX (an eval_shape), after which the split no longer applies."""
+    root = os.path.dirname(TESTS)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    for method, options in (("hide_prompt", ["prompt_layers=[0, 1]", "prompt_length=2"]),
+                            ("l2p", ["top_k=1"])):
+        command = [sys.executable, os.path.join(root, "experiments", "benchmark_step.py"),
+                   "--worker", "jax", "--method", method, "--arch", "ViT-Micro/4",
+                   "--batch-size", "8", "--steps", "1", "--threads", "1",
+                   "--host-devices", "2"] + [a for o in options for a in ("--set", o)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
+                              cwd=root)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["devices"] == 2, method

@@ -366,7 +366,9 @@ class ContinualTrainer:
             trees = self.checkpointer.restore(kind, ckpt_step)
             spec = self.task_spec(t)
             optimizer = self.optimizer(spec, trees["trainable"], self.tasks[t], self.epochs(spec))
-            target = optimizer.init(trees["trainable"])
+            # its structure only: an eager init would compile a program per leaf shape, which
+            # the run that wrote the checkpoint never compiled (no cache holds them)
+            target = jax.eval_shape(optimizer.init, trees["trainable"])
             restored = self.checkpointer.restore(kind, ckpt_step, opt_state_target=target)
             opt_state = restored["opt_state"]  # None when the optimizer keeps no arrays
             position = Position(t, meta["step_in_task"],
