@@ -74,20 +74,53 @@ def test_eval_stream_runs_across_parts_with_one_padding():
 
 
 # -------------------------------------------------------------- frozen-query cache
-def _run(tmp_path, name, method="l2p", cache=True, epochs=2, schedule="constant", **options):
+def _run(tmp_path, name, method="l2p", cache=True, epochs=2, schedule="constant",
+         num_tasks=5, domains=None, **options):
     config = tiny_config(method, **options)
+    config.scenario.num_tasks = num_tasks
+    if domains:
+        config.scenario.kind, config.scenario.domains = "domain", domains
     config.train.epochs = epochs
     config.train.schedule = schedule
     config.feature_cache.enabled = cache
     return train_and_evaluate(config, str(tmp_path / name))
 
 
-@pytest.mark.parametrize("method", ["l2p", "simplecil"])
-def test_cached_and_uncached_runs_give_identical_matrices(tmp_path, method):
-    cached = _run(tmp_path, "cached", method)
-    uncached = _run(tmp_path, "uncached", method, cache=False)
-    assert cached["accuracy_matrix"] == uncached["accuracy_matrix"]
-    assert cached["task_il_accuracy_matrix"] == uncached["task_il_accuracy_matrix"]
+# every method that reads the frozen query (ViT-Micro/4 has blocks 0 and 1)
+@pytest.mark.parametrize("method, options", [
+    ("l2p", {}),
+    ("simplecil", {}),
+    ("dualprompt", dict(g_layers=(0,), e_layers=(1,), g_prompt_length=2, e_prompt_length=2,
+                        num_tasks=2)),
+    ("coda_prompt", dict(pool_size=6, prompt_length=4, layers=(0, 1), num_tasks=2)),
+    ("hide_prompt", dict(prompt_layers=[0, 1], prompt_length=2, tii_epochs=2,
+                         tii_batch_size=16, tii_align_epochs=1, tii_align_samples=8,
+                         tap_epochs=1, tap_samples=8, num_tasks=2)),
+    ("s_prompts", dict(prompt_length=3, num_centroids=2, num_tasks=2,
+                       domains=["digits", "digits+rotate90"])),
+    ("ranpac", dict(M=32, first_session="none", num_tasks=2)),
+])
+def test_cached_and_uncached_runs_give_identical_matrices(tmp_path, monkeypatch, method,
+                                                          options):
+    from pecft_jax.train.feature_cache import FrozenQueryCache
+    real_get, served = FrozenQueryCache.get, []
+
+    def get(self, name, batches):
+        served.append(name)
+        return real_get(self, name, batches)
+    monkeypatch.setattr(FrozenQueryCache, "get", get)
+    cached = _run(tmp_path, "cached", method, **options)
+    # the cache served the test sets' queries, and the training data's to the methods that
+    # take gradient steps over it (the statistics passes read their data once)
+    gradient_steps = method not in ("simplecil", "ranpac")
+    assert {name.split("/")[0] for name in served} == (
+        {"train", "test"} if gradient_steps else {"test"}), served
+    uncached = _run(tmp_path, "uncached", method, cache=False, **options)
+    matrices = sorted(key for key in cached if "matrix" in key)  # task identity included
+    assert "accuracy_matrix" in matrices and "task_il_accuracy_matrix" in matrices
+    assert matrices == sorted(key for key in uncached if "matrix" in key)
+    for key in matrices:
+        assert cached[key] == uncached[key], key
 
 
 def test_the_cache_feeds_the_steps_and_evaluation_with_the_frozen_query(tmp_path):
