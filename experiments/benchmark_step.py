@@ -17,8 +17,10 @@ the batch, as the loop does for un-augmented data (``feature_cache``).
 The JAX side is the library's own step: ``method.update`` through the routed optimizer,
 jit-compiled with donated buffers, the task index an input -- what the loop runs. The
 PyTorch side re-implements the same computation (same shapes, same prompts, same loss
-terms, Adam) in eager PyTorch the way the official PyTorch code does it; both run float32
-on the same threads (``--threads``). ``--host-devices 2`` splits the host into two XLA
+terms, Adam) in eager PyTorch the way the official PyTorch code does it, both in float32;
+``--threads`` sets PyTorch's intra-op threads (XLA:CPU's pool uses every core; on this
+project's 2-core VM the default, the core count, gives both the same). ``--host-devices 2``
+splits the host into two XLA
 devices with the batch sharded over them, as ``--config.host_devices=2`` does in a run
 (PyTorch keeps its ``--threads`` intra-op threads). SimpleCIL and RanPAC time their
 statistics pass over a batch instead (RanPAC's phase 2 on the frozen backbone: ``h = ReLU(f W)``,
@@ -27,7 +29,8 @@ later tasks masked to 0, so one program serves every task); the PyTorch port, li
 official code, only those of tasks 0..t -- on task 0 that is 1/T of them.
 
 ``--mode demo`` times the demo end to end (``python -m pecft_jax.run`` on the method's
-default config -- Split MNIST, S-Prompts' Domain MNIST -- with
+default config -- Split MNIST, S-Prompts' Domain MNIST; any method with a demo config, alone
+with ``--variants jax`` where this script has no PyTorch port of its step -- with
 an empty compilation cache, so compilation is counted) against the PyTorch-eager step loop
 it replaces: the demo's number of training steps times the PyTorch step at the demo's
 shapes (evaluation and data loading not included on the PyTorch side, so the comparison
@@ -51,8 +54,14 @@ import time
 from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the methods whose step this script ports to PyTorch (--mode step times only these)
 METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "s_prompts", "simplecil",
            "ranpac", "finetune")
+# every method with a demo config: --mode demo times any demo (alone, --variants jax, when
+# the script has no PyTorch port of its step)
+DEMO_METHODS = tuple(sorted(name[:-3] for name in os.listdir(
+    os.path.join(ROOT, "experiments", "configs")) if name.endswith(".py")))
+DEMO_ARCH, DEMO_BATCH = "ViT-Demo/7", 64  # the image demos' backbone and batch
 # methods whose training step reads the frozen query, which the loop then precomputes for
 # un-augmented data; for the others 'jax-cached' would time a step the loop never runs
 QUERY_IN_STEP = ("l2p", "dualprompt", "coda_prompt")
@@ -550,10 +559,6 @@ def demo_run(args, workdir: str, cache_dir: str) -> dict:
 
 
 def demo_mode(args) -> None:
-    if args.method in STATISTICS_PASS and "torch" in args.variants:
-        raise SystemExit(f"--mode demo compares a demo with a PyTorch loop of its gradient "
-                         f"steps; {args.method}'s demo is (mostly) statistics passes: time "
-                         f"those with --mode step, or its demo alone with --variants jax")
     kinds = ("cold", "warm") if args.warm_cache else ("cold",)
     rows: Dict[str, List[dict]] = {kind: [] for kind in kinds}
     torch_steps = []
@@ -595,9 +600,11 @@ def demo_mode(args) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=("step", "demo"), default="step")
-    parser.add_argument("--method", choices=METHODS, default="l2p")
-    parser.add_argument("--arch", default="ViT-Demo/7")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--method", choices=DEMO_METHODS, default="l2p",
+                        help=f"--mode step: one of {', '.join(METHODS)} (those with a "
+                             f"PyTorch port here); --mode demo: any")
+    parser.add_argument("--arch", default=DEMO_ARCH)
+    parser.add_argument("--batch-size", type=int, default=DEMO_BATCH)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -629,6 +636,20 @@ def main():
     if args.host_devices is not None and args.host_devices < 0:
         parser.error(f"--host-devices must be 0 (XLA's one CPU device) or more, got "
                      f"{args.host_devices}")
+    torch_wanted = "torch" in args.variants.split(",")
+    if args.method not in METHODS and (args.mode == "step" or torch_wanted):
+        parser.error(f"--method {args.method}: this script has no PyTorch port of its step "
+                     f"(ports: {', '.join(METHODS)}); time its demo alone with --mode demo "
+                     f"--variants jax")
+    if args.mode == "demo":
+        if (args.arch, args.batch_size) != (DEMO_ARCH, DEMO_BATCH):
+            parser.error(f"--mode demo runs the demo's own backbone and batch ({DEMO_ARCH}, "
+                         f"{DEMO_BATCH}); leave --arch and --batch-size out, or time a step "
+                         f"of those with --mode step")
+        if args.method in STATISTICS_PASS and torch_wanted:
+            parser.error(f"--mode demo compares a demo with a PyTorch loop of its gradient "
+                         f"steps; {args.method}'s demo is (mostly) statistics passes: time "
+                         f"those with --mode step, or its demo alone with --variants jax")
     if args.mode == "step" and args.host_devices is None:
         args.host_devices = 0
     if args.mode == "step" and args.method in STATISTICS_PASS and args.host_devices > 1:
@@ -643,8 +664,7 @@ def main():
             result = jax_worker(args, cached=args.worker == "jax-cached")
         print(json.dumps(result))
     elif args.mode == "demo":
-        args.demo_settings = True
-        args.arch, args.batch_size = "ViT-Demo/7", 64  # the demo's backbone and batch
+        args.demo_settings = True  # the PyTorch step at the demo's settings
         demo_mode(args)
     else:
         step_mode(args)
