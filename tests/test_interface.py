@@ -585,3 +585,56 @@ def test_a_misspelt_key_in_a_config_file_fails_when_it_loads():
     c.method.first_sesion = "ssf"
     with pytest.raises(ValueError, match=r"\['first_sesion'\]"):
         with_method_defaults(c)
+
+
+def test_warmup_cosine_with_traced_lengths_gives_optaxs_values_exactly():
+    """The 'cosine' schedule takes the task's steps as a traced int32 (one train step for
+    tasks of every length); every rate equals optax's warmup_cosine_decay_schedule's, bit
+    for bit, with and without warm-up, in and out of jit."""
+    import optax
+    from pecft_jax.methods.statistics import warmup_cosine_schedule
+    counts = jnp.arange(0, 60, dtype=jnp.int32)
+    for init, warmup, decay in ((0.05, 0, 37), (0.0, 5, 41), (0.0, 9, 10)):
+        reference = optax.warmup_cosine_decay_schedule(init, 0.05, warmup, decay)
+        expected = np.asarray(jax.jit(jax.vmap(reference))(counts))
+        traced = jax.jit(jax.vmap(lambda c, d: warmup_cosine_schedule(init, 0.05, warmup, d)(c),
+                                  in_axes=(0, None)))(counts, jnp.int32(decay))
+        np.testing.assert_array_equal(np.asarray(traced), expected)
+        eager = [float(warmup_cosine_schedule(init, 0.05, warmup, decay)(c)) for c in (0, 7, 50)]
+        np.testing.assert_array_equal(eager, expected[[0, 7, 50]])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "cosine_epochs", "coda_cosine", "timm_cosine",
+                                      "multistep_epochs"])
+def test_one_compiled_update_serves_tasks_of_any_length(schedule):
+    """make_base_optimizer keeps the schedule's lengths in the optimizer state: an update
+    compiled for one task's optimizer, given another task's state, steps on the other task's
+    schedule -- the same updates, exactly, as that task's own optimizer run eagerly."""
+    import ml_collections
+    from pecft_jax.train.loop import make_base_optimizer
+    cfg = ml_collections.ConfigDict({"learning_rate": 0.05, "optimizer": "adam",
+                                     "schedule": schedule, "min_lr": 1e-3,
+                                     "milestones": (1, 2), "lr_decay": 0.1})
+    params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array([0.5])}
+    grads = {"w": jnp.array([0.3, 0.1]), "b": jnp.array([-0.2])}
+    first = make_base_optimizer(cfg, total_steps=12, steps_per_epoch=4)
+    compiled = jax.jit(first.update)
+    for total, per_epoch in ((12, 4), (10, 5), (21, 3)):
+        own = make_base_optimizer(cfg, total_steps=total, steps_per_epoch=per_epoch)
+        state_own = state_shared = own.init(params)
+        for _ in range(total):
+            expected, state_own = jax.jit(own.update)(grads, state_own, params)
+            got, state_shared = compiled(grads, state_shared, params)
+            for leaf_got, leaf_expected in zip(jax.tree_util.tree_leaves(got),
+                                               jax.tree_util.tree_leaves(expected)):
+                np.testing.assert_array_equal(leaf_got, leaf_expected)
+    assert compiled._cache_size() == 1  # one program for every length
+    # and the rates from traced lengths are those of the lengths as compiled-in constants
+    from pecft_jax.train.loop import schedule_lengths, schedule_of_lengths
+    counts = jnp.arange(30, dtype=jnp.int32)
+    for total, per_epoch in ((12, 4), (21, 3)):
+        lengths = schedule_lengths(cfg, total, per_epoch)
+        constant = jax.jit(jax.vmap(schedule_of_lengths(cfg, lengths)))(counts)
+        traced = jax.jit(lambda c, *n: jax.vmap(schedule_of_lengths(cfg, n))(c))(
+            counts, *(jnp.int32(n) for n in lengths))
+        np.testing.assert_array_equal(np.asarray(traced), np.asarray(constant))

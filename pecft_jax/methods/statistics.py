@@ -342,12 +342,34 @@ def sample_components(key: Array, components: Mapping[str, Array], num_per_compo
 
 
 # ------------------------------------------------------------- classifier alignment
+# The schedules below take their lengths (epochs, steps per epoch, steps) as Python ints or
+# as int32 arrays traced in a compiled step: the training loop keeps a task's lengths in the
+# optimizer state, so one compiled train step serves tasks of every length.
+def warmup_cosine_schedule(init_value: float, peak_value: float, warmup_steps: int,
+                           decay_steps) -> Callable:
+    """``optax.warmup_cosine_decay_schedule(init_value, peak_value, warmup_steps,
+    decay_steps)`` (to 0) with ``decay_steps`` possibly traced: ``warmup_steps`` steps of
+    linear warm-up from ``init_value``, then ``peak * (1 + cos(pi t / (decay_steps -
+    warmup_steps))) / 2`` at ``t`` steps after the warm-up (0 past its end); the same
+    operations as optax's, so the same float32 values."""
+    span = decay_steps - warmup_steps
+
+    def cosine(count):
+        t = jnp.minimum(jnp.asarray(count, jnp.float32), jnp.asarray(span, jnp.float32))
+        return peak_value * ((1 - 0.0) * (0.5 * (1 + jnp.cos(jnp.pi * t / jnp.asarray(
+            span, jnp.float32)))) ** 1.0 + 0.0)
+    if warmup_steps <= 0:
+        return cosine
+    return optax.join_schedules([optax.linear_schedule(init_value, peak_value, warmup_steps),
+                                 cosine], [warmup_steps])
+
+
 def cosine_epoch_schedule(learning_rate: float, epochs: int, steps_per_epoch: int) -> Callable:
     """PyTorch's ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch:
     ``lr_e = lr * (1 + cos(pi * e / epochs)) / 2`` for every step of epoch ``e``."""
     def schedule(count):
-        epoch = jnp.floor_divide(count, max(1, steps_per_epoch))
-        return learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / max(1, epochs)))
+        epoch = jnp.floor_divide(count, jnp.maximum(1, steps_per_epoch))
+        return learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / jnp.maximum(1, epochs)))
     return schedule
 
 
@@ -357,9 +379,10 @@ def coda_cosine_schedule(learning_rate: float, epochs: int, steps_per_epoch: int
     (its constructor's first step is undone, so the first two epochs share ``lr``); the
     last epoch runs at ``lr cos(99 pi (E - 2) / (200 (E - 1)))``."""
     def schedule(count):
-        epoch = jnp.floor_divide(count, max(1, steps_per_epoch))
+        epoch = jnp.floor_divide(count, jnp.maximum(1, steps_per_epoch))
         shifted = jnp.maximum(epoch - 1, 0)
-        return learning_rate * jnp.cos(99.0 * jnp.pi * shifted / (200.0 * max(1, epochs - 1)))
+        return learning_rate * jnp.cos(
+            99.0 * jnp.pi * shifted / (200.0 * jnp.maximum(1, epochs - 1)))
     return schedule
 
 
@@ -370,10 +393,10 @@ def timm_cosine_schedule(learning_rate: float, min_lr: float, epochs: int,
     sets the next epoch's rate one epoch late, so epoch ``e`` runs at
     ``min_lr + (lr - min_lr) (1 + cos(pi max(e - 1, 0) / epochs)) / 2``."""
     def schedule(count):
-        epoch = jnp.floor_divide(count, max(1, steps_per_epoch))
+        epoch = jnp.floor_divide(count, jnp.maximum(1, steps_per_epoch))
         shifted = jnp.maximum(epoch - 1, 0)
         return min_lr + 0.5 * (learning_rate - min_lr) * (
-            1.0 + jnp.cos(jnp.pi * shifted / max(1, epochs)))
+            1.0 + jnp.cos(jnp.pi * shifted / jnp.maximum(1, epochs)))
     return schedule
 
 
@@ -384,7 +407,7 @@ def multistep_epoch_schedule(learning_rate: float, milestones: Sequence[int], de
     marks = jnp.asarray(sorted(int(m) for m in milestones), jnp.int32)  # may be empty
 
     def schedule(count):
-        epoch = jnp.floor_divide(count, max(1, steps_per_epoch))
+        epoch = jnp.floor_divide(count, jnp.maximum(1, steps_per_epoch))
         return learning_rate * jnp.power(decay, jnp.sum(marks <= epoch))
     return schedule
 

@@ -206,7 +206,10 @@ class Checkpointer:
             if missing or len(paths) != len(groups["opt_state"]):
                 raise CheckpointMismatch(
                     f"the optimizer state in {kind}/{step} does not fit this run's optimizer "
-                    f"(missing {missing[:3]}); was the optimizer or method config changed?")
+                    f"(missing {missing[:3]}); was the optimizer or method config changed, "
+                    f"or the checkpoint written by another pecft_jax version? Resume it "
+                    f"with the config and version that wrote it, or start the task over from "
+                    f"its last task-end checkpoint (delete checkpoints/latest)")
             treedef = jax.tree_util.tree_structure(opt_state_target)
             opt_state = jax.tree_util.tree_unflatten(treedef,
                                                      [groups["opt_state"][p] for p in paths])

@@ -46,7 +46,8 @@ from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
 from pecft_jax.methods.base import count_params, merge_state
 from pecft_jax.methods.common import FROZEN_QUERY
 from pecft_jax.methods.statistics import (coda_cosine_schedule, cosine_epoch_schedule,
-                                         multistep_epoch_schedule, timm_cosine_schedule)
+                                         multistep_epoch_schedule, timm_cosine_schedule,
+                                         warmup_cosine_schedule)
 from pecft_jax.train import compilation
 from pecft_jax.train import mesh as mesh_lib
 from pecft_jax.train import partition
@@ -488,22 +489,29 @@ class ContinualTrainer:
     def _optimizer_key(self, spec: TaskSpec, optimizer: partition.RoutedOptimizer,
                        epochs: int, steps: int) -> tuple:
         """What a task's optimizer is built from: tasks with the same key share its compiled
-        programs (the task index is an input)."""
+        train step (the task index is an input; the schedule's lengths and the groups' start
+        steps are optimizer state)."""
         labels, structure = jax.tree_util.tree_flatten(optimizer.labels)
         per_epoch = steps // max(1, epochs)
         return (self._task_key(spec), tuple(labels), structure,
-                schedule_lengths(self.config.train, steps, per_epoch),
                 tuple(label for label, _ in self.group_start_steps(spec, per_epoch)))
+
+    def _lengths_key(self, spec: TaskSpec, epochs: int, steps: int) -> tuple:
+        """What the programs that write the optimizer state or evaluate the schedule bake in
+        as constants: the schedule's lengths and the groups' start steps."""
+        per_epoch = steps // max(1, epochs)
+        return (schedule_lengths(self.config.train, steps, per_epoch),
+                self.group_start_steps(spec, per_epoch))
 
     def initial_optimizer_state(self, spec: TaskSpec, optimizer: partition.RoutedOptimizer,
                                 epochs: int, steps: int, trainable: Any) -> Any:
         """``optimizer.init(trainable)``, replicated: one jitted program shared like the
         train step (run eagerly, its zeros compiled a program per leaf shape). Its key adds
-        the groups' start steps, which the train step reads from the optimizer state but
-        this program bakes in as constants (``partition.start_after``: a group that starts
-        after a number of epochs starts at another step in a task of another length)."""
-        key = ("optimizer_init",) + self._optimizer_key(spec, optimizer, epochs, steps) + (
-            self.group_start_steps(spec, steps // max(1, epochs)),)
+        the schedule's lengths and the groups' start steps, which the train step reads from
+        the optimizer state but this program bakes in as constants
+        (``partition.with_lengths``, ``partition.start_after``)."""
+        key = (("optimizer_init",) + self._optimizer_key(spec, optimizer, epochs, steps)
+               + self._lengths_key(spec, epochs, steps))
         if key not in self._compiled:
             self._compiled[key] = compiler.jit(
                 optimizer.init, out_shardings=mesh_lib.replicated(self.mesh))
@@ -517,7 +525,8 @@ class ContinualTrainer:
         schedule = make_schedule(self.config.train, steps, steps // max(1, epochs))
         if not callable(schedule):
             return schedule
-        key = ("logged_schedule",) + self._optimizer_key(spec, optimizer, epochs, steps)
+        key = (("logged_schedule",) + self._optimizer_key(spec, optimizer, epochs, steps)
+               + self._lengths_key(spec, epochs, steps))
         if key not in self._compiled:
             self._compiled[key] = compiler.jit(schedule)
         return self._compiled[key]
@@ -995,9 +1004,11 @@ EPOCH_COSINES = ("cosine_epochs", "coda_cosine", "timm_cosine")
 
 def schedule_lengths(train_cfg: ml_collections.ConfigDict, total_steps: int,
                      steps_per_epoch: int = 1) -> tuple:
-    """The task lengths ``train.schedule`` is built from (and so bakes into a compiled
-    step): none for ``'constant'``, the task's steps for ``'cosine'``, its epochs and steps
-    per epoch for ``'cosine_epochs'``. Tasks with equal lengths share one compiled step."""
+    """The task lengths ``train.schedule`` is built from: none for ``'constant'``, the
+    task's steps for ``'cosine'``, its epochs and steps per epoch for the epoch cosines, its
+    steps per epoch for ``'multistep_epochs'``. The base optimizer keeps them in its state
+    (:func:`make_base_optimizer`), so tasks of any length share one compiled train step;
+    what bakes them in (the optimizer's init, the logged rate) is keyed by them."""
     name = train_cfg.get("schedule", "constant")
     if name == "constant":
         return ()
@@ -1015,9 +1026,15 @@ def make_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int,
                   steps_per_epoch: int = 1):
     """``train.learning_rate`` on ``train.schedule`` (see :func:`make_base_optimizer`): a
     number or an optax schedule of the step."""
+    return schedule_of_lengths(train_cfg,
+                               schedule_lengths(train_cfg, total_steps, steps_per_epoch))
+
+
+def schedule_of_lengths(train_cfg: ml_collections.ConfigDict, lengths: tuple):
+    """:func:`make_schedule` from the task's :func:`schedule_lengths`, given as Python ints or
+    as int32 arrays traced in a compiled step (the optimizer state's)."""
     lr = train_cfg.learning_rate
     schedule_name = train_cfg.get("schedule", "constant")
-    lengths = schedule_lengths(train_cfg, total_steps, steps_per_epoch)
     warmup = int(train_cfg.get("warmup_steps", 0))
     if warmup and schedule_name in EPOCH_COSINES + ("multistep_epochs",):
         raise ValueError(f"train.schedule={schedule_name!r} has no warm-up; set "
@@ -1028,8 +1045,10 @@ def make_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int,
             schedule = optax.join_schedules([schedule, optax.constant_schedule(lr)], [warmup])
     elif schedule_name == "cosine":
         (steps,) = lengths
-        schedule = optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
-                                                      max(steps, warmup + 1))
+        # (Python's max for Python ints: an eager jnp op would compile a program)
+        decay = (max(steps, warmup + 1) if isinstance(steps, int)
+                 else jnp.maximum(steps, warmup + 1))
+        schedule = warmup_cosine_schedule(0.0 if warmup else lr, lr, warmup, decay)
     elif schedule_name == "cosine_epochs":
         schedule = cosine_epoch_schedule(lr, *lengths)
     elif schedule_name == "coda_cosine":
@@ -1039,6 +1058,8 @@ def make_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int,
     elif schedule_name == "multistep_epochs":
         schedule = multistep_epoch_schedule(lr, tuple(train_cfg.get("milestones", ())),
                                             float(train_cfg.get("lr_decay", 0.1)), *lengths)
+    else:
+        raise ValueError(f"unknown schedule {schedule_name!r}; use one of {SCHEDULES}")
     return schedule
 
 
@@ -1062,7 +1083,16 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
       (``g + wd * p`` before the update), what ``torch.optim.SGD/Adam(weight_decay=)`` do;
     * ``train.grad_clip_norm`` clips each parameter group's global norm first.
     """
-    schedule = make_schedule(train_cfg, total_steps, steps_per_epoch)
+    lengths = schedule_lengths(train_cfg, total_steps, steps_per_epoch)
+    if not lengths:
+        return _base_optimizer(train_cfg, schedule_of_lengths(train_cfg, ()))
+    return partition.with_lengths(
+        lambda *traced: _base_optimizer(train_cfg, schedule_of_lengths(train_cfg, traced)),
+        lengths)
+
+
+def _base_optimizer(train_cfg: ml_collections.ConfigDict,
+                    schedule: Any) -> optax.GradientTransformation:
     name = train_cfg.get("optimizer", "adam")
     weight_decay = float(train_cfg.get("weight_decay", 0.0) or 0.0)
     if name == "adam":

@@ -288,6 +288,27 @@ def start_after(inner: optax.GradientTransformation, steps: int
     return optax.GradientTransformation(init, update)
 
 
+def with_lengths(build: Callable[..., optax.GradientTransformation],
+                 lengths: Sequence[int]) -> optax.GradientTransformation:
+    """``build(*lengths)`` -- an optimizer whose learning-rate schedule is built from a
+    task's lengths (steps, epochs, steps per epoch) -- with the lengths in its state, not
+    constants of the compiled update: tasks of other lengths share one compiled train
+    step. ``build`` must give the same state structure for any lengths (it is called with
+    the int32 arrays of the state inside the update)."""
+    import jax.numpy as jnp  # local: the rest of this module needs no jax.numpy
+
+    def init(params):
+        return (tuple(jnp.asarray(n, jnp.int32) for n in lengths),
+                build(*(int(n) for n in lengths)).init(params))
+
+    def update(updates, state, params=None):
+        held, inner_state = state
+        updates, inner_state = build(*held).update(updates, inner_state, params)
+        return updates, (held, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
 def parse_lr_mults(rules: Any) -> Tuple[Tuple[str, float], ...]:
     """``config.train.lr_mults`` as ``((regex, multiplier), ...)``; clear errors otherwise."""
     parsed = []
