@@ -178,6 +178,29 @@ def test_the_augmented_pass_keeps_the_cache_only_without_augmentation(tmp_path, 
         trainer.close()
 
 
+def test_a_cache_too_small_for_the_run_is_off_from_the_start(tmp_path, caplog):
+    """Whether the queries fit is decided once: a cache that filled up part-way gave the
+    later evaluations batches without the query, and the eval step compiled again."""
+    import logging
+    config = tiny_config()
+    config.scenario.num_tasks = 5
+    config.train.epochs = 2
+    trainer = ContinualTrainer(config, str(tmp_path / "probe"))
+    dim = trainer.backbone.feature_dim
+    tests = [task.num_test for task in trainer.scenario.tasks]
+    largest = max(len(task.train_indices) for task in trainer.tasks)
+    trainer.close()
+    # room for the first two tasks' test sets and the largest training set, not for all
+    config.feature_cache.max_bytes = (sum(tests[:2]) + largest) * dim * 4
+    with caplog.at_level(logging.WARNING):
+        results = train_and_evaluate(config, str(tmp_path / "run"))
+    assert results["compilation"]["traces"] == {"train_step": 1, "eval_step": 1}
+    assert "feature_cache is off for this run" in caplog.text
+    config.feature_cache.enabled = False
+    uncached = train_and_evaluate(config, str(tmp_path / "uncached"))
+    assert results["accuracy_matrix"] == uncached["accuracy_matrix"]
+
+
 def test_methods_without_a_frozen_query_get_no_cache(tmp_path):
     config = tiny_config("finetune", mode="head")
     trainer = ContinualTrainer(config, str(tmp_path))

@@ -220,6 +220,18 @@ class ContinualTrainer:
                              gather=self._gather,
                              max_bytes=cache_cfg.get("max_bytes", 2 ** 31))
             if self.method.uses_frozen_query and cache_cfg.get("enabled", True) else None)
+        if self.query_cache is not None:
+            # decided once for the run: a cache that filled up part-way would change the
+            # steps' inputs (with, then without the query) and compile them a second time
+            most = (sum(task.num_test for task in self.scenario.tasks)
+                    + max(len(task.train_indices) for task in self.tasks))
+            if not self.query_cache.fits(most):
+                log.warning("feature_cache is off for this run: the frozen queries of every "
+                            "test set and of the largest task's training data (%d examples "
+                            "x %d floats) would pass feature_cache.max_bytes=%d; raise it to "
+                            "%d to cache them", most, self.query_cache.dim,
+                            self.query_cache.max_bytes, most * self.query_cache.dim * 4)
+                self.query_cache = None
         self.trace_counts: Dict[str, int] = {}
         self._compiled: Dict[tuple, Callable] = {}  # jitted steps, reused across tasks
         self._task_data_compiled: Dict[tuple, Callable] = {}  # the methods' TaskData passes
