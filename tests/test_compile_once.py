@@ -178,6 +178,23 @@ def test_the_augmented_pass_keeps_the_cache_only_without_augmentation(tmp_path, 
         trainer.close()
 
 
+@pytest.mark.parametrize("method, options", [
+    ("l2p", {}),
+    ("dualprompt", dict(g_layers=(0,), e_layers=(1,), g_prompt_length=2, e_prompt_length=2))])
+def test_the_programs_compiled_do_not_grow_with_the_number_of_tasks(tmp_path, method, options):
+    compiled = {}
+    for tasks in (2, 5):
+        config = tiny_config(method, **options)
+        config.scenario.num_tasks = tasks
+        compiled[tasks] = train_and_evaluate(config, str(tmp_path / str(tasks)))["compilation"]
+    # (the second run in this process reuses the programs JAX keeps for the process --
+    # random keys, the backbone's init -- and compiles the run's own)
+    runs_own = compiled[5]["by_function"]
+    assert {"jit(train_step)", "jit(eval_step)"} <= set(runs_own), runs_own
+    assert {k: compiled[2]["by_function"][k] for k in runs_own} == runs_own, compiled
+    assert compiled[2]["traces"] == compiled[5]["traces"] == {"train_step": 1, "eval_step": 1}
+
+
 def test_a_cache_too_small_for_the_run_is_off_from_the_start(tmp_path, caplog):
     """Whether the queries fit is decided once: a cache that filled up part-way gave the
     later evaluations batches without the query, and the eval step compiled again."""
