@@ -195,6 +195,29 @@ def test_the_programs_compiled_do_not_grow_with_the_number_of_tasks(tmp_path, me
     assert compiled[2]["traces"] == compiled[5]["traces"] == {"train_step": 1, "eval_step": 1}
 
 
+def test_a_run_resumed_inside_a_task_continues_on_that_tasks_schedule(tmp_path, monkeypatch):
+    """The schedule's lengths are optimizer state, checkpointed with it: a run resumed
+    inside a task of another length than task 0's (whose train step it shares) ends as
+    the uninterrupted run does."""
+    from helpers import Interrupted, crash_at_training_batch
+    from pecft_jax.train.loop import plan_run
+
+    def config():
+        c = tiny_config()
+        c.train.schedule, c.train.epochs = "cosine_epochs", 2
+        return c
+    steps = [task["steps"] for task in plan_run(config())["tasks"]]
+    other = next(t for t, n in enumerate(steps) if n != steps[0])  # two lengths, one step
+    uninterrupted = train_and_evaluate(config(), str(tmp_path / "whole"))
+    # that task's 5th batch: after its step-3 checkpoint
+    undo = crash_at_training_batch(monkeypatch, sum(steps[:other]) + 5)
+    with pytest.raises(Interrupted):
+        train_and_evaluate(config(), str(tmp_path / "resumed"))
+    undo()
+    resumed = train_and_evaluate(config(), str(tmp_path / "resumed"))
+    assert resumed["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
+
+
 def test_a_cache_too_small_for_the_run_is_off_from_the_start(tmp_path, caplog):
     """Whether the queries fit is decided once: a cache that filled up part-way gave the
     later evaluations batches without the query, and the eval step compiled again."""
