@@ -86,19 +86,25 @@ def _run(tmp_path, name, method="l2p", cache=True, epochs=2, schedule="constant"
     return train_and_evaluate(config, str(tmp_path / name))
 
 
-# every method that reads the frozen query (ViT-Micro/4 has blocks 0 and 1)
+# every method that reads the frozen query (ViT-Micro/4 has blocks 0 and 1); beyond a
+# prompt method and a statistics one, in the slow suite (CI runs it)
+_SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("method, options", [
     ("l2p", {}),
     ("simplecil", {}),
-    ("dualprompt", dict(g_layers=(0,), e_layers=(1,), g_prompt_length=2, e_prompt_length=2,
-                        num_tasks=2)),
-    ("coda_prompt", dict(pool_size=6, prompt_length=4, layers=(0, 1), num_tasks=2)),
-    ("hide_prompt", dict(prompt_layers=[0, 1], prompt_length=2, tii_epochs=2,
-                         tii_batch_size=16, tii_align_epochs=1, tii_align_samples=8,
-                         tap_epochs=1, tap_samples=8, num_tasks=2)),
-    ("s_prompts", dict(prompt_length=3, num_centroids=2, num_tasks=2,
-                       domains=["digits", "digits+rotate90"])),
-    ("ranpac", dict(M=32, first_session="none", num_tasks=2)),
+    pytest.param("dualprompt", dict(g_layers=(0,), e_layers=(1,), g_prompt_length=2,
+                                    e_prompt_length=2, num_tasks=2), marks=_SLOW),
+    pytest.param("coda_prompt", dict(pool_size=6, prompt_length=4, layers=(0, 1),
+                                     num_tasks=2), marks=_SLOW),
+    pytest.param("hide_prompt", dict(prompt_layers=[0, 1], prompt_length=2, tii_epochs=2,
+                                     tii_batch_size=16, tii_align_epochs=1,
+                                     tii_align_samples=8, tap_epochs=1, tap_samples=8,
+                                     num_tasks=2), marks=_SLOW),
+    pytest.param("s_prompts", dict(prompt_length=3, num_centroids=2, num_tasks=2,
+                                   domains=["digits", "digits+rotate90"]), marks=_SLOW),
+    pytest.param("ranpac", dict(M=32, first_session="none", num_tasks=2), marks=_SLOW),
 ])
 def test_cached_and_uncached_runs_give_identical_matrices(tmp_path, monkeypatch, method,
                                                           options):
@@ -180,7 +186,8 @@ def test_the_augmented_pass_keeps_the_cache_only_without_augmentation(tmp_path, 
 
 @pytest.mark.parametrize("method, options", [
     ("l2p", {}),
-    ("dualprompt", dict(g_layers=(0,), e_layers=(1,), g_prompt_length=2, e_prompt_length=2))])
+    pytest.param("dualprompt", dict(g_layers=(0,), e_layers=(1,), g_prompt_length=2,
+                                    e_prompt_length=2), marks=_SLOW)])
 def test_the_programs_compiled_do_not_grow_with_the_number_of_tasks(tmp_path, method, options):
     compiled = {}
     for tasks in (2, 5):
@@ -195,6 +202,7 @@ def test_the_programs_compiled_do_not_grow_with_the_number_of_tasks(tmp_path, me
     assert compiled[2]["traces"] == compiled[5]["traces"] == {"train_step": 1, "eval_step": 1}
 
 
+@pytest.mark.slow
 def test_a_run_resumed_inside_a_task_continues_on_that_tasks_schedule(tmp_path, monkeypatch):
     """The schedule's lengths are optimizer state, checkpointed with it: a run resumed
     inside a task of another length than task 0's (whose train step it shares) ends as
