@@ -356,6 +356,8 @@ def warmup_cosine_schedule(init_value: float, peak_value: float, warmup_steps: i
 
     def cosine(count):
         t = jnp.minimum(jnp.asarray(count, jnp.float32), jnp.asarray(span, jnp.float32))
+        # optax's (1 - alpha) * decay ** exponent + alpha with alpha = 0, exponent = 1,
+        # spelt as it spells it so that XLA sees the same float32 operations
         return peak_value * ((1 - 0.0) * (0.5 * (1 + jnp.cos(jnp.pi * t / jnp.asarray(
             span, jnp.float32)))) ** 1.0 + 0.0)
     if warmup_steps <= 0:
