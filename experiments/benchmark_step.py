@@ -20,13 +20,13 @@ PyTorch side re-implements the same computation (same shapes, same prompts, same
 terms, Adam) in eager PyTorch the way the official PyTorch code does it, both in float32;
 ``--threads`` sets PyTorch's intra-op threads (XLA:CPU's pool uses every core; on this
 project's 2-core VM the default, the core count, gives both the same). ``--host-devices 2``
-splits the host into two XLA
-devices with the batch sharded over them, as ``--config.host_devices=2`` does in a run
-(PyTorch keeps its ``--threads`` intra-op threads). SimpleCIL and RanPAC time their
-statistics pass over a batch instead (RanPAC's phase 2 on the frozen backbone: ``h = ReLU(f W)``,
-``G += h^T h``, ``Q += h^T y``). CODA-Prompt's JAX step weighs all M components (those of
-later tasks masked to 0, so one program serves every task); the PyTorch port, like the
-official code, only those of tasks 0..t -- on task 0 that is 1/T of them.
+splits the host into two XLA devices with the batch sharded over them, as
+``--config.host_devices=2`` does in a run (PyTorch keeps its ``--threads`` intra-op
+threads). SimpleCIL and RanPAC time their statistics pass over a batch instead (RanPAC's
+phase 2 on the frozen backbone: ``h = ReLU(f W)``, ``G += h^T h``, ``Q += h^T y``).
+CODA-Prompt's JAX step weighs all M components (those of later tasks masked to 0, so one
+program serves every task); the PyTorch port, like the official code, only those of tasks
+0..t -- on task 0 that is 1/T of them.
 
 ``--mode demo`` times the demo end to end (``python -m pecft_jax.run`` on the method's
 default config -- Split MNIST, S-Prompts' Domain MNIST; any method with a demo config, alone

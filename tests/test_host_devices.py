@@ -44,6 +44,14 @@ def test_zero_leaves_jax_alone(monkeypatch, caplog):
     assert not caplog.text and jax.config.jax_num_cpu_devices == -1
 
 
+def _fresh_env():
+    """A child process's environment without the tests' 8 forced devices: its own split
+    applies."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
 def _run(workdir, host_devices):
     script = f"""
 import json, sys
@@ -56,9 +64,7 @@ c.host_devices = {host_devices}
 r = train_and_evaluate(c, {str(workdir)!r})
 print("RESULT " + json.dumps([r["layout"], r["accuracy_matrix"]]))
 """
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", script], env=_fresh_env(), capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
@@ -88,15 +94,13 @@ def test_the_step_benchmark_splits_the_host_for_every_method_it_splits():
     """benchmark_step's worker must split the host before it builds the method: building
     HiDe-Prompt starts JAX (an eval_shape), after which the split no longer applies."""
     root = os.path.dirname(TESTS)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
     for method, options in (("hide_prompt", ["prompt_layers=[0, 1]", "prompt_length=2"]),
                             ("l2p", ["top_k=1"])):
         command = [sys.executable, os.path.join(root, "experiments", "benchmark_step.py"),
                    "--worker", "jax", "--method", method, "--arch", "ViT-Micro/4",
                    "--batch-size", "8", "--steps", "1", "--threads", "1",
                    "--host-devices", "2"] + [a for o in options for a in ("--set", o)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
-                              cwd=root)
+        done = subprocess.run(command, env=_fresh_env(), capture_output=True, text=True,
+                              timeout=600, cwd=root)
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads(done.stdout.strip().splitlines()[-1])["devices"] == 2, method
