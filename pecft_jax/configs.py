@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     # step, for the methods that use it (L2P-family routing, SimpleCIL/RanPAC features).
     c.feature_cache = ml_collections.ConfigDict()
     c.feature_cache.enabled = True
-    c.feature_cache.max_bytes = 2 ** 31  # beyond this, queries are recomputed in the steps
+    c.feature_cache.max_bytes = 2 ** 31  # beyond it, the steps compute the features
     c.num_devices = ml_collections.FieldReference(None, field_type=int)  # None = all local
     # On a CPU host: present its cores to XLA as this many devices (0 = XLA's one device),
     # so the data-parallel steps run one batch shard per core. Takes effect only when the

@@ -105,28 +105,76 @@ _SLOW = pytest.mark.slow
     pytest.param("s_prompts", dict(prompt_length=3, num_centroids=2, num_tasks=2,
                                    domains=["digits", "digits+rotate90"]), marks=_SLOW),
     pytest.param("ranpac", dict(M=32, first_session="none", num_tasks=2), marks=_SLOW),
+    # the fixed features (the first-session adapted feature) of the test sets; APER's with
+    # the frozen queries of its pre-trained half
+    ("ranpac", dict(M=32, first_session="adapter", adapter={"bottleneck_dim": 4},
+                    num_tasks=2)),
+    pytest.param("aper", dict(variant="ssf", num_tasks=2), marks=_SLOW),
 ])
 def test_cached_and_uncached_runs_give_identical_matrices(tmp_path, monkeypatch, method,
                                                           options):
-    from pecft_jax.train.feature_cache import FrozenQueryCache
-    real_get, served = FrozenQueryCache.get, []
+    from pecft_jax.train.feature_cache import FeatureCache
+    real_get, served, computed = FeatureCache.get, [], []
 
-    def get(self, name, batches):
+    def get(self, name, compute, batches):
         served.append(name)
-        return real_get(self, name, batches)
-    monkeypatch.setattr(FrozenQueryCache, "get", get)
+        if not self.has(name):
+            computed.append(name)
+        return real_get(self, name, compute, batches)
+    monkeypatch.setattr(FeatureCache, "get", get)
     cached = _run(tmp_path, "cached", method, **options)
-    # the cache served the test sets' queries, and the training data's to the methods that
-    # take gradient steps over it (the statistics passes read their data once)
-    gradient_steps = method not in ("simplecil", "ranpac")
-    assert {name.split("/")[0] for name in served} == (
-        {"train", "test"} if gradient_steps else {"test"}), served
+    # the cache served the test sets' queries, and the training data's where a task takes
+    # 2 epochs of steps (not to the statistics methods, which read their data once; APER's
+    # task 0 trains, and its after-task pass reads the queries); the fixed features of the
+    # first-session methods' test sets, each computed once
+    first_session = options.get("first_session", "adapter" if method == "aper" else "none")
+    kinds = {"query/test"} if method != "ranpac" or first_session == "none" else set()
+    if method not in ("simplecil", "ranpac"):
+        kinds.add("query/train")
+    if first_session != "none":
+        kinds.add("fixed/test")
+        assert sorted(name for name in computed if name.startswith("fixed/")) == [
+            f"fixed/test/{t}" for t in range(options["num_tasks"])], computed
+    assert {name.rsplit("/", 1)[0] for name in served} == kinds, served
     uncached = _run(tmp_path, "uncached", method, cache=False, **options)
     matrices = sorted(key for key in cached if "matrix" in key)  # task identity included
     assert "accuracy_matrix" in matrices and "task_il_accuracy_matrix" in matrices
     assert matrices == sorted(key for key in uncached if "matrix" in key)
     for key in matrices:
         assert cached[key] == uncached[key], key
+
+
+@pytest.mark.parametrize("name, options", [
+    ("ranpac", {"M": 16, "adapter": {"bottleneck_dim": 4}}),
+    ("aper", {"adapter": {"bottleneck_dim": 4}})])
+def test_logits_read_the_cached_fixed_features(name, options):
+    """RanPAC's and APER's first-session feature, once fixed, may come in the batch: the
+    logits from it equal those that run the adapted model, and are read from it."""
+    from pecft_jax.backbones.backbone import load_backbone
+    from pecft_jax.methods import create_method
+    from pecft_jax.methods.common import FIXED_FEATURES
+    from pecft_jax.methods.first_session import FirstSession
+    from helpers import task_spec
+    backbone, frozen = load_backbone("random:ViT-Micro/4")
+    method = create_method(name, options, backbone, 6, 2)
+    assert method.features_fixed_after == 0
+    trainable, state = method.init(jax.random.key(0), frozen)
+    # as after task 0: a trained (non-zero) module, its classifier dropped; a non-zero head
+    trainable = FirstSession.finish(jax.tree_util.tree_map(
+        lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape), trainable))
+    state = jax.tree_util.tree_map(
+        lambda x: jnp.abs(jax.random.normal(jax.random.key(2), x.shape)), state)
+    images = jax.random.normal(jax.random.key(3), (5, 16, 16, 1))
+    spec = task_spec(1, ((0, 1, 2), (3, 4, 5)))
+    plain = np.asarray(method.logits(trainable, state, frozen, {"inputs": images}, spec))
+    fixed = method.fixed_features(trainable, frozen, images)
+    assert fixed.shape == (5, method.fixed_feature_dim)
+    cached = np.asarray(method.logits(trainable, state, frozen,
+                                      {"inputs": images, FIXED_FEATURES: fixed}, spec))
+    np.testing.assert_allclose(cached, plain, rtol=1e-5, atol=1e-6)
+    other = np.asarray(method.logits(trainable, state, frozen,
+                                     {"inputs": images, FIXED_FEATURES: fixed[::-1]}, spec))
+    assert np.abs(other - plain).max() > 1e-3  # read from the batch, not recomputed
 
 
 def test_the_cache_feeds_the_steps_and_evaluation_with_the_frozen_query(tmp_path):
@@ -249,11 +297,42 @@ def test_a_cache_too_small_for_the_run_is_off_from_the_start(tmp_path, caplog):
     assert results["accuracy_matrix"] == uncached["accuracy_matrix"]
 
 
+def test_what_does_not_fit_leaves_the_cache_fixed_features_first(tmp_path, caplog):
+    """APER caches two kinds: with room for the frozen queries only, the fixed features
+    are left out for the run (with the size that would hold both), then the queries too."""
+    import logging
+    config = tiny_config("aper", adapter={"bottleneck_dim": 4})
+    trainer = ContinualTrainer(config, str(tmp_path / "probe"))
+    try:
+        assert trainer.cached_kinds == {"query", "fixed"}
+        dim = trainer.backbone.feature_dim
+        tests = sum(task.num_test for task in trainer.scenario.tasks)
+        largest = max(len(task.train_indices) for task in trainer.tasks)
+    finally:
+        trainer.close()
+    queries = (tests + largest) * dim * 4
+    for max_bytes, kinds in [(queries + tests * dim * 4, {"query", "fixed"}),
+                             (queries, {"query"}), (queries - 4, set())]:
+        config.feature_cache.max_bytes = max_bytes
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            trainer = ContinualTrainer(config, str(tmp_path / str(max_bytes)))
+        try:
+            assert trainer.cached_kinds == kinds
+            assert (trainer.feature_cache is None) == (not kinds)
+        finally:
+            trainer.close()
+        assert ("aper's fixed features of every test set" in caplog.text) == (
+            "fixed" not in kinds)
+        if "fixed" not in kinds:  # the size that holds both
+            assert f"raise it to {queries + tests * dim * 4}" in caplog.text
+
+
 def test_methods_without_a_frozen_query_get_no_cache(tmp_path):
     config = tiny_config("finetune", mode="head")
     trainer = ContinualTrainer(config, str(tmp_path))
     try:
-        assert trainer.query_cache is None
+        assert trainer.feature_cache is None
     finally:
         trainer.close()
 

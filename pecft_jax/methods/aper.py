@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from pecft_jax import peft
 from pecft_jax.methods.base import Method, config_field
-from pecft_jax.methods.common import frozen_query
+from pecft_jax.methods.common import cached_fixed_features, frozen_query
 from pecft_jax.methods.first_session import FirstSession
 from pecft_jax.methods.simplecil import class_feature_sums
 from pecft_jax.peft.prompt_pool import cosine_similarity
@@ -46,6 +46,7 @@ VARIANTS = {"finetune": ("full", None), "vpt_shallow": ("prompt", "vpt_shallow")
 class APER(Method):
     name = "aper"
     uses_frozen_query = True  # the pre-trained half of the feature
+    features_fixed_after = 0  # the adapted half: frozen once task 0 ends
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -95,8 +96,13 @@ class APER(Method):
 
     def features(self, trainable, frozen, batch):
         """``[f_pre(x), f_adapted(x)]``: the pre-trained and the adapted [CLS] features."""
-        return jnp.concatenate([frozen_query(self.backbone, frozen, batch),
-                                self.adapted.features(trainable, frozen, batch["inputs"])], -1)
+        adapted = cached_fixed_features(
+            batch, lambda: self.fixed_features(trainable, frozen, batch["inputs"]))
+        return jnp.concatenate([frozen_query(self.backbone, frozen, batch), adapted], -1)
+
+    def fixed_features(self, trainable, frozen, inputs):
+        """The adapted model's [CLS] feature, fixed after task 0."""
+        return self.adapted.features(trainable, frozen, inputs)
 
     def after_task(self, task, trainable, state, frozen, data, rng):
         trainable = FirstSession.finish(trainable)  # frozen from here on

@@ -490,6 +490,12 @@ class Method:
     #: query through :func:`pecft_jax.methods.common.frozen_query`: the loop may then put it
     #: precomputed into the batch (``batch['frozen_query']``) for fixed, un-augmented inputs.
     uses_frozen_query: bool = False
+    #: The task after whose ``after_task`` :meth:`fixed_features` never changes again (no
+    #: later step or pass moves what it reads), or None. RanPAC and APER: 0, their
+    #: first-session adapted feature. The loop may then compute each test set's fixed
+    #: features once and put them into the evaluation batches (``batch['fixed_features']``),
+    #: which ``logits`` reads through :func:`pecft_jax.methods.common.cached_fixed_features`.
+    features_fixed_after: Optional[int] = None
 
     @property
     def predictions_depend_on_batch(self) -> bool:
@@ -606,6 +612,17 @@ class Method:
         masks unseen ones); ``(logits, task_pred)`` when the method ``infers_task``. ``batch``
         may also hold ``'frozen_query'`` (see ``uses_frozen_query``)."""
         raise NotImplementedError
+
+    def fixed_features(self, trainable: dict, frozen: Any, inputs: Any) -> Array:
+        """``(B, fixed_feature_dim)`` features of ``inputs`` that stop changing after task
+        ``features_fixed_after`` (only called for a method that sets it)."""
+        raise NotImplementedError(f"{type(self).__name__} sets features_fixed_after but "
+                                  f"does not define fixed_features")
+
+    @property
+    def fixed_feature_dim(self) -> int:
+        """The width of :meth:`fixed_features` (default: the backbone's feature width)."""
+        return self.backbone.feature_dim
 
     def step_state(self, state: dict) -> dict:
         """The part of ``state`` that the traced ``loss`` / ``update`` / ``logits`` read: the

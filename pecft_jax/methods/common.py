@@ -1,7 +1,7 @@
 """Pieces several methods share (kept once here, not copied per method)."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 
@@ -10,6 +10,9 @@ from pecft_jax.backbones.backbone import Backbone
 #: The batch key under which the loop passes precomputed frozen queries (see
 #: ``Method.uses_frozen_query``).
 FROZEN_QUERY = "frozen_query"
+#: The batch key under which the loop passes a method's precomputed fixed features (see
+#: ``Method.features_fixed_after``).
+FIXED_FEATURES = "fixed_features"
 
 
 def num_examples(inputs) -> int:
@@ -27,6 +30,16 @@ def frozen_query(backbone: Backbone, frozen, batch: Mapping[str, jax.Array]) -> 
     if FROZEN_QUERY in batch:
         return jax.lax.stop_gradient(batch[FROZEN_QUERY])
     return jax.lax.stop_gradient(backbone.apply(frozen, batch["inputs"], output="cls"))
+
+
+def cached_fixed_features(batch: Mapping[str, jax.Array],
+                          compute: Callable[[], jax.Array]) -> jax.Array:
+    """``batch['fixed_features']`` when the loop precomputed the method's fixed features
+    (``Method.features_fixed_after``: the test sets, once the features no longer change),
+    else ``compute()``."""
+    if FIXED_FEATURES in batch:
+        return jax.lax.stop_gradient(batch[FIXED_FEATURES])
+    return compute()
 
 
 def prompted_cls_token(backbone: Backbone, frozen, images: jax.Array, context) -> jax.Array:

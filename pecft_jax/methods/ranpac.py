@@ -38,7 +38,7 @@ import numpy as np
 
 from pecft_jax import compiler, peft
 from pecft_jax.methods.base import Method, TaskSpec, config_field, count_params
-from pecft_jax.methods.common import frozen_query
+from pecft_jax.methods.common import cached_fixed_features, frozen_query
 from pecft_jax.methods.first_session import ADAPTATIONS, FirstSession
 
 Array = jax.Array
@@ -150,6 +150,8 @@ class RanPAC(Method):
                         else FirstSession(kind, getattr(self.config, kind, None), backbone))
         # without a module phase 2 reads the frozen query, which the loop may precompute
         self.uses_frozen_query = self.adapted is None
+        # with one, its feature is fixed once task 0 ends: the loop may cache the test sets'
+        self.features_fixed_after = None if self.adapted is None else 0
         self.width = self.config.M or backbone.feature_dim  # the width of h
 
     # ------------------------------------------------------------------ set-up
@@ -172,10 +174,16 @@ class RanPAC(Method):
     # ------------------------------------------------------------------ phase 1
     def features(self, trainable, frozen, batch) -> Array:
         """The (adapted) backbone's [CLS] token after the final LayerNorm (without a
-        first-session module: the frozen query, which the loop may have precomputed)."""
+        first-session module: the frozen query), each of which the loop may have
+        precomputed."""
         if not self.adapted:
             return frozen_query(self.backbone, frozen, batch)
-        return self.adapted.features(trainable, frozen, batch["inputs"])
+        return cached_fixed_features(
+            batch, lambda: self.fixed_features(trainable, frozen, batch["inputs"]))
+
+    def fixed_features(self, trainable, frozen, inputs) -> Array:
+        """The first-session adapted feature, fixed after task 0."""
+        return self.adapted.features(trainable, frozen, inputs)
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         return self.adapted.loss(self, trainable, frozen, batch, rng, task)

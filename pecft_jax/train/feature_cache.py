@@ -1,56 +1,61 @@
-"""The frozen backbone's query features of fixed examples, computed once.
+"""Features of fixed examples that no longer change in a run, computed once.
 
-L2P, DualPrompt, CODA-Prompt, HiDe-Prompt and S-Prompts match or route on q(x), the frozen
-un-prompted model's [CLS] feature; SimpleCIL and RanPAC (without a first-session module)
-classify it. For an example that is never augmented it is the same in every step of a run,
-so the loop computes it once -- the test sets once per run, a task's training data once per
-task when augmentation is off -- and passes it in the batch (``batch['frozen_query']``, read
-by :func:`pecft_jax.methods.common.frozen_query`) instead of running the backbone again.
+Two kinds, each passed to the steps in the batch instead of running the backbone again:
+
+* ``'query'``: q(x), the frozen un-prompted model's [CLS] feature. L2P, DualPrompt,
+  CODA-Prompt, HiDe-Prompt and S-Prompts match or route on it; SimpleCIL and RanPAC
+  (without a first-session module) classify it; APER classifies it with its adapted half.
+  For an example that is never augmented it is the same in every step of a run, so the
+  loop computes it once -- the test sets once per run, a task's training data once per task
+  when augmentation is off -- as ``batch['frozen_query']`` (read by
+  :func:`pecft_jax.methods.common.frozen_query`).
+* ``'fixed'``: a method's own feature that stops changing after a given task
+  (``Method.features_fixed_after``): RanPAC's and APER's first-session adapted [CLS]
+  feature, frozen after task 0. The test sets' are computed once, at the first evaluation
+  that may use them, as ``batch['fixed_features']`` (read by
+  :func:`pecft_jax.methods.common.cached_fixed_features`); without the cache every evaluation
+  after task t ran the adapted backbone over t + 1 test sets again.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import numpy as np
 
-from pecft_jax import compiler
-from pecft_jax.methods.common import FROZEN_QUERY, frozen_query
 
+class FeatureCache:
+    """Host-side ``(num_examples, D)`` float32 arrays, by name (``'query/test/3'``: task 3's
+    test set's frozen queries; ``'query/train/3'``: its training examples' in task order;
+    ``'fixed/test/3'``: its test set's fixed features), within ``max_bytes`` in all."""
 
-class FrozenQueryCache:
-    """Host-side ``(num_examples, D)`` float32 query arrays, by name (``'test/3'``: task 3's
-    test set; ``'train/3'``: its training examples in task order)."""
-
-    def __init__(self, backbone, frozen, *, shard: Callable[[dict], dict],
-                 gather: Callable[[Any], Any], max_bytes: int):
-        # exactly what a method computes when no cached value is in the batch
-        self._query = compiler.jit(lambda frozen, inputs: frozen_query(backbone, frozen,
-                                                                       {"inputs": inputs}))
-        self._frozen = frozen
+    def __init__(self, *, shard: Callable[[dict], dict], gather: Callable[[Any], Any],
+                 max_bytes: int):
         self._shard = shard
         self._gather = gather
-        self.dim = backbone.feature_dim
         self.max_bytes = int(max_bytes)
         self._arrays: Dict[str, np.ndarray] = {}
 
-    def fits(self, num_examples: int) -> bool:
-        """Whether ``num_examples`` more rows stay within ``max_bytes`` in all."""
+    def fits(self, num_floats: int) -> bool:
+        """Whether ``num_floats`` more float32 values stay within ``max_bytes`` in all."""
         held = sum(a.nbytes for a in self._arrays.values())
-        return held + num_examples * self.dim * 4 <= self.max_bytes
+        return held + num_floats * 4 <= self.max_bytes
 
     def has(self, name: str) -> bool:
         return name in self._arrays
 
-    def get(self, name: str, batches: Callable[[], Iterable[dict]]) -> np.ndarray:
-        """The queries of ``batches()``'s real examples in order (computed on first use)."""
+    def get(self, name: str, compute: Callable[[Any], Any],
+            batches: Callable[[], Iterable[dict]]) -> np.ndarray:
+        """The features of ``batches()``'s real examples in order, ``compute(inputs)`` of
+        each sharded batch (run on first use only)."""
         if name not in self._arrays:
             rows = []
             for local in batches():
                 batch = self._shard({"inputs": local["inputs"], "mask": local["mask"]})
-                query = np.asarray(self._gather(self._query(self._frozen, batch["inputs"])))
-                rows.append(query[np.asarray(self._gather(batch["mask"])) > 0])
+                features = np.asarray(self._gather(compute(batch["inputs"])))
+                rows.append(features[np.asarray(self._gather(batch["mask"])) > 0])
+            # no examples: (0, 0), which :func:`concatenate` leaves out
             self._arrays[name] = (np.concatenate(rows).astype(np.float32, copy=False) if rows
-                                  else np.zeros((0, self.dim), np.float32))
+                                  else np.zeros((0, 0), np.float32))
         return self._arrays[name]
 
     def drop(self, prefix: str) -> None:
@@ -60,10 +65,18 @@ class FrozenQueryCache:
             del self._arrays[name]
 
 
-def with_queries(local: dict, queries: Optional[np.ndarray]) -> dict:
-    """``local`` with the cached query of each of its rows (by ``local['index']``; padding
-    rows, whose positions run past the end, get the last row), or unchanged."""
-    if queries is None:
-        return local
-    rows = np.minimum(local["index"], len(queries) - 1)
-    return dict(local, **{FROZEN_QUERY: queries[rows]})
+def concatenate(parts: Iterable[np.ndarray]) -> np.ndarray:
+    """The cached arrays of consecutive parts of a stream as one (empty parts left out)."""
+    parts = [part for part in parts if len(part)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def with_cached(local: dict, arrays: Mapping[str, Optional[np.ndarray]]) -> dict:
+    """``local`` with, under each key of ``arrays`` that is not None, the cached row of each
+    of its examples (by ``local['index']``; padding rows, whose positions run past the end,
+    get the last row)."""
+    out = local
+    for key, rows in arrays.items():
+        if rows is not None:
+            out = dict(out, **{key: rows[np.minimum(local["index"], len(rows) - 1)]})
+    return out

@@ -44,7 +44,7 @@ from pecft_jax.configs import (HASHED_ONLY_WHEN_SET, SCHEDULES, check_run_config
 from pecft_jax.files import write_json_atomic, write_text_atomic
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
 from pecft_jax.methods.base import count_params, merge_state
-from pecft_jax.methods.common import FROZEN_QUERY
+from pecft_jax.methods.common import FIXED_FEATURES, FROZEN_QUERY, frozen_query
 from pecft_jax.methods.statistics import (coda_cosine_schedule, cosine_epoch_schedule,
                                          multistep_epoch_schedule, timm_cosine_schedule,
                                          warmup_cosine_schedule)
@@ -52,7 +52,7 @@ from pecft_jax.train import compilation
 from pecft_jax.train import mesh as mesh_lib
 from pecft_jax.train import partition
 from pecft_jax.train.checkpoint import Checkpointer, CheckpointMismatch
-from pecft_jax.train.feature_cache import FrozenQueryCache, with_queries
+from pecft_jax.train.feature_cache import FeatureCache, concatenate, with_cached
 from pecft_jax.train.logging_utils import MetricWriter, progress
 
 log = logging.getLogger("pecft_jax")
@@ -213,25 +213,12 @@ class ContinualTrainer:
         self.pass_read_options = dataclasses.replace(self.read_options, processes=0)
         self.train_preprocess = self._preprocess(augment=True)
         self.eval_preprocess = self._preprocess(augment=False)
-        cache_cfg = config.get("feature_cache", ml_collections.ConfigDict())
-        self.query_cache = (
-            FrozenQueryCache(self.backbone, self.frozen,
-                             shard=lambda local: mesh_lib.shard_batch(local, self.mesh),
-                             gather=self._gather,
-                             max_bytes=cache_cfg.get("max_bytes", 2 ** 31))
-            if self.method.uses_frozen_query and cache_cfg.get("enabled", True) else None)
-        if self.query_cache is not None:
-            # decided once for the run: a cache that filled up part-way would change the
-            # steps' inputs (with, then without the query) and compile them a second time
-            most = (sum(task.num_test for task in self.scenario.tasks)
-                    + max(len(task.train_indices) for task in self.tasks))
-            if not self.query_cache.fits(most):
-                log.warning("feature_cache is off for this run: the frozen queries of every "
-                            "test set and of the largest task's training data (%d examples "
-                            "x %d floats) would pass feature_cache.max_bytes=%d; raise it to "
-                            "%d to cache them", most, self.query_cache.dim,
-                            self.query_cache.max_bytes, most * self.query_cache.dim * 4)
-                self.query_cache = None
+        self.feature_cache, self.cached_kinds = self._plan_feature_cache(
+            config.get("feature_cache", ml_collections.ConfigDict()))
+        # exactly what the method computes when no cached value is in the batch
+        self._query_features = compiler.jit(
+            lambda frozen, inputs: frozen_query(self.backbone, frozen, {"inputs": inputs}))
+        self._fixed_features = compiler.jit(self.method.fixed_features)
         self.trace_counts: Dict[str, int] = {}
         self._compiled: Dict[tuple, Callable] = {}  # jitted steps, reused across tasks
         self._task_data_compiled: Dict[tuple, Callable] = {}  # the methods' TaskData passes
@@ -327,8 +314,8 @@ class ContinualTrainer:
                 f"task {t} (0-based) ended with non-finite values in {bad[:3]} after its "
                 f"after_task; nothing of it was checkpointed (the last checkpoint stays the "
                 f"last good one). Check the method's statistics and hyper-parameters.")
-        if self.query_cache is not None:
-            self.query_cache.drop(f"train/{task.index}")
+        if self.feature_cache is not None:
+            self.feature_cache.drop(f"query/train/{task.index}")
         run.seconds_per_task.append(time.time() - run.task_started)
         self.record(run, t, self.evaluate(run, t, future=self.future_tasks))
         self.checkpointer.save(task_end=True, step=t, trainable=run.trainable, state=run.state,
@@ -428,7 +415,8 @@ class ContinualTrainer:
             step)
         try:
             for local in batch_iterator:
-                batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
+                batch = mesh_lib.shard_batch(with_cached(local, {FROZEN_QUERY: queries}),
+                                             self.mesh)
                 trainable, state, opt_state, metrics, health = train_step(
                     trainable, state, opt_state, self.frozen, batch, rng, np.int32(step), task_arg,
                     health)
@@ -632,10 +620,13 @@ class ContinualTrainer:
                   else [eval_tasks])
         logits, labels, task_pred = [], [], []
         for group in groups:
-            queries = self.test_queries(group) if split == "test" else None
+            cached = ({FROZEN_QUERY: self.test_queries(group),
+                       FIXED_FEATURES: self.test_fixed_features(group, t, trainable)}
+                      if split == "test" else {})
             for local in self._fixed_batches([data(task) for task in group]):
-                batch = mesh_lib.shard_batch(with_queries(local, queries), self.mesh)
-                inputs = {k: batch[k] for k in ("inputs", "mask", FROZEN_QUERY) if k in batch}
+                batch = mesh_lib.shard_batch(with_cached(local, cached), self.mesh)
+                inputs = {k: batch[k] for k in ("inputs", "mask", FROZEN_QUERY, FIXED_FEATURES)
+                          if k in batch}
                 out = self._gather(eval_step(trainable, state, self.frozen, inputs, task_arg))
                 keep = np.asarray(self._gather(batch["mask"])) > 0
                 logits.append(out["logits"][keep])
@@ -804,7 +795,8 @@ class ContinualTrainer:
         """The task's training examples, un-augmented, for the methods' passes (with their
         cached frozen queries, if ``queries``)."""
         def batches():
-            return (with_queries(local, queries) for local in self._train_examples(task))
+            return (with_cached(local, {FROZEN_QUERY: queries})
+                    for local in self._train_examples(task))
 
         def augmented_batches():  # no cached queries: the images differ from the cached ones
             return loader.read(pipeline.StreamBatches(
@@ -839,30 +831,85 @@ class ContinualTrainer:
             preprocess=self.eval_preprocess, process_index=jax.process_index(),
             process_count=jax.process_count()), self.pass_read_options)
 
-    # ================================================================= frozen queries
+    # ================================================================= cached features
+    def _plan_feature_cache(self, cache_cfg) -> Tuple[Optional[FeatureCache], frozenset]:
+        """The run's feature cache and the kinds it holds (``'query'``, ``'fixed'``; see
+        :mod:`pecft_jax.train.feature_cache`), decided once for the run: a cache that filled
+        up part-way would change the steps' inputs (with, then without the cached features)
+        and compile them a second time. What does not fit ``max_bytes`` is left out from the
+        start, the fixed features first (they only save evaluations), with a warning."""
+        if not cache_cfg.get("enabled", True):
+            return None, frozenset()
+        cache = FeatureCache(shard=lambda local: mesh_lib.shard_batch(local, self.mesh),
+                             gather=self._gather, max_bytes=cache_cfg.get("max_bytes", 2 ** 31))
+        tests = sum(task.num_test for task in self.scenario.tasks)
+        floats = {}  # kind -> (rows, width)
+        if self.method.uses_frozen_query:
+            largest = max(len(task.train_indices) for task in self.tasks)
+            floats["query"] = (tests + largest, self.backbone.feature_dim)
+        if self.method.features_fixed_after is not None:
+            floats["fixed"] = (tests, self.method.fixed_feature_dim)
+        about = {"query": "the frozen queries of every test set and of the largest task's "
+                          "training data",
+                 "fixed": f"{self.method.name}'s fixed features of every test set"}
+        kinds = set(floats)
+        for kind in ("fixed", "query"):
+            total = sum(rows * width for rows, width in (floats[k] for k in kinds))
+            if kind not in kinds or cache.fits(total):
+                continue
+            rows, width = floats[kind]
+            log.warning("feature_cache is off for this run for %s (%d examples x %d floats): "
+                        "with the rest they would pass feature_cache.max_bytes=%d; raise it "
+                        "to %d to cache them", about[kind], rows, width, cache.max_bytes,
+                        total * 4)
+            kinds.discard(kind)
+        return (cache if kinds else None), frozenset(kinds)
+
     def training_queries(self, task: scenarios.Task, epochs: int) -> Optional[np.ndarray]:
         """The frozen queries of the task's training examples when caching them is exact
         (no augmentation) and pays (two epochs or more: each epoch would recompute them)."""
-        if (self.query_cache is None or self.train_preprocess.augment or epochs < 2
-                or not self.query_cache.fits(len(task.train_indices))):
+        if ("query" not in self.cached_kinds or self.train_preprocess.augment or epochs < 2
+                or not self.feature_cache.fits(len(task.train_indices)
+                                               * self.backbone.feature_dim)):
             return None
-        return self.query_cache.get(f"train/{task.index}", lambda: self._train_examples(task))
+        return self.feature_cache.get(
+            f"query/train/{task.index}", lambda inputs: self._query_features(self.frozen, inputs),
+            lambda: self._train_examples(task))
 
     def test_queries(self, eval_tasks: List[scenarios.Task]) -> Optional[np.ndarray]:
         """The frozen queries of the test sets of ``eval_tasks`` in order, computed once per
         run for each task (None: the method does not use them, or they do not fit)."""
-        if self.query_cache is None:
+        if "query" not in self.cached_kinds:
             return None
+        return self._cached_test_features(
+            "query", eval_tasks, self.backbone.feature_dim,
+            lambda inputs: self._query_features(self.frozen, inputs))
+
+    def test_fixed_features(self, eval_tasks: List[scenarios.Task], t: int,
+                            trainable) -> Optional[np.ndarray]:
+        """The method's fixed features (``Method.features_fixed_after``) of the test sets of
+        ``eval_tasks`` in order, for an evaluation after task ``t`` with ``trainable`` (on
+        the devices): computed at the first evaluation after the features are fixed, then
+        read (None: the method has none, they are not fixed yet, or they do not fit)."""
+        after = self.method.features_fixed_after
+        if "fixed" not in self.cached_kinds or t < after:
+            return None
+        return self._cached_test_features(
+            "fixed", eval_tasks, self.method.fixed_feature_dim,
+            lambda inputs: self._fixed_features(trainable, self.frozen, inputs))
+
+    def _cached_test_features(self, kind: str, eval_tasks: List[scenarios.Task], width: int,
+                              compute: Callable) -> Optional[np.ndarray]:
         parts = []
         for task in eval_tasks:
-            name = f"test/{task.index}"
-            if not (self.query_cache.has(name) or self.query_cache.fits(task.num_test)):
+            name = f"{kind}/test/{task.index}"
+            if not (self.feature_cache.has(name)
+                    or self.feature_cache.fits(task.num_test * width)):
                 return None
-
-            parts.append(self.query_cache.get(
-                name, lambda task=task: self._fixed_batches([(task.test_source,
-                                                              task.test_indices)])))
-        return np.concatenate(parts)
+            parts.append(self.feature_cache.get(
+                name, compute, lambda task=task: self._fixed_batches([(task.test_source,
+                                                                       task.test_indices)])))
+        return concatenate(parts)
 
     def _gather(self, tree: Any) -> Any:
         """Global (sharded or replicated) arrays -> numpy on this host, in mesh order."""
