@@ -297,6 +297,49 @@ def test_a_cache_too_small_for_the_run_is_off_from_the_start(tmp_path, caplog):
     assert results["accuracy_matrix"] == uncached["accuracy_matrix"]
 
 
+def test_evaluation_from_cached_features_reads_each_test_image_once(tmp_path, monkeypatch):
+    """SimpleCIL's logits read only the frozen query: once each test set's is cached, the
+    evaluations after later tasks read labels, not images (without the cache, the test
+    images of tasks 0..t were decoded again after every task t)."""
+    read = {"train": 0, "test": 0}
+    real = pipeline.prepare_inputs
+
+    def prepare_inputs(source, indices, *args, **kwargs):
+        read[source.split] += len(indices)
+        return real(source, indices, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "prepare_inputs", prepare_inputs)
+    cached = _run(tmp_path, "cached", "simplecil", epochs=1)
+    config = tiny_config("simplecil")
+    trainer = ContinualTrainer(config, str(tmp_path / "probe"))
+    tests = [task.num_test for task in trainer.scenario.tasks]
+    trainer.close()
+    padded = lambda n: -(-n // config.eval.batch_size) * config.eval.batch_size  # noqa: E731
+    # each test image once (a stream of its own, padded to the batch), for its query
+    assert read["test"] == sum(padded(n) for n in tests)
+    read["test"] = 0
+    uncached = _run(tmp_path, "uncached", "simplecil", cache=False, epochs=1)
+    # after task t, one stream over the test sets of tasks 0..t
+    assert read["test"] == sum(padded(sum(tests[:t + 1])) for t in range(len(tests)))
+    assert cached["accuracy_matrix"] == uncached["accuracy_matrix"]
+    assert cached["compilation"]["traces"] == {"eval_step": 1}
+
+
+@pytest.mark.parametrize("method, reads", [("l2p", True), ("simplecil", False)])
+def test_whether_the_logits_read_the_images_is_found_by_tracing(tmp_path, method, reads):
+    """L2P's prompted forward needs the images besides the cached query; SimpleCIL does
+    not."""
+    trainer = ContinualTrainer(tiny_config(method), str(tmp_path))
+    try:
+        run, _ = trainer.restore_or_init()
+        spec = trainer.task_spec(0)
+        cached = {FROZEN_QUERY: np.zeros((10, trainer.backbone.feature_dim), np.float32)}
+        state = trainer.method.step_state(run.state)
+        assert trainer._logits_read_inputs(run.trainable, state, trainer.traced_task(spec),
+                                           cached) is reads
+    finally:
+        trainer.close()
+
+
 def test_what_does_not_fit_leaves_the_cache_fixed_features_first(tmp_path, caplog):
     """APER caches two kinds: with room for the frozen queries only, the fixed features
     are left out for the run (with the size that would hold both), then the queries too."""

@@ -586,13 +586,15 @@ class StreamBatches:
 
     Items: ``{'inputs': float32 (b, S, S, C) or the token arrays, 'label': int32 (b,),
     'mask': float32 (b,), 'index': int32 (b,)}``; ``index`` is the example's position in the
-    stream (part 0's examples first); padding rows carry positions past the end.
+    stream (part 0's examples first); padding rows carry positions past the end. Without
+    ``read_inputs`` the items have no ``'inputs'`` and nothing is decoded: the labels are in
+    memory (an evaluation from cached features needs nothing else).
     """
 
     def __init__(self, parts: Sequence[Tuple[LabelledSource, np.ndarray]],
                  label_map: np.ndarray, *, batch_size: int, preprocess: Any,
                  process_index: int = 0, process_count: int = 1,
-                 augment_seed: int | None = None):
+                 augment_seed: int | None = None, read_inputs: bool = True):
         self.mine = _host_slice(batch_size, process_index, process_count)
         self.parts = [(source, _as_indices(indices)) for source, indices in parts]
         self.labels = np.concatenate([_mapped_labels(source, indices, label_map)
@@ -601,6 +603,7 @@ class StreamBatches:
         self.starts = np.cumsum([0] + [len(indices) for _, indices in self.parts])
         self.total = int(self.starts[-1])
         self.batch_size, self.augment_seed = int(batch_size), augment_seed
+        self.read_inputs = read_inputs
         if augment_seed is None:
             preprocess = dataclasses.replace(preprocess, augment=False)
         self.preprocess = preprocess
@@ -631,9 +634,11 @@ class StreamBatches:
         augmentation = (_augmentation(self.preprocess, self.batch_size, self.mine,
                                       (_PASS_AUGMENT_STREAM, self.augment_seed, start))
                         if self.augment_seed is not None else (None, None, None, None))
-        return {"inputs": self._read(positions, augmentation),  # ascending: padding is last
-                "label": self.labels[positions], "mask": mask[self.mine],
-                "index": order[self.mine].astype(np.int32)}
+        batch = {"label": self.labels[positions], "mask": mask[self.mine],
+                 "index": order[self.mine].astype(np.int32)}
+        if self.read_inputs:  # ascending positions: padding is last
+            batch["inputs"] = self._read(positions, augmentation)
+        return batch
 
 
 def eval_stream(parts: Sequence[Tuple[LabelledSource, np.ndarray]], label_map: np.ndarray, *,

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -222,6 +222,7 @@ class ContinualTrainer:
         self.trace_counts: Dict[str, int] = {}
         self._compiled: Dict[tuple, Callable] = {}  # jitted steps, reused across tasks
         self._task_data_compiled: Dict[tuple, Callable] = {}  # the methods' TaskData passes
+        self._reads_inputs: Dict[tuple, bool] = {}  # see _logits_read_inputs
         self.config_hash = config_hash(config)
         self.base_rng = jax.random.key(config.seed)
         self.writer = MetricWriter(workdir, enabled=self.logs_metrics,
@@ -623,7 +624,11 @@ class ContinualTrainer:
             cached = ({FROZEN_QUERY: self.test_queries(group),
                        FIXED_FEATURES: self.test_fixed_features(group, t, trainable)}
                       if split == "test" else {})
-            for local in self._fixed_batches([data(task) for task in group]):
+            cached = {key: rows for key, rows in cached.items() if rows is not None}
+            # from cached features alone (SimpleCIL, RanPAC, APER), the images are not read
+            read_inputs = not cached or self._logits_read_inputs(trainable, state, task_arg,
+                                                                 cached)
+            for local in self._fixed_batches([data(task) for task in group], read_inputs):
                 batch = mesh_lib.shard_batch(with_cached(local, cached), self.mesh)
                 inputs = {k: batch[k] for k in ("inputs", "mask", FROZEN_QUERY, FIXED_FEATURES)
                           if k in batch}
@@ -673,6 +678,32 @@ class ContinualTrainer:
                 "label": order[labels_np], "prediction": order[predicted],
                 "seen_classes": order[np.asarray(seen)], "logits": logits_np[:, seen]}
         return row
+
+    def _logits_read_inputs(self, trainable, state, task, cached: Mapping[str, np.ndarray]
+                            ) -> bool:
+        """Whether ``method.logits`` reads ``batch['inputs']`` when the batch holds the
+        ``cached`` features: found once per set of cached kinds by tracing it on shapes
+        alone (``jax.eval_shape``) without the inputs -- a method that needs them raises
+        KeyError('inputs') there, before anything compiles."""
+        kinds = tuple(sorted(cached))
+        if kinds not in self._reads_inputs:
+            rows = self.eval_batch_size
+            batch = {"mask": jax.ShapeDtypeStruct((rows,), jnp.float32),
+                     **{key: jax.ShapeDtypeStruct((rows,) + cached[key].shape[1:], jnp.float32)
+                        for key in kinds}}
+            method = self.method
+            if method.static_task:  # a concrete spec, as the eval step's static argument
+                logits, task_args = (lambda *args: method.logits(*args, task)), ()
+            else:
+                logits, task_args = method.logits, (task,)
+            try:
+                jax.eval_shape(logits, trainable, state, self.frozen, batch, *task_args)
+                self._reads_inputs[kinds] = False
+            except KeyError as error:
+                if error.args != ("inputs",):
+                    raise
+                self._reads_inputs[kinds] = True
+        return self._reads_inputs[kinds]
 
     def compiled_eval_step(self, spec: TaskSpec) -> Callable:
         """The jitted ``method.logits``, one for the run unless the method is
@@ -823,13 +854,15 @@ class ContinualTrainer:
     def _train_examples(self, task: scenarios.Task):
         return self._fixed_batches([(task.train_source, task.train_indices)])
 
-    def _fixed_batches(self, parts):
+    def _fixed_batches(self, parts, read_inputs: bool = True):
         """This host's slice of un-augmented eval-size batches over ``(source, indices)``
-        parts, in order (evaluation, the TaskData passes, the query cache)."""
+        parts, in order (evaluation, the TaskData passes, the query cache); without
+        ``read_inputs``, labels, masks and positions only."""
         return loader.read(pipeline.StreamBatches(
             parts, self.label_map, batch_size=self.eval_batch_size,
             preprocess=self.eval_preprocess, process_index=jax.process_index(),
-            process_count=jax.process_count()), self.pass_read_options)
+            process_count=jax.process_count(), read_inputs=read_inputs),
+            self.pass_read_options)
 
     # ================================================================= cached features
     def _plan_feature_cache(self, cache_cfg) -> Tuple[Optional[FeatureCache], frozenset]:
