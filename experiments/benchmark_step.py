@@ -653,10 +653,10 @@ def main():
     if args.mode == "step" and args.host_devices is None:
         args.host_devices = 0
     if args.mode == "step" and args.method in STATISTICS_PASS and args.host_devices > 1:
-        raise SystemExit(f"--host-devices {args.host_devices}: {args.method}'s statistics "
-                         f"pass keeps a carry per device in the loop (TaskData.reduce), which "
-                         f"this script does not reproduce; time its demo instead (--mode "
-                         f"demo) or leave --host-devices at 0")
+        parser.error(f"--host-devices {args.host_devices}: {args.method}'s statistics "
+                     f"pass keeps a carry per device in the loop (TaskData.reduce), which "
+                     f"this script does not reproduce; time its demo instead (--mode demo) "
+                     f"or leave --host-devices at 0")
     if args.worker:
         if args.worker == "torch":
             result = torch_worker(args)

@@ -519,6 +519,7 @@ def test_benchmark_script_refuses_counts_below_one_before_anything_runs(
     (["--mode", "demo", "--method", "l2p", "--arch", "ViT-B/16"], "the demo's own backbone"),
     (["--mode", "demo", "--method", "l2p", "--batch-size", "8"], "the demo's own backbone"),
     (["--mode", "demo", "--method", "simplecil"], "statistics passes"),
+    (["--method", "ranpac", "--host-devices", "2"], "keeps a carry per device"),
 ])
 def test_benchmark_script_refuses_what_it_cannot_time(argv, message, monkeypatch, capsys):
     bench = _benchmark_script()
