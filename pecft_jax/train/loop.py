@@ -682,11 +682,13 @@ class ContinualTrainer:
     def _logits_read_inputs(self, trainable, state, task, cached: Mapping[str, np.ndarray]
                             ) -> bool:
         """Whether ``method.logits`` reads ``batch['inputs']`` when the batch holds the
-        ``cached`` features: found once per set of cached kinds by tracing it on shapes
-        alone (``jax.eval_shape``) without the inputs -- a method that needs them raises
-        KeyError('inputs') there, before anything compiles."""
+        ``cached`` features: found once per set of cached kinds (and per task for a
+        ``static_task`` method) by tracing it on shapes alone (``jax.eval_shape``) without
+        the inputs -- a method that needs them raises KeyError('inputs') there, before
+        anything compiles."""
         kinds = tuple(sorted(cached))
-        if kinds not in self._reads_inputs:
+        memo = (kinds, task if self.method.static_task else None)
+        if memo not in self._reads_inputs:
             rows = self.eval_batch_size
             batch = {"mask": jax.ShapeDtypeStruct((rows,), jnp.float32),
                      **{key: jax.ShapeDtypeStruct((rows,) + cached[key].shape[1:], jnp.float32)
@@ -698,12 +700,12 @@ class ContinualTrainer:
                 logits, task_args = method.logits, (task,)
             try:
                 jax.eval_shape(logits, trainable, state, self.frozen, batch, *task_args)
-                self._reads_inputs[kinds] = False
+                self._reads_inputs[memo] = False
             except KeyError as error:
                 if error.args != ("inputs",):
                     raise
-                self._reads_inputs[kinds] = True
-        return self._reads_inputs[kinds]
+                self._reads_inputs[memo] = True
+        return self._reads_inputs[memo]
 
     def compiled_eval_step(self, spec: TaskSpec) -> Callable:
         """The jitted ``method.logits``, one for the run unless the method is
