@@ -324,11 +324,14 @@ def test_evaluation_from_cached_features_reads_each_test_image_once(tmp_path, mo
     assert cached["compilation"]["traces"] == {"eval_step": 1}
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("method, reads", [("l2p", True), ("simplecil", False)])
-def test_whether_the_logits_read_the_images_is_found_by_tracing(tmp_path, method, reads):
+def test_whether_the_logits_read_the_images_is_found_by_tracing(tmp_path, method, reads,
+                                                                static):
     """L2P's prompted forward needs the images besides the cached query; SimpleCIL does
-    not."""
+    not. Also for a method that takes the task as a static argument (a concrete spec)."""
     trainer = ContinualTrainer(tiny_config(method), str(tmp_path))
+    trainer.method.static_task = static
     try:
         run, _ = trainer.restore_or_init()
         spec = trainer.task_spec(0)
