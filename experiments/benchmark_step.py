@@ -23,14 +23,17 @@ project's 2-core VM the default, the core count, gives both the same). ``--host-
 splits the host into two XLA devices with the batch sharded over them, as
 ``--config.host_devices=2`` does in a run (PyTorch keeps its ``--threads`` intra-op
 threads). SimpleCIL and RanPAC time their statistics pass over a batch instead (RanPAC's
-phase 2 on the frozen backbone: ``h = ReLU(f W)``, ``G += h^T h``, ``Q += h^T y``).
+phase 2 on the frozen backbone: ``h = ReLU(f W)``, ``G += h^T h``, ``Q += h^T y``); APER
+times its first session's step (AdaptFormer adapters in every block and the cosine
+classifier, the ``adapter`` variant; RanPAC's first session is the same step).
 CODA-Prompt's JAX step weighs all M components (those of later tasks masked to 0, so one
 program serves every task); the PyTorch port, like the official code, only those of tasks
 0..t -- on task 0 that is 1/T of them.
 
 ``--mode demo`` times the demo end to end (``python -m pecft_jax.run`` on the method's
 default config -- Split MNIST, S-Prompts' Domain MNIST; any method with a demo config, alone
-with ``--variants jax`` where this script has no PyTorch port of its step -- with
+with ``--variants jax`` where this script has no PyTorch port of its step or the demo is
+mostly statistics passes (SimpleCIL, RanPAC, APER) -- with
 an empty compilation cache, so compilation is counted) against the PyTorch-eager step loop
 it replaces: the demo's number of training steps times the PyTorch step at the demo's
 shapes (evaluation and data loading not included on the PyTorch side, so the comparison
@@ -56,7 +59,7 @@ from typing import Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the methods whose step this script ports to PyTorch (--mode step times only these)
 METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "s_prompts", "simplecil",
-           "ranpac", "finetune")
+           "ranpac", "finetune", "aper")
 # every method with a demo config: --mode demo times any demo (alone, --variants jax, when
 # the script has no PyTorch port of its step)
 DEMO_METHODS = tuple(sorted(name[:-3] for name in os.listdir(
@@ -67,6 +70,9 @@ DEMO_ARCH, DEMO_BATCH = "ViT-Demo/7", 64  # the image demos' backbone and batch
 QUERY_IN_STEP = ("l2p", "dualprompt", "coda_prompt")
 # methods without a gradient step: their per-task work, and what is timed, is a statistics pass
 STATISTICS_PASS = ("simplecil", "ranpac")
+# methods whose demo is mostly statistics passes: a PyTorch loop of their gradient steps
+# (none, or the first task's only: 36 of APER's demo) leaves most of it out
+MOSTLY_PASSES = STATISTICS_PASS + ("aper",)
 NUM_CLASSES, NUM_TASKS = 100, 10
 LEARNING_RATE = 1e-3
 
@@ -286,7 +292,7 @@ def torch_worker(args) -> Dict[str, float]:
             self.qkv, self.proj = tnn.Linear(d, 3 * d), tnn.Linear(d, d)
             self.fc1, self.fc2 = tnn.Linear(d, cfg.mlp_dim), tnn.Linear(cfg.mlp_dim, d)
 
-        def forward(self, x, prefix=None):
+        def forward(self, x, prefix=None, adapter=None):
             b, n, _ = x.shape
             q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, heads, d // heads).permute(
                 2, 0, 3, 1, 4)
@@ -296,7 +302,11 @@ def torch_worker(args) -> Dict[str, float]:
                 k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
             att = F.scaled_dot_product_attention(q, k, v)
             x = x + self.proj(att.transpose(1, 2).reshape(b, n, d))
-            return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+            h = self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+            if adapter is not None:  # AdaptFormer: beside the MLP, from the residual stream
+                down, up, scale, dropout = adapter
+                h = h + scale * up(F.dropout(F.relu(down(x)), dropout, training=True))
+            return x + h
 
     class ViT(tnn.Module):
         def __init__(self):
@@ -307,13 +317,13 @@ def torch_worker(args) -> Dict[str, float]:
             self.blocks = tnn.ModuleList(Block() for _ in range(cfg.num_layers))
             self.norm = tnn.LayerNorm(d, eps=1e-6)
 
-        def forward(self, images, prompts=None, prefixes=None):
+        def forward(self, images, prompts=None, prefixes=None, adapters=None):
             x = self.patch(images).flatten(2).transpose(1, 2)
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
             if prompts is not None:
                 x = torch.cat([x[:, :1], prompts, x[:, 1:]], 1)
             for i, blk in enumerate(self.blocks):
-                x = blk(x, (prefixes or {}).get(i))
+                x = blk(x, (prefixes or {}).get(i), (adapters or {}).get(i))
             return self.norm(x)
 
     model = ViT().requires_grad_(False)
@@ -404,6 +414,23 @@ def torch_worker(args) -> Dict[str, float]:
             feature = model(images, prompts=prompt.expand(len(images), -1, -1))[:, 0]
             decay = 0.5 * c.first_weight_decay * sum(p.square().sum() for p in params)
             return F.cross_entropy(head(feature) + mask, labels) + decay
+    elif method.name == "aper":  # its first session (RanPAC's, with an adapter, alike)
+        if c.variant != "adapter":
+            raise SystemExit("the PyTorch port covers aper variant 'adapter' only")
+        a = c.adapter
+        adapters = {}
+        for i in range(cfg.num_layers):  # up starts at zero, as the library's
+            down, up = tnn.Linear(d, a.bottleneck_dim), tnn.Linear(a.bottleneck_dim, d)
+            tnn.init.zeros_(up.weight), tnn.init.zeros_(up.bias)
+            adapters[i] = (down, up, a.scale, a.dropout)
+        kernel = tnn.Parameter(torch.empty(NUM_CLASSES, d).uniform_(-d ** -0.5, d ** -0.5))
+        sigma = tnn.Parameter(torch.ones(()))
+        params = [p for down, up, _, _ in adapters.values()
+                  for p in (*down.parameters(), *up.parameters())] + [kernel, sigma]
+
+        def loss_fn():  # the adapted [CLS] feature, the cosine classifier sigma * cos(f, w)
+            feature = model(images, adapters=adapters)[:, 0]
+            return F.cross_entropy(sigma * cosine(feature, kernel) + mask, labels)
     elif method.name in STATISTICS_PASS:
         width = method.width if method.name == "ranpac" else d
         w_rand = torch.randn(d, width) if method.name == "ranpac" and c.M else None
@@ -646,7 +673,7 @@ def main():
             parser.error(f"--mode demo runs the demo's own backbone and batch ({DEMO_ARCH}, "
                          f"{DEMO_BATCH}); leave --arch and --batch-size out, or time a step "
                          f"of those with --mode step")
-        if args.method in STATISTICS_PASS and torch_wanted:
+        if args.method in MOSTLY_PASSES and torch_wanted:
             parser.error(f"--mode demo compares a demo with a PyTorch loop of its gradient "
                          f"steps; {args.method}'s demo is (mostly) statistics passes: time "
                          f"those with --mode step, or its demo alone with --variants jax")
