@@ -59,7 +59,7 @@ from typing import Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the methods whose step this script ports to PyTorch (--mode step times only these)
 METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "s_prompts", "simplecil",
-           "ranpac", "finetune", "aper")
+           "ranpac", "finetune", "aper", "slca")
 # every method with a demo config: --mode demo times any demo (alone, --variants jax, when
 # the script has no PyTorch port of its step)
 DEMO_METHODS = tuple(sorted(name[:-3] for name in os.listdir(
@@ -398,8 +398,8 @@ def torch_worker(args) -> Dict[str, float]:
             contrastive = (torch.logsumexp(sim, 1) - sim.diagonal()).mean()
             return (F.cross_entropy(head(feature) + mask, labels)
                     + c.contrastive_weight * contrastive)
-    elif method.name == "finetune":
-        if c.mode != "full":
+    elif method.name in ("finetune", "slca"):  # SLCA's slow learner only scales the rates
+        if method.name == "finetune" and c.mode != "full":
             raise SystemExit("the PyTorch port covers finetune mode 'full' only")
         model.requires_grad_(True)
         params = [*model.parameters(), *head.parameters()]
