@@ -28,7 +28,9 @@ times its first session's step (AdaptFormer adapters in every block and the cosi
 classifier, the ``adapter`` variant; RanPAC's first session is the same step).
 CODA-Prompt's JAX step weighs all M components (those of later tasks masked to 0, so one
 program serves every task); the PyTorch port, like the official code, only those of tasks
-0..t -- on task 0 that is 1/T of them.
+0..t -- on task 0 that is 1/T of them. InfLoRA's JAX step likewise carries every task's
+LoRA branch (stacked along the rank, later ones zero); the port, task 0's only, as the
+official forward forms it (``B_0 A_0``, a D x D weight at key and value).
 
 ``--mode demo`` times the demo end to end (``python -m pecft_jax.run`` on the method's
 default config -- Split MNIST, S-Prompts' Domain MNIST; any method with a demo config, alone
@@ -59,7 +61,7 @@ from typing import Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the methods whose step this script ports to PyTorch (--mode step times only these)
 METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "s_prompts", "simplecil",
-           "ranpac", "finetune", "aper", "slca")
+           "ranpac", "finetune", "aper", "slca", "inflora")
 # every method with a demo config: --mode demo times any demo (alone, --variants jax, when
 # the script has no PyTorch port of its step)
 DEMO_METHODS = tuple(sorted(name[:-3] for name in os.listdir(
@@ -174,7 +176,7 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     import optax
     from pecft_jax import compiler
     from pecft_jax.backbones import vit
-    from pecft_jax.methods import TaskSpec
+    from pecft_jax.methods import TaskData, TaskSpec
     from pecft_jax.methods.common import FROZEN_QUERY, frozen_query
     from pecft_jax.train import mesh as mesh_lib
     from pecft_jax.train import partition
@@ -191,13 +193,17 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     frozen = jax.jit(lambda key: vit.init_params(cfg, key))(jax.random.key(0))
     trainable, state = jax.jit(method.init)(jax.random.key(1), frozen)
     spec = TaskSpec(0, NUM_CLASSES, task_classes())
-    trainable, state = method.before_task(spec, trainable, state, frozen, None,
+    images, labels = inputs(cfg, args.batch_size)
+    local = {"inputs": images, "label": labels, "mask": np.ones(args.batch_size, np.float32),
+             "index": np.arange(args.batch_size, dtype=np.int32)}
+    # the timed batch as the task's data (InfLoRA designs its down-projections from it)
+    data = TaskData(lambda: iter([local]), args.batch_size,
+                    shard=lambda b: mesh_lib.shard_batch(b, mesh), gather=mesh_lib.to_host,
+                    replicated=mesh_lib.replicated(mesh))
+    trainable, state = method.before_task(spec, trainable, state, frozen, data,
                                           jax.random.key(2))
     frozen, trainable, state = mesh_lib.replicate((frozen, trainable, state), mesh)
-    images, labels = inputs(cfg, args.batch_size)
-    batch = mesh_lib.shard_batch({"inputs": images, "label": labels,
-                                  "mask": np.ones(args.batch_size, np.float32),
-                                  "index": np.arange(args.batch_size, dtype=np.int32)}, mesh)
+    batch = mesh_lib.shard_batch(local, mesh)
     if cached:
         query = compiler.jit(lambda f, x: frozen_query(method.backbone, f, {"inputs": x}))
         batch[FROZEN_QUERY] = query(frozen, batch["inputs"])
@@ -292,10 +298,14 @@ def torch_worker(args) -> Dict[str, float]:
             self.qkv, self.proj = tnn.Linear(d, 3 * d), tnn.Linear(d, d)
             self.fc1, self.fc2 = tnn.Linear(d, cfg.mlp_dim), tnn.Linear(cfg.mlp_dim, d)
 
-        def forward(self, x, prefix=None, adapter=None):
+        def forward(self, x, prefix=None, adapter=None, lora=None):
             b, n, _ = x.shape
-            q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, heads, d // heads).permute(
+            normed = self.norm1(x)
+            q, k, v = self.qkv(normed).reshape(b, n, 3, heads, d // heads).permute(
                 2, 0, 3, 1, 4)
+            if lora is not None:  # official InfLoRA: k += x (B A)^T, v likewise
+                k, v = (t + F.linear(normed, up @ down).reshape(b, n, heads, d // heads)
+                        .transpose(1, 2) for t, (down, up) in zip((k, v), lora))
             if prefix is not None:  # (B, 2, Lp, D): prefix keys and values
                 pk, pv = (prefix[:, i].reshape(b, -1, heads, d // heads).transpose(1, 2)
                           for i in (0, 1))
@@ -317,13 +327,14 @@ def torch_worker(args) -> Dict[str, float]:
             self.blocks = tnn.ModuleList(Block() for _ in range(cfg.num_layers))
             self.norm = tnn.LayerNorm(d, eps=1e-6)
 
-        def forward(self, images, prompts=None, prefixes=None, adapters=None):
+        def forward(self, images, prompts=None, prefixes=None, adapters=None, loras=None):
             x = self.patch(images).flatten(2).transpose(1, 2)
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
             if prompts is not None:
                 x = torch.cat([x[:, :1], prompts, x[:, 1:]], 1)
             for i, blk in enumerate(self.blocks):
-                x = blk(x, (prefixes or {}).get(i), (adapters or {}).get(i))
+                x = blk(x, (prefixes or {}).get(i), (adapters or {}).get(i),
+                        (loras or {}).get(i))
             return self.norm(x)
 
     model = ViT().requires_grad_(False)
@@ -431,6 +442,17 @@ def torch_worker(args) -> Dict[str, float]:
         def loss_fn():  # the adapted [CLS] feature, the cosine classifier sigma * cos(f, w)
             feature = model(images, adapters=adapters)[:, 0]
             return F.cross_entropy(sigma * cosine(feature, kernel) + mask, labels)
+    elif method.name == "inflora":
+        # task 0's branch at key and value of every block, as the official forward forms it
+        # (B_0 A_0, a D x D weight); A is designed before the task and not trained (its
+        # values do not change the cost), B starts at zero
+        loras = {i: [(torch.randn(c.rank, d) / 3 ** 0.5, tnn.Parameter(torch.zeros(d, c.rank)))
+                     for _ in ("key", "value")] for i in range(cfg.num_layers)}
+        params = [up for pair in loras.values() for _, up in pair] + list(head.parameters())
+
+        def loss_fn():
+            feature = model(images, loras=loras)[:, 0]
+            return F.cross_entropy(head(feature) + mask, labels)
     elif method.name in STATISTICS_PASS:
         width = method.width if method.name == "ranpac" else d
         w_rand = torch.randn(d, width) if method.name == "ranpac" and c.M else None

@@ -562,6 +562,29 @@ def test_benchmark_worker_times_the_library_step_and_counts_its_flops():
     assert 0 < flops[1] < flops[0]  # the cached query skips the frozen forward
 
 
+def test_benchmark_worker_gives_before_task_the_timed_batch(monkeypatch):
+    """InfLoRA designs its down-projections from the task's data before the task: the
+    worker passes the timed batch as that data (it passed None), and the designed A is
+    what the timed step trains with."""
+    import argparse
+    from pecft_jax.methods.inflora import InfLoRA
+    bench = _benchmark_script()
+    designed = []
+    real = InfLoRA.before_task
+
+    def before_task(self, task, trainable, state, frozen, data, rng):
+        trainable, state = real(self, task, trainable, state, frozen, data, rng)
+        designed.append(np.asarray(trainable["lora"]["0"]["key"]["A"][0]))
+        return trainable, state
+    monkeypatch.setattr(InfLoRA, "before_task", before_task)
+    args = argparse.Namespace(method="inflora", arch="ViT-Micro/4", batch_size=8, steps=1,
+                              threads=1, demo_settings=False, set=["rank=2"],
+                              dtype="float32", attention="einsum", host_devices=0)
+    result = bench.jax_worker(args, cached=False)
+    assert result["wall"] > 0 and result["flops"] > 0
+    assert len(designed) == 1 and np.abs(designed[0]).max() > 0  # from the batch's inputs
+
+
 def test_demo_phases_times_every_phase_of_a_run(tmp_path, monkeypatch):
     """experiments/demo_phases.py wraps the loop's phases by name: each must still exist
     and be reached by a run (a rename made the script fail before)."""
