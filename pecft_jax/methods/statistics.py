@@ -341,10 +341,11 @@ def sample_components(key: Array, components: Mapping[str, Array], num_per_compo
     return x.reshape(g * num_per_component, d), labels
 
 
-# ------------------------------------------------------------- classifier alignment
-# The schedules below take their lengths (epochs, steps per epoch, steps) as Python ints or
-# as int32 arrays traced in a compiled step: the training loop keeps a task's lengths in the
-# optimizer state, so one compiled train step serves tasks of every length.
+# ----------------------------------------------------------- learning-rate schedules
+# The training loop's and the classifier fits'. They take their lengths (epochs, steps per
+# epoch, steps) as Python ints or as int32 arrays traced in a compiled step: the training
+# loop keeps a task's lengths in the optimizer state, so one compiled train step serves
+# tasks of every length.
 def warmup_cosine_schedule(init_value: float, peak_value: float, warmup_steps: int,
                            decay_steps) -> Callable:
     """``optax.warmup_cosine_decay_schedule(init_value, peak_value, warmup_steps,
@@ -414,6 +415,7 @@ def multistep_epoch_schedule(learning_rate: float, milestones: Sequence[int], de
     return schedule
 
 
+# ------------------------------------------------------------- classifier alignment
 class ClassifierFit:
     """Cross-entropy training of a classifier on drawn features, compiled once for a run.
 
