@@ -274,6 +274,17 @@ def test_a_run_resumed_inside_a_task_continues_on_that_tasks_schedule(tmp_path, 
     assert resumed["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
 
 
+def _cache_sizes(config, workdir):
+    """What a run's feature-cache plan is sized from -- the feature width, every task's
+    test-set size, the largest training task -- and the kinds it cached by default."""
+    trainer = ContinualTrainer(config, workdir)
+    try:
+        return (trainer.backbone.feature_dim, [task.num_test for task in trainer.scenario.tasks],
+                max(len(task.train_indices) for task in trainer.tasks), trainer.cached_kinds)
+    finally:
+        trainer.close()
+
+
 def test_a_cache_too_small_for_the_run_is_off_from_the_start(tmp_path, caplog):
     """Whether the queries fit is decided once: a cache that filled up part-way gave the
     later evaluations batches without the query, and the eval step compiled again."""
@@ -281,11 +292,7 @@ def test_a_cache_too_small_for_the_run_is_off_from_the_start(tmp_path, caplog):
     config = tiny_config()
     config.scenario.num_tasks = 5
     config.train.epochs = 2
-    trainer = ContinualTrainer(config, str(tmp_path / "probe"))
-    dim = trainer.backbone.feature_dim
-    tests = [task.num_test for task in trainer.scenario.tasks]
-    largest = max(len(task.train_indices) for task in trainer.tasks)
-    trainer.close()
+    dim, tests, largest, _ = _cache_sizes(config, str(tmp_path / "probe"))
     # room for the first two tasks' test sets and the largest training set, not for all
     config.feature_cache.max_bytes = (sum(tests[:2]) + largest) * dim * 4
     with caplog.at_level(logging.WARNING):
@@ -310,9 +317,7 @@ def test_evaluation_from_cached_features_reads_each_test_image_once(tmp_path, mo
     monkeypatch.setattr(pipeline, "prepare_inputs", prepare_inputs)
     cached = _run(tmp_path, "cached", "simplecil", epochs=1)
     config = tiny_config("simplecil")
-    trainer = ContinualTrainer(config, str(tmp_path / "probe"))
-    tests = [task.num_test for task in trainer.scenario.tasks]
-    trainer.close()
+    _, tests, _, _ = _cache_sizes(config, str(tmp_path / "probe"))
     padded = lambda n: -(-n // config.eval.batch_size) * config.eval.batch_size  # noqa: E731
     # each test image once (a stream of its own, padded to the batch), for its query
     assert read["test"] == sum(padded(n) for n in tests)
@@ -348,14 +353,9 @@ def test_what_does_not_fit_leaves_the_cache_fixed_features_first(tmp_path, caplo
     are left out for the run (with the size that would hold both), then the queries too."""
     import logging
     config = tiny_config("aper", adapter={"bottleneck_dim": 4})
-    trainer = ContinualTrainer(config, str(tmp_path / "probe"))
-    try:
-        assert trainer.cached_kinds == {"query", "fixed"}
-        dim = trainer.backbone.feature_dim
-        tests = sum(task.num_test for task in trainer.scenario.tasks)
-        largest = max(len(task.train_indices) for task in trainer.tasks)
-    finally:
-        trainer.close()
+    dim, test_sizes, largest, default_kinds = _cache_sizes(config, str(tmp_path / "probe"))
+    assert default_kinds == {"query", "fixed"}
+    tests = sum(test_sizes)
     queries = (tests + largest) * dim * 4
     for max_bytes, kinds in [(queries + tests * dim * 4, {"query", "fixed"}),
                              (queries, {"query"}), (queries - 4, set())]:
