@@ -1,5 +1,6 @@
 """One method's training step, pecft_jax (jit) against an eager PyTorch port of the same
-step written here, timed as alternating separate processes on a shared machine.
+step (``experiments/torch_ports.py``), timed as alternating separate processes on a shared
+machine.
 
     python experiments/benchmark_step.py --method l2p --arch ViT-Demo/7 --batch-size 64
     python experiments/benchmark_step.py --method dualprompt --arch ViT-S/16 --batch-size 8
@@ -28,9 +29,12 @@ times its first session's step (AdaptFormer adapters in every block and the cosi
 classifier, the ``adapter`` variant; RanPAC's first session is the same step).
 CODA-Prompt's JAX step weighs all M components (those of later tasks masked to 0, so one
 program serves every task); the PyTorch port, like the official code, only those of tasks
-0..t -- on task 0 that is 1/T of them. InfLoRA's JAX step likewise carries every task's
-LoRA branch (stacked along the rank, later ones zero); the port, task 0's only, as the
-official forward forms it (``B_0 A_0``, a D x D weight at key and value).
+0..t -- on task 0 that is 1/T of them. InfLoRA's, SD-LoRA's and O-LoRA's JAX steps
+likewise carry every task's LoRA branch (stacked along the rank, later ones zero); the
+ports, task 0's only, as the official forwards form them (InfLoRA: ``B_0 A_0``, a D x D
+weight at key and value; SD-LoRA and O-LoRA: ``B(A x)`` at query and value). EASE's JAX
+step gathers the current task's adapters from every task's, stacked; its port, like the
+official code, holds the current ones only (the same computation).
 
 ``--mode demo`` times the demo end to end (``python -m pecft_jax.run`` on the method's
 default config -- Split MNIST, S-Prompts' Domain MNIST; any method with a demo config, alone
@@ -59,9 +63,11 @@ import time
 from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the methods whose step this script ports to PyTorch (--mode step times only these)
+# the methods whose step experiments/torch_ports.py ports to PyTorch (--mode step times only
+# these)
 METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "s_prompts", "simplecil",
-           "ranpac", "finetune", "aper", "slca", "inflora")
+           "ranpac", "finetune", "aper", "slca", "inflora", "ease", "ssiat", "lae", "sd_lora",
+           "o_lora")
 # every method with a demo config: --mode demo times any demo (alone, --variants jax, when
 # the script has no PyTorch port of its step)
 DEMO_METHODS = tuple(sorted(name[:-3] for name in os.listdir(
@@ -278,8 +284,8 @@ def statistics_pass(method, trainable, state):
 # ============================================================================== PyTorch
 def torch_worker(args) -> Dict[str, float]:
     import torch
-    import torch.nn as tnn
-    import torch.nn.functional as F
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_ports
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -288,200 +294,28 @@ def torch_worker(args) -> Dict[str, float]:
     # bf16 as the JAX side's compute dtype: autocast matmuls, float32 parameters
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     method, cfg = make_method(args)
-    c = method.config
-    d, heads = cfg.hidden_size, cfg.num_heads
-
-    class Block(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm1, self.norm2 = tnn.LayerNorm(d, eps=1e-6), tnn.LayerNorm(d, eps=1e-6)
-            self.qkv, self.proj = tnn.Linear(d, 3 * d), tnn.Linear(d, d)
-            self.fc1, self.fc2 = tnn.Linear(d, cfg.mlp_dim), tnn.Linear(cfg.mlp_dim, d)
-
-        def forward(self, x, prefix=None, adapter=None, lora=None):
-            b, n, _ = x.shape
-            normed = self.norm1(x)
-            q, k, v = self.qkv(normed).reshape(b, n, 3, heads, d // heads).permute(
-                2, 0, 3, 1, 4)
-            if lora is not None:  # official InfLoRA: k += x (B A)^T, v likewise
-                k, v = (t + F.linear(normed, up @ down).reshape(b, n, heads, d // heads)
-                        .transpose(1, 2) for t, (down, up) in zip((k, v), lora))
-            if prefix is not None:  # (B, 2, Lp, D): prefix keys and values
-                pk, pv = (prefix[:, i].reshape(b, -1, heads, d // heads).transpose(1, 2)
-                          for i in (0, 1))
-                k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-            att = F.scaled_dot_product_attention(q, k, v)
-            x = x + self.proj(att.transpose(1, 2).reshape(b, n, d))
-            h = self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
-            if adapter is not None:  # AdaptFormer: beside the MLP, from the residual stream
-                down, up, scale, dropout = adapter
-                h = h + scale * up(F.dropout(F.relu(down(x)), dropout, training=True))
-            return x + h
-
-    class ViT(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.patch = tnn.Conv2d(cfg.num_channels, d, cfg.patch_size, cfg.patch_size)
-            self.cls = tnn.Parameter(torch.zeros(1, 1, d))
-            self.pos = tnn.Parameter(torch.randn(1, cfg.num_patches + 1, d) * 0.02)
-            self.blocks = tnn.ModuleList(Block() for _ in range(cfg.num_layers))
-            self.norm = tnn.LayerNorm(d, eps=1e-6)
-
-        def forward(self, images, prompts=None, prefixes=None, adapters=None, loras=None):
-            x = self.patch(images).flatten(2).transpose(1, 2)
-            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
-            if prompts is not None:
-                x = torch.cat([x[:, :1], prompts, x[:, 1:]], 1)
-            for i, blk in enumerate(self.blocks):
-                x = blk(x, (prefixes or {}).get(i), (adapters or {}).get(i),
-                        (loras or {}).get(i))
-            return self.norm(x)
-
-    model = ViT().requires_grad_(False)
-    images_np, labels_np = inputs(cfg, args.batch_size)
-    images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(device)
-    labels = torch.from_numpy(labels_np).long().to(device)
+    images, labels = inputs(cfg, args.batch_size)
     mask = torch.full((NUM_CLASSES,), float("-inf"))
     mask[:NUM_CLASSES // NUM_TASKS] = 0  # train on task 0's classes
-    uniform = lambda *shape: tnn.Parameter(torch.empty(*shape).uniform_(-1, 1))
-    head = tnn.Linear(d, NUM_CLASSES)
-
-    def query():
-        with torch.no_grad():
-            return model(images)[:, 0]
-
-    def cosine(a, b):
-        return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
-
-    if method.name == "l2p":
-        pool, keys = uniform(c.pool_size, c.prompt_length, d), uniform(c.pool_size, d)
-        params = [pool, keys, *head.parameters()]
-
-        def loss_fn():
-            sim = cosine(query(), keys)
-            idx = sim.topk(c.top_k, dim=1).indices
-            tokens = model(images, prompts=pool[idx].reshape(len(images), -1, d))
-            n = c.top_k * c.prompt_length
-            feature = tokens[:, 1:1 + n].mean(1) if c.head_input == "prompt" else tokens[:, 0]
-            pull = (1 - sim.gather(1, idx)).sum(1).mean()
-            return F.cross_entropy(head(feature) + mask, labels) + c.pull_constraint * pull
-    elif method.name == "dualprompt":
-        g = {i: uniform(2, c.g_prompt_length, d) for i in method.g_layers}
-        e = {i: uniform(method.pool_size, 2, c.e_prompt_length, d) for i in method.e_layers}
-        keys = uniform(method.pool_size, d)
-        params = [*g.values(), *e.values(), keys, *head.parameters()]
-
-        def loss_fn():
-            q, b = query(), len(images)
-            prefixes = {i: p.expand(b, -1, -1, -1) for i, p in g.items()}
-            prefixes.update({i: p[0].expand(b, -1, -1, -1) for i, p in e.items()})  # task 0
-            feature = model(images, prefixes=prefixes)[:, 0]
-            pull = (1 - cosine(q, keys)[:, 0]).mean()
-            return F.cross_entropy(head(feature) + mask, labels) + c.pull_constraint * pull
-    elif method.name == "coda_prompt":
-        per = method.per_task
-        comps = {i: [uniform(per, c.prompt_length, d), uniform(per, d), uniform(per, d)]
-                 for i in method.layers}
-        params = [p for ps in comps.values() for p in ps] + list(head.parameters())
-
-        def loss_fn():
-            q, b = query(), len(images)
-            prefixes = {}
-            for i, (prompts, keys, attention) in comps.items():
-                alpha = (F.normalize(q[:, None] * attention[None], dim=-1)
-                         * F.normalize(keys, dim=-1)[None]).sum(-1)  # (B, M)
-                prompt = torch.einsum("bm,mld->bld", alpha, prompts)
-                prefixes[i] = prompt.reshape(b, 2, c.prompt_length // 2, d)
-            feature = model(images, prefixes=prefixes)[:, 0]
-            return F.cross_entropy(head(feature) + mask, labels)
-    elif method.name == "hide_prompt":
-        from pecft_jax.backbones.context import resolve_layers
-        layers = resolve_layers(c.prompt_layers, cfg.num_layers, "prompt_layers")
-        prompts = {i: uniform(2, c.prompt_length, d) for i in layers}  # task 0's prefixes
-        params = [*prompts.values(), *head.parameters()]
-
-        def loss_fn():
-            b = len(images)
-            feature = model(images, prefixes={i: p.expand(b, -1, -1, -1)
-                                              for i, p in prompts.items()})[:, 0]
-            # the contrastive term over [stored prototypes (none yet on task 0); features]
-            sim = feature @ feature.T / c.contrastive_temperature
-            contrastive = (torch.logsumexp(sim, 1) - sim.diagonal()).mean()
-            return (F.cross_entropy(head(feature) + mask, labels)
-                    + c.contrastive_weight * contrastive)
-    elif method.name in ("finetune", "slca"):  # SLCA's slow learner only scales the rates
-        if method.name == "finetune" and c.mode != "full":
-            raise SystemExit("the PyTorch port covers finetune mode 'full' only")
-        model.requires_grad_(True)
-        params = [*model.parameters(), *head.parameters()]
-
-        def loss_fn():
-            return F.cross_entropy(head(model(images)[:, 0]) + mask, labels)
-    elif method.name == "s_prompts":
-        prompt = uniform(c.prompt_length, d)
-        params = [prompt, *head.parameters()]
-
-        def loss_fn():
-            feature = model(images, prompts=prompt.expand(len(images), -1, -1))[:, 0]
-            decay = 0.5 * c.first_weight_decay * sum(p.square().sum() for p in params)
-            return F.cross_entropy(head(feature) + mask, labels) + decay
-    elif method.name == "aper":  # its first session (RanPAC's, with an adapter, alike)
-        if c.variant != "adapter":
-            raise SystemExit("the PyTorch port covers aper variant 'adapter' only")
-        a = c.adapter
-        adapters = {}
-        for i in range(cfg.num_layers):  # up starts at zero, as the library's
-            down, up = tnn.Linear(d, a.bottleneck_dim), tnn.Linear(a.bottleneck_dim, d)
-            tnn.init.zeros_(up.weight), tnn.init.zeros_(up.bias)
-            adapters[i] = (down, up, a.scale, a.dropout)
-        kernel = tnn.Parameter(torch.empty(NUM_CLASSES, d).uniform_(-d ** -0.5, d ** -0.5))
-        sigma = tnn.Parameter(torch.ones(()))
-        params = [p for down, up, _, _ in adapters.values()
-                  for p in (*down.parameters(), *up.parameters())] + [kernel, sigma]
-
-        def loss_fn():  # the adapted [CLS] feature, the cosine classifier sigma * cos(f, w)
-            feature = model(images, adapters=adapters)[:, 0]
-            return F.cross_entropy(sigma * cosine(feature, kernel) + mask, labels)
-    elif method.name == "inflora":
-        # task 0's branch at key and value of every block, as the official forward forms it
-        # (B_0 A_0, a D x D weight); A is designed before the task and not trained (its
-        # values do not change the cost), B starts at zero
-        loras = {i: [(torch.randn(c.rank, d) / 3 ** 0.5, tnn.Parameter(torch.zeros(d, c.rank)))
-                     for _ in ("key", "value")] for i in range(cfg.num_layers)}
-        params = [up for pair in loras.values() for _, up in pair] + list(head.parameters())
-
-        def loss_fn():
-            feature = model(images, loras=loras)[:, 0]
-            return F.cross_entropy(head(feature) + mask, labels)
-    elif method.name in STATISTICS_PASS:
-        width = method.width if method.name == "ranpac" else d
-        w_rand = torch.randn(d, width) if method.name == "ranpac" and c.M else None
-        sums = {"a": torch.zeros(NUM_CLASSES, d) if method.name == "simplecil"
-                else torch.zeros(width, width), "b": torch.zeros(NUM_CLASSES)
-                if method.name == "simplecil" else torch.zeros(width, NUM_CLASSES)}
-
-        def step():
-            with torch.no_grad(), autocast:
-                f = query().float()
-                if method.name == "simplecil":
-                    sums["a"].index_add_(0, labels, f)
-                    sums["b"].index_add_(0, labels, torch.ones(len(labels)))
-                else:
-                    h = torch.relu(f @ w_rand) if w_rand is not None else f
-                    sums["a"] += h.T @ h
-                    sums["b"] += h.T @ F.one_hot(labels, NUM_CLASSES).float()
-            sums["a"].sum().item()  # wait for the device
+    step_inputs = torch_ports.Step(
+        method=method, cfg=cfg, model=torch_ports.ViT(cfg).requires_grad_(False),
+        images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
+        labels=torch.from_numpy(labels).long().to(device), mask=mask, num_classes=NUM_CLASSES)
+    if method.name in STATISTICS_PASS:
+        step = torch_ports.statistics_step(step_inputs, autocast)
         return dict(timed(step, args.steps), **torch_memory(torch))
-    else:
-        raise SystemExit(f"no PyTorch port of {method.name} in this script")
-
-    opt = torch.optim.Adam(params, lr=LEARNING_RATE)
+    if method.name not in torch_ports.PORTS:
+        raise SystemExit(f"no PyTorch port of {method.name} in experiments/torch_ports.py")
+    ported = torch_ports.PORTS[method.name](step_inputs)
+    opt = torch.optim.Adam(ported.params, lr=LEARNING_RATE)
 
     def step():
         with autocast:
-            loss = loss_fn()
+            loss = ported.loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if ported.before_update is not None:
+            ported.before_update()
         opt.step()
         loss.item()
     return dict(timed(step, args.steps), **torch_memory(torch))

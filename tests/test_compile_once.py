@@ -516,6 +516,21 @@ def test_benchmark_script_refuses_counts_below_one_before_anything_runs(
     assert not started
 
 
+def test_every_method_the_benchmark_lists_has_a_pytorch_port():
+    """``METHODS`` is what ``--mode step`` accepts; each needs a port registered in
+    ``experiments/torch_ports.py`` (read without importing it: PyTorch is not installed
+    here), the statistics methods their statistics pass."""
+    import ast
+    bench = _benchmark_script()
+    with open(os.path.join(ROOT, "experiments", "torch_ports.py")) as f:
+        tree = ast.parse(f.read())
+    registered = {arg.value for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                  for deco in node.decorator_list
+                  if isinstance(deco, ast.Call) and getattr(deco.func, "id", None) == "port"
+                  for arg in deco.args}
+    assert registered == set(bench.METHODS) - set(bench.STATISTICS_PASS)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--mode", "step", "--method", "ease", "--variants", "jax"], "no PyTorch port"),
     (["--mode", "demo", "--method", "ease"], "no PyTorch port"),
@@ -527,6 +542,8 @@ def test_benchmark_script_refuses_counts_below_one_before_anything_runs(
 ])
 def test_benchmark_script_refuses_what_it_cannot_time(argv, message, monkeypatch, capsys):
     bench = _benchmark_script()
+    # a method without a PyTorch port: EASE, as if experiments/torch_ports.py had none
+    monkeypatch.setattr(bench, "METHODS", tuple(m for m in bench.METHODS if m != "ease"))
     started = []
     monkeypatch.setattr(bench, "demo_mode", started.append)
     monkeypatch.setattr(bench, "step_mode", started.append)

@@ -1,0 +1,463 @@
+"""Eager PyTorch ports of the methods' training steps, for ``benchmark_step.py``.
+
+Each port re-implements one method's first-task training step -- same shapes, same trainable
+parts, same loss terms -- the way the method's official PyTorch code computes it, over one
+timm-layout ViT (pre-norm blocks, fused qkv, GELU MLP). ``PORTS[name](step)`` returns a
+:class:`Port`: the trainable tensors and a function of no arguments that computes the loss;
+the benchmark runs Adam on them. The statistics methods (SimpleCIL, RanPAC) have no gradient
+step: their port, :func:`statistics_step`, is one batch of their statistics pass.
+
+Where the JAX step does more than the official code's first task -- it carries every task's
+slice of a stacked parameter so that one program serves every task -- the port does what the
+official code does (the benchmark's docstring lists these). PyTorch is imported here, so this
+module is only imported by the benchmark's PyTorch worker.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as tnn
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class Port:
+    """A ported step: the trainable tensors, the loss of the timed batch, and what runs
+    between the backward pass and the optimizer's step (gradient clipping), if anything."""
+    params: List[torch.Tensor]
+    loss: Callable[[], torch.Tensor]
+    before_update: Optional[Callable[[], object]] = None
+
+
+# ============================================================================ backbone
+class Block(tnn.Module):
+    """A pre-norm ViT block with the hooks the ports need, all optional:
+
+    * ``prefix`` ``(B, 2, Lp, D)``: prefix keys and values joined before the block's own;
+    * ``lora`` ``{'query'|'key'|'value': fn}``: ``fn(LN1 output)`` ``(B, N, D)`` added to
+      that projection, however the method forms it;
+    * ``qkv_weight`` ``(3D, D)``: in place of the fused qkv weight (a LoRA merged into it);
+    * ``attn_adapter`` ``fn(LN1 output)``: added to the attention's output;
+    * ``mlp_adapter`` ``fn(x)``: added to the MLP's output, reading the residual stream
+      (AdaptFormer's parallel adapter).
+    """
+
+    def __init__(self, d: int, heads: int, mlp_dim: int):
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.norm1, self.norm2 = tnn.LayerNorm(d, eps=1e-6), tnn.LayerNorm(d, eps=1e-6)
+        self.qkv, self.proj = tnn.Linear(d, 3 * d), tnn.Linear(d, d)
+        self.fc1, self.fc2 = tnn.Linear(d, mlp_dim), tnn.Linear(mlp_dim, d)
+
+    def split_heads(self, t):
+        b, n, _ = t.shape
+        return t.reshape(b, n, self.heads, self.d // self.heads).transpose(1, 2)
+
+    def forward(self, x, prefix=None, lora=None, attn_adapter=None, mlp_adapter=None,
+                qkv_weight=None):
+        b, n, d = x.shape
+        normed = self.norm1(x)
+        qkv = (self.qkv(normed) if qkv_weight is None
+               else F.linear(normed, qkv_weight, self.qkv.bias))
+        q, k, v = qkv.split(d, dim=-1)
+        if lora:
+            q, k, v = (t + lora[name](normed) if name in lora else t
+                       for name, t in zip(("query", "key", "value"), (q, k, v)))
+        q, k, v = map(self.split_heads, (q, k, v))
+        if prefix is not None:
+            pk, pv = (self.split_heads(prefix[:, i]) for i in (0, 1))
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        att = F.scaled_dot_product_attention(q, k, v)
+        h = self.proj(att.transpose(1, 2).reshape(b, n, d))
+        if attn_adapter is not None:
+            h = h + attn_adapter(normed)
+        x = x + h
+        h = self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+        if mlp_adapter is not None:
+            h = h + mlp_adapter(x)
+        return x + h
+
+
+class ViT(tnn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.hidden_size
+        self.patch = tnn.Conv2d(cfg.num_channels, d, cfg.patch_size, cfg.patch_size)
+        self.cls = tnn.Parameter(torch.zeros(1, 1, d))
+        self.pos = tnn.Parameter(torch.randn(1, cfg.num_patches + 1, d) * 0.02)
+        self.blocks = tnn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_dim)
+                                     for _ in range(cfg.num_layers))
+        self.norm = tnn.LayerNorm(d, eps=1e-6)
+
+    def forward(self, images, prompts=None, hooks: Optional[Dict[int, dict]] = None):
+        """The final-LayerNorm tokens; ``prompts`` ``(B, L, D)`` join after [CLS];
+        ``hooks[i]`` are block ``i``'s keyword arguments."""
+        x = self.patch(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        if prompts is not None:
+            x = torch.cat([x[:, :1], prompts, x[:, 1:]], 1)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, **(hooks or {}).get(i, {}))
+        return self.norm(x)
+
+
+class AdaptFormer(tnn.Module):
+    """``scale * up(dropout(relu(down(x))))``, ``up`` zero at the start (the official
+    AdaptFormer / APER / EASE / SSIAT 'lora' initialisation)."""
+
+    def __init__(self, d: int, bottleneck: int, scale: float, dropout: float):
+        super().__init__()
+        self.down, self.up = tnn.Linear(d, bottleneck), tnn.Linear(bottleneck, d)
+        tnn.init.zeros_(self.up.weight), tnn.init.zeros_(self.up.bias)
+        self.scale, self.dropout = scale, dropout
+
+    def forward(self, x):
+        return self.scale * self.up(F.dropout(F.relu(self.down(x)), self.dropout,
+                                              training=True))
+
+
+# ========================================================================= the step
+@dataclasses.dataclass
+class Step:
+    """What a port builds on: the method (its resolved ``config``), the ViT config, the
+    frozen model, the timed batch and the class mask of task 0's classes."""
+    method: object
+    cfg: object
+    model: ViT
+    images: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    num_classes: int
+
+    @property
+    def c(self):
+        return self.method.config
+
+    @property
+    def d(self) -> int:
+        return self.cfg.hidden_size
+
+    def query(self):
+        """The frozen model's [CLS], no gradient (the prompt methods' query)."""
+        with torch.no_grad():
+            return self.model(self.images)[:, 0]
+
+    def ce(self, logits):
+        """Cross-entropy over task 0's classes."""
+        return F.cross_entropy(logits + self.mask, self.labels)
+
+
+def uniform(*shape) -> tnn.Parameter:
+    return tnn.Parameter(torch.empty(*shape).uniform_(-1, 1))
+
+
+def cosine(a, b):
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+
+PORTS: Dict[str, Callable[[Step], Port]] = {}
+
+
+def port(*names):
+    def register(fn):
+        for name in names:
+            PORTS[name] = fn
+        return fn
+    return register
+
+
+# ======================================================================= prompt family
+@port("l2p")
+def l2p(s: Step) -> Port:
+    c, d, head = s.c, s.d, tnn.Linear(s.d, s.num_classes)
+    pool, keys = uniform(c.pool_size, c.prompt_length, d), uniform(c.pool_size, d)
+
+    def loss():
+        sim = cosine(s.query(), keys)
+        idx = sim.topk(c.top_k, dim=1).indices
+        tokens = s.model(s.images, prompts=pool[idx].reshape(len(s.images), -1, d))
+        n = c.top_k * c.prompt_length
+        feature = tokens[:, 1:1 + n].mean(1) if c.head_input == "prompt" else tokens[:, 0]
+        pull = (1 - sim.gather(1, idx)).sum(1).mean()
+        return s.ce(head(feature)) + c.pull_constraint * pull
+    return Port([pool, keys, *head.parameters()], loss)
+
+
+@port("dualprompt")
+def dualprompt(s: Step) -> Port:
+    c, m, d, head = s.c, s.method, s.d, tnn.Linear(s.d, s.num_classes)
+    g = {i: uniform(2, c.g_prompt_length, d) for i in m.g_layers}
+    e = {i: uniform(m.pool_size, 2, c.e_prompt_length, d) for i in m.e_layers}
+    keys = uniform(m.pool_size, d)
+
+    def loss():
+        q, b = s.query(), len(s.images)
+        hooks = {i: {"prefix": p.expand(b, -1, -1, -1)} for i, p in g.items()}
+        hooks.update({i: {"prefix": p[0].expand(b, -1, -1, -1)} for i, p in e.items()})
+        feature = s.model(s.images, hooks=hooks)[:, 0]  # task 0's e-prompt
+        pull = (1 - cosine(q, keys)[:, 0]).mean()
+        return s.ce(head(feature)) + c.pull_constraint * pull
+    return Port([*g.values(), *e.values(), keys, *head.parameters()], loss)
+
+
+@port("coda_prompt")
+def coda_prompt(s: Step) -> Port:
+    """The official code weighs the components of tasks 0..t: on task 0, its own."""
+    c, per, d, head = s.c, s.method.per_task, s.d, tnn.Linear(s.d, s.num_classes)
+    comps = {i: [uniform(per, c.prompt_length, d), uniform(per, d), uniform(per, d)]
+             for i in s.method.layers}
+
+    def loss():
+        q, b = s.query(), len(s.images)
+        hooks = {}
+        for i, (prompts, keys, attention) in comps.items():
+            alpha = (F.normalize(q[:, None] * attention[None], dim=-1)
+                     * F.normalize(keys, dim=-1)[None]).sum(-1)  # (B, M)
+            prompt = torch.einsum("bm,mld->bld", alpha, prompts)
+            hooks[i] = {"prefix": prompt.reshape(b, 2, c.prompt_length // 2, d)}
+        return s.ce(head(s.model(s.images, hooks=hooks)[:, 0]))
+    return Port([p for ps in comps.values() for p in ps] + list(head.parameters()), loss)
+
+
+@port("hide_prompt")
+def hide_prompt(s: Step) -> Port:
+    from pecft_jax.backbones.context import resolve_layers
+    c, head = s.c, tnn.Linear(s.d, s.num_classes)
+    layers = resolve_layers(c.prompt_layers, s.cfg.num_layers, "prompt_layers")
+    prompts = {i: uniform(2, c.prompt_length, s.d) for i in layers}  # task 0's prefixes
+
+    def loss():
+        b = len(s.images)
+        feature = s.model(s.images, hooks={i: {"prefix": p.expand(b, -1, -1, -1)}
+                                           for i, p in prompts.items()})[:, 0]
+        # the contrastive term over [stored prototypes (none yet on task 0); features]
+        sim = feature @ feature.T / c.contrastive_temperature
+        contrastive = (torch.logsumexp(sim, 1) - sim.diagonal()).mean()
+        return s.ce(head(feature)) + c.contrastive_weight * contrastive
+    return Port([*prompts.values(), *head.parameters()], loss)
+
+
+@port("s_prompts")
+def s_prompts(s: Step) -> Port:
+    c, head = s.c, tnn.Linear(s.d, s.num_classes)
+    prompt = uniform(c.prompt_length, s.d)
+    params = [prompt, *head.parameters()]
+
+    def loss():
+        feature = s.model(s.images, prompts=prompt.expand(len(s.images), -1, -1))[:, 0]
+        decay = 0.5 * c.first_weight_decay * sum(p.square().sum() for p in params)
+        return s.ce(head(feature)) + decay
+    return Port(params, loss)
+
+
+# ============================================================ fine-tuning and adapters
+@port("finetune", "slca")
+def full_finetuning(s: Step) -> Port:
+    """Every backbone weight learns (SLCA's slow learner only scales the rates)."""
+    if s.method.name == "finetune" and s.c.mode != "full":
+        raise SystemExit("the PyTorch port covers finetune mode 'full' only")
+    head = tnn.Linear(s.d, s.num_classes)
+    s.model.requires_grad_(True)
+    return Port([*s.model.parameters(), *head.parameters()],
+                lambda: s.ce(head(s.model(s.images)[:, 0])))
+
+
+def adapters_in_every_block(s: Step, a) -> List[AdaptFormer]:
+    return [AdaptFormer(s.d, a.bottleneck_dim, a.scale, a.dropout)
+            for _ in range(s.cfg.num_layers)]
+
+
+def adapted_cls(s: Step, adapters: List[AdaptFormer]):
+    return s.model(s.images, hooks={i: {"mlp_adapter": ad}
+                                    for i, ad in enumerate(adapters)})[:, 0]
+
+
+@port("aper", "ease")
+def adapted_cosine_classifier(s: Step) -> Port:
+    """APER's first session (RanPAC's, with an adapter, alike) and an EASE task: AdaptFormer
+    adapters in every block and the cosine classifier ``sigma * cos(f, w)`` (learnable
+    ``sigma``). EASE's training pass runs the current task's adapters only, one pass
+    (official ``vit_ease.py`` ``forward_train``); its JAX step gathers them from the stacked
+    adapters of every task."""
+    if s.method.name == "aper" and s.c.variant != "adapter":
+        raise SystemExit("the PyTorch port covers aper variant 'adapter' only")
+    d = s.d
+    adapters = adapters_in_every_block(s, s.c.adapter)
+    kernel = tnn.Parameter(torch.empty(s.num_classes, d).uniform_(-d ** -0.5, d ** -0.5))
+    sigma = tnn.Parameter(torch.ones(()))
+
+    def loss():
+        return s.ce(sigma * cosine(adapted_cls(s, adapters), kernel))
+    return Port([p for ad in adapters for p in ad.parameters()] + [kernel, sigma], loss)
+
+
+@port("ssiat")
+def ssiat(s: Step) -> Port:
+    """The shared adapters and the bias-free cosine head under CosFace, ``CE(s (cos - m
+    1_y))`` with a fixed ``s``. The official loss builds the non-target logits row by row in
+    a Python loop over the batch; the port computes the same value in one expression (which
+    favours PyTorch)."""
+    c = s.c
+    adapters = adapters_in_every_block(s, c.adapter)
+    kernel = tnn.Parameter(torch.randn(s.num_classes, s.d) * c.head_init_std)
+
+    def loss():
+        cos = cosine(adapted_cls(s, adapters), kernel)
+        margin = c.margin * F.one_hot(s.labels, s.num_classes)
+        return s.ce(c.scale * (cos - margin))
+    return Port([p for ad in adapters for p in ad.parameters()] + [kernel], loss)
+
+
+@port("lae")
+def lae(s: Step) -> Port:
+    """LAE's online module in its blocks (its offline copy starts on task 1): the adapter,
+    ``s Linear(r, D)(GELU(Linear(D, r)(LN1 output)))`` beside the attention with a learnable
+    scalar ``s`` (official ``pet/adapter.py``); or the LoRA, which the official ``KVLoRA``
+    forms as a merged ``[3D, D]`` qkv weight (key and value rows ``s B A``), so the frozen
+    qkv weight gets a gradient in those blocks. The linear head, cross-entropy over the
+    task's classes."""
+    c, d = s.c, s.d
+    head = tnn.Linear(d, s.num_classes)
+    if c.module == "adapter":
+        downs = {i: tnn.Linear(d, c.adapter_bottleneck) for i in c.layers}
+        ups = {i: tnn.Linear(c.adapter_bottleneck, d) for i in c.layers}
+        scales = {i: tnn.Parameter(torch.ones(())) for i in c.layers}
+
+        def hooks():
+            return {i: {"attn_adapter": lambda x, i=i: scales[i] * ups[i](F.gelu(downs[i](x)))}
+                    for i in c.layers}
+        params = [p for i in c.layers for m in (downs[i], ups[i]) for p in m.parameters()]
+        params += list(scales.values())
+    elif c.module == "lora":
+        r = c.lora_rank
+        factors = {i: {t: (tnn.Parameter(torch.randn(r, d) / d ** 0.5),
+                           tnn.Parameter(torch.zeros(d, r)), tnn.Parameter(torch.ones(())))
+                       for t in ("key", "value")} for i in c.layers}
+        blocks = s.model.blocks
+
+        def hooks():  # W' = W_qkv + [0; s_k B_k A_k; s_v B_v A_v], the input LN1's output
+            out = {}
+            for i, fs in factors.items():
+                delta = torch.cat([torch.zeros(d, d)] + [scale * up @ down
+                                                         for down, up, scale in fs.values()])
+                weight = blocks[i].qkv.weight + delta
+                out[i] = {"qkv_weight": weight}
+            return out
+        params = [p for fs in factors.values() for f in fs.values() for p in f]
+    else:
+        raise SystemExit("the PyTorch port covers lae module 'adapter' and 'lora'")
+
+    def loss():
+        return s.ce(head(s.model(s.images, hooks=hooks())[:, 0]))
+    return Port(params + list(head.parameters()), loss)
+
+
+# ======================================================================== LoRA family
+@port("inflora")
+def inflora(s: Step) -> Port:
+    """Task 0's branch at key and value of every block, as the official forward forms it
+    (``B_0 A_0``, a D x D weight); A is designed before the task and not trained (its
+    values do not change the cost), B starts at zero."""
+    c, d, head = s.c, s.d, tnn.Linear(s.d, s.num_classes)
+    loras = {i: {target: (torch.randn(c.rank, d) / 3 ** 0.5,
+                          tnn.Parameter(torch.zeros(d, c.rank)))
+                 for target in ("key", "value")} for i in range(s.cfg.num_layers)}
+
+    def branch(down, up):
+        return lambda x: F.linear(x, up @ down)
+
+    def loss():
+        hooks = {i: {"lora": {t: branch(*f) for t, f in targets.items()}}
+                 for i, targets in loras.items()}
+        return s.ce(head(s.model(s.images, hooks=hooks)[:, 0]))
+    ups = [up for targets in loras.values() for _, up in targets.values()]
+    return Port(ups + list(head.parameters()), loss)
+
+
+def low_rank(d_in: int, rank: int, d_out: int) -> Tuple[tnn.Parameter, tnn.Parameter]:
+    """``A`` ``(r, d_in)`` (HF peft's kaiming-uniform scale) and ``B`` ``(d_out, r)`` zero."""
+    bound = d_in ** -0.5
+    return (tnn.Parameter(torch.empty(rank, d_in).uniform_(-bound, bound)),
+            tnn.Parameter(torch.zeros(d_out, rank)))
+
+
+@port("sd_lora")
+def sd_lora(s: Step) -> Port:
+    """Task 0's LoRA at query and value of every block, ``alpha B(A x)`` in sequence, the
+    magnitude ``alpha`` one learnable scalar for every block (official ``backbone/lora.py``;
+    the old tasks' normalised directions join from task 1). The official forward also builds
+    four unused ``nn.Linear`` per block on every call; the port leaves that out (which
+    favours PyTorch). The JAX step carries every task's factors, stacked along the rank."""
+    c, d, head = s.c, s.d, tnn.Linear(s.d, s.num_classes)
+    factors = {i: {t: low_rank(d, c.rank, d) for t in ("query", "value")}
+               for i in range(s.cfg.num_layers)}
+    magnitude = tnn.Parameter(torch.tensor(c.magnitude_init))
+
+    def branch(a, b):
+        return lambda x: magnitude * F.linear(F.linear(x, a), b)
+
+    def loss():
+        hooks = {i: {"lora": {t: branch(*f) for t, f in fs.items()}} for i, fs in factors.items()}
+        return s.ce(head(s.model(s.images, hooks=hooks)[:, 0]))
+    params = [p for fs in factors.values() for f in fs.values() for p in f]
+    return Port(params + [magnitude, *head.parameters()], loss)
+
+
+@port("o_lora")
+def o_lora(s: Step) -> Port:
+    """Task 0's LoRA at query and value (``scaling B(A(dropout(x)))``, official patched peft
+    ``lora.py``; the earlier tasks' LoRAs, empty on task 0, share the dropout), the loss
+    plus ``lambda_1 sum |A_old A_new^T|`` and ``lambda_2 sum ||W||`` over the new factors,
+    computed every step as the official trainer does (the first is 0 on task 0), the
+    LoRA's gradient clipped to norm ``lora_grad_clip`` (the official ``max_grad_norm``). A
+    linear head over the classes, ours (the official setting is T5 generation). The JAX step
+    carries every task's factors, stacked along the rank."""
+    c, d, head = s.c, s.d, tnn.Linear(s.d, s.num_classes)
+    targets = tuple(t for t in c.target_modules)
+    if not set(targets) <= {"query", "value", "key"}:
+        raise SystemExit("the PyTorch port covers o_lora at query, key and value only")
+    factors = {i: {t: low_rank(d, c.rank, d) for t in targets} for i in range(s.cfg.num_layers)}
+    old = torch.zeros(0, d)  # the earlier tasks' A, concatenated along the rank: none yet
+    scaling = c.lora_alpha / c.rank
+    lora_params = [p for fs in factors.values() for f in fs.values() for p in f]
+
+    def branch(a, b):
+        return lambda x: scaling * F.linear(F.linear(F.dropout(x, c.lora_dropout, True), a), b)
+
+    def loss():
+        hooks = {i: {"lora": {t: branch(*f) for t, f in fs.items()}} for i, fs in factors.items()}
+        ce = s.ce(head(s.model(s.images, hooks=hooks)[:, 0]))
+        orth = sum((old @ a.T).abs().sum() for fs in factors.values() for a, _ in fs.values())
+        l2 = sum(torch.linalg.norm(p) for p in lora_params)
+        return ce + c.lambda_1 * orth + c.lambda_2 * l2
+    clip = (lambda: torch.nn.utils.clip_grad_norm_(lora_params, c.lora_grad_clip)
+            ) if c.lora_grad_clip else None
+    return Port(lora_params + list(head.parameters()), loss, clip)
+
+
+# ============================================================== statistics methods
+def statistics_step(s: Step, autocast) -> Callable[[], None]:
+    """One batch of the statistics pass: SimpleCIL's class sums of the frozen [CLS];
+    RanPAC's phase 2, ``h = ReLU(f W)``, ``G += h^T h``, ``Q += h^T y``."""
+    name, c = s.method.name, s.c
+    width = s.method.width if name == "ranpac" else s.d
+    w_rand = torch.randn(s.d, width) if name == "ranpac" and c.M else None
+    if name == "simplecil":
+        sums = {"a": torch.zeros(s.num_classes, s.d), "b": torch.zeros(s.num_classes)}
+    else:
+        sums = {"a": torch.zeros(width, width), "b": torch.zeros(width, s.num_classes)}
+
+    def step():
+        with torch.no_grad(), autocast:
+            f = s.query().float()
+            if name == "simplecil":
+                sums["a"].index_add_(0, s.labels, f)
+                sums["b"].index_add_(0, s.labels, torch.ones(len(s.labels)))
+            else:
+                h = torch.relu(f @ w_rand) if w_rand is not None else f
+                sums["a"] += h.T @ h
+                sums["b"] += h.T @ F.one_hot(s.labels, s.num_classes).float()
+        sums["a"].sum().item()  # wait for the device
+    return step
