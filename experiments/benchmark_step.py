@@ -67,12 +67,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # these)
 METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "s_prompts", "simplecil",
            "ranpac", "finetune", "aper", "slca", "inflora", "ease", "ssiat", "lae", "sd_lora",
-           "o_lora")
+           "o_lora", "progressive_prompts")
 # every method with a demo config: --mode demo times any demo (alone, --variants jax, when
 # the script has no PyTorch port of its step)
 DEMO_METHODS = tuple(sorted(name[:-3] for name in os.listdir(
     os.path.join(ROOT, "experiments", "configs")) if name.endswith(".py")))
-DEMO_ARCH, DEMO_BATCH = "ViT-Demo/7", 64  # the image demos' backbone and batch
+# the demos' backbone and batch: the image demos' ViT, the text demo's MiniLM encoder
+# (WordNet, texts of 48 tokens, experiments/configs/progressive_prompts.py)
+DEMO_SHAPES = {"image": ("ViT-Demo/7", 64), "text": ("MiniLM-L6-H384", 32)}
+TEXT_METHODS = ("progressive_prompts",)
+TEXT_LENGTH = 48
 # methods whose training step reads the frozen query, which the loop then precomputes for
 # un-augmented data; for the others 'jax-cached' would time a step the loop never runs
 QUERY_IN_STEP = ("l2p", "dualprompt", "coda_prompt")
@@ -105,8 +109,27 @@ def make_method(args):
         values[key] = json.loads(value)
     if args.method == "ranpac":  # its phase-2 statistics pass, on the frozen backbone's
         values["first_session"] = "none"  # features (the PyTorch port has no adapter)
-    cfg = vit.get_config(args.arch, dtype=args.dtype, attention=args.attention)
-    return create_method(args.method, values, Backbone(cfg), NUM_CLASSES, NUM_TASKS), cfg
+    if modality(args.method) == "text":  # the tokenizer (the method reads [CLS]'s id): MiniLM's
+        from pecft_jax.backbones import bert
+        from pecft_jax.backbones.backbone import TextBackbone, minilm_dir
+        cfg = bert.get_config(args.arch, dtype=args.dtype, attention=args.attention)
+        backbone = TextBackbone(cfg, minilm_dir(), TEXT_LENGTH)
+    else:
+        cfg = vit.get_config(args.arch, dtype=args.dtype, attention=args.attention)
+        backbone = Backbone(cfg)
+    return create_method(args.method, values, backbone, NUM_CLASSES, NUM_TASKS), cfg
+
+
+def modality(method: str) -> str:
+    return "text" if method in TEXT_METHODS else "image"
+
+
+def init_frozen(cfg, key):
+    """Random frozen weights of the backbone (a ViT or a BERT encoder)."""
+    from pecft_jax.backbones import bert, vit
+    if isinstance(cfg, bert.BertConfig):
+        return bert.init_params(cfg, key)
+    return vit.init_params(cfg, key)
 
 
 def task_classes():
@@ -115,12 +138,20 @@ def task_classes():
 
 
 def inputs(cfg, batch: int):
-    """Fixed random images (NHWC) and labels of task 0's classes, as numpy."""
+    """Fixed random inputs and labels of task 0's classes, as numpy: images (NHWC) for a ViT;
+    for a text encoder, token ids of ``TEXT_LENGTH`` ([CLS], then words, then padding: the
+    texts' real lengths drawn from 8 to all of it) and their attention mask."""
     import numpy as np
     rng = np.random.default_rng(0)
+    labels = (np.arange(batch) % (NUM_CLASSES // NUM_TASKS)).astype(np.int32)
+    if hasattr(cfg, "vocab_size"):
+        lengths = rng.integers(8, TEXT_LENGTH + 1, batch)
+        mask = (np.arange(TEXT_LENGTH)[None, :] < lengths[:, None]).astype(np.int32)
+        ids = rng.integers(1000, cfg.vocab_size, (batch, TEXT_LENGTH)).astype(np.int32)
+        ids[:, 0] = 101  # [CLS] in BERT's uncased vocabulary
+        return {"token_ids": ids * mask, "attention_mask": mask}, labels
     images = rng.standard_normal((batch, cfg.image_size, cfg.image_size, cfg.num_channels),
                                  dtype=np.float32)
-    labels = (np.arange(batch) % (NUM_CLASSES // NUM_TASKS)).astype(np.int32)
     return images, labels
 
 
@@ -181,7 +212,6 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     import numpy as np
     import optax
     from pecft_jax import compiler
-    from pecft_jax.backbones import vit
     from pecft_jax.methods import TaskData, TaskSpec
     from pecft_jax.methods.common import FROZEN_QUERY, frozen_query
     from pecft_jax.train import mesh as mesh_lib
@@ -196,11 +226,11 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     on_cpu = jax.default_backend() == "cpu"
     mesh = mesh_lib.make_mesh(max(args.host_devices, 1) if on_cpu else 1)
     mesh_lib.check_batch_size(args.batch_size, mesh, "--batch-size")
-    frozen = jax.jit(lambda key: vit.init_params(cfg, key))(jax.random.key(0))
+    frozen = jax.jit(lambda key: init_frozen(cfg, key))(jax.random.key(0))
     trainable, state = jax.jit(method.init)(jax.random.key(1), frozen)
     spec = TaskSpec(0, NUM_CLASSES, task_classes())
-    images, labels = inputs(cfg, args.batch_size)
-    local = {"inputs": images, "label": labels, "mask": np.ones(args.batch_size, np.float32),
+    batch_inputs, labels = inputs(cfg, args.batch_size)
+    local = {"inputs": batch_inputs, "label": labels, "mask": np.ones(args.batch_size, np.float32),
              "index": np.arange(args.batch_size, dtype=np.int32)}
     # the timed batch as the task's data (InfLoRA designs its down-projections from it)
     data = TaskData(lambda: iter([local]), args.batch_size,
@@ -294,12 +324,17 @@ def torch_worker(args) -> Dict[str, float]:
     # bf16 as the JAX side's compute dtype: autocast matmuls, float32 parameters
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     method, cfg = make_method(args)
-    images, labels = inputs(cfg, args.batch_size)
+    batch_inputs, labels = inputs(cfg, args.batch_size)
     mask = torch.full((NUM_CLASSES,), float("-inf"))
     mask[:NUM_CLASSES // NUM_TASKS] = 0  # train on task 0's classes
+    if modality(method.name) == "text":
+        model = torch_ports.Bert(cfg)
+        batch_inputs = {k: torch.from_numpy(v).long().to(device) for k, v in batch_inputs.items()}
+    else:
+        model = torch_ports.ViT(cfg)
+        batch_inputs = torch.from_numpy(batch_inputs).permute(0, 3, 1, 2).contiguous().to(device)
     step_inputs = torch_ports.Step(
-        method=method, cfg=cfg, model=torch_ports.ViT(cfg).requires_grad_(False),
-        images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
+        method=method, cfg=cfg, model=model.requires_grad_(False), inputs=batch_inputs,
         labels=torch.from_numpy(labels).long().to(device), mask=mask, num_classes=NUM_CLASSES)
     if method.name in STATISTICS_PASS:
         step = torch_ports.statistics_step(step_inputs, autocast)
@@ -398,7 +433,8 @@ def step_mode(args) -> None:
         spread = (min(r["wall"] for r in rows), max(r["wall"] for r in rows))
         loads = [r["load"][0] for r in rows]
         medians[variant] = wall
-        print(f"  {variant:10s} {args.batch_size / wall:9.1f} images/s  {1e3 * wall:8.1f} ms/step "
+        unit = "texts/s " if modality(args.method) == "text" else "images/s"
+        print(f"  {variant:10s} {args.batch_size / wall:9.1f} {unit}  {1e3 * wall:8.1f} ms/step "
               f"(rounds {1e3 * spread[0]:.1f}-{1e3 * spread[1]:.1f})  CPU {1e3 * cpu:8.1f} "
               f"ms/step  load {min(loads):.2f}-{max(loads):.2f}")
         last = rows[-1]
@@ -486,8 +522,13 @@ def main():
     parser.add_argument("--method", choices=DEMO_METHODS, default="l2p",
                         help=f"--mode step: one of {', '.join(METHODS)} (those with a "
                              f"PyTorch port here); --mode demo: any")
-    parser.add_argument("--arch", default=DEMO_ARCH)
-    parser.add_argument("--batch-size", type=int, default=DEMO_BATCH)
+    parser.add_argument("--arch", default=None,
+                        help=f"the backbone's named config (default: the demo's, "
+                             f"{DEMO_SHAPES['image'][0]}; {DEMO_SHAPES['text'][0]} for "
+                             f"{', '.join(TEXT_METHODS)})")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"default: the demo's ({DEMO_SHAPES['image'][1]}; "
+                             f"{DEMO_SHAPES['text'][1]} for the text methods)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -512,6 +553,19 @@ def main():
                              "(2 in the image demos)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    demo_arch, demo_batch = DEMO_SHAPES[modality(args.method)]
+    if args.mode == "demo" and (args.arch or demo_arch, args.batch_size or demo_batch) != (
+            demo_arch, demo_batch):
+        parser.error(f"--mode demo runs the demo's own backbone and batch ({demo_arch}, "
+                     f"{demo_batch}); leave --arch and --batch-size out, or time a step "
+                     f"of those with --mode step")
+    args.arch = args.arch or demo_arch
+    args.batch_size = demo_batch if args.batch_size is None else args.batch_size
+    from pecft_jax.backbones import bert, vit
+    known = (bert if modality(args.method) == "text" else vit).named_configs()
+    if args.arch not in known:
+        parser.error(f"--arch {args.arch}: {args.method} runs on a "
+                     f"{modality(args.method)} backbone, one of {', '.join(known)}")
     for flag in ("rounds", "steps", "batch_size", "threads"):
         if getattr(args, flag) < 1:  # a median of nothing would end in a traceback
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got "
@@ -525,10 +579,6 @@ def main():
                      f"(ports: {', '.join(METHODS)}); time its demo alone with --mode demo "
                      f"--variants jax")
     if args.mode == "demo":
-        if (args.arch, args.batch_size) != (DEMO_ARCH, DEMO_BATCH):
-            parser.error(f"--mode demo runs the demo's own backbone and batch ({DEMO_ARCH}, "
-                         f"{DEMO_BATCH}); leave --arch and --batch-size out, or time a step "
-                         f"of those with --mode step")
         if args.method in MOSTLY_PASSES and torch_wanted:
             parser.error(f"--mode demo compares a demo with a PyTorch loop of its gradient "
                          f"steps; {args.method}'s demo is (mostly) statistics passes: time "

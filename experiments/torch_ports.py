@@ -118,15 +118,62 @@ class AdaptFormer(tnn.Module):
                                               training=True))
 
 
+class BertLayer(tnn.Module):
+    """A post-LN BERT block (exact GELU), dropout on while training, as Hugging Face's."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, self.heads = cfg.hidden_size, cfg.num_heads
+        self.qkv, self.out = tnn.Linear(d, 3 * d), tnn.Linear(d, d)
+        self.fc1, self.fc2 = tnn.Linear(d, cfg.intermediate_size), tnn.Linear(
+            cfg.intermediate_size, d)
+        eps = cfg.layer_norm_eps
+        self.norm1, self.norm2 = tnn.LayerNorm(d, eps=eps), tnn.LayerNorm(d, eps=eps)
+        self.p, self.p_attn = cfg.hidden_dropout, cfg.attention_dropout
+
+    def forward(self, x, bias):
+        b, n, d = x.shape
+        q, k, v = (t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+                   for t in self.qkv(x).split(d, dim=-1))
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.p_attn)
+        x = self.norm1(x + F.dropout(self.out(att.transpose(1, 2).reshape(b, n, d)), self.p))
+        return self.norm2(x + F.dropout(self.fc2(F.gelu(self.fc1(x))), self.p))
+
+
+class Bert(tnn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.hidden_size
+        self.word = tnn.Embedding(cfg.vocab_size, d)
+        self.position = tnn.Embedding(cfg.max_position_embeddings, d)
+        self.token_type = tnn.Embedding(cfg.type_vocab_size, d)
+        self.norm = tnn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.layers = tnn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
+        self.p = cfg.hidden_dropout
+
+    def embed(self, vectors, positions):
+        """The embedding layer on word-space vectors ``(B, N, D)`` at ``positions``."""
+        return F.dropout(self.norm(vectors + self.position(positions)
+                                   + self.token_type.weight[0]), self.p)
+
+    def encode(self, x, attention_mask):
+        """The encoder on embedded tokens; ``attention_mask`` ``(B, N)``, 0 on padding."""
+        bias = torch.zeros(attention_mask.shape, dtype=x.dtype).masked_fill(
+            attention_mask == 0, torch.finfo(x.dtype).min)[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x
+
+
 # ========================================================================= the step
 @dataclasses.dataclass
 class Step:
-    """What a port builds on: the method (its resolved ``config``), the ViT config, the
-    frozen model, the timed batch and the class mask of task 0's classes."""
+    """What a port builds on: the method (its resolved ``config``), the backbone's config,
+    the frozen model, the timed batch and the class mask of task 0's classes."""
     method: object
     cfg: object
-    model: ViT
-    images: torch.Tensor
+    model: tnn.Module  # ViT, or Bert for a text method
+    inputs: object     # images (B, C, H, W); a text method's {'token_ids', 'attention_mask'}
     labels: torch.Tensor
     mask: torch.Tensor
     num_classes: int
@@ -142,7 +189,7 @@ class Step:
     def query(self):
         """The frozen model's [CLS], no gradient (the prompt methods' query)."""
         with torch.no_grad():
-            return self.model(self.images)[:, 0]
+            return self.model(self.inputs)[:, 0]
 
     def ce(self, logits):
         """Cross-entropy over task 0's classes."""
@@ -177,7 +224,7 @@ def l2p(s: Step) -> Port:
     def loss():
         sim = cosine(s.query(), keys)
         idx = sim.topk(c.top_k, dim=1).indices
-        tokens = s.model(s.images, prompts=pool[idx].reshape(len(s.images), -1, d))
+        tokens = s.model(s.inputs, prompts=pool[idx].reshape(len(s.inputs), -1, d))
         n = c.top_k * c.prompt_length
         feature = tokens[:, 1:1 + n].mean(1) if c.head_input == "prompt" else tokens[:, 0]
         pull = (1 - sim.gather(1, idx)).sum(1).mean()
@@ -193,10 +240,10 @@ def dualprompt(s: Step) -> Port:
     keys = uniform(m.pool_size, d)
 
     def loss():
-        q, b = s.query(), len(s.images)
+        q, b = s.query(), len(s.inputs)
         hooks = {i: {"prefix": p.expand(b, -1, -1, -1)} for i, p in g.items()}
         hooks.update({i: {"prefix": p[0].expand(b, -1, -1, -1)} for i, p in e.items()})
-        feature = s.model(s.images, hooks=hooks)[:, 0]  # task 0's e-prompt
+        feature = s.model(s.inputs, hooks=hooks)[:, 0]  # task 0's e-prompt
         pull = (1 - cosine(q, keys)[:, 0]).mean()
         return s.ce(head(feature)) + c.pull_constraint * pull
     return Port([*g.values(), *e.values(), keys, *head.parameters()], loss)
@@ -210,14 +257,14 @@ def coda_prompt(s: Step) -> Port:
              for i in s.method.layers}
 
     def loss():
-        q, b = s.query(), len(s.images)
+        q, b = s.query(), len(s.inputs)
         hooks = {}
         for i, (prompts, keys, attention) in comps.items():
             alpha = (F.normalize(q[:, None] * attention[None], dim=-1)
                      * F.normalize(keys, dim=-1)[None]).sum(-1)  # (B, M)
             prompt = torch.einsum("bm,mld->bld", alpha, prompts)
             hooks[i] = {"prefix": prompt.reshape(b, 2, c.prompt_length // 2, d)}
-        return s.ce(head(s.model(s.images, hooks=hooks)[:, 0]))
+        return s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
     return Port([p for ps in comps.values() for p in ps] + list(head.parameters()), loss)
 
 
@@ -229,8 +276,8 @@ def hide_prompt(s: Step) -> Port:
     prompts = {i: uniform(2, c.prompt_length, s.d) for i in layers}  # task 0's prefixes
 
     def loss():
-        b = len(s.images)
-        feature = s.model(s.images, hooks={i: {"prefix": p.expand(b, -1, -1, -1)}
+        b = len(s.inputs)
+        feature = s.model(s.inputs, hooks={i: {"prefix": p.expand(b, -1, -1, -1)}
                                            for i, p in prompts.items()})[:, 0]
         # the contrastive term over [stored prototypes (none yet on task 0); features]
         sim = feature @ feature.T / c.contrastive_temperature
@@ -246,7 +293,7 @@ def s_prompts(s: Step) -> Port:
     params = [prompt, *head.parameters()]
 
     def loss():
-        feature = s.model(s.images, prompts=prompt.expand(len(s.images), -1, -1))[:, 0]
+        feature = s.model(s.inputs, prompts=prompt.expand(len(s.inputs), -1, -1))[:, 0]
         decay = 0.5 * c.first_weight_decay * sum(p.square().sum() for p in params)
         return s.ce(head(feature)) + decay
     return Port(params, loss)
@@ -261,7 +308,7 @@ def full_finetuning(s: Step) -> Port:
     head = tnn.Linear(s.d, s.num_classes)
     s.model.requires_grad_(True)
     return Port([*s.model.parameters(), *head.parameters()],
-                lambda: s.ce(head(s.model(s.images)[:, 0])))
+                lambda: s.ce(head(s.model(s.inputs)[:, 0])))
 
 
 def adapters_in_every_block(s: Step, a) -> List[AdaptFormer]:
@@ -270,7 +317,7 @@ def adapters_in_every_block(s: Step, a) -> List[AdaptFormer]:
 
 
 def adapted_cls(s: Step, adapters: List[AdaptFormer]):
-    return s.model(s.images, hooks={i: {"mlp_adapter": ad}
+    return s.model(s.inputs, hooks={i: {"mlp_adapter": ad}
                                     for i, ad in enumerate(adapters)})[:, 0]
 
 
@@ -350,7 +397,7 @@ def lae(s: Step) -> Port:
         raise SystemExit("the PyTorch port covers lae module 'adapter' and 'lora'")
 
     def loss():
-        return s.ce(head(s.model(s.images, hooks=hooks())[:, 0]))
+        return s.ce(head(s.model(s.inputs, hooks=hooks())[:, 0]))
     return Port(params + list(head.parameters()), loss)
 
 
@@ -371,7 +418,7 @@ def inflora(s: Step) -> Port:
     def loss():
         hooks = {i: {"lora": {t: branch(*f) for t, f in targets.items()}}
                  for i, targets in loras.items()}
-        return s.ce(head(s.model(s.images, hooks=hooks)[:, 0]))
+        return s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
     ups = [up for targets in loras.values() for _, up in targets.values()]
     return Port(ups + list(head.parameters()), loss)
 
@@ -400,7 +447,7 @@ def sd_lora(s: Step) -> Port:
 
     def loss():
         hooks = {i: {"lora": {t: branch(*f) for t, f in fs.items()}} for i, fs in factors.items()}
-        return s.ce(head(s.model(s.images, hooks=hooks)[:, 0]))
+        return s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
     params = [p for fs in factors.values() for f in fs.values() for p in f]
     return Port(params + [magnitude, *head.parameters()], loss)
 
@@ -428,13 +475,52 @@ def o_lora(s: Step) -> Port:
 
     def loss():
         hooks = {i: {"lora": {t: branch(*f) for t, f in fs.items()}} for i, fs in factors.items()}
-        ce = s.ce(head(s.model(s.images, hooks=hooks)[:, 0]))
+        ce = s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
         orth = sum((old @ a.T).abs().sum() for fs in factors.values() for a, _ in fs.values())
         l2 = sum(torch.linalg.norm(p) for p in lora_params)
         return ce + c.lambda_1 * orth + c.lambda_2 * l2
     clip = (lambda: torch.nn.utils.clip_grad_norm_(lora_params, c.lora_grad_clip)
             ) if c.lora_grad_clip else None
     return Port(lora_params + list(head.parameters()), loss, clip)
+
+
+# ================================================================================ text
+@port("progressive_prompts")
+def progressive_prompts(s: Step) -> Port:
+    """Task 0 as the official BERT code lays it out: the text without its [CLS], then the
+    task's prompt (``L`` word-space vectors through the embedding layer at positions ``0,
+    n + 1, ...``, then ``x + MLP(x)``), the encoder with dropout on, the head
+    (dropout, Linear, tanh, dropout, Linear) at the prompt's first token. The official code
+    trains the whole word-embedding matrix and zeroes every row's gradient but the prompt's;
+    the port trains the prompt alone (which favours PyTorch). The JAX step carries every
+    task's prompt (those of later tasks masked out of the attention): ``T L`` tokens to the
+    port's ``L``, the official code's length on its last task."""
+    c, d, bert = s.c, s.d, s.model
+    ids, mask = s.inputs["token_ids"][:, 1:], s.inputs["attention_mask"][:, 1:]
+    n = ids.shape[1]
+    prompt = tnn.Parameter(bert.word.weight[torch.randint(0, bert.word.num_embeddings,
+                                                          (c.prompt_length,))].clone())
+    down, up = tnn.Linear(d, c.mlp_bottleneck), tnn.Linear(c.mlp_bottleneck, d)
+    hidden, out = tnn.Linear(d, d), tnn.Linear(d, s.num_classes)
+    positions = torch.cat([torch.arange(1, n + 1), torch.tensor([0]),
+                           torch.arange(n + 1, n + c.prompt_length)])
+    drop = c.head_dropout
+
+    def loss():
+        b = len(ids)
+        words = torch.cat([bert.word(ids), prompt.expand(b, -1, -1)], 1)
+        x = bert.embed(words, positions)
+        if c.residual_mlp:
+            p = x[:, n:]
+            x = torch.cat([x[:, :n], p + up(F.relu(down(p)))], 1)
+        h = bert.encode(x, torch.cat([mask, torch.ones(b, c.prompt_length, dtype=mask.dtype)],
+                                     1))[:, n]
+        h = torch.tanh(hidden(F.dropout(h, drop)))
+        return s.ce(out(F.dropout(h, drop)))
+    params = [prompt, *hidden.parameters(), *out.parameters()]
+    if c.residual_mlp:
+        params += [*down.parameters(), *up.parameters()]
+    return Port(params, loss)
 
 
 # ============================================================== statistics methods

@@ -230,3 +230,21 @@ def test_backbone_gelu_form_can_be_chosen():
     assert not exact.config.gelu_approximate and tanh.config.gelu_approximate
     a, b = exact.apply(params, images, output="cls"), tanh.apply(params, images, output="cls")
     assert 0 < float(np.abs(np.asarray(a) - np.asarray(b)).max()) < 1e-2
+
+
+def test_exact_gelu_is_pytorchs_formula_with_its_gradient():
+    """``context.gelu(x, approximate=False)`` is ``x/2 (1 + erf(x / sqrt 2))`` (float64
+    reference from ``math.erf``), its derivative ``Phi(x) + x phi(x)``; and its tanh form is
+    ``jax.nn.gelu``'s."""
+    import math
+    from pecft_jax.backbones.context import gelu
+    x = np.linspace(-10, 10, 2001).astype(np.float32)
+    ref = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(np.asarray(gelu(jnp.asarray(x), False)), ref, atol=1e-6,
+                               rtol=1e-6)
+    grad = jax.vmap(jax.grad(lambda v: gelu(v, False)))(jnp.asarray(x))
+    phi = np.exp(-0.5 * x.astype(np.float64) ** 2) / math.sqrt(2 * math.pi)
+    ref_grad = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(np.asarray(grad), ref_grad + x * phi, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(gelu(jnp.asarray(x), True)),
+                                  np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=True)))

@@ -90,7 +90,7 @@ import numpy as np
 
 from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, adapter_branch,
                                          as_batched, at_least_f32, compensate_prefix,
-                                         lora_delta, lora_input, project_heads, ssf,
+                                         gelu, lora_delta, lora_input, project_heads, ssf,
                                          with_prefix)
 from pecft_jax.backbones.vit import ATTENTION_IMPLS, COMPUTE_DTYPES
 
@@ -309,7 +309,7 @@ class BertMlp(nn.Module):
         if "fc1" in lora:
             h = h + lora_delta(lora_input(lp, deterministic, x), lora["fc1"], lp.lora_scaling)
         h = ssf(h, ssf_params, "fc1")
-        h = nn.gelu(h, approximate=False)
+        h = gelu(h, approximate=False)
         y = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype, kernel_init=_INIT,
                      name="Dense_1")(h)
         if "fc2" in lora:

@@ -202,7 +202,7 @@ def bottleneck(x: Array, params: Mapping[str, Any],
     the exact GELU (torch ``nn.GELU``, LAE's); ``on_hidden`` (e.g. dropout while training,
     as AdaptFormer) acts on the bottleneck activations."""
     h = x @ params["down"]["kernel"].astype(x.dtype) + params["down"]["bias"].astype(x.dtype)
-    h = jax.nn.relu(h) if activation == "relu" else jax.nn.gelu(h, approximate=False)
+    h = jax.nn.relu(h) if activation == "relu" else gelu(h, approximate=False)
     if on_hidden is not None:
         h = on_hidden(h)
     return h @ params["up"]["kernel"].astype(x.dtype) + params["up"]["bias"].astype(x.dtype)
@@ -235,6 +235,17 @@ def resolve_layers(layers: Optional[Sequence[int]], num_layers: int, what: str) 
     if not resolved:
         raise ValueError(f"{what}: layers is empty; pass None for all blocks or list some")
     return resolved
+
+
+def gelu(x: Array, approximate: bool) -> Array:
+    """GELU: the tanh form, or the exact ``x/2 (1 + erf(x / sqrt 2))`` -- the formula PyTorch's
+    ``F.gelu`` computes. ``jax.nn.gelu(approximate=False)`` computes the same function through
+    ``erfc``, which XLA:CPU runs about twice as slowly: on MiniLM's shapes (32 x 98 tokens)
+    its forward and gradient took 25% of a step of the whole encoder
+    (``experiments/benchmark_step.py --method progressive_prompts``)."""
+    if approximate:
+        return jax.nn.gelu(x, approximate=True)
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
 
 
 # Shared by the backbones' Flax modules (called inside their compact methods).

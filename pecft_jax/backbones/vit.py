@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, adapter_branch,
                                          as_batched, at_least_f32, compensate_prefix,
-                                         lora_delta, lora_input, project_heads, ssf,
+                                         gelu, lora_delta, lora_input, project_heads, ssf,
                                          with_prefix)
 
 Array = jax.Array
@@ -188,7 +188,7 @@ class MlpBlock(nn.Module):
         if "fc1" in lora:
             h = h + lora_delta(lora_input(lp, deterministic, x), lora["fc1"], lp.lora_scaling)
         h = ssf(h, ssf_params, "fc1")
-        h = nn.gelu(h, approximate=cfg.gelu_approximate)
+        h = gelu(h, approximate=cfg.gelu_approximate)
         y = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype, name="Dense_1")(h)
         if "fc2" in lora:
             y = y + lora_delta(lora_input(lp, deterministic, h), lora["fc2"], lp.lora_scaling)
