@@ -553,23 +553,22 @@ def main():
                              "(2 in the image demos)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    demo_arch, demo_batch = DEMO_SHAPES[modality(args.method)]
-    if args.mode == "demo" and (args.arch or demo_arch, args.batch_size or demo_batch) != (
-            demo_arch, demo_batch):
-        parser.error(f"--mode demo runs the demo's own backbone and batch ({demo_arch}, "
-                     f"{demo_batch}); leave --arch and --batch-size out, or time a step "
+    demo_shape = DEMO_SHAPES[modality(args.method)]
+    args.arch = args.arch or demo_shape[0]
+    args.batch_size = demo_shape[1] if args.batch_size is None else args.batch_size
+    for flag in ("rounds", "steps", "batch_size", "threads"):
+        if getattr(args, flag) < 1:  # a median of nothing would end in a traceback
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got "
+                         f"{getattr(args, flag)}")
+    if args.mode == "demo" and (args.arch, args.batch_size) != demo_shape:
+        parser.error(f"--mode demo runs the demo's own backbone and batch ({demo_shape[0]}, "
+                     f"{demo_shape[1]}); leave --arch and --batch-size out, or time a step "
                      f"of those with --mode step")
-    args.arch = args.arch or demo_arch
-    args.batch_size = demo_batch if args.batch_size is None else args.batch_size
     from pecft_jax.backbones import bert, vit
     known = (bert if modality(args.method) == "text" else vit).named_configs()
     if args.arch not in known:
         parser.error(f"--arch {args.arch}: {args.method} runs on a "
                      f"{modality(args.method)} backbone, one of {', '.join(known)}")
-    for flag in ("rounds", "steps", "batch_size", "threads"):
-        if getattr(args, flag) < 1:  # a median of nothing would end in a traceback
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got "
-                         f"{getattr(args, flag)}")
     if args.host_devices is not None and args.host_devices < 0:
         parser.error(f"--host-devices must be 0 (XLA's one CPU device) or more, got "
                      f"{args.host_devices}")

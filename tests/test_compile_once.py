@@ -602,6 +602,29 @@ def test_benchmark_worker_gives_before_task_the_timed_batch(monkeypatch):
     assert len(designed) == 1 and np.abs(designed[0]).max() > 0  # from the batch's inputs
 
 
+def test_benchmark_times_a_text_methods_step_on_token_ids(monkeypatch, capsys):
+    """Progressive Prompts runs on a BERT encoder: the worker feeds it token ids with padding
+    (the real lengths vary), and an image backbone is refused before anything runs."""
+    import argparse
+    from pecft_jax.backbones import bert
+    bench = _benchmark_script()
+    ids, labels = bench.inputs(bert.get_config("BERT-Tiny6"), 8)
+    mask = ids["attention_mask"]
+    assert ids["token_ids"].shape == mask.shape == (8, bench.TEXT_LENGTH)
+    assert (ids["token_ids"][:, 0] == 101).all() and len(set(mask.sum(1))) > 1
+    assert (ids["token_ids"][mask == 0] == 0).all() and labels.shape == (8,)
+    args = argparse.Namespace(method="progressive_prompts", arch="BERT-Tiny6", batch_size=8,
+                              steps=1, threads=1, demo_settings=True, set=[],
+                              dtype="float32", attention="einsum", host_devices=0)
+    result = bench.jax_worker(args, cached=False)
+    assert result["wall"] > 0 and result["flops"] > 0
+    monkeypatch.setattr("sys.argv", ["benchmark_step.py", "--method", "progressive_prompts",
+                                     "--arch", "ViT-Demo/7"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2 and "text backbone" in capsys.readouterr().err
+
+
 def test_demo_phases_times_every_phase_of_a_run(tmp_path, monkeypatch):
     """experiments/demo_phases.py wraps the loop's phases by name: each must still exist
     and be reached by a run (a rename made the script fail before)."""
