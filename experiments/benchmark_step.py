@@ -37,7 +37,8 @@ step gathers the current task's adapters from every task's, stacked; its port, l
 official code, holds the current ones only (the same computation).
 
 ``--mode demo`` times the demo end to end (``python -m pecft_jax.run`` on the method's
-default config -- Split MNIST, S-Prompts' Domain MNIST; any method with a demo config, alone
+default config -- Split MNIST, S-Prompts' Domain MNIST, Progressive Prompts' WordNet on
+all-MiniLM-L6-v2's encoder; any method with a demo config, alone
 with ``--variants jax`` where this script has no PyTorch port of its step or the demo is
 mostly statistics passes (SimpleCIL, RanPAC, APER) -- with
 an empty compilation cache, so compilation is counted) against the PyTorch-eager step loop
@@ -46,6 +47,10 @@ shapes (evaluation and data loading not included on the PyTorch side, so the com
 favours PyTorch; the step is timed with this script's 100 classes / 10 tasks, not the
 demo's 10 / 5, which changes only the head's width). ``--warm-cache`` runs the demo a
 second time in each round on the compilation cache the first run filled, as a re-run does.
+
+Text methods (Progressive Prompts) run on a BERT encoder (``--arch``: one of
+``pecft_jax.backbones.bert``'s named configs, default the demo's MiniLM-L6-H384, batch 32)
+over random token ids of 48 tokens with padding, WordNet's length.
 
 PyTorch is not a dependency of pecft_jax: ``pip install torch`` to run the torch variant.
 """

@@ -343,9 +343,10 @@ def adapted_cosine_classifier(s: Step) -> Port:
 @port("ssiat")
 def ssiat(s: Step) -> Port:
     """The shared adapters and the bias-free cosine head under CosFace, ``CE(s (cos - m
-    1_y))`` with a fixed ``s``. The official loss builds the non-target logits row by row in
-    a Python loop over the batch; the port computes the same value in one expression (which
-    favours PyTorch)."""
+    1_y))`` with a fixed ``s`` (official ``vision_transformer_adapter.py``,
+    ``classifier.py``, ``utils/loss.py``). The official loss builds the non-target logits
+    row by row in a Python loop over the batch; the port computes the same value in one
+    expression (which favours PyTorch)."""
     c = s.c
     adapters = adapters_in_every_block(s, c.adapter)
     kernel = tnn.Parameter(torch.randn(s.num_classes, s.d) * c.head_init_std)
@@ -487,9 +488,10 @@ def o_lora(s: Step) -> Port:
 # ================================================================================ text
 @port("progressive_prompts")
 def progressive_prompts(s: Step) -> Port:
-    """Task 0 as the official BERT code lays it out: the text without its [CLS], then the
-    task's prompt (``L`` word-space vectors through the embedding layer at positions ``0,
-    n + 1, ...``, then ``x + MLP(x)``), the encoder with dropout on, the head
+    """Task 0 as the official BERT code lays it out (``BERT_codebase/model_utils.py``,
+    ``dataset_utils.py``, ``continual_learning_utils.py``): the text without its [CLS],
+    then the task's prompt (``L`` word-space vectors through the embedding layer at
+    positions ``0, n + 1, ...``, then ``x + MLP(x)``), the encoder with dropout on, the head
     (dropout, Linear, tanh, dropout, Linear) at the prompt's first token. The official code
     trains the whole word-embedding matrix and zeroes every row's gradient but the prompt's;
     the port trains the prompt alone (which favours PyTorch). The JAX step carries every
