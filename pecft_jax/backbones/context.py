@@ -242,10 +242,13 @@ def gelu(x: Array, approximate: bool) -> Array:
     ``F.gelu`` computes. ``jax.nn.gelu(approximate=False)`` computes the same function through
     ``erfc``, which XLA:CPU runs about twice as slowly: on MiniLM's shapes (32 x 98 tokens)
     its forward and gradient took 25% of a step of the whole encoder
-    (``experiments/benchmark_step.py --method progressive_prompts``)."""
+    (``experiments/benchmark_step.py --method progressive_prompts``). A narrower dtype
+    (bf16) is computed in float32 and rounded once, as PyTorch's kernel does: in bf16
+    throughout, ``1 + erf`` cancels to 0 below about -3.3."""
     if approximate:
         return jax.nn.gelu(x, approximate=True)
-    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+    wide = at_least_f32(x)
+    return (0.5 * wide * (1.0 + jax.lax.erf(wide * 0.7071067811865476))).astype(x.dtype)
 
 
 # Shared by the backbones' Flax modules (called inside their compact methods).
