@@ -410,6 +410,13 @@ def lae(s: Step) -> Port:
 
 
 # ======================================================================== LoRA family
+def lora_hooks(factors: Dict[int, dict], branch: Callable) -> Dict[int, dict]:
+    """The blocks' ``lora`` hooks: ``branch(*factors)`` at every adapted projection of
+    ``factors`` ``{block: {target: factors}}``."""
+    return {i: {"lora": {t: branch(*f) for t, f in targets.items()}}
+            for i, targets in factors.items()}
+
+
 @port("inflora")
 def inflora(s: Step) -> Port:
     """Task 0's branch at key and value of every block, as the official forward forms it
@@ -424,8 +431,7 @@ def inflora(s: Step) -> Port:
         return lambda x: F.linear(x, up @ down)
 
     def loss():
-        hooks = {i: {"lora": {t: branch(*f) for t, f in targets.items()}}
-                 for i, targets in loras.items()}
+        hooks = lora_hooks(loras, branch)
         return s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
     ups = [up for targets in loras.values() for _, up in targets.values()]
     return Port(ups + list(head.parameters()), loss)
@@ -454,7 +460,7 @@ def sd_lora(s: Step) -> Port:
         return lambda x: magnitude * F.linear(F.linear(x, a), b)
 
     def loss():
-        hooks = {i: {"lora": {t: branch(*f) for t, f in fs.items()}} for i, fs in factors.items()}
+        hooks = lora_hooks(factors, branch)
         return s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
     params = [p for fs in factors.values() for f in fs.values() for p in f]
     return Port(params + [magnitude, *head.parameters()], loss)
@@ -484,7 +490,7 @@ def o_lora(s: Step) -> Port:
         return lambda x: scaling * F.linear(F.linear(F.dropout(x, c.lora_dropout, True), a), b)
 
     def loss():
-        hooks = {i: {"lora": {t: branch(*f) for t, f in fs.items()}} for i, fs in factors.items()}
+        hooks = lora_hooks(factors, branch)
         ce = s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
         orth = sum((old @ a.T).abs().sum() for fs in factors.values() for a, _ in fs.values())
         l2 = sum(torch.linalg.norm(p) for p in lora_params)
