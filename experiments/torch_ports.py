@@ -3,9 +3,9 @@
 Each port re-implements one method's first-task training step -- same shapes, same trainable
 parts, same loss terms -- the way the method's official PyTorch code computes it, over one
 timm-layout ViT (pre-norm blocks, fused qkv, GELU MLP), or for a text method a Hugging
-Face-layout BERT encoder. ``PORTS[name](step)`` returns a
-:class:`Port`: the trainable tensors and a function of no arguments that computes the loss;
-the benchmark runs Adam on them. The statistics methods (SimpleCIL, RanPAC) have no gradient
+Face-layout BERT encoder. ``PORTS[name](step)`` returns a :class:`Port`: the trainable
+tensors and a function of no arguments that computes the loss; the benchmark runs Adam on
+them. The statistics methods (SimpleCIL, RanPAC) have no gradient
 step: their port, :func:`statistics_step`, is one batch of their statistics pass.
 
 Where the JAX step does more than the official code's first task -- it carries every task's
@@ -430,8 +430,9 @@ def inflora(s: Step) -> Port:
     def branch(down, up):
         return lambda x: F.linear(x, up @ down)
 
+    hooks = lora_hooks(loras, branch)  # the optimizer updates the factors in place
+
     def loss():
-        hooks = lora_hooks(loras, branch)
         return s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
     ups = [up for targets in loras.values() for _, up in targets.values()]
     return Port(ups + list(head.parameters()), loss)
@@ -459,8 +460,9 @@ def sd_lora(s: Step) -> Port:
     def branch(a, b):
         return lambda x: magnitude * F.linear(F.linear(x, a), b)
 
+    hooks = lora_hooks(factors, branch)  # the optimizer updates the factors in place
+
     def loss():
-        hooks = lora_hooks(factors, branch)
         return s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
     params = [p for fs in factors.values() for f in fs.values() for p in f]
     return Port(params + [magnitude, *head.parameters()], loss)
@@ -489,8 +491,9 @@ def o_lora(s: Step) -> Port:
     def branch(a, b):
         return lambda x: scaling * F.linear(F.linear(F.dropout(x, c.lora_dropout, True), a), b)
 
+    hooks = lora_hooks(factors, branch)  # the optimizer updates the factors in place
+
     def loss():
-        hooks = lora_hooks(factors, branch)
         ce = s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
         orth = sum((old @ a.T).abs().sum() for fs in factors.values() for a, _ in fs.values())
         l2 = sum(torch.linalg.norm(p) for p in lora_params)
