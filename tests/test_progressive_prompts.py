@@ -80,6 +80,43 @@ def _spec(t):
 
 
 @needs_minilm
+def test_task_ts_step_carries_the_prompts_learnt_so_far_and_no_others(micro, batch,  # noqa: F811
+                                                                     monkeypatch):
+    """The official sequence grows by a prompt a task: task t's loss runs P_0..P_t only
+    (t + 1 prompts, as the encoder receives them), and equals the same pass with all T
+    prompts present and the later ones masked out of the attention (dropout off)."""
+    import dataclasses
+    cfg, params, _ = micro
+    cfg = dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
+    ids, mask, _ = batch
+    method = ProgressivePrompts({"prompt_length": LENGTH, "mlp_bottleneck": 8,
+                                 "head_dropout": 0.0},
+                                TextBackbone(cfg, minilm_dir(), max_length=10), num_classes=6,
+                                num_tasks=TASKS)
+    trainable, state = method.init(jax.random.key(4), params)
+    trainable = jax.tree_util.tree_map(
+        lambda a: a + 0.3 * jax.random.normal(jax.random.key(5), a.shape), trainable)
+    _, state = method.after_task(_spec(0), trainable, state, params, None, None)
+    inputs = {"token_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+    labels = jnp.asarray([2, 3, 3, 2])
+    seen = []
+    apply = TextBackbone.apply
+
+    def spy(self, frozen, inputs, context, **kw):
+        seen.append(context.layers[0].prompt.shape[1])
+        return apply(self, frozen, inputs, context, **kw)
+    monkeypatch.setattr(TextBackbone, "apply", spy)
+    loss, _ = method.loss(trainable, state, params, {"inputs": inputs, "label": labels},
+                          jax.random.key(6), _spec(1))
+    assert seen == [2 * LENGTH]
+    every = state["prompt_tokens"].at[1].set(method._current_prompt(trainable, params, 1))
+    every = jnp.broadcast_to(every, (4,) + every.shape)
+    logits = method._head(trainable["head"], method._encode(params, inputs, every, 1), 1)
+    want = method.masked_ce(logits, labels, _spec(1))
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+
+
+@needs_minilm
 def test_the_kept_prompt_is_the_embedded_prompt_through_its_residual_mlp(micro):  # noqa: F811
     cfg, params, tensors = micro
     method = _method(cfg, residual_mlp=True)
@@ -117,6 +154,9 @@ def test_learnt_tasks_never_change(tmp_path):
     results = train_and_evaluate(c, str(tmp_path))
     task_il = results["task_il_accuracy_matrix"]
     assert task_il[1][0] == task_il[0][0]
+    # one train and one eval program per task: the sequence grows by a prompt each task
+    assert results["compilation"]["traces"] == {"train_step/0": 1, "train_step/1": 1,
+                                                "eval_step/0": 1, "eval_step/1": 1}
     first, second = task_checkpoints(tmp_path, [0, 1], "trainable")
     for key in ("prompts",):
         np.testing.assert_array_equal(second[key][0], first[key][0])
