@@ -18,11 +18,12 @@ from pecft_jax.methods.inflora import (design_down_projection, gpm_threshold,
                                        update_dual_gpm)
 from pecft_jax.methods.o_lora import l2_loss, orthogonality_loss
 from pecft_jax.methods.sd_lora import direction_weights
-from pecft_jax.peft.lora import (LoraConfig, init_lora, init_task_loras, lora_context,
-                                 merge_lora, product_norms, task_lora_context)
+from pecft_jax.methods.base import apply_linear_head
+from pecft_jax.peft.lora import (LoraConfig, fold_task_loras, init_lora, init_task_loras,
+                                 lora_context, merge_lora, product_norms, task_lora_context)
 from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import task_checkpoints, tiny_config
+from helpers import task_checkpoints, task_spec, tiny_config
 
 
 def _moments(rng, dim, rank, n=400, scale=None):
@@ -115,6 +116,53 @@ def test_inflora_updates_never_reach_the_old_tasks_inputs():
     np.testing.assert_array_equal(head1["kernel"][:, :5], head0["kernel"][:, :5])
 
 
+def test_inflora_folds_the_branches_that_do_not_learn_without_changing_loss_or_gradient(
+        monkeypatch):
+    """While task 1 of 3 trains, the other tasks' branches are folded into the kernels and
+    task 1's rank-r branch stays beside them: the loss, the gradient of B_1 and the head's,
+    and the evaluation logits equal those of every branch beside the frozen kernels."""
+    backbone, frozen = load_backbone("random:ViT-Micro/4")
+    method = create_method("inflora", {"rank": 2}, backbone, 6, 3)
+    trainable, _ = method.init(jax.random.key(0), frozen)
+    keys = iter(jax.random.split(jax.random.key(1), 1000))
+    trainable = jax.tree_util.tree_map(
+        lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), trainable)
+    spec = task_spec(1, ((0, 1), (2, 3), (4, 5)))
+    images = np.random.default_rng(0).normal(size=(4, 16, 16, 1)).astype(np.float32)
+    batch = {"inputs": images, "label": jnp.asarray([2, 3, 2, 3])}
+
+    def unfolded(tr):
+        context = task_lora_context(tr["lora"], method.lora_cfg)
+        return apply_linear_head(tr["head"], backbone.apply(frozen, images, context,
+                                                            output="cls"))
+
+    widths = []
+    apply = Backbone.apply
+
+    def spy(self, params, images, peft=None, **kw):
+        widths.append(sorted({f["B"].shape[0] for lp in (peft.layers if peft else {}).values()
+                              for f in lp.lora.values()}))
+        return apply(self, params, images, peft, **kw)
+    monkeypatch.setattr(Backbone, "apply", spy)
+    (loss, _), grads = jax.value_and_grad(
+        lambda tr: method.loss(tr, {}, frozen, batch, jax.random.key(2), spec),
+        has_aux=True)(trainable)
+    assert widths == [[2]]  # one branch of rank r beside the folded kernels
+    want, want_grads = jax.value_and_grad(
+        lambda tr: method.masked_ce(unfolded(tr), batch["label"], spec))(trainable)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(grads["head"]["kernel"], want_grads["head"]["kernel"],
+                               atol=1e-5)
+    for layer, targets in grads["lora"].items():
+        for target, g in targets.items():
+            np.testing.assert_allclose(g["B"][1], want_grads["lora"][layer][target]["B"][1],
+                                       atol=1e-5, rtol=1e-4)
+            assert not np.asarray(g["B"][0]).any()  # folded: a constant
+    logits = method.logits(trainable, {}, frozen, batch, spec)
+    assert widths[-1] == []  # evaluation: every branch folded
+    np.testing.assert_allclose(logits, unfolded(trainable), atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- stacked LoRAs
 def test_stacked_task_loras_add_up_like_single_loras():
     cfg = vit.get_config("ViT-Micro/4")
@@ -140,6 +188,10 @@ def test_stacked_task_loras_add_up_like_single_loras():
         merged = merge_lora(merged, one, lora_cfg)
     want = vit.apply(cfg, merged, images, output="tokens")
     np.testing.assert_allclose(got, want, atol=2e-5)
+    # ... and folded into the kernels at once
+    folded = vit.apply(cfg, fold_task_loras(params, stacked, lora_cfg, weights), images,
+                       output="tokens")
+    np.testing.assert_allclose(folded, want, atol=2e-5)
     # ||A_t B_t||_F from the Gram matrices equals numpy's norm of the product
     norms = product_norms(stacked)
     f = stacked["0"]["query"]

@@ -30,6 +30,15 @@ task axis (``peft.lora.init_task_loras``); ``B`` of tasks not trained yet is zer
 sum over all equals the sum over the trained ones; ``update_mask`` trains slice ``t``. The
 basis is kept zero-padded to ``(D, D)`` per block with its width and kind.
 
+Cost: the official forward forms ``sum_{s<=t} B_s A_s`` as one ``D x D`` weight beside the
+frozen one. Here (float32 compute), the branches that do not learn are folded into the
+frozen kernels -- every task's for evaluation and the input passes, the others than ``t``'s
+(as constants) while task ``t`` trains, whose own rank-``r`` branch stays beside them
+(``peft.lora.fold_task_loras``): the same function up to float rounding, at a per-token
+cost that does not grow with the tasks. Under bf16 compute the branches stay unfolded (the
+``T r``-wide sum of ``peft.lora.task_lora_context``), since a bf16 kernel would round the
+small folded update away.
+
 Not the official code: the input statistics come from the task's un-augmented training
 images (the official passes use its augmented training loader).
 """
@@ -44,7 +53,8 @@ import numpy as np
 
 from pecft_jax.methods.base import (FROZEN, Method, TaskSpec, apply_linear_head, count_params,
                                     init_linear_head, mask_task_columns, mask_task_slice)
-from pecft_jax.peft.lora import LoraConfig, init_task_loras, task_lora_context
+from pecft_jax.peft.lora import (LoraConfig, fold_task_loras, init_task_loras, task_lora_context,
+                                 task_slice)
 
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -172,14 +182,25 @@ class InfLoRA(Method):
         return {}  # the steps read no basis
 
     # ------------------------------------------------------------------ traced
-    def features(self, trainable, frozen, images, output="cls"):
-        return self.backbone.apply(frozen, images,
-                                   task_lora_context(trainable["lora"], self.lora_cfg),
-                                   output=output)
+    def features(self, trainable, frozen, images, output="cls", training=None):
+        """The backbone with every task's branch; ``training``: the index of the task whose
+        ``B`` learns (its branch is then kept apart from the folded others)."""
+        lora = trainable["lora"]
+        if self.backbone.config.dtype != "float32":  # bf16 would round a folded update away
+            return self.backbone.apply(frozen, images, task_lora_context(lora, self.lora_cfg),
+                                       output=output)
+        if training is None:
+            return self.backbone.apply(fold_task_loras(frozen, lora, self.lora_cfg), images,
+                                       output=output)
+        others = (jnp.arange(self.num_tasks) != training).astype(jnp.float32)
+        params = fold_task_loras(frozen, jax.lax.stop_gradient(lora), self.lora_cfg, others)
+        return self.backbone.apply(params, images,
+                                   task_lora_context(task_slice(lora, training),
+                                                     self.lora_cfg), output=output)
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
-        logits = apply_linear_head(trainable["head"],
-                                   self.features(trainable, frozen, batch["inputs"]))
+        logits = apply_linear_head(trainable["head"], self.features(
+            trainable, frozen, batch["inputs"], training=task.index))
         ce = self.masked_ce(logits, batch["label"], task)
         return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
 

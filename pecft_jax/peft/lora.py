@@ -244,39 +244,82 @@ def product_norms(task_loras: Mapping) -> dict:
             for layer, targets in task_loras.items()}
 
 
+def task_slice(task_loras: Mapping, t) -> dict:
+    """Task ``t``'s factors of stacked task LoRAs, still stacked (a task axis of 1): ``t``
+    may be traced. With :func:`task_lora_context` it gives that task's branch alone."""
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, t, 1), task_loras)
+
+
+def fold_task_loras(params: Mapping, task_loras: Mapping, lora_cfg: LoraConfig,
+                    weights: Optional[Union[Array, Mapping]] = None) -> dict:
+    """``params`` with what ``task_lora_context(task_loras, lora_cfg, weights)`` adds at each
+    adapted projection folded into its kernel: ``W + scaling * sum_t w_t A_t B_t``, formed in
+    float32 at full precision (so that a GPU's TF32 does not round it). The backbone on the
+    result, without that context, computes the same function up to float rounding, and its
+    cost no longer grows with the number of tasks. Fold only under float32 compute: a bf16
+    matmul would round the small update together with the kernel. No dropout on the branch
+    (there is none to apply to a folded weight)."""
+    deltas = {}
+    for key, targets in task_loras.items():
+        deltas[key] = {}
+        for target, f in targets.items():
+            num_tasks = f["A"].shape[0]
+            if weights is None:
+                w = jnp.ones((num_tasks,), jnp.float32)
+            else:
+                w = weights if not isinstance(weights, Mapping) else weights[key][target]
+            deltas[key][target] = lora_cfg.scaling * jnp.einsum(
+                "t,tir,tro->io", jnp.asarray(w, jnp.float32), f["A"].astype(jnp.float32),
+                f["B"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return _add_to_kernels(params, deltas)
+
+
 # ----------------------------------------------------------------------------- merge / unmerge
-def _fold(params: Mapping, lora_params: Mapping, lora_cfg: LoraConfig, sign: float) -> dict:
-    """Copy-on-write update of the adapted kernels: W + sign * scaling * A @ B."""
+def _add_to_kernels(params: Mapping, deltas: Mapping) -> dict:
+    """Copy-on-write update of the adapted kernels: ``W + delta`` for every ``{layer:
+    {target: (d_in, d_out) delta}}``, computed in float32 and cast back to the kernel's
+    dtype."""
     new = dict(params)
     if "Transformer" not in new:
-        raise ValueError("params has no 'Transformer' subtree; pass the ViT's parameter tree")
+        raise ValueError("params has no 'Transformer' subtree; pass the backbone's parameter "
+                         "tree")
     new["Transformer"] = dict(new["Transformer"])
-    for key, targets in lora_params.items():
+    for key, targets in deltas.items():
         layer = layer_index(key)
         block_name = f"encoderblock_{layer}"
         if block_name not in new["Transformer"]:
             raise ValueError(f"LoRA params name layer {layer}, but params has no "
                              f"Transformer/{block_name}")
         block = dict(new["Transformer"][block_name])
-        for target, factors in targets.items():
-            _check_factors(layer, target, factors, lora_cfg.r)
+        for target, delta in targets.items():
             parent_name, module_name = TARGET_SUBPATHS[target]
             parent = dict(block[parent_name])
             module = dict(parent[module_name])
             kernel = module["kernel"]
-            delta = lora_cfg.scaling * (factors["A"].astype(jnp.float32)
-                                        @ factors["B"].astype(jnp.float32))
             if delta.size != kernel.size:
                 raise ValueError(f"{target_path(layer, target)}: LoRA update has shape "
                                  f"{delta.shape} but the kernel is {kernel.shape}")
-            # The backbone flattens (H, hd) row-major on both sides, so a plain reshape lines
+            # The backbones flatten (H, hd) row-major on both sides, so a plain reshape lines
             # the (d_in, d_out) update up with the (D, H, hd) / (H, hd, D) kernels.
-            merged = kernel.astype(jnp.float32) + sign * delta.reshape(kernel.shape)
+            merged = kernel.astype(jnp.float32) + delta.reshape(kernel.shape)
             module["kernel"] = merged.astype(kernel.dtype)
             parent[module_name] = module
             block[parent_name] = parent
         new["Transformer"][block_name] = block
     return new
+
+
+def _fold(params: Mapping, lora_params: Mapping, lora_cfg: LoraConfig, sign: float) -> dict:
+    """W + sign * scaling * A @ B at every adapted kernel."""
+    deltas = {}
+    for key, targets in lora_params.items():
+        layer = layer_index(key)
+        deltas[key] = {}
+        for target, factors in targets.items():
+            _check_factors(layer, target, factors, lora_cfg.r)
+            deltas[key][target] = sign * lora_cfg.scaling * (
+                factors["A"].astype(jnp.float32) @ factors["B"].astype(jnp.float32))
+    return _add_to_kernels(params, deltas)
 
 
 def merge_lora(frozen_params: Mapping, lora_params: Mapping, lora_cfg: LoraConfig) -> dict:
