@@ -106,14 +106,22 @@ def test_task_ts_step_carries_the_prompts_learnt_so_far_and_no_others(micro, bat
         seen.append(context.layers[0].prompt.shape[1])
         return apply(self, frozen, inputs, context, **kw)
     monkeypatch.setattr(TextBackbone, "apply", spy)
-    loss, _ = method.loss(trainable, state, params, {"inputs": inputs, "label": labels},
-                          jax.random.key(6), _spec(1))
+    (loss, _), grads = jax.value_and_grad(
+        lambda tr: method.loss(tr, state, params, {"inputs": inputs, "label": labels},
+                               jax.random.key(6), _spec(1)), has_aux=True)(trainable)
     assert seen == [2 * LENGTH]
-    every = state["prompt_tokens"].at[1].set(method._current_prompt(trainable, params, 1))
-    every = jnp.broadcast_to(every, (4,) + every.shape)
-    logits = method._head(trainable["head"], method._encode(params, inputs, every, 1), 1)
-    want = method.masked_ce(logits, labels, _spec(1))
+
+    def masked(tr):  # every task's prompt in the sequence, prompt 2 masked out
+        every = state["prompt_tokens"].at[1].set(method._current_prompt(tr, params, 1))
+        every = jnp.broadcast_to(every, (4,) + every.shape)
+        logits = method._head(tr["head"], method._encode(params, inputs, every, 1), 1)
+        return method.masked_ce(logits, labels, _spec(1))
+    want, want_grads = jax.value_and_grad(masked)(trainable)
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    for got, expected in zip(jax.tree_util.tree_leaves(grads),
+                             jax.tree_util.tree_leaves(want_grads)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(grads["prompts"][1])).max() > 0
 
 
 @needs_minilm
