@@ -29,10 +29,11 @@ times its first session's step (AdaptFormer adapters in every block and the cosi
 classifier, the ``adapter`` variant; RanPAC's first session is the same step).
 CODA-Prompt's JAX step weighs all M components (those of later tasks masked to 0, so one
 program serves every task); the PyTorch port, like the official code, only those of tasks
-0..t -- on task 0 that is 1/T of them. InfLoRA's, SD-LoRA's and O-LoRA's JAX steps
-likewise carry every task's LoRA branch (stacked along the rank, later ones zero); the
-ports, task 0's only, as the official forwards form them (InfLoRA: ``B_0 A_0``, a D x D
-weight at key and value; SD-LoRA and O-LoRA: ``B(A x)`` at query and value). EASE's JAX
+0..t -- on task 0 that is 1/T of them. SD-LoRA's and O-LoRA's JAX steps likewise carry
+every task's LoRA branch (stacked along the rank, later ones zero; InfLoRA's folds the
+branches that do not learn into the kernels, under float32 matmuls); the ports, task 0's
+only, as the official forwards form them (InfLoRA: ``B_0 A_0``, a D x D weight at key and
+value; SD-LoRA and O-LoRA: ``B(A x)`` at query and value). EASE's JAX
 step gathers the current task's adapters from every task's, stacked; its port, like the
 official code, holds the current ones only (the same computation).
 

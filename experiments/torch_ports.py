@@ -512,9 +512,8 @@ def progressive_prompts(s: Step) -> Port:
     positions ``0, n + 1, ...``, then ``x + MLP(x)``), the encoder with dropout on, the head
     (dropout, Linear, tanh, dropout, Linear) at the prompt's first token. The official code
     trains the whole word-embedding matrix and zeroes every row's gradient but the prompt's;
-    the port trains the prompt alone (which favours PyTorch). The JAX step carries every
-    task's prompt (those of later tasks masked out of the attention): ``T L`` tokens to the
-    port's ``L``, the official code's length on its last task."""
+    the port trains the prompt alone (which favours PyTorch). The JAX step, like the
+    official code, carries the prompts of tasks ``0..t`` (task 0's alone here)."""
     c, d, bert = s.c, s.d, s.model
     ids, mask = s.inputs["token_ids"][:, 1:], s.inputs["attention_mask"][:, 1:]
     n = ids.shape[1]

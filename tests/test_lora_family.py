@@ -19,8 +19,9 @@ from pecft_jax.methods.inflora import (design_down_projection, gpm_threshold,
 from pecft_jax.methods.o_lora import l2_loss, orthogonality_loss
 from pecft_jax.methods.sd_lora import direction_weights
 from pecft_jax.methods.base import apply_linear_head
-from pecft_jax.peft.lora import (LoraConfig, fold_task_loras, init_lora, init_task_loras,
-                                 lora_context, merge_lora, product_norms, task_lora_context)
+from pecft_jax.peft.lora import (LoraConfig, fold_task_loras, folds_exactly, init_lora,
+                                 init_task_loras, lora_context, merge_lora, product_norms,
+                                 task_lora_context)
 from pecft_jax.train.loop import train_and_evaluate
 
 from helpers import task_checkpoints, task_spec, tiny_config
@@ -161,6 +162,34 @@ def test_inflora_folds_the_branches_that_do_not_learn_without_changing_loss_or_g
     logits = method.logits(trainable, {}, frozen, batch, spec)
     assert widths[-1] == []  # evaluation: every branch folded
     np.testing.assert_allclose(logits, unfolded(trainable), atol=1e-4)
+
+
+def test_inflora_keeps_its_branches_apart_where_matmuls_round_below_float32(monkeypatch):
+    """Folding needs float32 matmuls: on this CPU in float32, not in bf16; on a GPU (TF32 by
+    default) only under float32 matmul precision. Elsewhere InfLoRA keeps every branch
+    beside the kernels (rank T r)."""
+    assert folds_exactly("float32") and not folds_exactly("bfloat16")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not folds_exactly("float32")
+    with jax.default_matmul_precision("highest"):
+        assert folds_exactly("float32")
+    backbone, frozen = load_backbone("random:ViT-Micro/4")
+    method = create_method("inflora", {"rank": 2}, backbone, 6, 3)
+    trainable, _ = method.init(jax.random.key(0), frozen)
+    widths = []
+    apply = Backbone.apply
+
+    def spy(self, params, images, peft=None, **kw):
+        widths.append(sorted({f["B"].shape[0] for lp in (peft.layers if peft else {}).values()
+                              for f in lp.lora.values()}))
+        return apply(self, params, images, peft, **kw)
+    monkeypatch.setattr(Backbone, "apply", spy)
+    images = np.zeros((2, 16, 16, 1), np.float32)
+    method.loss(trainable, {}, frozen, {"inputs": images, "label": jnp.asarray([2, 3])},
+                jax.random.key(1), task_spec(1, ((0, 1), (2, 3), (4, 5))))
+    assert widths == [[6]]
+    with pytest.raises(ValueError, match="task LoRAs must be"):
+        fold_task_loras(frozen, trainable["lora"], LoraConfig(r=3, lora_alpha=3))
 
 
 # ----------------------------------------------------------------------------- stacked LoRAs

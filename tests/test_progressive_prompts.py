@@ -196,3 +196,29 @@ def test_shared_classes_are_scored_by_the_latest_task(micro, batch):  # noqa: F8
                                        method._encode(params, inputs, tokens, t), t))
         np.testing.assert_allclose(got, want, atol=1e-5)
         assert np.abs(got).max() > 0
+
+
+@needs_minilm
+def test_class_il_logits_score_each_tasks_classes_by_its_head_and_prompts(  # noqa: F811
+        micro, batch):  # noqa: F811
+    """Class-incremental, after task 1 of 3: task j's columns are head j's logits of the
+    pass with prompts 0..j (prompt 1 masked out of task 0's pass), task 2's columns 0."""
+    cfg, params, _ = micro
+    ids, mask, _ = batch
+    method = _method(cfg, residual_mlp=False)
+    trainable, state = method.init(jax.random.key(7), params)
+    trainable = jax.tree_util.tree_map(
+        lambda a: a + 0.3 * jax.random.normal(jax.random.key(8), a.shape), trainable)
+    for t in range(2):
+        _, state = method.after_task(_spec(t), trainable, state, params, None, None)
+    inputs = {"token_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+    got = np.asarray(method.logits(trainable, state, params, {"inputs": inputs}, _spec(1)))
+    prompts = state["prompt_tokens"][:2]
+    tokens = jnp.broadcast_to(prompts, (4,) + prompts.shape)
+    for j, classes in enumerate(((0, 1), (2, 3))):
+        prompts = tokens if j == 1 else tokens[:, :1]  # task 0's pass: its prompt alone
+        want = np.asarray(method._head(trainable["head"],
+                                       method._encode(params, inputs, prompts, j), j))
+        np.testing.assert_allclose(got[:, classes], want[:, classes], atol=1e-5)
+    assert not got[:, 4:].any()
+

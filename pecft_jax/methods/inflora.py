@@ -31,13 +31,14 @@ sum over all equals the sum over the trained ones; ``update_mask`` trains slice 
 basis is kept zero-padded to ``(D, D)`` per block with its width and kind.
 
 Cost: the official forward forms ``sum_{s<=t} B_s A_s`` as one ``D x D`` weight beside the
-frozen one. Here (float32 compute), the branches that do not learn are folded into the
-frozen kernels -- every task's for evaluation and the input passes, the others than ``t``'s
-(as constants) while task ``t`` trains, whose own rank-``r`` branch stays beside them
-(``peft.lora.fold_task_loras``): the same function up to float rounding, at a per-token
-cost that does not grow with the tasks. Under bf16 compute the branches stay unfolded (the
-``T r``-wide sum of ``peft.lora.task_lora_context``), since a bf16 kernel would round the
-small folded update away.
+frozen one. Here, where the matmuls are float32 (``peft.lora.folds_exactly``: float32
+compute on a CPU, or float32 matmul precision), the branches that do not learn are folded
+into the frozen kernels -- every task's for evaluation and the input passes, the others
+than ``t``'s (as constants) while task ``t`` trains, whose own rank-``r`` branch stays
+beside them (``peft.lora.fold_task_loras``): the same function up to float rounding, at a
+per-token cost that does not grow with the tasks. Elsewhere (bf16 compute, a GPU's TF32)
+the branches stay unfolded (the ``T r``-wide sum of ``peft.lora.task_lora_context``): a
+kernel rounded to fewer bits would round the small folded update away.
 
 Not the official code: the input statistics come from the task's un-augmented training
 images (the official passes use its augmented training loader).
@@ -53,8 +54,8 @@ import numpy as np
 
 from pecft_jax.methods.base import (FROZEN, Method, TaskSpec, apply_linear_head, count_params,
                                     init_linear_head, mask_task_columns, mask_task_slice)
-from pecft_jax.peft.lora import (LoraConfig, fold_task_loras, init_task_loras, task_lora_context,
-                                 task_slice)
+from pecft_jax.peft.lora import (LoraConfig, fold_task_loras, folds_exactly, init_task_loras,
+                                 task_lora_context, task_slice)
 
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -186,7 +187,7 @@ class InfLoRA(Method):
         """The backbone with every task's branch; ``training``: the index of the task whose
         ``B`` learns (its branch is then kept apart from the folded others)."""
         lora = trainable["lora"]
-        if self.backbone.config.dtype != "float32":  # bf16 would round a folded update away
+        if not folds_exactly(self.backbone.config.dtype):  # a folded update would be rounded
             return self.backbone.apply(frozen, images, task_lora_context(lora, self.lora_cfg),
                                        output=output)
         if training is None:

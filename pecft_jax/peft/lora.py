@@ -202,6 +202,13 @@ def init_task_loras(cfg: ViTConfig, lora_cfg: LoraConfig, num_tasks: int, rng: A
                          stacked=True)
 
 
+def _check_task_factors(layer: int, target: str, a: Array, b: Array, r: int) -> None:
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != r or \
+            b.shape[1] != r:
+        raise ValueError(f"layer {layer}/{target}: task LoRAs must be A (T, d_in, r={r}) and "
+                         f"B (T, r={r}, d_out), got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
 def task_lora_context(task_loras: Mapping, lora_cfg: LoraConfig,
                       weights: Optional[Mapping] = None) -> PEFTContext:
     """The backbone context that adds ``scaling * sum_t w_t x A_t B_t`` at every adapted
@@ -216,11 +223,7 @@ def task_lora_context(task_loras: Mapping, lora_cfg: LoraConfig,
         factors = {}
         for target, f in targets.items():
             a, b = f["A"], f["B"]
-            if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != \
-                    lora_cfg.r or b.shape[1] != lora_cfg.r:
-                raise ValueError(f"layer {layer}/{target}: task LoRAs must be A (T, d_in, "
-                                 f"r={lora_cfg.r}) and B (T, r={lora_cfg.r}, d_out), got "
-                                 f"{tuple(a.shape)} and {tuple(b.shape)}")
+            _check_task_factors(layer, target, a, b, lora_cfg.r)
             if weights is not None:
                 w = weights if not isinstance(weights, Mapping) else weights[key][target]
                 b = b * jnp.asarray(w, b.dtype)[:, None, None]
@@ -250,19 +253,31 @@ def task_slice(task_loras: Mapping, t) -> dict:
     return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, t, 1), task_loras)
 
 
+def folds_exactly(compute_dtype: str) -> bool:
+    """Whether a LoRA update folded into a kernel (:func:`fold_task_loras`) keeps float32
+    precision in the backbone's matmuls: float32 compute, on XLA:CPU (whose float32 matmuls
+    are float32) or with ``jax_default_matmul_precision`` 'highest' / 'float32'. A GPU's
+    default TF32 (10-bit mantissa) or a TPU's bf16 passes would round the small update
+    against the kernel's magnitude, where the separate branch keeps it to its own."""
+    if compute_dtype != "float32":
+        return False
+    precision = str(jax.config.jax_default_matmul_precision or "").lower()
+    return jax.default_backend() == "cpu" or precision in ("highest", "float32")
+
+
 def fold_task_loras(params: Mapping, task_loras: Mapping, lora_cfg: LoraConfig,
                     weights: Optional[Union[Array, Mapping]] = None) -> dict:
     """``params`` with what ``task_lora_context(task_loras, lora_cfg, weights)`` adds at each
     adapted projection folded into its kernel: ``W + scaling * sum_t w_t A_t B_t``, formed in
-    float32 at full precision (so that a GPU's TF32 does not round it). The backbone on the
-    result, without that context, computes the same function up to float rounding, and its
-    cost no longer grows with the number of tasks. Fold only under float32 compute: a bf16
-    matmul would round the small update together with the kernel. No dropout on the branch
-    (there is none to apply to a folded weight)."""
+    float32 at full precision. The backbone on the result, without that context, computes
+    the same function up to float rounding, and its cost no longer grows with the number of
+    tasks. Fold only where :func:`folds_exactly`. No dropout on the branch (there is none to
+    apply to a folded weight)."""
     deltas = {}
     for key, targets in task_loras.items():
         deltas[key] = {}
         for target, f in targets.items():
+            _check_task_factors(layer_index(key), target, f["A"], f["B"], lora_cfg.r)
             num_tasks = f["A"].shape[0]
             if weights is None:
                 w = jnp.ones((num_tasks,), jnp.float32)
