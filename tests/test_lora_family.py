@@ -117,6 +117,20 @@ def test_inflora_updates_never_reach_the_old_tasks_inputs():
     np.testing.assert_array_equal(head1["kernel"][:, :5], head0["kernel"][:, :5])
 
 
+def _record_lora_ranks(monkeypatch) -> list:
+    """Makes every backbone pass append the sorted LoRA ranks of its context (``[]``: no
+    branch) to the list returned."""
+    widths = []
+    apply = Backbone.apply
+
+    def spy(self, params, images, peft=None, **kw):
+        widths.append(sorted({f["B"].shape[0] for lp in (peft.layers if peft else {}).values()
+                              for f in lp.lora.values()}))
+        return apply(self, params, images, peft, **kw)
+    monkeypatch.setattr(Backbone, "apply", spy)
+    return widths
+
+
 def test_inflora_folds_the_branches_that_do_not_learn_without_changing_loss_or_gradient(
         monkeypatch):
     """While task 1 of 3 trains, the other tasks' branches are folded into the kernels and
@@ -137,14 +151,7 @@ def test_inflora_folds_the_branches_that_do_not_learn_without_changing_loss_or_g
         return apply_linear_head(tr["head"], backbone.apply(frozen, images, context,
                                                             output="cls"))
 
-    widths = []
-    apply = Backbone.apply
-
-    def spy(self, params, images, peft=None, **kw):
-        widths.append(sorted({f["B"].shape[0] for lp in (peft.layers if peft else {}).values()
-                              for f in lp.lora.values()}))
-        return apply(self, params, images, peft, **kw)
-    monkeypatch.setattr(Backbone, "apply", spy)
+    widths = _record_lora_ranks(monkeypatch)
     (loss, _), grads = jax.value_and_grad(
         lambda tr: method.loss(tr, {}, frozen, batch, jax.random.key(2), spec),
         has_aux=True)(trainable)
@@ -176,14 +183,7 @@ def test_inflora_keeps_its_branches_apart_where_matmuls_round_below_float32(monk
     backbone, frozen = load_backbone("random:ViT-Micro/4")
     method = create_method("inflora", {"rank": 2}, backbone, 6, 3)
     trainable, _ = method.init(jax.random.key(0), frozen)
-    widths = []
-    apply = Backbone.apply
-
-    def spy(self, params, images, peft=None, **kw):
-        widths.append(sorted({f["B"].shape[0] for lp in (peft.layers if peft else {}).values()
-                              for f in lp.lora.values()}))
-        return apply(self, params, images, peft, **kw)
-    monkeypatch.setattr(Backbone, "apply", spy)
+    widths = _record_lora_ranks(monkeypatch)
     images = np.zeros((2, 16, 16, 1), np.float32)
     method.loss(trainable, {}, frozen, {"inputs": images, "label": jnp.asarray([2, 3])},
                 jax.random.key(1), task_spec(1, ((0, 1), (2, 3), (4, 5))))
