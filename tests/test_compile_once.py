@@ -179,6 +179,65 @@ def test_logits_read_the_cached_fixed_features(name, options):
     assert np.abs(other - plain).max() > 1e-3  # read from the batch, not recomputed
 
 
+def test_ease_logits_read_the_cached_subspace_features():
+    """EASE's subspace j, once trained, may come in the batch: after task 1 of 3 the logits
+    from passes 0 and 1 (pass 2 zero) equal those that run the adapted model, and are read
+    from the batch alone."""
+    from pecft_jax.backbones.backbone import load_backbone
+    from pecft_jax.methods import create_method
+    from pecft_jax.methods.common import TASK_FEATURES
+    from helpers import task_spec
+    backbone, frozen = load_backbone("random:ViT-Micro/4")
+    method = create_method("ease", {"adapter": {"bottleneck_dim": 4}}, backbone, 6, 3)
+    assert method.task_features_fixed
+    trainable, state = method.init(jax.random.key(0), frozen)
+    trainable = jax.tree_util.tree_map(  # trained (non-zero) adapters
+        lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape), trainable)
+    state = dict(state, prototypes=jax.random.normal(jax.random.key(2),
+                                                     state["prototypes"].shape))
+    images = jax.random.normal(jax.random.key(3), (5, 16, 16, 1))
+    classes = ((0, 1), (2, 3), (4, 5))
+    features = np.zeros((5, 3, method.task_feature_dim), np.float32)
+    for j in range(2):
+        features[:, j] = method.task_features(trainable, state, frozen, images,
+                                              task_spec(j, classes))
+    spec = task_spec(1, classes)
+    plain = np.asarray(method.logits(trainable, state, frozen, {"inputs": images}, spec))
+    cached = np.asarray(method.logits(trainable, state, frozen,
+                                      {TASK_FEATURES: jnp.asarray(features)}, spec))
+    np.testing.assert_allclose(cached, plain, rtol=1e-5, atol=1e-6)
+    other = np.asarray(method.logits(trainable, state, frozen,
+                                     {TASK_FEATURES: jnp.asarray(features[::-1])}, spec))
+    assert np.abs(other - plain).max() > 1e-3  # read from the batch, not recomputed
+
+
+def test_each_test_set_goes_through_each_learnt_pass_once(tmp_path, monkeypatch):
+    """EASE classifies with every trained subspace, so an evaluation after task t ran t + 1
+    passes over each of t + 1 test sets (55 over 5 tasks). Subspace j is fixed once task j
+    is learnt: with the cache each (test set, pass) is computed once -- after task t, pass t
+    of the earlier test sets and every pass of task t's, one read of each test set -- 25
+    passes in all, and the matrices are the uncached run's."""
+    from pecft_jax.train.feature_cache import FeatureCache
+    real, computed = FeatureCache.get_many, []
+
+    def get_many(self, computes, batches):
+        computed.append(sorted(name for name in computes if not self.has(name)))
+        return real(self, computes, batches)
+    monkeypatch.setattr(FeatureCache, "get_many", get_many)
+    options = dict(epochs=1, adapter={"bottleneck_dim": 4})
+    cached = _run(tmp_path, "cached", "ease", **options)
+    expected = [[f"task/{j}/test/{i}" for j in (range(t + 1) if i == t else [t])]
+                for t in range(5) for i in range(t + 1)]
+    assert computed == expected
+    assert sum(map(len, computed)) == 25
+    assert cached["compilation"]["traces"] == {"train_step": 1, "task_features": 1,
+                                               "eval_step": 1}
+    uncached = _run(tmp_path, "uncached", "ease", cache=False, **options)
+    assert uncached["compilation"]["traces"] == {"train_step": 1, "eval_step": 1}
+    for key in [key for key in cached if "matrix" in key]:
+        assert cached[key] == uncached[key], key
+
+
 def test_the_cache_feeds_the_steps_and_evaluation_with_the_frozen_query(tmp_path):
     config = tiny_config()
     config.scenario.num_tasks = 2

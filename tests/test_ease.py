@@ -135,7 +135,9 @@ def test_only_the_current_tasks_adapter_changes():
     c.method.adapter = {"bottleneck_dim": 4}
     c.train.optimizer, c.train.momentum, c.train.learning_rate = "sgd", 0.9, 0.5
     results = train_and_evaluate(c, workdir)
-    assert results["compilation"]["traces"] == {"train_step": 1, "eval_step": 1}
+    # one program each: the steps, and the subspace pass the evaluations cache
+    assert results["compilation"]["traces"] == {"train_step": 1, "task_features": 1,
+                                                "eval_step": 1}
     ckpt = Checkpointer(os.path.join(workdir))
     try:
         after = [ckpt.restore("tasks", t)["trainable"]["adapters"] for t in range(5)]

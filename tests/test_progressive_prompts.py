@@ -162,9 +162,11 @@ def test_learnt_tasks_never_change(tmp_path):
     results = train_and_evaluate(c, str(tmp_path))
     task_il = results["task_il_accuracy_matrix"]
     assert task_il[1][0] == task_il[0][0]
-    # one train and one eval program per task: the sequence grows by a prompt each task
-    assert results["compilation"]["traces"] == {"train_step/0": 1, "train_step/1": 1,
-                                                "eval_step/0": 1, "eval_step/1": 1}
+    # one train, one pass and one eval program per task: the sequence grows by a prompt
+    # each task; the eval step reads the passes' outputs, each (test set, pass) computed once
+    assert results["compilation"]["traces"] == {
+        "train_step/0": 1, "train_step/1": 1, "task_features/0": 1, "task_features/1": 1,
+        "eval_step/0": 1, "eval_step/1": 1}
     first, second = task_checkpoints(tmp_path, [0, 1], "trainable")
     for key in ("prompts",):
         np.testing.assert_array_equal(second[key][0], first[key][0])
@@ -222,3 +224,36 @@ def test_class_il_logits_score_each_tasks_classes_by_its_head_and_prompts(  # no
         np.testing.assert_allclose(got[:, classes], want[:, classes], atol=1e-5)
     assert not got[:, 4:].any()
 
+
+
+@needs_minilm
+def test_logits_read_each_tasks_pass_from_the_cached_task_features(micro, batch):  # noqa: F811
+    """Pass j's cached features are what the official evaluation computes for task j
+    (prompts 0..j, nothing after them in the sequence); after task 1 of 3 the logits from
+    them equal those that run the passes, and come from the batch alone (no text)."""
+    from pecft_jax.methods.common import TASK_FEATURES
+    cfg, params, _ = micro
+    ids, mask, _ = batch
+    method = _method(cfg, residual_mlp=False)
+    assert method.task_features_fixed
+    trainable, state = method.init(jax.random.key(7), params)
+    trainable = jax.tree_util.tree_map(
+        lambda a: a + 0.3 * jax.random.normal(jax.random.key(8), a.shape), trainable)
+    for t in range(2):
+        _, state = method.after_task(_spec(t), trainable, state, params, None, None)
+    inputs = {"token_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+    features = np.zeros((4, TASKS, cfg.hidden_size), np.float32)
+    for j in range(2):
+        features[:, j] = method.task_features(trainable, state, params, inputs, _spec(j))
+        prompts = jnp.broadcast_to(state["prompt_tokens"][:j + 1],
+                                   (4, j + 1) + state["prompt_tokens"].shape[1:])
+        np.testing.assert_allclose(features[:, j], method._encode(params, inputs, prompts, j),
+                                   atol=1e-6)
+    plain = np.asarray(method.logits(trainable, state, params, {"inputs": inputs}, _spec(1)))
+    cached = np.asarray(method.logits(trainable, state, params,
+                                      {TASK_FEATURES: jnp.asarray(features)}, _spec(1)))
+    np.testing.assert_allclose(cached, plain, atol=1e-5)
+    assert np.abs(plain[:, :4]).min() > 0 and not plain[:, 4:].any()
+    other = np.asarray(method.logits(trainable, state, params,
+                                     {TASK_FEATURES: jnp.asarray(features[::-1])}, _spec(1)))
+    assert np.abs(other - plain).max() > 1e-3  # read from the batch, not recomputed

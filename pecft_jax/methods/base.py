@@ -496,6 +496,14 @@ class Method:
     #: features once and put them into the evaluation batches (``batch['fixed_features']``),
     #: which ``logits`` reads through :func:`pecft_jax.methods.common.cached_fixed_features`.
     features_fixed_after: Optional[int] = None
+    #: True when ``logits`` runs one pass per learnt task ``j`` (Progressive Prompts' prompts
+    #: ``0..j``, EASE's subspace ``j``) whose features, :meth:`task_features`, never change
+    #: once task ``j`` is learnt. The loop may then compute each (test set, pass) pair once,
+    #: not after every later task, and put passes ``0..t`` into the evaluation batches
+    #: (``batch['task_features']``, ``(B, num_tasks, task_feature_dim)``, the passes not yet
+    #: learnt zero), which ``logits`` reads through
+    #: :func:`pecft_jax.methods.common.cached_task_features`.
+    task_features_fixed: bool = False
 
     @property
     def predictions_depend_on_batch(self) -> bool:
@@ -622,6 +630,20 @@ class Method:
     @property
     def fixed_feature_dim(self) -> int:
         """The width of :meth:`fixed_features` (default: the backbone's feature width)."""
+        return self.backbone.feature_dim
+
+    def task_features(self, trainable: dict, state: dict, frozen: Any, inputs: Any,
+                      task: TaskSpec) -> Array:
+        """``(B, task_feature_dim)``: the features of ``inputs`` in task ``task.index``'s
+        pass, given that task's spec (traced index, or concrete for a ``static_task``
+        method), once it is learnt (only called for a method that sets
+        ``task_features_fixed``)."""
+        raise NotImplementedError(f"{type(self).__name__} sets task_features_fixed but does "
+                                  f"not define task_features")
+
+    @property
+    def task_feature_dim(self) -> int:
+        """The width of :meth:`task_features` (default: the backbone's feature width)."""
         return self.backbone.feature_dim
 
     def step_state(self, state: dict) -> dict:

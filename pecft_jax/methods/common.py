@@ -13,6 +13,9 @@ FROZEN_QUERY = "frozen_query"
 #: The batch key under which the loop passes a method's precomputed fixed features (see
 #: ``Method.features_fixed_after``).
 FIXED_FEATURES = "fixed_features"
+#: The batch key under which the loop passes the learnt tasks' precomputed pass features
+#: (see ``Method.task_features_fixed``).
+TASK_FEATURES = "task_features"
 
 
 def num_examples(inputs) -> int:
@@ -39,6 +42,16 @@ def cached_fixed_features(batch: Mapping[str, jax.Array],
     else ``compute()``."""
     if FIXED_FEATURES in batch:
         return jax.lax.stop_gradient(batch[FIXED_FEATURES])
+    return compute()
+
+
+def cached_task_features(batch: Mapping[str, jax.Array],
+                         compute: Callable[[], jax.Array]) -> jax.Array:
+    """``batch['task_features']`` ``(B, num_tasks, W)`` when the loop precomputed the
+    learnt tasks' pass features (``Method.task_features_fixed``; the passes after the
+    evaluated task are zeros), else ``compute()``, which gives the same layout."""
+    if TASK_FEATURES in batch:
+        return jax.lax.stop_gradient(batch[TASK_FEATURES])
     return compute()
 
 

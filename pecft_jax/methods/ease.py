@@ -36,7 +36,10 @@ Fixed shapes: every task's adapter is in the trainable tree from the start, stac
 leading task axis (``update_mask`` lets only the current one learn, so the earlier ones
 stay bit-identical); the subspaces not yet trained are skipped at run time
 (``lax.cond``), so task ``t`` costs ``t + 1`` backbone passes per image, and one compiled
-step serves every task. Prototypes live in a ``(C, T, D)`` array.
+step serves every task. Prototypes live in a ``(C, T, D)`` array. A trained subspace never
+changes (``task_features_fixed``): the loop computes each test set's ``phi_j`` once, when
+first needed, and the evaluations read them (the official code runs every subspace over
+the test set again after each task).
 
 Trainable: ``T`` adapter sets and the temporary classifier. State: prototypes ``(C, T, D)``
 (plus ``(C, D)`` with ``use_init_ptm``) and per-class image counts.
@@ -53,7 +56,7 @@ import numpy as np
 from pecft_jax import peft
 from pecft_jax.methods.base import (Method, TaskSpec, config_field, count_params,
                                     mask_task_slice)
-from pecft_jax.methods.common import frozen_query, num_examples
+from pecft_jax.methods.common import cached_task_features, frozen_query, num_examples
 from pecft_jax.peft.per_task import init_per_task
 from pecft_jax.peft.prompt_pool import cosine_similarity, l2_normalize
 
@@ -108,6 +111,7 @@ def subspace_weights(task_of_class: np.ndarray, num_tasks: int, t, alpha: float,
 class EASE(Method):
     name = "ease"
     train_class_mask = "task"  # the temporary classifier covers the task's classes only
+    task_features_fixed = True  # subspace j: adapter j never moves after task j
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -190,11 +194,16 @@ class EASE(Method):
         ce = self.masked_ce(logits, batch["label"], task)
         return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
+    def task_features(self, trainable, state, frozen, inputs, task: TaskSpec):
+        """``phi_j(x)`` of task ``j``'s subspace: fixed once its adapter is trained (the
+        loop computes it once per test set, ``task_features_fixed``)."""
+        return self.subspace(trainable["adapters"], frozen, inputs, task.index)
+
     def logits(self, trainable, state, frozen, batch, task: TaskSpec):
         c = self.config
-        phi = l2_normalize(self.all_subspaces(trainable["adapters"], frozen, batch["inputs"],
-                                              task.index))                        # (T, B, D)
-        cos = jnp.einsum("jbd,cjd->bcj", phi, l2_normalize(state["prototypes"]))  # (B, C, T)
+        phi = l2_normalize(cached_task_features(batch, lambda: jnp.swapaxes(self.all_subspaces(
+            trainable["adapters"], frozen, batch["inputs"], task.index), 0, 1)))  # (B, T, D)
+        cos = jnp.einsum("bjd,cjd->bcj", phi, l2_normalize(state["prototypes"]))  # (B, C, T)
         weights = subspace_weights(task.task_of_class(), self.num_tasks, task.index, c.alpha,
                                    c.alpha_over_tasks)
         logits = jnp.einsum("bcj,cj->bc", cos, weights)

@@ -38,9 +38,14 @@ Where this differs, and why:
   official one does, so the steps take the task as a static argument (``static_task``):
   one train and one eval program per task. (A fixed layout of all ``T`` prompts, the later
   ones masked out, would compile once but carry every task's prompt from task 0: 2.6 times
-  the tokens of task 0 with ten prompts of 10 on 48-token texts.) An evaluation after task
-  ``t`` runs its passes ``j <= t`` over prompts ``0..t``, those after ``j`` masked out
-  (``prompt_mask``), so that one pass body serves them all.
+  the tokens of task 0 with ten prompts of 10 on 48-token texts.)
+* Evaluation: pass ``j`` (prompts ``0..j``, head ``j``) never changes once task ``j`` is
+  learnt (``task_features_fixed``), so the loop computes its output on each test set once,
+  as the official evaluation of task ``j`` does, and later evaluations read it: over ``T``
+  tasks ``T^2`` passes over a test set's size instead of the sum of ``(t + 1)^2``. Without
+  the cache (``feature_cache.enabled=False``) an evaluation after task ``t`` runs its
+  passes ``j <= t`` over prompts ``0..t``, those after ``j`` masked out (``prompt_mask``),
+  so that one pass body serves them all.
 * The loop reports class-incremental accuracy too (argmax over every seen task's head
   columns, each from its own pass): the heads are not calibrated against each other, so
   read the task-IL matrix for the paper's protocol. No early stopping on a validation split
@@ -61,6 +66,7 @@ from pecft_jax.backbones import bert
 from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 from pecft_jax.methods.base import (Method, TaskSpec, init_linear_head,
                                     mask_task_columns, mask_task_slice)
+from pecft_jax.methods.common import cached_task_features
 
 Array = jax.Array
 
@@ -87,6 +93,7 @@ class ProgressivePrompts(Method):
     scores_unlearnt_classes = False  # a class no learnt task teaches gets logit 0
     train_class_mask = "task"
     static_task = True  # the sequence holds prompts 0..t: its length is the task's
+    task_features_fixed = True  # pass j (prompts 0..j, head j) is frozen once task j ends
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -228,22 +235,37 @@ class ProgressivePrompts(Method):
         ce = self.masked_ce(logits, batch["label"], task)
         return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
 
+    def task_features(self, trainable, state, frozen, inputs, task):
+        """Task ``j``'s pass, as the official evaluation runs it (prompts ``0..j``, nothing
+        masked): the output at ``P_j``'s first token, ``(B, D)``. Fixed once ``P_j`` is kept:
+        the loop computes it once per test set (``task_features_fixed``)."""
+        j = int(task.index)
+        prompts = state["prompt_tokens"][:j + 1]
+        tokens = jnp.broadcast_to(prompts, (inputs["token_ids"].shape[0],) + prompts.shape)
+        return self._encode(frozen, inputs, tokens, j)
+
     def logits(self, trainable, state, frozen, batch, task):
         """Every learnt task ``j``'s classes scored by head ``j`` with prompts ``0..j``. A
         class several tasks share (domain-incremental: no task identity at test time) is
-        scored by the latest learnt of them, with every prompt so far."""
-        t, inputs = int(task.index), batch["inputs"]
-        batch_size = inputs["token_ids"].shape[0]
+        scored by the latest learnt of them, with every prompt so far. The passes' outputs
+        come from the batch when the loop cached them (``batch['task_features']``)."""
+        t = int(task.index)
         owner = np.full(self.num_classes, -1)   # the latest learnt task teaching each class
         for k, classes in enumerate(task.task_classes[:t + 1]):
             owner[list(classes)] = k
         passes = np.unique(owner[owner >= 0])   # only the tasks whose head scores some class
-        tokens = jnp.broadcast_to(state["prompt_tokens"][:t + 1],
-                                  (batch_size,) + state["prompt_tokens"][:t + 1].shape)
 
-        def one(j):
-            return self._head(trainable["head"], self._encode(frozen, inputs, tokens, j), j)
+        def run_passes():  # (B, T, D): passes 0..t over prompts 0..t, the later ones masked
+            inputs = batch["inputs"]
+            prompts = state["prompt_tokens"][:t + 1]
+            tokens = jnp.broadcast_to(prompts, (inputs["token_ids"].shape[0],) + prompts.shape)
+            out = jax.lax.map(lambda j: self._encode(frozen, inputs, tokens, j),
+                              jnp.asarray(passes))                        # (P, B, D)
+            full = jnp.zeros((self.num_tasks,) + out.shape[1:], out.dtype).at[passes].set(out)
+            return jnp.swapaxes(full, 0, 1)
 
-        per_pass = jax.lax.map(one, jnp.asarray(passes))                 # (P, B, C)
+        h = cached_task_features(batch, run_passes)[:, passes]            # (B, P, D)
+        per_pass = jax.vmap(lambda j, hj: self._head(trainable["head"], hj, j))(
+            jnp.asarray(passes), jnp.swapaxes(h, 0, 1))                   # (P, B, C)
         mine = jnp.asarray(owner[None, :] == passes[:, None])[:, None, :]
         return jnp.sum(jnp.where(mine, per_pass, 0.0), axis=0)

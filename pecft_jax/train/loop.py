@@ -44,7 +44,8 @@ from pecft_jax.configs import (HASHED_ONLY_WHEN_SET, SCHEDULES, check_run_config
 from pecft_jax.files import write_json_atomic, write_text_atomic
 from pecft_jax.methods import Method, TaskData, TaskSpec, create_method
 from pecft_jax.methods.base import count_params, merge_state
-from pecft_jax.methods.common import FIXED_FEATURES, FROZEN_QUERY, frozen_query
+from pecft_jax.methods.common import (FIXED_FEATURES, FROZEN_QUERY, TASK_FEATURES,
+                                      frozen_query)
 from pecft_jax.methods.statistics import (coda_cosine_schedule, cosine_epoch_schedule,
                                          multistep_epoch_schedule, timm_cosine_schedule,
                                          warmup_cosine_schedule)
@@ -622,7 +623,8 @@ class ContinualTrainer:
         logits, labels, task_pred = [], [], []
         for group in groups:
             cached = ({FROZEN_QUERY: self.test_queries(group),
-                       FIXED_FEATURES: self.test_fixed_features(group, t, trainable)}
+                       FIXED_FEATURES: self.test_fixed_features(group, t, trainable),
+                       TASK_FEATURES: self.test_task_features(group, t, trainable, state)}
                       if split == "test" else {})
             cached = {key: rows for key, rows in cached.items() if rows is not None}
             # from cached features alone (SimpleCIL, RanPAC, APER), the images are not read
@@ -630,8 +632,8 @@ class ContinualTrainer:
                                                                  cached)
             for local in self._fixed_batches([data(task) for task in group], read_inputs):
                 batch = mesh_lib.shard_batch(with_cached(local, cached), self.mesh)
-                inputs = {k: batch[k] for k in ("inputs", "mask", FROZEN_QUERY, FIXED_FEATURES)
-                          if k in batch}
+                inputs = {k: batch[k] for k in ("inputs", "mask", FROZEN_QUERY, FIXED_FEATURES,
+                                                TASK_FEATURES) if k in batch}
                 out = self._gather(eval_step(trainable, state, self.frozen, inputs, task_arg))
                 keep = np.asarray(self._gather(batch["mask"])) > 0
                 logits.append(out["logits"][keep])
@@ -724,6 +726,23 @@ class ContinualTrainer:
                 return {"logits": out}
 
             self._compiled[key] = compiler.jit(eval_step, static_argnums=self._task_argnums(4))
+        return self._compiled[key]
+
+    def compiled_task_features(self, spec: TaskSpec) -> Callable:
+        """The jitted ``method.task_features`` (one for the run unless the method is
+        ``static_task``): ``(trainable, state, frozen, inputs, task)`` -> float32 features of
+        task ``task``'s pass."""
+        key = ("task_features", self._task_key(spec))
+        if key not in self._compiled:
+            method = self.method
+
+            def task_features(trainable, state, frozen, inputs, task):
+                self._count_trace("task_features", task)
+                return method.task_features(trainable, state, frozen, inputs,
+                                            task).astype(jnp.float32)
+
+            self._compiled[key] = compiler.jit(task_features,
+                                               static_argnums=self._task_argnums(4))
         return self._compiled[key]
 
     def record(self, run: RunState, t: int, row: Dict[str, List[float]]) -> None:
@@ -872,7 +891,8 @@ class ContinualTrainer:
         :mod:`pecft_jax.train.feature_cache`), decided once for the run: a cache that filled
         up part-way would change the steps' inputs (with, then without the cached features)
         and compile them a second time. What does not fit ``max_bytes`` is left out from the
-        start, the fixed features first (they only save evaluations), with a warning."""
+        start, the task features first, then the fixed features (both only save
+        evaluations), with a warning."""
         if not cache_cfg.get("enabled", True):
             return None, frozenset()
         cache = FeatureCache(shard=lambda local: mesh_lib.shard_batch(local, self.mesh),
@@ -884,11 +904,15 @@ class ContinualTrainer:
             floats["query"] = (tests + largest, self.backbone.feature_dim)
         if self.method.features_fixed_after is not None:
             floats["fixed"] = (tests, self.method.fixed_feature_dim)
+        if self.method.task_features_fixed:
+            floats["task"] = (tests * len(self.tasks), self.method.task_feature_dim)
         about = {"query": "the frozen queries of every test set and of the largest task's "
                           "training data",
-                 "fixed": f"{self.method.name}'s fixed features of every test set"}
+                 "fixed": f"{self.method.name}'s fixed features of every test set",
+                 "task": f"{self.method.name}'s features of every test set in every task's "
+                         f"pass"}
         kinds = set(floats)
-        for kind in ("fixed", "query"):
+        for kind in ("task", "fixed", "query"):
             total = sum(rows * width for rows, width in (floats[k] for k in kinds))
             if kind not in kinds or cache.fits(total):
                 continue
@@ -932,6 +956,42 @@ class ContinualTrainer:
         return self._cached_test_features(
             "fixed", eval_tasks, self.method.fixed_feature_dim,
             lambda inputs: self._fixed_features(trainable, self.frozen, inputs))
+
+    def test_task_features(self, eval_tasks: List[scenarios.Task], t: int, trainable,
+                           state) -> Optional[np.ndarray]:
+        """``(N, num_tasks, task_feature_dim)``: the features of the test sets of
+        ``eval_tasks`` (in order) in the passes of the tasks learnt by task ``t``
+        (``Method.task_features_fixed``), the later passes zero. Each (test set, pass) is
+        computed once per run, with that task's spec, the first time it is needed -- a test
+        set's missing passes in one read of its images: after task ``t``, pass ``t`` of the
+        earlier test sets and every pass of task ``t``'s (None: the method has none, no task
+        is learnt yet, or they do not fit)."""
+        if "task" not in self.cached_kinds or t < 0:
+            return None
+        cache, width = self.feature_cache, self.method.task_feature_dim
+        learnt = range(min(t, len(self.tasks) - 1) + 1)
+        specs = [self.traced_task(self.task_spec(j)) for j in learnt]
+
+        def pass_of(spec):
+            features = self.compiled_task_features(spec)
+            return lambda inputs: features(trainable, state, self.frozen, inputs, spec)
+
+        out = np.zeros((sum(task.num_test for task in eval_tasks), len(self.tasks), width),
+                       np.float32)
+        start = 0
+        for task in eval_tasks:
+            names = [f"task/{j}/test/{task.index}" for j in learnt]
+            missing = sum(not cache.has(name) for name in names)
+            if not cache.fits(missing * task.num_test * width):
+                return None
+            arrays = cache.get_many(
+                {name: pass_of(spec) for name, spec in zip(names, specs)},
+                lambda task=task: self._fixed_batches([(task.test_source, task.test_indices)]))
+            for j, name in zip(learnt, names):
+                if len(arrays[name]):
+                    out[start:start + task.num_test, j] = arrays[name]
+            start += task.num_test
+        return out
 
     def _cached_test_features(self, kind: str, eval_tasks: List[scenarios.Task], width: int,
                               compute: Callable) -> Optional[np.ndarray]:
