@@ -327,3 +327,72 @@ def test_paper_configuration_sizes():
     ol = create_method("o_lora", {}, vit_b, 100, 10)
     trainable, state = jax.eval_shape(lambda k: ol.init(k, None), jax.random.key(0))
     assert ol.count_trainable(trainable, state) == 10 * 294_912 + 76_900
+
+
+def test_sd_lora_folds_the_earlier_directions_without_changing_loss_or_gradients(
+        monkeypatch):
+    """While task 2 of 4 trains, tasks 0 and 1's weighted directions are folded into the
+    kernels -- their magnitudes still learn, through the folded kernel -- beside task 2's
+    rank-r branch: the loss and the gradients of the magnitudes, of A_2, B_2 and the head
+    equal the stacked branch's; evaluation folds every task."""
+    backbone, frozen = load_backbone("random:ViT-Micro/4")
+    method = create_method("sd_lora", {"rank": 2}, backbone, 8, 4)
+    assert method.fold_in_training  # D = 32 < 6 r (T - 1) = 36
+    trainable, _ = method.init(jax.random.key(0), frozen)
+    keys = iter(jax.random.split(jax.random.key(1), 1000))
+    trainable = jax.tree_util.tree_map(
+        lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), trainable)
+    classes = ((0, 1), (2, 3), (4, 5), (6, 7))
+    spec = task_spec(2, classes)
+    images = np.random.default_rng(0).normal(size=(4, 16, 16, 1)).astype(np.float32)
+    batch = {"inputs": images, "label": jnp.asarray([4, 5, 4, 5])}
+
+    def stacked(tr):
+        weights = direction_weights(tr["lora"], tr["magnitude"], 2, "factors")
+        context = task_lora_context(tr["lora"], method.lora_cfg, weights)
+        return apply_linear_head(tr["head"], backbone.apply(frozen, images, context,
+                                                            output="cls"))
+
+    widths = _record_lora_ranks(monkeypatch)
+    (loss, _), grads = jax.value_and_grad(
+        lambda tr: method.loss(tr, {}, frozen, batch, jax.random.key(2), spec),
+        has_aux=True)(trainable)
+    assert widths == [[2]]  # one branch of rank r beside the folded kernels
+    want, want_grads = jax.value_and_grad(
+        lambda tr: method.masked_ce(stacked(tr), batch["label"], spec))(trainable)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(grads["magnitude"], want_grads["magnitude"], rtol=1e-4,
+                               atol=1e-6)
+    assert np.abs(np.asarray(grads["magnitude"])[:2]).min() > 0  # learning through the fold
+    np.testing.assert_allclose(grads["head"]["kernel"], want_grads["head"]["kernel"],
+                               atol=1e-5)
+    for layer, targets in grads["lora"].items():
+        for target, g in targets.items():
+            for factor in ("A", "B"):
+                np.testing.assert_allclose(g[factor][2],
+                                           want_grads["lora"][layer][target][factor][2],
+                                           atol=1e-5, rtol=1e-4)
+                assert not np.asarray(g[factor][:2]).any()  # folded: constants
+    logits = method.logits(trainable, {}, frozen, batch, spec)
+    assert widths[-1] == []  # evaluation: every task folded
+    np.testing.assert_allclose(logits, stacked(trainable), atol=1e-4)
+
+
+@pytest.mark.parametrize("rank, num_tasks, folds", [(2, 4, True), (2, 3, False),
+                                                    (1, 20, True)])
+def test_sd_lora_folds_while_training_only_where_that_costs_less(rank, num_tasks, folds,
+                                                                 monkeypatch):
+    """The kernel's gradient costs D^2 a token, the stacked branch 6 D r (T - 1) more than
+    task t's own: SD-LoRA folds while training iff D < 6 r (T - 1) (ViT-Micro's D = 32);
+    otherwise its step keeps every task's branch (rank T r), and evaluation still folds."""
+    backbone, frozen = load_backbone("random:ViT-Micro/4")
+    method = create_method("sd_lora", {"rank": rank}, backbone, 2 * num_tasks, num_tasks)
+    assert method.fold_in_training is folds
+    trainable, _ = method.init(jax.random.key(0), frozen)
+    spec = task_spec(1, tuple((2 * t, 2 * t + 1) for t in range(num_tasks)))
+    images = np.zeros((2, 16, 16, 1), np.float32)
+    widths = _record_lora_ranks(monkeypatch)
+    method.loss(trainable, {}, frozen, {"inputs": images, "label": jnp.asarray([2, 3])},
+                jax.random.key(2), spec)
+    method.logits(trainable, {}, frozen, {"inputs": images}, spec)
+    assert widths == [[rank] if folds else [rank * num_tasks], []]
