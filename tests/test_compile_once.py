@@ -211,6 +211,25 @@ def test_ease_logits_read_the_cached_subspace_features():
     assert np.abs(other - plain).max() > 1e-3  # read from the batch, not recomputed
 
 
+def test_pass_rows_are_the_dense_stream_assembled_per_batch():
+    """The evaluation batches' task features come from the cache's per-(test set, pass)
+    arrays: rows equal the dense (N, passes, W) stream, with an empty test set in it, the
+    passes not given zero, and padding positions (clipped by with_cached) the last row."""
+    from pecft_jax.train.feature_cache import PassRows, with_cached
+    rng = np.random.default_rng(0)
+    sizes = [3, 0, 4]
+    parts = [{0: rng.normal(size=(3, 2)), 2: rng.normal(size=(3, 2))}, {},
+             {2: rng.normal(size=(4, 2))}]
+    dense = np.zeros((7, 3, 2), np.float32)
+    dense[:3, 0], dense[:3, 2], dense[3:, 2] = parts[0][0], parts[0][2], parts[2][2]
+    rows = PassRows(parts, sizes, num_passes=3, width=2)
+    assert len(rows) == 7 and rows.shape == (7, 3, 2)
+    index = np.array([6, 0, 3, 2, 5])
+    np.testing.assert_allclose(rows[index], dense[index], rtol=1e-6)
+    batch = with_cached({"index": np.array([5, 6, 7, 8])}, {"task_features": rows})
+    np.testing.assert_allclose(batch["task_features"], dense[[5, 6, 6, 6]], rtol=1e-6)
+
+
 def test_each_test_set_goes_through_each_learnt_pass_once(tmp_path, monkeypatch):
     """EASE classifies with every trained subspace, so an evaluation after task t ran t + 1
     passes over each of t + 1 test sets (55 over 5 tasks). Subspace j is fixed once task j

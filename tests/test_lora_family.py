@@ -4,6 +4,7 @@ numpy's eigen-decomposition, updates that cannot reach the old inputs, SD-LoRA's
 magnitude/direction update against numpy and its frozen directions, O-LoRA's losses against
 numpy and its frozen old LoRAs, the stacked task LoRAs as a sum of single ones, and the
 paper configurations' sizes."""
+import dataclasses
 import tempfile
 
 import jax
@@ -376,6 +377,10 @@ def test_sd_lora_folds_the_earlier_directions_without_changing_loss_or_gradients
     logits = method.logits(trainable, {}, frozen, batch, spec)
     assert widths[-1] == []  # evaluation: every task folded
     np.testing.assert_allclose(logits, stacked(trainable), atol=1e-4)
+    # as the loop runs it: one program, the task index traced
+    traced = jax.jit(lambda tr, index: method.loss(
+        tr, {}, frozen, batch, jax.random.key(2), dataclasses.replace(spec, index=index))[0])
+    np.testing.assert_allclose(traced(trainable, np.int32(2)), want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rank, num_tasks, folds", [(2, 4, True), (2, 3, False),
@@ -396,3 +401,19 @@ def test_sd_lora_folds_while_training_only_where_that_costs_less(rank, num_tasks
                 jax.random.key(2), spec)
     method.logits(trainable, {}, frozen, {"inputs": images}, spec)
     assert widths == [[rank] if folds else [rank * num_tasks], []]
+
+
+def test_sd_lora_keeps_its_branches_apart_where_matmuls_round_below_float32(monkeypatch):
+    """On a GPU with its default TF32 matmuls nothing is folded: the step and evaluation
+    carry every task's branch (rank T r)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    backbone, frozen = load_backbone("random:ViT-Micro/4")
+    method = create_method("sd_lora", {"rank": 2}, backbone, 8, 4)
+    trainable, _ = method.init(jax.random.key(0), frozen)
+    spec = task_spec(1, ((0, 1), (2, 3), (4, 5), (6, 7)))
+    images = np.zeros((2, 16, 16, 1), np.float32)
+    widths = _record_lora_ranks(monkeypatch)
+    method.loss(trainable, {}, frozen, {"inputs": images, "label": jnp.asarray([2, 3])},
+                jax.random.key(2), spec)
+    method.logits(trainable, {}, frozen, {"inputs": images}, spec)
+    assert widths == [[8], [8]]

@@ -500,8 +500,8 @@ class Method:
     #: ``0..j``, EASE's subspace ``j``) whose features, :meth:`task_features`, never change
     #: once task ``j`` is learnt. The loop may then compute each (test set, pass) pair once,
     #: not after every later task, and put passes ``0..t`` into the evaluation batches
-    #: (``batch['task_features']``, ``(B, num_tasks, task_feature_dim)``, the passes not yet
-    #: learnt zero), which ``logits`` reads through
+    #: (``batch['task_features']``, ``(B, num_tasks, task_feature_dim)``, the passes it
+    #: does not read -- :meth:`scored_passes` -- zero), which ``logits`` reads through
     #: :func:`pecft_jax.methods.common.cached_task_features`.
     task_features_fixed: bool = False
 
@@ -640,6 +640,12 @@ class Method:
         ``task_features_fixed``)."""
         raise NotImplementedError(f"{type(self).__name__} sets task_features_fixed but does "
                                   f"not define task_features")
+
+    def scored_passes(self, task: TaskSpec) -> Tuple[int, ...]:
+        """The learnt tasks whose passes ``logits`` reads after task ``task.index`` (a
+        concrete spec; default: all of them, ``0..t``). Only these are computed for the
+        cache (``task_features_fixed``)."""
+        return tuple(range(int(task.index) + 1))
 
     @property
     def task_feature_dim(self) -> int:

@@ -42,10 +42,12 @@ Where this differs, and why:
 * Evaluation: pass ``j`` (prompts ``0..j``, head ``j``) never changes once task ``j`` is
   learnt (``task_features_fixed``), so the loop computes its output on each test set once,
   as the official evaluation of task ``j`` does, and later evaluations read it: over ``T``
-  tasks ``T^2`` passes over a test set's size instead of the sum of ``(t + 1)^2``. Without
-  the cache (``feature_cache.enabled=False``) an evaluation after task ``t`` runs its
-  passes ``j <= t`` over prompts ``0..t``, those after ``j`` masked out (``prompt_mask``),
-  so that one pass body serves them all.
+  tasks ``T^2`` passes over a test set's size instead of the sum of ``(t + 1)^2`` (only the
+  passes whose heads score a class: in domain-incremental learning, the latest task's, one
+  per test set and evaluation as before). Where nothing is cached (``feature_cache``
+  disabled or too small, the training split, the reference row before task 0) an
+  evaluation after task ``t`` runs its passes ``j <= t`` over prompts ``0..t``, those
+  after ``j`` masked out (``prompt_mask``), so that one pass body serves them all.
 * The loop reports class-incremental accuracy too (argmax over every seen task's head
   columns, each from its own pass): the heads are not calibrated against each other, so
   read the task-IL matrix for the paper's protocol. No early stopping on a validation split
@@ -244,18 +246,28 @@ class ProgressivePrompts(Method):
         tokens = jnp.broadcast_to(prompts, (inputs["token_ids"].shape[0],) + prompts.shape)
         return self._encode(frozen, inputs, tokens, j)
 
+    def _owners(self, task) -> tuple:
+        """``(owner, passes)``: the latest learnt task teaching each class (-1: none), and
+        the tasks whose heads score some class, after task ``task.index``."""
+        owner = np.full(self.num_classes, -1)
+        for k, classes in enumerate(task.task_classes[:int(task.index) + 1]):
+            owner[list(classes)] = k
+        return owner, np.unique(owner[owner >= 0])
+
+    def scored_passes(self, task):
+        """Only the passes whose heads score a class: in domain-incremental learning (every
+        task teaches the same classes) the latest task's alone."""
+        return tuple(int(j) for j in self._owners(task)[1])
+
     def logits(self, trainable, state, frozen, batch, task):
         """Every learnt task ``j``'s classes scored by head ``j`` with prompts ``0..j``. A
         class several tasks share (domain-incremental: no task identity at test time) is
-        scored by the latest learnt of them, with every prompt so far. The passes' outputs
-        come from the batch when the loop cached them (``batch['task_features']``)."""
+        scored by the latest learnt of them, ``k``, with prompts ``0..k``. The passes'
+        outputs come from the batch when the loop cached them (``batch['task_features']``)."""
         t = int(task.index)
-        owner = np.full(self.num_classes, -1)   # the latest learnt task teaching each class
-        for k, classes in enumerate(task.task_classes[:t + 1]):
-            owner[list(classes)] = k
-        passes = np.unique(owner[owner >= 0])   # only the tasks whose head scores some class
+        owner, passes = self._owners(task)
 
-        def run_passes():  # (B, T, D): passes 0..t over prompts 0..t, the later ones masked
+        def run_passes():  # (B, T, D): the scoring passes j over prompts 0..t, masked after j
             inputs = batch["inputs"]
             prompts = state["prompt_tokens"][:t + 1]
             tokens = jnp.broadcast_to(prompts, (inputs["token_ids"].shape[0],) + prompts.shape)

@@ -17,14 +17,15 @@ Two kinds, each passed to the steps in the batch instead of running the backbone
   after task t ran the adapted backbone over t + 1 test sets again.
 * ``'task'``: a method's features of a learnt task's pass (``Method.task_features_fixed``):
   Progressive Prompts' output at prompt ``j`` with prompts ``0..j``, EASE's subspace ``j``.
-  An evaluation after task t needs passes 0..t of every test set so far; each (test set,
-  pass) is computed once, as ``batch['task_features']`` (read by
-  :func:`pecft_jax.methods.common.cached_task_features`): over T tasks T^2 passes over a
-  test set's size instead of the sum of (t + 1)^2 (385 for 10 tasks, 100 with the cache).
+  An evaluation after task t reads passes 0..t of every test set so far
+  (``Method.scored_passes``); each (test set, pass) is computed once, as
+  ``batch['task_features']`` (read by :func:`pecft_jax.methods.common.cached_task_features`,
+  assembled per batch by :class:`PassRows`): over T tasks T^2 passes over a test set's size
+  instead of the sum of (t + 1)^2 (385 for 10 tasks, 100 with the cache).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -86,6 +87,36 @@ def concatenate(parts: Iterable[np.ndarray]) -> np.ndarray:
     """The cached arrays of consecutive parts of a stream as one (empty parts left out)."""
     parts = [part for part in parts if len(part)]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+class PassRows:
+    """The ``'task'`` features of a stream of test sets as the evaluation batches read them:
+    row ``i`` is the stream's example ``i`` in every pass, ``(num_passes, W)``, zeros for
+    the passes not given. Rows are assembled per batch from the cache's ``(n, W)`` array of
+    each (test set, pass), so no ``(N, num_passes, W)`` array is built beside the cache.
+    ``parts``: per test set in stream order, ``{pass: (n_i, W)}``; ``sizes``: the n_i."""
+
+    def __init__(self, parts: Sequence[Mapping[int, np.ndarray]], sizes: Sequence[int],
+                 num_passes: int, width: int):
+        self.parts = list(parts)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.shape = (int(self.offsets[-1]), num_passes, width)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = np.asarray(index)
+        out = np.zeros((len(index),) + self.shape[1:], np.float32)
+        # the test set of each row (an empty one shares its offset with the next: 'right'
+        # skips it)
+        part = np.searchsorted(self.offsets, index, side="right") - 1
+        for p in np.unique(part):
+            rows = part == p
+            local = index[rows] - self.offsets[p]
+            for j, features in self.parts[p].items():
+                out[rows, j] = features[local]
+        return out
 
 
 def with_cached(local: dict, arrays: Mapping[str, Optional[np.ndarray]]) -> dict:

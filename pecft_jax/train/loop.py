@@ -53,7 +53,7 @@ from pecft_jax.train import compilation
 from pecft_jax.train import mesh as mesh_lib
 from pecft_jax.train import partition
 from pecft_jax.train.checkpoint import Checkpointer, CheckpointMismatch
-from pecft_jax.train.feature_cache import FeatureCache, concatenate, with_cached
+from pecft_jax.train.feature_cache import FeatureCache, PassRows, concatenate, with_cached
 from pecft_jax.train.logging_utils import MetricWriter, progress
 
 log = logging.getLogger("pecft_jax")
@@ -712,7 +712,7 @@ class ContinualTrainer:
     def compiled_eval_step(self, spec: TaskSpec) -> Callable:
         """The jitted ``method.logits``, one for the run unless the method is
         ``static_task``. Its signature: ``(trainable, state, frozen, inputs, task)``, inputs
-        ``{'inputs', 'mask'[, 'frozen_query']}``."""
+        ``{'inputs', 'mask'[, 'frozen_query', 'fixed_features', 'task_features']}``."""
         key = ("eval", self._task_key(spec))
         if key not in self._compiled:
             method = self.method
@@ -887,7 +887,8 @@ class ContinualTrainer:
 
     # ================================================================= cached features
     def _plan_feature_cache(self, cache_cfg) -> Tuple[Optional[FeatureCache], frozenset]:
-        """The run's feature cache and the kinds it holds (``'query'``, ``'fixed'``; see
+        """The run's feature cache and the kinds it holds (``'query'``, ``'fixed'``,
+        ``'task'``; see
         :mod:`pecft_jax.train.feature_cache`), decided once for the run: a cache that filled
         up part-way would change the steps' inputs (with, then without the cached features)
         and compile them a second time. What does not fit ``max_bytes`` is left out from the
@@ -958,40 +959,37 @@ class ContinualTrainer:
             lambda inputs: self._fixed_features(trainable, self.frozen, inputs))
 
     def test_task_features(self, eval_tasks: List[scenarios.Task], t: int, trainable,
-                           state) -> Optional[np.ndarray]:
-        """``(N, num_tasks, task_feature_dim)``: the features of the test sets of
-        ``eval_tasks`` (in order) in the passes of the tasks learnt by task ``t``
-        (``Method.task_features_fixed``), the later passes zero. Each (test set, pass) is
-        computed once per run, with that task's spec, the first time it is needed -- a test
-        set's missing passes in one read of its images: after task ``t``, pass ``t`` of the
-        earlier test sets and every pass of task ``t``'s (None: the method has none, no task
-        is learnt yet, or they do not fit)."""
+                           state) -> Optional[PassRows]:
+        """The features of the test sets of ``eval_tasks`` (in order) in the passes that
+        ``logits`` reads after task ``t`` (``Method.task_features_fixed``,
+        ``Method.scored_passes``), as rows ``(num_tasks, task_feature_dim)``, the other
+        passes zero. Each (test set, pass) is computed once per run, with that task's spec,
+        the first time it is needed -- a test set's missing passes in one read of its
+        examples: after task ``t``, pass ``t`` of the earlier test sets and every pass of
+        task ``t``'s (None: the method has none, no task is learnt yet, or they do not
+        fit)."""
         if "task" not in self.cached_kinds or t < 0:
             return None
         cache, width = self.feature_cache, self.method.task_feature_dim
-        learnt = range(min(t, len(self.tasks) - 1) + 1)
-        specs = [self.traced_task(self.task_spec(j)) for j in learnt]
+        passes = self.method.scored_passes(self.task_spec(min(t, len(self.tasks) - 1)))
+        specs = [self.traced_task(self.task_spec(j)) for j in passes]
 
         def pass_of(spec):
             features = self.compiled_task_features(spec)
             return lambda inputs: features(trainable, state, self.frozen, inputs, spec)
 
-        out = np.zeros((sum(task.num_test for task in eval_tasks), len(self.tasks), width),
-                       np.float32)
-        start = 0
+        parts = []
         for task in eval_tasks:
-            names = [f"task/{j}/test/{task.index}" for j in learnt]
+            names = [f"task/{j}/test/{task.index}" for j in passes]
             missing = sum(not cache.has(name) for name in names)
             if not cache.fits(missing * task.num_test * width):
                 return None
             arrays = cache.get_many(
                 {name: pass_of(spec) for name, spec in zip(names, specs)},
                 lambda task=task: self._fixed_batches([(task.test_source, task.test_indices)]))
-            for j, name in zip(learnt, names):
-                if len(arrays[name]):
-                    out[start:start + task.num_test, j] = arrays[name]
-            start += task.num_test
-        return out
+            parts.append({j: arrays[name] for j, name in zip(passes, names)
+                          if len(arrays[name])})
+        return PassRows(parts, [task.num_test for task in eval_tasks], len(self.tasks), width)
 
     def _cached_test_features(self, kind: str, eval_tasks: List[scenarios.Task], width: int,
                               compute: Callable) -> Optional[np.ndarray]:
