@@ -132,6 +132,18 @@ def _record_lora_ranks(monkeypatch) -> list:
     return widths
 
 
+def _loss_beside_unfolded(method, trainable, frozen, batch, spec, unfolded):
+    """``(loss, grads, want, want_grads)``: the method's loss and gradients, then the masked
+    cross-entropy and gradients of ``unfolded(trainable)``'s logits (every branch beside
+    the frozen kernels), one backbone pass each, in that order."""
+    (loss, _), grads = jax.value_and_grad(
+        lambda tr: method.loss(tr, {}, frozen, batch, jax.random.key(2), spec),
+        has_aux=True)(trainable)
+    want, want_grads = jax.value_and_grad(
+        lambda tr: method.masked_ce(unfolded(tr), batch["label"], spec))(trainable)
+    return loss, grads, want, want_grads
+
+
 def test_inflora_folds_the_branches_that_do_not_learn_without_changing_loss_or_gradient(
         monkeypatch):
     """While task 1 of 3 trains, the other tasks' branches are folded into the kernels and
@@ -153,12 +165,10 @@ def test_inflora_folds_the_branches_that_do_not_learn_without_changing_loss_or_g
                                                             output="cls"))
 
     widths = _record_lora_ranks(monkeypatch)
-    (loss, _), grads = jax.value_and_grad(
-        lambda tr: method.loss(tr, {}, frozen, batch, jax.random.key(2), spec),
-        has_aux=True)(trainable)
-    assert widths == [[2]]  # one branch of rank r beside the folded kernels
-    want, want_grads = jax.value_and_grad(
-        lambda tr: method.masked_ce(unfolded(tr), batch["label"], spec))(trainable)
+    loss, grads, want, want_grads = _loss_beside_unfolded(method, trainable, frozen, batch,
+                                                          spec, unfolded)
+    # the loss: one branch of rank r beside the folded kernels; the reference: all T r
+    assert widths == [[2], [6]]
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     np.testing.assert_allclose(grads["head"]["kernel"], want_grads["head"]["kernel"],
                                atol=1e-5)
@@ -355,12 +365,10 @@ def test_sd_lora_folds_the_earlier_directions_without_changing_loss_or_gradients
                                                             output="cls"))
 
     widths = _record_lora_ranks(monkeypatch)
-    (loss, _), grads = jax.value_and_grad(
-        lambda tr: method.loss(tr, {}, frozen, batch, jax.random.key(2), spec),
-        has_aux=True)(trainable)
-    assert widths == [[2]]  # one branch of rank r beside the folded kernels
-    want, want_grads = jax.value_and_grad(
-        lambda tr: method.masked_ce(stacked(tr), batch["label"], spec))(trainable)
+    loss, grads, want, want_grads = _loss_beside_unfolded(method, trainable, frozen, batch,
+                                                          spec, stacked)
+    # the loss: one branch of rank r beside the folded kernels; the reference: all T r
+    assert widths == [[2], [8]]
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     np.testing.assert_allclose(grads["magnitude"], want_grads["magnitude"], rtol=1e-4,
                                atol=1e-6)

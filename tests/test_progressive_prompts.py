@@ -200,11 +200,9 @@ def test_shared_classes_are_scored_by_the_latest_task(micro, batch):  # noqa: F8
         assert np.abs(got).max() > 0
 
 
-@needs_minilm
-def test_class_il_logits_score_each_tasks_classes_by_its_head_and_prompts(  # noqa: F811
-        micro, batch):  # noqa: F811
-    """Class-incremental, after task 1 of 3: task j's columns are head j's logits of the
-    pass with prompts 0..j (prompt 1 masked out of task 0's pass), task 2's columns 0."""
+def _after_two_tasks(micro, batch):  # noqa: F811
+    """``(method, trainable, state, inputs)``: three tasks of classes (0, 1), (2, 3), (4, 5),
+    random non-zero trainables, tasks 0 and 1 learnt (their prompts kept), the batch's texts."""
     cfg, params, _ = micro
     ids, mask, _ = batch
     method = _method(cfg, residual_mlp=False)
@@ -214,6 +212,16 @@ def test_class_il_logits_score_each_tasks_classes_by_its_head_and_prompts(  # no
     for t in range(2):
         _, state = method.after_task(_spec(t), trainable, state, params, None, None)
     inputs = {"token_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+    return method, trainable, state, inputs
+
+
+@needs_minilm
+def test_class_il_logits_score_each_tasks_classes_by_its_head_and_prompts(  # noqa: F811
+        micro, batch):  # noqa: F811
+    """Class-incremental, after task 1 of 3: task j's columns are head j's logits of the
+    pass with prompts 0..j (prompt 1 masked out of task 0's pass), task 2's columns 0."""
+    _, params, _ = micro
+    method, trainable, state, inputs = _after_two_tasks(micro, batch)
     got = np.asarray(method.logits(trainable, state, params, {"inputs": inputs}, _spec(1)))
     prompts = state["prompt_tokens"][:2]
     tokens = jnp.broadcast_to(prompts, (4,) + prompts.shape)
@@ -232,15 +240,8 @@ def test_logits_read_each_tasks_pass_from_the_cached_task_features(micro, batch)
     them equal those that run the passes, and come from the batch alone (no text)."""
     from pecft_jax.methods.common import TASK_FEATURES
     cfg, params, _ = micro
-    ids, mask, _ = batch
-    method = _method(cfg, residual_mlp=False)
+    method, trainable, state, inputs = _after_two_tasks(micro, batch)
     assert method.task_features_fixed
-    trainable, state = method.init(jax.random.key(7), params)
-    trainable = jax.tree_util.tree_map(
-        lambda a: a + 0.3 * jax.random.normal(jax.random.key(8), a.shape), trainable)
-    for t in range(2):
-        _, state = method.after_task(_spec(t), trainable, state, params, None, None)
-    inputs = {"token_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
     assert method.scored_passes(_spec(1)) == (0, 1)
     features = np.zeros((4, TASKS, cfg.hidden_size), np.float32)
     both = jnp.broadcast_to(state["prompt_tokens"][:2], (4, 2) + state["prompt_tokens"].shape[1:])
