@@ -242,9 +242,12 @@ class ProgressivePrompts(Method):
         masked): the output at ``P_j``'s first token, ``(B, D)``. Fixed once ``P_j`` is kept:
         the loop computes it once per test set (``task_features_fixed``)."""
         j = int(task.index)
-        prompts = state["prompt_tokens"][:j + 1]
-        tokens = jnp.broadcast_to(prompts, (inputs["token_ids"].shape[0],) + prompts.shape)
-        return self._encode(frozen, inputs, tokens, j)
+        return self._encode(frozen, inputs, self._kept_prompts(state, j + 1, inputs), j)
+
+    def _kept_prompts(self, state, count: int, inputs) -> Array:
+        """The kept prompts ``0..count-1`` for every text of the batch, ``(B, count, L, D)``."""
+        prompts = state["prompt_tokens"][:count]
+        return jnp.broadcast_to(prompts, (inputs["token_ids"].shape[0],) + prompts.shape)
 
     def _owners(self, task) -> tuple:
         """``(owner, passes)``: the latest learnt task teaching each class (-1: none), and
@@ -269,8 +272,7 @@ class ProgressivePrompts(Method):
 
         def run_passes():  # (B, T, D): the scoring passes j over prompts 0..t, masked after j
             inputs = batch["inputs"]
-            prompts = state["prompt_tokens"][:t + 1]
-            tokens = jnp.broadcast_to(prompts, (inputs["token_ids"].shape[0],) + prompts.shape)
+            tokens = self._kept_prompts(state, t + 1, inputs)
             out = jax.lax.map(lambda j: self._encode(frozen, inputs, tokens, j),
                               jnp.asarray(passes))                        # (P, B, D)
             full = jnp.zeros((self.num_tasks,) + out.shape[1:], out.dtype).at[passes].set(out)

@@ -169,17 +169,17 @@ class SDLoRA(Method):
         lora = trainable["lora"]
         weights = direction_weights(lora, trainable["magnitude"], task_index,
                                     self.config.normalization)
-        if not folds_exactly(self.backbone.config.dtype):  # a folded update would be rounded
+        # every branch stacked: a folded update would be rounded below float32, and while
+        # training folding may cost more (fold_in_training)
+        stacked = (not folds_exactly(self.backbone.config.dtype)
+                   or (training and not self.fold_in_training))
+        if stacked:
             return self.backbone.apply(frozen, images,
                                        task_lora_context(lora, self.lora_cfg, weights),
                                        output="cls")
         if not training:
             return self.backbone.apply(fold_task_loras(frozen, lora, self.lora_cfg, weights),
                                        images, output="cls")
-        if not self.fold_in_training:
-            return self.backbone.apply(frozen, images,
-                                       task_lora_context(lora, self.lora_cfg, weights),
-                                       output="cls")
         earlier = jnp.arange(self.num_tasks) < task_index
         params = fold_task_loras(frozen, jax.lax.stop_gradient(lora), self.lora_cfg,
                                  jax.tree_util.tree_map(lambda w: jnp.where(earlier, w, 0.0),
