@@ -224,6 +224,7 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     import numpy as np
     import optax
     from pecft_jax import compiler
+    from pecft_jax.backbones.backbone import check_attention_devices
     from pecft_jax.methods import TaskData, TaskSpec
     from pecft_jax.methods.common import FROZEN_QUERY, frozen_query
     from pecft_jax.train import mesh as mesh_lib
@@ -238,6 +239,7 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     on_cpu = jax.default_backend() == "cpu"
     mesh = mesh_lib.make_mesh(max(args.host_devices, 1) if on_cpu else 1)
     mesh_lib.check_batch_size(args.batch_size, mesh, "--batch-size")
+    check_attention_devices(args.attention, mesh.devices.flat)
     frozen = jax.jit(lambda key: init_frozen(cfg, key))(jax.random.key(0))
     trainable, state = jax.jit(method.init)(jax.random.key(1), frozen)
     spec = TaskSpec(0, NUM_CLASSES, task_classes())
@@ -599,6 +601,9 @@ def main():
             parser.error(f"--mode demo compares a demo with a PyTorch loop of its gradient "
                          f"steps; {args.method}'s demo is (mostly) statistics passes: time "
                          f"those with --mode step, or its demo alone with --variants jax")
+    if args.attention == "cudnn" and args.dtype != "bfloat16":
+        parser.error(f"--attention cudnn takes bf16 inputs only (cuDNN's fused attention): "
+                     f"add --dtype bfloat16, or use --attention xla with {args.dtype}")
     if args.mode == "step" and args.host_devices is None:
         args.host_devices = 0
     if args.mode == "step" and args.method in STATISTICS_PASS and args.host_devices > 1:

@@ -1,4 +1,7 @@
 """The ViT backbone: Google's parameter tree, hook points, sharding."""
+import os
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,6 +191,34 @@ def test_dot_product_attention_matches_the_einsum_attention(tiny):
                                    atol=2e-5)
     np.testing.assert_allclose(vit.apply(fused, params, images, output="tokens"),
                                _numpy_vit_tokens(params, images, TINY), atol=1e-4)
+
+
+def test_cudnn_attention_is_refused_without_bf16_or_off_a_gpu(tmp_path, monkeypatch):
+    """cuDNN's fused attention takes bf16 inputs on NVIDIA GPUs: a float32 config (ViT's,
+    BERT's) and a run whose devices are not GPUs fail before anything loads, naming the fix;
+    JAX itself would raise at the first trace, after the backbone has loaded."""
+    from pecft_jax.backbones import bert
+    from pecft_jax.backbones.backbone import check_attention_devices
+    from pecft_jax.configs import load_config_file
+    from pecft_jax.train import loop
+    for make in (lambda **k: TINY.replace(**k),
+                 lambda **k: bert.get_config("BERT-Tiny", **k)):
+        with pytest.raises(ValueError, match="takes bf16 inputs only, and dtype is 'float32'"):
+            make(attention="cudnn")
+        assert make(attention="cudnn", dtype="bfloat16").attention == "cudnn"
+    gpu, cpu = (types.SimpleNamespace(platform=p) for p in ("gpu", "cpu"))
+    check_attention_devices("cudnn", [gpu, gpu])
+    check_attention_devices("xla", [cpu])
+    with pytest.raises(ValueError, match="this run's devices are cpu/gpu"):
+        check_attention_devices("cudnn", [gpu, cpu])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config_file(os.path.join(root, "experiments", "configs", "l2p.py"))
+    config.backbone.update(dtype="bfloat16", attention="cudnn")
+    loaded = []
+    monkeypatch.setattr(loop, "backbone_from_config", lambda *a: loaded.append(a))
+    with pytest.raises(ValueError, match=r"set --config.backbone.attention=xla"):
+        loop.ContinualTrainer(config, str(tmp_path))
+    assert not loaded
 
 
 def test_bfloat16_compute_keeps_float32_parameters_outputs_and_gradients(tiny):

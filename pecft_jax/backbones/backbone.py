@@ -20,7 +20,7 @@ import functools
 import importlib.util
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import jax
 
@@ -193,6 +193,18 @@ def load_backbone(checkpoint: str, *, image_size: Optional[int] = None,
                                 f"'random:ViT-B/16'")
     cfg, params = load_pretrained(path, image_size=image_size, num_classes=0)
     return Backbone(cfg.replace(**execution), tuple(mean), tuple(std)), params
+
+
+def check_attention_devices(attention: str, devices: Iterable[Any]) -> None:
+    """Refuses ``attention='cudnn'`` unless every device is a GPU, before a run builds
+    anything: cuDNN's fused attention is NVIDIA's (elsewhere JAX raises "cuDNN is not
+    detected" at the first trace, after the backbone has loaded)."""
+    platforms = sorted({device.platform for device in devices})
+    if attention == "cudnn" and platforms != ["gpu"]:
+        raise ValueError(f"backbone.attention='cudnn' is cuDNN's fused attention, for NVIDIA "
+                         f"GPUs; this run's devices are {'/'.join(platforms)}: set "
+                         f"--config.backbone.attention=xla (jax.nn.dot_product_attention on "
+                         f"any device) or einsum")
 
 
 def backbone_from_config(bcfg: Any, seed: int) -> tuple:

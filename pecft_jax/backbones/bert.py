@@ -92,7 +92,7 @@ from pecft_jax.backbones.context import (LayerPEFT, PEFTContext, adapter_branch,
                                          as_batched, at_least_f32, compensate_prefix,
                                          gelu, lora_delta, lora_input, project_heads, ssf,
                                          with_prefix)
-from pecft_jax.backbones.vit import ATTENTION_IMPLS, COMPUTE_DTYPES
+from pecft_jax.backbones.vit import check_execution
 
 Array = jax.Array
 OUTPUTS = ("tokens", "cls", "mean", "pooled", "features")
@@ -133,12 +133,7 @@ class BertConfig:
                              f"only the exact GELU ('gelu')")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"backbone dtype must be one of {COMPUTE_DTYPES}, got "
-                             f"{self.dtype!r}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"backbone attention must be one of {ATTENTION_IMPLS}, got "
-                             f"{self.attention!r}")
+        check_execution(self.dtype, self.attention)
         for field in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise ValueError(f"{field} must be in [0, 1), got {getattr(self, field)}")

@@ -37,6 +37,21 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
+def check_execution(dtype: str, attention: str) -> None:
+    """A backbone's ``dtype`` and ``attention`` (ViT's and BERT's): known values, and cuDNN's
+    fused attention only on the bf16 inputs it takes (jax.nn.dot_product_attention would
+    raise at the first trace otherwise)."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"backbone dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"backbone attention must be one of {ATTENTION_IMPLS}, got "
+                         f"{attention!r}")
+    if attention == "cudnn" and dtype != "bfloat16":
+        raise ValueError(f"backbone attention 'cudnn' (cuDNN's fused flash attention) takes "
+                         f"bf16 inputs only, and dtype is {dtype!r}: set backbone.dtype="
+                         f"'bfloat16', or attention 'xla' (any dtype, any device)")
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
     """Architecture of a ViT. ``num_classes=0`` means no ``head`` parameters."""
@@ -71,12 +86,7 @@ class ViTConfig:
                              f"by num_heads {self.num_heads}")
         if self.classifier not in ("token", "gap"):
             raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"backbone dtype must be one of {COMPUTE_DTYPES}, got "
-                             f"{self.dtype!r}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"backbone attention must be one of {ATTENTION_IMPLS}, got "
-                             f"{self.attention!r}")
+        check_execution(self.dtype, self.attention)
 
     @property
     def compute_dtype(self):

@@ -34,7 +34,7 @@ import optax
 
 from pecft_jax import compiler
 from pecft_jax import metrics as metrics_lib
-from pecft_jax.backbones.backbone import backbone_from_config
+from pecft_jax.backbones.backbone import backbone_from_config, check_attention_devices
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import loader, pipeline, scenarios
 from pecft_jax.data.text import TextPreprocess
@@ -182,6 +182,8 @@ class ContinualTrainer:
         if distributed is not None:
             mesh_lib.initialise_distributed(**distributed)
         self.mesh = mesh_lib.make_mesh(config.get("num_devices", None))
+        check_attention_devices(config.backbone.get("attention", "einsum"),
+                                self.mesh.devices.flat)
         self.logs_metrics = write_metrics and jax.process_index() == 0
         if self.logs_metrics:
             check_wandb_installed(config)
