@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= workdirs/split_mnist_l2p
 
-.PHONY: setup demo demo-text test test-slow test-all data clean
+.PHONY: setup demo demo-text test test-slow test-all data gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,16 @@ test-slow: setup data
 # Includes the slow end-to-end tests.
 test-all: setup data
 	$(PY) -m pytest -q tests -m ''
+
+# The wheels a lent GPU machine's image lacks (it has JAX, flax, optax, orbax, torch; not
+# grain and the rest), built for its Python, into .whl/ (git-ignored), at the tested
+# versions. The device tool's run carries .whl and experiments/gpu_session.sh installs them.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := grain array_record ml_collections portpicker tensorboardX mlxtend
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -c requirements-lock.txt \
+	  --python-version $(GPU_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) workdirs

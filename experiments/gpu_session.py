@@ -1,0 +1,290 @@
+"""The performance issue's accelerator measurements as one prepared command, for a lent GPU.
+
+A GPU machine is lent to a session for minutes (the ``device`` tool: one command of at most
+10 minutes, 15 minutes of device time in all, the machine's start included), so what it
+should measure is fixed here, tested on a CPU, and run in one call:
+
+    make gpu-wheels                       # here: the wheels the GPU image lacks, into .whl/
+    # the device tool's run: command "bash experiments/gpu_session.sh", carry [".whl"]
+
+Each item below is a run of ``experiments/benchmark_step.py`` (separate processes, the JAX
+step and its eager PyTorch port alternating; on a GPU it adds XLA's FLOPs per step, the
+MFU against the card's bf16 peak and the peak device memory), in this order, within
+``--budget-s`` seconds (560 by default: the device tool's 600 a command, less the wheels'
+installation and a margin):
+
+1. ``environment``: the GPU, JAX's and PyTorch's versions and devices;
+2. ``attention_parity``: a random two-block ViT-B/16's bf16 forward and gradient with
+   cuDNN's fused attention and XLA's against the float32 reference
+   (:func:`attention_parity`) -- the accelerator path's numbers checked before they are
+   timed;
+3. ``l2p``, ``coda_prompt``: a ViT-B/16 training step at batch 128 with bf16 activations
+   and matmuls (float32 parameters and optimizer) and cuDNN's fused attention
+   (``jax.nn.dot_product_attention``), the frozen query computed in the step and passed in
+   the batch (``jax-cached``), against PyTorch eager under bf16 autocast -- the models and
+   the batch size of the official Split CIFAR-100 runs (L2P: ViT-B/16 at 16 per device on
+   8 devices, ``l2p/configs/cifar100_l2p.py``; CODA-Prompt's
+   ``configs/cifar-100_prompt.yaml``: 128);
+4. ``ranpac``: RanPAC's phase-2 statistics pass over a batch of 128 on the frozen ViT-B/16
+   (M = 10,000, the paper's);
+5. ``l2p_demo``: the L2P Split MNIST demo end to end on the GPU, cold and warm compilation
+   cache, against the PyTorch step loop at the demo's shapes;
+6. ``l2p_xla_attention``: item 3's JAX step (the query in the step) with XLA's attention
+   instead of cuDNN's.
+
+An item whose cuDNN attention fails (an older cuDNN, a shape it does not take) runs again
+with ``--attention xla`` and says so. Each item's output is written to ``OUT/<item>.txt``
+as it ends; ``OUT/summary.md`` gathers each item's report; an item that failed, ran out
+of time or was not started for want of budget is listed there, and the exit status is then
+1 (what did finish still comes back).
+
+Where PyTorch is not installed, the items time the JAX side alone. ``--quick`` runs the
+same items at toy sizes (ViT-Demo/7, batch 8, 2 timed steps, no
+demo): the check, on a CPU, that the command works before a GPU is spent on it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARK = os.path.join(ROOT, "experiments", "benchmark_step.py")
+
+# what the environment item prints: versions, devices, the card
+ENVIRONMENT = """
+import platform, subprocess, sys
+print("python", sys.version.split()[0], platform.platform())
+try:
+    print(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip())
+except OSError:
+    print("nvidia-smi: not found")
+import jax, jaxlib, flax, optax
+print("jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__version__,
+      "optax", optax.__version__)
+print("jax devices:", jax.devices())
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda,
+          torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
+except ImportError:
+    print("torch: not installed")
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One measurement: ``kind`` is ``'benchmark'`` (``args`` for benchmark_step.py),
+    ``'parity'`` (``args``: the architecture and batch of :func:`attention_parity`) or
+    ``'environment'``."""
+    name: str
+    kind: str
+    args: Tuple[str, ...] = ()
+
+
+def plan(quick: bool, with_torch: bool = True) -> List[Item]:
+    """The items, in the order they run (the issue's figures first); the PyTorch side only
+    ``with_torch`` (where PyTorch is installed)."""
+    if quick:
+        arch, batch, steps = "ViT-Demo/7", "8", "2"
+    else:
+        arch, batch, steps = "ViT-B/16", "128", "30"
+    size = ("--arch", arch, "--batch-size", batch, "--steps", steps, "--rounds", "1")
+    fast = ("--dtype", "bfloat16", "--attention", "cudnn")
+    both = ("--variants", "jax,jax-cached,torch" if with_torch else "jax,jax-cached")
+    items = [Item("environment", "environment"),
+             Item("attention_parity", "parity", (arch, "8" if quick else "32")),
+             Item("l2p", "benchmark", ("--method", "l2p") + both + size + fast),
+             Item("coda_prompt", "benchmark", ("--method", "coda_prompt") + both + size + fast),
+             # the paper's M = 10,000 (the Config's default); a toy run projects to 64
+             Item("ranpac", "benchmark", ("--method", "ranpac") + both + size + fast
+                  + (("--set", "M=64") if quick else ()))]
+    if not quick:
+        items.append(Item("l2p_demo", "benchmark", (
+            "--mode", "demo", "--method", "l2p", "--warm-cache", "--rounds", "1",
+            "--variants", "jax,torch" if with_torch else "jax")))
+    items.append(Item("l2p_xla_attention", "benchmark", ("--method", "l2p", "--variants", "jax")
+                      + size + ("--dtype", "bfloat16", "--attention", "xla")))
+    return items
+
+
+def attention_parity(arch: str, batch: int) -> int:
+    """bf16 forward and gradient of a random two-block ``arch`` ViT with each attention
+    (einsum, XLA's ``dot_product_attention``, cuDNN's where the backend is a GPU) against
+    the float32 einsum forward at full matmul precision: the [CLS] features and the
+    gradient of their mean square with respect to every weight (what flows back to prompts
+    and adapters runs through the same attention backward). A fused attention passes when its relative errors
+    are at most twice the bf16 einsum's plus 1e-3: it may round differently, not worse.
+    Prints a table; returns 1 if one fails."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from pecft_jax.backbones import vit
+
+    # the architecture's widths, heads and tokens in two blocks: what the attention kernels
+    # see, at a fraction of the compilation
+    base = vit.get_config(arch, num_classes=0, num_layers=2)
+    params = jax.jit(vit.init_params, static_argnums=0)(base, jax.random.key(0))
+    images = jax.random.normal(jax.random.key(1), (batch, base.image_size, base.image_size,
+                                                   base.num_channels))
+
+    def features_and_gradient(cfg):
+        def loss(p):
+            cls = vit.apply(cfg, p, images, output="cls")
+            return jnp.mean(jnp.square(cls)), cls
+        (_, cls), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        flat = np.concatenate([np.asarray(g, np.float64).ravel()
+                               for g in jax.tree_util.tree_leaves(grad)])
+        return np.asarray(cls, np.float64), flat
+
+    def relative(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    with jax.default_matmul_precision("highest"):
+        reference = features_and_gradient(base)
+    impls = ["einsum", "xla"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+    errors = {}
+    print(f"{arch}, batch {batch}, backend {jax.default_backend()}: relative error against "
+          f"the float32 einsum attention")
+    for impl in impls:
+        got = features_and_gradient(base.replace(dtype="bfloat16", attention=impl))
+        errors[impl] = tuple(relative(g, r) for g, r in zip(got, reference))
+        print(f"  bf16 {impl:7s} features {errors[impl][0]:.2e}  gradient {errors[impl][1]:.2e}")
+    if "cudnn" not in impls:
+        print(f"  cudnn: not run (the backend is {jax.default_backend()}, not a GPU)")
+    failed = [impl for impl in impls[1:]
+              if any(e > 2 * b + 1e-3 for e, b in zip(errors[impl], errors["einsum"]))]
+    for impl in failed:
+        print(f"  FAILED: {impl}'s errors exceed twice the bf16 einsum's plus 1e-3")
+    return 1 if failed else 0
+
+
+def with_xla_attention(args: Sequence[str]) -> Tuple[str, ...]:
+    """``args`` with ``--attention cudnn`` replaced by ``--attention xla``."""
+    out = list(args)
+    for i, value in enumerate(out[:-1]):
+        if value == "--attention" and out[i + 1] == "cudnn":
+            out[i + 1] = "xla"
+    return tuple(out)
+
+
+def report(output: str) -> str:
+    """The part of benchmark_step.py's output after its ``command:`` line (its report)."""
+    lines = output.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("command:")]
+    return "\n".join(lines[starts[-1]:]) if starts else output.strip()
+
+
+# (command, timeout in seconds) -> (exit status, output); None as status: timed out
+Runner = Callable[[List[str], float], Tuple[Optional[int], str]]
+
+
+def run_command(command: List[str], timeout: float) -> Tuple[Optional[int], str]:
+    """Runs ``command`` in a process group of its own, so that a timeout stops it with the
+    worker processes it started (benchmark_step.py's), not leaving them on the GPU."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=ROOT, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        return None, output
+    return process.returncode, output
+
+
+def command_for(item: Item) -> List[str]:
+    if item.kind == "environment":
+        return [sys.executable, "-c", ENVIRONMENT]
+    if item.kind == "parity":
+        return [sys.executable, os.path.abspath(__file__), "--parity"] + list(item.args)
+    return [sys.executable, BENCHMARK] + list(item.args)
+
+
+def run_session(items: Sequence[Item], out: str, budget_s: float,
+                runner: Runner = run_command, clock: Callable[[], float] = time.monotonic,
+                reserve_s: float = 20.0) -> int:
+    """Runs ``items`` in order until ``budget_s`` is spent (``reserve_s`` kept for writing),
+    writing ``out/<item>.txt`` as each ends and ``out/summary.md`` after every item (so a
+    killed session still leaves one). Returns 0 if every item finished, else 1."""
+    os.makedirs(out, exist_ok=True)
+    deadline = clock() + budget_s
+    sections, problems = [], []
+
+    def write_summary(pending: Sequence[Item]) -> None:
+        lines = ["# GPU session (experiments/gpu_session.py)", ""]
+        for name, body in sections:
+            lines += [f"## {name}", "", "```", body, "```", ""]
+        left = problems + [f"{item.name}: not started (budget spent)" for item in pending]
+        if left:
+            lines += ["## not measured", ""] + [f"- {p}" for p in left] + [""]
+        with open(os.path.join(out, "summary.md"), "w") as f:
+            f.write("\n".join(lines))
+
+    for index, item in enumerate(items):
+        remaining = deadline - clock() - reserve_s
+        if remaining <= 0:
+            write_summary(items[index:])
+            return 1
+        print(f"[{item.name}] up to {remaining:.0f} s", flush=True)
+        status, output = runner(command_for(item), remaining)
+        note = ""
+        if status not in (0, None) and item.kind == "benchmark" and "cudnn" in item.args:
+            remaining = deadline - clock() - reserve_s
+            if remaining > 0:  # cuDNN's attention refused: the same item on XLA's
+                note = (f"cuDNN attention failed (exit status {status}); XLA's attention "
+                        f"instead. The failure's end:\n{output[-1500:]}\n\n")
+                status, output = runner(command_for(dataclasses.replace(
+                    item, args=with_xla_attention(item.args))), remaining)
+        with open(os.path.join(out, f"{item.name}.txt"), "w") as f:
+            f.write(note + output)
+        if status == 0:
+            sections.append((item.name, note + (report(output) if item.kind == "benchmark"
+                                                 else output.strip())))
+        else:
+            why = "timed out" if status is None else f"exit status {status}"
+            problems.append(f"{item.name}: {why} (its output: {item.name}.txt)")
+        print(output[-2000:], flush=True)
+        write_summary(items[index + 1:])
+    return 1 if problems else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_out",
+                        help="where the items' outputs and summary.md go (default $OUT)")
+    parser.add_argument("--budget-s", type=float, default=560.0,
+                        help="seconds for all items (the device tool allows 600 a command)")
+    parser.add_argument("--quick", action="store_true",
+                        help="toy sizes, no demo: check the command on a CPU")
+    parser.add_argument("--only", default="",
+                        help="comma-separated item names to run (default: all)")
+    parser.add_argument("--parity", nargs=2, metavar=("ARCH", "BATCH"),
+                        help="run the attention_parity item's check alone")
+    args = parser.parse_args(argv)
+    if args.parity:
+        return attention_parity(args.parity[0], int(args.parity[1]))
+    if args.budget_s <= 0:
+        parser.error(f"--budget-s must be > 0, got {args.budget_s}")
+    with_torch = importlib.util.find_spec("torch") is not None
+    if not with_torch:
+        print("PyTorch is not installed: the JAX side alone", flush=True)
+    items = plan(args.quick, with_torch)
+    if args.only:
+        names = [n for n in args.only.split(",") if n]
+        unknown = sorted(set(names) - {item.name for item in items})
+        if unknown:
+            parser.error(f"--only: no item {', '.join(unknown)}; the items: "
+                         f"{', '.join(item.name for item in items)}")
+        items = [item for item in items if item.name in names]
+    return run_session(items, args.out, args.budget_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
