@@ -224,7 +224,7 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     import numpy as np
     import optax
     from pecft_jax import compiler
-    from pecft_jax.backbones.backbone import check_attention_devices
+    from pecft_jax.backbones.backbone import attention_for_devices
     from pecft_jax.methods import TaskData, TaskSpec
     from pecft_jax.methods.common import FROZEN_QUERY, frozen_query
     from pecft_jax.train import mesh as mesh_lib
@@ -239,7 +239,10 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     on_cpu = jax.default_backend() == "cpu"
     mesh = mesh_lib.make_mesh(max(args.host_devices, 1) if on_cpu else 1)
     mesh_lib.check_batch_size(args.batch_size, mesh, "--batch-size")
-    check_attention_devices(args.attention, mesh.devices.flat)
+    if attention_for_devices(args.attention, mesh.devices.flat, fall_back=True) != \
+            args.attention:
+        raise SystemExit(f"--attention {args.attention} is cuDNN's fused attention, for "
+                         f"NVIDIA GPUs; these devices are not: use --attention xla")
     frozen = jax.jit(lambda key: init_frozen(cfg, key))(jax.random.key(0))
     trainable, state = jax.jit(method.init)(jax.random.key(1), frozen)
     spec = TaskSpec(0, NUM_CLASSES, task_classes())

@@ -193,12 +193,13 @@ def test_dot_product_attention_matches_the_einsum_attention(tiny):
                                _numpy_vit_tokens(params, images, TINY), atol=1e-4)
 
 
-def test_cudnn_attention_is_refused_without_bf16_or_off_a_gpu(tmp_path, monkeypatch):
+def test_cudnn_attention_is_refused_without_bf16_or_off_a_gpu(tmp_path, monkeypatch, caplog):
     """cuDNN's fused attention takes bf16 inputs on NVIDIA GPUs: a float32 config (ViT's,
-    BERT's) and a run whose devices are not GPUs fail before anything loads, naming the fix;
-    JAX itself would raise at the first trace, after the backbone has loaded."""
+    BERT's) and a training run whose devices are not GPUs fail before anything loads,
+    naming the fix (JAX itself would raise at the first trace, after the backbone has
+    loaded); evaluating or planning such a run elsewhere uses XLA's attention instead."""
     from pecft_jax.backbones import bert
-    from pecft_jax.backbones.backbone import check_attention_devices
+    from pecft_jax.backbones.backbone import attention_for_devices
     from pecft_jax.configs import load_config_file
     from pecft_jax.train import loop
     for make in (lambda **k: TINY.replace(**k),
@@ -207,18 +208,34 @@ def test_cudnn_attention_is_refused_without_bf16_or_off_a_gpu(tmp_path, monkeypa
             make(attention="cudnn")
         assert make(attention="cudnn", dtype="bfloat16").attention == "cudnn"
     gpu, cpu = (types.SimpleNamespace(platform=p) for p in ("gpu", "cpu"))
-    check_attention_devices("cudnn", [gpu, gpu])
-    check_attention_devices("xla", [cpu])
+    assert attention_for_devices("cudnn", [gpu, gpu], fall_back=False) == "cudnn"
+    assert attention_for_devices("einsum", [cpu], fall_back=False) == "einsum"
+    assert attention_for_devices("cudnn", [cpu], fall_back=True) == "xla"
     with pytest.raises(ValueError, match="this run's devices are cpu/gpu"):
-        check_attention_devices("cudnn", [gpu, cpu])
+        attention_for_devices("cudnn", [gpu, cpu], fall_back=False)
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = load_config_file(os.path.join(root, "experiments", "configs", "l2p.py"))
-    config.backbone.update(dtype="bfloat16", attention="cudnn")
+    config.compilation_cache_dir = ""  # no persistent cache for the rest of the session
     loaded = []
-    monkeypatch.setattr(loop, "backbone_from_config", lambda *a: loaded.append(a))
+    original = loop.backbone_from_config
+    monkeypatch.setattr(loop, "backbone_from_config",
+                        lambda bcfg, seed: loaded.append(bcfg.attention) or original(bcfg, seed))
+    config.backbone.update(attention="cudnn")  # float32: refused before the devices are asked
+    with pytest.raises(ValueError, match="takes bf16 inputs only"):
+        loop.ContinualTrainer(config, str(tmp_path / "a"))
+    config.backbone.update(dtype="bfloat16")
     with pytest.raises(ValueError, match=r"set --config.backbone.attention=xla"):
-        loop.ContinualTrainer(config, str(tmp_path))
+        loop.ContinualTrainer(config, str(tmp_path / "b"))
     assert not loaded
+    with caplog.at_level("WARNING", logger="pecft_jax"):
+        trainer = loop.ContinualTrainer(config, str(tmp_path / "c"), write_metrics=False,
+                                        attention_fallback=True)
+    trainer.close()
+    assert loaded == ["xla"] and trainer.backbone.config.attention == "xla"
+    assert config.backbone.attention == "cudnn"  # the run's own config is left as it was
+    assert "using 'xla' (the same function)" in caplog.text
+    assert loop.plan_run(config)["method"] == "l2p"  # a dry run plans it here too
 
 
 def test_bfloat16_compute_keeps_float32_parameters_outputs_and_gradients(tiny):

@@ -195,16 +195,21 @@ def load_backbone(checkpoint: str, *, image_size: Optional[int] = None,
     return Backbone(cfg.replace(**execution), tuple(mean), tuple(std)), params
 
 
-def check_attention_devices(attention: str, devices: Iterable[Any]) -> None:
-    """Refuses ``attention='cudnn'`` unless every device is a GPU, before a run builds
-    anything: cuDNN's fused attention is NVIDIA's (elsewhere JAX raises "cuDNN is not
-    detected" at the first trace, after the backbone has loaded)."""
+def attention_for_devices(attention: str, devices: Iterable[Any], fall_back: bool) -> str:
+    """The attention a run uses on ``devices``: ``attention`` itself, except that cuDNN's
+    fused attention (NVIDIA GPUs) on other devices is refused before the run builds anything
+    (elsewhere JAX raises "cuDNN is not detected" at the first trace, after the backbone has
+    loaded) or, with ``fall_back`` (evaluating or planning a GPU run's config on another
+    machine), replaced by XLA's ``'xla'``: the same function, computed without cuDNN."""
     platforms = sorted({device.platform for device in devices})
-    if attention == "cudnn" and platforms != ["gpu"]:
-        raise ValueError(f"backbone.attention='cudnn' is cuDNN's fused attention, for NVIDIA "
-                         f"GPUs; this run's devices are {'/'.join(platforms)}: set "
-                         f"--config.backbone.attention=xla (jax.nn.dot_product_attention on "
-                         f"any device) or einsum")
+    if attention != "cudnn" or platforms == ["gpu"]:
+        return attention
+    if fall_back:
+        return "xla"
+    raise ValueError(f"backbone.attention='cudnn' is cuDNN's fused attention, for NVIDIA "
+                     f"GPUs; this run's devices are {'/'.join(platforms)}: set "
+                     f"--config.backbone.attention=xla (jax.nn.dot_product_attention on any "
+                     f"device) or einsum")
 
 
 def backbone_from_config(bcfg: Any, seed: int) -> tuple:

@@ -34,7 +34,8 @@ import optax
 
 from pecft_jax import compiler
 from pecft_jax import metrics as metrics_lib
-from pecft_jax.backbones.backbone import backbone_from_config, check_attention_devices
+from pecft_jax.backbones import vit
+from pecft_jax.backbones.backbone import attention_for_devices, backbone_from_config
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import loader, pipeline, scenarios
 from pecft_jax.data.text import TextPreprocess
@@ -123,7 +124,8 @@ def plan_run(config: ml_collections.ConfigDict) -> dict:
     initialisation, from shapes: nothing is computed). ``python -m pecft_jax.run
     --dry_run`` prints it."""
     with tempfile.TemporaryDirectory() as scratch:  # the trainer's checkpointer wants a dir
-        trainer = ContinualTrainer(config, scratch, write_metrics=False)
+        trainer = ContinualTrainer(config, scratch, write_metrics=False,
+                                   attention_fallback=True)
         try:
             trainable, state = jax.eval_shape(trainer.method.init, jax.random.key(0),
                                               trainer.frozen)
@@ -169,10 +171,15 @@ class ContinualTrainer:
     """Holds the run's static pieces (mesh, backbone, scenario, method) and runs tasks."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-                 write_metrics: bool = True):
+                 write_metrics: bool = True, attention_fallback: bool = False):
+        """``attention_fallback``: where the config asks for cuDNN's attention and the
+        devices are not GPUs, use XLA's (the same function) instead of refusing -- for
+        evaluating or planning a GPU run on another machine, never for training."""
         self.config = config
         self.workdir = workdir
         check_run_config(config)
+        vit.check_execution(config.backbone.get("dtype", "float32"),
+                            config.backbone.get("attention", "einsum"))
         compilation.enable_persistent_cache(
             config.get("compilation_cache_dir", compilation.DEFAULT_CACHE_DIR))
         self.lr_mults = partition.parse_lr_mults(config.train.get("lr_mults", ()))
@@ -182,8 +189,6 @@ class ContinualTrainer:
         if distributed is not None:
             mesh_lib.initialise_distributed(**distributed)
         self.mesh = mesh_lib.make_mesh(config.get("num_devices", None))
-        check_attention_devices(config.backbone.get("attention", "einsum"),
-                                self.mesh.devices.flat)
         self.logs_metrics = write_metrics and jax.process_index() == 0
         if self.logs_metrics:
             check_wandb_installed(config)
@@ -191,7 +196,15 @@ class ContinualTrainer:
         mesh_lib.check_batch_size(self.batch_size, self.mesh, "train.batch_size")
         self.eval_batch_size = config.get("eval", {}).get("batch_size", self.batch_size)
         mesh_lib.check_batch_size(self.eval_batch_size, self.mesh, "eval.batch_size")
-        self.backbone, frozen = backbone_from_config(config.backbone, config.seed)
+        backbone_config = config.backbone
+        asked = backbone_config.get("attention", "einsum")
+        attention = attention_for_devices(asked, self.mesh.devices.flat, attention_fallback)
+        if attention != asked:
+            log.warning("backbone.attention=%r needs NVIDIA GPUs; these devices are not: "
+                        "using %r (the same function)", asked, attention)
+            backbone_config = ml_collections.ConfigDict(dict(backbone_config.to_dict(),
+                                                             attention=attention))
+        self.backbone, frozen = backbone_from_config(backbone_config, config.seed)
         self.fingerprint = fingerprint(frozen)
         self.frozen = mesh_lib.replicate(frozen, self.mesh)
         self.scenario = scenarios.build_scenario(config)
