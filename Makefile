@@ -58,6 +58,7 @@ test-all: setup data
 GPU_PYTHON ?= 3.12
 GPU_WHEELS := grain array_record ml_collections portpicker tensorboardX mlxtend
 gpu-wheels:
+	rm -rf .whl  # only the image's builds: pip refuses a set with wheels of another Python
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -c requirements-lock.txt \
 	  --python-version $(GPU_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 \
 	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)

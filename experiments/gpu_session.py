@@ -27,20 +27,22 @@ installation and a margin):
    ``configs/cifar-100_prompt.yaml``: 128);
 4. ``ranpac``: RanPAC's phase-2 statistics pass over a batch of 128 on the frozen ViT-B/16
    (M = 10,000, the paper's);
-5. ``l2p_demo``: the L2P Split MNIST demo end to end on the GPU, cold and warm compilation
-   cache, against the PyTorch step loop at the demo's shapes;
-6. ``l2p_xla_attention``: item 3's JAX step (the query in the step) with XLA's attention
-   instead of cuDNN's.
+5. ``l2p_xla_attention``: item 3's JAX step (the query in the step) with XLA's attention
+   instead of cuDNN's;
+6. ``l2p_demo``: the L2P Split MNIST demo end to end on the GPU, cold and warm compilation
+   cache, against the PyTorch step loop at the demo's shapes.
 
-An item whose cuDNN attention fails (an older cuDNN, a shape it does not take) runs again
-with ``--attention xla`` and says so. Each item's output is written to ``OUT/<item>.txt``
-as it ends; ``OUT/summary.md`` gathers each item's report; an item that failed, ran out
-of time or was not started for want of budget is listed there, and the exit status is then
-1 (what did finish still comes back).
+An item whose JAX worker fails under cuDNN's attention (an older cuDNN, a shape it does not
+take) runs again with ``--attention xla``. Each item's output streams to
+``OUT/<item>.txt``; ``OUT/summary.md``, rewritten before and after every item, gathers the
+reports and lists what was not measured as planned -- an item that failed, ran out of
+time, fell back to XLA's attention, was under way or was not started for want of budget
+-- and the exit status is then 1 (what did finish still comes back). The summary is also
+printed at the end; a timeout, an error or a SIGTERM stops the item's processes with it.
 
 Where PyTorch is not installed, the items time the JAX side alone. ``--quick`` runs the
-same items at toy sizes (ViT-Demo/7, batch 8, 2 timed steps, no
-demo): the check, on a CPU, that the command works before a GPU is spent on it.
+same items at toy sizes (ViT-Demo/7, batch 8, 2 timed steps, no demo): the check, on a
+CPU, that the command works before a GPU is spent on it.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,22 +62,31 @@ BENCHMARK = os.path.join(ROOT, "experiments", "benchmark_step.py")
 
 # what the environment item prints: versions, devices, the card
 ENVIRONMENT = """
-import platform, subprocess, sys
+import importlib.metadata, platform, subprocess, sys
 print("python", sys.version.split()[0], platform.platform())
 try:
-    print(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip())
-except OSError:
-    print("nvidia-smi: not found")
-import jax, jaxlib, flax, optax
-print("jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__version__,
-      "optax", optax.__version__)
+    print(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                         timeout=30).stdout.strip())
+except (OSError, subprocess.TimeoutExpired) as error:
+    print("nvidia-smi:", error)
+for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "torch"):
+    try:
+        print(name, importlib.metadata.version(name))
+    except importlib.metadata.PackageNotFoundError:
+        print(name, "not installed")
+import jax
 print("jax devices:", jax.devices())
 try:
+    from jax._src.lib import cuda_versions  # private: present with JAX's CUDA plugin
+    print("cuDNN", cuda_versions.cudnn_get_version())
+except Exception as error:
+    print("cuDNN: unknown here", type(error).__name__)
+try:
     import torch
-    print("torch", torch.__version__, "cuda", torch.version.cuda,
+    print("torch cuda", torch.version.cuda,
           torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
 except ImportError:
-    print("torch: not installed")
+    pass
 """
 
 
@@ -105,63 +117,95 @@ def plan(quick: bool, with_torch: bool = True) -> List[Item]:
              # the paper's M = 10,000 (the Config's default); a toy run projects to 64
              Item("ranpac", "benchmark", ("--method", "ranpac") + both + size + fast
                   + (("--set", "M=64") if quick else ()))]
+    items.append(Item("l2p_xla_attention", "benchmark", ("--method", "l2p", "--variants", "jax")
+                      + size + ("--dtype", "bfloat16", "--attention", "xla")))
     if not quick:
         items.append(Item("l2p_demo", "benchmark", (
             "--mode", "demo", "--method", "l2p", "--warm-cache", "--rounds", "1",
             "--variants", "jax,torch" if with_torch else "jax")))
-    items.append(Item("l2p_xla_attention", "benchmark", ("--method", "l2p", "--variants", "jax")
-                      + size + ("--dtype", "bfloat16", "--attention", "xla")))
     return items
 
 
 def attention_parity(arch: str, batch: int) -> int:
-    """bf16 forward and gradient of a random two-block ``arch`` ViT with each attention
-    (einsum, XLA's ``dot_product_attention``, cuDNN's where the backend is a GPU) against
-    the float32 einsum forward at full matmul precision: the [CLS] features and the
-    gradient of their mean square with respect to every weight (what flows back to prompts
-    and adapters runs through the same attention backward). A fused attention passes when its relative errors
-    are at most twice the bf16 einsum's plus 1e-3: it may round differently, not worse.
-    Prints a table; returns 1 if one fails."""
+    """Each attention in bf16 -- the einsum, XLA's ``dot_product_attention``, cuDNN's where
+    the backend is a GPU -- against the float32 einsum at full matmul precision, twice:
+
+    * the operation alone at ``arch``'s shapes (tokens, heads, head width), its output and
+      the gradients of queries, keys and values each compared on their own, the queries at
+      4x the keys' scale so that the attention is peaked (at random initialisation it is
+      near uniform, and wrong query or key gradients would hardly show);
+    * a random two-block ``arch`` ViT through the library's ``backbone.attention`` switch:
+      the [CLS] features and the gradient of their mean square for every weight.
+
+    A fused attention passes when each of its relative errors is at most twice the bf16
+    einsum's plus 1e-3 (it rounds in other places, so its errors differ, not by much).
+    Prints the errors; returns 1 if one fails."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from pecft_jax.backbones import vit
 
-    # the architecture's widths, heads and tokens in two blocks: what the attention kernels
-    # see, at a fraction of the compilation
-    base = vit.get_config(arch, num_classes=0, num_layers=2)
-    params = jax.jit(vit.init_params, static_argnums=0)(base, jax.random.key(0))
-    images = jax.random.normal(jax.random.key(1), (batch, base.image_size, base.image_size,
-                                                   base.num_channels))
+    backend = jax.default_backend()
+    impls = ["einsum", "xla"] + (["cudnn"] if backend == "gpu" else [])
 
-    def features_and_gradient(cfg):
+    def relative(got, reference):
+        return [float(np.linalg.norm(g - r) / np.linalg.norm(r))
+                for g, r in zip(got, reference)]
+
+    def einsum_attention(q, k, v):  # the ViT's 'einsum' path: its softmax in float32
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+    def fused(impl):
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+    cfg = vit.get_config(arch, num_classes=0)
+    shape = (batch, (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.num_heads, cfg.head_dim)
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, cotangent = (jax.random.normal(key, shape) for key in keys)
+    q = 4.0 * q
+
+    def operation(attention, dtype):
+        def run(q, k, v, cotangent):
+            out, vjp = jax.vjp(attention, *(x.astype(dtype) for x in (q, k, v)))
+            return (out,) + vjp(cotangent.astype(out.dtype))
+        return [np.asarray(x, np.float64) for x in jax.jit(run)(q, k, v, cotangent)]
+
+    # the architecture's widths, heads and tokens in two blocks, at a fraction of the compile
+    two_blocks = vit.get_config(arch, num_classes=0, num_layers=2)
+    params = jax.jit(vit.init_params, static_argnums=0)(two_blocks, jax.random.key(1))
+    images = jax.random.normal(jax.random.key(2), (batch, cfg.image_size, cfg.image_size,
+                                                   cfg.num_channels))
+
+    def model(config):
         def loss(p):
-            cls = vit.apply(cfg, p, images, output="cls")
+            cls = vit.apply(config, p, images, output="cls")
             return jnp.mean(jnp.square(cls)), cls
         (_, cls), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-        flat = np.concatenate([np.asarray(g, np.float64).ravel()
-                               for g in jax.tree_util.tree_leaves(grad)])
-        return np.asarray(cls, np.float64), flat
-
-    def relative(a, b):
-        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+        return [np.asarray(cls, np.float64),
+                np.concatenate([np.asarray(g, np.float64).ravel()
+                                for g in jax.tree_util.tree_leaves(grad)])]
 
     with jax.default_matmul_precision("highest"):
-        reference = features_and_gradient(base)
-    impls = ["einsum", "xla"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+        references = (operation(einsum_attention, jnp.float32), model(two_blocks))
+    print(f"{arch}, batch {batch}, backend {backend}: relative errors of bf16 against the "
+          f"float32 einsum attention")
     errors = {}
-    print(f"{arch}, batch {batch}, backend {jax.default_backend()}: relative error against "
-          f"the float32 einsum attention")
     for impl in impls:
-        got = features_and_gradient(base.replace(dtype="bfloat16", attention=impl))
-        errors[impl] = tuple(relative(g, r) for g, r in zip(got, reference))
-        print(f"  bf16 {impl:7s} features {errors[impl][0]:.2e}  gradient {errors[impl][1]:.2e}")
+        attention = einsum_attention if impl == "einsum" else fused(impl)
+        errors[impl] = (relative(operation(attention, jnp.bfloat16), references[0])
+                        + relative(model(two_blocks.replace(dtype="bfloat16", attention=impl)),
+                                   references[1]))
+        e = errors[impl]
+        print(f"  {impl:7s} attention: output {e[0]:.2e}, d/dq {e[1]:.2e}, d/dk {e[2]:.2e}, "
+              f"d/dv {e[3]:.2e};  ViT: features {e[4]:.2e}, weight gradients {e[5]:.2e}")
     if "cudnn" not in impls:
-        print(f"  cudnn: not run (the backend is {jax.default_backend()}, not a GPU)")
+        print(f"  cudnn: not run (the backend is {backend}, not a GPU)")
     failed = [impl for impl in impls[1:]
               if any(e > 2 * b + 1e-3 for e, b in zip(errors[impl], errors["einsum"]))]
     for impl in failed:
-        print(f"  FAILED: {impl}'s errors exceed twice the bf16 einsum's plus 1e-3")
+        print(f"  FAILED: {impl}: an error exceeds twice the bf16 einsum's plus 1e-3")
     return 1 if failed else 0
 
 
@@ -181,22 +225,38 @@ def report(output: str) -> str:
     return "\n".join(lines[starts[-1]:]) if starts else output.strip()
 
 
-# (command, timeout in seconds) -> (exit status, output); None as status: timed out
-Runner = Callable[[List[str], float], Tuple[Optional[int], str]]
+# (command, timeout in seconds, file its output streams to) -> (exit status, output);
+# None as the status: timed out
+Runner = Callable[[List[str], float, str], Tuple[Optional[int], str]]
+
+_running: List[subprocess.Popen] = []  # the command under way, stopped if the session dies
 
 
-def run_command(command: List[str], timeout: float) -> Tuple[Optional[int], str]:
-    """Runs ``command`` in a process group of its own, so that a timeout stops it with the
-    worker processes it started (benchmark_step.py's), not leaving them on the GPU."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, cwd=ROOT, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        return None, output
-    return process.returncode, output
+def stop_running() -> None:
+    """Kills the command under way with the processes it started (benchmark_step.py's
+    workers), which would otherwise hold the GPU after this session ends."""
+    while _running:
+        process = _running.pop()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def run_command(command: List[str], timeout: float, path: str) -> Tuple[Optional[int], str]:
+    """Runs ``command`` in a process group of its own, its output streaming to ``path`` (what
+    a session killed mid-item leaves); a timeout stops the group, workers included."""
+    with open(path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   start_new_session=True)
+        _running.append(process)
+        try:
+            status = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            status = None
+        finally:
+            stop_running()
+    with open(path, errors="replace") as log:
+        return status, log.read()
 
 
 def command_for(item: Item) -> List[str]:
@@ -207,21 +267,30 @@ def command_for(item: Item) -> List[str]:
     return [sys.executable, BENCHMARK] + list(item.args)
 
 
+def jax_worker_failed(output: str) -> bool:
+    """Whether benchmark_step.py stopped because a JAX worker failed (as a refused cuDNN
+    attention does), not a PyTorch one or the script itself."""
+    return re.search(r"^jax(-cached)? worker failed", output, re.MULTILINE) is not None
+
+
 def run_session(items: Sequence[Item], out: str, budget_s: float,
                 runner: Runner = run_command, clock: Callable[[], float] = time.monotonic,
                 reserve_s: float = 20.0) -> int:
-    """Runs ``items`` in order until ``budget_s`` is spent (``reserve_s`` kept for writing),
-    writing ``out/<item>.txt`` as each ends and ``out/summary.md`` after every item (so a
-    killed session still leaves one). Returns 0 if every item finished, else 1."""
+    """Runs ``items`` in order until ``budget_s`` is spent, each item given what is left
+    less ``reserve_s`` (a margin before the device tool's own limit), writing
+    ``out/<item>.txt`` and ``out/summary.md`` (which names the item under way, so a session
+    killed mid-item says where). Returns 0 if every item was measured as planned, else 1."""
     os.makedirs(out, exist_ok=True)
     deadline = clock() + budget_s
     sections, problems = [], []
 
-    def write_summary(pending: Sequence[Item]) -> None:
+    def write_summary(pending: Sequence[Item], running: str = "") -> None:
         lines = ["# GPU session (experiments/gpu_session.py)", ""]
-        for name, body in sections:
-            lines += [f"## {name}", "", "```", body, "```", ""]
-        left = problems + [f"{item.name}: not started (budget spent)" for item in pending]
+        for name, body in sections:  # four backticks: an output may hold three
+            lines += [f"## {name}", "", "````", body, "````", ""]
+        left = problems + ([f"{running}: under way when the summary was written "
+                            f"(its output so far: {running}.txt)"] if running else [])
+        left += [f"{item.name}: not started (budget spent)" for item in pending]
         if left:
             lines += ["## not measured", ""] + [f"- {p}" for p in left] + [""]
         with open(os.path.join(out, "summary.md"), "w") as f:
@@ -232,24 +301,32 @@ def run_session(items: Sequence[Item], out: str, budget_s: float,
         if remaining <= 0:
             write_summary(items[index:])
             return 1
+        write_summary(items[index + 1:], running=item.name)
         print(f"[{item.name}] up to {remaining:.0f} s", flush=True)
-        status, output = runner(command_for(item), remaining)
-        note = ""
-        if status not in (0, None) and item.kind == "benchmark" and "cudnn" in item.args:
+        path = os.path.join(out, f"{item.name}.txt")
+        status, output = runner(command_for(item), remaining, path)
+        note, retried = "", False
+        if (status not in (0, None) and item.kind == "benchmark" and "cudnn" in item.args
+                and jax_worker_failed(output)):
             remaining = deadline - clock() - reserve_s
             if remaining > 0:  # cuDNN's attention refused: the same item on XLA's
                 note = (f"cuDNN attention failed (exit status {status}); XLA's attention "
                         f"instead. The failure's end:\n{output[-1500:]}\n\n")
+                retried = True
                 status, output = runner(command_for(dataclasses.replace(
-                    item, args=with_xla_attention(item.args))), remaining)
-        with open(os.path.join(out, f"{item.name}.txt"), "w") as f:
+                    item, args=with_xla_attention(item.args))), remaining, path)
+        with open(path, "w") as f:
             f.write(note + output)
+        again = " (the retry on XLA's attention)" if retried else ""
         if status == 0:
             sections.append((item.name, note + (report(output) if item.kind == "benchmark"
                                                  else output.strip())))
+            if retried:
+                problems.append(f"{item.name}: cuDNN's attention failed; measured with XLA's "
+                                f"instead (its output: {item.name}.txt)")
         else:
             why = "timed out" if status is None else f"exit status {status}"
-            problems.append(f"{item.name}: {why} (its output: {item.name}.txt)")
+            problems.append(f"{item.name}: {why}{again} (its output: {item.name}.txt)")
         print(output[-2000:], flush=True)
         write_summary(items[index + 1:])
     return 1 if problems else 0
@@ -283,7 +360,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--only: no item {', '.join(unknown)}; the items: "
                          f"{', '.join(item.name for item in items)}")
         items = [item for item in items if item.name in names]
-    return run_session(items, args.out, args.budget_s)
+    # a SIGTERM (the device tool's limit) unwinds through the finally: the item's workers go
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        status = run_session(items, args.out, args.budget_s)
+    finally:
+        stop_running()
+    with open(os.path.join(args.out, "summary.md")) as f:
+        print(f.read())  # also in the command's output, should the files not come back
+    return status
 
 
 if __name__ == "__main__":

@@ -33,20 +33,26 @@ def _report(name):
 
 class FakeMachine:
     """A runner and a clock: each command takes ``seconds[i]`` and answers ``answers[i]``
-    (exit status, output), in order."""
+    (exit status, output), in order, its output streamed to the item's file as the real
+    runner does; ``summaries`` keeps summary.md as each command found it."""
 
     def __init__(self, answers, seconds):
-        self.answers, self.seconds, self.now, self.commands = list(answers), list(seconds), 0.0, []
-        self.timeouts = []
+        self.answers, self.seconds, self.now = list(answers), list(seconds), 0.0
+        self.commands, self.timeouts, self.summaries = [], [], []
 
     def clock(self):
         return self.now
 
-    def run(self, command, timeout):
+    def run(self, command, timeout, path):
         self.commands.append(command)
         self.timeouts.append(timeout)
+        with open(os.path.join(os.path.dirname(path), "summary.md")) as f:
+            self.summaries.append(f.read())
         self.now += self.seconds.pop(0)
-        return self.answers.pop(0)
+        status, output = self.answers.pop(0)
+        with open(path, "w") as f:
+            f.write(output)
+        return status, output
 
 
 def test_every_planned_item_is_a_command_benchmark_step_accepts(session, monkeypatch):
@@ -93,7 +99,10 @@ def test_session_writes_each_item_and_a_summary_of_their_reports(session, tmp_pa
     assert machine.commands[1][2:] == ["--parity", "ViT-Demo/7", "8"]
     assert all(c[1].endswith("benchmark_step.py") for c in machine.commands[2:])
     summary = (tmp_path / "summary.md").read_text()
-    assert "## attention_parity\n\n```\nbf16 cudnn 1e-2\n```" in summary
+    assert "## attention_parity\n\n````\nbf16 cudnn 1e-2\n````" in summary
+    # before each item the summary names it as under way, the later ones as not started
+    assert "- l2p: under way when the summary was written" in machine.summaries[2]
+    assert "- ranpac: not started (budget spent)" in machine.summaries[2]
     for item in items[2:]:
         assert (tmp_path / f"{item.name}.txt").read_text() == _report(item.name)
         # the report from its command line on, not the progress lines
@@ -103,16 +112,31 @@ def test_session_writes_each_item_and_a_summary_of_their_reports(session, tmp_pa
 
 
 def test_an_item_whose_cudnn_attention_fails_runs_again_on_xla_attention(session, tmp_path):
+    """A JAX worker that fails under cuDNN's attention: the item runs again on XLA's, its
+    report is kept, and the session says so with status 1 (no cuDNN figure was measured).
+    A PyTorch worker's failure is not cuDNN's: no retry."""
     item = session.Item("l2p", "benchmark", ("--method", "l2p", "--attention", "cudnn"))
-    machine = FakeMachine([(1, "RuntimeError: cuDNN is not detected."), (0, _report("l2p"))],
-                          [1.0, 1.0])
-    assert session.run_session([item], str(tmp_path), 100.0, machine.run, machine.clock) == 0
+    refused = "jax worker failed:\nRuntimeError: cuDNN is not detected."
+    machine = FakeMachine([(1, refused), (0, _report("l2p"))], [1.0, 1.0])
+    assert session.run_session([item], str(tmp_path), 100.0, machine.run, machine.clock) == 1
     assert machine.commands[0][-2:] == ["--attention", "cudnn"]
     assert machine.commands[1][-2:] == ["--attention", "xla"]
     text = (tmp_path / "l2p.txt").read_text()
     assert text.startswith("cuDNN attention failed (exit status 1); XLA's attention instead")
     assert "cuDNN is not detected" in text and text.endswith(_report("l2p"))
-    assert "cuDNN attention failed" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "cuDNN attention failed" in summary and "speed-up jax" in summary
+    assert "- l2p: cuDNN's attention failed; measured with XLA's instead" in summary
+
+    machine = FakeMachine([(1, "torch worker failed:\nCUDA out of memory")], [1.0])
+    assert session.run_session([item], str(tmp_path), 100.0, machine.run, machine.clock) == 1
+    assert len(machine.commands) == 1
+    assert "- l2p: exit status 1 (its output: l2p.txt)" in \
+        (tmp_path / "summary.md").read_text()
+    machine = FakeMachine([(1, refused), (None, "partial")], [1.0, 1.0])
+    assert session.run_session([item], str(tmp_path), 100.0, machine.run, machine.clock) == 1
+    assert "- l2p: timed out (the retry on XLA's attention)" in \
+        (tmp_path / "summary.md").read_text()
 
 
 def test_budget_spent_timed_out_and_failed_items_are_listed_and_the_status_is_1(
@@ -138,30 +162,52 @@ def test_budget_spent_timed_out_and_failed_items_are_listed_and_the_status_is_1(
         assert line in summary
 
 
-def test_attention_parity_passes_xla_attention_and_fails_a_wrong_one(session, monkeypatch,
-                                                                   capsys):
-    """The parity item's check: XLA's dot_product_attention in bf16 is as close to the
-    float32 reference as the bf16 einsum; an attention that ignores the queries (each token
-    the mean of the values) is not, and the check says so with status 1."""
+def _attention_with_wrong_gradients(scale_dq=1.0, scale_dk=1.0, scale_out=1.0):
+    """XLA's attention with its output or its query / key gradients scaled: the kind of
+    kernel error the parity check is there to catch."""
     import jax
-    import jax.numpy as jnp
-    assert session.attention_parity("ViT-Micro/4", 4) == 0
-    assert "bf16 xla" in capsys.readouterr().out
-    monkeypatch.setattr(jax.nn, "dot_product_attention",
-                        lambda q, k, v, **kw: jnp.broadcast_to(v.mean(1, keepdims=True),
-                                                               q.shape))
-    assert session.attention_parity("ViT-Micro/4", 4) == 1
-    assert "FAILED: xla's errors exceed" in capsys.readouterr().out
+    exact = jax.nn.dot_product_attention
+
+    def correct(q, k, v):
+        return exact(q, k, v, implementation="xla")
+
+    @jax.custom_vjp
+    def attention(q, k, v):
+        return scale_out * correct(q, k, v)
+
+    def backward(inputs, cotangent):
+        dq, dk, dv = jax.vjp(correct, *inputs)[1](cotangent)
+        return scale_dq * dq, scale_dk * dk, dv
+    attention.defvjp(lambda q, k, v: (attention(q, k, v), (q, k, v)), backward)
+    return lambda q, k, v, **options: attention(q, k, v)
 
 
-def test_a_timed_out_command_is_stopped_with_the_processes_it_started(session):
+@pytest.mark.parametrize("wrong", [None, dict(scale_out=1.02), dict(scale_dq=1.1),
+                                   dict(scale_dq=0.0), dict(scale_dk=0.5)])
+def test_attention_parity_passes_xla_attention_and_fails_wrong_kernels(session, monkeypatch,
+                                                                       capsys, wrong):
+    """The parity item's check passes XLA's dot_product_attention in bf16 and fails a kernel
+    whose output is 2% off, or whose query or key gradients are wrong while its output is
+    right (the check compares them one by one, on peaked attention)."""
+    import jax
+    if wrong is not None:
+        monkeypatch.setattr(jax.nn, "dot_product_attention",
+                            _attention_with_wrong_gradients(**wrong))
+    assert session.attention_parity("ViT-Micro/4", 4) == (0 if wrong is None else 1)
+    out = capsys.readouterr().out
+    assert "xla     attention: output" in out
+    assert ("FAILED: xla: an error exceeds" in out) is (wrong is not None)
+
+
+def test_a_timed_out_command_is_stopped_with_the_processes_it_started(session, tmp_path):
     """benchmark_step.py runs its steps in worker processes: a timeout must stop those
     too, or they would hold the GPU while the next item runs."""
     parent = ("import subprocess, sys, time\n"
               "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
               "print('worker', child.pid, flush=True)\n"
               "time.sleep(60)\n")
-    status, output = session.run_command([sys.executable, "-c", parent], 3.0)
+    status, output = session.run_command([sys.executable, "-c", parent], 3.0,
+                                         str(tmp_path / "a.txt"))
     assert status is None and output.startswith("worker ")
     worker = int(output.split()[1])
     for _ in range(50):  # killed: gone, or a zombie until its new parent reaps it
@@ -175,9 +221,11 @@ def test_a_timed_out_command_is_stopped_with_the_processes_it_started(session):
         time.sleep(0.1)
     else:
         raise AssertionError(f"worker {worker} still runs: {state}")
-    assert session.run_command([sys.executable, "-c", "import sys; print('out'); "
-                                "print('err', file=sys.stderr); sys.exit(3)"], 30.0) == \
-        (3, "out\nerr\n")
+    assert (tmp_path / "a.txt").read_text() == output  # streamed to the item's file
+    assert session.run_command([sys.executable, "-c", "import sys; print('out', flush=True); "
+                                "print('err', file=sys.stderr); sys.exit(3)"], 30.0,
+                               str(tmp_path / "b.txt")) == (3, "out\nerr\n")
+    assert not session._running
 
 
 def test_session_refuses_bad_options_before_anything_runs(session, capsys):
@@ -191,7 +239,7 @@ def test_session_refuses_bad_options_before_anything_runs(session, capsys):
 def test_quick_session_runs_on_this_cpu_and_falls_back_from_cudnn(tmp_path):
     """The real command at toy sizes on a CPU, as before a GPU is spent on it: cuDNN's
     attention is refused here, so the item runs again on XLA's and reports its step (with
-    PyTorch's where PyTorch is installed; CI has none)."""
+    PyTorch's where PyTorch is installed; CI has none), and the status is 1."""
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "experiments", "gpu_session.py"), "--quick",
          "--only", "environment,attention_parity,ranpac", "--out", str(tmp_path),
@@ -203,7 +251,11 @@ def test_quick_session_runs_on_this_cpu_and_falls_back_from_cudnn(tmp_path):
     assert "cuDNN attention failed" in ranpac and "--attention xla" in ranpac
     assert "ranpac step, ViT-Demo/7, batch 8, bfloat16, attention xla" in summary
     assert "jax devices:" in summary
-    # the bf16 forward and gradient, einsum and XLA's attention, against float32; no cuDNN
-    assert "bf16 einsum  features" in summary and "bf16 xla     features" in summary
+    # the bf16 attention and ViT, einsum and XLA's attention, against float32; no cuDNN
+    assert "einsum  attention: output" in summary and "xla     attention: output" in summary
     assert "cudnn: not run (the backend is cpu, not a GPU)" in summary
-    assert done.returncode == 0, done.stdout[-2000:]
+    # no cuDNN figure was measured, and the session says so: that and nothing else
+    not_measured = summary.split("## not measured\n\n")[1].strip().splitlines()
+    assert not_measured == ["- ranpac: cuDNN's attention failed; measured with XLA's "
+                            "instead (its output: ranpac.txt)"]
+    assert done.returncode == 1 and summary in done.stdout  # printed too
