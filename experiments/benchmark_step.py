@@ -604,9 +604,10 @@ def main():
             parser.error(f"--mode demo compares a demo with a PyTorch loop of its gradient "
                          f"steps; {args.method}'s demo is (mostly) statistics passes: time "
                          f"those with --mode step, or its demo alone with --variants jax")
-    if args.attention == "cudnn" and args.dtype != "bfloat16":
-        parser.error(f"--attention cudnn takes bf16 inputs only (cuDNN's fused attention): "
-                     f"add --dtype bfloat16, or use --attention xla with {args.dtype}")
+    try:  # the backbones' own rule (cuDNN's attention takes bf16), before any worker starts
+        vit.check_execution(args.dtype, args.attention)
+    except ValueError as error:
+        parser.error(f"--dtype {args.dtype} --attention {args.attention}: {error}")
     if args.mode == "step" and args.host_devices is None:
         args.host_devices = 0
     if args.mode == "step" and args.method in STATISTICS_PASS and args.host_devices > 1:

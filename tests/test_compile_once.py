@@ -619,7 +619,9 @@ def test_every_method_the_benchmark_lists_has_a_pytorch_port():
     (["--mode", "demo", "--method", "simplecil"], "statistics passes"),
     (["--mode", "demo", "--method", "aper"], "statistics passes"),
     (["--method", "ranpac", "--host-devices", "2"], "keeps a carry per device"),
-    (["--method", "l2p", "--attention", "cudnn"], "--attention cudnn takes bf16 inputs only"),
+    (["--method", "l2p", "--attention", "cudnn"],
+     "--dtype float32 --attention cudnn: backbone attention 'cudnn' (cuDNN's fused flash "
+     "attention) takes bf16 inputs only, and dtype is 'float32'"),
 ])
 def test_benchmark_script_refuses_what_it_cannot_time(argv, message, monkeypatch, capsys):
     bench = _benchmark_script()
