@@ -46,7 +46,11 @@ an empty compilation cache, so compilation is counted) against the PyTorch-eager
 it replaces: the demo's number of training steps times the PyTorch step at the demo's
 shapes (evaluation and data loading not included on the PyTorch side, so the comparison
 favours PyTorch; the step is timed with this script's 100 classes / 10 tasks, not the
-demo's 10 / 5, which changes only the head's width). ``--warm-cache`` runs the demo a
+demo's 10 / 5, which changes only the head's width). Where the official step grows with
+the task (``GROWS_WITH_TASK``: Progressive Prompts' sequence holds the prompts learnt so
+far), the port is timed at each task's layout and the loop is the sum over the demo's tasks
+of their steps (the run's own plan) times that task's step; ``--task`` times one such
+later task's step in ``--mode step``. ``--warm-cache`` runs the demo a
 second time in each round on the compilation cache the first run filled, as a re-run does.
 
 Text methods (Progressive Prompts) run on a BERT encoder (``--arch``: one of
@@ -92,6 +96,10 @@ STATISTICS_PASS = ("simplecil", "ranpac")
 # methods whose demo is mostly statistics passes: a PyTorch loop of their gradient steps
 # (none, or the first task's only: 36 of APER's demo) leaves most of it out
 MOSTLY_PASSES = STATISTICS_PASS + ("aper",)
+# methods whose official step grows with the task and whose port lays out task --task's step
+# (Progressive Prompts: the text, then the prompts 0..t): --task > 0 times a later task, and
+# --mode demo times the PyTorch loop task by task
+GROWS_WITH_TASK = ("progressive_prompts",)
 NUM_CLASSES, NUM_TASKS = 100, 10
 LEARNING_RATE = 1e-3
 
@@ -149,13 +157,14 @@ def task_classes():
     return tuple(tuple(range(t * per, (t + 1) * per)) for t in range(NUM_TASKS))
 
 
-def inputs(cfg, batch: int):
-    """Fixed random inputs and labels of task 0's classes, as numpy: images (NHWC) for a ViT;
+def inputs(cfg, batch: int, task: int = 0):
+    """Fixed random inputs and labels of ``task``'s classes, as numpy: images (NHWC) for a ViT;
     for a text encoder, token ids of ``TEXT_LENGTH`` ([CLS], then words, then padding: the
     texts' real lengths drawn from 8 to all of it) and their attention mask."""
     import numpy as np
     rng = np.random.default_rng(0)
-    labels = (np.arange(batch) % (NUM_CLASSES // NUM_TASKS)).astype(np.int32)
+    per = NUM_CLASSES // NUM_TASKS
+    labels = (task * per + np.arange(batch) % per).astype(np.int32)
     if modality_of(cfg) == "text":
         lengths = rng.integers(8, TEXT_LENGTH + 1, batch)
         mask = (np.arange(TEXT_LENGTH)[None, :] < lengths[:, None]).astype(np.int32)
@@ -245,8 +254,8 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
                          f"NVIDIA GPUs; these devices are not: use --attention xla")
     frozen = jax.jit(lambda key: init_frozen(cfg, key))(jax.random.key(0))
     trainable, state = jax.jit(method.init)(jax.random.key(1), frozen)
-    spec = TaskSpec(0, NUM_CLASSES, task_classes())
-    batch_inputs, labels = inputs(cfg, args.batch_size)
+    spec = TaskSpec(args.task, NUM_CLASSES, task_classes())
+    batch_inputs, labels = inputs(cfg, args.batch_size, args.task)
     local = {"inputs": batch_inputs, "label": labels, "mask": np.ones(args.batch_size, np.float32),
              "index": np.arange(args.batch_size, dtype=np.int32)}
     # the timed batch as the task's data (InfLoRA designs its down-projections from it)
@@ -260,7 +269,8 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     if cached:
         query = compiler.jit(lambda f, x: frozen_query(method.backbone, f, {"inputs": x}))
         batch[FROZEN_QUERY] = query(frozen, batch["inputs"])
-    task = spec if method.static_task else TaskSpec(np.int32(0), NUM_CLASSES, task_classes())
+    task = spec if method.static_task else TaskSpec(np.int32(args.task), NUM_CLASSES,
+                                                     task_classes())
 
     kind = jax.local_devices()[0].device_kind
     if method.name in STATISTICS_PASS:
@@ -341,9 +351,9 @@ def torch_worker(args) -> Dict[str, float]:
     # bf16 as the JAX side's compute dtype: autocast matmuls, float32 parameters
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     method, cfg = make_method(args)
-    batch_inputs, labels = inputs(cfg, args.batch_size)
+    batch_inputs, labels = inputs(cfg, args.batch_size, args.task)
     mask = torch.full((NUM_CLASSES,), float("-inf"))
-    mask[:NUM_CLASSES // NUM_TASKS] = 0  # train on task 0's classes
+    mask[list(task_classes()[args.task])] = 0  # train on the task's classes
     if modality(method.name) == "text":
         model = torch_ports.Bert(cfg)
         batch_inputs = {k: torch.from_numpy(v).long().to(device) for k, v in batch_inputs.items()}
@@ -352,7 +362,8 @@ def torch_worker(args) -> Dict[str, float]:
         batch_inputs = torch.from_numpy(batch_inputs).permute(0, 3, 1, 2).contiguous().to(device)
     step_inputs = torch_ports.Step(
         method=method, cfg=cfg, model=model.requires_grad_(False), inputs=batch_inputs,
-        labels=torch.from_numpy(labels).long().to(device), mask=mask, num_classes=NUM_CLASSES)
+        labels=torch.from_numpy(labels).long().to(device), mask=mask, num_classes=NUM_CLASSES,
+        task=args.task)
     if method.name in STATISTICS_PASS:
         step = torch_ports.statistics_step(step_inputs, autocast)
         return dict(timed(step, args.steps), **torch_memory(torch))
@@ -402,9 +413,11 @@ def versions() -> str:
             f"pecft_jax XLA options {compiler.compiler_options()}")
 
 
-def run_worker(args, variant: str) -> dict:
+def run_worker(args, variant: str, task: int = None) -> dict:
+    """One worker process (``task``: the timed task, default ``--task``)."""
+    task = args.task if task is None else task
     command = [sys.executable, os.path.abspath(__file__), "--worker", variant,
-               "--method", args.method, "--arch", args.arch, "--batch-size",
+               "--task", str(task), "--method", args.method, "--arch", args.arch, "--batch-size",
                str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads),
                "--dtype", args.dtype, "--attention", args.attention,
                "--host-devices", str(args.host_devices or 0)]
@@ -494,10 +507,39 @@ def demo_run(args, workdir: str, cache_dir: str) -> dict:
             "load": load_before}
 
 
+def demo_task_steps(method: str) -> List[int]:
+    """Each task's training steps in ``method``'s demo, from the run's own plan (what
+    ``--dry_run`` prints)."""
+    from pecft_jax.configs import load_config_file
+    from pecft_jax.train.loop import plan_run
+    config = load_config_file(os.path.join(ROOT, "experiments", "configs", f"{method}.py"))
+    return [task["steps"] for task in plan_run(config)["tasks"]]
+
+
+def torch_loop_plan(args) -> Dict[int, int]:
+    """``{task: steps}`` of the PyTorch loop: for a method whose official step grows with
+    the task (``GROWS_WITH_TASK``), every task of the demo with its own steps, timed at its
+    own layout; otherwise ``{0: None}``, task 0's step for all of the demo's steps (filled
+    in from the demo's count)."""
+    if args.method not in GROWS_WITH_TASK:
+        return {0: None}
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "plan", "--method",
+               args.method]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"planning the demo's tasks failed:\n{done.stderr[-3000:]}")
+    steps = json.loads(done.stdout.strip().splitlines()[-1])
+    if len(steps) > NUM_TASKS:
+        raise SystemExit(f"the {args.method} demo has {len(steps)} tasks; the PyTorch step "
+                         f"is laid out for at most {NUM_TASKS}")
+    return {t: n for t, n in enumerate(steps) if n}
+
+
 def demo_mode(args) -> None:
     kinds = ("cold", "warm") if args.warm_cache else ("cold",)
     rows: Dict[str, List[dict]] = {kind: [] for kind in kinds}
-    torch_steps = []
+    loop_tasks = torch_loop_plan(args) if "torch" in args.variants else {}
+    torch_steps: Dict[int, List[float]] = {t: [] for t in loop_tasks}
     for round_index in range(args.rounds):
         with tempfile.TemporaryDirectory() as workdir:
             cache_dir = os.path.join(workdir, "xla")  # empty for the cold run
@@ -510,18 +552,27 @@ def demo_mode(args) -> None:
                       f"{row['steps']} steps, {row['devices']} device(s), final "
                       f"{row['final']:.2f}%), load "
                       f"{row['load']:.2f}", flush=True)
-        if "torch" in args.variants:
-            torch_steps.append(run_worker(args, "torch")["wall"])
-            print(f"  round {round_index + 1}: torch step {1e3 * torch_steps[-1]:.1f} ms",
-                  flush=True)
+        for t in loop_tasks:
+            torch_steps[t].append(run_worker(args, "torch", task=t)["wall"])
+            print(f"  round {round_index + 1}: torch step"
+                  f"{f' at task {t}' if len(loop_tasks) > 1 else ''} "
+                  f"{1e3 * torch_steps[t][-1]:.1f} ms", flush=True)
     print(f"command: python experiments/benchmark_step.py {' '.join(sys.argv[1:])}")
     print(f"machine: {machine()}; {versions()}; {args.threads} threads (torch)")
-    torch_loop = (statistics.median(torch_steps) * rows["cold"][0]["steps"]
-                  if torch_steps else None)
+    demo_steps = rows["cold"][0]["steps"]
+    if loop_tasks == {0: None}:
+        loop_tasks = {0: demo_steps}
+    elif loop_tasks and sum(loop_tasks.values()) != demo_steps:
+        raise SystemExit(f"the demo's plan counts {sum(loop_tasks.values())} steps, its run "
+                         f"{demo_steps}: the PyTorch loop would not be the demo's")
+    torch_loop = sum(n * statistics.median(torch_steps[t]) for t, n in loop_tasks.items())
+    for t, n in loop_tasks.items():
+        times = torch_steps[t]
+        print(f"  PyTorch-eager step{f' at task {t}' if len(loop_tasks) > 1 else ''}: "
+              f"{1e3 * statistics.median(times):.1f} ms (rounds {1e3 * min(times):.1f}-"
+              f"{1e3 * max(times):.1f}) x {n} steps")
     if torch_loop:
-        print(f"  PyTorch-eager step loop alone ({rows['cold'][0]['steps']} steps): "
-              f"{torch_loop:.1f} s (step {1e3 * statistics.median(torch_steps):.1f} ms, "
-              f"rounds {1e3 * min(torch_steps):.1f}-{1e3 * max(torch_steps):.1f})")
+        print(f"  PyTorch-eager step loop alone ({demo_steps} steps): {torch_loop:.1f} s")
     for kind in kinds:
         walls = [r["wall"] for r in rows[kind]]
         wall = statistics.median(walls)
@@ -568,6 +619,10 @@ def main():
                              "XLA's one CPU device). --mode step: default 0, and always one "
                              "device on an accelerator; --mode demo: default the config's "
                              "(2 in the image demos)")
+    parser.add_argument("--task", type=int, default=0,
+                        help=f"--mode step: the timed task (default 0), for a method whose "
+                             f"official step grows with the task ({', '.join(GROWS_WITH_TASK)}: "
+                             f"both sides hold the prompts 0..t)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     demo_shape = DEMO_SHAPES[modality(args.method)]
@@ -577,6 +632,15 @@ def main():
         if getattr(args, flag) < 1:  # a median of nothing would end in a traceback
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got "
                          f"{getattr(args, flag)}")
+    if not 0 <= args.task < NUM_TASKS:
+        parser.error(f"--task must be in 0..{NUM_TASKS - 1} (the step's {NUM_TASKS} tasks), "
+                     f"got {args.task}")
+    if args.task and args.method not in GROWS_WITH_TASK:
+        parser.error(f"--task {args.task}: {args.method}'s PyTorch port times task 0's step "
+                     f"(--task applies to {', '.join(GROWS_WITH_TASK)}, whose official step "
+                     f"grows with the task)")
+    if args.task and args.mode == "demo" and not args.worker:
+        parser.error("--mode demo times every task of the demo; leave --task out")
     if args.host_devices is not None and args.host_devices < 0:
         parser.error(f"--host-devices must be 0 (XLA's one CPU device) or more, got "
                      f"{args.host_devices}")
@@ -616,7 +680,9 @@ def main():
                      f"this script does not reproduce; time its demo instead (--mode demo) "
                      f"or leave --host-devices at 0")
     if args.worker:
-        if args.worker == "torch":
+        if args.worker == "plan":
+            result = demo_task_steps(args.method)
+        elif args.worker == "torch":
             result = torch_worker(args)
         else:
             result = jax_worker(args, cached=args.worker == "jax-cached")

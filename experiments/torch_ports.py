@@ -3,10 +3,11 @@
 Each port re-implements one method's first-task training step -- same shapes, same trainable
 parts, same loss terms -- the way the method's official PyTorch code computes it, over one
 timm-layout ViT (pre-norm blocks, fused qkv, GELU MLP), or for a text method a Hugging
-Face-layout BERT encoder. ``PORTS[name](step)`` returns a :class:`Port`: the trainable
-tensors and a function of no arguments that computes the loss; the benchmark runs Adam on
-them. The statistics methods (SimpleCIL, RanPAC) have no gradient
-step: their port, :func:`statistics_step`, is one batch of their statistics pass.
+Face-layout BERT encoder. Where the official step grows with the task, the port lays out
+task ``Step.task``'s (``benchmark_step.GROWS_WITH_TASK``). ``PORTS[name](step)`` returns
+a :class:`Port`: the trainable tensors and a function of no arguments that computes the
+loss; the benchmark runs Adam on them. The statistics methods (SimpleCIL, RanPAC) have no
+gradient step: their port, :func:`statistics_step`, is one batch of their statistics pass.
 
 Where the JAX step does more than the official code's first task -- it carries every task's
 slice of a stacked parameter so that one program serves every task -- the port does what the
@@ -170,7 +171,8 @@ class Bert(tnn.Module):
 @dataclasses.dataclass
 class Step:
     """What a port builds on: the method (its resolved ``config``), the backbone's config,
-    the frozen model, the timed batch and the class mask of task 0's classes."""
+    the frozen model, the timed batch, the class mask of the timed task's classes and that
+    task's index."""
     method: object
     cfg: object
     model: tnn.Module  # ViT, or Bert for a text method
@@ -178,6 +180,7 @@ class Step:
     labels: torch.Tensor
     mask: torch.Tensor
     num_classes: int
+    task: int = 0  # the timed task (benchmark_step.GROWS_WITH_TASK's ports lay out its step)
 
     @property
     def c(self):
@@ -193,7 +196,7 @@ class Step:
             return self.model(self.inputs)[:, 0]
 
     def ce(self, logits):
-        """Cross-entropy over task 0's classes."""
+        """Cross-entropy over the timed task's classes."""
         return F.cross_entropy(logits + self.mask, self.labels)
 
 
@@ -506,34 +509,46 @@ def o_lora(s: Step) -> Port:
 # ================================================================================ text
 @port("progressive_prompts")
 def progressive_prompts(s: Step) -> Port:
-    """Task 0 as the official BERT code lays it out (``BERT_codebase/model_utils.py``,
-    ``dataset_utils.py``, ``continual_learning_utils.py``): the text without its [CLS],
-    then the task's prompt (``L`` word-space vectors through the embedding layer at
-    positions ``0, n + 1, ...``, then ``x + MLP(x)``), the encoder with dropout on, the head
-    (dropout, Linear, tanh, dropout, Linear) at the prompt's first token. The official code
-    trains the whole word-embedding matrix and zeroes every row's gradient but the prompt's;
-    the port trains the prompt alone (which favours PyTorch). The JAX step, like the
-    official code, carries the prompts of tasks ``0..t`` (task 0's alone here)."""
-    c, d, bert = s.c, s.d, s.model
+    """Task ``t`` (``s.task``) as the official BERT code lays it out (``BERT_codebase/
+    model_utils.py``, ``dataset_utils.py``, ``continual_learning_utils.py``): the text
+    without its [CLS], then the frozen prompts of tasks ``0..t-1`` and the task's own,
+    ``[x; P_0; ...; P_t]`` (``L`` word-space vectors each, through the embedding layer at
+    positions ``0, n + 1, ...`` counting on across the prompts), ``x + MLP(x)`` on ``P_t``'s
+    embedded tokens alone, the encoder with dropout on, the head (dropout, Linear, tanh,
+    dropout, Linear) at ``P_t``'s first token. The official code trains the whole
+    word-embedding matrix and zeroes every row's gradient but the current prompt's; the
+    port trains the prompt alone (which favours PyTorch). The JAX step, like the official
+    code, carries the prompts of tasks ``0..t``."""
+    c, d, bert, t, length = s.c, s.d, s.model, s.task, s.c.prompt_length
     ids, mask = s.inputs["token_ids"][:, 1:], s.inputs["attention_mask"][:, 1:]
     n = ids.shape[1]
-    prompt = tnn.Parameter(bert.word.weight[torch.randint(0, bert.word.num_embeddings,
-                                                          (c.prompt_length,))].clone())
+    vocabulary = bert.word.weight
+
+    def random_rows():
+        return vocabulary[torch.randint(0, vocabulary.shape[0], (length,))].clone()
+    earlier = torch.stack([random_rows() for _ in range(t)]) if t else torch.zeros(0, length, d)
+    prompt = tnn.Parameter(random_rows())
     down, up = tnn.Linear(d, c.mlp_bottleneck), tnn.Linear(c.mlp_bottleneck, d)
     hidden, out = tnn.Linear(d, d), tnn.Linear(d, s.num_classes)
-    positions = torch.cat([torch.arange(1, n + 1), torch.tensor([0]),
-                           torch.arange(n + 1, n + c.prompt_length)])
+    # each prompt's first token at position 0, its others counting on from n + 1
+    positions = [torch.arange(1, n + 1)]
+    for k in range(t + 1):
+        start = n + 1 + k * (length - 1)
+        positions += [torch.tensor([0]), torch.arange(start, start + length - 1)]
+    positions = torch.cat(positions)
+    first = n + t * length  # P_t's first token
     drop = c.head_dropout
 
     def loss():
         b = len(ids)
-        words = torch.cat([bert.word(ids), prompt.expand(b, -1, -1)], 1)
+        words = torch.cat([bert.word(ids), earlier.reshape(1, t * length, d).expand(b, -1, -1),
+                           prompt.expand(b, -1, -1)], 1)
         x = bert.embed(words, positions)
         if c.residual_mlp:
-            p = x[:, n:]
-            x = torch.cat([x[:, :n], p + up(F.relu(down(p)))], 1)
-        h = bert.encode(x, torch.cat([mask, torch.ones(b, c.prompt_length, dtype=mask.dtype)],
-                                     1))[:, n]
+            p = x[:, first:]
+            x = torch.cat([x[:, :first], p + up(F.relu(down(p)))], 1)
+        prompts_mask = torch.ones(b, (t + 1) * length, dtype=mask.dtype)
+        h = bert.encode(x, torch.cat([mask, prompts_mask], 1))[:, first]
         h = torch.tanh(hidden(F.dropout(h, drop)))
         return s.ce(out(F.dropout(h, drop)))
     params = [prompt, *hidden.parameters(), *out.parameters()]

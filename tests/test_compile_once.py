@@ -619,6 +619,10 @@ def test_every_method_the_benchmark_lists_has_a_pytorch_port():
     (["--mode", "demo", "--method", "simplecil"], "statistics passes"),
     (["--mode", "demo", "--method", "aper"], "statistics passes"),
     (["--method", "ranpac", "--host-devices", "2"], "keeps a carry per device"),
+    (["--method", "l2p", "--task", "3"], "times task 0's step"),
+    (["--method", "progressive_prompts", "--task", "10"], "--task must be in 0..9"),
+    (["--mode", "demo", "--method", "progressive_prompts", "--task", "1"],
+     "times every task of the demo"),
     (["--method", "l2p", "--attention", "cudnn"],
      "--dtype float32 --attention cudnn: backbone attention 'cudnn' (cuDNN's fused flash "
      "attention) takes bf16 inputs only, and dtype is 'float32'"),
@@ -648,7 +652,7 @@ def test_benchmark_worker_times_the_library_step_and_counts_its_flops():
     bench = _benchmark_script()
     args = argparse.Namespace(method="l2p", arch="ViT-Micro/4", batch_size=8, steps=2,
                               threads=1, demo_settings=False, set=["top_k=1"],
-                              dtype="float32", attention="einsum", host_devices=2)
+                              dtype="float32", attention="einsum", host_devices=2, task=0)
     flops = []
     for cached in (False, True):  # the batch sharded over 2 of the test's 8 devices
         result = bench.jax_worker(args, cached=cached)
@@ -679,7 +683,7 @@ def test_benchmark_worker_gives_before_task_the_timed_batch(monkeypatch):
     monkeypatch.setattr(InfLoRA, "before_task", before_task)
     args = argparse.Namespace(method="inflora", arch="ViT-Micro/4", batch_size=8, steps=1,
                               threads=1, demo_settings=False, set=["rank=2"],
-                              dtype="float32", attention="einsum", host_devices=0)
+                              dtype="float32", attention="einsum", host_devices=0, task=0)
     result = bench.jax_worker(args, cached=False)
     assert result["wall"] > 0 and result["flops"] > 0
     assert len(designed) == 1 and np.abs(designed[0]).max() > 0  # from the batch's inputs
@@ -701,9 +705,17 @@ def test_benchmark_times_a_text_methods_step_on_token_ids(monkeypatch, capsys):
     assert (ids["token_ids"][mask == 0] == 0).all() and labels.shape == (8,)
     args = argparse.Namespace(method="progressive_prompts", arch="BERT-Tiny6", batch_size=8,
                               steps=1, threads=1, demo_settings=True, set=[],
-                              dtype="float32", attention="einsum", host_devices=0)
+                              dtype="float32", attention="einsum", host_devices=0, task=0)
     result = bench.jax_worker(args, cached=False)
     assert result["wall"] > 0 and result["flops"] > 0
+    # --task 2: the sequence holds prompts 0..2, as the official step's does, so it costs more
+    later = bench.jax_worker(argparse.Namespace(**dict(vars(args), task=2)), cached=False)
+    assert later["flops"] > 1.3 * result["flops"]
+    assert bench.inputs(bert.get_config("BERT-Tiny6"), 8, task=2)[1].min() == \
+        2 * (bench.NUM_CLASSES // bench.NUM_TASKS)  # labels of task 2's classes
+    # the demo's plan, task by task, for its PyTorch loop (five tasks of WordNet, 2 epochs)
+    steps = bench.demo_task_steps("progressive_prompts")
+    assert len(steps) == 5 and len(set(steps)) == 1 and steps[0] > 0
     monkeypatch.setattr("sys.argv", ["benchmark_step.py", "--method", "progressive_prompts",
                                      "--arch", "ViT-Demo/7"])
     with pytest.raises(SystemExit) as exit_info:
@@ -714,6 +726,42 @@ def test_benchmark_times_a_text_methods_step_on_token_ids(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main()
     assert exit_info.value.code == 2 and "MiniLM-L6-H384" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, plan, loop", [
+    ("l2p", {0: None}, 60 * 0.1),                          # task 0's step for every step
+    ("progressive_prompts", {0: 20, 1: 40}, 20 * 0.1 + 40 * 0.2),  # each task's at its own
+    ("progressive_prompts", {0: 20, 1: 30}, None),         # a plan that is not the run's
+])
+def test_demo_mode_times_the_pytorch_loop_task_by_task(method, plan, loop, monkeypatch,
+                                                       capsys):
+    """The PyTorch loop a demo is compared with: each planned task's steps times the port's
+    step at that task (a step that grows with the task), else task 0's step times the run's
+    steps; a plan whose steps are not the run's stops the comparison."""
+    import argparse
+    bench = _benchmark_script()
+    timed_tasks = []
+
+    def run_worker(args, variant, task=None):
+        timed_tasks.append(task)
+        return {"wall": 0.1 * (task + 1)}
+    monkeypatch.setattr(bench, "run_worker", run_worker)
+    monkeypatch.setattr(bench, "torch_loop_plan", lambda args: dict(plan))
+    monkeypatch.setattr(bench, "demo_run", lambda args, workdir, cache: {
+        "wall": 12.0, "compile": 1.0, "xla": 3, "cache_hits": 0, "steps": 60, "final": 50.0,
+        "devices": 1, "load": 0.5})
+    monkeypatch.setattr("sys.argv", ["benchmark_step.py"])
+    args = argparse.Namespace(method=method, variants="jax,torch", warm_cache=False,
+                              rounds=2, threads=2)
+    if loop is None:
+        with pytest.raises(SystemExit, match="plan counts 50 steps, its run 60"):
+            bench.demo_mode(args)
+        return
+    bench.demo_mode(args)
+    assert timed_tasks == 2 * list(plan)  # every planned task, every round
+    out = capsys.readouterr().out
+    assert f"step loop alone (60 steps): {loop:.1f} s" in out
+    assert f"demo / torch loop = {12.0 / loop:.2f}" in out
 
 
 def test_demo_phases_times_every_phase_of_a_run(tmp_path, monkeypatch):
