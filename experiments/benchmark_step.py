@@ -30,10 +30,12 @@ classifier, the ``adapter`` variant; RanPAC's first session is the same step).
 CODA-Prompt's JAX step weighs all M components (those of later tasks masked to 0, so one
 program serves every task); the PyTorch port, like the official code, only those of tasks
 0..t -- on task 0 that is 1/T of them. SD-LoRA's and O-LoRA's JAX steps likewise carry
-every task's LoRA branch (stacked along the rank, later ones zero; InfLoRA's folds the
-branches that do not learn into the kernels, under float32 matmuls); the ports, task 0's
-only, as the official forwards form them (InfLoRA: ``B_0 A_0``, a D x D weight at key and
-value; SD-LoRA and O-LoRA: ``B(A x)`` at query and value). EASE's JAX
+every task's LoRA branch (stacked along the rank, later ones zero; InfLoRA's, and
+SD-LoRA's on a narrow ViT, fold the branches that do not learn into the kernels, under
+float32 matmuls), whatever the task; the ports, task ``--task``'s as the official
+forwards form them (InfLoRA: ``B_0 A_0``, a D x D weight at key and value, task 0's only;
+SD-LoRA and O-LoRA: ``B(A x)`` at query and value, beside the earlier tasks' branches,
+which the official forwards run from task 1 on). EASE's JAX
 step gathers the current task's adapters from every task's, stacked; its port, like the
 official code, holds the current ones only (the same computation).
 
@@ -48,9 +50,10 @@ shapes (evaluation and data loading not included on the PyTorch side, so the com
 favours PyTorch; the step is timed with this script's 100 classes / 10 tasks, not the
 demo's 10 / 5, which changes only the head's width). Where the official step grows with
 the task (``GROWS_WITH_TASK``: Progressive Prompts' sequence holds the prompts learnt so
-far), the port is timed at each task's layout and the loop is the sum over the demo's tasks
-of their steps (the run's own plan) times that task's step; ``--task`` times one such
-later task's step in ``--mode step``. ``--warm-cache`` runs the demo a
+far; SD-LoRA and O-LoRA run every earlier task's LoRA beside the new one), the port is
+timed at each task's layout and the loop is the sum over the demo's tasks of their steps
+(the run's own plan) times that task's step; ``--task`` times one such later task's step
+in ``--mode step``. ``--warm-cache`` runs the demo a
 second time in each round on the compilation cache the first run filled, as a re-run does.
 
 Text methods (Progressive Prompts) run on a BERT encoder (``--arch``: one of
@@ -97,9 +100,10 @@ STATISTICS_PASS = ("simplecil", "ranpac")
 # (none, or the first task's only: 36 of APER's demo) leaves most of it out
 MOSTLY_PASSES = STATISTICS_PASS + ("aper",)
 # methods whose official step grows with the task and whose port lays out task --task's step
-# (Progressive Prompts: the text, then the prompts 0..t): --task > 0 times a later task, and
-# --mode demo times the PyTorch loop task by task
-GROWS_WITH_TASK = ("progressive_prompts",)
+# (Progressive Prompts: the text, then the prompts 0..t; SD-LoRA, O-LoRA: the earlier tasks'
+# LoRA branches beside the new one): --task > 0 times a later task, and --mode demo times
+# the PyTorch loop task by task
+GROWS_WITH_TASK = ("progressive_prompts", "sd_lora", "o_lora")
 NUM_CLASSES, NUM_TASKS = 100, 10
 LEARNING_RATE = 1e-3
 
@@ -228,6 +232,19 @@ def timed(step, steps: int, warmup: int = 3) -> Dict[str, float]:
 
 
 # ============================================================================ pecft_jax
+def perturbed(tree, key, scale: float = 0.01):
+    """``tree`` plus small normal noise on every float leaf (the values do not change the
+    cost; a later task's step then sees non-zero earlier parameters, as after training)."""
+    import jax
+    import jax.numpy as jnp
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [
+        leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+        if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+        for leaf, k in zip(leaves, keys)])
+
+
 def jax_worker(args, cached: bool) -> Dict[str, float]:
     import jax
     import numpy as np
@@ -254,6 +271,9 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
                          f"NVIDIA GPUs; these devices are not: use --attention xla")
     frozen = jax.jit(lambda key: init_frozen(cfg, key))(jax.random.key(0))
     trainable, state = jax.jit(method.init)(jax.random.key(1), frozen)
+    if args.task:  # as if tasks 0..t-1 had trained: no earlier factor at its zero start
+        # (SD-LoRA divides by the norms of the earlier directions)
+        trainable = jax.jit(perturbed)(trainable, jax.random.key(4))
     spec = TaskSpec(args.task, NUM_CLASSES, task_classes())
     batch_inputs, labels = inputs(cfg, args.batch_size, args.task)
     local = {"inputs": batch_inputs, "label": labels, "mask": np.ones(args.batch_size, np.float32),
@@ -298,15 +318,18 @@ def jax_worker(args, cached: bool) -> Dict[str, float]:
     key = jax.random.key(3)
     flops = mesh.size * step_flops(update, trainable, state, opt_state, frozen, batch, key,
                                    np.int32(0), task)
-    box = [trainable, state, opt_state, 0]
+    box = [trainable, state, opt_state, 0, None]
 
     def step():
-        tr, st, os_, n = box
+        tr, st, os_, n, _ = box
         tr, st, os_, metrics = update(tr, st, os_, frozen, batch, key, np.int32(n), task)
         jax.block_until_ready(metrics)
-        box[:] = [tr, st, os_, n + 1]
+        box[:] = [tr, st, os_, n + 1, metrics]
     result = timed(step, args.steps)
-    return dict(result, devices=mesh.size,
+    loss = float(box[-1]["loss"])
+    if not np.isfinite(loss):  # a step that computes nothing sensible times nothing useful
+        raise SystemExit(f"the timed {args.method} step's loss is {loss}")
+    return dict(result, devices=mesh.size, loss=loss,
                 **accelerator_report(flops, result["wall"], kind, jax_peak_memory()))
 
 
@@ -621,8 +644,8 @@ def main():
                              "(2 in the image demos)")
     parser.add_argument("--task", type=int, default=0,
                         help=f"--mode step: the timed task (default 0), for a method whose "
-                             f"official step grows with the task ({', '.join(GROWS_WITH_TASK)}: "
-                             f"both sides hold the prompts 0..t)")
+                             f"official step grows with the task "
+                             f"({', '.join(GROWS_WITH_TASK)})")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     demo_shape = DEMO_SHAPES[modality(args.method)]

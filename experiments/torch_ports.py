@@ -448,57 +448,84 @@ def low_rank(d_in: int, rank: int, d_out: int) -> Tuple[tnn.Parameter, tnn.Param
             tnn.Parameter(torch.zeros(d_out, rank)))
 
 
+def frozen_low_rank(d_in: int, rank: int, d_out: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An earlier task's learnt ``A`` ``(r, d_in)`` and ``B`` ``(d_out, r)``, frozen: random
+    values (they do not change the cost), ``B`` non-zero as a trained one is."""
+    return torch.randn(rank, d_in) / d_in ** 0.5, torch.randn(d_out, rank) / rank ** 0.5
+
+
 @port("sd_lora")
 def sd_lora(s: Step) -> Port:
-    """Task 0's LoRA at query and value of every block, ``alpha B(A x)`` in sequence, the
-    magnitude ``alpha`` one learnable scalar for every block (official ``backbone/lora.py``;
-    the old tasks' normalised directions join from task 1). The official forward also builds
-    four unused ``nn.Linear`` per block on every call; the port leaves that out (which
-    favours PyTorch). The JAX step carries every task's factors, stacked along the rank."""
-    c, d, head = s.c, s.d, tnn.Linear(s.d, s.num_classes)
-    factors = {i: {t: low_rank(d, c.rank, d) for t in ("query", "value")}
-               for i in range(s.cfg.num_layers)}
+    """Task ``t``'s step (``s.task``) as the official training forward runs it
+    (``backbone/lora.py``, ``_LoRA_qkv_timm_train``): at query and value of every block, each
+    earlier task's frozen direction in sequence, ``alpha_i B_i(A_i x) / (||B_i||_F
+    ||A_i||_F)``, then the task's own ``alpha_t B_t(A_t x)``; the magnitudes are scalars
+    shared by all blocks and both projections, and all of them learn. The official forward
+    also builds four unused ``nn.Linear`` per block on every call; the port leaves that out
+    (which favours PyTorch). The JAX step folds the earlier directions into the kernels
+    where that costs less (ViT-Demo/7's), else carries every task's factors, stacked along
+    the rank: its cost does not grow with the task."""
+    c, d, t, head = s.c, s.d, s.task, tnn.Linear(s.d, s.num_classes)
+    factors = {i: {target: low_rank(d, c.rank, d) + ([frozen_low_rank(d, c.rank, d)
+                                                       for _ in range(t)],)
+                   for target in ("query", "value")} for i in range(s.cfg.num_layers)}
     magnitude = tnn.Parameter(torch.tensor(c.magnitude_init))
+    earlier_magnitudes = tnn.Parameter(torch.full((t,), c.magnitude_init))
 
-    def branch(a, b):
-        return lambda x: magnitude * F.linear(F.linear(x, a), b)
+    def branch(a, b, earlier):
+        def delta(x):
+            out = 0
+            for alpha, (a_i, b_i) in zip(earlier_magnitudes, earlier):
+                out = out + alpha * (F.linear(F.linear(x, a_i), b_i)
+                                     / (torch.norm(b_i) * torch.norm(a_i)))
+            return out + magnitude * F.linear(F.linear(x, a), b)
+        return delta
 
     hooks = lora_hooks(factors, branch)  # the optimizer updates the factors in place
 
     def loss():
         return s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
-    params = [p for fs in factors.values() for f in fs.values() for p in f]
-    return Port(params + [magnitude, *head.parameters()], loss)
+    params = [p for fs in factors.values() for f in fs.values() for p in f[:2]]
+    return Port(params + [magnitude, *([earlier_magnitudes] if t else []),
+                          *head.parameters()], loss)
 
 
 @port("o_lora")
 def o_lora(s: Step) -> Port:
-    """Task 0's LoRA at query and value (``scaling B(A(dropout(x)))``, official patched peft
-    ``lora.py``; the earlier tasks' LoRAs, empty on task 0, share the dropout), the loss
-    plus ``lambda_1 sum |A_old A_new^T|`` and ``lambda_2 sum ||W||`` over the new factors,
-    computed every step as the official trainer does (the first is 0 on task 0), the
-    LoRA's gradient clipped to norm ``lora_grad_clip`` (the official ``max_grad_norm``). A
-    linear head over the classes, ours (the official setting is T5 generation). The JAX step
-    carries every task's factors, stacked along the rank. The official trainer also logs
-    three ``.item()`` values a step (device syncs); the port leaves them out (which favours
-    PyTorch)."""
-    c, d, head = s.c, s.d, tnn.Linear(s.d, s.num_classes)
+    """Task ``t``'s step (``s.task``) as the official patched peft ``lora.py`` runs it: at
+    query and value, the earlier tasks' LoRAs concatenated along the rank (``lora_A/B``,
+    frozen; rank ``r t``, none on task 0) and the task's own (``loranew_A/B``), both reading
+    one dropout of ``x``, each scaled by ``lora_alpha / r``; the loss plus ``lambda_1 sum
+    |A_old A_new^T|`` and ``lambda_2 sum ||W||`` over the new factors, computed every step
+    as the official trainer does, the LoRA's gradient clipped to norm ``lora_grad_clip``
+    (the official ``max_grad_norm``). A linear head over the classes, ours (the official
+    setting is T5 generation). The JAX step carries every task's factors, stacked along the
+    rank, whatever the task. The official trainer also logs three ``.item()`` values a
+    step (device syncs); the port leaves them out (which favours PyTorch)."""
+    c, d, t, head = s.c, s.d, s.task, tnn.Linear(s.d, s.num_classes)
     targets = tuple(c.target_modules)
     if not set(targets) <= {"query", "value", "key"}:
         raise SystemExit("the PyTorch port covers o_lora at query, key and value only")
-    factors = {i: {t: low_rank(d, c.rank, d) for t in targets} for i in range(s.cfg.num_layers)}
-    old = torch.zeros(0, d)  # the earlier tasks' A, concatenated along the rank: none yet
+    factors = {i: {target: low_rank(d, c.rank, d) + frozen_low_rank(d, c.rank * t, d)
+                   for target in targets} for i in range(s.cfg.num_layers)}
     scaling = c.lora_alpha / c.rank
-    lora_params = [p for fs in factors.values() for f in fs.values() for p in f]
+    lora_params = [p for fs in factors.values() for f in fs.values() for p in f[:2]]
 
-    def branch(a, b):
-        return lambda x: scaling * F.linear(F.linear(F.dropout(x, c.lora_dropout, True), a), b)
+    def branch(a, b, old_a, old_b):
+        def delta(x):
+            x = F.dropout(x, c.lora_dropout, True)
+            new = F.linear(F.linear(x, a), b)
+            if t:  # the official code also runs the empty rank-0 LoRA on task 0
+                new = new + F.linear(F.linear(x, old_a), old_b)
+            return scaling * new
+        return delta
 
     hooks = lora_hooks(factors, branch)  # the optimizer updates the factors in place
 
     def loss():
         ce = s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
-        orth = sum((old @ a.T).abs().sum() for fs in factors.values() for a, _ in fs.values())
+        orth = sum((old_a @ a.T).abs().sum() for fs in factors.values()
+                   for a, _, old_a, _ in fs.values())
         l2 = sum(torch.linalg.norm(p) for p in lora_params)
         return ce + c.lambda_1 * orth + c.lambda_2 * l2
     clip = (lambda: torch.nn.utils.clip_grad_norm_(lora_params, c.lora_grad_clip)

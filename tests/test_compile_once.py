@@ -728,6 +728,29 @@ def test_benchmark_times_a_text_methods_step_on_token_ids(monkeypatch, capsys):
     assert exit_info.value.code == 2 and "MiniLM-L6-H384" in capsys.readouterr().err
 
 
+def test_benchmark_worker_times_a_later_task_with_trained_looking_earlier_factors(
+        monkeypatch):
+    """``--task t`` for SD-LoRA: the worker perturbs every float parameter, so that no
+    earlier direction is the zero it starts as (SD-LoRA divides by their norms), and times
+    task t's step (its labels, its update mask)."""
+    import argparse
+    bench = _benchmark_script()
+    tree = {"B": jnp.zeros((2, 3)), "count": jnp.zeros((2,), jnp.int32)}
+    noisy = bench.perturbed(tree, jax.random.key(0))
+    assert np.all(np.asarray(noisy["B"]) != 0) and np.abs(np.asarray(noisy["B"])).max() < 0.1
+    assert noisy["count"].dtype == jnp.int32 and not np.asarray(noisy["count"]).any()
+    args = argparse.Namespace(method="sd_lora", arch="ViT-Micro/4", batch_size=8, steps=1,
+                              threads=1, demo_settings=False, set=["rank=2"],
+                              dtype="float32", attention="einsum", host_devices=0, task=3)
+    result = bench.jax_worker(args, cached=False)
+    assert result["wall"] > 0 and result["flops"] > 0 and np.isfinite(result["loss"])
+    # without the perturbation the zero earlier directions would make the step's loss NaN,
+    # which the worker refuses to time
+    monkeypatch.setattr(bench, "perturbed", lambda tree, key: tree)
+    with pytest.raises(SystemExit, match="loss is nan"):
+        bench.jax_worker(args, cached=False)
+
+
 @pytest.mark.parametrize("method, plan, loop", [
     ("l2p", {0: None}, 60 * 0.1),                          # task 0's step for every step
     ("progressive_prompts", {0: 20, 1: 40}, 20 * 0.1 + 40 * 0.2),  # each task's at its own
