@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -73,7 +74,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the methods whose step experiments/torch_ports.py ports to PyTorch (--mode step times only
@@ -102,7 +103,9 @@ MOSTLY_PASSES = STATISTICS_PASS + ("aper",)
 # methods whose official step grows with the task and whose port lays out task --task's step
 # (Progressive Prompts: the text, then the prompts 0..t; SD-LoRA, O-LoRA: the earlier tasks'
 # LoRA branches beside the new one): --task > 0 times a later task, and --mode demo times
-# the PyTorch loop task by task
+# the PyTorch loop task by task. (InfLoRA's official forward also forms the sum of tasks
+# 0..t's B_s A_s, CODA-Prompt's weighs tasks 0..t's components: (D x D) and (B x M x D)
+# work per layer, not per token; their ports time task 0's step, which favours PyTorch.)
 GROWS_WITH_TASK = ("progressive_prompts", "sd_lora", "o_lora")
 NUM_CLASSES, NUM_TASKS = 100, 10
 LEARNING_RATE = 1e-3
@@ -395,6 +398,8 @@ def torch_worker(args) -> Dict[str, float]:
     ported = torch_ports.PORTS[method.name](step_inputs)
     opt = torch.optim.Adam(ported.params, lr=LEARNING_RATE)
 
+    last = []
+
     def step():
         with autocast:
             loss = ported.loss()
@@ -403,8 +408,11 @@ def torch_worker(args) -> Dict[str, float]:
         if ported.before_update is not None:
             ported.before_update()
         opt.step()
-        loss.item()
-    return dict(timed(step, args.steps), **torch_memory(torch))
+        last[:] = [loss.item()]
+    result = timed(step, args.steps)
+    if not math.isfinite(last[0]):  # as the JAX worker: a broken step times nothing useful
+        raise SystemExit(f"the timed PyTorch {args.method} step's loss is {last[0]}")
+    return dict(result, loss=last[0], **torch_memory(torch))
 
 
 def torch_memory(torch) -> dict:
@@ -436,7 +444,7 @@ def versions() -> str:
             f"pecft_jax XLA options {compiler.compiler_options()}")
 
 
-def run_worker(args, variant: str, task: int = None) -> dict:
+def run_worker(args, variant: str, task: Optional[int] = None) -> dict:
     """One worker process (``task``: the timed task, default ``--task``)."""
     task = args.task if task is None else task
     command = [sys.executable, os.path.abspath(__file__), "--worker", variant,
@@ -476,7 +484,8 @@ def step_mode(args) -> None:
     print(f"machine: {machine()}; {versions()}; {args.threads} threads")
     jax_devices = sorted({row["devices"] for variant, rows in results.items()
                           if variant != "torch" for row in rows})  # what the workers ran on
-    print(f"{args.method} step, {args.arch}, batch {args.batch_size}, {args.dtype}, attention "
+    print(f"{args.method} step{f' at task {args.task}' if args.task else ''}, {args.arch}, "
+          f"batch {args.batch_size}, {args.dtype}, attention "
           f"{args.attention}, {args.steps} timed steps x {args.rounds} rounds (alternating "
           f"processes); JAX on {'/'.join(map(str, jax_devices)) or '-'} device(s)")
     medians = {}
@@ -539,7 +548,7 @@ def demo_task_steps(method: str) -> List[int]:
     return [task["steps"] for task in plan_run(config)["tasks"]]
 
 
-def torch_loop_plan(args) -> Dict[int, int]:
+def torch_loop_plan(args) -> Dict[int, Optional[int]]:
     """``{task: steps}`` of the PyTorch loop: for a method whose official step grows with
     the task (``GROWS_WITH_TASK``), every task of the demo with its own steps, timed at its
     own layout; otherwise ``{0: None}``, task 0's step for all of the demo's steps (filled
@@ -555,6 +564,9 @@ def torch_loop_plan(args) -> Dict[int, int]:
     if len(steps) > NUM_TASKS:
         raise SystemExit(f"the {args.method} demo has {len(steps)} tasks; the PyTorch step "
                          f"is laid out for at most {NUM_TASKS}")
+    if not any(steps):
+        raise SystemExit(f"the {args.method} demo's plan has no training steps: there is no "
+                         f"PyTorch loop to compare it with")
     return {t: n for t, n in enumerate(steps) if n}
 
 
@@ -568,6 +580,11 @@ def demo_mode(args) -> None:
             cache_dir = os.path.join(workdir, "xla")  # empty for the cold run
             for kind in kinds:  # the warm run reads what the cold one compiled
                 row = demo_run(args, os.path.join(workdir, kind), cache_dir)
+                planned = sum(n for n in loop_tasks.values() if n)
+                if planned and planned != row["steps"]:  # before minutes more are timed
+                    raise SystemExit(f"the demo's plan counts {planned} steps, its run "
+                                     f"{row['steps']}: the PyTorch loop would not be the "
+                                     f"demo's")
                 rows[kind].append(row)
                 print(f"  round {round_index + 1}: demo, {kind} compilation cache, "
                       f"{row['wall']:.1f} s (compile + trace {row['compile']:.1f} s, "
@@ -585,9 +602,6 @@ def demo_mode(args) -> None:
     demo_steps = rows["cold"][0]["steps"]
     if loop_tasks == {0: None}:
         loop_tasks = {0: demo_steps}
-    elif loop_tasks and sum(loop_tasks.values()) != demo_steps:
-        raise SystemExit(f"the demo's plan counts {sum(loop_tasks.values())} steps, its run "
-                         f"{demo_steps}: the PyTorch loop would not be the demo's")
     torch_loop = sum(n * statistics.median(torch_steps[t]) for t, n in loop_tasks.items())
     for t, n in loop_tasks.items():
         times = torch_steps[t]

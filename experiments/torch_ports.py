@@ -460,11 +460,16 @@ def sd_lora(s: Step) -> Port:
     (``backbone/lora.py``, ``_LoRA_qkv_timm_train``): at query and value of every block, each
     earlier task's frozen direction in sequence, ``alpha_i B_i(A_i x) / (||B_i||_F
     ||A_i||_F)``, then the task's own ``alpha_t B_t(A_t x)``; the magnitudes are scalars
-    shared by all blocks and both projections, and all of them learn. The official forward
-    also builds four unused ``nn.Linear`` per block on every call; the port leaves that out
-    (which favours PyTorch). The JAX step folds the earlier directions into the kernels
-    where that costs less (ViT-Demo/7's), else carries every task's factors, stacked along
-    the rank: its cost does not grow with the task."""
+    shared by all blocks and both projections, and all of them learn. From task 1 on the
+    official step also computes ``compute_ortho_loss`` (``sum ||A_i A_t^T||^2`` over every
+    earlier task and adapted projection) and leaves it out of the loss
+    (``models/sdlora.py``, ``_update_representation``); the port computes it too, but from
+    memory: the official code first reads each earlier task's ``A`` from its file
+    (``torch.load``) every step. It also builds four ``nn.Linear`` per block on every call
+    and wraps each earlier task's factors in new ``Parameter``s. The port leaves the loads
+    and the wrapping out, which favours PyTorch. The JAX step folds the earlier directions
+    into the kernels where that costs less (ViT-Demo/7's), else carries every task's
+    factors, stacked along the rank: its shapes do not change with the task."""
     c, d, t, head = s.c, s.d, s.task, tnn.Linear(s.d, s.num_classes)
     factors = {i: {target: low_rank(d, c.rank, d) + ([frozen_low_rank(d, c.rank, d)
                                                        for _ in range(t)],)
@@ -484,7 +489,11 @@ def sd_lora(s: Step) -> Port:
     hooks = lora_hooks(factors, branch)  # the optimizer updates the factors in place
 
     def loss():
-        return s.ce(head(s.model(s.inputs, hooks=hooks)[:, 0]))
+        logits = head(s.model(s.inputs, hooks=hooks)[:, 0])
+        if t:  # computed every step, not part of the loss (the official ortho_loss)
+            sum(torch.square(a_i @ a.T).sum() for fs in factors.values()
+                for a, _, earlier in fs.values() for a_i, _ in earlier)
+        return s.ce(logits)
     params = [p for fs in factors.values() for f in fs.values() for p in f[:2]]
     return Port(params + [magnitude, *([earlier_magnitudes] if t else []),
                           *head.parameters()], loss)
@@ -515,7 +524,7 @@ def o_lora(s: Step) -> Port:
         def delta(x):
             x = F.dropout(x, c.lora_dropout, True)
             new = F.linear(F.linear(x, a), b)
-            if t:  # the official code also runs the empty rank-0 LoRA on task 0
+            if t:  # (on task 0 the official code adds the rank-0 LoRA's zeros; not here)
                 new = new + F.linear(F.linear(x, old_a), old_b)
             return scaling * new
         return delta
