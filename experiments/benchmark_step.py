@@ -552,7 +552,7 @@ def torch_loop_plan(args) -> Dict[int, Optional[int]]:
     """``{task: steps}`` of the PyTorch loop: for a method whose official step grows with
     the task (``GROWS_WITH_TASK``), every task of the demo with its own steps, timed at its
     own layout; otherwise ``{0: None}``, task 0's step for all of the demo's steps (filled
-    in from the demo's count)."""
+    in from the first run's count by :func:`demo_mode`)."""
     if args.method not in GROWS_WITH_TASK:
         return {0: None}
     command = [sys.executable, os.path.abspath(__file__), "--worker", "plan", "--method",
@@ -580,8 +580,10 @@ def demo_mode(args) -> None:
             cache_dir = os.path.join(workdir, "xla")  # empty for the cold run
             for kind in kinds:  # the warm run reads what the cold one compiled
                 row = demo_run(args, os.path.join(workdir, kind), cache_dir)
-                planned = sum(n for n in loop_tasks.values() if n)
-                if planned and planned != row["steps"]:  # before minutes more are timed
+                if loop_tasks == {0: None}:  # task 0's step for all of the run's steps
+                    loop_tasks = {0: row["steps"]}
+                planned = sum(loop_tasks.values())
+                if loop_tasks and planned != row["steps"]:  # before minutes more are timed
                     raise SystemExit(f"the demo's plan counts {planned} steps, its run "
                                      f"{row['steps']}: the PyTorch loop would not be the "
                                      f"demo's")
@@ -600,8 +602,6 @@ def demo_mode(args) -> None:
     print(f"command: python experiments/benchmark_step.py {' '.join(sys.argv[1:])}")
     print(f"machine: {machine()}; {versions()}; {args.threads} threads (torch)")
     demo_steps = rows["cold"][0]["steps"]
-    if loop_tasks == {0: None}:
-        loop_tasks = {0: demo_steps}
     torch_loop = sum(n * statistics.median(torch_steps[t]) for t, n in loop_tasks.items())
     for t, n in loop_tasks.items():
         times = torch_steps[t]

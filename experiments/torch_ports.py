@@ -562,8 +562,8 @@ def progressive_prompts(s: Step) -> Port:
 
     def random_rows():
         return vocabulary[torch.randint(0, vocabulary.shape[0], (length,))].clone()
-    earlier = torch.stack([random_rows() for _ in range(t)]) if t else torch.zeros(0, length, d)
-    prompt = tnn.Parameter(random_rows())
+    rows = torch.stack([random_rows() for _ in range(t + 1)])  # P_0 .. P_t
+    earlier, prompt = rows[:t], tnn.Parameter(rows[t].clone())
     down, up = tnn.Linear(d, c.mlp_bottleneck), tnn.Linear(c.mlp_bottleneck, d)
     hidden, out = tnn.Linear(d, d), tnn.Linear(d, s.num_classes)
     # each prompt's first token at position 0, its others counting on from n + 1

@@ -570,6 +570,16 @@ def test_a_run_resumed_inside_a_task_reads_every_program_from_the_cache(tmp_path
 
 
 # ----------------------------------------------------------------- the benchmark script
+def _worker_args(method: str, **fields):
+    """A benchmark worker's arguments: ViT-Micro/4, batch 8, one timed step of task 0 on
+    one device, the method's Config defaults -- unless ``fields`` say otherwise."""
+    import argparse
+    values = dict(method=method, arch="ViT-Micro/4", batch_size=8, steps=1, threads=1,
+                  demo_settings=False, set=[], dtype="float32", attention="einsum",
+                  host_devices=0, task=0)
+    return argparse.Namespace(**dict(values, **fields))
+
+
 def _benchmark_script():
     import importlib.util
     path = os.path.join(ROOT, "experiments", "benchmark_step.py")
@@ -649,11 +659,8 @@ def test_benchmark_script_refuses_what_it_cannot_time(argv, message, monkeypatch
 
 
 def test_benchmark_worker_times_the_library_step_and_counts_its_flops():
-    import argparse
     bench = _benchmark_script()
-    args = argparse.Namespace(method="l2p", arch="ViT-Micro/4", batch_size=8, steps=2,
-                              threads=1, demo_settings=False, set=["top_k=1"],
-                              dtype="float32", attention="einsum", host_devices=2, task=0)
+    args = _worker_args("l2p", steps=2, set=["top_k=1"], host_devices=2)
     flops = []
     for cached in (False, True):  # the batch sharded over 2 of the test's 8 devices
         result = bench.jax_worker(args, cached=cached)
@@ -671,7 +678,6 @@ def test_benchmark_worker_gives_before_task_the_timed_batch(monkeypatch):
     """InfLoRA designs its down-projections from the task's data before the task: the
     worker passes the timed batch as that data (it passed None), and the designed A is
     what the timed step trains with."""
-    import argparse
     from pecft_jax.methods.inflora import InfLoRA
     bench = _benchmark_script()
     designed = []
@@ -682,9 +688,7 @@ def test_benchmark_worker_gives_before_task_the_timed_batch(monkeypatch):
         designed.append(np.asarray(trainable["lora"]["0"]["key"]["A"][0]))
         return trainable, state
     monkeypatch.setattr(InfLoRA, "before_task", before_task)
-    args = argparse.Namespace(method="inflora", arch="ViT-Micro/4", batch_size=8, steps=1,
-                              threads=1, demo_settings=False, set=["rank=2"],
-                              dtype="float32", attention="einsum", host_devices=0, task=0)
+    args = _worker_args("inflora", set=["rank=2"])
     result = bench.jax_worker(args, cached=False)
     assert result["wall"] > 0 and result["flops"] > 0
     assert len(designed) == 1 and np.abs(designed[0]).max() > 0  # from the batch's inputs
@@ -696,7 +700,6 @@ def test_benchmark_worker_gives_before_task_the_timed_batch(monkeypatch):
 def test_benchmark_times_a_text_methods_step_on_token_ids(monkeypatch, capsys):
     """Progressive Prompts runs on a BERT encoder: the worker feeds it token ids with padding
     (the real lengths vary), and an image backbone is refused before anything runs."""
-    import argparse
     from pecft_jax.backbones import bert
     bench = _benchmark_script()
     ids, labels = bench.inputs(bert.get_config("BERT-Tiny6"), 8)
@@ -704,14 +707,12 @@ def test_benchmark_times_a_text_methods_step_on_token_ids(monkeypatch, capsys):
     assert ids["token_ids"].shape == mask.shape == (8, bench.TEXT_LENGTH)
     assert (ids["token_ids"][:, 0] == 101).all() and len(set(mask.sum(1))) > 1
     assert (ids["token_ids"][mask == 0] == 0).all() and labels.shape == (8,)
-    args = argparse.Namespace(method="progressive_prompts", arch="BERT-Tiny6", batch_size=8,
-                              steps=1, threads=1, demo_settings=True, set=[],
-                              dtype="float32", attention="einsum", host_devices=0, task=0)
+    args = _worker_args("progressive_prompts", arch="BERT-Tiny6", demo_settings=True)
     result = bench.jax_worker(args, cached=False)
     assert result["wall"] > 0 and result["flops"] > 0
     # --task 2: the sequence holds prompts 0..2, as the official step's does: 47 text tokens
     # and 30 of prompts instead of 10, so about 78 / 58 of the FLOPs
-    later = bench.jax_worker(argparse.Namespace(**dict(vars(args), task=2)), cached=False)
+    later = bench.jax_worker(_worker_args(**dict(vars(args), task=2)), cached=False)
     assert later["flops"] > 1.2 * result["flops"]
     assert bench.inputs(bert.get_config("BERT-Tiny6"), 8, task=2)[1].min() == \
         2 * (bench.NUM_CLASSES // bench.NUM_TASKS)  # labels of task 2's classes
@@ -733,16 +734,13 @@ def test_benchmark_worker_times_a_later_task_with_trained_looking_earlier_factor
     earlier direction is the zero it starts as (SD-LoRA divides by their norms), and times
     task t's step (its labels, its update mask) with a finite loss; a step whose loss is
     not finite is refused, not timed."""
-    import argparse
     from pecft_jax.methods.sd_lora import SDLoRA
     bench = _benchmark_script()
     tree = {"B": jnp.zeros((2, 3)), "count": jnp.zeros((2,), jnp.int32)}
     noisy = bench.perturbed(tree, jax.random.key(0))
     assert np.all(np.asarray(noisy["B"]) != 0) and np.abs(np.asarray(noisy["B"])).max() < 0.1
     assert noisy["count"].dtype == jnp.int32 and not np.asarray(noisy["count"]).any()
-    args = argparse.Namespace(method="sd_lora", arch="ViT-Micro/4", batch_size=8, steps=1,
-                              threads=1, demo_settings=False, set=["rank=2"],
-                              dtype="float32", attention="einsum", host_devices=0, task=3)
+    args = _worker_args("sd_lora", set=["rank=2"], task=3)
     result = bench.jax_worker(args, cached=False)
     assert result["wall"] > 0 and result["flops"] > 0 and np.isfinite(result["loss"])
     real = SDLoRA.loss
@@ -789,7 +787,6 @@ def test_benchmark_plans_the_pytorch_loop_from_the_demos_own_tasks(monkeypatch):
 
 
 def test_benchmark_worker_command_names_the_timed_task(monkeypatch):
-    import argparse
     bench = _benchmark_script()
     commands = []
 
@@ -797,9 +794,8 @@ def test_benchmark_worker_command_names_the_timed_task(monkeypatch):
         commands.append(command)
         return subprocess.CompletedProcess(command, 0, stdout='{"wall": 0.5}\n', stderr="")
     monkeypatch.setattr(bench.subprocess, "run", fake)
-    args = argparse.Namespace(method="sd_lora", arch="ViT-Demo/7", batch_size=64, steps=2,
-                              threads=2, dtype="float32", attention="einsum", host_devices=0,
-                              demo_settings=True, set=[], task=1)
+    args = _worker_args("sd_lora", arch="ViT-Demo/7", batch_size=64, steps=2, threads=2,
+                        demo_settings=True, task=1)
     for task, expected in ((None, "1"), (3, "3")):  # --task by default, else the given task
         assert bench.run_worker(args, "torch", task=task)["wall"] == 0.5
         assert commands[-1][commands[-1].index("--task") + 1] == expected

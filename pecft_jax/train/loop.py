@@ -178,8 +178,8 @@ class ContinualTrainer:
         self.config = config
         self.workdir = workdir
         check_run_config(config)
-        vit.check_execution(config.backbone.get("dtype", "float32"),
-                            config.backbone.get("attention", "einsum"))
+        asked_attention = config.backbone.get("attention", "einsum")
+        vit.check_execution(config.backbone.get("dtype", "float32"), asked_attention)
         compilation.enable_persistent_cache(
             config.get("compilation_cache_dir", compilation.DEFAULT_CACHE_DIR))
         self.lr_mults = partition.parse_lr_mults(config.train.get("lr_mults", ()))
@@ -197,11 +197,11 @@ class ContinualTrainer:
         self.eval_batch_size = config.get("eval", {}).get("batch_size", self.batch_size)
         mesh_lib.check_batch_size(self.eval_batch_size, self.mesh, "eval.batch_size")
         backbone_config = config.backbone
-        asked = backbone_config.get("attention", "einsum")
-        attention = attention_for_devices(asked, self.mesh.devices.flat, attention_fallback)
-        if attention != asked:
+        attention = attention_for_devices(asked_attention, self.mesh.devices.flat,
+                                          attention_fallback)
+        if attention != asked_attention:
             log.warning("backbone.attention=%r needs NVIDIA GPUs; these devices are not: "
-                        "using %r (the same function)", asked, attention)
+                        "using %r (the same function)", asked_attention, attention)
             backbone_config = ml_collections.ConfigDict(dict(backbone_config.to_dict(),
                                                              attention=attention))
         self.backbone, frozen = backbone_from_config(backbone_config, config.seed)
