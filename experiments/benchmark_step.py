@@ -464,14 +464,21 @@ def run_worker(args, variant: str, task: Optional[int] = None) -> dict:
     return result
 
 
+def require_torch(instead: str) -> None:
+    """Stops, before anything is timed, where the PyTorch side cannot run (``instead``: the
+    flags that leave it out)."""
+    if subprocess.run([sys.executable, "-c", "import torch"],
+                      capture_output=True).returncode != 0:
+        raise SystemExit(f"PyTorch is not installed: pip install torch (not a pecft_jax "
+                         f"dependency), or pass {instead}")
+
+
 def step_mode(args) -> None:
     variants = [v for v in args.variants.split(",") if v]
     if args.method not in QUERY_IN_STEP and "jax-cached" in variants:
         variants.remove("jax-cached")
-    if "torch" in variants and subprocess.run([sys.executable, "-c", "import torch"],
-                                              capture_output=True).returncode != 0:
-        raise SystemExit("PyTorch is not installed: pip install torch (not a pecft_jax "
-                         "dependency), or pass --variants jax,jax-cached")
+    if "torch" in variants:
+        require_torch("--variants jax,jax-cached")
     results: Dict[str, List[dict]] = {v: [] for v in variants}
     for round_index in range(args.rounds):
         for variant in variants:
@@ -573,7 +580,10 @@ def torch_loop_plan(args) -> Dict[int, Optional[int]]:
 def demo_mode(args) -> None:
     kinds = ("cold", "warm") if args.warm_cache else ("cold",)
     rows: Dict[str, List[dict]] = {kind: [] for kind in kinds}
-    loop_tasks = torch_loop_plan(args) if "torch" in args.variants else {}
+    with_torch = "torch" in args.variants.split(",")
+    if with_torch:  # before minutes of demo runs, not after them
+        require_torch("--variants jax")
+    loop_tasks = torch_loop_plan(args) if with_torch else {}
     torch_steps: Dict[int, List[float]] = {t: [] for t in loop_tasks}
     for round_index in range(args.rounds):
         with tempfile.TemporaryDirectory() as workdir:

@@ -801,6 +801,21 @@ def test_benchmark_worker_command_names_the_timed_task(monkeypatch):
         assert commands[-1][commands[-1].index("--task") + 1] == expected
 
 
+def _fake_demo_runs(bench, monkeypatch) -> list:
+    """``demo_mode``'s demo runs and versions faked; returns the list the runs append to."""
+    runs = []
+
+    def demo_run(args, workdir, cache):
+        runs.append(workdir)
+        return {"wall": 12.0, "compile": 1.0, "xla": 3, "cache_hits": 0, "steps": 60,
+                "final": 50.0, "devices": 1, "load": 0.5}
+    monkeypatch.setattr(bench, "demo_run", demo_run)
+    monkeypatch.setattr(bench, "versions", lambda: "versions")
+    monkeypatch.setattr(bench, "machine", lambda: "machine")
+    monkeypatch.setattr("sys.argv", ["benchmark_step.py"])
+    return runs
+
+
 @pytest.mark.parametrize("method, plan, loop", [
     ("l2p", {0: None}, 60 * 0.1),                          # task 0's step for every step
     ("progressive_prompts", {0: 20, 1: 40}, 20 * 0.1 + 40 * 0.2),  # each task's at its own
@@ -819,13 +834,9 @@ def test_demo_mode_times_the_pytorch_loop_task_by_task(method, plan, loop, monke
         timed_tasks.append(task)
         return {"wall": 0.1 * (task + 1)}
     monkeypatch.setattr(bench, "run_worker", run_worker)
+    monkeypatch.setattr(bench, "require_torch", lambda instead: None)  # CI has no torch
     monkeypatch.setattr(bench, "torch_loop_plan", lambda args: dict(plan))
-    monkeypatch.setattr(bench, "demo_run", lambda args, workdir, cache: {
-        "wall": 12.0, "compile": 1.0, "xla": 3, "cache_hits": 0, "steps": 60, "final": 50.0,
-        "devices": 1, "load": 0.5})
-    monkeypatch.setattr(bench, "versions", lambda: "versions")  # no jax / torch processes
-    monkeypatch.setattr(bench, "machine", lambda: "machine")
-    monkeypatch.setattr("sys.argv", ["benchmark_step.py"])
+    _fake_demo_runs(bench, monkeypatch)
     args = argparse.Namespace(method=method, variants="jax,torch", warm_cache=False,
                               rounds=2, threads=2)
     if loop is None:  # refused after the first demo run, before PyTorch is timed
@@ -838,6 +849,34 @@ def test_demo_mode_times_the_pytorch_loop_task_by_task(method, plan, loop, monke
     out = capsys.readouterr().out
     assert f"step loop alone (60 steps): {loop:.1f} s" in out
     assert f"demo / torch loop = {12.0 / loop:.2f}" in out
+
+
+def test_demo_mode_without_pytorch_stops_before_the_demo_runs(monkeypatch, capsys):
+    """Where ``import torch`` fails, ``--mode demo`` says so before its first demo run (it
+    used to find out after minutes of them, at the PyTorch worker); ``--variants jax`` then
+    times the demo alone, with no loop and no ratio."""
+    import argparse
+    import subprocess
+    bench = _benchmark_script()
+    runs = _fake_demo_runs(bench, monkeypatch)
+    real_run = subprocess.run
+
+    def run(command, *a, **k):  # this interpreter without torch
+        if command[1:] == ["-c", "import torch"]:
+            return real_run([command[0], "-c", "raise ImportError('no torch')"], *a, **k)
+        return real_run(command, *a, **k)
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    monkeypatch.setattr(bench, "run_worker", lambda *a, **k: pytest.fail("a worker ran"))
+    args = argparse.Namespace(method="progressive_prompts", variants="jax,torch",
+                              warm_cache=True, rounds=1, threads=2)
+    with pytest.raises(SystemExit, match="PyTorch is not installed.*--variants jax"):
+        bench.demo_mode(args)
+    assert runs == []
+    bench.demo_mode(argparse.Namespace(**dict(vars(args), variants="jax")))
+    assert len(runs) == 2  # the cold and the warm run, nothing of PyTorch's
+    out = capsys.readouterr().out
+    assert "demo, warm cache: median 12.0 s" in out
+    assert "PyTorch" not in out and "torch loop" not in out
 
 
 def test_demo_phases_times_every_phase_of_a_run(tmp_path, monkeypatch):
