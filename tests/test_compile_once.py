@@ -1001,3 +1001,17 @@ def test_per_task_draws_compile_one_threefry_per_leaf_whatever_the_number_of_tas
     for t in range(5):
         jax.tree_util.tree_map(np.testing.assert_array_equal, values[str(t)],
                                draw(jax.random.fold_in(jax.random.key(3), t)))
+
+
+def test_queue_deadlock_probe_runs_its_children_and_reports_each_bound():
+    """experiments/queue_deadlock_probe.py (the evidence for ``mesh.bound_queue``): at a few
+    steps, below any bound, every child finishes and each setting is reported."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "experiments",
+                                                        "queue_deadlock_probe.py"),
+                           "--steps", "3", "--runs", "1", "--timeout", "120"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert "two host devices, 3 chained steps a run" in lines[0]
+    assert [line.split()[-1] for line in lines[1:]] == ["finished"] * 4
+    assert "never waiting" in lines[1] and "waiting every 16 steps" in lines[4]

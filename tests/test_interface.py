@@ -51,6 +51,40 @@ def test_reduce_sums_across_the_mesh_exactly_as_on_one_device():
     assert float(eight["count"]) == 45
 
 
+def test_reduce_waits_for_its_chain_every_few_batches(monkeypatch):
+    """The batches' programs chain through the carry, each with an all-reduce: the reduce
+    waits for the carry every ``MAX_QUEUED_PROGRAMS`` batches (XLA:CPU deadlocked on long
+    queues of such programs; see ``mesh.bound_queue``), and the result is unchanged."""
+    from pecft_jax.train import mesh as mesh_lib
+    rng = np.random.default_rng(2)
+    images = rng.integers(-3, 4, (45, 2, 2, 1)).astype(np.float32)  # 6 batches of 8
+    labels = rng.integers(0, 3, 45)
+    w = rng.integers(-2, 3, (4, 5)).astype(np.float32)
+    init = {"gram": jnp.zeros((5, 5)), "sums": jnp.zeros((3, 5)), "count": jnp.zeros(())}
+    expected = array_task_data(images, labels).reduce(_gram_and_class_sums, init, w)
+    waited, real_wait = [], jax.block_until_ready
+
+    def wait(tree):
+        waited.append(float(tree["count"]))  # how far the chain had got
+        return real_wait(tree)
+    monkeypatch.setattr(mesh_lib, "MAX_QUEUED_PROGRAMS", 2)
+    monkeypatch.setattr(mesh_lib.jax, "block_until_ready", wait)
+    got = array_task_data(images, labels).reduce(_gram_and_class_sums, init, w)
+    assert waited == [16.0, 32.0, 45.0]  # after batches 2, 4 and 6
+    for key in init:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]))
+
+
+def test_bound_queue_waits_on_every_nth_program_only(monkeypatch):
+    from pecft_jax.train import mesh as mesh_lib
+    waited = []
+    monkeypatch.setattr(mesh_lib, "MAX_QUEUED_PROGRAMS", 3)
+    monkeypatch.setattr(mesh_lib.jax, "block_until_ready", waited.append)
+    for count in range(1, 8):
+        mesh_lib.bound_queue(count, f"output {count}")
+    assert waited == ["output 3", "output 6"]
+
+
 @pytest.mark.parametrize("num_devices, replicated_init", [(8, False), (2, True), (1, True)])
 def test_additive_reduce_sums_each_devices_shard_and_counts_init_once(num_devices,
                                                                      replicated_init):

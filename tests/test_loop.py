@@ -169,6 +169,25 @@ def test_interrupted_run_resumes_to_the_same_accuracy_matrix(l2p_run, tmp_path, 
     assert records(workdir) == records(l2p_run[0])
 
 
+def test_the_train_steps_are_never_queued_far_ahead(tmp_path, monkeypatch):
+    """Each task's steps go through ``mesh.bound_queue`` in order, with the step's health
+    record (never donated, so it can be waited for), which waits every
+    ``MAX_QUEUED_PROGRAMS`` steps: XLA:CPU deadlocked on long queues of data-parallel steps."""
+    from pecft_jax.train import mesh as mesh_lib
+    seen, real = [], mesh_lib.bound_queue
+
+    def bound_queue(count, output):
+        seen.append((count, output.shape, str(output.dtype)))
+        return real(count, output)
+    monkeypatch.setattr(mesh_lib, "bound_queue", bound_queue)
+    config = tiny_config()
+    config.scenario.num_tasks = 2
+    results = train_and_evaluate(config, str(tmp_path))
+    steps = results["train_steps"] // 2
+    assert steps > 1
+    assert seen == 2 * [(n, (2,), "int32") for n in range(1, steps + 1)]
+
+
 def test_a_run_crashed_before_its_first_checkpoint_restarts_its_log(tmp_path, monkeypatch):
     """No checkpoint to resume from: the rerun starts over, and so does metrics.jsonl (the
     crashed attempt's records would otherwise be followed by the same steps again)."""

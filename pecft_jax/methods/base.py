@@ -37,6 +37,7 @@ import optax
 
 from pecft_jax import compiler
 from pecft_jax.backbones.backbone import Backbone
+from pecft_jax.train import mesh as mesh_lib
 
 Array = jax.Array
 NEG_INF = -1e9  # finite, so masked logits keep softmax/CE free of NaNs
@@ -388,8 +389,9 @@ class TaskData:
         # a copy: the steps donate the carry's buffers, and device_put may alias ``init``'s
         carry = jax.tree_util.tree_map(jnp.copy, self.replicate(init))
         args = self.replicate(args)
-        for local in self._batches():
+        for count, local in enumerate(self._batches(), 1):
             carry = step(carry, self._shard(local), *args)
+            mesh_lib.bound_queue(count, carry)  # a chain of all-reduces: see bound_queue
         return carry
 
     def _reduce_per_device(self, fn: Callable[..., Any], init: Any, args: tuple) -> Any:
