@@ -464,13 +464,12 @@ def run_worker(args, variant: str, task: Optional[int] = None) -> dict:
     return result
 
 
-def require_torch(instead: str) -> None:
-    """Stops, before anything is timed, where the PyTorch side cannot run (``instead``: the
-    flags that leave it out)."""
+def require_torch(flags_without_it: str) -> None:
+    """Stops, before anything is timed, where the PyTorch side cannot run."""
     if subprocess.run([sys.executable, "-c", "import torch"],
                       capture_output=True).returncode != 0:
         raise SystemExit(f"PyTorch is not installed: pip install torch (not a pecft_jax "
-                         f"dependency), or pass {instead}")
+                         f"dependency), or pass {flags_without_it}")
 
 
 def step_mode(args) -> None:

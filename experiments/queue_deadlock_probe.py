@@ -1,15 +1,16 @@
-"""Does XLA:CPU deadlock on a long queue of data-parallel programs? (``mesh.bound_queue``)
+"""Does XLA:CPU deadlock on a long queue of data-parallel programs? (``compiler.bound_queue``)
 
     python experiments/queue_deadlock_probe.py [--steps 300] [--timeout 60] [--runs 2]
 
 Each run is a child process on a host split into two devices: a chained gradient step (a
 24-layer tanh MLP of width 128, batch 64 sharded over the devices, the parameters
 replicated, so every step ends in an all-reduce) dispatched ``--steps`` times, waiting for
-the result every ``wait_every`` steps (never, 40, 30, 16: pecft_jax's
-``MAX_QUEUED_PROGRAMS``). A run that has not finished within ``--timeout`` seconds counts
-as hung. On jaxlib 0.10.2 (this project's 2-core VM) the runs that never waited and those
-waiting every 40 steps hung; every 30 and 16 finished. Re-run it on a new jaxlib before
-relaxing the bound.
+the result every ``wait_every`` steps (never, 40, 30, 20, 16: pecft_jax's
+``compiler.MAX_QUEUED_PROGRAMS``). A run counts as hung when it has not finished within
+``--timeout`` seconds, or when XLA's watchdog aborted it first (after 40 s in a
+rendezvous). On jaxlib 0.10.2 (this project's 2-core VM) the runs that never waited and
+those waiting every 40 steps hung; every 30, 20 and 16 finished. Re-run it on a new jaxlib
+before relaxing the bound.
 """
 from __future__ import annotations
 
@@ -56,15 +57,20 @@ def main() -> None:
     import jaxlib
     print(f"jaxlib {jaxlib.__version__}, {os.cpu_count()} cores, two host devices, "
           f"{args.steps} chained steps a run, hung = not finished in {args.timeout:.0f} s")
-    for wait_every in (0, 40, 30, 16):
+    for wait_every in (0, 40, 30, 20, 16):
         outcomes = []
         for _ in range(args.runs):
             try:
                 done = subprocess.run([sys.executable, "-c", CHILD, str(args.steps),
                                        str(wait_every)], capture_output=True, text=True,
                                       timeout=args.timeout)
-                outcomes.append("finished" if done.returncode == 0 else
-                                f"failed ({done.returncode}): {done.stderr[-300:]}")
+                if done.returncode == 0:
+                    outcomes.append("finished")
+                elif "Termination timeout" in done.stderr:  # XLA's watchdog, stuck collective
+                    outcomes.append("hung (aborted by XLA's watchdog)")
+                else:
+                    last = (done.stderr.strip().splitlines() or [""])[-1]
+                    outcomes.append(f"failed (exit {done.returncode}: {last[-200:]})")
             except subprocess.TimeoutExpired:
                 outcomes.append("hung")
         label = f"waiting every {wait_every} steps" if wait_every else "never waiting"

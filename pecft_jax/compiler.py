@@ -1,4 +1,5 @@
-"""``jax.jit`` with the XLA options pecft_jax's programs compile with.
+"""``jax.jit`` with the XLA options pecft_jax's programs compile with, and the bound on how
+many of them may be queued on XLA:CPU (:func:`bound_queue`).
 
 One option today, measured on this project's 2-core AMD EPYC VM (jaxlib 0.10.2, XLA:CPU,
 ViT-Demo/7 batch 64, each method's demo step, alternating processes, medians of 3): XLA:CPU
@@ -54,3 +55,25 @@ def jit(fn: Callable, **kwargs) -> Callable:
     """``jax.jit(fn, **kwargs)`` compiled with :func:`compiler_options`."""
     options = compiler_options()
     return jax.jit(fn, compiler_options=options, **kwargs) if options else jax.jit(fn, **kwargs)
+
+
+# XLA:CPU can deadlock when data-parallel programs queue up on a host split into devices
+# (jaxlib 0.10.2; experiments/queue_deadlock_probe.py, a standalone script, not pecft_jax's
+# programs): a chained gradient step (a 24-layer MLP of width 128, batch 64, two host
+# devices) dispatched 300 times hung in an all-reduce's rendezvous whenever it never waited
+# or waited every 40 steps, and finished whenever it waited every 30, 20 or 16 (README,
+# "Speed", gives the runs). The loop waits every ``train.log_every_steps`` (20 by default)
+# and was never seen more than 8 steps ahead, but how far it gets ahead depends on timings.
+MAX_QUEUED_PROGRAMS = 16
+
+
+def bound_queue(count: int, output: Any) -> None:
+    """Waits for ``output`` -- of the ``count``-th program of a chain, each taking the
+    previous one's result and holding a collective -- every :data:`MAX_QUEUED_PROGRAMS`-th
+    program when it lives on CPU devices, so that no more than that many are ever queued
+    there. The deadlock is XLA:CPU's: on an accelerator nothing waits."""
+    if count % MAX_QUEUED_PROGRAMS:
+        return
+    leaf = jax.tree_util.tree_leaves(output)[0]
+    if any(device.platform == "cpu" for device in leaf.sharding.device_set):
+        jax.block_until_ready(output)

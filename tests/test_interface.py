@@ -52,10 +52,11 @@ def test_reduce_sums_across_the_mesh_exactly_as_on_one_device():
 
 
 def test_reduce_waits_for_its_chain_every_few_batches(monkeypatch):
-    """The batches' programs chain through the carry, each with an all-reduce: the reduce
-    waits for the carry every ``MAX_QUEUED_PROGRAMS`` batches (XLA:CPU deadlocked on long
-    queues of such programs; see ``mesh.bound_queue``), and the result is unchanged."""
-    from pecft_jax.train import mesh as mesh_lib
+    """The batches' programs chain through the carry, each with an all-reduce: on CPU
+    devices the reduce waits for the carry every ``MAX_QUEUED_PROGRAMS`` batches (XLA:CPU
+    deadlocked on long queues of such programs; see ``compiler.bound_queue``), and the
+    result is unchanged."""
+    from pecft_jax import compiler
     rng = np.random.default_rng(2)
     images = rng.integers(-3, 4, (45, 2, 2, 1)).astype(np.float32)  # 6 batches of 8
     labels = rng.integers(0, 3, 45)
@@ -67,22 +68,35 @@ def test_reduce_waits_for_its_chain_every_few_batches(monkeypatch):
     def wait(tree):
         waited.append(float(tree["count"]))  # how far the chain had got
         return real_wait(tree)
-    monkeypatch.setattr(mesh_lib, "MAX_QUEUED_PROGRAMS", 2)
-    monkeypatch.setattr(mesh_lib.jax, "block_until_ready", wait)
+    monkeypatch.setattr(compiler, "MAX_QUEUED_PROGRAMS", 2)
+    monkeypatch.setattr(compiler.jax, "block_until_ready", wait)
     got = array_task_data(images, labels).reduce(_gram_and_class_sums, init, w)
     assert waited == [16.0, 32.0, 45.0]  # after batches 2, 4 and 6
     for key in init:
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]))
 
 
-def test_bound_queue_waits_on_every_nth_program_only(monkeypatch):
-    from pecft_jax.train import mesh as mesh_lib
+def test_bound_queue_waits_on_every_nth_program_on_cpu_devices_only(monkeypatch):
+    """Every third program's output is waited for while it lives on CPU devices; the same
+    output on an accelerator is never waited for (the deadlock is XLA:CPU's)."""
+    from pecft_jax import compiler
     waited = []
-    monkeypatch.setattr(mesh_lib, "MAX_QUEUED_PROGRAMS", 3)
-    monkeypatch.setattr(mesh_lib.jax, "block_until_ready", waited.append)
+    monkeypatch.setattr(compiler, "MAX_QUEUED_PROGRAMS", 3)
+    monkeypatch.setattr(compiler.jax, "block_until_ready", waited.append)
+    outputs = [{"out": jnp.full((2,), count)} for count in range(1, 8)]
+    for count, output in enumerate(outputs, 1):
+        compiler.bound_queue(count, output)
+    assert [int(w["out"][0]) for w in waited] == [3, 6]
+
+    class GPU:  # what bound_queue reads of an output: its devices' platform
+        platform = "gpu"
+
+    class OnGPU:
+        sharding = type("Sharding", (), {"device_set": {GPU()}})
+    waited.clear()
     for count in range(1, 8):
-        mesh_lib.bound_queue(count, f"output {count}")
-    assert waited == ["output 3", "output 6"]
+        compiler.bound_queue(count, [OnGPU()])
+    assert waited == []
 
 
 @pytest.mark.parametrize("num_devices, replicated_init", [(8, False), (2, True), (1, True)])

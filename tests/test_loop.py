@@ -170,16 +170,16 @@ def test_interrupted_run_resumes_to_the_same_accuracy_matrix(l2p_run, tmp_path, 
 
 
 def test_the_train_steps_are_never_queued_far_ahead(tmp_path, monkeypatch):
-    """Each task's steps go through ``mesh.bound_queue`` in order, with the step's health
-    record (never donated, so it can be waited for), which waits every
+    """Each task's steps go through ``compiler.bound_queue`` in order, with the step's
+    health record (never donated, so it can be waited for), which waits every
     ``MAX_QUEUED_PROGRAMS`` steps: XLA:CPU deadlocked on long queues of data-parallel steps."""
-    from pecft_jax.train import mesh as mesh_lib
-    seen, real = [], mesh_lib.bound_queue
+    from pecft_jax import compiler
+    seen, real = [], compiler.bound_queue
 
     def bound_queue(count, output):
         seen.append((count, output.shape, str(output.dtype)))
         return real(count, output)
-    monkeypatch.setattr(mesh_lib, "bound_queue", bound_queue)
+    monkeypatch.setattr(compiler, "bound_queue", bound_queue)
     config = tiny_config()
     config.scenario.num_tasks = 2
     results = train_and_evaluate(config, str(tmp_path))

@@ -37,7 +37,6 @@ import optax
 
 from pecft_jax import compiler
 from pecft_jax.backbones.backbone import Backbone
-from pecft_jax.train import mesh as mesh_lib
 
 Array = jax.Array
 NEG_INF = -1e9  # finite, so masked logits keep softmax/CE free of NaNs
@@ -391,7 +390,8 @@ class TaskData:
         args = self.replicate(args)
         for count, local in enumerate(self._batches(), 1):
             carry = step(carry, self._shard(local), *args)
-            mesh_lib.bound_queue(count, carry)  # a chain of all-reduces: see bound_queue
+            # each batch's program all-reduces the carry: XLA:CPU must not queue many
+            compiler.bound_queue(count, carry)
         return carry
 
     def _reduce_per_device(self, fn: Callable[..., Any], init: Any, args: tuple) -> Any:

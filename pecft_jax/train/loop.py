@@ -438,7 +438,8 @@ class ContinualTrainer:
                     trainable, state, opt_state, self.frozen, batch, rng, np.int32(step), task_arg,
                     health)
                 step += 1
-                mesh_lib.bound_queue(step - position.step, health)
+                # health: an output of the step that the next one does not donate
+                compiler.bound_queue(step - position.step, health)
                 run.global_step += 1
                 examples_seen += self.batch_size
                 if step % log_every == 0 or step == steps:

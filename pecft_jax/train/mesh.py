@@ -98,26 +98,6 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "batch siz
                          f"{jax.process_count()} hosts{where}")
 
 
-# XLA:CPU can deadlock when data-parallel programs queue up on a host split into devices
-# (jaxlib 0.10.2; experiments/queue_deadlock_probe.py, a standalone script, not pecft_jax's
-# programs): a chained gradient step (a 24-layer MLP of width 128, batch 64, two host
-# devices) dispatched 300 times without waiting hung in an all-reduce's rendezvous in 6 runs
-# of 6 (XLA's watchdog aborts such a process after 40 s); waiting every 40 steps hung too
-# (4 of 4), every 30 never (4 runs), every 20 or 16 never (2 runs each). The loop waits every
-# ``train.log_every_steps`` (20 by default) and was never seen more than 8 steps ahead, but
-# how far it gets ahead depends on timings, so every chain of programs it dispatches waits
-# at least this often.
-MAX_QUEUED_PROGRAMS = 16
-
-
-def bound_queue(count: int, output: Any) -> None:
-    """Waits for ``output`` -- of the ``count``-th program of a chain, each taking the
-    previous one's result -- every :data:`MAX_QUEUED_PROGRAMS`-th program, so that no more
-    than that many are ever queued (on an accelerator a wait that rare costs nothing)."""
-    if count % MAX_QUEUED_PROGRAMS == 0:
-        jax.block_until_ready(output)
-
-
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     """This host's slice of a global batch -> global arrays sharded along the batch axis."""
     sharding = batch_sharded(mesh)
