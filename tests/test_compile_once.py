@@ -753,6 +753,16 @@ def test_benchmark_worker_times_a_later_task_with_trained_looking_earlier_factor
         bench.jax_worker(args, cached=False)
 
 
+def _answer_subprocesses(bench, monkeypatch, stdout: str, commands: list) -> list:
+    """The script's ``subprocess.run`` faked: every command succeeds printing ``stdout``
+    and is appended to ``commands`` (returned)."""
+    def fake(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout=stdout + "\n", stderr="")
+    monkeypatch.setattr(bench.subprocess, "run", fake)
+    return commands
+
+
 @needs_minilm
 @needs_wordnet
 def test_benchmark_plans_the_pytorch_loop_from_the_demos_own_tasks(monkeypatch):
@@ -769,11 +779,7 @@ def test_benchmark_plans_the_pytorch_loop_from_the_demos_own_tasks(monkeypatch):
     commands = []
 
     def run(plan):
-        def fake(command, **kwargs):
-            commands.append(command)
-            return subprocess.CompletedProcess(command, 0, stdout=json.dumps(plan) + "\n",
-                                               stderr="")
-        monkeypatch.setattr(bench.subprocess, "run", fake)
+        _answer_subprocesses(bench, monkeypatch, json.dumps(plan), commands)
         return bench.torch_loop_plan(argparse.Namespace(method="progressive_prompts"))
     assert run([30, 0, 40]) == {0: 30, 2: 40}
     assert commands[-1][commands[-1].index("--worker") + 1] == "plan"
@@ -788,12 +794,7 @@ def test_benchmark_plans_the_pytorch_loop_from_the_demos_own_tasks(monkeypatch):
 
 def test_benchmark_worker_command_names_the_timed_task(monkeypatch):
     bench = _benchmark_script()
-    commands = []
-
-    def fake(command, **kwargs):
-        commands.append(command)
-        return subprocess.CompletedProcess(command, 0, stdout='{"wall": 0.5}\n', stderr="")
-    monkeypatch.setattr(bench.subprocess, "run", fake)
+    commands = _answer_subprocesses(bench, monkeypatch, '{"wall": 0.5}', [])
     args = _worker_args("sd_lora", arch="ViT-Demo/7", batch_size=64, steps=2, threads=2,
                         demo_settings=True, task=1)
     for task, expected in ((None, "1"), (3, "3")):  # --task by default, else the given task
@@ -856,7 +857,6 @@ def test_demo_mode_without_pytorch_stops_before_the_demo_runs(monkeypatch, capsy
     used to find out after minutes of them, at the PyTorch worker); ``--variants jax`` then
     times the demo alone, with no loop and no ratio."""
     import argparse
-    import subprocess
     bench = _benchmark_script()
     runs = _fake_demo_runs(bench, monkeypatch)
     real_run = subprocess.run
