@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pecft_jax.backbones import vit
-from pecft_jax.backbones.backbone import Backbone, load_backbone
+from pecft_jax.backbones import bert, vit
+from pecft_jax.backbones.backbone import Backbone, TextBackbone, load_backbone
 from pecft_jax.methods import create_method
 from pecft_jax.methods.inflora import (design_down_projection, gpm_threshold,
                                        update_dual_gpm)
@@ -116,6 +116,40 @@ def test_inflora_updates_never_reach_the_old_tasks_inputs():
         np.testing.assert_array_equal(targets["key"]["A"][1], targets["value"]["A"][1])
     head0, head1 = first["trainable"]["head"], second["trainable"]["head"]
     np.testing.assert_array_equal(head1["kernel"][:, :5], head0["kernel"][:, :5])
+
+
+def test_inflora_input_moments_skip_a_text_encoders_padding_tokens():
+    """On a BERT encoder, each sentence adds the ``x x^T`` of its real tokens only: the sum
+    equals that of each sentence run alone at its own length (no padding at all), whatever
+    the padding tokens are, and a padding row of the batch adds nothing."""
+    cfg = bert.get_config("BERT-Micro")
+    backbone = TextBackbone(cfg, tokenizer_path="", max_length=8)
+    method = create_method("inflora", {"rank": 2}, backbone, 4, 2)
+    frozen = bert.init_params(cfg, jax.random.key(0))
+    trainable, _ = method.init(jax.random.key(1), frozen)
+    rng = np.random.default_rng(0)
+    lengths = np.array([8, 5, 3])
+    ids = rng.integers(1, cfg.vocab_size, size=(3, 8)).astype(np.int32)
+    attention = (np.arange(8)[None] < lengths[:, None]).astype(np.int32)
+    zeros = jnp.zeros((cfg.num_layers, cfg.hidden_size, cfg.hidden_size), jnp.float32)
+
+    def moments(token_ids):
+        batch = {"inputs": {"token_ids": token_ids, "attention_mask": attention},
+                 "mask": np.array([1, 1, 0], np.float32)}  # the third row pads the batch
+        return np.asarray(method.input_moments(zeros, batch, trainable, frozen))
+
+    want = np.zeros(zeros.shape)
+    for i in (0, 1):  # alone and unpadded: the real tokens' inputs, nothing else
+        n = lengths[i]
+        blocks = bert.apply(cfg, frozen, ids[i:i + 1, :n], np.ones((1, n), np.int32),
+                            output="features")["blocks"]
+        for layer, block in enumerate(blocks):
+            x = np.asarray(block["attn_input"][0], np.float64)
+            want[layer] += x.T @ x
+    got = moments(ids)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    other = np.where(attention == 1, ids, (ids + 7) % cfg.vocab_size)  # new padding tokens
+    np.testing.assert_allclose(moments(other), got, rtol=1e-5, atol=1e-6)
 
 
 def _record_lora_ranks(monkeypatch) -> list:

@@ -212,10 +212,17 @@ class InfLoRA(Method):
     # ------------------------------------------------------------ around tasks
     def input_moments(self, carry, batch, trainable, frozen):
         """Adds ``sum x x^T`` over the batch's tokens of every block's query/key/value input
-        (padding rows weigh 0) to ``carry`` ``(L, D, D)`` (a TaskData reduction)."""
-        blocks = self.features(trainable, frozen, batch["inputs"], output="features")["blocks"]
-        x = jnp.stack([b["attn_input"] for b in blocks])                   # (L, B, N, D)
-        weighted = x * batch["mask"][None, :, None, None]
+        to ``carry`` ``(L, D, D)`` (a TaskData reduction). Padding rows of the batch weigh 0,
+        and so do a text encoder's padding tokens (its attention mask): no token attends to
+        them and the pooled sentence ignores them, so they are not inputs the task's
+        subspace should hold -- on WordNet's 48-token rows they would be most of the rows.
+        (The official code is image-only: every ViT token counts.)"""
+        features = self.features(trainable, frozen, batch["inputs"], output="features")
+        x = jnp.stack([b["attn_input"] for b in features["blocks"]])       # (L, B, N, D)
+        weight = batch["mask"][:, None]                                     # (B, 1)
+        if "attention_mask" in features:  # text: (B, N), 1 for a real token
+            weight = weight * features["attention_mask"].astype(x.dtype)
+        weighted = x * weight[None, :, :, None]
         return carry + jnp.einsum("lbnd,lbne->lde", weighted, x, precision=HIGHEST)
 
     def _moments(self, trainable, frozen, data) -> np.ndarray:
