@@ -11,7 +11,7 @@ import importlib.util
 import math
 import os
 import typing
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import ml_collections
 
@@ -187,7 +187,10 @@ def _is_number(value) -> bool:
 
 # Keys that say how a run executes, not what it computes (beyond float rounding): a run may
 # resume with them changed, and runs that differ only in them (and the seed) are one
-# setting in pecft_jax.report's tables.
+# setting in pecft_jax.report's tables. (eval.batch_size among them: a batch-wise vote in
+# groups -- L2P, DualPrompt -- needs batches of whole groups, which the trainer enforces, and
+# then any such size gives the same groups; only a vote over the whole batch,
+# method.batchwise_group=0, changes with it.)
 EXECUTION_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "train.prefetch",
                   "train.read_threads", "train.read_processes",
                   "train.on_nonfinite", "progress_bar", "compilation_cache_dir",
@@ -198,8 +201,10 @@ EXECUTION_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "trai
 SCHEDULES = ("constant", "cosine", "cosine_epochs", "multistep_epochs", "coda_cosine",
              "timm_cosine")
 
-# what dataset.resample may name (data/pipeline.py's RESAMPLES)
+# what dataset.resample may name (data/pipeline.py's RESAMPLES), and augment.crop_sampler
+# (its CROP_SAMPLERS): spelt out here so that checking a config imports no JAX
 _RESAMPLES = ("bilinear", "pil_bilinear", "pil_bicubic")
+_CROP_SAMPLERS = ("torchvision", "tf")
 
 def _is_seed(v) -> bool:  # what numpy's and JAX's seeding accept
     return _is_int(v) and 0 <= v < 2 ** 32
@@ -222,6 +227,8 @@ _RANGES = (
     ("eval.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("train.learning_rate", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     ("train.warmup_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    ("train.eps", lambda v: _is_number(v) and v > 0, "a finite number > 0 (Adam's epsilon)"),
+    ("augment.crop_sampler", lambda v: v in _CROP_SAMPLERS, f"one of {_CROP_SAMPLERS}"),
     ("train.schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
     ("train.milestones", lambda v: isinstance(v, (tuple, list)) and all(
         _is_int(m) and m >= 1 for m in v), "a list of epochs >= 1 (e.g. (18,))"),
@@ -303,9 +310,9 @@ def one_process(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 OPTIONAL_KEYS = ("benchmark", "dataset.train_split", "dataset.test_split",
                  "dataset.split_seed", "dataset.test_fraction", "dataset.image_key",
                  "dataset.label_key",
-                 "scenario.domains", "scenario.datasets", "train.b1", "train.b2",
+                 "scenario.domains", "scenario.datasets", "train.b1", "train.b2", "train.eps",
                  "train.milestones", "train.lr_decay", "train.min_lr",
-                 "backbone.gelu_approximate")
+                 "backbone.gelu_approximate", "augment.crop_sampler")
 
 
 def flatten_config(tree: collections.abc.Mapping, keep_empty: bool = True,
@@ -403,8 +410,10 @@ def benchmark(name: str) -> ml_collections.ConfigDict:
       single split, 80% train / 20% test as in DualPrompt), ViT-B/16.
     * ``5datasets``    -- CIFAR-10, MNIST, Fashion-MNIST, SVHN, notMNIST, one task each (50
       classes), TFDS ``cifar10``, ``mnist``, ``fashion_mnist``, ``svhn_cropped``; notMNIST is
-      not in the TFDS catalogue: prepare it as a TFDS dataset named ``not_mnist`` yourself
-      (or replace the entry), the loader fails fast with the dataset's name until it exists.
+      not in the TFDS catalogue: prepare it as a TFDS dataset named ``not_mnist`` yourself,
+      with one ``train`` split, which L2P's code cuts into its first 80% for training and
+      its last 20% for testing (:data:`NOT_MNIST`); the loader fails fast with the
+      dataset's name until it exists.
     * ``domain_mnist`` -- domain-incremental demo on real offline data: MNIST-5k seen as
       itself, rotated by 90 degrees, colour-inverted and rotated by 180 degrees (4 domains,
       the same 10 classes), on the bundled backbone.
@@ -473,7 +482,7 @@ def benchmark(name: str) -> ml_collections.ConfigDict:
             c.dataset.name = "5datasets"
             c.scenario.num_tasks = 5
             c.scenario.datasets = ["tfds:cifar10", "tfds:mnist", "tfds:fashion_mnist",
-                                   "tfds:svhn_cropped", "tfds:not_mnist"]
+                                   "tfds:svhn_cropped", dict(NOT_MNIST)]
         else:
             c.dataset.name = "tfds:imagenet_r"
             c.dataset.train_split = "test[:80%]"
@@ -520,6 +529,11 @@ VIT_B16_AUGREG_IN1K = ("weights/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0
                        "imagenet2012-steps_20k-lr_0.01-res_224.npz")
 
 
+# 5-datasets' notMNIST as google-research/l2p reads it (libml/input_pipeline.py, the
+# not_mnist branch): a TFDS folder with a train split only, trained on its first 80% and
+# tested on its last 20%
+NOT_MNIST = {"name": "tfds:not_mnist", "train_split": "train[:80%]", "test_split": "train[80%:]"}
+
 # Hugging Face's bert-base-uncased (model.safetensors, config.json, tokenizer.json): the BERT
 # of the text papers (Progressive Prompts' BERT experiments).
 BERT_BASE_UNCASED = "weights/bert-base-uncased"
@@ -530,16 +544,20 @@ TEXT_CSV_DATASETS = ("ag_news", "yelp_review_full", "amazon_review_full", "yahoo
                      "dbpedia")
 
 
-def text_csv_sequence(c: ml_collections.ConfigDict, order: Sequence[str]) -> None:
+def text_csv_sequence(c: ml_collections.ConfigDict, order: Sequence[str],
+                      text: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
     """``c``'s scenario: one task per CSV dataset of ``order`` (names of
-    :data:`TEXT_CSV_DATASETS`, read from ``TEXT_CSV_ROOT/<name>_csv``), each its own classes."""
-    unknown = [name for name in order if name not in TEXT_CSV_DATASETS]
+    :data:`TEXT_CSV_DATASETS`, read from ``TEXT_CSV_ROOT/<name>_csv``), each its own classes;
+    ``text[name]``: the entry's ``csv_columns`` / ``csv_join`` (default: every text column,
+    joined with a space)."""
+    unknown = [name for name in list(order) + list(text or {}) if name not in TEXT_CSV_DATASETS]
     if unknown:
         raise ValueError(f"unknown CSV text datasets {unknown}; known: {TEXT_CSV_DATASETS}")
     c.dataset.name = "text_csv_sequence"
     c.scenario.num_tasks = len(order)
-    c.scenario.datasets = [{"name": f"csv:{name}",
-                            "data_dir": os.path.join(TEXT_CSV_ROOT, f"{name}_csv")}
+    c.scenario.datasets = [dict({"name": f"csv:{name}",
+                                 "data_dir": os.path.join(TEXT_CSV_ROOT, f"{name}_csv")},
+                                **(text or {}).get(name, {}))
                            for name in order]
 
 
@@ -558,7 +576,8 @@ def official_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
                       crop_scale: tuple = (0.08, 1.0), resize_short: Optional[int] = 256,
                       squash: bool = False, brightness: float = 0.0,
                       class_order: Any = "identity", resample: str = "bilinear",
-                      crop_resample: Optional[str] = None) -> ml_collections.ConfigDict:
+                      crop_resample: Optional[str] = None,
+                      crop_sampler: str = "torchvision") -> ml_collections.ConfigDict:
     """``c`` with the data protocol of an official code: the weights at ``checkpoint``;
     inputs ``(x/255 - mean) / std`` (``ToTensor()`` alone: ``mean=(0,)``, ``std=(1,)``);
     the exact GELU of timm / PyTorch (``gelu_exact=False``: the tanh form of flax's
@@ -568,8 +587,9 @@ def official_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
     straight to the size), ``squash``-ed to a square first as the JAX input pipeline does;
     ``resample`` / ``crop_resample`` the filters of the test resize and of the crop
     (``'bilinear'``: TF's, the JAX codes'; ``'pil_bilinear'`` / ``'pil_bicubic'``:
-    torchvision's on PIL images, ``interpolation=3`` being bicubic); classes in
-    ``class_order``."""
+    torchvision's on PIL images, ``interpolation=3`` being bicubic); ``crop_sampler`` how
+    the crop's box is drawn (``'tf'``: TF's ``sample_distorted_bounding_box``, the JAX
+    codes'); classes in ``class_order``."""
     c.backbone.checkpoint = checkpoint
     c.backbone.mean, c.backbone.std = tuple(mean), tuple(std)
     c.backbone.gelu_approximate = not gelu_exact
@@ -579,6 +599,7 @@ def official_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
     c.augment.random_resized_crop = True
     c.augment.crop_scale = tuple(crop_scale)
     c.augment.crop_ratio = (3 / 4, 4 / 3)
+    c.augment.crop_sampler = crop_sampler
     c.augment.brightness = float(brightness)
     c.augment.crop_resample = crop_resample
     c.dataset.resample = resample

@@ -81,7 +81,10 @@ def average_incremental_accuracy(R: Matrix) -> float:
 
 def forgetting(R: Matrix) -> float:
     """Average forgetting: best earlier accuracy minus final accuracy, over the first
-    ``T - 1`` tasks. 0 for ``T == 1`` (no task has been followed by another)."""
+    ``T - 1`` tasks. 0 for ``T == 1`` (no task has been followed by another). A task's
+    value is negative where it ended better than ever before; L2P's and DualPrompt's code
+    takes the best over every evaluation, the last included, i.e. the mean over tasks of
+    ``max(drop, 0)``, never below this."""
     m = accuracy_matrix(R)
     num_tasks = m.shape[0]
     if num_tasks == 1:

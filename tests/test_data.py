@@ -293,6 +293,27 @@ def test_build_domain_scenario_from_config():
         build_scenario(_config("mnist5k", kind="domain", domains=["mnist5k+spin"]))
 
 
+def test_a_sequence_entry_may_name_its_own_splits():
+    """notMNIST has only a train split, which L2P's code cuts 80/20: an entry of
+    scenario.datasets (or domains) may name its own train_split / test_split; the others
+    keep dataset.*_split. Here sklearn's digits stands in ('all' / 'train' for it)."""
+    cfg = _config("digits", datasets=["digits", {"name": "digits", "train_split": "all",
+                                                 "test_split": "train"}])
+    first, second = build_scenario(cfg).tasks
+    sizes = {split: len(load_source("digits", split)) for split in ("train", "test", "all")}
+    assert (first.num_train, len(first.test_indices)) == (sizes["train"], sizes["test"])
+    assert (second.num_train, len(second.test_indices)) == (sizes["all"], sizes["train"])
+    domains = _config("digits", kind="domain", domains=[
+        "digits", {"name": "digits", "transforms": ["invert"], "test_split": "all"}])
+    plain, inverted = build_scenario(domains).tasks
+    assert (len(plain.test_indices), len(inverted.test_indices)) == (sizes["test"],
+                                                                      sizes["all"])
+    assert plain.num_train == inverted.num_train == sizes["train"]
+    cfg.scenario.datasets = [{"name": "digits", "split": "all"}]
+    with pytest.raises(ValueError, match=r"unknown keys \['split'\]"):
+        build_scenario(cfg)
+
+
 # --------------------------------------------------------------------------- tfds
 def _prepare_tfds_metadata(data_dir, name, splits):
     """What `tfds build --file_format=array_record` leaves besides the records: the
@@ -595,6 +616,55 @@ def test_random_resized_box_follows_torchvision_rules():
     # no try fits a 10 x 100 strip at these scales: the fallback is the centred 10 x 13 box
     assert pipeline.random_resized_box(10, 100, rng.random((10, 4)), (0.9, 1.0), ratio) == \
         (0, 43, 10, 13)
+
+
+def test_tf_distorted_box_follows_tensorflows_rules():
+    """TF's sample_distorted_bounding_box as L2P's code calls it (area (0.05, 1), aspect
+    (3/4, 4/3), no boxes): a worked example of GenerateRandomCrop's steps; the aspect ratio
+    uniform (not log-uniform) and the height uniform over the allowed integers, so the mean
+    area is that of a direct enumeration of those heights -- and smaller than
+    torchvision's area-uniform draw on the same ranges; the whole image as the fallback."""
+    scale, ratio = (0.05, 1.0), (3 / 4, 4 / 3)
+    # aspect 1.0417; heights 56 (rint sqrt(0.05 * 256^2 / a)) .. 246 (the tallest whose
+    # width rint(h a) fits in 256); the draw 0.5 picks 56 + int(0.5 * 191) = 151, width
+    # rint(151 a) = 157, top int(0.5 * 105), left int(0.5 * 99)
+    assert pipeline.tf_distorted_box(256, 256, np.full((100, 4), 0.5), scale, ratio) == \
+        (52, 49, 151, 157)
+    rng = np.random.default_rng(0)
+    boxes = np.array([pipeline.tf_distorted_box(256, 256, rng.random((100, 4)), scale, ratio)
+                      for _ in range(4000)])
+    top, left, h, w = boxes.T
+    assert np.all((top >= 0) & (top + h <= 256) & (left >= 0) & (left + w <= 256))
+    area = h * w / 256 ** 2
+    assert area.min() >= 0.05 and area.max() <= 1.0
+    assert abs(np.mean(w / h) - np.mean(ratio)) < 0.006  # uniform aspect: mean 1.0417
+    expected = []  # each aspect's heights, enumerated, averaged over a grid of aspects
+    for a in np.linspace(*ratio, 2001):
+        low = int(np.rint(np.sqrt(0.05 * 256 ** 2 / a)))
+        high = min(int((256.5 - 1e-7) / a), 256)
+        heights = np.arange(low, high + 1)
+        expected.append(np.mean(heights * np.rint(heights * a)) / 256 ** 2)
+    assert abs(area.mean() - np.mean(expected)) < 0.012
+    torchvision = np.array([np.prod(pipeline.random_resized_box(
+        256, 256, rng.random((10, 4)), scale, ratio)[2:]) for _ in range(4000)]) / 256 ** 2
+    assert area.mean() < torchvision.mean() - 0.05
+    # nothing fits (the whole area at aspect 2 on a square): the whole image
+    assert pipeline.tf_distorted_box(256, 256, rng.random((100, 4)), (1.0, 1.0), (2.0, 2.0)) == \
+        (0, 0, 256, 256)
+    # the pipeline draws 100 tries per image for it and cuts that box
+    pre = pipeline.Preprocess(image_size=16, channels=3, mean=(0.0,), std=(1.0,),
+                              augment=True, random_resized_crop=True, crop_scale=scale,
+                              crop_sampler="tf")
+    _, _, draws, _ = pipeline._augmentation(pre, 2, slice(0, 2), (1, 2))
+    assert draws.shape == (2, 100, 4)
+    image = rng.integers(0, 256, size=(40, 50, 3)).astype(np.uint8)
+    want = pipeline.resample_box(image, pipeline.tf_distorted_box(40, 50, draws[0], scale,
+                                                                  ratio), 16, True)
+    np.testing.assert_allclose(pipeline.crop_images([image], pre, draws[:1])[0], want)
+    with pytest.raises(ValueError, match="crop_sampler must be one of"):
+        pipeline.Preprocess(image_size=16, channels=3, crop_sampler="pytorch")
+    from pecft_jax import configs
+    assert configs._CROP_SAMPLERS == pipeline.CROP_SAMPLERS
 
 
 def test_crops_resample_like_crop_then_resize():

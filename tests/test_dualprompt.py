@@ -14,7 +14,7 @@ from pecft_jax.methods import create_method
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.methods.base import count_params
-from pecft_jax.train.loop import train_and_evaluate
+from pecft_jax.train.loop import check_batch_groups, train_and_evaluate
 
 from helpers import load_experiment_config, task_spec, tiny_config
 
@@ -203,3 +203,26 @@ def test_bad_configuration_fails_clearly():
         make_method(g_layers=(0, 1, 2))
     with pytest.raises(ValueError, match="layers \\[7\\] do not exist"):
         make_method(e_layers=(2, 7))
+
+
+def test_a_batch_that_cuts_a_vote_group_short_is_refused_before_anything_trains(tmp_path):
+    """The batch-wise vote runs in groups of batchwise_group consecutive examples (the
+    official per-device batch): an eval batch of 64 with groups of 24 would end in a group
+    of 16 and shift the groups after it, so the trainer refuses it with the fix; a multiple
+    passes, and without the vote there are no groups to cut."""
+    group = (24, "method.batchwise_group")
+    assert make_method(batchwise_prompt=True, batchwise_group=24).batch_groups == {
+        "train.batch_size": group, "eval.batch_size": group}
+    assert make_method(batchwise_group=24).batch_groups == {}
+    c = tiny_config("dualprompt", g_layers=(0,), e_layers=(1,), batchwise_prompt=True,
+                    batchwise_group=24)
+    c.train.batch_size = 48
+    with pytest.raises(ValueError, match=r"eval.batch_size=64 is not a multiple of "
+                                         r"dualprompt's groups of 24 .*\(e\.g\. 48\)"):
+        train_and_evaluate(c, str(tmp_path / "cut"))
+    assert not (tmp_path / "cut" / "results.json").exists()
+    check_batch_groups(make_method(batchwise_prompt=True, batchwise_group=24),
+                       {"train.batch_size": 192, "eval.batch_size": 192})  # no error
+    with pytest.raises(ValueError, match=r"train.batch_size=200 .*method.batchwise_group=0"):
+        check_batch_groups(make_method(batchwise_prompt=True, batchwise_group=24),
+                           {"train.batch_size": 200, "eval.batch_size": 192})

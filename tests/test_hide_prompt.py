@@ -73,6 +73,35 @@ def test_contrastive_regulariser_matches_the_official_formula():
         np.testing.assert_allclose(g_f[i, j], numeric, rtol=2e-2, atol=1e-3)
 
 
+def test_contrastive_term_per_official_gpu_share():
+    """contrastive_group=3: the loss's regulariser is the mean of the official formula over
+    rows 0-2 and rows 3-5 of the batch (each GPU's share; DDP averages them), not the
+    formula over all six rows, which is what the default (0) computes; a train batch that
+    is not a multiple of 3 is refused by the trainer (the method asks for it)."""
+    # the features are LayerNorm outputs of squared norm 32 (the width): at a temperature of
+    # that order the term is far from 0 (at the paper's 0.8 it is ~1e-6)
+    t = 50.0
+    grouped, frozen = micro_method(contrastive_group=3, contrastive_temperature=t)
+    whole, _ = micro_method(contrastive_temperature=t)
+    assert grouped.batch_groups == {"train.batch_size": (3, "method.contrastive_group")}
+    assert whole.batch_groups == {}
+    trainable, state = grouped.init(jax.random.key(0), frozen)
+    cfg = grouped.backbone.config
+    images = jax.random.normal(jax.random.key(1), (6, cfg.image_size, cfg.image_size,
+                                                   cfg.num_channels))
+    batch = {"inputs": images, "label": jnp.array([0, 1, 0, 1, 1, 0])}
+    task = spec(0, [[0, 1], [2, 3], [4, 5]])
+    features = np.asarray(grouped._prompted_cls(frozen, images,
+                                                grouped._training_prompt(trainable, task)))
+    none = features[:0]  # task 0: no stored prototypes
+    for method, want in ((grouped, np.mean([numpy_contrastive(features[:3], none, t),
+                                            numpy_contrastive(features[3:], none, t)])),
+                         (whole, numpy_contrastive(features, none, t))):
+        assert want > 0.1
+        _, aux = method.loss(trainable, state, frozen, batch, jax.random.key(2), task)
+        np.testing.assert_allclose(aux["metrics"]["contrastive"], want, rtol=1e-5)
+
+
 def test_tii_head_is_the_official_mlp_mapping():
     params = init_tii_head(jax.random.key(0), 4, 3, hidden=(2,))
     x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)

@@ -487,6 +487,33 @@ def test_base_optimizer_sgd_weight_decay_is_coupled_and_cosine_steps_per_epoch()
         make_base_optimizer(ml_collections.ConfigDict({"learning_rate": 0.1, "schedule": "step"}), 10)
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_betas_and_epsilon_reach_both_adams(name):
+    """train.b1 / b2 / eps (transformers.AdamW's epsilon is 1e-6) against a numpy Adam
+    with bias correction, AdamW's decoupled decay ``lr * wd * p`` on top; the gradient is
+    small enough (1e-6) for epsilon to matter."""
+    import ml_collections
+    from pecft_jax.train.loop import make_base_optimizer
+    lr, wd, b1, b2, eps = 0.01, 0.1, 0.8, 0.99, 1e-6
+    cfg = ml_collections.ConfigDict({"learning_rate": lr, "optimizer": name, "b1": b1,
+                                     "b2": b2, "eps": eps, "weight_decay": wd,
+                                     "schedule": "constant"})
+    opt = make_base_optimizer(cfg, total_steps=3)
+    p = np.array([2.0, -1.0])
+    g = [np.array([3e-6, -1e-6]), np.array([1e-6, 2e-6]), np.array([-2e-6, 1e-6])]
+    state, params, m, v = opt.init(jnp.asarray(p)), jnp.asarray(p), 0.0, 0.0
+    for t, grad in enumerate(g, 1):
+        updates, state = opt.update(jnp.asarray(grad, jnp.float32), state, params)
+        step_grad = grad + (wd * p if name == "adam" else 0.0)  # Adam: coupled L2
+        m, v = b1 * m + (1 - b1) * step_grad, b2 * v + (1 - b2) * step_grad ** 2
+        want = -lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        if name == "adamw":
+            want = want - lr * wd * p
+        np.testing.assert_allclose(updates, want, rtol=2e-5)
+        params = params + updates
+        p = np.asarray(params, np.float64)
+
+
 def test_multistep_epochs_schedule_is_pytorch_multisteplr_per_epoch():
     import ml_collections
     from pecft_jax.train.loop import make_base_optimizer

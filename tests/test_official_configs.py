@@ -25,12 +25,15 @@ from helpers import load_experiment_config
 #     Resize(224)); SLCA utils/data.py:35-65,124-149; InfLoRA utils/data.py:111-244; LAE
 #     main.py:38-43. "interpolation=3" is PIL's bicubic; torchvision's default bilinear.
 OFFICIAL_DATA = {"augment.random_resized_crop": True, "augment.flip": True,
-                 "augment.crop_padding": 0, "scenario.class_order": "identity"}
+                 "augment.crop_padding": 0, "scenario.class_order": "identity",
+                 "augment.crop_sampler": "torchvision"}
 L2P_DATA = dict(OFFICIAL_DATA, **{"backbone.mean": (0.0,), "backbone.std": (1.0,),
                                   "augment.crop_scale": (0.05, 1.0), "eval.resize_short": 256,
                                   "eval.squash": True, "backbone.gelu_approximate": True,
                                   "backbone.checkpoint": "weights/ViT-B_16.npz",
-                                  "dataset.resample": "bilinear"})  # tf.image.resize
+                                  "dataset.resample": "bilinear",  # tf.image.resize
+                                  # tf.image.stateless_sample_distorted_bounding_box
+                                  "augment.crop_sampler": "tf"})
 PYCIL_DATA = {"augment.enabled": True, "augment.random_resized_crop": True,
               "augment.flip": True, "augment.crop_padding": 0, "augment.crop_scale": (0.05, 1.0),
               "augment.crop_resample": "pil_bilinear", "augment.brightness": 0.0,
@@ -56,14 +59,16 @@ OFFICIAL = {
         "method.pull_constraint": 0.5, "method.use_prompt_mask": True,
         "method.shared_prompt_pool": True,
         "scenario.datasets": ["tfds:cifar10", "tfds:mnist", "tfds:svhn_cropped",
-                              "tfds:not_mnist", "tfds:fashion_mnist"]}),
+                              {"name": "tfds:not_mnist", "train_split": "train[:80%]",
+                               "test_split": "train[80%:]"}, "tfds:fashion_mnist"]}),
     ("dualprompt", "cifar100"): dict(L2P_DATA, **{
         "method.g_prompt_length": 5, "method.g_layers": (0, 1), "method.e_layers": (2, 3, 4),
         "method.e_prompt_length": 5, "method.pull_constraint": 1.0,
         "method.batchwise_prompt": True, "method.batchwise_group": 24,
         "method.prompt_init": "small_uniform", "method.key_init": "small_uniform",
-        "method.head_init": "zeros", "train.batch_size": 192, "train.learning_rate": 0.0225,
-        "train.epochs": 5, "train.schedule": "constant", "train.grad_clip_norm": 1.0}),
+        "method.head_init": "zeros", "train.batch_size": 192, "eval.batch_size": 192,
+        "train.learning_rate": 0.0225, "train.epochs": 5, "train.schedule": "constant",
+        "train.grad_clip_norm": 1.0}),
     ("dualprompt", "imagenet_r"): dict(L2P_DATA, **{
         "method.e_prompt_length": 20, "method.batchwise_prompt": False,
         "train.batch_size": 192, "train.learning_rate": 0.00375, "train.epochs": 50,
@@ -80,6 +85,7 @@ OFFICIAL = {
         "train.epochs": 50, "eval.resize_short": 256, "train.schedule": "coda_cosine"}),
     ("hide_prompt", "cifar100"): dict(OFFICIAL_DATA, **{
         "method.prompt_length": 5, "method.contrastive_weight": 0.1,
+        "method.contrastive_group": 24,
         "method.contrastive_temperature": 0.8, "method.prompt_momentum": 0.01,
         "method.statistics": "multi_centroid", "method.n_centroids": 10,
         "method.align_weight_decay": 0.0, "method.skip_zero_variance": True,
@@ -95,6 +101,7 @@ OFFICIAL = {
         "augment.crop_resample": "pil_bicubic"}),
     ("hide_prompt", "imagenet_r"): dict(OFFICIAL_DATA, **{
         "method.prompt_length": 20, "method.contrastive_weight": 0.5, "train.epochs": 150,
+        "method.contrastive_group": 24,
         "train.schedule": "timm_cosine", "train.min_lr": 1e-5, "backbone.mean": (0.0,),
         "augment.crop_scale": (0.05, 1.0), "augment.brightness": 0.0,
         "dataset.resample": "pil_bicubic", "augment.crop_resample": "pil_bilinear"}),
@@ -203,7 +210,7 @@ def tiny_official_run(name, arg, workdir, **overrides):
     ("hide_prompt", "cifar100", {"method.tii_epochs": 1, "method.tii_align_epochs": 1,
                                  "method.tap_epochs": 1, "method.prompt_layers": (0, 1),
                                  "method.tii_batch_size": 32, "method.n_centroids": 2,
-                                 "train.milestones": (1,)}),
+                                 "train.milestones": (1,), "method.contrastive_group": 8}),
     ("ranpac", "cifar100", {"method.M": 256}),  # PIL crops (bilinear) and tests (bicubic)
 ])
 def test_paper_configs_run_with_their_data_protocol(tmp_path, name, arg, overrides):

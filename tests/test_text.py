@@ -342,6 +342,26 @@ def test_csv_text_datasets_read_the_zhang_et_al_layout(tmp_path):
     scenario = scenarios.build_scenario(c)
     assert [t.classes for t in scenario.tasks] == [(0, 1, 2), (3, 4, 5)]
     assert scenario.class_names()[3:] == ["csv:b:World", "csv:b:Sports", "csv:b:Business"]
+    # an entry's own text: column 2 alone (Amazon's and DBpedia's content in Progressive
+    # Prompts; a row whose column 2 is empty left out), or columns joined by '[SEP]' (Yahoo!
+    # Answers)
+    c.scenario.datasets = [{"name": "csv:a", "data_dir": str(tmp_path), "csv_columns": (2,)},
+                           {"name": "csv:b", "data_dir": str(tmp_path), "csv_columns": (2, 1),
+                            "csv_join": "[SEP]"}]
+    a, b = (task.train_source for task in scenarios.build_scenario(c).tasks)
+    assert a.texts([0, 1, 2]) == ["Reuters - Short-sellers, Wall Street's",
+                                  "body, with a comma", "x"]
+    assert a.labels.tolist() == [2, 0, 1]
+    assert b.texts([1, 2]) == ["body, with a comma[SEP]Title one", "[SEP]Another"]
+    with pytest.raises(ValueError, match=r"train.csv:1: csv_columns \[3\] but the row has 3 "):
+        ts.load_text_source("csv", "train", data_dir=str(tmp_path), csv_columns=(3,))
+    with pytest.raises(ValueError, match="column numbers >= 1"):
+        ts.load_text_source("csv", "train", data_dir=str(tmp_path), csv_columns=(0, 1))
+    with pytest.raises(ValueError, match="'wordnet' is not one"):
+        ts.load_text_source("wordnet", "train", csv_columns=(1,))
+    c.scenario.datasets = [{"name": "csv:a", "data_dir": str(tmp_path), "columns": (2,)}]
+    with pytest.raises(ValueError, match=r"unknown keys \['columns'\]; an entry may hold"):
+        scenarios.build_scenario(c)
 
 
 @pytest.mark.parametrize("order", ["bert_order4", "bert_order5", "bert_order6"])
@@ -352,3 +372,9 @@ def test_progressive_prompts_paper_configs_name_the_official_orders(order):
     assert len(names) == 5 and len(set(names)) == 5 and all(n.startswith("csv:") for n in names)
     assert (c.backbone.max_length, c.train.learning_rate, c.train.batch_size,
             c.train.epochs, c.method.prompt_length) == (451, 3e-5, 8, 50, 10)
+    # the text dataset_utils.py feeds BERT for the script's names (task_to_keys)
+    text = {d["name"]: (d.get("csv_columns"), d.get("csv_join")) for d in c.scenario.datasets}
+    assert text == {"csv:ag_news": (None, None), "csv:yelp_review_full": (None, None),
+                    "csv:amazon_review_full": ((2,), None), "csv:dbpedia": ((2,), None),
+                    "csv:yahoo_answers": ((1, 2, 3), "[SEP]")}
+    assert c.train.eps == 1e-6  # transformers.AdamW's default

@@ -23,11 +23,13 @@ same in both files unless noted; ViT-B/16 ImageNet-21k, ``imagenet21k/ViT-B_16.n
   1.0 (:41; official: the norm of all gradients, ours: of the trainable ones); optimiser
   reset per task (:34); logits outside the current task masked in training (:70);
 * data as in ``l2p.py``: classes in their own order, inputs in [0, 1], images squashed to
-  256 x 256, random-resized crop of area (0.05, 1) to 224 + flip for training, central 224
+  256 x 256, random-resized crop of area (0.05, 1) to 224 (TF's draw of the box,
+  ``augment.crop_sampler='tf'``) + flip for training, central 224
   crop for testing, tanh GELU (flax). ImageNet-R: TFDS ``imagenet_r``'s single split, the
   first 80% for training and the rest for testing (``test[:80%]`` / ``test[80%:]``), as the
   official code reads it. Not reproduced: JPEG re-encoding of training images, the dropped
-  last partial test batch.
+  last partial test batch, the argmax over all classes before the last task and the
+  forgetting over every evaluation (as in ``l2p.py``).
 
 The papers' text was not readable offline; no setting is known to differ from the code, so
 there is no separate paper variant. Published (DualPrompt paper, as the dualprompt-pytorch
@@ -60,11 +62,14 @@ def get_config(arg: str = "split_mnist"):
         c.train.learning_rate = 0.03
         return with_method_defaults(c)
     official_protocol(c, VIT_B16_IN21K, gelu_exact=False, crop_scale=(0.05, 1.0),
-                      resize_short=256, squash=True)
+                      resize_short=256, squash=True, crop_sampler="tf")
     m.prompt_init = m.key_init = "small_uniform"
     m.head_init = "zeros"
     m.batchwise_group = PER_DEVICE_BATCH
     c.train.batch_size = PER_DEVICE_BATCH * OFFICIAL_DEVICES
+    # the official evaluation runs the same 24 per device: the test set votes in the same
+    # consecutive groups of 24 only in batches of whole groups (the benchmark's 256 is not)
+    c.eval.batch_size = PER_DEVICE_BATCH * OFFICIAL_DEVICES
     if arg == "cifar100":
         m.batchwise_prompt = True
         c.train.epochs = 5

@@ -39,7 +39,7 @@
 Not reproduced: the ImageNet-R schedule's floor for the
 head (the head's rate is the prompts' times 0.1, floor included: 1e-6; official: 1e-5 for
 both groups), the prefix reshape without a permute
-and the per-GPU contrastive term (see ``pecft_jax/methods/hide_prompt.py``), the padded
+(see ``pecft_jax/methods/hide_prompt.py``), the padded
 last batches of the distributed sampler, and the ImageNet-R split: the official code splits
 the image folder once with ``torch.utils.data.random_split`` (80/20, global torch seed) and
 moves the files; here TFDS ``imagenet_r``'s first 80% / last 20% are used. The paper's
@@ -96,6 +96,9 @@ def get_config(arg: str = "split_mnist"):
     m.skip_zero_variance = True
     m.head_init = m.tii_init = "trunc_normal"
     c.train.batch_size = OFFICIAL_DEVICES * PER_DEVICE_BATCH
+    # orth_loss on each GPU's 24 features (engines/hide_promtp_wtp_and_tap_engine.py),
+    # gradients averaged over the 8 by DDP (trainers/hideprompt_trainer.py)
+    m.contrastive_group = PER_DEVICE_BATCH
     c.train.learning_rate = 0.03 * PER_DEVICE_BATCH / 256
     c.seed = 42  # the first of the scripts' seeds (42, 40, 44)
     return with_method_defaults(c)

@@ -22,11 +22,19 @@
   that of the trainable ones); optimiser reset per task (:34); logits outside the current
   task masked in training (:69); no weight decay (:44);
 * data: classes in their own order (no shuffle); inputs in [0, 1]; training images squashed
-  to 256 x 256, random-resized crop of area (0.05, 1) and aspect (3/4, 4/3) to 224, flip;
+  to 256 x 256, random-resized crop of area (0.05, 1) and aspect (3/4, 4/3) to 224 drawn as
+  TF's ``sample_distorted_bounding_box`` draws it (``preprocess.py``,
+  ``decode_and_random_resized_crop``: ``augment.crop_sampler='tf'``), flip;
   test images squashed to 256 x 256, central 224 crop (``input_pipeline.py``), all
   resized by TF's bilinear ``tf.image.resize`` (``dataset.resample='bilinear'``); tanh GELU
   (flax ``nn.gelu``). Not reproduced: the JPEG re-encoding of training images, the dropped
   last partial test batch.
+* evaluation: the class-IL prediction is the argmax over the classes seen so far; the
+  official one is over all 100 (``eval_step``), whose unseen columns keep their zero
+  logits (zero initialisation, zero gradient), so an example whose seen logits are all
+  negative counts as wrong there. The final row is unaffected (every class is seen); the
+  earlier rows, and forgetting, can differ. The code's forgetting also takes each task's
+  best over every evaluation, the last included (``metrics.forgetting``'s docstring).
 
 ``cifar100_paper``: the same with the prompt values of the first official release (8cfb210,
 December 2021; the PyTorch port l2p-pytorch keeps them): length 5, top-N 5, pull-constraint
@@ -37,7 +45,9 @@ Fashion-MNIST in the official order, pool 20 (:99), length 10, top-N 4, pull-con
 (:122), the task prompt mask (``use_prompt_mask`` :104: training on task t uses pool
 entries 4t..4t+3 for every example, ``train_continual.py:237-247``) and the copy of the
 previous task's prompts into them (``shared_prompt_pool`` :107, ``train_continual.py:550-570``;
-keys not copied, ``shared_prompt_key`` False :108), the rest as ``cifar100``.
+keys not copied, ``shared_prompt_key`` False :108), notMNIST trained on the first 80% of
+its train split and tested on the last 20% (``libml/input_pipeline.py``, the not_mnist
+branch: ``configs.NOT_MNIST``), the rest as ``cifar100``.
 
 ``imagenet_r``: the ``cifar100`` setting on Split ImageNet-R (the L2P paper has no
 ImageNet-R run; DualPrompt's split, TFDS ``test[:80%]`` / ``test[80%:]``, is used).
@@ -46,8 +56,8 @@ Published (L2P paper, as the l2p-pytorch README's "Paper Results" quotes them; t
 was not readable offline): Split CIFAR-100 average accuracy 83.83, forgetting 7.63;
 5-datasets 81.14 / 4.64. REPRODUCING.md has the commands.
 """
-from pecft_jax.configs import (TEXT_BENCHMARKS, VIT_B16_IN21K, benchmark, config_arg,
-                               official_protocol, with_method_defaults)
+from pecft_jax.configs import (NOT_MNIST, TEXT_BENCHMARKS, VIT_B16_IN21K, benchmark,
+                               config_arg, official_protocol, with_method_defaults)
 
 OFFICIAL_DEVICES = 8    # README.md:66: 8 V100 GPUs or 4 TPUs (8 cores)
 PER_DEVICE_BATCH = 16   # configs/cifar100_l2p.py:25
@@ -75,10 +85,10 @@ def get_config(arg: str = "split_mnist"):
         c.train.learning_rate = 0.03
         return with_method_defaults(c)
     official_protocol(c, VIT_B16_IN21K, gelu_exact=False, crop_scale=(0.05, 1.0),
-                      resize_short=256, squash=True)
+                      resize_short=256, squash=True, crop_sampler="tf")
     if arg == "5datasets":
         c.scenario.datasets = ["tfds:cifar10", "tfds:mnist", "tfds:svhn_cropped",
-                               "tfds:not_mnist", "tfds:fashion_mnist"]
+                               dict(NOT_MNIST), "tfds:fashion_mnist"]
     m.pool_size = 20 if arg == "5datasets" else 10
     m.prompt_length = 5 if arg == "cifar100_paper" else 10
     m.top_k = 5 if arg == "cifar100_paper" else 4

@@ -40,7 +40,10 @@ the authors' pre-split train/test folders; the class order is the official
 ``utils/data_manager.py``'s ``np.random.seed(1993); np.random.permutation`` (``'pycil'``).
 
 Repository tables (``paper_tables/Table_data_main_*.csv``, final average accuracy):
-CIFAR-100 92.2, ImageNet-R 77.9.
+CIFAR-100 92.2, ImageNet-R 77.9 -- the mean of the per-task accuracies after the last task
+(``trainer.py``'s ``ave_acc`` of ``acc_grouped``): ``metrics.average_accuracy`` here, not
+the pooled accuracy PyCIL also logs. Training drops an epoch's last partial batch (the
+official loader keeps it: 8 images a CIFAR epoch at batch 48).
 """
 from pecft_jax.configs import (TEXT_BENCHMARKS, VIT_B16_AUGREG_IN1K, VIT_B16_AUGREG_IN21K,
                                benchmark, pycil_protocol, with_method_defaults)

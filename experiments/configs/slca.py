@@ -24,7 +24,10 @@ defaults: 256 draws per class, lr 0.01, logit normalisation tau 0.1):
 
 Reported: the official README's chart (labelled "Averaged Accuracy", backbone not stated)
 shows CIFAR-100 91.53, ImageNet-R 77.00 -- the values the paper gives, as far as we could
-tell without its text, as last accuracy with the ImageNet-21k backbone (unverified).
+tell without its text, as last accuracy with the ImageNet-21k backbone (unverified). The
+code's accuracy is PyCIL's, over every seen test image at once (``models/base.py``
+``_evaluate``): compare with ``metrics.pooled_accuracy``, not ``average_accuracy`` (the
+mean over tasks; the same on CIFAR-100's equal tasks, not on ImageNet-R's).
 
 Data (official ``utils/data.py:35-65`` ``cifar100_224``, ``:124-149`` ``imagenet-r``):
 training ``RandomResizedCrop(224, interpolation=3)`` (bicubic, scale (0.08, 1)) + flip, on

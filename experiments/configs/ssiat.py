@@ -21,7 +21,11 @@ epochs (the method's defaults), class order ``np.random.seed(1993); np.random.pe
 * ``imagenet_r``: B0 Inc20, 10 tasks.
 
 Reported (official README table, mean +- std over 3 seeds, last / average accuracy):
-ImageNet-R 79.38 +- 0.59 / 83.63 +- 0.43; CIFAR-100 91.35 +- 0.26 / 94.35 +- 0.60.
+ImageNet-R 79.38 +- 0.59 / 83.63 +- 0.43; CIFAR-100 91.35 +- 0.26 / 94.35 +- 0.60. The
+code's accuracy is over every seen test image at once (``utils/toolkit.py``, ``total``),
+averaged over the steps for the second figure: compare with ``metrics.pooled_accuracy``
+and ``pooled_incremental_accuracy`` (equal to the per-task means on CIFAR-100's equal
+tasks, not on ImageNet-R's).
 
 Data (the official ``utils/data.py`` ``build_transform``, set by ``pycil_protocol``):
 training ``RandomResizedCrop(224, scale=(0.05, 1))`` (bilinear) + flip; test and statistics

@@ -33,6 +33,9 @@ _SHUFFLE_STREAM, _AUGMENT_STREAM, _PASS_AUGMENT_STREAM = 1, 2, 3
 # How images are resampled (``Preprocess.resample``): this module's float bilinear, or PIL's
 # filters as torchvision's transforms apply them to PIL images.
 RESAMPLES = ("bilinear", "pil_bilinear", "pil_bicubic")
+# how a random-resized crop's box is drawn: torchvision's RandomResizedCrop.get_params (the
+# PyTorch codes), or TF's sample_distorted_bounding_box (the L2P / DualPrompt JAX code)
+CROP_SAMPLERS = ("torchvision", "tf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,12 @@ class Preprocess:
         ``image_size``: the training transform of the PyTorch prompt-method codes (DualPrompt
         and HiDe-Prompt ports, CODA-Prompt). Excludes ``crop_padding``.
       crop_scale, crop_ratio: the ranges of that crop's area fraction and aspect ratio.
+      crop_sampler: how that crop's box is drawn -- ``'torchvision'`` (above) or ``'tf'``,
+        ``tf.image.sample_distorted_bounding_box`` as the L2P / DualPrompt JAX pipeline calls
+        it (aspect ratio uniform, then the *height* uniform among the integers that keep
+        the area in range, 100 tries, the whole image as the fallback; see
+        :func:`tf_distorted_box`): smaller crops on average than torchvision's area-uniform
+        draw over the same ranges.
       resize_short: unaugmented batches (evaluation, cached features): the shorter side is
         resized to this, keeping the aspect ratio, and the central ``image_size`` square is
         kept -- torchvision's ``Resize(resize_short)`` + ``CenterCrop(image_size)``; None:
@@ -86,6 +95,7 @@ class Preprocess:
     random_resized_crop: bool = False
     crop_scale: tuple = (0.08, 1.0)
     crop_ratio: tuple = (3 / 4, 4 / 3)
+    crop_sampler: str = "torchvision"
     resize_short: int | None = None
     squash: bool = False
     brightness: float = 0.0
@@ -119,6 +129,9 @@ class Preprocess:
                              f"{self.crop_ratio}")
         object.__setattr__(self, "crop_scale", scale)
         object.__setattr__(self, "crop_ratio", ratio)
+        if self.crop_sampler not in CROP_SAMPLERS:
+            raise ValueError(f"crop_sampler must be one of {CROP_SAMPLERS}, got "
+                             f"{self.crop_sampler!r}")
         if self.squash and self.resize_short is None:
             raise ValueError("squash needs resize_short (the side of the square images are "
                              "squashed to, e.g. eval.resize_short=256)")
@@ -197,9 +210,9 @@ def preprocess_images(images: np.ndarray | Sequence[np.ndarray], preprocess: Pre
 
     ``crops`` (``(n, 2)`` offsets into the padded image) and ``flips`` (``(n,)`` bool) apply
     the augmentation; None skips it. ``brightness`` (``(n,)`` factors) scales the pixels.
-    ``draws`` (``(n, 10, 4)`` uniforms) cut random-resized crops instead of resizing; with
-    them, or with ``preprocess.centre_crops``, ``images`` are the originals (a list when
-    their sizes differ).
+    ``draws`` (``(n, CROP_ATTEMPTS[crop_sampler], 4)`` uniforms) cut random-resized crops
+    instead of resizing; with them, or with ``preprocess.centre_crops``, ``images`` are the
+    originals (a list when their sizes differ).
     """
     size = preprocess.image_size
     resample = preprocess.resample if draws is None else preprocess.crop_resample
@@ -245,7 +258,55 @@ def preprocess_images(images: np.ndarray | Sequence[np.ndarray], preprocess: Pre
 # A crop box is (top, left, height, width) in the original image's pixels (floats allowed),
 # plus whether sampling is clamped to the box (a crop that is then resized) or to the image
 # (a resize of the whole image that is then cropped).
-_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries ten boxes before its fallback
+# boxes tried before the fallback: torchvision's RandomResizedCrop ten, TF's
+# sample_distorted_bounding_box max_attempts=100 (its default, which L2P's code keeps)
+CROP_ATTEMPTS = {"torchvision": 10, "tf": 100}
+
+
+def crop_box(preprocess: Preprocess, height: int, width: int, draws: np.ndarray) -> tuple:
+    """The random-resized crop's box on an ``height x width`` image by
+    ``preprocess.crop_sampler``, from ``draws`` (``CROP_ATTEMPTS[sampler]`` rows of 4)."""
+    sample = tf_distorted_box if preprocess.crop_sampler == "tf" else random_resized_box
+    return sample(height, width, draws, preprocess.crop_scale, preprocess.crop_ratio)
+
+
+def tf_distorted_box(height: int, width: int, draws: np.ndarray, scale: tuple,
+                     ratio: tuple) -> tuple[int, int, int, int]:
+    """TF's ``sample_distorted_bounding_box`` (``GenerateRandomCrop`` in
+    ``sample_distorted_bounding_box_op.cc``) with no bounding boxes and
+    ``min_object_covered=0``, as L2P's ``decode_and_random_resized_crop`` calls it
+    (``area_range=scale``, ``aspect_ratio_range=ratio``), with its random numbers given:
+    ``draws`` ``(100, 4)`` uniforms in [0, 1) (aspect ratio, height, top, left for each
+    try). Per try: the aspect ratio ``w/h`` uniform in ``ratio``; the height an integer
+    uniform from the one of the smallest allowed area to the largest that fits; the width
+    ``rint(h * aspect)``; a box off the area range by rounding grows or shrinks by a row,
+    else the try fails. The whole image if every try fails."""
+    min_area, max_area = scale[0] * height * width, scale[1] * height * width
+    for u_ratio, u_height, u_top, u_left in np.asarray(draws, np.float64):
+        aspect = ratio[0] + u_ratio * (ratio[1] - ratio[0])
+        h = int(np.rint(np.sqrt(min_area / aspect)))
+        max_h = int(np.rint(np.sqrt(max_area / aspect)))
+        if np.rint(max_h * aspect) > width:  # the tallest box whose width still fits
+            max_h = int((width + 0.5 - 1e-7) / aspect)
+            if np.rint(max_h * aspect) > width:
+                max_h -= 1
+        max_h = min(max_h, height)
+        h = min(h, max_h)
+        if h < max_h:
+            h += int(u_height * (max_h - h + 1))  # Uniform(max_h - h + 1): [0, max_h - h]
+        w = int(np.rint(h * aspect))
+        if w * h < min_area:
+            h += 1
+            w = int(np.rint(h * aspect))
+        if w * h > max_area:
+            h -= 1
+            w = int(np.rint(h * aspect))
+        if not (min_area <= w * h <= max_area and 0 < w <= width and 0 < h <= height):
+            continue
+        top = int(u_top * (height - h)) if h < height else 0  # Uniform(H - h): [0, H - h)
+        left = int(u_left * (width - w)) if w < width else 0
+        return top, left, h, w
+    return 0, 0, height, width
 
 
 def random_resized_box(height: int, width: int, draws: np.ndarray, scale: tuple,
@@ -319,7 +380,7 @@ def resample_box(image: np.ndarray, box: tuple, size: int, clamp_to_box: bool) -
 def crop_images(images: Sequence[np.ndarray], preprocess: Preprocess,
                 draws: np.ndarray | None = None) -> np.ndarray:
     """Originals of any sizes -> float32 ``(n, S, S, C)``: random-resized crops when
-    ``draws`` (``(n, 10, 4)`` uniforms) are given, else the ``resize_short`` centre crop."""
+    ``draws`` (``(n, attempts, 4)`` uniforms) are given, else the ``resize_short`` centre crop."""
     size = preprocess.image_size
     out = []
     for i, image in enumerate(images):
@@ -328,8 +389,7 @@ def crop_images(images: Sequence[np.ndarray], preprocess: Preprocess,
         side = preprocess.resize_short if preprocess.squash else None
         vh, vw = (side, side) if side else (h, w)
         if draws is not None:
-            box = random_resized_box(vh, vw, draws[i], preprocess.crop_scale,
-                                     preprocess.crop_ratio)
+            box = crop_box(preprocess, vh, vw, draws[i])
         else:
             box = centre_box(vh, vw, preprocess.resize_short, size)
         if side:
@@ -342,8 +402,8 @@ def pil_images(images: Sequence[np.ndarray], preprocess: Preprocess,
                draws: np.ndarray | None = None) -> np.ndarray:
     """Originals of any sizes (uint8 ``(H, W, C)``) -> float32 ``(n, S, S, C)`` with values
     in 0..255, resampled by PIL as torchvision's transforms do on PIL images: with ``draws``
-    (``(n, 10, 4)`` uniforms) ``RandomResizedCrop`` -- the box of
-    ``random_resized_box``, cropped, then resized to ``S x S``; else with
+    (``(n, attempts, 4)`` uniforms) ``RandomResizedCrop`` -- the box of :func:`crop_box`,
+    cropped, then resized to ``S x S``; else with
     ``resize_short`` ``Resize(resize_short)`` + ``CenterCrop(S)``; else ``Resize((S, S))``
     (filters: ``preprocess.crop_resample`` for the crops, ``preprocess.resample`` else)."""
     from PIL import Image  # Pillow: a dependency; imported here so numpy-only runs skip it
@@ -360,8 +420,7 @@ def pil_images(images: Sequence[np.ndarray], preprocess: Preprocess,
         h, w = image.shape[:2]
         pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
         if draws is not None:
-            top, left, bh, bw = random_resized_box(h, w, draws[i], preprocess.crop_scale,
-                                                   preprocess.crop_ratio)
+            top, left, bh, bw = crop_box(preprocess, h, w, draws[i])
             pil = pil.crop((left, top, left + bw, top + bh)).resize((size, size), method)
         elif preprocess.resize_short is not None:
             new_h, new_w, top, left = resize_short_geometry(h, w, preprocess.resize_short, size)
@@ -409,8 +468,8 @@ def _augmentation(preprocess: Preprocess, batch_size: int, mine: slice, seed: tu
     rng = np.random.default_rng([int(v) for v in seed])
     crops = rng.integers(0, 2 * preprocess.crop_padding + 1, size=(batch_size, 2))[mine]
     flips = (rng.random(batch_size) < 0.5)[mine]
-    draws = (rng.random((batch_size, _ATTEMPTS, 4))[mine] if preprocess.random_resized_crop
-             else None)
+    draws = (rng.random((batch_size, CROP_ATTEMPTS[preprocess.crop_sampler], 4))[mine]
+             if preprocess.random_resized_crop else None)
     factors = None
     if preprocess.brightness:
         b = preprocess.brightness

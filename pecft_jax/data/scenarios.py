@@ -289,22 +289,43 @@ def _get(cfg, key: str, default=None):
     return default if value is None else value
 
 
+# what an entry of scenario.domains / scenario.datasets may hold beyond its name: its
+# transforms, its own data_dir and splits (notMNIST has only a train split, which L2P's
+# code cuts 80/20), and, for a 'csv' text dataset, the columns its text comes from
+ENTRY_KEYS = ("name", "transforms", "data_dir", "train_split", "test_split", "csv_columns",
+              "csv_join")
+SOURCE_OPTIONS = ("csv_columns", "csv_join")
+
+
 def parse_domain_spec(spec: Any) -> dict:
-    """A domain entry of ``cfg.scenario.domains`` as ``{'name', 'transforms', 'data_dir'}``.
+    """A domain entry of ``cfg.scenario.domains`` (or ``scenario.datasets``) as a dict of
+    :data:`ENTRY_KEYS` plus ``label`` and ``source_options`` (those of
+    :data:`SOURCE_OPTIONS` it sets, for ``sources.load_source``).
 
     Accepted: ``'mnist5k'``, ``'mnist5k+rotate90+invert'`` (dataset then transforms),
-    or a mapping with ``name`` and optional ``transforms`` (list) and ``data_dir``.
+    or a mapping with ``name`` and optional ``transforms`` (list), ``data_dir``,
+    ``train_split`` / ``test_split`` (this entry's, instead of ``dataset.*_split``) and
+    ``csv_columns`` / ``csv_join``.
     """
     if isinstance(spec, str):
         name, *transforms = spec.split("+")
-        return {"name": name, "transforms": transforms, "data_dir": None, "label": spec}
+        return {"name": name, "transforms": transforms, "data_dir": None, "label": spec,
+                "train_split": None, "test_split": None, "source_options": {}}
     name = _get(spec, "name")
     if not name:
         raise ValueError(f"domain entry {spec!r} has no 'name'; write 'dataset+transform' or "
                          "{'name': ..., 'transforms': [...]}")
+    keys = spec.keys() if hasattr(spec, "keys") else ()
+    unknown = sorted(set(keys) - set(ENTRY_KEYS))
+    if unknown:
+        raise ValueError(f"entry {name!r} of scenario.domains / scenario.datasets has unknown "
+                         f"keys {unknown}; an entry may hold {list(ENTRY_KEYS)}")
     transforms = list(_get(spec, "transforms", []))
     return {"name": name, "transforms": transforms, "data_dir": _get(spec, "data_dir"),
-            "label": "+".join([name] + transforms)}
+            "label": "+".join([name] + transforms),
+            "train_split": _get(spec, "train_split"), "test_split": _get(spec, "test_split"),
+            "source_options": {k: _get(spec, k) for k in SOURCE_OPTIONS
+                               if _get(spec, k) is not None}}
 
 
 def build_scenario(cfg) -> Scenario:
@@ -346,10 +367,12 @@ def build_scenario(cfg) -> Scenario:
         domains, opened = [], {}  # domains built from one dataset share its sources
         for spec in map(parse_domain_spec, specs):
             data_dir = spec["data_dir"] or _get(ds, "data_dir")
-            key = (spec["name"], data_dir)
+            splits = (spec["train_split"] or train_split, spec["test_split"] or test_split)
+            key = (spec["name"], data_dir, splits, repr(sorted(spec["source_options"].items())))
             if key not in opened:
-                opened[key] = tuple(load_source(spec["name"], split, data_dir=data_dir, **options)
-                                    for split in (train_split, test_split))
+                opened[key] = tuple(load_source(spec["name"], split, data_dir=data_dir,
+                                                **options, **spec["source_options"])
+                                    for split in splits)
             train, test = opened[key]
             if spec["transforms"]:
                 train = TransformedSource(train, spec["transforms"])
@@ -374,9 +397,11 @@ def build_scenario(cfg) -> Scenario:
         sequence = []
         for spec in specs:
             data_dir = spec["data_dir"] or _get(ds, "data_dir")
-            sequence.append((spec["label"],
-                             load_source(spec["name"], train_split, data_dir=data_dir, **options),
-                             load_source(spec["name"], test_split, data_dir=data_dir, **options)))
+            sequence.append((spec["label"], *(
+                load_source(spec["name"], split, data_dir=data_dir, **options,
+                            **spec["source_options"])
+                for split in (spec["train_split"] or train_split,
+                              spec["test_split"] or test_split))))
         return dataset_sequence(sequence)
 
     name = _get(ds, "name")

@@ -35,7 +35,7 @@ import gzip
 import importlib.util
 import os
 import zlib
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -719,7 +719,8 @@ def load_image_folder(root: str | None, split: str, *, seed: int = DEFAULT_SPLIT
 def load_source(name: str, split: str, *, data_dir: str | None = None,
                 seed: int = DEFAULT_SPLIT_SEED, test_fraction: float = 0.2,
                 image_key: str = "image", label_key: str = "label",
-                max_per_class: int = 0) -> LabelledSource:
+                max_per_class: int = 0, csv_columns: Optional[Sequence[int]] = None,
+                csv_join: Optional[str] = None) -> LabelledSource:
     """Open split ``split`` of dataset ``name`` (see the module docstring for names, and
     :mod:`pecft_jax.data.text_sources` for the text datasets).
 
@@ -737,12 +738,18 @@ def load_source(name: str, split: str, *, data_dir: str | None = None,
       image_key, label_key: TFDS feature names.
       max_per_class: text datasets: a seeded random subset of at most this many examples
         of each class is split (0 = all).
+      csv_columns, csv_join: a 'csv' text dataset's text columns and their separator
+        (:mod:`pecft_jax.data.text_sources`).
     """
     from pecft_jax.data import text_sources
     if text_sources.is_text_source(name):
         return text_sources.load_text_source(name, split, data_dir=data_dir, seed=seed,
                                              test_fraction=test_fraction,
-                                             max_per_class=max_per_class)
+                                             max_per_class=max_per_class,
+                                             csv_columns=csv_columns, csv_join=csv_join)
+    if csv_columns is not None or csv_join is not None:
+        raise ValueError(f"csv_columns / csv_join choose the text of a 'csv' text dataset; "
+                         f"{name!r} is an image dataset: leave them out of its entry")
     if max_per_class:
         raise ValueError(f"dataset.max_per_class={max_per_class} applies to the text datasets; "
                          f"{name!r} is an image dataset: set it to 0")

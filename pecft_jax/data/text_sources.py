@@ -37,6 +37,9 @@ Names understood by :func:`load_text_source` (and so by ``dataset.name``):
     ``data_dir/train.csv`` and ``data_dir/test.csv``, each row a 1-based class index followed
     by one or more text fields (joined with a space), and optionally ``data_dir/classes.txt``
     (one class name per line). ``<label>`` only names the dataset in logs and sequences.
+    ``csv_columns`` keeps only those columns (numbered as in the file, the class index
+    column 0), joined with ``csv_join``: what a code feeds its model (Progressive Prompts
+    reads Amazon's and DBpedia's content without the title).
     These have official splits; ``max_per_class`` keeps a seeded subset of each class of
     each split.
 
@@ -55,8 +58,9 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.util
+import logging
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -208,14 +212,21 @@ def read_vader(domain: str) -> tuple:
     return tuple(texts), np.asarray(ratings, np.float64)
 
 
-def read_text_csv(path: str) -> tuple:
+def read_text_csv(path: str, columns: Optional[Sequence[int]] = None,
+                  join: str = " ") -> tuple:
     """``(texts, 0-based labels)`` of a Zhang et al. (2015) CSV file (see the module
-    docstring): the first field a 1-based class index, the others text."""
+    docstring): the first field a 1-based class index, the others text -- all of them, or
+    those of ``columns`` (numbers >= 1, in that order), joined with ``join``; rows whose
+    chosen columns are all empty are left out (counted in a warning)."""
+    if columns is not None and (not columns or any(
+            not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in columns)):
+        raise ValueError(f"csv_columns must be text column numbers >= 1 (column 0 is the "
+                         f"class index), got {columns!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: a 'csv' text dataset needs "
                                 f"dataset.data_dir holding train.csv and test.csv (rows: "
                                 f"1-based class index, text fields)")
-    texts, labels = [], []
+    texts, labels, empty = [], [], 0
     with open(path, encoding="utf-8", newline="") as handle:
         for number, row in enumerate(csv.reader(handle), 1):
             if not row:
@@ -225,7 +236,17 @@ def read_text_csv(path: str) -> tuple:
             except ValueError:
                 raise ValueError(f"{path}:{number}: the first field {row[0][:20]!r} is not a "
                                  f"class index") from None
-            text = " ".join(" ".join(f.replace("\\n", " ").split()) for f in row[1:]).strip()
+            if columns is not None and max(columns) >= len(row):
+                raise ValueError(f"{path}:{number}: csv_columns {list(columns)} but the row has "
+                                 f"{len(row)} columns (0..{len(row) - 1})")
+            fields = row[1:] if columns is None else [row[c] for c in columns]
+            text = join.join(" ".join(f.replace("\\n", " ").split()) for f in fields).strip()
+            if columns is not None and label >= 1 and not text:
+                # the chosen columns may be empty in a row (a review with a title only): a
+                # text source holds no empty example, so the row is left out (the official
+                # code would train on a bare [CLS] [SEP])
+                empty += 1
+                continue
             if label < 1 or not text:
                 raise ValueError(f"{path}:{number}: expected a class index >= 1 and text, got "
                                  f"{row[:2]!r}")
@@ -233,18 +254,23 @@ def read_text_csv(path: str) -> tuple:
             labels.append(label - 1)
     if not texts:
         raise ValueError(f"{path} holds no rows")
+    if empty:
+        logging.warning("%s: %d rows have no text in columns %s: left out", path, empty,
+                        list(columns))
     return texts, np.asarray(labels, np.int64)
 
 
 def load_text_csv(data_dir: str | None, split: str, *, name: str, seed: int,
-                  max_per_class: int) -> TextSource:
-    """Split ``split`` ('train' / 'test') of a CSV text dataset under ``data_dir``."""
+                  max_per_class: int, columns: Optional[Sequence[int]] = None,
+                  join: str = " ") -> TextSource:
+    """Split ``split`` ('train' / 'test') of a CSV text dataset under ``data_dir``
+    (``columns``, ``join``: :func:`read_text_csv`'s)."""
     if not data_dir:
         raise ValueError(f"dataset {name!r} needs dataset.data_dir (the folder of train.csv "
                          f"and test.csv)")
     if split not in ("train", "test"):
         raise ValueError(f"{name} has the splits 'train' and 'test' (its files), not {split!r}")
-    texts, labels = read_text_csv(os.path.join(data_dir, f"{split}.csv"))
+    texts, labels = read_text_csv(os.path.join(data_dir, f"{split}.csv"), columns, join)
     names_file = os.path.join(data_dir, "classes.txt")
     if os.path.isfile(names_file):
         with open(names_file, encoding="utf-8") as handle:
@@ -285,9 +311,15 @@ def _split(texts: Sequence[str], labels: np.ndarray, *, name: str, split: str,
 
 def load_text_source(name: str, split: str, *, data_dir: str | None = None,
                      seed: int = DEFAULT_SPLIT_SEED, test_fraction: float = 0.2,
-                     max_per_class: int = 0) -> TextSource:
+                     max_per_class: int = 0, csv_columns: Optional[Sequence[int]] = None,
+                     csv_join: Optional[str] = None) -> TextSource:
     """Split ``split`` ('train', 'test', 'all') of the text dataset ``name`` (see the module
-    docstring). ``data_dir`` is WordNet's database folder (default ``/usr/share/wordnet``)."""
+    docstring). ``data_dir`` is WordNet's database folder (default ``/usr/share/wordnet``).
+    ``csv_columns`` / ``csv_join``: the text a CSV dataset's rows give (module docstring)."""
+    is_csv = name == "csv" or name.startswith("csv:")
+    if not is_csv and (csv_columns is not None or csv_join is not None):
+        raise ValueError(f"csv_columns / csv_join choose the text of a 'csv' dataset; "
+                         f"{name!r} is not one: leave them out of its entry")
     options = dict(split=split, seed=seed, test_fraction=test_fraction,
                    max_per_class=max_per_class)
     if name == "wordnet":
@@ -311,6 +343,8 @@ def load_text_source(name: str, split: str, *, data_dir: str | None = None,
         labels = (ratings[rows] > 0).astype(np.int64)
         return _split([texts[i] for i in rows.tolist()], labels, name=name,
                       class_names=VADER_CLASSES, **options)
-    if name == "csv" or name.startswith("csv:"):
-        return load_text_csv(data_dir, split, name=name, seed=seed, max_per_class=max_per_class)
+    if is_csv:
+        return load_text_csv(data_dir, split, name=name, seed=seed, max_per_class=max_per_class,
+                             columns=None if csv_columns is None else tuple(csv_columns),
+                             join=" " if csv_join is None else csv_join)
     raise ValueError(f"unknown text dataset {name!r}; known: {', '.join(KNOWN_TEXT_SOURCES)}")

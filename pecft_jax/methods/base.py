@@ -514,6 +514,16 @@ class Method:
         set in batches of its own, as the official code's per-task loaders do."""
         return False
 
+    @property
+    def batch_groups(self) -> Mapping[str, Tuple[int, str]]:
+        """``{'train.batch_size' | 'eval.batch_size': (G, option)}`` where the method
+        computes in groups of ``G`` consecutive examples of a batch, as the official code
+        does on each device's share of it (L2P / DualPrompt's batch-wise vote, HiDe-Prompt's
+        contrastive term per GPU), ``G`` set by the method config's ``option``: the trainer
+        refuses a batch size that is not a multiple of ``G``, which would cut a group short
+        and shift every later one. Empty: no groups."""
+        return {}
+
     def __init__(self, config: Any, backbone: Backbone, num_classes: int, num_tasks: int):
         self.config = parse_config(self.Config, config, "config.method")
         self.backbone = backbone

@@ -22,7 +22,7 @@ while task t trains; the optimiser is fresh per task, so the other entries stay 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +144,12 @@ class DualPrompt(Method):
     @property
     def predictions_depend_on_batch(self) -> bool:
         return self.config.batchwise_prompt
+
+    @property
+    def batch_groups(self) -> Mapping[str, Tuple[int, str]]:
+        group = (self.config.batchwise_group, "method.batchwise_group")
+        return ({"train.batch_size": group, "eval.batch_size": group}
+                if self.config.batchwise_prompt and group[0] else {})
 
     def _logits(self, trainable, frozen, images, idx):
         feature = prompted_cls_token(self.backbone, frozen, images, self.context(trainable, idx))

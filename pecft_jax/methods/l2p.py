@@ -21,6 +21,7 @@ Trainable: prompts, keys and the head. Everything of the backbone stays frozen.
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,12 @@ class L2P(Method):
     @property
     def predictions_depend_on_batch(self) -> bool:
         return self.config.batchwise_prompt
+
+    @property
+    def batch_groups(self) -> Mapping[str, Tuple[int, str]]:
+        group = (self.config.batchwise_group, "method.batchwise_group")
+        return ({"train.batch_size": group, "eval.batch_size": group}
+                if self.config.batchwise_prompt and group[0] else {})
 
     def init(self, rng, frozen):
         c = self.config

@@ -167,6 +167,22 @@ def check_modality(scenario: scenarios.Scenario, backbone: Any) -> None:
                     f"image datasets with a ViT")
 
 
+
+def check_batch_groups(method: Method, batch_sizes: Mapping[str, int]) -> None:
+    """Groups of ``method.batch_groups`` examples (the official code's per-device batch)
+    are the official groups only where every batch holds whole groups: a DualPrompt eval
+    batch of 256 with votes in groups of 24 would end in a group of 16 and shift every
+    later group of the task's test set against the official ones."""
+    for field, (group, option) in method.batch_groups.items():
+        size = batch_sizes[field]
+        if size % group:
+            raise ValueError(
+                f"{field}={size} is not a multiple of {method.name}'s groups of {group} "
+                f"examples (the official per-device batch, {option}={group}): the last "
+                f"group of every batch would be cut short; set --config.{field} to a "
+                f"multiple of {group} (e.g. {max(group, size // group * group)}), or "
+                f"{option}=0 for one group per batch")
+
 class ContinualTrainer:
     """Holds the run's static pieces (mesh, backbone, scenario, method) and runs tasks."""
 
@@ -216,6 +232,8 @@ class ContinualTrainer:
         self.tasks = self.training_tasks()
         self.method: Method = create_method(config.method.name, config.method, self.backbone,
                                             self.scenario.num_classes, len(self.tasks))
+        check_batch_groups(self.method, {"train.batch_size": self.batch_size,
+                                         "eval.batch_size": self.eval_batch_size})
         if self.future_tasks and not self.method.scores_unlearnt_classes:
             raise ValueError(f"eval.future_tasks with {self.method.name}: its logits mask the "
                              f"classes of tasks not learnt yet, so the accuracy on a future task "
@@ -1045,6 +1063,7 @@ class ContinualTrainer:
             random_resized_crop=aug.get("random_resized_crop", False),
             crop_scale=tuple(aug.get("crop_scale", (0.08, 1.0))),
             crop_ratio=tuple(aug.get("crop_ratio", (3 / 4, 4 / 3))),
+            crop_sampler=aug.get("crop_sampler", "torchvision"),
             brightness=float(aug.get("brightness", 0.0)),
             resize_short=self.config.eval.get("resize_short", None),
             squash=self.config.eval.get("squash", False),
@@ -1264,10 +1283,13 @@ def _base_optimizer(train_cfg: ml_collections.ConfigDict,
                     schedule: Any) -> optax.GradientTransformation:
     name = train_cfg.get("optimizer", "adam")
     weight_decay = float(train_cfg.get("weight_decay", 0.0) or 0.0)
+    # Adam's moments and epsilon (PyTorch's and optax's defaults; transformers.AdamW: 1e-6)
+    adam = dict(b1=train_cfg.get("b1", 0.9), b2=train_cfg.get("b2", 0.999),
+                eps=train_cfg.get("eps", 1e-8))
     if name == "adam":
-        opt = optax.adam(schedule, b1=train_cfg.get("b1", 0.9), b2=train_cfg.get("b2", 0.999))
+        opt = optax.adam(schedule, **adam)
     elif name == "adamw":
-        opt = optax.adamw(schedule, weight_decay=weight_decay)
+        opt = optax.adamw(schedule, weight_decay=weight_decay, **adam)
     elif name == "sgd":
         opt = optax.sgd(schedule, momentum=train_cfg.get("momentum", None) or None)
     else:
