@@ -48,6 +48,13 @@ def base_config() -> ml_collections.ConfigDict:
     # XLA_FLAGS (--xla_force_host_platform_device_count) or jax_num_cpu_devices sets a
     # count. No effect on GPU/TPU runs. The embedded demos (benchmark() below) use 2.
     c.host_devices = 0
+    # JAX's default precision of float32 matmuls for everything a run traces (its steps,
+    # the methods' passes between tasks, evaluation): 'default' lets a GPU use TF32 (10-bit
+    # mantissas) and a TPU one bf16 pass, where PyTorch's float32 matmuls are exact on GPU
+    # (torch.backends.cuda.matmul.allow_tf32 is False since 1.12); 'highest' (or
+    # 'float32') for float32 throughout, as the PyTorch codes compute; no effect on a CPU,
+    # whose float32 matmuls are exact either way. bf16 compute: backbone.dtype instead.
+    c.matmul_precision = "default"
     # Multi-process (multi-host) runs: `enabled`, or a coordinator address, makes every
     # process call jax.distributed.initialize; without the three addresses JAX reads the
     # cluster (SLURM, TPU VMs, Open MPI, JAX_COORDINATOR_ADDRESS); JAX_NUM_PROCESSES and
@@ -195,7 +202,10 @@ EXECUTION_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "trai
                   "train.read_threads", "train.read_processes",
                   "train.on_nonfinite", "progress_bar", "compilation_cache_dir",
                   "feature_cache.enabled", "feature_cache.max_bytes", "eval.batch_size",
-                  "num_devices", "host_devices", "distributed", "wandb")
+                  "num_devices", "host_devices", "distributed", "wandb", "matmul_precision")
+
+# what matmul_precision may name (jax.default_matmul_precision's names)
+MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
 # what train.schedule may name (built by train/loop.py's make_base_optimizer)
 SCHEDULES = ("constant", "cosine", "cosine_epochs", "multistep_epochs", "coda_cosine",
@@ -219,6 +229,7 @@ _RANGES = (
      "None or a number in (0, 1)"),
     ("num_devices", lambda v: v is None or (_is_int(v) and v >= 1),
      "None (every local device) or an int >= 1"),
+    ("matmul_precision", lambda v: v in MATMUL_PRECISIONS, f"one of {MATMUL_PRECISIONS}"),
     ("host_devices", lambda v: _is_int(v) and v >= 0,
      "an int >= 0 (0 = XLA's one device for the CPU host)"),
     ("scenario.num_tasks", lambda v: _is_int(v) and v >= 1, "an int >= 1"),

@@ -713,3 +713,31 @@ def test_one_compiled_update_serves_tasks_of_any_length(schedule):
         traced = jax.jit(lambda c, *n: jax.vmap(schedule_of_lengths(cfg, n))(c))(
             counts, *(jnp.int32(n) for n in lengths))
         np.testing.assert_array_equal(np.asarray(traced), np.asarray(constant))
+
+
+def test_matmul_precision_is_the_precision_every_traced_pass_sees(tmp_path, monkeypatch):
+    """matmul_precision='highest': the train step's loss and the evaluation's logits are
+    traced under it (on a GPU, float32 matmuls without TF32); the default leaves JAX's
+    own; a name JAX does not know is refused before anything runs."""
+    seen = {}
+
+    def spy(name, original):
+        def wrapped(self, *args, **kwargs):
+            seen.setdefault(name, set()).add(jax.config.jax_default_matmul_precision)
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(Finetune, name, wrapped)
+
+    for name in ("loss", "logits"):
+        spy(name, getattr(Finetune, name))
+    c = tiny_config("finetune")
+    c.scenario.num_tasks = 2
+    c.matmul_precision = "highest"
+    train_and_evaluate(c, str(tmp_path / "highest"))
+    assert seen == {"loss": {"highest"}, "logits": {"highest"}}
+    seen.clear()
+    c.matmul_precision = "default"
+    train_and_evaluate(c, str(tmp_path / "default"))
+    assert seen == {"loss": {None}, "logits": {None}}
+    c.matmul_precision = "fp32"
+    with pytest.raises(ValueError, match=r"config matmul_precision must be one of .*'highest'"):
+        train_and_evaluate(c, str(tmp_path / "bad"))

@@ -15,6 +15,7 @@ what the uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -183,6 +184,20 @@ def check_batch_groups(method: Method, batch_sizes: Mapping[str, int]) -> None:
                 f"multiple of {group} (e.g. {max(group, size // group * group)}), or "
                 f"{option}=0 for one group per batch")
 
+def under_matmul_precision(method: Callable) -> Callable:
+    """A trainer method run under the config's ``matmul_precision``: JAX's default precision
+    of float32 matmuls for everything it traces (a compiled program keeps the precision it
+    was traced with, and JAX's caches key on it)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        precision = self.config.get("matmul_precision", "default")
+        if precision == "default":
+            return method(self, *args, **kwargs)
+        with jax.default_matmul_precision(precision):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class ContinualTrainer:
     """Holds the run's static pieces (mesh, backbone, scenario, method) and runs tasks."""
 
@@ -265,6 +280,7 @@ class ContinualTrainer:
         self._stop_signal: Optional[int] = None  # SIGTERM / SIGINT received (see run)
 
     # ====================================================================== the run
+    @under_matmul_precision
     def run(self) -> dict:
         previous = self._catch_stop_signals()
         try:
@@ -624,6 +640,7 @@ class ContinualTrainer:
         return per_epoch * epochs
 
     # ===================================================================== evaluation
+    @under_matmul_precision
     def evaluate(self, run: RunState, t: int, split: str = "test",
                  predictions: bool = False, future: bool = False) -> Dict[str, Any]:
         """Accuracy (%) on the test data of tasks 0..t (all tasks for joint training), read
