@@ -202,7 +202,7 @@ EXECUTION_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "trai
                   "train.read_threads", "train.read_processes",
                   "train.on_nonfinite", "progress_bar", "compilation_cache_dir",
                   "feature_cache.enabled", "feature_cache.max_bytes", "eval.batch_size",
-                  "num_devices", "host_devices", "distributed", "wandb", "matmul_precision")
+                  "num_devices", "host_devices", "distributed", "wandb")
 
 # what matmul_precision may name (jax.default_matmul_precision's names)
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
@@ -343,7 +343,8 @@ def flatten_config(tree: collections.abc.Mapping, keep_empty: bool = True,
 # Keys added after runs were checkpointed, with the value that reproduces those runs: at
 # that value a key is left out of the config hash, so checkpoints written before it existed
 # still resume (loop.config_hash); set otherwise it is part of the run's identity.
-HASHED_ONLY_WHEN_SET = {"eval.future_tasks": False, "eval.fwt_reference": ""}
+HASHED_ONLY_WHEN_SET = {"eval.future_tasks": False, "eval.fwt_reference": "",
+                        "augment.crop_sampler": "torchvision", "matmul_precision": "default"}
 
 
 def check_wandb_installed(config: ml_collections.ConfigDict) -> None:
@@ -609,7 +610,9 @@ def official_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
     c.augment.flip = True
     c.augment.random_resized_crop = True
     c.augment.crop_scale = tuple(crop_scale)
-    c.augment.crop_ratio = (3 / 4, 4 / 3)
+    # TF's sample_distorted_bounding_box defaults to aspect_ratio_range=(0.75, 1.33), which
+    # L2P's call keeps; torchvision's RandomResizedCrop to (3/4, 4/3)
+    c.augment.crop_ratio = (0.75, 1.33) if crop_sampler == "tf" else (3 / 4, 4 / 3)
     c.augment.crop_sampler = crop_sampler
     c.augment.brightness = float(brightness)
     c.augment.crop_resample = crop_resample

@@ -44,7 +44,8 @@ def evaluate_checkpoint(workdir: str, task: Optional[int] = None, split: str = "
     # a multi-process run's checkpoints are whole on disk: one process evaluates them
     config = one_process(load_run_config(workdir))
     # a run trained with cuDNN's attention is evaluated with XLA's off an NVIDIA GPU
-    trainer = ContinualTrainer(config, workdir, write_metrics=False, attention_fallback=True)
+    trainer = ContinualTrainer(config, workdir, write_metrics=False, attention_fallback=True,
+                               evaluating=True)
     try:
         saved = trainer.checkpointer.task_steps()
         if not saved:

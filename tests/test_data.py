@@ -620,12 +620,12 @@ def test_random_resized_box_follows_torchvision_rules():
 
 def test_tf_distorted_box_follows_tensorflows_rules():
     """TF's sample_distorted_bounding_box as L2P's code calls it (area (0.05, 1), aspect
-    (3/4, 4/3), no boxes): a worked example of GenerateRandomCrop's steps; the aspect ratio
+    (0.75, 1.33), no boxes): a worked example of GenerateRandomCrop's steps; the aspect ratio
     uniform (not log-uniform) and the height uniform over the allowed integers, so the mean
     area is that of a direct enumeration of those heights -- and smaller than
     torchvision's area-uniform draw on the same ranges; the whole image as the fallback."""
-    scale, ratio = (0.05, 1.0), (3 / 4, 4 / 3)
-    # aspect 1.0417; heights 56 (rint sqrt(0.05 * 256^2 / a)) .. 246 (the tallest whose
+    scale, ratio = (0.05, 1.0), (0.75, 1.33)  # TF's default aspect_ratio_range
+    # aspect 1.04; heights 56 (rint sqrt(0.05 * 256^2 / a)) .. 246 (the tallest whose
     # width rint(h a) fits in 256); the draw 0.5 picks 56 + int(0.5 * 191) = 151, width
     # rint(151 a) = 157, top int(0.5 * 105), left int(0.5 * 99)
     assert pipeline.tf_distorted_box(256, 256, np.full((100, 4), 0.5), scale, ratio) == \
@@ -637,7 +637,7 @@ def test_tf_distorted_box_follows_tensorflows_rules():
     assert np.all((top >= 0) & (top + h <= 256) & (left >= 0) & (left + w <= 256))
     area = h * w / 256 ** 2
     assert area.min() >= 0.05 and area.max() <= 1.0
-    assert abs(np.mean(w / h) - np.mean(ratio)) < 0.006  # uniform aspect: mean 1.0417
+    assert abs(np.mean(w / h) - np.mean(ratio)) < 0.006  # uniform aspect: mean 1.04
     expected = []  # each aspect's heights, enumerated, averaged over a grid of aspects
     for a in np.linspace(*ratio, 2001):
         low = int(np.rint(np.sqrt(0.05 * 256 ** 2 / a)))

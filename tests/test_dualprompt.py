@@ -2,6 +2,8 @@
 selection against numpy, gradient routing, the E-prompt hand-over between tasks, an end-to-end
 run, and the paper configuration's exact trainable-parameter count."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -205,7 +207,8 @@ def test_bad_configuration_fails_clearly():
         make_method(e_layers=(2, 7))
 
 
-def test_a_batch_that_cuts_a_vote_group_short_is_refused_before_anything_trains(tmp_path):
+def test_a_batch_that_cuts_a_vote_group_short_is_refused_before_anything_trains(tmp_path,
+                                                                                   caplog):
     """The batch-wise vote runs in groups of batchwise_group consecutive examples (the
     official per-device batch): an eval batch of 64 with groups of 24 would end in a group
     of 16 and shift the groups after it, so the trainer refuses it with the fix; a multiple
@@ -226,3 +229,8 @@ def test_a_batch_that_cuts_a_vote_group_short_is_refused_before_anything_trains(
     with pytest.raises(ValueError, match=r"train.batch_size=200 .*method.batchwise_group=0"):
         check_batch_groups(make_method(batchwise_prompt=True, batchwise_group=24),
                            {"train.batch_size": 200, "eval.batch_size": 192})
+    # evaluating a saved run, whose config cannot change: a warning, the eval batch only
+    with caplog.at_level(logging.WARNING, logger="pecft_jax"):
+        check_batch_groups(make_method(batchwise_prompt=True, batchwise_group=24),
+                           {"eval.batch_size": 256}, refuse=False)
+    assert "eval.batch_size=256 is not a multiple" in caplog.text

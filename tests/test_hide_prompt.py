@@ -77,7 +77,8 @@ def test_contrastive_term_per_official_gpu_share():
     """contrastive_group=3: the loss's regulariser is the mean of the official formula over
     rows 0-2 and rows 3-5 of the batch (each GPU's share; DDP averages them), not the
     formula over all six rows, which is what the default (0) computes; a train batch that
-    is not a multiple of 3 is refused by the trainer (the method asks for it)."""
+    is not a multiple of 3 is refused (the trainer's check of what the method asks), the
+    eval batch left free."""
     # the features are LayerNorm outputs of squared norm 32 (the width): at a temperature of
     # that order the term is far from 0 (at the paper's 0.8 it is ~1e-6)
     t = 50.0
@@ -85,6 +86,10 @@ def test_contrastive_term_per_official_gpu_share():
     whole, _ = micro_method(contrastive_temperature=t)
     assert grouped.batch_groups == {"train.batch_size": (3, "method.contrastive_group")}
     assert whole.batch_groups == {}
+    from pecft_jax.train.loop import check_batch_groups
+    with pytest.raises(ValueError, match=r"train.batch_size=32 .*contrastive_group=3"):
+        check_batch_groups(grouped, {"train.batch_size": 32, "eval.batch_size": 64})
+    check_batch_groups(grouped, {"train.batch_size": 30, "eval.batch_size": 64})
     trainable, state = grouped.init(jax.random.key(0), frozen)
     cfg = grouped.backbone.config
     images = jax.random.normal(jax.random.key(1), (6, cfg.image_size, cfg.image_size,

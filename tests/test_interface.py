@@ -716,9 +716,13 @@ def test_one_compiled_update_serves_tasks_of_any_length(schedule):
 
 
 def test_matmul_precision_is_the_precision_every_traced_pass_sees(tmp_path, monkeypatch):
-    """matmul_precision='highest': the train step's loss and the evaluation's logits are
-    traced under it (on a GPU, float32 matmuls without TF32); the default leaves JAX's
-    own; a name JAX does not know is refused before anything runs."""
+    """matmul_precision='highest': the train step's loss, the method's after-task work and
+    the evaluation's logits -- in the run and in pecft_jax.evaluate of its checkpoint --
+    see it (on a GPU, float32 matmuls without TF32); the default leaves JAX's own; a name
+    JAX does not know is refused before anything runs; the setting is part of the config
+    hash only when set (older runs resume)."""
+    from pecft_jax.evaluate import evaluate_checkpoint
+    from pecft_jax.train.loop import config_hash
     seen = {}
 
     def spy(name, original):
@@ -727,17 +731,26 @@ def test_matmul_precision_is_the_precision_every_traced_pass_sees(tmp_path, monk
             return original(self, *args, **kwargs)
         monkeypatch.setattr(Finetune, name, wrapped)
 
-    for name in ("loss", "logits"):
+    for name in ("loss", "logits", "after_task"):
         spy(name, getattr(Finetune, name))
     c = tiny_config("finetune")
     c.scenario.num_tasks = 2
     c.matmul_precision = "highest"
     train_and_evaluate(c, str(tmp_path / "highest"))
-    assert seen == {"loss": {"highest"}, "logits": {"highest"}}
+    assert seen == {"loss": {"highest"}, "logits": {"highest"}, "after_task": {"highest"}}
+    seen.clear()
+    evaluate_checkpoint(str(tmp_path / "highest"))
+    assert seen == {"logits": {"highest"}}
     seen.clear()
     c.matmul_precision = "default"
     train_and_evaluate(c, str(tmp_path / "default"))
-    assert seen == {"loss": {None}, "logits": {None}}
+    assert seen == {"loss": {None}, "logits": {None}, "after_task": {None}}
+    unset, highest = tiny_config("finetune"), tiny_config("finetune")
+    del unset["matmul_precision"]  # a config from before the option existed
+    highest.matmul_precision = "highest"
+    for config in (unset, highest):
+        config.scenario.num_tasks = 2
+    assert config_hash(unset) == config_hash(c) != config_hash(highest)
     c.matmul_precision = "fp32"
     with pytest.raises(ValueError, match=r"config matmul_precision must be one of .*'highest'"):
         train_and_evaluate(c, str(tmp_path / "bad"))

@@ -33,7 +33,8 @@ L2P_DATA = dict(OFFICIAL_DATA, **{"backbone.mean": (0.0,), "backbone.std": (1.0,
                                   "backbone.checkpoint": "weights/ViT-B_16.npz",
                                   "dataset.resample": "bilinear",  # tf.image.resize
                                   # tf.image.stateless_sample_distorted_bounding_box
-                                  "augment.crop_sampler": "tf"})
+                                  "augment.crop_sampler": "tf",
+                                  "augment.crop_ratio": (0.75, 1.33)})
 PYCIL_DATA = {"augment.enabled": True, "augment.random_resized_crop": True,
               "augment.flip": True, "augment.crop_padding": 0, "augment.crop_scale": (0.05, 1.0),
               "augment.crop_resample": "pil_bilinear", "augment.brightness": 0.0,

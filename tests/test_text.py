@@ -353,6 +353,13 @@ def test_csv_text_datasets_read_the_zhang_et_al_layout(tmp_path):
                                   "body, with a comma", "x"]
     assert a.labels.tolist() == [2, 0, 1]
     assert b.texts([1, 2]) == ["body, with a comma[SEP]Title one", "[SEP]Another"]
+    assert a.origin_indices.tolist() == [0, 1, 3]  # the file's rows, the empty one skipped
+    with open(tmp_path / "train.csv", "a", newline="") as f:  # nothing in either column
+        csv_lib.writer(f, quoting=csv_lib.QUOTE_ALL).writerow(("1", "", ""))
+    joined = ts.load_text_source("csv", "train", data_dir=str(tmp_path), csv_columns=(1, 2),
+                                 csv_join="[SEP]")
+    assert joined.texts([0, 1, 2, 3])[2:] == ["Another[SEP]", "Only title[SEP]x"]
+    assert len(joined) == 4  # the fifth row, empty in both columns, is not "[SEP]"
     with pytest.raises(ValueError, match=r"train.csv:1: csv_columns \[3\] but the row has 3 "):
         ts.load_text_source("csv", "train", data_dir=str(tmp_path), csv_columns=(3,))
     with pytest.raises(ValueError, match="column numbers >= 1"):

@@ -22,7 +22,7 @@
   that of the trainable ones); optimiser reset per task (:34); logits outside the current
   task masked in training (:69); no weight decay (:44);
 * data: classes in their own order (no shuffle); inputs in [0, 1]; training images squashed
-  to 256 x 256, random-resized crop of area (0.05, 1) and aspect (3/4, 4/3) to 224 drawn as
+  to 256 x 256, random-resized crop of area (0.05, 1) and aspect (0.75, 1.33) to 224 drawn as
   TF's ``sample_distorted_bounding_box`` draws it (``preprocess.py``,
   ``decode_and_random_resized_crop``: ``augment.crop_sampler='tf'``), flip;
   test images squashed to 256 x 256, central 224 crop (``input_pipeline.py``), all

@@ -24,7 +24,10 @@ News, Yelp, Amazon, Yahoo! Answers and DBpedia (Zhang et al.'s CSVs, which you p
 (``--select_k_per_class``; here also at most 2,000 test examples per class, where the
 official code evaluates 300), texts of 450 tokens after [CLS] (``--seq_len``), prompts of
 10 tokens, no MLP (the script passes no ``--prefix_MLP``), AdamW lr 3e-5, weight decay 0.01,
-epsilon 1e-6 (``transformers.AdamW``'s default, which ``model_utils.py:176`` keeps), 1,000
+epsilon 1e-6 (``transformers.AdamW``'s default, which ``model_utils.py:176`` keeps; it adds
+epsilon to the root of the uncorrected second moment, an effective ``1e-6 /
+sqrt(1 - 0.999^t)`` after bias correction -- 3.2e-5 at the first step, 1.3e-6 at the
+thousandth -- where optax, as PyTorch's Adam, adds 1e-6 after it), 1,000
 warm-up steps then constant (``model_utils.py:172-177``), batch 8 (``train_cl2.py:135-140``),
 50 epochs (``--num_epochs``), without the official early stopping on a validation split.
 The text of each row is what ``dataset_utils.py`` feeds BERT for the script's task names
@@ -33,8 +36,8 @@ DBpedia's rows (``task_to_keys``: ``("content", None)``, the title dropped), and
 Answers' title, question and best answer joined by ``[SEP]`` (its
 ``yahoo_answers_topics`` branch; the official code also drops the rows its ``good_id``
 files list as empty, which are not reproduced; here a row whose chosen columns are all
-empty is left out, where the official code would tokenize it). Read the task-IL accuracy
-matrix: that is the paper's protocol.
+empty is left out: pandas reads such cells as missing values, which the official code
+does not handle). Read the task-IL accuracy matrix: that is the paper's protocol.
 
 The official optimiser runs once for the whole sequence; here each task gets its own, so
 (a) the warm-up restarts with every task, and (b) a later task's prompt takes its first

@@ -67,6 +67,8 @@ import numpy as np
 from pecft_jax.data.sources import DEFAULT_SPLIT_SEED, split_rows
 from pecft_jax.data.text import TextSource
 
+log = logging.getLogger("pecft_jax")
+
 WORDNET_DIR = "/usr/share/wordnet"
 WORDNET_POS = ("noun", "verb", "adj", "adv")
 # lexnames(5): the lexicographer file of each lex_filenum (WordNet 3.0), in order.
@@ -214,10 +216,11 @@ def read_vader(domain: str) -> tuple:
 
 def read_text_csv(path: str, columns: Optional[Sequence[int]] = None,
                   join: str = " ") -> tuple:
-    """``(texts, 0-based labels)`` of a Zhang et al. (2015) CSV file (see the module
+    """``(texts, 0-based labels, rows)`` of a Zhang et al. (2015) CSV file (see the module
     docstring): the first field a 1-based class index, the others text -- all of them, or
-    those of ``columns`` (numbers >= 1, in that order), joined with ``join``; rows whose
-    chosen columns are all empty are left out (counted in a warning)."""
+    those of ``columns`` (numbers >= 1, in that order), joined with ``join``. Rows whose
+    chosen columns are all empty are left out (counted in a warning); ``rows`` are the
+    kept ones' positions among the file's rows (blank lines not counted)."""
     if columns is not None and (not columns or any(
             not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in columns)):
         raise ValueError(f"csv_columns must be text column numbers >= 1 (column 0 is the "
@@ -226,11 +229,12 @@ def read_text_csv(path: str, columns: Optional[Sequence[int]] = None,
         raise FileNotFoundError(f"{path} does not exist: a 'csv' text dataset needs "
                                 f"dataset.data_dir holding train.csv and test.csv (rows: "
                                 f"1-based class index, text fields)")
-    texts, labels, empty = [], [], 0
+    texts, labels, kept, position = [], [], [], -1
     with open(path, encoding="utf-8", newline="") as handle:
         for number, row in enumerate(csv.reader(handle), 1):
             if not row:
                 continue
+            position += 1
             try:
                 label = int(row[0])
             except ValueError:
@@ -239,25 +243,26 @@ def read_text_csv(path: str, columns: Optional[Sequence[int]] = None,
             if columns is not None and max(columns) >= len(row):
                 raise ValueError(f"{path}:{number}: csv_columns {list(columns)} but the row has "
                                  f"{len(row)} columns (0..{len(row) - 1})")
-            fields = row[1:] if columns is None else [row[c] for c in columns]
-            text = join.join(" ".join(f.replace("\\n", " ").split()) for f in fields).strip()
-            if columns is not None and label >= 1 and not text:
-                # the chosen columns may be empty in a row (a review with a title only): a
-                # text source holds no empty example, so the row is left out (the official
-                # code would train on a bare [CLS] [SEP])
-                empty += 1
+            fields = [" ".join(f.replace("\\n", " ").split())
+                      for f in (row[1:] if columns is None else [row[c] for c in columns])]
+            if columns is not None and label >= 1 and not any(fields):
+                # the chosen columns may all be empty in a row (a review with a title only):
+                # a text source holds no empty example, so the row is left out (pandas, in
+                # the official code, reads such cells as missing values)
                 continue
+            text = join.join(fields).strip()
             if label < 1 or not text:
                 raise ValueError(f"{path}:{number}: expected a class index >= 1 and text, got "
                                  f"{row[:2]!r}")
             texts.append(text)
             labels.append(label - 1)
+            kept.append(position)
     if not texts:
         raise ValueError(f"{path} holds no rows")
-    if empty:
-        logging.warning("%s: %d rows have no text in columns %s: left out", path, empty,
-                        list(columns))
-    return texts, np.asarray(labels, np.int64)
+    if len(kept) <= position:
+        log.warning("%s: %d rows have no text in columns %s: left out", path,
+                    position + 1 - len(kept), list(columns))
+    return texts, np.asarray(labels, np.int64), np.asarray(kept, np.int64)
 
 
 def load_text_csv(data_dir: str | None, split: str, *, name: str, seed: int,
@@ -270,7 +275,8 @@ def load_text_csv(data_dir: str | None, split: str, *, name: str, seed: int,
                          f"and test.csv)")
     if split not in ("train", "test"):
         raise ValueError(f"{name} has the splits 'train' and 'test' (its files), not {split!r}")
-    texts, labels = read_text_csv(os.path.join(data_dir, f"{split}.csv"), columns, join)
+    texts, labels, file_rows = read_text_csv(os.path.join(data_dir, f"{split}.csv"), columns,
+                                             join)
     names_file = os.path.join(data_dir, "classes.txt")
     if os.path.isfile(names_file):
         with open(names_file, encoding="utf-8") as handle:
@@ -282,7 +288,7 @@ def load_text_csv(data_dir: str | None, split: str, *, name: str, seed: int,
                          f"{len(class_names)} classes")
     rows = _cap_per_class(labels, int(max_per_class), seed)
     return TextSource([texts[i] for i in rows.tolist()], labels[rows], name=name, split=split,
-                      class_names=class_names, origin_indices=rows)
+                      class_names=class_names, origin_indices=file_rows[rows])
 
 
 # --------------------------------------------------------------------------- sources

@@ -168,21 +168,28 @@ def check_modality(scenario: scenarios.Scenario, backbone: Any) -> None:
                     f"image datasets with a ViT")
 
 
-
-def check_batch_groups(method: Method, batch_sizes: Mapping[str, int]) -> None:
+def check_batch_groups(method: Method, batch_sizes: Mapping[str, int],
+                       refuse: bool = True) -> None:
     """Groups of ``method.batch_groups`` examples (the official code's per-device batch)
     are the official groups only where every batch holds whole groups: a DualPrompt eval
     batch of 256 with votes in groups of 24 would end in a group of 16 and shift every
-    later group of the task's test set against the official ones."""
+    later group of the task's test set against the official ones. ``refuse=False`` (the
+    evaluation of a saved run, whose sizes are the run's): a warning instead, for the
+    sizes given."""
     for field, (group, option) in method.batch_groups.items():
-        size = batch_sizes[field]
-        if size % group:
-            raise ValueError(
-                f"{field}={size} is not a multiple of {method.name}'s groups of {group} "
-                f"examples (the official per-device batch, {option}={group}): the last "
-                f"group of every batch would be cut short; set --config.{field} to a "
-                f"multiple of {group} (e.g. {max(group, size // group * group)}), or "
-                f"{option}=0 for one group per batch")
+        size = batch_sizes.get(field)
+        if size is None or not size % group:
+            continue
+        problem = (f"{field}={size} is not a multiple of {method.name}'s groups of {group} "
+                   f"examples (the official per-device batch, {option}={group}): the last "
+                   f"group of every batch is cut short")
+        if not refuse:
+            log.warning("%s; results differ from the official grouping", problem)
+            continue
+        raise ValueError(f"{problem}; set --config.{field} to a multiple of {group} (e.g. "
+                         f"{max(group, size // group * group)}), or {option}=0 for one group "
+                         f"per batch")
+
 
 def under_matmul_precision(method: Callable) -> Callable:
     """A trainer method run under the config's ``matmul_precision``: JAX's default precision
@@ -202,10 +209,14 @@ class ContinualTrainer:
     """Holds the run's static pieces (mesh, backbone, scenario, method) and runs tasks."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-                 write_metrics: bool = True, attention_fallback: bool = False):
+                 write_metrics: bool = True, attention_fallback: bool = False,
+                 evaluating: bool = False):
         """``attention_fallback``: where the config asks for cuDNN's attention and the
         devices are not GPUs, use XLA's (the same function) instead of refusing -- for
-        evaluating or planning a GPU run on another machine, never for training."""
+        evaluating or planning a GPU run on another machine, never for training.
+        ``evaluating``: the trainer evaluates a saved run (``pecft_jax.evaluate``), whose
+        config it cannot change: an eval batch that cuts the method's batch groups is a
+        warning, and the train batch is not checked."""
         self.config = config
         self.workdir = workdir
         check_run_config(config)
@@ -247,8 +258,10 @@ class ContinualTrainer:
         self.tasks = self.training_tasks()
         self.method: Method = create_method(config.method.name, config.method, self.backbone,
                                             self.scenario.num_classes, len(self.tasks))
-        check_batch_groups(self.method, {"train.batch_size": self.batch_size,
-                                         "eval.batch_size": self.eval_batch_size})
+        check_batch_groups(self.method, {"eval.batch_size": self.eval_batch_size} if evaluating
+                           else {"train.batch_size": self.batch_size,
+                                 "eval.batch_size": self.eval_batch_size},
+                           refuse=not evaluating)
         if self.future_tasks and not self.method.scores_unlearnt_classes:
             raise ValueError(f"eval.future_tasks with {self.method.name}: its logits mask the "
                              f"classes of tasks not learnt yet, so the accuracy on a future task "
