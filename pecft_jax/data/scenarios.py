@@ -354,6 +354,18 @@ def build_scenario(cfg) -> Scenario:
     if ds is not None and _get(ds, "test_fraction") is not None:
         options["test_fraction"] = float(_get(ds, "test_fraction"))
     train_split, test_split = _get(ds, "train_split", "train"), _get(ds, "test_split", "test")
+    opened = {}  # entries of one dataset (same folder, splits, options) share its sources
+
+    def open_entry(spec: dict) -> tuple:
+        """``(train, test)`` of a parsed entry: its own data_dir, splits and source options
+        where it sets them, else the dataset's."""
+        data_dir = spec["data_dir"] or _get(ds, "data_dir")
+        splits = (spec["train_split"] or train_split, spec["test_split"] or test_split)
+        key = (spec["name"], data_dir, splits, repr(sorted(spec["source_options"].items())))
+        if key not in opened:
+            opened[key] = tuple(load_source(spec["name"], split, data_dir=data_dir, **options,
+                                            **spec["source_options"]) for split in splits)
+        return opened[key]
 
     if kind == "domain":
         specs = list(_get(sc, "domains", []))
@@ -364,16 +376,9 @@ def build_scenario(cfg) -> Scenario:
         if num_tasks is not None and int(num_tasks) != len(specs):
             raise ValueError(f"scenario.num_tasks={num_tasks} but {len(specs)} domains are "
                              "listed; make them equal (or leave num_tasks unset)")
-        domains, opened = [], {}  # domains built from one dataset share its sources
+        domains = []
         for spec in map(parse_domain_spec, specs):
-            data_dir = spec["data_dir"] or _get(ds, "data_dir")
-            splits = (spec["train_split"] or train_split, spec["test_split"] or test_split)
-            key = (spec["name"], data_dir, splits, repr(sorted(spec["source_options"].items())))
-            if key not in opened:
-                opened[key] = tuple(load_source(spec["name"], split, data_dir=data_dir,
-                                                **options, **spec["source_options"])
-                                    for split in splits)
-            train, test = opened[key]
+            train, test = open_entry(spec)
             if spec["transforms"]:
                 train = TransformedSource(train, spec["transforms"])
                 test = TransformedSource(test, spec["transforms"])
@@ -394,15 +399,7 @@ def build_scenario(cfg) -> Scenario:
         if num_tasks is not None and int(num_tasks) != len(specs):
             raise ValueError(f"scenario.num_tasks={num_tasks} but {len(specs)} datasets are "
                              "listed in scenario.datasets; make them equal")
-        sequence = []
-        for spec in specs:
-            data_dir = spec["data_dir"] or _get(ds, "data_dir")
-            sequence.append((spec["label"], *(
-                load_source(spec["name"], split, data_dir=data_dir, **options,
-                            **spec["source_options"])
-                for split in (spec["train_split"] or train_split,
-                              spec["test_split"] or test_split))))
-        return dataset_sequence(sequence)
+        return dataset_sequence([(spec["label"], *open_entry(spec)) for spec in specs])
 
     name = _get(ds, "name")
     if not name:

@@ -1,7 +1,7 @@
 """Pieces several methods share (kept once here, not copied per method)."""
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Tuple
 
 import jax
 
@@ -60,3 +60,12 @@ def prompted_cls_token(backbone: Backbone, frozen, images: jax.Array, context) -
     DualPrompt and CODA-Prompt code (``head_type='token'``). Prefix tuning adds no tokens to
     the sequence, so [CLS] stays at position 0 whatever the backbone's own pooling is."""
     return backbone.apply(frozen, images, context, output="tokens")[:, 0]
+
+
+def batchwise_vote_groups(config) -> Mapping[str, Tuple[int, str]]:
+    """``Method.batch_groups`` of a batch-wise prompt vote (L2P, DualPrompt: ``config``'s
+    ``batchwise_prompt`` and ``batchwise_group``), which runs in training and in
+    evaluation; none without the vote or with one vote per batch (group 0)."""
+    group = (config.batchwise_group, "method.batchwise_group")
+    return ({"train.batch_size": group, "eval.batch_size": group}
+            if config.batchwise_prompt and group[0] else {})

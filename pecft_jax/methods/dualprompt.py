@@ -30,7 +30,8 @@ import numpy as np
 
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
                                     init_linear_head)
-from pecft_jax.methods.common import frozen_query, num_examples, prompted_cls_token
+from pecft_jax.methods.common import (batchwise_vote_groups, frozen_query, num_examples,
+                                      prompted_cls_token)
 from pecft_jax.peft import prompt_pool
 from pecft_jax.backbones.context import resolve_layers
 from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
@@ -147,9 +148,7 @@ class DualPrompt(Method):
 
     @property
     def batch_groups(self) -> Mapping[str, Tuple[int, str]]:
-        group = (self.config.batchwise_group, "method.batchwise_group")
-        return ({"train.batch_size": group, "eval.batch_size": group}
-                if self.config.batchwise_prompt and group[0] else {})
+        return batchwise_vote_groups(self.config)
 
     def _logits(self, trainable, frozen, images, idx):
         feature = prompted_cls_token(self.backbone, frozen, images, self.context(trainable, idx))

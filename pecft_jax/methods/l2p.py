@@ -29,7 +29,7 @@ import numpy as np
 
 from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head,
                                     init_linear_head)
-from pecft_jax.methods.common import frozen_query
+from pecft_jax.methods.common import batchwise_vote_groups, frozen_query
 from pecft_jax.peft import prompt_pool
 from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 
@@ -79,9 +79,7 @@ class L2P(Method):
 
     @property
     def batch_groups(self) -> Mapping[str, Tuple[int, str]]:
-        group = (self.config.batchwise_group, "method.batchwise_group")
-        return ({"train.batch_size": group, "eval.batch_size": group}
-                if self.config.batchwise_prompt and group[0] else {})
+        return batchwise_vote_groups(self.config)
 
     def init(self, rng, frozen):
         c = self.config
