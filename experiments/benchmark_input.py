@@ -19,7 +19,11 @@ Workloads (real images, prepared once under ``--data-dir``, nothing downloaded):
 Variants: ``t0`` reads in the consuming thread (the previous pipeline's work per batch:
 the loop ran it in one background thread); ``tN``: grain with N reading threads; ``pN``:
 grain with N worker processes of 1 thread each (their start is included: the loop starts
-them once per task).
+them once per task). The batches hold what the loop would hand the devices: uint8 pixels
+where the transform keeps whole pixel values (``Preprocess.whole_pixels``: the folder
+workload's PIL transform), normalised float32 otherwise (the TFDS workload's float crops); a
+variant ending in ``f`` (``t2f``, ``p2f``) always makes normalised float32, as the pipeline
+did before the uint8 pixels.
 
 Protocol: every round starts one fresh process per variant, in turn (t0, t2, p2, t0, ...),
 so load from other jobs hits all alike. Each process reads ``--batches`` batches of
@@ -30,6 +34,7 @@ CPU seconds per batch, the load average, the machine, and the ratio to ``t0``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -97,6 +102,8 @@ def workload(name: str, data_dir: str):
                                 random_resized_crop=True, resample="pil_bilinear")
     else:
         raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
+    if preprocess.whole_pixels(source.image_shape):  # as the loop chooses
+        preprocess = dataclasses.replace(preprocess, pixels="uint8")
     return source, preprocess
 
 
@@ -106,6 +113,8 @@ def measure(workload_name: str, variant: str, data_dir: str, batch_size: int,
     import numpy as np
     from pecft_jax.data import loader, pipeline
     source, preprocess = workload(workload_name, data_dir)
+    if variant.endswith("f"):
+        preprocess, variant = dataclasses.replace(preprocess, pixels="float32"), variant[:-1]
     label_map = np.arange(source.num_classes)
     sequence = pipeline.TrainBatches(source, np.arange(len(source)), label_map,
                                      batch_size=batch_size, seed=0, preprocess=preprocess,
@@ -123,6 +132,7 @@ def measure(workload_name: str, variant: str, data_dir: str, batch_size: int,
     for _ in range(batches):
         batch = next(iterator)
         assert batch["inputs"].shape == (batch_size, 224, 224, 3)
+        assert batch["inputs"].dtype == np.dtype(preprocess.pixels)
     wall = time.perf_counter() - start
     cpu = _cpu_seconds() - start_cpu
     loader.close(iterator)
@@ -168,9 +178,10 @@ def main():
 
     variants = args.variants.split(",")
     for variant in variants:
-        if variant[:1] not in "tp" or not variant[1:].isdigit() or variant == "p0":
+        count = variant[1:-1] if variant.endswith("f") else variant[1:]
+        if variant[:1] not in "tp" or not count.isdigit() or variant.rstrip("f") == "p0":
             parser.error(f"variant {variant!r}: use tN (N reading threads, t0 = none) or pN "
-                         f"(N >= 1 worker processes)")
+                         f"(N >= 1 worker processes), with a trailing f for float32 inputs")
     for name in args.workloads.split(","):
         workload(name, args.data_dir)  # prepare once, outside the timed processes
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "

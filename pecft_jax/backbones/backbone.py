@@ -23,6 +23,7 @@ import os
 from typing import Any, Iterable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from pecft_jax.backbones import bert, vit
 
@@ -56,7 +57,23 @@ class Backbone:
         return self.config.num_channels
 
     def apply(self, params: Any, images: jax.Array, peft=None, **kwargs) -> Any:
+        """The ViT on normalised float images, or on uint8 pixels (what the input pipeline
+        hands over where its preprocessing keeps whole values: ``Preprocess.pixels``),
+        normalised here by ``mean``/``std`` exactly as the pipeline would have."""
+        if images.dtype == jnp.uint8:
+            images = self.normalise(images)
         return vit.apply(self.config, params, images, peft, **kwargs)
+
+    def normalise(self, pixels: jax.Array) -> jax.Array:
+        """uint8 ``(..., c)`` pixels -> float32 ``(..., channels)`` inputs, ``(x / 255 -
+        mean) / std``, by a lookup in the pipeline's own table of the 256 values per channel
+        (bit for bit the host's normalisation; grey repeated to RGB as the host does)."""
+        from pecft_jax.data.pipeline import pixel_table  # the data side owns the rounding
+        table = jnp.asarray(pixel_table(self.mean, self.std))  # (256, 1 or channels)
+        width = table.shape[1]
+        index = pixels.astype(jnp.int32) * width + jnp.arange(width, dtype=jnp.int32)
+        values = table.reshape(-1)[index]
+        return jnp.broadcast_to(values, pixels.shape[:-1] + (self.channels,))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,31 @@ RESAMPLES = ("bilinear", "pil_bilinear", "pil_bicubic")
 # how a random-resized crop's box is drawn: torchvision's RandomResizedCrop.get_params (the
 # PyTorch codes), or TF's sample_distorted_bounding_box (the L2P / DualPrompt JAX code)
 CROP_SAMPLERS = ("torchvision", "tf")
+# What the host hands the devices (``Preprocess.pixels``): normalised float32 inputs, or the
+# uint8 pixels, which the backbone normalises (``Backbone.apply``, through
+# :func:`pixel_table`: the very values the host computes) -- a quarter of the bytes to
+# stack, to copy out of grain's worker processes and to transfer, and no float pass on the
+# host. Only where the preprocessing keeps whole pixel values (``Preprocess.whole_pixels``).
+PIXELS = ("float32", "uint8")
+
+
+def normalisation(mean: Sequence[float], std: Sequence[float]) -> tuple:
+    """float32 ``(scale, shift)`` with ``(x / 255 - mean) / std == x * scale - shift``, in
+    the one rounding that the host path and :func:`pixel_table` share."""
+    std = np.asarray(std, np.float32)
+    return 1.0 / (255.0 * std), np.asarray(mean, np.float32) / std
+
+
+def pixel_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """float32 ``(256, k)``: the normalised value of every uint8 pixel value per channel
+    (``k`` 1 or the channels), computed as :func:`preprocess_images` computes it on float32
+    pixels, so that a lookup on the device equals the host's normalisation bit for bit (XLA
+    may fuse ``x * scale - shift`` differently, off by an ulp)."""
+    scale, shift = normalisation(mean, std)
+    values = np.arange(256, dtype=np.float32)[:, None]
+    values = values * scale
+    values -= shift
+    return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +109,9 @@ class Preprocess:
         has its own interpolation in torchvision (``RandomResizedCrop(224)`` is bilinear
         while the PyCIL-lineage test ``Resize(256, interpolation=3)`` is bicubic); None:
         ``resample``.
+      pixels: ``'float32'``: normalised inputs; ``'uint8'``: the pixel values before the
+        normalisation, for the backbone to normalise (the same values; see :data:`PIXELS`).
+        Only where :meth:`whole_pixels` holds for every source read (the loop checks).
     """
     image_size: int
     channels: int
@@ -101,6 +129,7 @@ class Preprocess:
     brightness: float = 0.0
     resample: str = "bilinear"
     crop_resample: str | None = None
+    pixels: str = "float32"
 
     def __post_init__(self):
         if self.image_size <= 0:
@@ -147,6 +176,8 @@ class Preprocess:
             raise ValueError("squash reproduces TF's bilinear resize of the L2P / DualPrompt "
                              "JAX pipeline; use it with resample='bilinear' (and "
                              "crop_resample None or 'bilinear')")
+        if self.pixels not in PIXELS:
+            raise ValueError(f"pixels must be one of {PIXELS}, got {self.pixels!r}")
         if self.resize_short is not None and self.resize_short < self.image_size:
             raise ValueError(f"resize_short ({self.resize_short}) must be >= image_size "
                              f"({self.image_size}): the centre crop is cut from the resized image")
@@ -156,6 +187,31 @@ class Preprocess:
         """Augmented batches differ from plain ones: augmentation on, and some of it set."""
         return self.augment and bool(self.crop_padding > 0 or self.flip
                                      or self.random_resized_crop or self.brightness)
+
+    def whole_pixels(self, image_shape: tuple | None) -> bool:
+        """Whether :func:`preprocess_images` keeps whole pixel values 0..255 up to the
+        normalisation, for a source of ``image_shape`` (``(H, W, C)``; None: sizes vary,
+        any channels): PIL's resampling (rounded to uint8), flips, padded crops, channel
+        slices and copies, and an image already at ``image_size`` do; this module's float
+        bilinear resampling, crops cut with it, an RGB -> grey average and the float
+        brightness factor do not."""
+        if self.channels == 1 and (image_shape is None or image_shape[2] != 1):
+            return False  # averages RGB into grey
+        if self.crops_training_images:
+            resample = self.crop_resample
+            if resample == "bilinear":
+                return False  # a float bilinear crop
+        elif self.resample != "bilinear":
+            resample = self.resample
+        elif self.centre_crops:
+            return False  # a float bilinear crop
+        else:  # the fixed-size path: resized in float unless already at size (sources of
+            # varying sizes are resized while read, to uint8)
+            resample = self.resample
+            if image_shape is not None and tuple(image_shape[:2]) != (self.image_size,) * 2:
+                return False
+        # PIL's brightness truncates to whole values; the float path's factor does not
+        return not (self.augment and self.brightness and resample == "bilinear")
 
     @property
     def crops_training_images(self) -> bool:
@@ -206,7 +262,9 @@ def preprocess_images(images: np.ndarray | Sequence[np.ndarray], preprocess: Pre
                       crops: np.ndarray | None = None, flips: np.ndarray | None = None,
                       draws: np.ndarray | None = None, brightness: np.ndarray | None = None
                       ) -> np.ndarray:
-    """uint8 ``(n, h, w, c)`` -> float32 ``(n, S, S, C)`` normalised model inputs.
+    """uint8 ``(n, h, w, c)`` -> float32 ``(n, S, S, C)`` normalised model inputs (with
+    ``preprocess.pixels='uint8'``: uint8 ``(n, S, S, c)``, the pixel values before the
+    normalisation, ``c`` 1 for grey images that a 3-channel model repeats).
 
     ``crops`` (``(n, 2)`` offsets into the padded image) and ``flips`` (``(n,)`` bool) apply
     the augmentation; None skips it. ``brightness`` (``(n,)`` factors) scales the pixels.
@@ -222,29 +280,37 @@ def preprocess_images(images: np.ndarray | Sequence[np.ndarray], preprocess: Pre
         if x.shape[-1] != 1 or preprocess.channels == 1:
             x = _convert_channels(x, preprocess.channels)
     else:
-        x = np.asarray(images)
+        x = original = np.asarray(images)
         if x.ndim != 4:
             raise ValueError(f"expected (n, H, W, C) images, got shape {x.shape}")
-        x = x.astype(np.float32)
         # Work on as few channels as possible: reduce channels first; a grey image is
         # expanded to RGB only at the end, by the broadcast of the per-channel normalisation.
         if x.shape[-1] != 1 or preprocess.channels == 1:
             x = _convert_channels(x, preprocess.channels)
         if x.shape[1:3] != (size, size):
-            x = resize_bilinear(x, size)
+            x = resize_bilinear(x.astype(np.float32), size)
+        elif np.may_share_memory(x, original):
+            x = x.copy()  # flips and the normalisation work in place, never on the source's
     if crops is not None and preprocess.crop_padding > 0:
         x = _padded_crops(x, np.asarray(crops), preprocess.crop_padding)
     if flips is not None and preprocess.flip:
         flips = np.asarray(flips, bool)
         x[flips] = x[flips, :, ::-1]
     if brightness is not None and preprocess.brightness:
+        x = x.astype(np.float32, copy=False)
         x *= np.asarray(brightness, np.float32)[:, None, None, None]
         np.clip(x, 0.0, 255.0, out=x)
         if resample != "bilinear":  # PIL's ImageEnhance.Brightness truncates to uint8
             np.trunc(x, out=x)
-    std = np.asarray(preprocess.std, np.float32)
-    scale = 1.0 / (255.0 * std)
-    shift = np.asarray(preprocess.mean, np.float32) / std
+            if preprocess.pixels == "uint8":
+                x = x.astype(np.uint8)
+    if preprocess.pixels == "uint8":
+        if x.dtype != np.uint8:  # a float step: the loop asks for uint8 only without one
+            raise ValueError("Preprocess(pixels='uint8') on a path that resamples or averages "
+                             "in float (see Preprocess.whole_pixels): use pixels='float32'")
+        return x
+    x = x.astype(np.float32, copy=False)
+    scale, shift = normalisation(preprocess.mean, preprocess.std)
     if x.shape[-1] == preprocess.channels:
         x *= scale
         x -= shift
@@ -400,8 +466,8 @@ def crop_images(images: Sequence[np.ndarray], preprocess: Preprocess,
 
 def pil_images(images: Sequence[np.ndarray], preprocess: Preprocess,
                draws: np.ndarray | None = None) -> np.ndarray:
-    """Originals of any sizes (uint8 ``(H, W, C)``) -> float32 ``(n, S, S, C)`` with values
-    in 0..255, resampled by PIL as torchvision's transforms do on PIL images: with ``draws``
+    """Originals of any sizes (uint8 ``(H, W, C)``) -> uint8 ``(n, S, S, C)``, resampled by
+    PIL as torchvision's transforms do on PIL images: with ``draws``
     (``(n, attempts, 4)`` uniforms) ``RandomResizedCrop`` -- the box of :func:`crop_box`,
     cropped, then resized to ``S x S``; else with
     ``resize_short`` ``Resize(resize_short)`` + ``CenterCrop(S)``; else ``Resize((S, S))``
@@ -429,9 +495,9 @@ def pil_images(images: Sequence[np.ndarray], preprocess: Preprocess,
             pil = pil.crop((left, top, left + size, top + size))
         elif (h, w) != (size, size):
             pil = pil.resize((size, size), method)
-        x = np.asarray(pil, np.float32)
+        x = np.asarray(pil)
         out.append(x[..., None] if x.ndim == 2 else x)
-    return np.stack(out) if out else np.zeros((0, size, size, 1), np.float32)
+    return np.stack(out) if out else np.zeros((0, size, size, 1), np.uint8)
 
 
 def _padded_crops(x: np.ndarray, offsets: np.ndarray, padding: int) -> np.ndarray:

@@ -273,8 +273,7 @@ class ContinualTrainer:
             prefetch=int(config.train.get("prefetch", 2)))
         # the fixed-order passes start an iterator per pass: no worker processes to start
         self.pass_read_options = dataclasses.replace(self.read_options, processes=0)
-        self.train_preprocess = self._preprocess(augment=True)
-        self.eval_preprocess = self._preprocess(augment=False)
+        self.train_preprocess, self.eval_preprocess = self._preprocesses()
         self.feature_cache, self.cached_kinds = self._plan_feature_cache(
             config.get("feature_cache", ml_collections.ConfigDict()))
         # exactly what the method computes when no cached value is in the batch
@@ -1075,6 +1074,19 @@ class ContinualTrainer:
             from jax.experimental import multihost_utils
             return multihost_utils.process_allgather(tree, tiled=True)
         return mesh_lib.to_host(tree)
+
+    def _preprocesses(self) -> Tuple[Any, Any]:
+        """The training and the un-augmented preprocessing, handing the devices uint8
+        pixels (normalised in ``Backbone.apply``, bit for bit as on the host) when both keep
+        whole pixel values on every source of the run -- both, so that a program fed both
+        kinds of batch (an augmented pass) compiles once -- else normalised float32."""
+        train, plain = self._preprocess(augment=True), self._preprocess(augment=False)
+        if isinstance(train, pipeline.Preprocess):
+            shapes = {getattr(source, "image_shape", None) for task in self.scenario.tasks
+                      for source in (task.train_source, task.test_source)}
+            if all(p.whole_pixels(shape) for p in (train, plain) for shape in shapes):
+                train, plain = (dataclasses.replace(p, pixels="uint8") for p in (train, plain))
+        return train, plain
 
     def _preprocess(self, augment: bool) -> Any:
         """How the pipeline turns examples into the backbone's inputs: the image
