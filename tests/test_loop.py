@@ -247,7 +247,8 @@ def test_a_run_diverging_mid_task_keeps_its_last_good_checkpoint(l2p_run, tmp_pa
     from pecft_jax.train.loop import NonFiniteError
 
     def poison(n, batch):  # task 1 (9 steps a task), step 4, after its checkpoint at 3
-        return dict(batch, inputs=np.full_like(batch["inputs"], np.nan)) if n == 14 else batch
+        nan = np.full(np.shape(batch["inputs"]), np.nan, np.float32)  # float32 inputs either way
+        return dict(batch, inputs=nan) if n == 14 else batch
     undo = watch_training_batches(monkeypatch, poison)
     workdir = str(tmp_path)
     with pytest.raises(NonFiniteError, match=r"task 1 \(0-based\), step 4 of the task"):

@@ -12,7 +12,7 @@ import pytest
 
 from pecft_jax.backbones import vit
 from pecft_jax.backbones.backbone import Backbone, load_backbone
-from pecft_jax.data import Preprocess, pipeline, preprocess_images
+from pecft_jax.data import ImageSource, Preprocess, pipeline, preprocess_images
 
 from helpers import tiny_config
 
@@ -73,12 +73,50 @@ def test_uint8_pixels_normalised_on_the_device_equal_the_hosts_inputs(name, fiel
             preprocess_images(images, uint8_pre, **aug)
         return
     pixels = preprocess_images(images, uint8_pre, **aug)
-    assert pixels.dtype == np.uint8 and pixels.shape[:3] == expected.shape[:3]
+    assert pixels.dtype == np.uint8 and pixels.shape == expected.shape
     backbone = Backbone(vit.get_config("ViT-Micro/4", image_size=12,
                                        num_channels=fields["channels"]),
                         float_pre.mean, float_pre.std)
     on_device = np.asarray(jax.jit(backbone.normalise)(pixels))
     np.testing.assert_array_equal(on_device, expected)  # bit for bit, not approximately
+
+
+class VaryingSizes(ImageSource):
+    """Images in their own sizes (as photos in a folder), ``image_shape`` None."""
+
+    def __init__(self, images):
+        self.images_list, self.name, self.split = images, "varying", "train"
+        self.labels, self.num_classes, self.class_names = np.zeros(len(images), int), 1, ["0"]
+        self.image_shape = None
+
+    def _read(self, indices):
+        return [self.images_list[i] for i in indices]
+
+
+def test_a_source_of_varying_sizes_resized_while_read_gives_uint8_pixels():
+    """The fixed-size path over a source that resizes its images to uint8 as it reads them
+    (``ImageSource.images(size=)``): whole values, the same inputs."""
+    source = VaryingSizes(RGB)
+    float_pre = Preprocess(image_size=12, channels=3, **IMAGENET)
+    assert not float_pre.reads_originals and float_pre.whole_pixels(source.image_shape)
+    expected = pipeline.prepare_inputs(source, np.arange(2), float_pre)
+    pixels = pipeline.prepare_inputs(source, np.arange(2),
+                                     dataclasses.replace(float_pre, pixels="uint8"))
+    backbone = Backbone(vit.get_config("ViT-Micro/4", image_size=12, num_channels=3),
+                        float_pre.mean, float_pre.std)
+    assert pixels.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(backbone.normalise(pixels)), expected)
+
+
+def test_grey_and_rgb_sources_give_batches_of_one_shape():
+    """A run over grey and RGB datasets (5-datasets: MNIST beside CIFAR-10) streams their
+    test sets in shared batches and compiles each program once: a grey source's uint8
+    pixels are repeated to the model's channels on the host, as its float inputs are."""
+    pre = Preprocess(image_size=12, channels=3, pixels="uint8", **IMAGENET)
+    grey, rgb = (preprocess_images(x, pre) for x in (GREY_AT_SIZE, RGBA_AT_SIZE[..., :3]))
+    assert grey.shape == rgb.shape == (2, 12, 12, 3) and grey.dtype == rgb.dtype == np.uint8
+    assert pipeline.concat_inputs([grey, rgb]).shape == (4, 12, 12, 3)
+    np.testing.assert_array_equal(grey, np.repeat(GREY_AT_SIZE, 3, axis=-1))
 
 
 def test_the_pixel_table_holds_the_hosts_normalisation():
@@ -124,17 +162,29 @@ def _run(tmp_path, name, monkeypatch, whole_pixels=None):
     try:
         pixels = (trainer.train_preprocess.pixels, trainer.eval_preprocess.pixels)
         results = trainer.run()
+        run, _ = trainer.restore_or_init()  # the finished run's state
+        logits = trainer.evaluate(run, len(trainer.tasks) - 1,
+                                  predictions=True)["predictions"]["logits"]
     finally:
         trainer.close()
     monkeypatch.undo()
-    return pixels, json.loads(json.dumps(results))  # as results.json holds them
+    # as results.json holds them
+    return pixels, json.loads(json.dumps(results)), run.trainable, logits
 
 
 def test_a_run_on_uint8_pixels_gives_the_float_runs_results(tmp_path, monkeypatch):
-    pixels, uint8_run = _run(tmp_path, "uint8", monkeypatch)
+    """The same trained parameters and test logits bit for bit (not only accuracies, which
+    an ulp would rarely move)."""
+    pixels, uint8_run, uint8_params, uint8_logits = _run(tmp_path, "uint8", monkeypatch)
     assert pixels == ("uint8", "uint8")
-    pixels, float_run = _run(tmp_path, "float", monkeypatch, whole_pixels=False)
+    pixels, float_run, float_params, float_logits = _run(tmp_path, "float", monkeypatch,
+                                                         whole_pixels=False)
     assert pixels == ("float32", "float32")
     keys = [key for key in uint8_run if "matrix" in key]
     assert keys and all(uint8_run[key] == float_run[key] for key in keys)
-    assert uint8_run["metrics"] == float_run["metrics"]
+    np.testing.assert_array_equal(uint8_logits, float_logits)
+    leaves = jax.tree_util.tree_leaves_with_path(uint8_params)
+    assert leaves and jax.tree_util.tree_structure(uint8_params) == \
+        jax.tree_util.tree_structure(float_params)
+    for (path, a), b in zip(leaves, jax.tree_util.tree_leaves(float_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))

@@ -263,8 +263,8 @@ def preprocess_images(images: np.ndarray | Sequence[np.ndarray], preprocess: Pre
                       draws: np.ndarray | None = None, brightness: np.ndarray | None = None
                       ) -> np.ndarray:
     """uint8 ``(n, h, w, c)`` -> float32 ``(n, S, S, C)`` normalised model inputs (with
-    ``preprocess.pixels='uint8'``: uint8 ``(n, S, S, c)``, the pixel values before the
-    normalisation, ``c`` 1 for grey images that a 3-channel model repeats).
+    ``preprocess.pixels='uint8'``: uint8 ``(n, S, S, C)``, the pixel values before the
+    normalisation).
 
     ``crops`` (``(n, 2)`` offsets into the padded image) and ``flips`` (``(n,)`` bool) apply
     the augmentation; None skips it. ``brightness`` (``(n,)`` factors) scales the pixels.
@@ -308,6 +308,8 @@ def preprocess_images(images: np.ndarray | Sequence[np.ndarray], preprocess: Pre
         if x.dtype != np.uint8:  # a float step: the loop asks for uint8 only without one
             raise ValueError("Preprocess(pixels='uint8') on a path that resamples or averages "
                              "in float (see Preprocess.whole_pixels): use pixels='float32'")
+        if x.shape[-1] != preprocess.channels:  # grey -> RGB here: every source's batches
+            x = np.repeat(x, preprocess.channels, axis=-1)  # one shape (5-datasets mixes)
         return x
     x = x.astype(np.float32, copy=False)
     scale, shift = normalisation(preprocess.mean, preprocess.std)
