@@ -16,8 +16,9 @@ installation and a margin):
 1. ``environment``: the GPU, JAX's and PyTorch's versions and devices;
 2. ``attention_parity``: a random two-block ViT-B/16's bf16 forward and gradient with
    cuDNN's fused attention and XLA's against the float32 reference
-   (:func:`attention_parity`) -- the accelerator path's numbers checked before they are
-   timed;
+   (:func:`attention_parity`), and its float32 features on the input pipeline's uint8
+   pixels against the host-normalised inputs (:func:`uint8_pixels_check`) -- the
+   accelerator path's numbers checked before they are timed;
 3. ``l2p``, ``coda_prompt``: a ViT-B/16 training step at batch 128 with bf16 activations
    and matmuls (float32 parameters and optimizer) and cuDNN's fused attention
    (``jax.nn.dot_product_attention``), the frozen query computed in the step and passed in
@@ -206,7 +207,46 @@ def attention_parity(arch: str, batch: int) -> int:
               if any(e > 2 * b + 1e-3 for e, b in zip(errors[impl], errors["einsum"]))]
     for impl in failed:
         print(f"  FAILED: {impl}: an error exceeds twice the bf16 einsum's plus 1e-3")
-    return 1 if failed else 0
+    return 1 if failed or uint8_pixels_check(two_blocks, params, batch) else 0
+
+
+def uint8_pixels_check(cfg, params, batch: int) -> int:
+    """The input pipeline's uint8 batches (``Preprocess.pixels``) on this backend: the
+    float32 ViT's [CLS] features on uint8 pixels, normalised on the device by
+    ``Backbone.apply``, against the same pixels normalised on the host (bit for bit on
+    XLA:CPU; the inputs are the same values everywhere, and a fused program could still
+    round the features otherwise), and the time to put a batch of each on the device.
+    Returns 1 if the features differ by more than float32 rounding."""
+    import jax
+    import numpy as np
+    from pecft_jax.backbones.backbone import Backbone
+    from pecft_jax.data import Preprocess, preprocess_images
+
+    mean, std = (0.485, 0.456, 0.406)[:cfg.num_channels], (0.229, 0.224, 0.225)[:cfg.num_channels]
+    backbone = Backbone(cfg, mean, std)
+    shape = (batch, cfg.image_size, cfg.image_size, cfg.num_channels)
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    host = preprocess_images(pixels, Preprocess(image_size=cfg.image_size,
+                                                channels=cfg.num_channels, mean=mean, std=std))
+    features = jax.jit(lambda p, x: backbone.apply(p, x, output="cls"))
+    on_device, from_host = (np.asarray(features(params, x), np.float64) for x in (pixels, host))
+    error = float(np.linalg.norm(on_device - from_host) / np.linalg.norm(from_host))
+
+    def put_ms(array):  # median of 5 transfers to the first device
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            jax.block_until_ready(jax.device_put(array, jax.devices()[0]))
+            times.append(1e3 * (time.perf_counter() - started))
+        return sorted(times)[2]
+    print(f"  uint8 pixels normalised on the device against the host's float32 inputs: "
+          f"features {'identical' if error == 0 else f'relative error {error:.2e}'}; "
+          f"a batch {shape} to the device: uint8 {put_ms(pixels):.2f} ms, float32 "
+          f"{put_ms(host):.2f} ms")
+    if error > 1e-6:
+        print("  FAILED: uint8 pixels: the features differ by more than float32 rounding")
+        return 1
+    return 0
 
 
 def with_xla_attention(args: Sequence[str]) -> Tuple[str, ...]:

@@ -199,6 +199,26 @@ def test_attention_parity_passes_xla_attention_and_fails_wrong_kernels(session, 
     assert ("FAILED: xla: an error exceeds" in out) is (wrong is not None)
 
 
+@pytest.mark.parametrize("off", [0.0, 1e-3])
+def test_the_uint8_pixels_check_passes_the_lookup_and_fails_a_normalisation_off_by_little(
+        session, monkeypatch, capsys, off):
+    """The parity item's uint8 check: the features on device-normalised pixels equal those on
+    the host's inputs (here, XLA:CPU: identical); a device normalisation 0.1% off fails."""
+    import jax
+    from pecft_jax.backbones import backbone as backbone_lib, vit
+    if off:
+        normalise = backbone_lib.Backbone.normalise
+        monkeypatch.setattr(backbone_lib.Backbone, "normalise",
+                            lambda self, x: normalise(self, x) * (1 + off))
+    cfg = vit.get_config("ViT-Micro/4", num_classes=0, num_layers=2)
+    params = vit.init_params(cfg, jax.random.key(0))
+    assert session.uint8_pixels_check(cfg, params, 4) == (1 if off else 0)
+    out = capsys.readouterr().out
+    assert ("features identical" in out) is (not off)
+    assert "to the device: uint8" in out
+    assert ("FAILED: uint8 pixels" in out) is bool(off)
+
+
 def test_a_timed_out_command_is_stopped_with_the_processes_it_started(session, tmp_path):
     """benchmark_step.py runs its steps in worker processes: a timeout must stop those
     too, or they would hold the GPU while the next item runs."""
