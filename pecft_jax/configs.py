@@ -177,6 +177,12 @@ def base_config() -> ml_collections.ConfigDict:
     # the method's initial parameters, evaluated on every task (GEM's b_j, Lopez-Paz &
     # Ranzato 2017). Needs future_tasks.
     c.eval.fwt_reference = ""
+    # The classes a class-IL prediction is the argmax over: 'seen' -- those of the tasks
+    # learnt so far (the usual protocol; the PyTorch codes slice the logits so) -- or 'all'
+    # -- every class of the run, whatever the head gives the classes not learnt yet, as the
+    # official L2P / DualPrompt (JAX, ``eval_step``) and HiDe-Prompt evaluations take it.
+    # Only the rows before the last task can differ.
+    c.eval.class_il_classes = "seen"
 
     c.method = ml_collections.ConfigDict()
     c.method.name = "l2p"
@@ -256,6 +262,8 @@ _RANGES = (
      "an int >= 0 (0 = read in the training thread)"),
     ("train.read_processes", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = none)"),
     ("eval.fwt_reference", lambda v: v in ("", "init"), "'' (none) or 'init'"),
+    ("eval.class_il_classes", lambda v: v in ("seen", "all"),
+     "'seen' (the classes learnt so far) or 'all' (every class of the run)"),
     ("wandb.mode", lambda v: v in ("", "online", "offline"),
      "'' (wandb's own setting), 'online' or 'offline'"),
     ("train.on_nonfinite", lambda v: v in ("stop", "skip_step"), "'stop' or 'skip_step'"),
@@ -344,6 +352,7 @@ def flatten_config(tree: collections.abc.Mapping, keep_empty: bool = True,
 # that value a key is left out of the config hash, so checkpoints written before it existed
 # still resume (loop.config_hash); set otherwise it is part of the run's identity.
 HASHED_ONLY_WHEN_SET = {"eval.future_tasks": False, "eval.fwt_reference": "",
+                        "eval.class_il_classes": "seen",
                         "augment.crop_sampler": "torchvision", "matmul_precision": "default"}
 
 

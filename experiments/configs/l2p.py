@@ -29,12 +29,14 @@
   resized by TF's bilinear ``tf.image.resize`` (``dataset.resample='bilinear'``); tanh GELU
   (flax ``nn.gelu``). Not reproduced: the JPEG re-encoding of training images, the dropped
   last partial test batch.
-* evaluation: the class-IL prediction is the argmax over the classes seen so far; the
-  official one is over all 100 (``eval_step``), whose unseen columns keep their zero
-  logits (zero initialisation, zero gradient), so an example whose seen logits are all
-  negative counts as wrong there. The final row is unaffected (every class is seen); the
-  earlier rows, and forgetting, can differ. The code's forgetting also takes each task's
-  best over every evaluation, the last included (``metrics.forgetting``'s docstring).
+* evaluation: the class-IL prediction is the argmax over all 100 classes, as the official
+  ``eval_step`` takes it (``eval.class_il_classes='all'``): the columns of classes not
+  learnt yet keep their zero logits (zero initialisation, zero gradient), so an example
+  whose seen logits are all negative counts as wrong. The final row is the same either
+  way (every class is seen); the earlier rows, and forgetting, can differ from the usual
+  argmax over the seen classes (``'seen'``, the demo's). Not reproduced: the code's
+  forgetting takes each task's best over every evaluation, the last included
+  (``metrics.forgetting``'s docstring).
 
 ``cifar100_paper``: the same with the prompt values of the first official release (8cfb210,
 December 2021; the PyTorch port l2p-pytorch keeps them): length 5, top-N 5, pull-constraint
@@ -98,6 +100,7 @@ def get_config(arg: str = "split_mnist"):
     m.batchwise_group = PER_DEVICE_BATCH
     m.prompt_init = m.key_init = "small_uniform"
     m.head_init = "zeros"
+    c.eval.class_il_classes = "all"  # eval_step: the argmax over all classes' logits
     c.train.batch_size = PER_DEVICE_BATCH * OFFICIAL_DEVICES
     c.train.learning_rate = 0.03 * c.train.batch_size / 256
     c.train.epochs = 5

@@ -60,7 +60,9 @@ Where this differs from the official code, on purpose:
   runs it over the whole batch, which on 8 x 24 rows gives the batch features a gradient
   about 8 (P + 24) / (P + 192) times the official one, P the stored prototypes: 3.4x with
   100 of them);
-* the loop masks classes not seen yet in the final logits (official: argmax over all);
+* the final logits cover every class; the loop's class-IL prediction is over the classes
+  seen so far unless ``eval.class_il_classes='all'`` (the official argmax over all, which
+  the paper configs set);
   the TII evaluation masks to the classes seen so far, as the official one does.
 """
 from __future__ import annotations

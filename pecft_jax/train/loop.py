@@ -97,7 +97,8 @@ class RunState:
     global_step: int = 0
     task_started: float = 0.0  # wall clock of the current task's start (resumes included)
     skipped_steps: int = 0  # steps skipped for a non-finite loss (train.on_nonfinite)
-    # the latest evaluation's class-IL confusion over the seen classes:
+    # the latest evaluation's class-IL confusion over the seen classes (every class under
+    # eval.class_il_classes='all'):
     # {'classes': remapped ids, 'matrix': counts (true x predicted)}
     confusion: Optional[dict] = None
     # accuracies of the model before any task is learnt (eval.fwt_reference='init'):
@@ -663,7 +664,8 @@ class ContinualTrainer:
         ids) and logits over the seen classes, under ``'predictions'``. ``future``: the
         tasks after t too, each one's class-IL accuracy over the classes of the tasks up to
         and including it (those known once it is learnt; ``t = -1``: before any task is
-        learnt, FWT's reference row).
+        learnt, FWT's reference row). With ``eval.class_il_classes='all'`` every class-IL
+        choice (accuracy, top-5, prediction, confusion) is over every class of the run.
         Old/new-class accuracy, the confusion matrix and predictions cover tasks 0..t."""
         if split not in ("test", "train"):
             raise ValueError(f"split must be 'test' or 'train', got {split!r}")
@@ -677,6 +679,9 @@ class ContinualTrainer:
         learnt = self.scenario.tasks if self.joint else self.scenario.tasks[:t + 1]
         eval_tasks = self.scenario.tasks if (self.joint or future) else learnt
         seen = sorted({c for task in learnt for c in task.classes})
+        # what a class-IL prediction chooses among (eval.class_il_classes)
+        every = (list(range(self.scenario.num_classes))
+                 if self.config.eval.get("class_il_classes", "seen") == "all" else None)
         # on the devices once: host arrays given to the jitted step would be copied to every
         # device again at each batch
         trainable = mesh_lib.replicate(run.trainable, self.mesh)
@@ -709,8 +714,8 @@ class ContinualTrainer:
         bounds = np.cumsum([0] + [len(data(task)[1]) for task in eval_tasks])
         row: Dict[str, Any] = {"class_il": [], "task_il": [], "class_il_top5": []}
         for i, (task, lo, hi) in enumerate(zip(eval_tasks, bounds[:-1], bounds[1:])):
-            known = seen if i < len(learnt) else sorted(  # the classes known once it is learnt
-                {c for earlier in eval_tasks[:i + 1] for c in earlier.classes})
+            known = every or (seen if i < len(learnt) else sorted(  # those known once learnt
+                {c for earlier in eval_tasks[:i + 1] for c in earlier.classes}))
             row["class_il"].append(metrics_lib.class_incremental_accuracy(
                 logits_np[lo:hi], labels_np[lo:hi], known))
             row["task_il"].append(metrics_lib.task_incremental_accuracy(
@@ -728,15 +733,15 @@ class ContinualTrainer:
         learnt_end = int(bounds[len(learnt)])
         logits_np, labels_np = logits_np[:learnt_end], labels_np[:learnt_end]
         bounds = bounds[:len(learnt) + 1]
-        predicted = metrics_lib.class_il_predictions(logits_np, seen)
+        predicted = metrics_lib.class_il_predictions(logits_np, every or seen)
         if not self.joint:  # the classes learnt before task t, and task t's own
             new = set(self.scenario.tasks[t].classes)
             row["old_new_class_il"] = [
                 metrics_lib.subset_accuracy(labels_np, predicted, sorted(set(seen) - new)),
                 metrics_lib.subset_accuracy(labels_np, predicted, sorted(new))]
-        row["confusion"] = {"classes": [int(c) for c in seen],
+        row["confusion"] = {"classes": [int(c) for c in every or seen],
                             "matrix": metrics_lib.confusion_matrix(labels_np, predicted,
-                                                                   seen).tolist()}
+                                                                   every or seen).tolist()}
         if predictions:
             order = np.asarray(self.scenario.class_order)
             row["predictions"] = {
