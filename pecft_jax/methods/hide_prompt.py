@@ -62,8 +62,8 @@ Where this differs from the official code, on purpose:
   100 of them);
 * the final logits cover every class; the loop's class-IL prediction is over the classes
   seen so far unless ``eval.class_il_classes='all'`` (the official argmax over all, which
-  the paper configs set);
-  the TII evaluation masks to the classes seen so far, as the official one does.
+  the paper configs set); the TII evaluation masks to the classes seen so far, as the
+  official one does.
 """
 from __future__ import annotations
 
