@@ -197,21 +197,17 @@ class Preprocess:
         brightness factor do not."""
         if self.channels == 1 and (image_shape is None or image_shape[2] != 1):
             return False  # averages RGB into grey
-        if self.crops_training_images:
-            resample = self.crop_resample
-            if resample == "bilinear":
-                return False  # a float bilinear crop
-        elif self.resample != "bilinear":
-            resample = self.resample
-        elif self.centre_crops:
+        if self.crops_training_images:  # PIL crops (its brightness truncates to whole values)
+            return self.crop_resample != "bilinear"
+        if self.resample != "bilinear":  # PIL resizes
+            return True
+        if self.centre_crops:
             return False  # a float bilinear crop
-        else:  # the fixed-size path: resized in float unless already at size (sources of
-            # varying sizes are resized while read, to uint8)
-            resample = self.resample
-            if image_shape is not None and tuple(image_shape[:2]) != (self.image_size,) * 2:
-                return False
-        # PIL's brightness truncates to whole values; the float path's factor does not
-        return not (self.augment and self.brightness and resample == "bilinear")
+        # the fixed-size path: resized in float unless already at size (sources of varying
+        # sizes are resized while read, to uint8); its brightness factor stays in float
+        if image_shape is not None and tuple(image_shape[:2]) != (self.image_size,) * 2:
+            return False
+        return not (self.augment and self.brightness)
 
     @property
     def crops_training_images(self) -> bool:

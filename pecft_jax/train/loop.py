@@ -679,9 +679,10 @@ class ContinualTrainer:
         learnt = self.scenario.tasks if self.joint else self.scenario.tasks[:t + 1]
         eval_tasks = self.scenario.tasks if (self.joint or future) else learnt
         seen = sorted({c for task in learnt for c in task.classes})
-        # what a class-IL prediction chooses among (eval.class_il_classes)
+        # every class of the run, where class-IL predictions choose among all of them
         every = (list(range(self.scenario.num_classes))
                  if self.config.eval.get("class_il_classes", "seen") == "all" else None)
+        choices = every or seen  # what a learnt task's class-IL prediction chooses among
         # on the devices once: host arrays given to the jitted step would be copied to every
         # device again at each batch
         trainable = mesh_lib.replicate(run.trainable, self.mesh)
@@ -714,8 +715,8 @@ class ContinualTrainer:
         bounds = np.cumsum([0] + [len(data(task)[1]) for task in eval_tasks])
         row: Dict[str, Any] = {"class_il": [], "task_il": [], "class_il_top5": []}
         for i, (task, lo, hi) in enumerate(zip(eval_tasks, bounds[:-1], bounds[1:])):
-            known = every or (seen if i < len(learnt) else sorted(  # those known once learnt
-                {c for earlier in eval_tasks[:i + 1] for c in earlier.classes}))
+            known = choices if i < len(learnt) else every or sorted(  # known once learnt
+                {c for earlier in eval_tasks[:i + 1] for c in earlier.classes})
             row["class_il"].append(metrics_lib.class_incremental_accuracy(
                 logits_np[lo:hi], labels_np[lo:hi], known))
             row["task_il"].append(metrics_lib.task_incremental_accuracy(
@@ -733,15 +734,15 @@ class ContinualTrainer:
         learnt_end = int(bounds[len(learnt)])
         logits_np, labels_np = logits_np[:learnt_end], labels_np[:learnt_end]
         bounds = bounds[:len(learnt) + 1]
-        predicted = metrics_lib.class_il_predictions(logits_np, every or seen)
+        predicted = metrics_lib.class_il_predictions(logits_np, choices)
         if not self.joint:  # the classes learnt before task t, and task t's own
             new = set(self.scenario.tasks[t].classes)
             row["old_new_class_il"] = [
                 metrics_lib.subset_accuracy(labels_np, predicted, sorted(set(seen) - new)),
                 metrics_lib.subset_accuracy(labels_np, predicted, sorted(new))]
-        row["confusion"] = {"classes": [int(c) for c in every or seen],
+        row["confusion"] = {"classes": [int(c) for c in choices],
                             "matrix": metrics_lib.confusion_matrix(labels_np, predicted,
-                                                                   every or seen).tolist()}
+                                                                   choices).tolist()}
         if predictions:
             order = np.asarray(self.scenario.class_order)
             row["predictions"] = {
