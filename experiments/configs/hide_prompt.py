@@ -36,8 +36,10 @@
   (``datasets.py``), all torchvision on PIL images (``dataset.resample='pil_bicubic'``,
   ``augment.crop_resample``); exact GELU; runs with seeds 42, 40 and 44 (sh);
 * evaluation: the class-IL prediction is the argmax over all classes' logits, as the
-  engine's ``evaluate`` takes its top-1 and top-5 (``eval.class_il_classes='all'``; the
-  TAP head's columns of classes not learnt yet keep their initial values).
+  ``evaluate`` of ``engines/hide_promtp_wtp_and_tap_engine.py`` takes its top-1 and top-5
+  on the unmasked logits (``eval.class_il_classes='all'``; the TAP head's columns of
+  classes not learnt yet keep their initial values). Its task prediction (the TII) is
+  masked to the classes seen so far, as here.
 
 Not reproduced: the ImageNet-R schedule's floor for the
 head (the head's rate is the prompts' times 0.1, floor included: 1e-6; official: 1e-5 for
@@ -98,7 +100,7 @@ def get_config(arg: str = "split_mnist"):
     m.align_weight_decay = 0.0
     m.skip_zero_variance = True
     m.head_init = m.tii_init = "trunc_normal"
-    c.eval.class_il_classes = "all"  # the engine's evaluate: top-1 / top-5 over all classes
+    c.eval.class_il_classes = "all"  # the TAP engine's evaluate: acc@1 / @5 over all
     c.train.batch_size = OFFICIAL_DEVICES * PER_DEVICE_BATCH
     # orth_loss on each GPU's 24 features (engines/hide_promtp_wtp_and_tap_engine.py),
     # gradients averaged over the 8 by DDP (trainers/hideprompt_trainer.py)
