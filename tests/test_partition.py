@@ -75,6 +75,43 @@ def test_make_optimizer_rejects_missing_groups():
         partition.make_optimizer(labels, {"lora": "fast", "head": 1e-3})
 
 
+def torch_clip_grad_norm(grads, max_norm):
+    """``torch.nn.utils.clip_grad_norm_`` over a list of numpy gradients, written out: one
+    norm over every gradient, each scaled by ``max_norm / (norm + 1e-6)`` when below 1."""
+    total = np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads))
+    coefficient = min(1.0, max_norm / (total + 1e-6))
+    return [g * coefficient for g in grads]
+
+
+def test_clip_norm_is_one_norm_over_every_group():
+    """HiDe-Prompt's two groups (prompts; a head at a tenth of the rate) under clipping at 1:
+    the gradients of both groups are scaled by one global norm, as the official
+    ``clip_grad_norm_(model.parameters(), max_norm)``; a 'frozen' leaf is not in the norm."""
+    labels = {"prompt": "prompt", "head": "head", "old": "frozen"}
+    opt = partition.make_optimizer(labels, {"prompt": optax.sgd(1.0),
+                                            "head": optax.chain(optax.sgd(1.0),
+                                                                optax.scale(0.1))},
+                                   clip_norm=1.0)
+    rng = np.random.default_rng(0)
+    trainable = {k: jnp.asarray(rng.normal(size=(3, 4)), jnp.float32) for k in labels}
+    learning, _ = opt.split(trainable)
+    grads = {"prompt": 3.0 * rng.normal(size=(3, 4)).astype(np.float32),
+             "head": 2.0 * rng.normal(size=(3, 4)).astype(np.float32), "old": None}
+    updates, _ = opt.transform.update(grads, opt.init(trainable), learning)
+    clipped = torch_clip_grad_norm([grads["prompt"], grads["head"]], 1.0)
+    np.testing.assert_allclose(updates["prompt"], -clipped[0], rtol=1e-5)
+    np.testing.assert_allclose(updates["head"], -0.1 * clipped[1], rtol=1e-5)
+    # per group, each gradient would have been clipped to norm 1 on its own
+    assert abs(float(np.linalg.norm(updates["prompt"])) - 1.0) > 0.05
+    # below the norm nothing is scaled; without clip_norm nothing either
+    small = {"prompt": grads["prompt"] * 1e-3, "head": grads["head"] * 1e-3, "old": None}
+    updates, _ = opt.transform.update(small, opt.init(trainable), learning)
+    np.testing.assert_allclose(updates["prompt"], -small["prompt"], rtol=1e-6)
+    plain = partition.make_optimizer(labels, {"prompt": optax.sgd(1.0), "head": optax.sgd(1.0)})
+    updates, _ = plain.transform.update(grads, plain.init(trainable), learning)
+    np.testing.assert_allclose(updates["head"], -grads["head"], rtol=1e-6)
+
+
 def test_training_touches_only_trainable_groups():
     full = _full_tree()
     labels = partition.label_tree(full, RULES)

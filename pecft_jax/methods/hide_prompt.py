@@ -54,7 +54,6 @@ Where this differs from the official code, on purpose:
   method as the paper describes it; results differ from the released code's accordingly;
 * the TII head is fitted in ``after_task`` on the task's *un-augmented* frozen features,
   computed once (the official code trains it in a separate run on augmented images);
-* gradient clipping applies per parameter group (official: one norm over prompts + head);
 * the contrastive regulariser runs over consecutive groups of ``contrastive_group`` rows
   of the batch, averaged (the paper configs: 24, each official GPU's share; the default 0
   runs it over the whole batch, which on 8 x 24 rows gives the batch features a gradient

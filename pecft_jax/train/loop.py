@@ -612,7 +612,8 @@ class ContinualTrainer:
     def optimizer(self, spec: TaskSpec, trainable: dict, task: scenarios.Task,
                   epochs: int) -> partition.RoutedOptimizer:
         """The method's labels refined by ``train.lr_mults``, each label's group built on the
-        configured base optimizer."""
+        configured base optimizer, the gradients of all groups clipped together to
+        ``train.grad_clip_norm`` first (one global norm, as the official codes clip)."""
         steps = self.steps_in_task(task, epochs)
         base = make_base_optimizer(self.config.train, steps, steps // epochs)
         labels, derived = partition.apply_lr_mults(self.method.param_labels(trainable, spec),
@@ -627,7 +628,8 @@ class ContinualTrainer:
                                  f"{label!r}, which is not one of its groups {sorted(groups)}")
             groups[label] = partition.start_after(groups[label], start)
         try:
-            return partition.make_optimizer(labels, groups)
+            return partition.make_optimizer(labels, groups,
+                                            clip_norm=self.config.train.get("grad_clip_norm"))
         except ValueError as err:
             raise ValueError(f"method {self.method.name}: {err}") from None
 
@@ -1317,7 +1319,10 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
     * ``'adam'``, ``'adamw'`` (decoupled weight decay) or ``'sgd'`` (``momentum``);
       ``train.weight_decay`` on ``'adam'`` / ``'sgd'`` is PyTorch's coupled L2 term
       (``g + wd * p`` before the update), what ``torch.optim.SGD/Adam(weight_decay=)`` do;
-    * ``train.grad_clip_norm`` clips each parameter group's global norm first.
+
+    ``train.grad_clip_norm`` is not part of it: the loop clips the gradients of every
+    parameter group under one global norm before the groups' optimizers
+    (``partition.make_optimizer``'s ``clip_norm``).
     """
     lengths = schedule_lengths(train_cfg, total_steps, steps_per_epoch)
     if not lengths:
@@ -1344,8 +1349,7 @@ def _base_optimizer(train_cfg: ml_collections.ConfigDict,
         raise ValueError(f"unknown optimizer {name!r}; use 'adam', 'adamw' or 'sgd'")
     if weight_decay and name != "adamw":
         opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
-    clip = train_cfg.get("grad_clip_norm", None)
-    return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
+    return opt
 
 
 def learning_rate_at(schedule, step: int) -> float:

@@ -218,7 +218,7 @@ class RoutedOptimizer:
 
 def make_optimizer(labels: PyTree, groups: Mapping[str, Any], *, frozen_label: str = FROZEN,
                    default_optimizer: Callable[[Any], optax.GradientTransformation] = optax.adam,
-                   ) -> RoutedOptimizer:
+                   clip_norm: Optional[float] = None) -> RoutedOptimizer:
     """One optimizer routing each label's leaves to its own transformation.
 
     Args:
@@ -228,6 +228,11 @@ def make_optimizer(labels: PyTree, groups: Mapping[str, Any], *, frozen_label: s
       frozen_label: leaves with this label are not optimised at all (see
         :class:`RoutedOptimizer`); it must not be in ``groups``.
       default_optimizer: factory for groups given as a learning rate (default Adam).
+      clip_norm: if set, the gradients of every learning leaf are first scaled together to
+        at most this global norm -- one norm over all groups, as PyTorch's
+        ``clip_grad_norm_(model.parameters())`` and optax's ``clip_by_global_norm`` over a
+        whole tree take it -- before each group's transformation. A group held back by
+        :func:`start_after` still counts in the norm while it waits.
 
     A label in ``labels`` without a group is an error, listing what is missing.
     """
@@ -254,6 +259,8 @@ def make_optimizer(labels: PyTree, groups: Mapping[str, Any], *, frozen_label: s
     learning_labels = jax.tree_util.tree_map(lambda lab: None if lab == FROZEN else lab, labels)
     transform = optax.multi_transform({k: v for k, v in transforms.items() if k in used},
                                       learning_labels)
+    if clip_norm:
+        transform = optax.chain(optax.clip_by_global_norm(clip_norm), transform)
     return RoutedOptimizer(labels, transform)
 
 
