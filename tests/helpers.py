@@ -48,8 +48,8 @@ def load_experiment_config(name, arg):
 def array_task_data(images, labels, batch=8, num_devices=None, augmented=None):
     """A real TaskData over arrays, sharded over a mesh of ``num_devices`` (all by default)
     like the loop's: fixed-size batches, the last one padded, with mask and index; its
-    ``augmented()`` view holds ``augmented`` (the same images by default, as a run without
-    augmentation)."""
+    ``augmented(epoch)`` view holds ``augmented`` (the same images by default, as a run
+    without augmentation), or ``augmented(epoch)`` if it is a function."""
     import numpy as np
     from pecft_jax.methods import TaskData
     from pecft_jax.train import mesh as mesh_lib
@@ -64,10 +64,12 @@ def array_task_data(images, labels, batch=8, num_devices=None, augmented=None):
             yield {"inputs": pixels[rows], "label": labels[rows].astype(np.int32), "mask": mask,
                    "index": order.astype(np.int32)}
 
-    augmented = images if augmented is None else np.asarray(augmented)
+    of_epoch = augmented if callable(augmented) else (
+        lambda epoch: images if augmented is None else np.asarray(augmented))
     return TaskData(batches, len(images), shard=lambda b: mesh_lib.shard_batch(b, mesh),
                     gather=mesh_lib.to_host, replicated=mesh_lib.replicated(mesh),
-                    augmented_batches=lambda: batches(augmented))
+                    augmented_batches=lambda epoch: batches(np.asarray(of_epoch(epoch))),
+                    augments=augmented is not None)
 
 
 def class_dependent_tasks(tasks, per_class, seed=0):

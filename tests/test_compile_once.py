@@ -291,9 +291,10 @@ def test_augmentation_switches_the_training_cache_off(tmp_path):
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_the_augmented_pass_keeps_the_cache_only_without_augmentation(tmp_path, augment):
-    """TaskData.augmented(): without augmentation the plain batches, cached frozen queries
-    included (S-Prompts' k-means then computes nothing twice); with it, other images and no
-    cached queries."""
+    """TaskData.augmented(epoch): without augmentation the plain batches, cached frozen
+    queries included (S-Prompts' k-means then computes nothing twice); with it, other images
+    and no cached queries, another draw for each epoch and the same one for the same epoch
+    (HiDe-Prompt's TII epochs); ``augments`` says which."""
     config = tiny_config()
     config.scenario.num_tasks = 2
     config.train.epochs = 2
@@ -306,9 +307,14 @@ def test_the_augmented_pass_keeps_the_cache_only_without_augmentation(tmp_path, 
         data = trainer.task_data(task, queries)
         plain = next(iter(data._batches()))
         view = next(iter(data.augmented()._batches()))
+        assert data.augments is augment
         assert (FROZEN_QUERY in view) is (not augment)
         assert np.array_equal(view["inputs"], plain["inputs"]) is (not augment)
         np.testing.assert_array_equal(view["label"], plain["label"])
+        later = [next(iter(data.augmented(epoch)._batches())) for epoch in (1, 1)]
+        np.testing.assert_array_equal(later[0]["inputs"], later[1]["inputs"])
+        np.testing.assert_array_equal(later[0]["label"], plain["label"])
+        assert np.array_equal(later[0]["inputs"], view["inputs"]) is (not augment)
     finally:
         trainer.close()
 

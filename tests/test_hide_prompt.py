@@ -204,6 +204,48 @@ def test_after_task_stores_the_statistics_of_both_representations():
     assert not np.array_equal(new_state["tii"]["head"]["kernel"], state["tii"]["head"]["kernel"])
 
 
+def test_tii_trains_on_a_fresh_augmentation_every_epoch():
+    """``tii_features='augmented'`` (the official TII run's train loader): epoch e of the
+    TII fit trains on the frozen features of the e-th augmented view of the task's images
+    -- the fit run by epoch on those features computed here; 'plain', or a run that does
+    not augment, trains every epoch on the un-augmented features (one pass)."""
+    epochs = 3
+    method, frozen = micro_method(tii_epochs=epochs)
+    _, state = method.init(jax.random.key(0), frozen)
+    rng = np.random.default_rng(5)
+    images = rng.uniform(-1, 1, (24, 16, 16, 1)).astype(np.float32)
+    labels = np.repeat([0, 1], 12)
+    view = lambda e: np.roll(images, e + 1, axis=2)  # a stand-in for a random crop
+    task = spec(0, [[0, 1], [2, 3], [4, 5]])
+    features = lambda x: np.asarray(method.backbone.apply(frozen, x, output="cls"))
+    plain_features = features(images)
+    key = jax.random.key(5)
+    seen = []
+    data = array_task_data(images, labels, augmented=lambda e: (seen.append(e), view(e))[1])
+    got = method.fit_tii(state["tii"], plain_features, labels, task, key, data=data,
+                         frozen=frozen)
+    assert seen == list(range(epochs))
+    fit = method._tii_fits[min(method.config.tii_batch_size, len(images))]
+    valid = np.ones(len(images), bool)
+    by_epoch = [features(view(e)) for e in range(epochs)]
+    options = dict(steps_per_epoch=len(images) // fit.batch_size, available=len(images),
+                   class_mask=task.class_mask("task"))
+    want, _ = fit.by_epoch(state["tii"], key, lambda e: (by_epoch[e], labels, valid), **options)
+    plain, _ = fit(state["tii"], key, (plain_features, labels, valid), **options)
+    leaves = lambda tree: [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+    for a, b in zip(leaves(got), leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not all(np.allclose(a, b, atol=1e-4) for a, b in zip(leaves(got), leaves(plain)))
+
+    for method, data in ((micro_method(tii_epochs=epochs, tii_features="plain")[0],
+                          array_task_data(images, labels, augmented=lambda e: view(e))),
+                         (method, array_task_data(images, labels))):  # nothing augments
+        again = method.fit_tii(state["tii"], plain_features, labels, task, key, data=data,
+                               frozen=frozen)
+        for a, b in zip(leaves(again), leaves(plain)):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("mode", ["covariance", "multi_centroid"])
 def test_tii_and_tap_heads_learn_from_sampled_statistics(mode):
     method, frozen = micro_method(statistics=mode, n_centroids=2)
@@ -233,6 +275,8 @@ def test_bad_configs_say_what_to_fix():
         HiDePrompt(tiny_hide(prompt_layers=[0, 5]).method, backbone, 6, 3)
     with pytest.raises(ValueError, match="statistics must be one of"):
         HiDePrompt(tiny_hide(statistics="full").method, backbone, 6, 3)
+    with pytest.raises(ValueError, match="tii_features must be 'augmented'"):
+        HiDePrompt(tiny_hide(tii_features="cached").method, backbone, 6, 3)
 
 
 # --------------------------------------------------------------- paper parameter counts

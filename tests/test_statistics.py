@@ -217,6 +217,61 @@ def test_classifier_fit_is_sgd_with_momentum_over_the_valid_rows_compiled_once()
     assert len(traces) == 1
 
 
+def numpy_sgd_epoch(w, b, buf_w, buf_b, x, y, order, steps, batch, lr, momentum):
+    """Steps of torch's SGD with momentum over ``order``'s batches, in float64."""
+    for i in range(steps):
+        rows = order[i * batch:(i + 1) * batch]
+        logits = x[rows] @ w + b
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(batch), y[rows]] -= 1.0
+        buf_w, buf_b = momentum * buf_w + x[rows].T @ p / batch, momentum * buf_b + p.mean(0)
+        w, b = w - lr * buf_w, b - lr * buf_b
+    return w, b, buf_w, buf_b
+
+
+def test_classifier_fit_by_epoch_carries_the_state_into_each_epochs_own_data():
+    """Two epochs on different features (two augmentations of the same images), one call
+    each, = numpy's SGD with momentum over both in the fit's orders: the momentum carries
+    from epoch 0 into epoch 1, and each epoch reads its own data. With the same data every
+    epoch, ``by_epoch`` gives the one-call fit's parameters and losses bit for bit. One
+    compilation serves all of it."""
+    rng = np.random.default_rng(1)
+    n, d, c, batch, lr, momentum = 8, 3, 4, 4, 0.1, 0.9
+    xs = [rng.standard_normal((n, d)).astype(np.float32) for _ in range(2)]
+    y = rng.integers(0, c, n).astype(np.int32)
+    valid = np.ones(n, bool)
+    params = {"kernel": rng.standard_normal((d, c)).astype(np.float32),
+              "bias": np.zeros(c, np.float32)}
+    fit = S.ClassifierFit(apply_linear_head, optax.trace(momentum), lambda e: lr, epochs=2,
+                          batch_size=batch, draw=S.given_features)
+    traces, calls = [], []
+    fit._compiled = jax.jit(lambda *a: (traces.append(1), fit._fit(*a))[1])
+    key = jax.random.key(7)
+    got, losses = fit.by_epoch(params, key, lambda e: (calls.append(e), (xs[e], y, valid))[1],
+                               steps_per_epoch=2, available=n)
+    assert calls == [0, 1]
+    w, b = params["kernel"].astype(np.float64), params["bias"].astype(np.float64)
+    buf_w, buf_b = np.zeros_like(w), np.zeros_like(b)
+    for e in range(2):
+        _, k_order = jax.random.split(jax.random.fold_in(key, e))
+        order = np.argsort(np.asarray(jax.random.uniform(k_order, (n,))))
+        w, b, buf_w, buf_b = numpy_sgd_epoch(w, b, buf_w, buf_b, xs[e].astype(np.float64), y,
+                                             order, 2, batch, lr, momentum)
+    np.testing.assert_allclose(got["kernel"], w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["bias"], b, rtol=1e-4, atol=1e-5)
+    assert losses.shape == (2,) and np.isfinite(losses).all()
+
+    same, same_losses = fit.by_epoch(params, key, lambda e: (xs[0], y, valid),
+                                     steps_per_epoch=2, available=n)
+    one, one_losses = fit(params, key, (xs[0], y, valid), steps_per_epoch=2, available=n)
+    for leaf in ("kernel", "bias"):
+        np.testing.assert_array_equal(same[leaf], one[leaf])
+    np.testing.assert_array_equal(same_losses, one_losses)
+    assert not np.allclose(same["kernel"], got["kernel"], atol=1e-4)  # epoch 1's data counted
+    assert len(traces) == 1
+
+
 def test_cosine_epoch_schedule_is_torch_cosine_annealing():
     sched = S.cosine_epoch_schedule(0.5, 4, 3)
     got = [float(sched(i)) for i in range(12)]

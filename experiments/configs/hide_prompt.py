@@ -17,7 +17,10 @@
   epochs, timm cosine to 1e-5 (cfg :42) stepped the same way (``timm_cosine``); contrastive
   regulariser weight 0.1 / 0.5 (sh), temperature 0.8; prompt momentum 0.01 (sh);
 * TII: MLP head ([2] x width, cfg :142) on the frozen feature, 20 epochs Adam lr
-  0.0005 x 24/256; alignment 30 epochs SGD lr 0.005 x 24/256, 24 draws per Gaussian;
+  0.0005 x 24/256, each epoch on the training images through the training augmentation
+  afresh (the TII run's loader: ``hide_tii_engine.py`` ``train_one_epoch`` over
+  ``data_loader[task_id]['train']``; ``method.tii_features='augmented'``, the default);
+  alignment 30 epochs SGD lr 0.005 x 24/256, 24 draws per Gaussian;
 * TAP: 30 epochs SGD lr 0.005 (unscaled; momentum 0.9, cosine per epoch), 120 draws per
   Gaussian;
 * both alignments' effective weight decay 0.0 (the config's ``--weight-decay`` (0.0, :27)

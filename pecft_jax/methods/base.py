@@ -28,6 +28,7 @@ Conventions the loop relies on:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
 import jax
@@ -304,7 +305,8 @@ class TaskData:
                  shard: Callable[[dict], dict], gather: Callable[[Any], Any],
                  replicated: jax.sharding.NamedSharding, capacity: Optional[int] = None,
                  compiled: Optional[dict] = None,
-                 augmented_batches: Optional[Callable[[], Iterable[dict]]] = None):
+                 augmented_batches: Optional[Callable[[int], Iterable[dict]]] = None,
+                 augments: bool = False):
         """``batches()`` yields this host's slice of each global batch (numpy); ``shard``
         turns it into global device arrays; ``gather`` fetches a global array to the host;
         ``replicated`` is the (1-D, batch-sharded) mesh's fully replicated sharding;
@@ -312,10 +314,13 @@ class TaskData:
         count in the run -- per-example arrays of that length keep their shape from task to
         task;
         ``compiled`` is the run's cache of compiled passes (shared across tasks);
-        ``augmented_batches()`` yields the same examples through the training augmentation
-        (see :meth:`augmented`)."""
+        ``augmented_batches(epoch)`` yields the same examples through the training
+        augmentation, a fresh draw for each ``epoch`` (see :meth:`augmented`); ``augments``
+        says whether that view differs from the plain one (False: the run does not
+        augment, and both views yield the same images)."""
         self._batches = batches
         self._augmented_batches = augmented_batches
+        self.augments = bool(augments)
         self.num_examples = int(num_examples)
         self.capacity = int(capacity if capacity is not None else num_examples)
         if self.capacity < self.num_examples:
@@ -326,17 +331,20 @@ class TaskData:
         self._replicated = replicated
         self._compiled = {} if compiled is None else compiled
 
-    def augmented(self) -> "TaskData":
+    def augmented(self, epoch: int = 0) -> "TaskData":
         """The same examples, in the same order, through the run's training augmentation
-        (random crops, flips; none when ``augment.enabled`` is off), for a method whose
-        official code computes statistics on its augmented training loader (S-Prompts'
-        k-means). The draws come from the run's seed and the task, so every call, and a
-        resumed run, sees the same augmented images."""
+        (random crops, flips; none when ``augment.enabled`` is off, see :attr:`augments`),
+        for a method whose official code reads its augmented training loader outside the
+        gradient steps (S-Prompts' k-means; HiDe-Prompt's task-identity head, one epoch of
+        fresh draws after another). The draws come from the run's seed, the task and
+        ``epoch``, so every call, and a resumed run, sees the same augmented images for
+        the same epoch, and each epoch other ones."""
         if self._augmented_batches is None:
             raise ValueError("this TaskData was built without an augmented view")
-        return TaskData(self._augmented_batches, self.num_examples, shard=self._shard,
-                        gather=self._gather, replicated=self._replicated,
-                        capacity=self.capacity, compiled=self._compiled)
+        return TaskData(functools.partial(self._augmented_batches, int(epoch)),
+                        self.num_examples, shard=self._shard, gather=self._gather,
+                        replicated=self._replicated, capacity=self.capacity,
+                        compiled=self._compiled)
 
     def replicate(self, tree: Any) -> Any:
         """``tree`` placed on every device of the mesh, as the passes take their arguments

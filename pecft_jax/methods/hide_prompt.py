@@ -15,7 +15,8 @@ The class-incremental objective is split into three parts, each optimised explic
   tenth of it. Earlier tasks' prompts never change.
 * **TII, task-identity inference.** On the frozen, un-prompted [CLS] feature, an MLP head
   (``LN(x + W2 gelu(W1 x))`` with a 2x hidden width, then a linear layer over all classes)
-  is trained with cross-entropy on the task's real features [20 epochs, Adam], then --
+  is trained with cross-entropy on the task's real features [20 epochs, Adam; each epoch
+  the training images through the training augmentation afresh], then --
   from task 2 on -- aligned on features sampled from the stored Gaussians of *all* seen
   classes [30 epochs, SGD]. Its predicted class maps to a task.
 * **TAP, task-adaptive prediction.** After each task the mean and covariance of every new
@@ -52,8 +53,11 @@ Where this differs from the official code, on purpose:
   value half, and at test an example's prompt comes from the task predictions of two other
   examples of its batch. Ours gives every example its own key and value prompts -- the
   method as the paper describes it; results differ from the released code's accordingly;
-* the TII head is fitted in ``after_task`` on the task's *un-augmented* frozen features,
-  computed once (the official code trains it in a separate run on augmented images);
+* the TII head is fitted in ``after_task`` of the one run (the official code trains it in
+  a separate run beforehand, on the same data and schedule: ``train_cifar100_vit.sh``'s
+  first command); ``tii_features='plain'`` fits it on the un-augmented features, computed
+  once, instead of a fresh augmentation of the images every epoch (one frozen pass per
+  task instead of ``tii_epochs``);
 * the contrastive regulariser runs over consecutive groups of ``contrastive_group`` rows
   of the batch, averaged (the paper configs: 24, each official GPU's share; the default 0
   runs it over the whole batch, which on 8 x 24 rows gives the batch features a gradient
@@ -67,7 +71,8 @@ Where this differs from the official code, on purpose:
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Mapping, Sequence, Tuple
+import functools
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +80,9 @@ import numpy as np
 import optax
 
 from pecft_jax.methods import statistics as stats_lib
-from pecft_jax.methods.base import (Method, TaskSpec, apply_linear_head, count_params,
-                                    init_linear_head, mask_current_task, mask_logits)
+from pecft_jax.methods.base import (Method, TaskData, TaskSpec, apply_linear_head,
+                                    count_params, init_linear_head, mask_current_task,
+                                    mask_logits)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft.per_task import init_per_task
 from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
@@ -208,6 +214,11 @@ class HiDePrompt(Method):
         tii_lr: float = 0.0005 * PAPER_BATCH_PER_DEVICE / 256
         tii_batch_size: int = 8 * PAPER_BATCH_PER_DEVICE
         tii_grad_clip: float = 1.0  # 0 = off
+        # 'augmented': every TII epoch reads the task's training images through the run's
+        # training augmentation afresh (official: the TII run's train loader, hide_tii_engine
+        # train_one_epoch); 'plain': the un-augmented features, computed once. Without
+        # augmentation in the run both are the same, and one pass serves every epoch.
+        tii_features: str = "augmented"
         tii_align_epochs: int = 30
         tii_align_lr: float = 0.005 * PAPER_BATCH_PER_DEVICE / 256
         tii_align_samples: int = PAPER_BATCH_PER_DEVICE
@@ -235,6 +246,9 @@ class HiDePrompt(Method):
                                  f"batch), got {self.contrastive_group}")
             if not 0.0 <= self.prompt_momentum < 1.0:
                 raise ValueError(f"prompt_momentum must be in [0, 1), got {self.prompt_momentum}")
+            if self.tii_features not in ("augmented", "plain"):
+                raise ValueError(f"hide_prompt tii_features must be 'augmented' (official) or "
+                                 f"'plain', got {self.tii_features!r}")
             if self.statistics not in stats_lib.MODES:
                 raise ValueError(f"hide_prompt statistics must be one of {stats_lib.MODES}, got "
                                  f"{self.statistics!r}")
@@ -399,7 +413,8 @@ class HiDePrompt(Method):
                                                 out["frozen"], labels, task.classes, seed=seed)
         tap_stats = stats_lib.update_statistics(jax.device_get(state["tap_stats"]),
                                                 out["prompted"], labels, task.classes, seed=seed)
-        tii = self.fit_tii(state["tii"], out["frozen"], labels, task, k_tii, data.capacity)
+        tii = self.fit_tii(state["tii"], out["frozen"], labels, task, k_tii, data.capacity,
+                           data=data, frozen=frozen)
         head = trainable["head"]
         if t > 0:
             old = len(task.seen_classes) - len(task.classes)  # official: one step per old class
@@ -420,10 +435,18 @@ class HiDePrompt(Method):
         return {key: value for key, value in state.items() if key != "tii_stats"} | {
             "tap_stats": {k: state["tap_stats"][k] for k in ("mean", "count")}}
 
-    def fit_tii(self, tii, features, labels, task: TaskSpec, key, capacity=None):
-        """TII on the task's real frozen features: CE over the task's classes, Adam
-        (features padded to ``capacity``, the run's largest task, so one compilation serves
-        every task)."""
+    def frozen_features(self, batch, frozen):
+        """A batch's frozen [CLS] features (a TaskData pass over augmented images)."""
+        return frozen_query(self.backbone, frozen, batch)
+
+    def fit_tii(self, tii, features, labels, task: TaskSpec, key, capacity=None, *,
+                data: Optional[TaskData] = None, frozen=None):
+        """TII on the task's real frozen features: CE over the task's classes, Adam (the
+        features padded to ``capacity``, the run's largest task, so one compilation serves
+        every task). With ``data`` (and ``frozen``), ``tii_features='augmented'`` and a run
+        that augments, each epoch trains on the features of a fresh augmentation of the
+        task's images, as the official TII run's loader gives them; otherwise every epoch
+        on ``features``."""
         n = features.shape[0]
         capacity = max(n, capacity or n)
         c = self.config
@@ -437,10 +460,21 @@ class HiDePrompt(Method):
                 batch_size=batch, draw=stats_lib.given_features)
         pad = lambda a, dtype: np.concatenate(
             [np.asarray(a, dtype), np.zeros((capacity - n,) + a.shape[1:], dtype)])
-        data = (pad(features, np.float32), pad(labels, np.int32), np.arange(capacity) < n)
-        tii, _ = self._tii_fits[batch](tii, key, data, steps_per_epoch=n // batch, available=n,
-                                       class_mask=task.class_mask("task"))
-        return tii
+        valid = np.arange(capacity) < n
+        fit = functools.partial(self._tii_fits[batch].by_epoch, tii, key,
+                                steps_per_epoch=n // batch, available=n,
+                                class_mask=task.class_mask("task"))
+        if data is not None and data.augments and c.tii_features == "augmented":
+            def of_epoch(epoch):
+                fresh, fresh_labels = data.augmented(epoch).map(self.frozen_features, frozen)
+                if not np.array_equal(fresh_labels, labels):  # the views keep one order
+                    raise RuntimeError(f"task {task.index}: the augmented pass of epoch {epoch} "
+                                       f"yields the examples in another order than the plain "
+                                       f"one; the TII features would not match their labels")
+                return pad(fresh, np.float32), pad(labels, np.int32), valid
+            return fit(of_epoch)[0]
+        plain = (pad(features, np.float32), pad(labels, np.int32), valid)
+        return fit(lambda epoch: plain, one_call=True)[0]
 
     def _alignment(self, apply_fn, lr, epochs, samples) -> stats_lib.ClassifierFit:
         """Training on ``samples`` draws per Gaussian of every seen class: SGD + momentum +

@@ -453,18 +453,45 @@ class ClassifierFit:
                  ) -> Tuple[Any, np.ndarray]:
         """Trained parameters and the mean loss of each epoch. ``available`` is the number of
         valid rows a draw yields (checked: ``steps_per_epoch * batch_size <= available``)."""
+        return self.by_epoch(params, key, lambda epoch: draw_data, steps_per_epoch=steps_per_epoch,
+                             available=available, class_mask=class_mask, one_call=True)
+
+    def by_epoch(self, params: Any, key: Array, draw_data_of: Callable[[int], Any], *,
+                 steps_per_epoch: int, available: int,
+                 class_mask: Optional[np.ndarray] = None, one_call: bool = False
+                 ) -> Tuple[Any, np.ndarray]:
+        """:meth:`__call__` with the draw's data of each epoch from ``draw_data_of(epoch)``,
+        run one epoch at a time (the parameters and the optimizer state carried over): real
+        features computed afresh every epoch, as a loader of augmented images yields them.
+        Every epoch keys its draw and its order by its index, so data that do not change
+        give :meth:`__call__`'s result; ``one_call`` (the data never change) runs every
+        epoch in one call."""
         steps = int(steps_per_epoch)
         if steps <= 0:
             raise ValueError(f"ClassifierFit needs a positive steps_per_epoch, got {steps}")
         if steps * self.batch_size > available:
             raise ValueError(f"{steps} steps of {self.batch_size} need "
                              f"{steps * self.batch_size} features, the draw has {available}")
-        params, losses = self._compiled(params, key, draw_data, np.int32(steps), class_mask)
-        return params, np.asarray(losses)
+        # placeholders of the state's shapes, host zeros: the first epoch starts the state in
+        # the compiled program (an eager optax init would compile a program per leaf shape)
+        state = jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, leaf.dtype),
+                                       jax.eval_shape(self.direction.init, params))
+        carry = (params, state, np.zeros((self.epochs,), np.float32))
+        spans = [(0, self.epochs)] if one_call else [(e, e + 1) for e in range(self.epochs)]
+        for first, last in spans:
+            carry = self._compiled(carry, key, draw_data_of(first), np.int32(steps), class_mask,
+                                   np.int32(first), np.int32(last))
+        return carry[0], np.asarray(carry[2])
 
-    def _fit(self, params, key, draw_data, steps, class_mask):
+    def _fit(self, carry, key, draw_data, steps, class_mask, first, last):
+        """Epochs ``first .. last - 1`` from ``carry = (params, direction state, losses)``; at
+        epoch 0 the direction's state starts afresh."""
         from pecft_jax.methods.base import cross_entropy, mask_logits  # no import cycle
         batch = self.batch_size
+        params, state, losses = carry
+        state = jax.tree_util.tree_map(lambda fresh, held: jnp.where(first == 0, fresh, held),
+                                       self.direction.init(params), state)
+        carry = (params, state, losses)
 
         def loss_fn(p, x, y):
             logits = self.apply_fn(p, x)
@@ -493,9 +520,7 @@ class ClassifierFit:
             p, s, total = jax.lax.fori_loop(0, steps, step, (p, s, jnp.zeros((), jnp.float32)))
             return p, s, losses.at[e].set(total / steps)
 
-        carry = (params, self.direction.init(params), jnp.zeros((self.epochs,), jnp.float32))
-        params, _, losses = jax.lax.fori_loop(0, self.epochs, epoch, carry)
-        return params, losses
+        return jax.lax.fori_loop(first, last, epoch, carry)
 
 
 def given_features(key: Array, data: Tuple[Array, Array, Array]) -> Tuple[Array, Array, Array]:

@@ -922,21 +922,24 @@ class ContinualTrainer:
             return (with_cached(local, {FROZEN_QUERY: queries})
                     for local in self._train_examples(task))
 
-        def augmented_batches():  # no cached queries: the images differ from the cached ones
+        def augmented_batches(epoch):  # no cached queries: the images differ from those
+            purpose = "augmented_pass" + (f"/{epoch}" if epoch else "")
             return loader.read(pipeline.StreamBatches(
                 [(task.train_source, task.train_indices)], self.label_map,
                 batch_size=self.eval_batch_size, preprocess=self.train_preprocess,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                augment_seed=self.task_seed(task.index, "augmented_pass")),
+                augment_seed=self.task_seed(task.index, purpose)),
                 self.pass_read_options)
         # without augmentation the augmented view is the plain one, cached queries included
+        augments = bool(self.train_preprocess.augments)
         return TaskData(batches, len(task.train_indices),
                         shard=lambda local: mesh_lib.shard_batch(local, self.mesh),
                         gather=self._gather, replicated=mesh_lib.replicated(self.mesh),
                         capacity=max(len(t.train_indices) for t in self.tasks),
                         compiled=self._task_data_compiled,
-                        augmented_batches=(augmented_batches if self.train_preprocess.augments
-                                           else batches))
+                        augmented_batches=(augmented_batches if augments
+                                           else lambda epoch: batches()),
+                        augments=augments)
 
     def task_seed(self, t: int, purpose: str = "") -> int:
         """The host-side seed of task ``t``'s data order and augmentation (``purpose`` names
