@@ -25,7 +25,7 @@ from pecft_jax.peft.lora import (LoraConfig, fold_task_loras, folds_exactly, ini
                                  task_lora_context)
 from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import task_checkpoints, task_spec, tiny_config
+from helpers import array_task_data, task_checkpoints, task_spec, tiny_config
 
 
 def _moments(rng, dim, rank, n=400, scale=None):
@@ -150,6 +150,50 @@ def test_inflora_input_moments_skip_a_text_encoders_padding_tokens():
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
     other = np.where(attention == 1, ids, (ids + 7) % cfg.vocab_size)  # new padding tokens
     np.testing.assert_allclose(moments(other), got, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("on_augmented", [True, False])
+def test_inflora_passes_read_a_fresh_augmentation_before_and_after_the_task(on_augmented):
+    """The official ``_train`` loops over its augmented ``train_loader`` to design ``A_t``
+    and again, after the epochs, for DualGPM: ``before_task`` reads augmented view 0,
+    ``after_task`` view 1 -- their moments, computed here from those images, design the
+    projections and grow the basis. ``moments_on_augmented=False``: the plain images."""
+    cfg = vit.get_config("ViT-Micro/4", num_classes=0)
+    backbone = Backbone(cfg)
+    frozen = vit.init_params(cfg, jax.random.key(0))
+    method = create_method("inflora", {"rank": 2, "moments_on_augmented": on_augmented},
+                           backbone, 4, 2)
+    trainable, state = method.init(jax.random.key(1), frozen)
+    rng = np.random.default_rng(2)
+    images = rng.uniform(-1, 1, (12, 16, 16, 1)).astype(np.float32)
+    labels = np.repeat([0, 1], 6)
+    view = lambda e: np.roll(images, 3 * e + 2, axis=1)  # a stand-in for random crops
+    seen = []
+    data = array_task_data(images, labels, augmented=lambda e: (seen.append(e), view(e))[1])
+    spec = task_spec(0, [[0, 1], [2, 3]], 4)
+
+    def moments(pixels, trainable):  # sum over images and tokens of x x^T, per block
+        blocks = method.features(trainable, frozen, pixels, output="features")["blocks"]
+        return [np.einsum("bnd,bne->de", *(np.asarray(b["attn_input"], np.float64),) * 2)
+                for b in blocks]
+
+    after_before, state = method.before_task(spec, trainable, state, frozen, data,
+                                             jax.random.key(3))
+    before_images = view(0) if on_augmented else images
+    for l, c in enumerate(moments(before_images, trainable)):
+        want = design_down_projection(c.astype(np.float32), np.zeros((c.shape[0], 0)), False, 2)
+        got = np.asarray(after_before["lora"][str(l)]["key"]["A"][0])
+        # singular vectors up to sign
+        np.testing.assert_allclose(np.abs(got), np.abs(want), rtol=1e-3, atol=1e-4)
+    _, new_state = method.after_task(spec, after_before, state, frozen, data, jax.random.key(4))
+    assert seen == ([0, 1] if on_augmented else [])
+    after_images = view(1) if on_augmented else images
+    threshold = gpm_threshold(0.95, 1.0, 0, 2)
+    for l, c in enumerate(moments(after_images, after_before)):
+        basis, retain = update_dual_gpm(c.astype(np.float32), np.zeros((c.shape[0], 0)), False,
+                                        threshold)
+        assert int(new_state["basis_width"][l]) == basis.shape[1]
+        assert bool(new_state["retain"][l]) == retain
 
 
 def _record_lora_ranks(monkeypatch) -> list:

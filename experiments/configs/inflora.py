@@ -25,8 +25,11 @@ Data (official ``utils/data.py:111-159`` CIFAR-100, ``:161-244`` ImageNet-R): tr
 images (``dataset.resample`` and ``augment.crop_resample`` ``'pil_bilinear'``); timm's exact
 GELU.
 
-Not reproduced: the input statistics are taken on un-augmented images (the
-official passes use the augmented loader); ImageNet-R is TFDS ``imagenet_r`` split 80/20
+Input statistics: both passes read the training images through the training augmentation,
+as the official ``_train`` loops over ``train_loader`` before and after the epochs
+(``method.moments_on_augmented``, the default).
+
+Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20
 (the official code splits the folder at random on its first run); the loop drops an
 epoch's last partial batch (kept officially). The official "+CA" configs (classifier alignment) are
 not here.

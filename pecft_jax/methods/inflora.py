@@ -6,15 +6,18 @@ block (rank 10, no ``alpha / r`` factor; the code's names: ``A`` the down-projec
 the up-projection -- the paper swaps the letters). Per task:
 
 * **Design ``A_t``** before training, from the current task's layer inputs ``x`` (the
-  LayerNorm output the query/key/value projections read, every token) under the model as it
-  is (earlier branches active): ``C = sum x x^T``; with ``M`` the stored basis of the old
-  tasks' input subspace, the top-``r`` left singular vectors of ``C - M M^T C`` (of ``C`` on
-  task 0; of ``M M^T C`` when ``M`` stores the complement, below), divided by ``sqrt 3``.
+  LayerNorm output the query/key/value projections read, every token; one pass over the
+  task's training images through the training augmentation, as the official code reads its
+  ``train_loader``) under the model as it is (earlier branches active): ``C = sum x x^T``;
+  with ``M`` the stored basis of the old tasks' input subspace, the top-``r`` left singular
+  vectors of ``C - M M^T C`` (of ``C`` on task 0; of ``M M^T C`` when ``M`` stores the
+  complement, below), divided by ``sqrt 3``.
   ``A_t`` is then frozen and shared by key and value: every update ``A_t dB`` lies in a
   subspace orthogonal to the old tasks' inputs, so it does not interfere with them.
 * **Train** only ``B_t`` (zero-initialised: the task starts at the previous model) and
   task ``t``'s linear head, cross-entropy over the task's classes (Adam, lr 5e-4).
-* **DualGPM** after training, on the inputs under the trained model: the basis grows by
+* **DualGPM** after training, on the inputs under the trained model (another augmented
+  pass, fresh draws, as the official second loop over ``train_loader``): the basis grows by
   the directions needed for the energy threshold ``lamb + (lame - lamb) t / T`` -- the
   energy of the code is the *squared* singular values of ``C`` -- and once it passes half
   the width it is replaced by its orthogonal complement ("retain": what is still free
@@ -40,8 +43,8 @@ per-token cost that does not grow with the tasks. Elsewhere (bf16 compute, a GPU
 the branches stay unfolded (the ``T r``-wide sum of ``peft.lora.task_lora_context``): a
 kernel rounded to fewer bits would round the small folded update away.
 
-Not the official code: the input statistics come from the task's un-augmented training
-images (the official passes use its augmented training loader).
+``moments_on_augmented=False`` takes both passes on the un-augmented images instead (in a
+run without augmentation the two are the same).
 """
 from __future__ import annotations
 
@@ -139,6 +142,9 @@ class InfLoRA(Method):
         rank: int = 10          # official json "rank" (CIFAR-100, ImageNet-R; DomainNet 30)
         lamb: float = 0.95      # official json "lamb" (ImageNet-R 0.98)
         lame: float = 1.0       # official json "lame"
+        # the input passes read the augmented training images (official: train_loader, built
+        # with the training transform, in _train before and after the epochs)
+        moments_on_augmented: bool = True
 
         def __post_init__(self):
             if not isinstance(self.rank, int) or self.rank <= 0:
@@ -231,6 +237,11 @@ class InfLoRA(Method):
             self.input_moments, jnp.zeros((layers, dim, dim), jnp.float32), trainable, frozen,
             additive=True)))
 
+    def _pass(self, data, epoch: int):
+        """The images of an input pass: a fresh augmentation per pass (``epoch`` 0 before
+        the task's steps, 1 after), or the plain ones."""
+        return data.augmented(epoch) if self.config.moments_on_augmented else data
+
     @staticmethod
     def _bases(state):
         basis, width, retain = (np.asarray(jax.device_get(state[k]))
@@ -239,7 +250,7 @@ class InfLoRA(Method):
 
     def before_task(self, task, trainable, state, frozen, data, rng):
         """Designs task ``t``'s down-projections from its inputs under the current model."""
-        moments = self._moments(trainable, frozen, data)
+        moments = self._moments(trainable, frozen, self._pass(data, epoch=0))
         lora = jax.tree_util.tree_map(np.array, jax.device_get(trainable["lora"]))
         for l, (basis, retain) in enumerate(self._bases(state)):
             down = design_down_projection(moments[l], basis, retain, self.config.rank)
@@ -250,7 +261,7 @@ class InfLoRA(Method):
     def after_task(self, task, trainable, state, frozen, data, rng):
         """Grows (or, as a complement, shrinks) every block's protected input subspace with
         the inputs of the task under the trained model."""
-        moments = self._moments(trainable, frozen, data)
+        moments = self._moments(trainable, frozen, self._pass(data, epoch=1))
         threshold = gpm_threshold(self.config.lamb, self.config.lame, task.index,
                                   self.num_tasks)
         layers, dim = moments.shape[0], moments.shape[1]
