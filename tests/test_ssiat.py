@@ -13,7 +13,7 @@ from pecft_jax.backbones import vit
 from pecft_jax.backbones.backbone import Backbone, load_backbone
 from pecft_jax.methods import create_method
 from pecft_jax.methods.base import count_params
-from pecft_jax.methods.ssiat import semantic_shift
+from pecft_jax.methods.ssiat import official_pairs, semantic_shift
 from pecft_jax.train.loop import train_and_evaluate
 
 from helpers import (array_task_data, load_experiment_config, task_checkpoints, task_spec,
@@ -55,11 +55,17 @@ def micro():
     return load_backbone("random:ViT-Micro/4")
 
 
-def test_after_task_shifts_old_means_and_adds_new_statistics(micro):
+@pytest.mark.parametrize("pairing", ["same_image", "official"])
+def test_after_task_shifts_old_means_and_adds_new_statistics(micro, pairing):
+    """The drift of the old class means is the official ``displacement``: 'same_image' on
+    each un-augmented image under the adapter before and after the task; 'official' on two
+    augmented views (view 0 before, view 1 after) paired by ``official_pairs``, as the
+    released code's two shuffled passes. The new classes' statistics are the plain images'
+    either way."""
     backbone, frozen = micro
     tasks = [[0, 1], [2, 3], [4, 5]]  # the third never runs: its heads must stay as drawn
-    method = create_method("ssiat", {"adapter": {"bottleneck_dim": 4}, "ca_samples": 8},
-                           backbone, 6, 3)
+    method = create_method("ssiat", {"adapter": {"bottleneck_dim": 4}, "ca_samples": 8,
+                                     "shift_pairing": pairing}, backbone, 6, 3)
     trainable, state = method.init(jax.random.key(0), frozen)
     rng = np.random.default_rng(0)
     data = []
@@ -83,13 +89,25 @@ def test_after_task_shifts_old_means_and_adds_new_statistics(micro):
         lambda x: x + 0.3 * jax.random.normal(jax.random.key(3), x.shape), trainable["adapter"])
     images, labels = data[1]
     head_before = np.asarray(trainable["head"]["kernel"])
+    view = lambda e: np.roll(images, 2 * e + 1, axis=1)  # stand-ins for two random crops
+    seen = []
+    task_data = array_task_data(images, labels,
+                                augmented=lambda e: (seen.append(e), view(e))[1])
     trainable, state = method.after_task(task_spec(1, tasks), trainable, state, frozen,
-                                         array_task_data(images, labels), jax.random.key(4))
+                                         task_data, jax.random.key(4))
     head = np.asarray(trainable["head"]["kernel"])
     assert not np.array_equal(head[:, :4], head_before[:, :4])  # re-trained on the Gaussians
     np.testing.assert_array_equal(head[:, 4:], head_before[:, 4:])  # later tasks' untouched
-    y1, y2 = feats(before, images), feats(trainable["adapter"], images)
-    shift = reference_shift(y1, y2, means0[:2], 4.0)
+    y2 = feats(trainable["adapter"], images)
+    if pairing == "same_image":
+        assert seen == []
+        shift = reference_shift(feats(before, images), y2, means0[:2], 4.0)
+    else:
+        assert seen == [0, 1]
+        pairs = official_pairs(jax.random.fold_in(jax.random.key(4), 1), len(images))
+        assert sorted(pairs) == list(range(len(images))) and np.any(pairs != np.arange(32))
+        shift = reference_shift(feats(before, view(0)),
+                                feats(trainable["adapter"], view(1))[pairs], means0[:2], 4.0)
     assert np.abs(shift).max() > 1e-3
     np.testing.assert_allclose(state["stats"]["mean"][:2], means0[:2] + shift, rtol=1e-4,
                                atol=1e-5)
@@ -157,3 +175,5 @@ def test_paper_configuration_sizes_and_values():
             c.method.ca_epochs) == (20, 10, 0.01, 48, 5e-4, 20.0, 0.0, 5)
     assert c.scenario.class_order == "pycil" and tuple(c.backbone.std) == (1.0,)
     assert load_experiment_config("ssiat", "cifar100").scenario.num_tasks == 5  # B0 Inc20
+    assert c.method.shift_pairing == "official"  # SSITA_adapter.py: two train_loader passes
+    assert load_experiment_config("ssiat", "split_mnist").method.shift_pairing == "same_image"

@@ -26,11 +26,15 @@ Algorithm, per task ``t``:
 
 Prediction: argmax of ``cos(f(x), w_c)`` over the seen classes.
 
-Where this follows the paper rather than the released code: the official code takes ``y1``
-and ``y2`` from two passes of its *shuffled, augmented* training loader, so row ``i`` of the
-two is usually two different images; here both come from one pass over the same
-un-augmented images (the pairing the paper's figure shows), computed on the devices in
-one :meth:`TaskData.reduce` with the adapter from before the task kept in the state.
+Pairing of ``y1`` and ``y2``: the official code takes them from two passes of its
+*shuffled, augmented* training loader (``SSITA_adapter.py`` ``incremental_train``), so row
+``i`` of the two is usually two different images under two different crops.
+``shift_pairing='same_image'`` (the default) pairs each un-augmented image with itself, the
+drift the paper's figure shows, computed on the devices in one :meth:`TaskData.reduce` with
+the adapter from before the task kept in the state; ``'official'`` (the paper configs)
+takes ``y1`` from one augmented pass under the earlier adapter and ``y2`` from another under
+the trained one, paired in a random order (:func:`official_pairs`): the released code's
+estimator, in distribution.
 
 Trainable: the shared adapter and the ``(D, C)`` cosine head. State: the class statistics
 (shifted means, covariances, counts; kept out of the compiled steps) and the adapter as it
@@ -43,8 +47,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from pecft_jax import peft
+from pecft_jax import compiler, peft
 from pecft_jax.methods import statistics as stats_lib
 from pecft_jax.methods.base import Method, TaskSpec, config_field
 from pecft_jax.peft.prompt_pool import cosine_similarity
@@ -66,6 +71,16 @@ def semantic_shift(carry: dict, before: Array, after: Array, means: Array, weigh
             "den": carry["den"] + w.sum(-1)}
 
 
+SHIFT_PAIRINGS = ("same_image", "official")
+
+
+def official_pairs(key: Array, n: int) -> np.ndarray:
+    """The row of the second pass paired with each row of the first, ``(n,)``: a uniformly
+    random permutation (the two passes of a shuffled loader meet in independent orders)."""
+    seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
+    return np.random.default_rng(seed).permutation(n)
+
+
 class SSIAT(Method):
     name = "ssiat"
     train_class_mask = "task"  # the official loss: logits[:, known:] (current task only)
@@ -82,6 +97,8 @@ class SSIAT(Method):
         incremental_epochs: Optional[int] = 10  # json inc_epochs; task 0: train.epochs (20)
         shift: bool = True                # official json "ssca"
         shift_sigma: float = 4.0          # official SSITA_adapter.py: sigma=4.0
+        # 'same_image' (the paper's drift) or 'official' (two shuffled augmented passes)
+        shift_pairing: str = "same_image"
         ca_epochs: int = 5                # official json "ca_epochs"; 0 = no re-training
         ca_samples: int = 256             # official base.py: num_sampled_pcls
         ca_lr: float = 0.01               # official: init_lr
@@ -91,6 +108,9 @@ class SSIAT(Method):
         mean_decay: float = 0.1           # official base.py: mean * (0.9 + 0.1 (t_c+1)/(t+1))
 
         def __post_init__(self):
+            if self.shift_pairing not in SHIFT_PAIRINGS:
+                raise ValueError(f"ssiat shift_pairing must be one of {SHIFT_PAIRINGS}, got "
+                                 f"{self.shift_pairing!r}")
             if self.scale <= 0 or self.shift_sigma <= 0:
                 raise ValueError(f"ssiat scale and shift_sigma must be > 0, got {self.scale} "
                                  f"and {self.shift_sigma}")
@@ -105,6 +125,7 @@ class SSIAT(Method):
     def __init__(self, config, backbone, num_classes, num_tasks):
         super().__init__(config, backbone, num_classes, num_tasks)
         c = self.config
+        self._shift = compiler.jit(semantic_shift, static_argnums=5)
         self._alignment = stats_lib.alignment_fit(
             self.scaled_cosine, learning_rate=c.ca_lr, epochs=max(1, c.ca_epochs),
             samples=c.ca_samples, momentum=c.ca_momentum, weight_decay=c.ca_weight_decay)
@@ -169,15 +190,22 @@ class SSIAT(Method):
         c, t = self.config, task.index
         stats = jax.device_get(state["stats"])
         if t > 0 and c.shift:
-            old = jnp.asarray(stats["count"] > 0, jnp.float32)
-            dim = self.backbone.feature_dim
-            drift = data.reduce(self.drift_pass,
-                                {"num": jnp.zeros((self.num_classes, dim), jnp.float32),
-                                 "den": jnp.zeros((self.num_classes,), jnp.float32)},
-                                state["adapter_before"], trainable["adapter"], frozen,
-                                jnp.asarray(stats["mean"]), additive=True)
-            shift = jax.device_get(drift["num"] / jnp.maximum(drift["den"], 1e-30)[:, None])
-            stats = dict(stats, mean=stats["mean"] + shift * jax.device_get(old)[:, None])
+            old = stats["count"] > 0
+            sums = {"num": np.zeros((self.num_classes, self.backbone.feature_dim), np.float32),
+                    "den": np.zeros((self.num_classes,), np.float32)}
+            before, after = state["adapter_before"], trainable["adapter"]
+            if c.shift_pairing == "same_image":
+                drift = data.reduce(self.drift_pass, sums, before, after, frozen,
+                                    jnp.asarray(stats["mean"]), additive=True)
+            else:  # the official two passes (a fold_in: the alignment keeps ``rng``)
+                y1, _ = data.augmented(0).map(self.feature_pass, before, frozen)
+                y2, _ = data.augmented(1).map(self.feature_pass, after, frozen)
+                y2 = y2[official_pairs(jax.random.fold_in(rng, 1), len(y2))]
+                drift = self._shift(sums, y1, y2, stats["mean"], np.ones(len(y1), np.float32),
+                                    c.shift_sigma)
+            drift = jax.device_get(drift)
+            shift = drift["num"] / np.maximum(drift["den"], 1e-30)[:, None]
+            stats = dict(stats, mean=stats["mean"] + shift * old[:, None])
         features, labels = data.map(self.feature_pass, trainable["adapter"], frozen)
         stats = stats_lib.update_statistics(stats, features, labels, task.classes)
         head = trainable["head"]
