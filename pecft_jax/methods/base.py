@@ -315,10 +315,13 @@ class TaskData:
         task;
         ``compiled`` is the run's cache of compiled passes (shared across tasks);
         ``augmented_batches(epoch)`` yields the same examples through the training
-        augmentation, a fresh draw for each ``epoch`` (see :meth:`augmented`); ``augments``
-        says whether that view differs from the plain one (False: the run does not
-        augment, and both views yield the same images)."""
+        augmentation, a fresh draw for each ``epoch`` (see :meth:`augmented`; without it the
+        augmented view is the plain one); ``augments`` says whether that view differs from
+        the plain one (False: the run does not augment, and both views yield the same
+        images)."""
         self._batches = batches
+        if augments and augmented_batches is None:
+            raise ValueError("TaskData(augments=True) needs the augmented_batches to read")
         self._augmented_batches = augmented_batches
         self.augments = bool(augments)
         self.num_examples = int(num_examples)
@@ -339,8 +342,8 @@ class TaskData:
         fresh draws after another). The draws come from the run's seed, the task and
         ``epoch``, so every call, and a resumed run, sees the same augmented images for
         the same epoch, and each epoch other ones."""
-        if self._augmented_batches is None:
-            raise ValueError("this TaskData was built without an augmented view")
+        if self._augmented_batches is None:  # built without augmentation: the plain view
+            return self
         return TaskData(functools.partial(self._augmented_batches, int(epoch)),
                         self.num_examples, shard=self._shard, gather=self._gather,
                         replicated=self._replicated, capacity=self.capacity,
