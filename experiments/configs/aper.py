@@ -33,10 +33,13 @@ decay, ``CosineAnnealingLR(T_max=epochs, eta_min=0)`` stepped per epoch; class o
 The papers' headline table is B0 Inc5 (RevisitingCIL ``exps/aper_*/*_5_5_*.json``; EASE's
 Table 1 reprints it): ImageNet-21k ViT-B/16, average / last accuracy -- CIFAR-100 adapter
 90.65 / 85.15, SSF 87.78 / 81.98, VPT-deep 88.46 / 82.17, VPT-shallow 90.43 / 84.57,
-finetune 87.67 / 81.27; ImageNet-R adapter 72.35 / 64.33, SSF 68.94 / 60.60, VPT-deep
-68.79 / 60.48, VPT-shallow 66.63 / 58.32, finetune 70.51 / 62.42. For the B0 Inc10 / Inc20
-splits above no number is published; LAMDA-PILOT's README shows curves only (its
-ImageNet-1k configs).
+finetune 87.67 / 81.27; ImageNet-R adapter 72.35 / 64.33, SSF 68.94 / 60.60, VPT-deep 68.79
+/ 60.48, VPT-shallow 66.63 / 58.32, finetune 70.51 / 62.42. For the B0 Inc10 / Inc20 splits
+above no number is published; LAMDA-PILOT's README shows curves only (its ImageNet-1k
+configs). "last" is PyCIL's top-1 over every test image of the classes seen, "average" its
+mean over the steps: compare with ``metrics.pooled_accuracy`` and
+``pooled_incremental_accuracy`` (``average_accuracy`` averages the tasks' accuracies
+instead).
 
 Data (the official ``utils/data.py`` ``build_transform``, set by ``pycil_protocol``):
 training ``RandomResizedCrop(224, scale=(0.05, 1))`` (bilinear) + flip; test and prototype

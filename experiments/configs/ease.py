@@ -25,6 +25,10 @@ this backbone), inputs in [0, 1] (the official transforms end with ``ToTensor()`
   Official logs: average 81.74, last 76.17 (82.60 / 77.33 with the ImageNet-1k backbone);
   the paper's table reports B0 Inc5 only (78.31 / 70.58).
 
+"last" is PyCIL's top-1 over every test image of the classes seen, "average" its mean over
+the steps: compare with ``metrics.pooled_accuracy`` and ``pooled_incremental_accuracy``
+(``average_accuracy`` averages the tasks' accuracies instead).
+
 Data (the official ``utils/data.py`` ``build_transform``, set by ``pycil_protocol``):
 training ``RandomResizedCrop(224, scale=(0.05, 1))`` (bilinear) + flip; test and prototype
 passes ``Resize(256, interpolation=3)`` (bicubic) + ``CenterCrop(224)``; torchvision on PIL

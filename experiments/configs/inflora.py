@@ -19,6 +19,11 @@ lr 5e-4, no weight decay, batch 128, the official per-epoch ``CosineSchedule``
 * ``imagenet_r`` (10 tasks): 50 epochs, ``lamb`` 0.98. Official logs: last 75.34 +- 0.22,
   average 80.60 (paper: 75.65 +- 0.14 / 80.82).
 
+"last" is the official ``_evaluate``'s top-1 (``utils/toolkit.py``) over every test image of
+the classes seen, "average" its mean over the steps: compare with
+``metrics.pooled_accuracy`` and ``pooled_incremental_accuracy`` (``average_accuracy``
+averages the tasks' accuracies instead).
+
 Data (official ``utils/data.py:111-159`` CIFAR-100, ``:161-244`` ImageNet-R): training
 ``RandomResizedCrop(224)`` (scale (0.08, 1)) + flip; test ``Resize(224)`` on CIFAR-100,
 ``Resize(256)`` + ``CenterCrop(224)`` on ImageNet-R; torchvision's default bilinear on PIL

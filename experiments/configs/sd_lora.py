@@ -23,6 +23,10 @@ order ``np.random.seed(seed); np.random.permutation`` (``'pycil'``):
   paper Table 2, last 77.34 +- 0.35, average 82.04 +- 0.24 (SD-LoRA-RR 77.18 / 81.74);
   log 78.17 / 82.59.
 
+"last" is PyCIL's top-1 over every test image of the classes seen, "average" its mean over
+the steps: compare with ``metrics.pooled_accuracy`` and ``pooled_incremental_accuracy``
+(``average_accuracy`` averages the tasks' accuracies instead).
+
 Data (the official ``utils/data.py`` ``build_transform``, set by ``pycil_protocol``):
 training ``RandomResizedCrop(224, scale=(0.05, 1))`` (bilinear) + flip; test passes
 ``Resize(256, interpolation=3)`` (bicubic) + ``CenterCrop(224)``; torchvision on PIL images
