@@ -72,6 +72,33 @@ def array_task_data(images, labels, batch=8, num_devices=None, augmented=None):
                     augments=augmented is not None)
 
 
+def first_gradient_step(config, workdir):
+    """The loop's pieces for task 0's first training batch, without training: a namespace
+    of ``method``, ``frozen``, ``spec``, ``trainable``, ``state`` (initialised with key 0),
+    the task's ``optimizer`` (one epoch), its ``learning`` leaves, the batch's ``grads`` and
+    ``aux`` (key 1) and the optimizer's first ``updates`` from a fresh state."""
+    import types
+    import jax
+    import jax.numpy as jnp
+    from pecft_jax.train.loop import ContinualTrainer
+    trainer = ContinualTrainer(config, str(workdir))
+    try:
+        spec = trainer.task_spec(0)
+        trainable, state = trainer.method.init(jax.random.key(0), trainer.frozen)
+        optimizer = trainer.optimizer(spec, trainable, trainer.tasks[0], 1)
+        learning, _ = optimizer.split(trainable)
+        batch = next(iter(trainer.task_data(trainer.tasks[0])._batches()))
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        grads, aux = trainer.method.gradients(trainable, state, trainer.frozen, batch,
+                                              jax.random.key(1), spec, optimizer)
+        updates, _ = optimizer.transform.update(grads, optimizer.init(trainable), learning)
+    finally:
+        trainer.close()
+    return types.SimpleNamespace(method=trainer.method, frozen=trainer.frozen, spec=spec,
+                                 trainable=trainable, state=state, optimizer=optimizer,
+                                 learning=learning, grads=grads, aux=aux, updates=updates)
+
+
 def class_dependent_tasks(tasks, per_class, seed=0):
     """Per task ``(images (N, 16, 16, 1) float32, labels (N,))`` for ViT-Micro/4: noise
     shifted by the class id, so that a classifier has something to learn."""

@@ -19,7 +19,8 @@ from pecft_jax.train.compilation import CompileMonitor
 from pecft_jax.methods.base import count_params
 from pecft_jax.train.loop import train_and_evaluate
 
-from helpers import array_task_data, load_experiment_config, task_spec, tiny_config
+from helpers import (array_task_data, first_gradient_step, load_experiment_config,
+                     task_spec, tiny_config)
 
 
 def load_config(arg):
@@ -373,24 +374,12 @@ def test_the_loops_clipping_takes_one_norm_over_prompts_and_head(tmp_path):
     head's gradients by one norm over both -- the official engine's
     ``clip_grad_norm_(model.parameters(), max_norm)`` -- before the head's tenth of the
     rate. SGD at rate 1 makes the update the clipped gradient itself."""
-    from pecft_jax.train.loop import ContinualTrainer
     config = tiny_hide()
     config.train.optimizer = "sgd"
     config.train.learning_rate = 1.0
     config.train.grad_clip_norm = 1e-3  # far below the gradients' norm: always clipping
-    trainer = ContinualTrainer(config, str(tmp_path))
-    try:
-        spec = trainer.task_spec(0)
-        trainable, state = trainer.method.init(jax.random.key(0), trainer.frozen)
-        optimizer = trainer.optimizer(spec, trainable, trainer.tasks[0], 1)
-        learning, _ = optimizer.split(trainable)
-        batch = next(iter(trainer.task_data(trainer.tasks[0])._batches()))
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        grads, _ = trainer.method.gradients(trainable, state, trainer.frozen, batch,
-                                            jax.random.key(1), spec, optimizer)
-        updates, _ = optimizer.transform.update(grads, optimizer.init(trainable), learning)
-    finally:
-        trainer.close()
+    step = first_gradient_step(config, tmp_path)
+    grads, updates = step.grads, step.updates
     norm = lambda tree: math.sqrt(sum(float(np.sum(np.square(np.asarray(x))))
                                       for x in jax.tree_util.tree_leaves(tree)))
     total = math.hypot(norm(grads["prompts"]), norm(grads["head"]))
@@ -399,7 +388,7 @@ def test_the_loops_clipping_takes_one_norm_over_prompts_and_head(tmp_path):
     for got, g in zip(jax.tree_util.tree_leaves(updates["prompts"]),
                       jax.tree_util.tree_leaves(grads["prompts"])):
         np.testing.assert_allclose(got, -scale * np.asarray(g), rtol=1e-4, atol=1e-12)
-    head_rate = trainer.method.config.head_lr_scale
+    head_rate = step.method.config.head_lr_scale
     for got, g in zip(jax.tree_util.tree_leaves(updates["head"]),
                       jax.tree_util.tree_leaves(grads["head"])):
         np.testing.assert_allclose(got, -head_rate * scale * np.asarray(g), rtol=1e-4,

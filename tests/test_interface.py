@@ -18,7 +18,7 @@ from pecft_jax.train.checkpoint import Checkpointer
 from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
 
 from helpers import (Interrupted, array_task_data, assert_same_task_checkpoint,
-                     crash_at_training_batch, tiny_config)
+                     crash_at_training_batch, first_gradient_step, tiny_config)
 
 
 # ------------------------------------------------------------------ TaskData.reduce / map
@@ -438,24 +438,13 @@ def test_lr_mults_scale_the_backbone_step_and_frozen_leaves_never_enter_grad(tmp
     config.train.learning_rate = 0.1
     config.train.lr_mults = (("^backbone/Transformer/encoderblock_0/", 0.0),
                              ("^backbone/", 0.01))
-    trainer = ContinualTrainer(config, str(tmp_path))
-    try:
-        spec = trainer.task_spec(0)
-        trainable, state = trainer.method.init(jax.random.key(0), trainer.frozen)
-        optimizer = trainer.optimizer(spec, trainable, trainer.tasks[0], 1)
-        learning, fixed = optimizer.split(trainable)
-        block0 = learning["backbone"]["Transformer"]["encoderblock_0"]
-        assert all(x is None for x in jax.tree_util.tree_leaves(
-            block0, is_leaf=lambda x: x is None))  # not differentiated at all
-        batch = next(iter(trainer.task_data(trainer.tasks[0])._batches()))
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        grads, aux = trainer.method.gradients(trainable, state, trainer.frozen, batch,
-                                              jax.random.key(1), spec, optimizer)
-        updates, _ = optimizer.transform.update(grads, optimizer.init(trainable), learning)
-        new, _, _, _ = trainer.method.apply_gradients(
-            trainable, state, optimizer.init(trainable), grads, aux, optimizer)
-    finally:
-        trainer.close()
+    step = first_gradient_step(config, tmp_path)
+    trainable, grads, updates = step.trainable, step.grads, step.updates
+    block0 = step.learning["backbone"]["Transformer"]["encoderblock_0"]
+    assert all(x is None for x in jax.tree_util.tree_leaves(
+        block0, is_leaf=lambda x: x is None))  # not differentiated at all
+    new, _, _, _ = step.method.apply_gradients(
+        trainable, step.state, step.optimizer.init(trainable), grads, step.aux, step.optimizer)
     path = ("backbone", "Transformer", "encoderblock_1", "MlpBlock_3", "Dense_0", "kernel")
     get = lambda tree: tree[path[0]][path[1]][path[2]][path[3]][path[4]][path[5]]
     g = np.asarray(get(grads))
