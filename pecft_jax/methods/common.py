@@ -23,6 +23,12 @@ def num_examples(inputs) -> int:
     return jax.tree_util.tree_leaves(inputs)[0].shape[0]
 
 
+def host_seed(key: jax.Array) -> int:
+    """A numpy seed drawn from a JAX key, for the host-side randomness of a method's
+    after-task work (k-means, a shuffled pairing or split): the same key, the same seed."""
+    return int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
+
+
 def frozen_query(backbone: Backbone, frozen, batch: Mapping[str, jax.Array]) -> jax.Array:
     """q(x): the frozen, un-prompted pretrained model's [CLS] feature of ``batch['inputs']``,
     without gradient -- or ``batch['frozen_query']`` when the loop precomputed it (fixed,

@@ -83,7 +83,7 @@ from pecft_jax.methods import statistics as stats_lib
 from pecft_jax.methods.base import (Method, TaskData, TaskSpec, apply_linear_head,
                                     count_params, init_linear_head, mask_current_task,
                                     mask_logits)
-from pecft_jax.methods.common import frozen_query
+from pecft_jax.methods.common import frozen_query, host_seed
 from pecft_jax.peft.per_task import init_per_task
 from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
 
@@ -408,7 +408,7 @@ class HiDePrompt(Method):
 
         out, labels = data.map(self.feature_pass, frozen, prompt_t)
         k_seed, k_tii, k_tii_align, k_tap = jax.random.split(rng, 4)
-        seed = int(jax.random.randint(k_seed, (), 0, 2 ** 31 - 1))
+        seed = host_seed(k_seed)
         tii_stats = stats_lib.update_statistics(jax.device_get(state["tii_stats"]),
                                                 out["frozen"], labels, task.classes, seed=seed)
         tap_stats = stats_lib.update_statistics(jax.device_get(state["tap_stats"]),

@@ -38,7 +38,7 @@ import numpy as np
 
 from pecft_jax import compiler, peft
 from pecft_jax.methods.base import Method, TaskSpec, config_field, count_params
-from pecft_jax.methods.common import cached_fixed_features, frozen_query
+from pecft_jax.methods.common import cached_fixed_features, frozen_query, host_seed
 from pecft_jax.methods.first_session import ADAPTATIONS, FirstSession
 
 Array = jax.Array
@@ -72,8 +72,7 @@ def fit_split(num_examples: int, fraction: float, rng: Array) -> np.ndarray:
     """Which of a task's examples fit the head while lambda is chosen: a random
     ``int(fraction * n)`` of them (the official code takes the first 80% of a shuffled
     loader); the rest are held out."""
-    seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
-    order = np.random.default_rng(seed).permutation(num_examples)
+    order = np.random.default_rng(host_seed(rng)).permutation(num_examples)
     fit = np.zeros(num_examples, bool)
     fit[order[:int(num_examples * fraction)]] = True
     return fit

@@ -38,7 +38,7 @@ import numpy as np
 
 from pecft_jax.methods import statistics as stats_lib
 from pecft_jax.methods.base import Method, TaskSpec, init_linear_head, mask_current_task
-from pecft_jax.methods.common import frozen_query
+from pecft_jax.methods.common import frozen_query, host_seed
 from pecft_jax.backbones.context import LayerPEFT, PEFTContext
 from pecft_jax.peft.prompt_pool import l2_normalize
 from pecft_jax.peft.per_task import init_per_task
@@ -157,7 +157,7 @@ class SPrompts(Method):
         source = data.augmented() if self.config.kmeans_on_augmented else data
         features, _ = source.map(self.query_pass, frozen)
         k = min(self.config.num_centroids, features.shape[0])
-        seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
+        seed = host_seed(rng)
         centers, _, _ = stats_lib.kmeans(features, k, seed=seed, n_init=self.config.kmeans_n_init)
         centroids = np.array(state["centroids"])
         valid = np.array(state["centroid_valid"])

@@ -52,6 +52,7 @@ import numpy as np
 from pecft_jax import compiler, peft
 from pecft_jax.methods import statistics as stats_lib
 from pecft_jax.methods.base import Method, TaskSpec, config_field
+from pecft_jax.methods.common import host_seed
 from pecft_jax.peft.prompt_pool import cosine_similarity
 
 Array = jax.Array
@@ -77,8 +78,7 @@ SHIFT_PAIRINGS = ("same_image", "official")
 def official_pairs(key: Array, n: int) -> np.ndarray:
     """The row of the second pass paired with each row of the first, ``(n,)``: a uniformly
     random permutation (the two passes of a shuffled loader meet in independent orders)."""
-    seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
-    return np.random.default_rng(seed).permutation(n)
+    return np.random.default_rng(host_seed(key)).permutation(n)
 
 
 class SSIAT(Method):
