@@ -132,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 1
     c.train.batch_size = 64
+    # an epoch's last partial batch: dropped (True: TF's drop_remainder, the L2P / DualPrompt
+    # JAX code's) or kept (False: PyTorch's DataLoader default), padded to batch_size and
+    # masked out of the losses, so every step keeps one shape. Set per paper config.
+    c.train.drop_last = True
     c.train.optimizer = "adam"
     c.train.learning_rate = 1e-3
     # 'constant' | 'cosine' (per step) | 'cosine_epochs' | 'multistep_epochs' (x train.lr_decay,
@@ -241,6 +245,8 @@ _RANGES = (
     ("scenario.num_tasks", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("train.epochs", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = no gradient steps)"),
     ("train.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("train.drop_last", lambda v: isinstance(v, bool),
+     "True (drop an epoch's last partial batch) or False (keep it)"),
     ("eval.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("train.learning_rate", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     ("train.warmup_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
@@ -353,7 +359,8 @@ def flatten_config(tree: collections.abc.Mapping, keep_empty: bool = True,
 # still resume (loop.config_hash); set otherwise it is part of the run's identity.
 HASHED_ONLY_WHEN_SET = {"eval.future_tasks": False, "eval.fwt_reference": "",
                         "eval.class_il_classes": "seen",
-                        "augment.crop_sampler": "torchvision", "matmul_precision": "default"}
+                        "augment.crop_sampler": "torchvision", "matmul_precision": "default",
+                        "train.drop_last": True}
 
 
 def check_wandb_installed(config: ml_collections.ConfigDict) -> None:
@@ -646,12 +653,14 @@ def pycil_protocol(c: ml_collections.ConfigDict, checkpoint: str, *,
     ``std=(1,)``) unless the code normalises (SLCA); timm's exact GELU; classes in the order
     ``np.random.seed(seed); np.random.permutation(C)`` (``scenario.class_order='pycil'``),
     or in their own order where the official config says ``"shuffle": false``
-    (``'identity'``)."""
+    (``'identity'``); an epoch's last partial batch kept (``train.drop_last=False``: their
+    ``DataLoader``s leave ``drop_last`` at its default)."""
     official_protocol(c, checkpoint, mean=mean, std=std, crop_scale=crop_scale,
                       resize_short=resize_short, brightness=brightness,
                       class_order="pycil" if shuffle else "identity", resample=resample,
                       crop_resample=crop_resample)
     c.scenario.seed = seed
+    c.train.drop_last = False
     return c
 
 

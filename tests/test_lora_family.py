@@ -218,7 +218,7 @@ def _loss_beside_unfolded(method, trainable, frozen, batch, spec, unfolded):
         lambda tr: method.loss(tr, {}, frozen, batch, jax.random.key(2), spec),
         has_aux=True)(trainable)
     want, want_grads = jax.value_and_grad(
-        lambda tr: method.masked_ce(unfolded(tr), batch["label"], spec))(trainable)
+        lambda tr: method.masked_ce(unfolded(tr), batch, spec))(trainable)
     return loss, grads, want, want_grads
 
 

@@ -141,6 +141,37 @@ OFFICIAL = {
         "scenario.class_order": "identity"}).items() if k != "scenario.seed"},
 }
 
+# train.drop_last: whether the official training loader drops an epoch's last partial batch
+DROP_LAST = {
+    "l2p": True, "dualprompt": True,  # clu create_dataset's drop_remainder=True default
+    # (libml/input_pipeline.py:541-553)
+    "coda_prompt": True,  # trainer.py:185 drop_last=True
+    "lae": True,  # libml/data/dataloader.py:15,27
+    # DataLoader's default drop_last=False: HiDe-Prompt datasets.py:107-112, S-Prompts
+    # methods/sprompt.py:62-63, the PyCIL lineage (APER models/aper_adapter.py:77, EASE
+    # models/ease.py:237, SSIAT models/SSITA_adapter.py:73, SD-LoRA models/sdlora.py:45-47,
+    # RanPAC RanPAC.py:166, SLCA models/slca.py:98, InfLoRA methods/inflora.py:75-76),
+    # Progressive Prompts BERT_codebase/dataset_utils.py:178; O-LoRA: HF Trainer's
+    # dataloader_drop_last=False
+    **dict.fromkeys(("hide_prompt", "s_prompts", "simplecil", "aper", "ease", "ssiat",
+                     "sd_lora", "ranpac", "slca", "inflora", "progressive_prompts", "o_lora"),
+                    False),
+}
+
+
+@pytest.mark.parametrize("name, arg", sorted(set(OFFICIAL) | {
+    ("o_lora", "cifar100"), ("progressive_prompts", "bert_order4")}))
+def test_paper_configs_keep_or_drop_the_last_partial_batch_as_the_official_loader(name, arg):
+    assert load_experiment_config(name, arg).train.drop_last is DROP_LAST[name]
+
+
+@pytest.mark.parametrize("name", sorted(DROP_LAST))
+def test_the_demos_drop_the_last_partial_batch(name):
+    """The demos keep the library's default (their README figures were measured so)."""
+    arg = "wordnet" if name == "progressive_prompts" else (
+        "domain_mnist" if name == "s_prompts" else "split_mnist")
+    assert load_experiment_config(name, arg).train.drop_last is True
+
 
 def _get(config, dotted):
     value = config

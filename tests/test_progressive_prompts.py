@@ -115,7 +115,7 @@ def test_task_ts_step_carries_the_prompts_learnt_so_far_and_no_others(micro, bat
         every = state["prompt_tokens"].at[1].set(method._current_prompt(tr, params, 1))
         every = jnp.broadcast_to(every, (4,) + every.shape)
         logits = method._head(tr["head"], method._encode(params, inputs, every, 1), 1)
-        return method.masked_ce(logits, labels, _spec(1))
+        return method.masked_ce(logits, {"label": labels}, _spec(1))
     want, want_grads = jax.value_and_grad(masked)(trainable)
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
     for got, expected in zip(jax.tree_util.tree_leaves(grads),

@@ -48,7 +48,8 @@ images (``augment.crop_resample='pil_bilinear'``, ``dataset.resample='pil_bicubi
 ``ToTensor()`` alone, so pixels in [0, 1]; timm's exact GELU.
 
 Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20, not the authors' train/test
-folders; the official loaders keep an epoch's last partial batch (dropped here).
+folders. An epoch's last partial batch is kept, as the official loaders keep it
+(``train.drop_last=False``, ``pycil_protocol``).
 """
 from pecft_jax.configs import (VIT_B16_AUGREG_IN1K, VIT_B16_AUGREG_IN21K, benchmark,
                                pycil_protocol, with_method_defaults)

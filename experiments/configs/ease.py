@@ -36,7 +36,8 @@ images (``augment.crop_resample='pil_bilinear'``, ``dataset.resample='pil_bicubi
 ``ToTensor()`` alone, so pixels in [0, 1]; timm's exact GELU.
 
 Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20, not the authors' train/test
-folders; the official loader keeps an epoch's last partial batch (dropped here).
+folders. An epoch's last partial batch is kept, as the official loader keeps it
+(``train.drop_last=False``, ``pycil_protocol``; ``models/ease.py:237``).
 """
 from pecft_jax.configs import (VIT_B16_AUGREG_IN21K, benchmark, pycil_protocol,
                                with_method_defaults)

@@ -35,9 +35,9 @@ as the official ``_train`` loops over ``train_loader`` before and after the epoc
 (``method.moments_on_augmented``, the default).
 
 Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20
-(the official code splits the folder at random on its first run); the loop drops an
-epoch's last partial batch (kept officially). The official "+CA" configs (classifier alignment) are
-not here.
+(the official code splits the folder at random on its first run). The official "+CA"
+configs (classifier alignment) are not here. An epoch's last partial batch is kept, as the
+official loader keeps it (``train.drop_last=False``; ``methods/inflora.py:75-76``).
 """
 from pecft_jax.configs import (TEXT_BENCHMARKS, VIT_B16_AUGREG_IN21K, benchmark, pycil_protocol,
                                with_method_defaults)

@@ -27,8 +27,11 @@
   ``decode_and_random_resized_crop``: ``augment.crop_sampler='tf'``), flip;
   test images squashed to 256 x 256, central 224 crop (``input_pipeline.py``), all
   resized by TF's bilinear ``tf.image.resize`` (``dataset.resample='bilinear'``); tanh GELU
-  (flax ``nn.gelu``). Not reproduced: the JPEG re-encoding of training images, the dropped
-  last partial test batch.
+  (flax ``nn.gelu``); full training batches only (``train.drop_last``, the default: clu's
+  ``create_dataset`` drops the remainder, ``libml/input_pipeline.py:541-553``). Not
+  reproduced: the JPEG re-encoding of training images, the dropped last partial test
+  batch, the batches' crossing of epoch boundaries (the code batches the task's examples
+  repeated over all epochs; the same number of steps: REPRODUCING.md).
 * evaluation: the class-IL prediction is the argmax over all 100 classes, as the official
   ``eval_step`` takes it (``eval.class_il_classes='all'``): the columns of classes not
   learnt yet keep their zero logits (zero initialisation, zero gradient), so an example

@@ -9,8 +9,9 @@ is text generation with T5-large; no vision setting is published. These configs 
 method values over unchanged -- LoRA rank 8, lora_alpha 32, dropout 0.1 on query and value,
 lambda_1 0.5, lambda_2 0, the LoRA's gradient clipped at 1 (the method's defaults), AdamW
 lr 1e-3 without weight decay, a constant rate, batch 64 (the scripts' 8 per device x 8), one epoch
-per task -- and add what a classification ViT needs: a linear head (our choice, see the
-method), ViT-B/16 ImageNet-21k (AugReg
+per task, an epoch's last partial batch kept (HF Trainer's ``dataloader_drop_last`` is
+False: ``train.drop_last=False``) -- and add what a classification ViT needs: a linear head
+(our choice, see the method), ViT-B/16 ImageNet-21k (AugReg
 ``B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz``) with its own
 normalisation (mean = std = 0.5), the benchmarks' default class order and augmentation.
 CIFAR-100 / ImageNet-R have no official O-LoRA figure (third-party ViT runs exist with
@@ -43,5 +44,6 @@ def get_config(arg: str = "split_mnist"):
     c.train.learning_rate = 1e-3
     c.train.epochs = 1
     c.train.batch_size = 64
+    c.train.drop_last = False  # HF Trainer's dataloader_drop_last defaults to False
     c.backbone.checkpoint = VIT_B16_AUGREG_IN21K
     return with_method_defaults(c)

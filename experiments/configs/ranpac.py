@@ -42,8 +42,9 @@ the authors' pre-split train/test folders; the class order is the official
 Repository tables (``paper_tables/Table_data_main_*.csv``, final average accuracy):
 CIFAR-100 92.2, ImageNet-R 77.9 -- the mean of the per-task accuracies after the last task
 (``trainer.py``'s ``ave_acc`` of ``acc_grouped``): ``metrics.average_accuracy`` here, not
-the pooled accuracy PyCIL also logs. Training drops an epoch's last partial batch (the
-official loader keeps it: 8 images a CIFAR epoch at batch 48).
+the pooled accuracy PyCIL also logs. Training keeps an epoch's last partial batch, as the
+official loader does (``RanPAC.py:166``; 8 images a CIFAR epoch at batch 48):
+``train.drop_last=False``.
 """
 from pecft_jax.configs import (TEXT_BENCHMARKS, VIT_B16_AUGREG_IN1K, VIT_B16_AUGREG_IN21K,
                                benchmark, pycil_protocol, with_method_defaults)

@@ -30,8 +30,9 @@ another benchmark):
 
 Not reproduced: the official optimiser receives every domain's parameters, so under the
 PyTorch it pins (1.11) SGD weight decay keeps shrinking earlier domains' prompts in later
-domains (an artefact; ours keeps them fixed), the kept last partial batch, and sklearn's
-greedy k-means++ seeding. The published figure (paper Table 3, S-iPrompts on DomainNet:
+domains (an artefact; ours keeps them fixed) and sklearn's greedy k-means++ seeding. An
+epoch's last partial batch is kept, as ``methods/sprompt.py:62-63``'s loader keeps it
+(``train.drop_last=False``). The published figure (paper Table 3, S-iPrompts on DomainNet:
 average accuracy 50.62, as the README's image of the table shows) is the accuracy pooled
 over all test images of the seen domains: compare it with results.json's
 ``metrics.pooled_accuracy``, not with the per-domain mean ``average_accuracy``. CDDB-Hard
@@ -58,6 +59,7 @@ def get_config(arg: str = "domain_mnist"):
         c.train.batch_size = 128
         c.train.epochs = 30
         c.train.schedule = "cosine_epochs"
+        c.train.drop_last = False  # methods/sprompt.py's DataLoader keeps the partial batch
         c.benchmark = "domainnet"
     elif arg == "domain_mnist":
         c = benchmark("domain_mnist")

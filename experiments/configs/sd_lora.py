@@ -34,7 +34,8 @@ training ``RandomResizedCrop(224, scale=(0.05, 1))`` (bilinear) + flip; test pas
 ``ToTensor()`` alone, so pixels in [0, 1]; timm's exact GELU.
 
 Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20, not LAMDA-PILOT's train/test
-folders; the loop drops an epoch's last partial batch (kept officially).
+folders. An epoch's last partial batch is kept, as the official loader keeps it
+(``train.drop_last=False``; ``models/sdlora.py:45-47``).
 """
 from pecft_jax.configs import (TEXT_BENCHMARKS, benchmark, pycil_protocol,
                                with_method_defaults)

@@ -36,8 +36,9 @@ CIFAR-100 + ``ColorJitter(brightness=63/255)``; test and statistics passes
 (``dataset.resample`` and ``augment.crop_resample`` ``'pil_bicubic'``); timm's exact GELU.
 
 Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20 (the official runs used
-DualPrompt's random 80/20 split, whose files were not published); the official loader keeps
-an epoch's last partial batch (dropped here).
+DualPrompt's random 80/20 split, whose files were not published). An epoch's last partial
+batch is kept, as the official loader keeps it (``train.drop_last=False``;
+``models/slca.py:98``).
 """
 from pecft_jax.configs import (VIT_B16_AUGREG_IN21K, benchmark, pycil_protocol,
                                with_method_defaults)

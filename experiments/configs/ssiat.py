@@ -39,7 +39,8 @@ in a random order, as the official ``incremental_train`` takes them from its shu
 pair each un-augmented image with itself, the drift the paper draws).
 
 Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20, not the authors' folders;
-the official loader keeps an epoch's last partial batch (dropped here).
+an epoch's last partial batch is kept, as the official loader keeps it
+(``train.drop_last=False``; ``models/SSITA_adapter.py:73``).
 """
 from pecft_jax.configs import (VIT_B16_AUGREG_IN21K, benchmark, pycil_protocol,
                                with_method_defaults)

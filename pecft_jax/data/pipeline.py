@@ -12,9 +12,11 @@ Everything here is numpy on the host and deterministic:
   grain (:mod:`pecft_jax.data.loader`) reads them in parallel and in order, and a resumed
   run starts at its step without reading the images of the earlier ones.
 
-Training batches drop the remainder of an epoch so every step has the same shape (one
-compilation per task). Evaluation batches keep every example: the last batch is padded to
-full size and carries a ``mask`` (1 for real examples, 0 for padding).
+Every batch has the same shape (one compilation per run). Training batches drop the
+remainder of an epoch (``drop_last``, TF's ``drop_remainder`` and the default) or keep it as
+PyTorch's default ``DataLoader`` does: the last batch is then padded to full size and every
+batch carries a ``mask`` (1 for real examples, 0 for padding), which the losses weight by.
+Evaluation batches keep every example, the last one padded and masked the same way.
 """
 from __future__ import annotations
 
@@ -227,11 +229,14 @@ class Preprocess:
                 or self.resample != "bilinear")
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Training steps in one epoch (the remainder is dropped)."""
+def steps_per_epoch(num_examples: int, batch_size: int, drop_last: bool = True) -> int:
+    """Training steps in one epoch: the full batches, and the partial one unless
+    ``drop_last``."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    return int(num_examples) // int(batch_size)
+    if drop_last:
+        return int(num_examples) // int(batch_size)
+    return -(-int(num_examples) // int(batch_size))
 
 
 def num_eval_batches(num_examples: int, batch_size: int) -> int:
@@ -618,23 +623,30 @@ class TrainBatches:
       preprocess: resizing, channels, normalisation, augmentation (or tokenisation).
       epochs: epochs in the sequence (its length is ``epochs * per_epoch``).
       process_index, process_count: this host and the number of hosts.
+      drop_last: drop each epoch's last partial batch (True), or keep it (False): padded to
+        ``batch_size`` with rows that repeat its own examples, masked out.
 
     Items: ``{'inputs': float32 (b, S, S, C), 'label': int32 (b,), 'index': int32 (b,)}``
     (for text ``inputs`` is ``{'token_ids', 'attention_mask'}``, int32 ``(b, L)``); ``index``
     is the example's position in ``indices`` (what rows of a per-task feature cache are keyed
-    by).
+    by). Unless ``drop_last``, every item also holds ``'mask'``, float32 ``(b,)``: 1.0 for the
+    examples, 0.0 for the padding (all ones but in an epoch's last batch), so that the steps of
+    a run keep one structure. The full batches are the same with either setting.
     """
 
     def __init__(self, source: LabelledSource, indices: np.ndarray, label_map: np.ndarray, *,
                  batch_size: int, seed: int, preprocess: Any, epochs: int = 1,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, drop_last: bool = True):
         self.mine = _host_slice(batch_size, process_index, process_count)
         self.source, self.indices = source, _as_indices(indices)
         self.batch_size, self.seed, self.preprocess = int(batch_size), int(seed), preprocess
-        self.per_epoch = steps_per_epoch(len(self.indices), batch_size)
+        self.drop_last = bool(drop_last)
+        self.per_epoch = steps_per_epoch(len(self.indices), batch_size, self.drop_last)
         if self.per_epoch == 0:
             raise ValueError(f"{len(self.indices)} training examples of {source.name} do not "
-                             f"fill one batch of {batch_size}; lower batch_size")
+                             f"fill one batch of {batch_size}; lower batch_size"
+                             + (" or keep the partial batch (drop_last=False)"
+                                if len(self.indices) else ""))
         if epochs <= 0:
             raise ValueError(f"epochs must be positive, got {epochs}")
         self.epochs = int(epochs)
@@ -661,24 +673,32 @@ class TrainBatches:
             raise IndexError(f"step {step} outside the {len(self)} steps of these batches")
         epoch, offset = divmod(step, self.per_epoch)
         size = self.batch_size
-        positions = self.order(epoch)[offset * size:(offset + 1) * size][self.mine]
+        positions = self.order(epoch)[offset * size:(offset + 1) * size]
+        real = len(positions)
+        # an epoch's partial last batch: its own examples again as padding (valid inputs and
+        # cached-feature rows), masked out of every loss
+        positions = np.resize(positions, size)[self.mine]
         augmentation = _augmentation(self.preprocess, size, self.mine,
                                      (_AUGMENT_STREAM, self.seed, epoch, offset))
-        return {"inputs": prepare_inputs(self.source, self.indices[positions], self.preprocess,
+        item = {"inputs": prepare_inputs(self.source, self.indices[positions], self.preprocess,
                                          augmentation),
                 "label": self.labels[positions], "index": positions.astype(np.int32)}
+        if not self.drop_last:
+            item["mask"] = (np.arange(size) < real).astype(np.float32)[self.mine]
+        return item
 
 
 def train_batches(source: LabelledSource, indices: np.ndarray, label_map: np.ndarray, *,
                   batch_size: int, seed: int, epoch: int, preprocess: Preprocess,
-                  start_step: int = 0, process_index: int = 0, process_count: int = 1
-                  ) -> Iterator[dict[str, np.ndarray]]:
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  drop_last: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of :class:`TrainBatches` read in this thread: the batches of steps
     ``start_step ..`` of epoch ``epoch`` (earlier steps are skipped without reading images);
     the arguments are :class:`TrainBatches`'."""
     batches = TrainBatches(source, indices, label_map, batch_size=batch_size, seed=seed,
                            preprocess=preprocess, epochs=epoch + 1,
-                           process_index=process_index, process_count=process_count)
+                           process_index=process_index, process_count=process_count,
+                           drop_last=drop_last)
     steps = batches.per_epoch
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step {start_step} outside [0, {steps}] for this epoch")

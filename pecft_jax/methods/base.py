@@ -38,6 +38,7 @@ import optax
 
 from pecft_jax import compiler
 from pecft_jax.backbones.backbone import Backbone
+from pecft_jax.peft.prompt_pool import batch_mean
 
 Array = jax.Array
 NEG_INF = -1e9  # finite, so masked logits keep softmax/CE free of NaNs
@@ -177,12 +178,14 @@ def mask_logits(logits: Array, mask: np.ndarray) -> Array:
     return jnp.where(jnp.asarray(mask)[None, :], logits, NEG_INF)
 
 
-def cross_entropy(logits: Array, labels: Array) -> Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def cross_entropy(logits: Array, labels: Array, weights: Optional[Array] = None) -> Array:
+    """Mean cross-entropy over the batch, over its examples alone given ``weights`` (the
+    batch's ``mask``, :func:`~pecft_jax.peft.prompt_pool.batch_mean`)."""
+    return batch_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), weights)
 
 
-def batch_accuracy(logits: Array, labels: Array) -> Array:
-    return (jnp.argmax(logits, -1) == labels).mean()
+def batch_accuracy(logits: Array, labels: Array, weights: Optional[Array] = None) -> Array:
+    return batch_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), weights)
 
 
 HEAD_INITS = ("torch_linear", "zeros", "trunc_normal")
@@ -690,10 +693,16 @@ class Method:
         return count_params(trainable)
 
     # ------------------------------------------------------------------- helpers
-    def masked_ce(self, logits: Array, labels: Array, task: TaskSpec) -> Array:
-        return cross_entropy(mask_logits(logits, task.class_mask(self.train_class_mask)), labels)
+    def masked_ce(self, logits: Array, batch: Mapping[str, Array], task: TaskSpec) -> Array:
+        """Cross-entropy of ``batch['label']`` over the classes of :attr:`train_class_mask`,
+        the mean over the batch's examples (its ``'mask'``, when it has one: an epoch's kept
+        partial batch is padded, ``train.drop_last=False``)."""
+        return cross_entropy(mask_logits(logits, task.class_mask(self.train_class_mask)),
+                             batch["label"], batch.get("mask"))
 
-    def train_accuracy(self, logits: Array, labels: Array, task: TaskSpec) -> Array:
+    def train_accuracy(self, logits: Array, batch: Mapping[str, Array], task: TaskSpec
+                       ) -> Array:
         """Batch accuracy over the classes the training loss sees (what is optimised; the
         class-IL accuracy over all seen classes is what the evaluation reports)."""
-        return batch_accuracy(mask_logits(logits, task.class_mask(self.train_class_mask)), labels)
+        return batch_accuracy(mask_logits(logits, task.class_mask(self.train_class_mask)),
+                              batch["label"], batch.get("mask"))

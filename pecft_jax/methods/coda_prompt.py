@@ -242,8 +242,8 @@ class CodaPrompt(Method):
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         logits, components = self._logits(trainable, frozen, batch, task.index, True)
-        ce = self.masked_ce(logits, batch["label"], task)
-        accuracy = self.train_accuracy(logits, batch["label"], task)
+        ce = self.masked_ce(logits, batch, task)
+        accuracy = self.train_accuracy(logits, batch, task)
         loss, metrics = ce, {"ce": ce, "accuracy": accuracy}
         if self.config.ortho_mu > 0:
             ortho = sum(orthogonality_penalty(c[field], c["active"]) for c in components.values()

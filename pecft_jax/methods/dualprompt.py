@@ -159,13 +159,15 @@ class DualPrompt(Method):
         q = frozen_query(self.backbone, frozen, batch)
         idx = jnp.full((num_examples(images), 1), task.index, jnp.int32)  # the true task's E-prompt
         logits = self._logits(trainable, frozen, images, idx)
-        ce = self.masked_ce(logits, batch["label"], task)
-        matching = prompt_pool.key_matching_loss(q, trainable["e_keys"], idx)
-        chosen = self.select(jax.lax.stop_gradient(trainable), q)
+        ce = self.masked_ce(logits, batch, task)
+        mask = batch.get("mask")  # a kept partial batch's padding
+        matching = prompt_pool.key_matching_loss(q, trainable["e_keys"], idx, mask)
+        chosen = self.select(jax.lax.stop_gradient(trainable), q, mask)
+        identified = (chosen[:, 0] == task.index).astype(jnp.float32)
         return ce + self.config.pull_constraint * matching, {
             "metrics": {"ce": ce, "key_matching": matching,
-                        "accuracy": self.train_accuracy(logits, batch["label"], task),
-                        "task_identity": (chosen[:, 0] == task.index).mean()}}
+                        "accuracy": self.train_accuracy(logits, batch, task),
+                        "task_identity": prompt_pool.batch_mean(identified, mask)}}
 
     def logits(self, trainable, state, frozen, batch, task):
         idx = self.select(trainable, frozen_query(self.backbone, frozen, batch),

@@ -191,8 +191,8 @@ class EASE(Method):
                           deterministic=False, rng=rng)
         proxy = trainable["proxy"]
         logits = proxy["sigma"] * cosine_similarity(f, proxy["kernel"].T)
-        ce = self.masked_ce(logits, batch["label"], task)
-        return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
+        ce = self.masked_ce(logits, batch, task)
+        return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch, task)}}
 
     def task_features(self, trainable, state, frozen, inputs, task: TaskSpec):
         """``phi_j(x)`` of task ``j``'s subspace: fixed once its adapter is trained (the

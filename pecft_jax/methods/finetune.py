@@ -73,8 +73,8 @@ class Finetune(Method):
         logits = apply_linear_head(trainable["head"],
                                    self.features(trainable, frozen, batch["inputs"],
                                                  deterministic=False, rng=rng))
-        loss = self.masked_ce(logits, batch["label"], task)
-        return loss, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
+        loss = self.masked_ce(logits, batch, task)
+        return loss, {"metrics": {"accuracy": self.train_accuracy(logits, batch, task)}}
 
     def logits(self, trainable, state, frozen, batch, task):
         return apply_linear_head(trainable["head"],

@@ -79,8 +79,8 @@ class FirstSession:
         module on), with the method's masking and training accuracy."""
         f = self.features(trainable, frozen, batch["inputs"], deterministic=False, rng=rng)
         logits = self.logits(trainable, f)
-        ce = method.masked_ce(logits, batch["label"], task)
-        return ce, {"metrics": {"accuracy": method.train_accuracy(logits, batch["label"], task)}}
+        ce = method.masked_ce(logits, batch, task)
+        return ce, {"metrics": {"accuracy": method.train_accuracy(logits, batch, task)}}
 
     @staticmethod
     def finish(trainable: Mapping) -> dict:

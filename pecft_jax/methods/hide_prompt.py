@@ -85,6 +85,7 @@ from pecft_jax.methods.base import (Method, TaskData, TaskSpec, apply_linear_hea
                                     mask_logits)
 from pecft_jax.methods.common import frozen_query, host_seed
 from pecft_jax.peft.per_task import init_per_task
+from pecft_jax.peft.prompt_pool import batch_mean
 from pecft_jax.peft.prompts import PrefixConfig, init_prefixes, prefix_context
 
 Array = jax.Array
@@ -93,38 +94,47 @@ PAPER_BATCH_PER_DEVICE = 24  # the official scripts: 24 per GPU x 8 GPUs
 
 # ----------------------------------------------------------------------------- pieces
 def contrastive_regularizer(features: Array, prototypes: Array, valid: Array,
-                            temperature: float) -> Array:
+                            temperature: float, weights: Optional[Array] = None) -> Array:
     """HiDe-Prompt's contrastive regulariser, as the official code computes it.
 
     ``M = [stored prototypes; batch features]``, ``S = M M^T / temperature``; every row
     must pick itself among the columns: the mean over rows of
     ``logsumexp_j S_ij - S_ii``. Prototypes with ``valid == False`` take no part (neither
-    row nor column). Gradients reach ``features`` only through the feature rows/columns
+    row nor column), nor do feature rows with ``weights`` 0 (a kept partial batch's
+    padding). Gradients reach ``features`` only through the feature rows/columns
     (prototypes are constants).
     """
     if features.ndim != 2 or prototypes.ndim != 2 or features.shape[1] != prototypes.shape[1]:
         raise ValueError(f"contrastive_regularizer expects features (B, D) and prototypes "
                          f"(P, D), got {tuple(features.shape)} and {tuple(prototypes.shape)}")
     m = jnp.concatenate([jax.lax.stop_gradient(prototypes).astype(features.dtype), features])
-    keep = jnp.concatenate([valid.astype(bool), jnp.ones((features.shape[0],), bool)])
+    rows = (jnp.ones((features.shape[0],), bool) if weights is None else weights > 0)
+    keep = jnp.concatenate([valid.astype(bool), rows])
     sim = (m @ m.T) / temperature
     sim = jnp.where(keep[None, :], sim, -jnp.inf)
     per_row = jax.nn.logsumexp(sim, axis=1) - jnp.diagonal(sim)
     per_row = jnp.where(keep, per_row, 0.0)
-    return jnp.sum(per_row) / jnp.sum(keep)
+    # (a group of padding alone keeps nothing: 0, not 0 / 0)
+    return jnp.sum(per_row) / jnp.maximum(jnp.sum(keep), 1)
 
 
-def grouped(term, features: Array, group: int, *args) -> Array:
-    """The mean of ``term(rows, *args)`` over consecutive groups of ``group`` rows of
-    ``features`` (``group`` 0: the whole batch at once) -- a loss term the official code
-    computes on each GPU's share of the batch, whose gradients DDP then averages."""
+def grouped(term, features: Array, group: int, *args, weights: Optional[Array] = None
+            ) -> Array:
+    """The mean of ``term(rows, *args, weights=...)`` over consecutive groups of ``group``
+    rows of ``features`` (``group`` 0: the whole batch at once) -- a loss term the official
+    code computes on each GPU's share of the batch, whose gradients DDP then averages.
+    ``weights`` (the batch mask) go to ``term``; a group of padding alone takes no part."""
     batch = features.shape[0]
     if not group:
-        return term(features, *args)
+        return term(features, *args, weights=weights)
     if batch % group:
         raise ValueError(f"a batch of {batch} rows does not split into groups of {group}")
     rows = features.reshape(batch // group, group, *features.shape[1:])
-    return jnp.mean(jax.vmap(lambda r: term(r, *args))(rows))
+    if weights is None:
+        return jnp.mean(jax.vmap(lambda r: term(r, *args))(rows))
+    w = weights.reshape(batch // group, group)
+    terms = jax.vmap(lambda r, wr: term(r, *args, weights=wr))(rows, w)
+    return batch_mean(terms, jnp.any(w > 0, axis=1))
 
 
 def init_tii_head(rng: Array, dim: int, num_classes: int, hidden: Sequence[int] = (2,),
@@ -379,13 +389,14 @@ class HiDePrompt(Method):
         features = self._prompted_cls(frozen, batch["inputs"],
                                       self._training_prompt(trainable, task))
         logits = apply_linear_head(trainable["head"], features)
-        ce = self.masked_ce(logits, batch["label"], task)
+        ce = self.masked_ce(logits, batch, task)
         protos, valid = stats_lib.prototypes(state["tap_stats"])
         reg = grouped(contrastive_regularizer, features, self.config.contrastive_group,
-                      protos, valid, self.config.contrastive_temperature)
+                      protos, valid, self.config.contrastive_temperature,
+                      weights=batch.get("mask"))
         return ce + self.config.contrastive_weight * reg, {
             "metrics": {"ce": ce, "contrastive": reg,
-                        "accuracy": self.train_accuracy(logits, batch["label"], task)}}
+                        "accuracy": self.train_accuracy(logits, batch, task)}}
 
     def predict_task(self, state, frozen, batch, task: TaskSpec) -> Array:
         """TII: the frozen feature's most likely seen class, mapped to its task."""

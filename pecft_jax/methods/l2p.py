@@ -130,13 +130,15 @@ class L2P(Method):
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         logits, q, idx = self._forward(trainable, state, frozen, batch, train=True, task=task)
-        ce = self.masked_ce(logits, batch["label"], task)
-        matching = prompt_pool.key_matching_loss(q, trainable["keys"], idx)
-        counts = prompt_pool.selection_counts(idx, self.config.pool_size).astype(jnp.float32)
+        ce = self.masked_ce(logits, batch, task)
+        mask = batch.get("mask")  # a kept partial batch's padding neither pulls nor counts
+        matching = prompt_pool.key_matching_loss(q, trainable["keys"], idx, mask)
+        counts = prompt_pool.selection_counts(idx, self.config.pool_size,
+                                              mask).astype(jnp.float32)
         new_state = dict(state, task_counts=state["task_counts"] + counts)
         return ce + self.config.pull_constraint * matching, {
             "metrics": {"ce": ce, "key_matching": matching,
-                        "accuracy": self.train_accuracy(logits, batch["label"], task)},
+                        "accuracy": self.train_accuracy(logits, batch, task)},
             "state": new_state}
 
     def logits(self, trainable, state, frozen, batch, task):

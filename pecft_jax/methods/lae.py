@@ -159,8 +159,8 @@ class LAE(Method):
 
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         logits = self.expert_logits(trainable["pet"], trainable["head"], frozen, batch["inputs"])
-        ce = self.masked_ce(logits, batch["label"], task)
-        return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
+        ce = self.masked_ce(logits, batch, task)
+        return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch, task)}}
 
     def logits(self, trainable, state, frozen, batch, task):
         """``log max(softmax(online), softmax(offline))`` over the seen classes (the online

@@ -127,12 +127,12 @@ class OLoRA(Method):
         c = self.config
         logits = apply_linear_head(trainable["head"], self.features(
             trainable, frozen, batch["inputs"], deterministic=False, rng=rng))
-        ce = self.masked_ce(logits, batch["label"], task)
+        ce = self.masked_ce(logits, batch, task)
         orth = orthogonality_loss(trainable["lora"], task.index)
         l2 = l2_loss(trainable["lora"], task.index)
         return ce + c.lambda_1 * orth + c.lambda_2 * l2, {
             "metrics": {"ce": ce, "orthogonality": orth, "l2": l2,
-                        "accuracy": self.train_accuracy(logits, batch["label"], task)}}
+                        "accuracy": self.train_accuracy(logits, batch, task)}}
 
     def logits(self, trainable, state, frozen, batch, task):
         return apply_linear_head(trainable["head"],

@@ -234,8 +234,8 @@ class ProgressivePrompts(Method):
         tokens = tokens.at[:, t].set(self._reparameterise(trainable, t, tokens[:, t]))
         h = self._encode(frozen, inputs, tokens, t, k_encoder)
         logits = self._head(trainable["head"], h, t, (k_head1, k_head2))
-        ce = self.masked_ce(logits, batch["label"], task)
-        return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
+        ce = self.masked_ce(logits, batch, task)
+        return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch, task)}}
 
     def task_features(self, trainable, state, frozen, inputs, task):
         """Task ``j``'s pass, as the official evaluation runs it (prompts ``0..j``, nothing

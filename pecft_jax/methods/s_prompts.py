@@ -119,12 +119,12 @@ class SPrompts(Method):
         own = [prompts[task.index], kernels[task.index], biases[task.index]]  # traced index
         features = self._features(frozen, batch["inputs"], own[0])
         logits = features @ own[1] + own[2]
-        ce = self.masked_ce(logits, batch["label"], task)
+        ce = self.masked_ce(logits, batch, task)
         # torch SGD's weight decay (g += wd * p) on the parameters being trained
         c = self.config
         wd = jnp.where(task.index == 0, c.first_weight_decay, c.weight_decay)
         decay = 0.5 * wd * sum(jnp.sum(jnp.square(p)) for p in own)
-        accuracy = self.train_accuracy(logits, batch["label"], task)
+        accuracy = self.train_accuracy(logits, batch, task)
         return ce + decay, {"metrics": {"ce": ce, "accuracy": accuracy}}
 
     def _query(self, frozen, batch) -> Array:

@@ -192,8 +192,8 @@ class SDLoRA(Method):
     def loss(self, trainable, state, frozen, batch, rng, task: TaskSpec):
         logits = apply_linear_head(trainable["head"], self.features(
             trainable, frozen, batch["inputs"], task.index, training=True))
-        ce = self.masked_ce(logits, batch["label"], task)
-        return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch["label"], task)}}
+        ce = self.masked_ce(logits, batch, task)
+        return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch, task)}}
 
     def logits(self, trainable, state, frozen, batch, task):
         return apply_linear_head(trainable["head"], self.features(

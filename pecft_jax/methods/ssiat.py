@@ -178,8 +178,8 @@ class SSIAT(Method):
         labels = batch["label"]
         margin = self.config.scale * self.config.margin * jax.nn.one_hot(
             labels, self.num_classes, dtype=logits.dtype)  # CosFace: s (cos - m) at the label
-        ce = self.masked_ce(logits - margin, labels, task)
-        return ce, {"metrics": {"accuracy": self.train_accuracy(logits, labels, task)}}
+        ce = self.masked_ce(logits - margin, batch, task)
+        return ce, {"metrics": {"accuracy": self.train_accuracy(logits, batch, task)}}
 
     def logits(self, trainable, state, frozen, batch, task):
         return self.scaled_cosine(trainable["head"],

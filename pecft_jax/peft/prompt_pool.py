@@ -81,9 +81,27 @@ def cosine_similarity(query: Array, keys: Array, eps: float = 1e-12) -> Array:
     return l2_normalize(query, eps=eps) @ l2_normalize(keys, eps=eps).T
 
 
-def selection_counts(idx: Array, pool_size: int) -> Array:
-    """How often each pool entry appears in ``idx`` (any shape) -> ``(M,)`` int32."""
-    return jnp.bincount(jnp.ravel(idx).astype(jnp.int32), length=pool_size).astype(jnp.int32)
+def batch_mean(values: Array, weights: Optional[Array] = None) -> Array:
+    """The mean of per-example ``values`` ``(B,)``; with ``weights`` (a batch's ``mask``: 1
+    for an example, 0 for padding) the mean over the examples alone, as a PyTorch mean over
+    a partial batch is: ``sum(w v) / sum(w)``, so each example's gradient is ``1 / sum(w)``
+    and a padding row's 0."""
+    if weights is None:
+        return jnp.mean(values)
+    weights = weights.astype(values.dtype)
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def selection_counts(idx: Array, pool_size: int, weights: Optional[Array] = None) -> Array:
+    """How often each pool entry appears in ``idx`` ``(B, k)`` -> ``(M,)`` int32; with
+    ``weights`` ``(B,)`` (a batch mask), padding rows' selections are not counted."""
+    if weights is None:
+        return jnp.bincount(jnp.ravel(idx).astype(jnp.int32),
+                            length=pool_size).astype(jnp.int32)
+    per_row = jnp.broadcast_to(weights.reshape(-1, 1), idx.shape)
+    counts = jnp.bincount(jnp.ravel(idx).astype(jnp.int32), weights=jnp.ravel(per_row),
+                          length=pool_size)
+    return jnp.round(counts).astype(jnp.int32)
 
 
 def select_topk(similarity: Array, top_k: int, *, frequency_penalty: Optional[Array] = None,
@@ -162,7 +180,8 @@ def gather_prompts(prompts: Array, idx: Array) -> Array:
                      f"{tuple(prompts.shape)}")
 
 
-def key_matching_loss(query: Array, keys: Array, idx: Array) -> Array:
+def key_matching_loss(query: Array, keys: Array, idx: Array,
+                      weights: Optional[Array] = None) -> Array:
     """L2P's surrogate (pull-constraint) loss: mean over the batch of the sum over the
     selected keys of ``1 - cos(q(x), k_i)``.
 
@@ -170,10 +189,11 @@ def key_matching_loss(query: Array, keys: Array, idx: Array) -> Array:
     (``pull_constraint_coeff = 1``); this function returns ``top_k - reduce_sim``, the same
     reduction and the same gradient, written as a non-negative distance. Gradients reach
     ``keys`` (and ``query`` unless the caller stops them, as L2P does with the frozen
-    model's feature).
+    model's feature). ``weights``: the batch mask, the mean over its examples
+    (:func:`batch_mean`).
     """
     if idx.ndim != 2 or idx.shape[0] != query.shape[0]:
         raise ValueError(f"idx must be (B={query.shape[0]}, k), got {tuple(idx.shape)}")
     cos = cosine_similarity(query, keys)
     selected = jnp.take_along_axis(cos, idx, axis=1)
-    return jnp.mean(jnp.sum(1.0 - selected, axis=1))
+    return batch_mean(jnp.sum(1.0 - selected, axis=1), weights)

@@ -236,6 +236,8 @@ class ContinualTrainer:
         if self.logs_metrics:
             check_wandb_installed(config)
         self.batch_size = config.train.batch_size
+        # an epoch's last partial batch: dropped, or kept padded and masked (pipeline.py)
+        self.drop_last = bool(config.train.get("drop_last", True))
         mesh_lib.check_batch_size(self.batch_size, self.mesh, "train.batch_size")
         self.eval_batch_size = config.get("eval", {}).get("batch_size", self.batch_size)
         mesh_lib.check_batch_size(self.eval_batch_size, self.mesh, "eval.batch_size")
@@ -471,7 +473,8 @@ class ContinualTrainer:
         batches = pipeline.TrainBatches(
             task.train_source, task.train_indices, self.label_map, batch_size=self.batch_size,
             seed=self.task_seed(t), preprocess=self.train_preprocess, epochs=epochs,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            drop_last=self.drop_last)
         # host-side reading and augmentation run in grain's threads (and worker processes),
         # ahead of the device steps; a resumed task continues from the saved iterator state
         batch_iterator, read_start = loader.resume(
@@ -648,10 +651,13 @@ class ContinualTrainer:
         return int(epochs)
 
     def steps_in_task(self, task: scenarios.Task, epochs: int) -> int:
-        per_epoch = pipeline.steps_per_epoch(len(task.train_indices), self.batch_size)
+        per_epoch = pipeline.steps_per_epoch(len(task.train_indices), self.batch_size,
+                                             self.drop_last)
         if per_epoch == 0:
             raise ValueError(f"task {task.index} has {len(task.train_indices)} training examples, "
-                             f"fewer than one batch of {self.batch_size}; lower train.batch_size")
+                             f"fewer than one batch of {self.batch_size}; lower train.batch_size"
+                             + (" or keep the partial batch (train.drop_last=False)"
+                                if len(task.train_indices) else ""))
         return per_epoch * epochs
 
     # ===================================================================== evaluation

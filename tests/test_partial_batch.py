@@ -1,0 +1,187 @@
+"""An epoch's last partial batch, kept (``train.drop_last=False``) as PyTorch's DataLoader
+keeps it: padded to the batch size and masked, it must train exactly as the partial batch
+itself would -- every method's loss, gradients, metrics and state."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pecft_jax.backbones import bert
+from pecft_jax.data import pipeline
+from pecft_jax.data.sources import ArraySource
+from pecft_jax.methods import progressive_prompts
+from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
+
+from helpers import tiny_config
+from tests.test_text import _text_config, needs_minilm, needs_wordnet
+
+# tiny settings of each method (as its own tests use them); vote and contrastive groups of 4
+# so that the partial batch of REAL rows splits into whole groups
+METHODS = {
+    "l2p": dict(batchwise_prompt=True, batchwise_group=4),
+    "dualprompt": dict(g_layers=(0,), e_layers=(1,)),
+    "coda_prompt": dict(pool_size=10, prompt_length=4, layers=(0, 1)),
+    "hide_prompt": dict(prompt_layers=[0, 1], prompt_length=2, contrastive_group=4),
+    "s_prompts": dict(prompt_length=3, num_centroids=2),
+    "finetune": {},
+    "slca": {},
+    "ssiat": dict(adapter={"bottleneck_dim": 4}),
+    "ease": dict(adapter={"bottleneck_dim": 4}),
+    "lae": dict(layers=(0, 1)),
+    "inflora": dict(rank=2, lamb=0.9),
+    "sd_lora": dict(rank=2),
+    "o_lora": dict(rank=2),
+    "ranpac": dict(M=32, first_session="adapter", adapter={"bottleneck_dim": 4}),
+    "aper": dict(adapter={"bottleneck_dim": 4}),
+}
+BATCH, REAL = 32, 12  # 12 real rows: the padding repeats them unevenly (12 + 12 + 8)
+
+
+def _padded(full, real, size):
+    """The pipeline's padding of a partial batch: its own rows again, masked out."""
+    rows = np.resize(np.arange(real), size)
+    padded = jax.tree_util.tree_map(lambda v: np.asarray(v)[rows], full)
+    padded["mask"] = (np.arange(size) < real).astype(np.float32)
+    return padded
+
+
+def _gradient_function(trainer):
+    """``batch -> (grads, aux)`` of task 0's first step (jitted: one compilation a batch
+    shape, where eager operations would each compile per shape)."""
+    spec = trainer.task_spec(0)
+    trainable, state = trainer.method.init(jax.random.key(0), trainer.frozen)
+    optimizer = trainer.optimizer(spec, trainable, trainer.tasks[0], 1)
+    step = jax.jit(lambda batch: trainer.method.gradients(
+        trainable, state, trainer.frozen, batch, jax.random.key(1), spec, optimizer))
+    return lambda batch: step(jax.tree_util.tree_map(jnp.asarray, batch))
+
+
+def _assert_padding_trains_as_the_real_rows(trainer, batch_size, real):
+    """The first ``batch_size`` rows of task 0, cut to ``real``: the padded, masked batch
+    gives the loss, gradients, metrics and state of the ``real`` rows alone."""
+    first = next(iter(trainer.task_data(trainer.tasks[0])._batches()))
+    assert np.all(first["mask"][:batch_size] == 1)
+    full = jax.tree_util.tree_map(lambda v: np.asarray(v)[:batch_size],
+                                  {k: v for k, v in first.items() if k != "mask"})
+    partial = jax.tree_util.tree_map(lambda v: np.asarray(v)[:real], full)
+    gradients = _gradient_function(trainer)
+    want_grads, want = gradients(partial)
+    got_grads, got = gradients(_padded(full, real, batch_size))
+    # the padding is not ignored by accident: unmasked, it moves the gradients
+    unmasked = {k: v for k, v in _padded(full, real, batch_size).items() if k != "mask"}
+    plain_grads, _ = gradients(unmasked)
+    close = dict(rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(got["loss"], want["loss"], **close)
+    assert not all(np.allclose(a, b, **close) for a, b in zip(
+        jax.tree_util.tree_leaves(plain_grads), jax.tree_util.tree_leaves(want_grads)))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, **close),
+                           got_grads, want_grads)
+    assert got["metrics"].keys() == want["metrics"].keys()
+    for name in want["metrics"]:
+        np.testing.assert_allclose(got["metrics"][name], want["metrics"][name], **close,
+                                   err_msg=name)
+    if want.get("state") is not None:
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, **close),
+                               got["state"], want["state"])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_padded_masked_batch_trains_as_its_real_rows_alone(method, tmp_path):
+    config = tiny_config(method, **METHODS[method])
+    config.train.batch_size = BATCH
+    trainer = ContinualTrainer(config, str(tmp_path))
+    try:
+        _assert_padding_trains_as_the_real_rows(trainer, BATCH, REAL)
+    finally:
+        trainer.close()
+
+
+@needs_wordnet
+@needs_minilm
+def test_progressive_prompts_padded_masked_text_batch_trains_as_its_real_rows(
+        tmp_path, monkeypatch):
+    # without dropout, whose draws depend on the batch's shape (PyTorch's would too)
+    monkeypatch.setattr(bert, "_dropout", lambda x, rate, deterministic: x)
+    monkeypatch.setattr(progressive_prompts, "_dropout", lambda x, rate, rng: x)
+    trainer = ContinualTrainer(_text_config("progressive_prompts"), str(tmp_path))
+    try:
+        _assert_padding_trains_as_the_real_rows(trainer, 16, 6)  # padding: 6 + 6 + 4
+    finally:
+        trainer.close()
+
+
+def _source(n):
+    images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
+    return ArraySource(images, np.arange(n) % 3, name="counting")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_kept_partial_batch_reads_every_example_once_and_masks_the_padding(processes):
+    source, n, size = _source(23), 23, 8
+    preprocess = pipeline.Preprocess(image_size=2, channels=1, mean=(0.0,), std=(1.0,))
+    kept = [pipeline.TrainBatches(source, np.arange(n), np.arange(3), batch_size=size, seed=5,
+                                  preprocess=preprocess, epochs=2, drop_last=False,
+                                  process_index=p, process_count=processes)
+            for p in range(processes)]
+    dropped = pipeline.TrainBatches(source, np.arange(n), np.arange(3), batch_size=size,
+                                    seed=5, preprocess=preprocess, epochs=2)
+    assert len(kept[0]) == 2 * 3 and len(dropped) == 2 * 2
+    assert pipeline.steps_per_epoch(n, size, drop_last=False) == 3
+    for epoch in range(2):
+        items = [[host[epoch * 3 + s] for host in kept] for s in range(3)]
+        index = np.concatenate([h["index"] for step in items for h in step])
+        mask = np.concatenate([h["mask"] for step in items for h in step])
+        # each example once among the real rows, the padding repeats the last batch's own
+        assert sorted(index[mask > 0]) == list(range(n))
+        assert mask.sum() == n and set(index[mask == 0]) <= set(index[16:][mask[16:] > 0])
+        pixels = np.concatenate([h["inputs"] for step in items for h in step])
+        # rows read as indexed (each image holds its index; the inputs are x / 255)
+        np.testing.assert_array_equal(np.rint(pixels[:, 0, 0, 0] * 255), index)
+        for s in range(2):  # the full batches are those of drop_last=True, masked all ones
+            whole = dropped[epoch * 2 + s]
+            np.testing.assert_array_equal(
+                np.concatenate([h["index"] for h in items[s]]), whole["index"])
+            np.testing.assert_array_equal(np.concatenate([h["mask"] for h in items[s]]), 1.0)
+            assert "mask" not in whole
+
+
+def test_too_few_examples_for_one_batch_train_one_partial_batch_when_kept():
+    source = _source(5)
+    preprocess = pipeline.Preprocess(image_size=2, channels=1, mean=(0.0,), std=(1.0,))
+    with pytest.raises(ValueError, match="drop_last=False"):
+        pipeline.TrainBatches(source, np.arange(5), np.arange(3), batch_size=8, seed=0,
+                              preprocess=preprocess)
+    kept = pipeline.TrainBatches(source, np.arange(5), np.arange(3), batch_size=8, seed=0,
+                                 preprocess=preprocess, drop_last=False)
+    assert len(kept) == 1 and kept[0]["mask"].sum() == 5
+
+
+def test_a_run_keeping_partial_batches_steps_them_in_one_compiled_train_step(tmp_path):
+    config = tiny_config("l2p")
+    config.scenario.num_tasks = 2
+    config.train.drop_last = False
+    result = train_and_evaluate(config, str(tmp_path))
+    trainer = ContinualTrainer(config, str(tmp_path / "count"))
+    try:
+        sizes = [len(task.train_indices) for task in trainer.tasks]
+    finally:
+        trainer.close()
+    assert any(size % config.train.batch_size for size in sizes)  # a partial batch to keep
+    assert result["train_steps"] == sum(-(-size // config.train.batch_size) for size in sizes)
+    assert result["compilation"]["traces"]["train_step"] == 1
+
+
+def test_drop_last_must_be_a_bool_and_is_hashed_only_when_kept(tmp_path):
+    from pecft_jax.configs import check_run_config
+    from pecft_jax.train.loop import config_hash
+    config = tiny_config("l2p")
+    before = config_hash(config)
+    with config.ignore_type():
+        config.train.drop_last = 0
+    with pytest.raises(ValueError, match="train.drop_last"):
+        check_run_config(config)
+    with config.ignore_type():
+        config.train.drop_last = True
+    assert config_hash(config) == before  # checkpoints written before the key resume
+    config.train.drop_last = False
+    assert config_hash(config) != before
