@@ -247,6 +247,26 @@ def test_tii_trains_on_a_fresh_augmentation_every_epoch():
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("drop_last, steps", [(True, 2), (False, 3)])
+def test_tii_keeps_an_epochs_last_partial_batch_unless_it_drops_it(drop_last, steps,
+                                                                     monkeypatch):
+    """24 features in batches of 10: 2 full batches, and the partial third one of 4 that the
+    official TII loader keeps (``tii_drop_last=False``; the fit takes its mean over its own
+    rows: test_statistics.py)."""
+    method, frozen = micro_method(tii_epochs=1, tii_batch_size=10, tii_drop_last=drop_last)
+    _, state = method.init(jax.random.key(0), frozen)
+    images = np.random.default_rng(6).uniform(-1, 1, (24, 16, 16, 1)).astype(np.float32)
+    labels = np.repeat([0, 1], 12)
+    calls, by_epoch = [], S.ClassifierFit.by_epoch
+    monkeypatch.setattr(S.ClassifierFit, "by_epoch", lambda self, *a, **kw: (
+        calls.append((kw["steps_per_epoch"], self.drop_last)), by_epoch(self, *a, **kw))[1])
+    features = np.asarray(method.backbone.apply(frozen, images, output="cls"))
+    got = method.fit_tii(state["tii"], features, labels, spec(0, [[0, 1], [2, 3]]),
+                         jax.random.key(5))
+    assert calls == [(steps, drop_last)]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(got))
+
+
 @pytest.mark.parametrize("mode", ["covariance", "multi_centroid"])
 def test_tii_and_tap_heads_learn_from_sampled_statistics(mode):
     method, frozen = micro_method(statistics=mode, n_centroids=2)

@@ -92,7 +92,7 @@ OFFICIAL = {
         "method.align_weight_decay": 0.0, "method.skip_zero_variance": True,
         "method.head_init": "trunc_normal", "method.tii_init": "trunc_normal",
         "method.tii_epochs": 20, "method.tap_lr": 0.005, "method.tap_samples": 120,
-        "method.tii_align_samples": 24, "train.batch_size": 192,
+        "method.tii_align_samples": 24, "method.tii_drop_last": False, "train.batch_size": 192,
         "train.learning_rate": 0.03 * 24 / 256, "train.epochs": 50,
         "train.schedule": "multistep_epochs", "train.milestones": (31,), "train.lr_decay": 0.1,
         "train.grad_clip_norm": 1.0, "backbone.mean": (0.5071, 0.4867, 0.4408),

@@ -217,15 +217,19 @@ def test_classifier_fit_is_sgd_with_momentum_over_the_valid_rows_compiled_once()
     assert len(traces) == 1
 
 
-def numpy_sgd_epoch(w, b, buf_w, buf_b, x, y, order, steps, batch, lr, momentum):
-    """Steps of torch's SGD with momentum over ``order``'s batches, in float64."""
+def numpy_sgd_epoch(w, b, buf_w, buf_b, x, y, order, steps, batch, lr, momentum,
+                    available=None):
+    """Steps of torch's SGD with momentum over ``order``'s batches, in float64; batches end
+    at the first ``available`` rows of ``order`` (a partial last batch: its mean)."""
+    end = len(order) if available is None else available
     for i in range(steps):
-        rows = order[i * batch:(i + 1) * batch]
+        rows = order[i * batch:min((i + 1) * batch, end)]
         logits = x[rows] @ w + b
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
-        p[np.arange(batch), y[rows]] -= 1.0
-        buf_w, buf_b = momentum * buf_w + x[rows].T @ p / batch, momentum * buf_b + p.mean(0)
+        p[np.arange(len(rows)), y[rows]] -= 1.0
+        buf_w = momentum * buf_w + x[rows].T @ p / len(rows)
+        buf_b = momentum * buf_b + p.mean(0)
         w, b = w - lr * buf_w, b - lr * buf_b
     return w, b, buf_w, buf_b
 
@@ -270,6 +274,39 @@ def test_classifier_fit_by_epoch_carries_the_state_into_each_epochs_own_data():
     np.testing.assert_array_equal(same_losses, one_losses)
     assert not np.allclose(same["kernel"], got["kernel"], atol=1e-4)  # epoch 1's data counted
     assert len(traces) == 1
+
+
+def test_classifier_fit_keeping_the_last_partial_batch_takes_its_mean_over_its_rows():
+    """``drop_last=False``: 10 valid rows in batches of 4 are 3 steps (4, 4, 2), the last
+    one's gradient the mean over its 2 rows (torch's loader and CrossEntropyLoss), the
+    padding rows (garbage) never read; as numpy's SGD with momentum over two epochs."""
+    rng = np.random.default_rng(2)
+    n, d, c, batch, lr, momentum, available = 12, 3, 4, 4, 0.1, 0.9, 10
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    y = rng.integers(0, c, n).astype(np.int32)
+    valid = np.arange(n) < available
+    x[~valid] = 1e6
+    params = {"kernel": rng.standard_normal((d, c)).astype(np.float32),
+              "bias": np.zeros(c, np.float32)}
+    fit = S.ClassifierFit(apply_linear_head, optax.trace(momentum), lambda e: lr, epochs=2,
+                          batch_size=batch, draw=S.given_features, drop_last=False)
+    assert fit.steps_per_epoch(available) == 3
+    assert S.ClassifierFit(apply_linear_head, optax.trace(momentum), lambda e: lr, epochs=2,
+                           batch_size=batch, draw=S.given_features).steps_per_epoch(10) == 2
+    key = jax.random.key(5)
+    got, losses = fit(params, key, (x, y, valid), steps_per_epoch=3, available=available)
+    w, b = params["kernel"].astype(np.float64), params["bias"].astype(np.float64)
+    buf_w, buf_b = np.zeros_like(w), np.zeros_like(b)
+    for e in range(2):
+        _, k_order = jax.random.split(jax.random.fold_in(key, e))
+        order = np.argsort(np.where(valid, np.asarray(jax.random.uniform(k_order, (n,))), 2.0))
+        w, b, buf_w, buf_b = numpy_sgd_epoch(w, b, buf_w, buf_b, x.astype(np.float64), y,
+                                             order, 3, batch, lr, momentum, available)
+    np.testing.assert_allclose(got["kernel"], w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["bias"], b, rtol=1e-4, atol=1e-5)
+    assert np.isfinite(losses).all()
+    with pytest.raises(ValueError, match="4 steps of 4 need 13 features"):
+        fit(params, key, (x, y, valid), steps_per_epoch=4, available=available)
 
 
 def test_cosine_epoch_schedule_is_torch_cosine_annealing():

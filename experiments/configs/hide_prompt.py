@@ -48,7 +48,8 @@ Not reproduced: the ImageNet-R schedule's floor for the head (the head's rate is
 prompts' times 0.1, floor included: 1e-6; official: 1e-5 for both groups), the prefix
 reshape without a permute (see ``pecft_jax/methods/hide_prompt.py``), the distributed
 sampler's padding of an epoch and its split of the last, partial batch over the GPUs (that
-batch is kept, as ``datasets.py``'s loader keeps it: ``train.drop_last=False``), and the
+batch is kept, as ``datasets.py``'s loader keeps it: ``train.drop_last=False``; the TII run's
+too: ``method.tii_drop_last=False``), and the
 ImageNet-R split: the official code splits the image folder once with
 ``torch.utils.data.random_split`` (80/20, global torch seed) and moves the files; here TFDS
 ``imagenet_r``'s first 80% / last 20% are used. The paper's figures could not be read
@@ -106,7 +107,8 @@ def get_config(arg: str = "split_mnist"):
     m.head_init = m.tii_init = "trunc_normal"
     c.eval.class_il_classes = "all"  # the TAP engine's evaluate: acc@1 / @5 over all
     c.train.batch_size = OFFICIAL_DEVICES * PER_DEVICE_BATCH
-    c.train.drop_last = False  # datasets.py's DataLoader keeps an epoch's last partial batch
+    # datasets.py's DataLoader keeps an epoch's last partial batch, the TII run's too
+    c.train.drop_last = m.tii_drop_last = False
     # orth_loss on each GPU's 24 features (engines/hide_promtp_wtp_and_tap_engine.py),
     # gradients averaged over the 8 by DDP (trainers/hideprompt_trainer.py)
     m.contrastive_group = PER_DEVICE_BATCH

@@ -229,6 +229,9 @@ class HiDePrompt(Method):
         # train_one_epoch); 'plain': the un-augmented features, computed once. Without
         # augmentation in the run both are the same, and one pass serves every epoch.
         tii_features: str = "augmented"
+        # the TII epochs' last partial batch: dropped, or kept (False) as the official TII
+        # run's train loader keeps it (datasets.py:107-112; the paper configs)
+        tii_drop_last: bool = True
         tii_align_epochs: int = 30
         tii_align_lr: float = 0.005 * PAPER_BATCH_PER_DEVICE / 256
         tii_align_samples: int = PAPER_BATCH_PER_DEVICE
@@ -468,12 +471,13 @@ class HiDePrompt(Method):
                 direction = optax.chain(optax.clip_by_global_norm(c.tii_grad_clip), direction)
             self._tii_fits[batch] = stats_lib.ClassifierFit(
                 apply_tii_head, direction, lambda epoch: c.tii_lr, epochs=c.tii_epochs,
-                batch_size=batch, draw=stats_lib.given_features)
+                batch_size=batch, draw=stats_lib.given_features, drop_last=c.tii_drop_last)
         pad = lambda a, dtype: np.concatenate(
             [np.asarray(a, dtype), np.zeros((capacity - n,) + a.shape[1:], dtype)])
         valid = np.arange(capacity) < n
         fit = functools.partial(self._tii_fits[batch].by_epoch, tii, key,
-                                steps_per_epoch=n // batch, available=n,
+                                steps_per_epoch=self._tii_fits[batch].steps_per_epoch(n),
+                                available=n,
                                 class_mask=task.class_mask("task"))
         if data is not None and data.augments and c.tii_features == "augmented":
             def of_epoch(epoch):

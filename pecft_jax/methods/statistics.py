@@ -422,7 +422,9 @@ class ClassifierFit:
     Every epoch draws a fresh set ``draw(key, draw_data) -> (features (N, D), labels (N,),
     valid (N,) bool)`` -- :func:`sampled_features` of the Gaussians of every class, or
     :func:`given_features` (real features padded to a fixed length) -- shuffles its valid
-    rows and takes ``steps_per_epoch`` batches of ``batch_size`` from them. The update is
+    rows and takes ``steps_per_epoch`` batches of ``batch_size`` from them (``drop_last``
+    False: the last may run past the valid rows, which it leaves out of its mean loss, as a
+    PyTorch loader's partial last batch). The update is
     ``p <- p - learning_rate(epoch) * direction(grads)``, what ``optax.sgd`` / ``optax.adam``
     compute with ``direction`` = ``trace(momentum)`` / ``scale_by_adam()`` (anything before
     the learning rate: clipping, coupled weight decay). ``logit_transform(logits,
@@ -439,20 +441,29 @@ class ClassifierFit:
                  direction: optax.GradientTransformation,
                  learning_rate: Callable[[Array], Array], *, epochs: int, batch_size: int,
                  draw: Callable[[Array, Any], Tuple[Array, Array, Array]],
-                 logit_transform: Optional[Callable[[Array, Array], Array]] = None):
+                 logit_transform: Optional[Callable[[Array, Array], Array]] = None,
+                 drop_last: bool = True):
         if epochs <= 0 or batch_size <= 0:
             raise ValueError(f"ClassifierFit needs positive epochs and batch_size, got "
                              f"{epochs} and {batch_size}")
         self.apply_fn, self.direction, self.learning_rate = apply_fn, direction, learning_rate
         self.logit_transform = logit_transform
         self.epochs, self.batch_size, self.draw = int(epochs), int(batch_size), draw
+        self.drop_last = bool(drop_last)
         self._compiled = compiler.jit(self._fit)
+
+    def steps_per_epoch(self, available: int) -> int:
+        """The batches of ``batch_size`` in ``available`` valid rows: the full ones, and the
+        partial one unless ``drop_last``."""
+        from pecft_jax.data.pipeline import steps_per_epoch  # numpy only
+        return steps_per_epoch(available, self.batch_size, self.drop_last)
 
     def __call__(self, params: Any, key: Array, draw_data: Any, *, steps_per_epoch: int,
                  available: int, class_mask: Optional[np.ndarray] = None
                  ) -> Tuple[Any, np.ndarray]:
         """Trained parameters and the mean loss of each epoch. ``available`` is the number of
-        valid rows a draw yields (checked: ``steps_per_epoch * batch_size <= available``)."""
+        valid rows a draw yields (checked: ``steps_per_epoch * batch_size <= available``,
+        or that the last batch holds some of them when not ``drop_last``)."""
         return self.by_epoch(params, key, lambda epoch: draw_data, steps_per_epoch=steps_per_epoch,
                              available=available, class_mask=class_mask, one_call=True)
 
@@ -469,9 +480,12 @@ class ClassifierFit:
         steps = int(steps_per_epoch)
         if steps <= 0:
             raise ValueError(f"ClassifierFit needs a positive steps_per_epoch, got {steps}")
-        if steps * self.batch_size > available:
-            raise ValueError(f"{steps} steps of {self.batch_size} need "
-                             f"{steps * self.batch_size} features, the draw has {available}")
+        # every batch full of valid rows, or all but the last, which needs one
+        need = (steps * self.batch_size if self.drop_last
+                else (steps - 1) * self.batch_size + 1)
+        if need > available:
+            raise ValueError(f"{steps} steps of {self.batch_size} need {need} features, the "
+                             f"draw has {available}")
         # placeholders of the state's shapes, host zeros: the first epoch starts the state in
         # the compiled program (an eager optax init would compile a program per leaf shape)
         state = jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, leaf.dtype),
@@ -493,13 +507,13 @@ class ClassifierFit:
                                        self.direction.init(params), state)
         carry = (params, state, losses)
 
-        def loss_fn(p, x, y):
+        def loss_fn(p, x, y, weights):
             logits = self.apply_fn(p, x)
             if self.logit_transform is not None:
                 logits = self.logit_transform(logits, class_mask)
             if class_mask is not None:
                 logits = mask_logits(logits, class_mask)
-            return cross_entropy(logits, y)
+            return cross_entropy(logits, y, weights)
 
         def epoch(e, carry):
             p, s, losses = carry
@@ -507,12 +521,18 @@ class ClassifierFit:
             x, y, valid = self.draw(k_draw, draw_data)
             # the valid rows first, in a random order
             order = jnp.argsort(jnp.where(valid, jax.random.uniform(k_order, valid.shape), 2.0))
+            if not self.drop_last:
+                # room for a last batch that runs past the rows (a slice would be clamped);
+                # those rows are masked out
+                order = jnp.concatenate([order, jnp.zeros((batch,), order.dtype)])
             lr = self.learning_rate(e)
 
             def step(i, carry):
                 p, s, total = carry
                 rows = jax.lax.dynamic_slice_in_dim(order, i * batch, batch)
-                loss, grads = jax.value_and_grad(loss_fn)(p, x[rows], y[rows])
+                weights = (None if self.drop_last else
+                           (i * batch + jnp.arange(batch) < jnp.sum(valid)).astype(jnp.float32))
+                loss, grads = jax.value_and_grad(loss_fn)(p, x[rows], y[rows], weights)
                 direction, s = self.direction.update(grads, s, p)
                 p = jax.tree_util.tree_map(lambda w, d: w - lr * d, p, direction)
                 return p, s, total + loss
