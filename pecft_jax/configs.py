@@ -360,7 +360,7 @@ def flatten_config(tree: collections.abc.Mapping, keep_empty: bool = True,
 HASHED_ONLY_WHEN_SET = {"eval.future_tasks": False, "eval.fwt_reference": "",
                         "eval.class_il_classes": "seen",
                         "augment.crop_sampler": "torchvision", "matmul_precision": "default",
-                        "train.drop_last": True}
+                        "train.drop_last": True, "method.tii_drop_last": True}
 
 
 def check_wandb_installed(config: ml_collections.ConfigDict) -> None:

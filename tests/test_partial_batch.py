@@ -185,3 +185,9 @@ def test_drop_last_must_be_a_bool_and_is_hashed_only_when_kept(tmp_path):
     assert config_hash(config) == before  # checkpoints written before the key resume
     config.train.drop_last = False
     assert config_hash(config) != before
+    hide = tiny_config("hide_prompt")
+    before = config_hash(hide)
+    hide.method.tii_drop_last = True  # the method default, written out by the config files
+    assert config_hash(hide) == before
+    hide.method.tii_drop_last = False
+    assert config_hash(hide) != before
