@@ -136,6 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
     # JAX code's) or kept (False: PyTorch's DataLoader default), padded to batch_size and
     # masked out of the losses, so every step keeps one shape. Set per paper config.
     c.train.drop_last = True
+    # True: batches cut from the epochs' shuffled orders end to end, so a batch may run into
+    # the next epoch (a tf.data pipeline that repeats before it batches: the L2P /
+    # DualPrompt JAX code's); the same number of steps. Needs drop_last.
+    c.train.batches_cross_epochs = False
     c.train.optimizer = "adam"
     c.train.learning_rate = 1e-3
     # 'constant' | 'cosine' (per step) | 'cosine_epochs' | 'multistep_epochs' (x train.lr_decay,
@@ -247,6 +251,7 @@ _RANGES = (
     ("train.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("train.drop_last", lambda v: isinstance(v, bool),
      "True (drop an epoch's last partial batch) or False (keep it)"),
+    ("train.batches_cross_epochs", lambda v: isinstance(v, bool), "True or False"),
     ("eval.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("train.learning_rate", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     ("train.warmup_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
@@ -360,7 +365,8 @@ def flatten_config(tree: collections.abc.Mapping, keep_empty: bool = True,
 HASHED_ONLY_WHEN_SET = {"eval.future_tasks": False, "eval.fwt_reference": "",
                         "eval.class_il_classes": "seen",
                         "augment.crop_sampler": "torchvision", "matmul_precision": "default",
-                        "train.drop_last": True, "method.tii_drop_last": True}
+                        "train.drop_last": True, "method.tii_drop_last": True,
+                        "train.batches_cross_epochs": False}
 
 
 def check_wandb_installed(config: ml_collections.ConfigDict) -> None:
@@ -419,6 +425,11 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
     if evaluation.get("future_tasks", False) and config.get("scenario", {}).get("joint", False):
         raise ValueError("eval.future_tasks with scenario.joint=True: joint training learns "
                          "every task at once, so no task lies in the future; leave one unset")
+    training = config.get("train", {})
+    if training.get("batches_cross_epochs", False) and not training.get("drop_last", True):
+        raise ValueError("train.batches_cross_epochs=True with train.drop_last=False: batches "
+                         "that run on into the next epoch leave no partial batch to keep; "
+                         "leave one unset")
 
 
 BENCHMARKS = ("split_mnist", "cifar100", "imagenet_r", "5datasets", "domain_mnist")

@@ -162,7 +162,10 @@ DROP_LAST = {
 @pytest.mark.parametrize("name, arg", sorted(set(OFFICIAL) | {
     ("o_lora", "cifar100"), ("progressive_prompts", "bert_order4")}))
 def test_paper_configs_keep_or_drop_the_last_partial_batch_as_the_official_loader(name, arg):
-    assert load_experiment_config(name, arg).train.drop_last is DROP_LAST[name]
+    c = load_experiment_config(name, arg)
+    assert c.train.drop_last is DROP_LAST[name]
+    # clu's create_dataset (shuffle, repeat, batch): the JAX code's batches cross epochs
+    assert c.train.batches_cross_epochs is (name in ("l2p", "dualprompt"))
 
 
 @pytest.mark.parametrize("name", sorted(DROP_LAST))
@@ -170,7 +173,8 @@ def test_the_demos_drop_the_last_partial_batch(name):
     """The demos keep the library's default (their README figures were measured so)."""
     arg = "wordnet" if name == "progressive_prompts" else (
         "domain_mnist" if name == "s_prompts" else "split_mnist")
-    assert load_experiment_config(name, arg).train.drop_last is True
+    c = load_experiment_config(name, arg)
+    assert c.train.drop_last is True and c.train.batches_cross_epochs is False
 
 
 def _get(config, dotted):

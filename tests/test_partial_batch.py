@@ -145,6 +145,27 @@ def test_kept_partial_batch_reads_every_example_once_and_masks_the_padding(proce
             assert "mask" not in whole
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_batches_crossing_epochs_cut_the_epochs_orders_end_to_end(processes):
+    """``cross_epochs`` (tf.data's shuffle, repeat, batch): step s holds rows s*B..(s+1)*B-1
+    of the epochs' permutations one after another; epochs * (n // B) steps, so only the last
+    epoch's tail of n mod B examples goes unread."""
+    source, n, size, epochs = _source(23), 23, 8, 3
+    preprocess = pipeline.Preprocess(image_size=2, channels=1, mean=(0.0,), std=(1.0,))
+    hosts = [pipeline.TrainBatches(source, np.arange(n), np.arange(3), batch_size=size, seed=5,
+                                   preprocess=preprocess, epochs=epochs, cross_epochs=True,
+                                   process_index=p, process_count=processes)
+             for p in range(processes)]
+    assert len(hosts[0]) == epochs * (n // size) == 6
+    stream = np.concatenate([pipeline.epoch_permutation(n, 5, e) for e in range(epochs)])
+    read = np.concatenate([h[s]["index"] for s in range(6) for h in hosts])
+    np.testing.assert_array_equal(read, stream[:6 * size])
+    assert "mask" not in hosts[0][0]
+    with pytest.raises(ValueError, match="cross_epochs needs drop_last"):
+        pipeline.TrainBatches(source, np.arange(n), np.arange(3), batch_size=size, seed=5,
+                              preprocess=preprocess, cross_epochs=True, drop_last=False)
+
+
 def test_too_few_examples_for_one_batch_train_one_partial_batch_when_kept():
     source = _source(5)
     preprocess = pipeline.Preprocess(image_size=2, channels=1, mean=(0.0,), std=(1.0,))
@@ -156,24 +177,35 @@ def test_too_few_examples_for_one_batch_train_one_partial_batch_when_kept():
     assert len(kept) == 1 and kept[0]["mask"].sum() == 5
 
 
-def test_a_run_keeping_partial_batches_steps_them_in_one_compiled_train_step(tmp_path):
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_run_keeping_partial_batches_or_crossing_epochs_compiles_one_train_step(
+        keep, tmp_path):
     config = tiny_config("l2p")
     config.scenario.num_tasks = 2
-    config.train.drop_last = False
+    if keep:
+        config.train.drop_last = False
+    else:
+        config.train.batches_cross_epochs, config.train.epochs = True, 2
     result = train_and_evaluate(config, str(tmp_path))
     trainer = ContinualTrainer(config, str(tmp_path / "count"))
     try:
         sizes = [len(task.train_indices) for task in trainer.tasks]
     finally:
         trainer.close()
-    assert any(size % config.train.batch_size for size in sizes)  # a partial batch to keep
-    assert result["train_steps"] == sum(-(-size // config.train.batch_size) for size in sizes)
+    batch, epochs = config.train.batch_size, config.train.epochs
+    assert any(size % batch for size in sizes)  # a partial batch to keep or to run on
+    per_epoch = [-(-size // batch) if keep else size // batch for size in sizes]
+    assert result["train_steps"] == epochs * sum(per_epoch)
     assert result["compilation"]["traces"]["train_step"] == 1
 
 
 def test_drop_last_must_be_a_bool_and_is_hashed_only_when_kept(tmp_path):
     from pecft_jax.configs import check_run_config
     from pecft_jax.train.loop import config_hash
+    config = tiny_config("l2p")
+    config.train.drop_last, config.train.batches_cross_epochs = False, True
+    with pytest.raises(ValueError, match="leave no partial batch to keep"):
+        check_run_config(config)
     config = tiny_config("l2p")
     before = config_hash(config)
     with config.ignore_type():

@@ -30,8 +30,8 @@ same in both files unless noted; ViT-B/16 ImageNet-21k, ``imagenet21k/ViT-B_16.n
   official code reads it. The class-IL prediction is the argmax over all classes, as the
   official ``eval_step``'s (``eval.class_il_classes='all'``, as in ``l2p.py``). Not
   reproduced: JPEG re-encoding of training images, the dropped last partial test batch,
-  the training batches' crossing of epoch boundaries, the forgetting over every evaluation
-  (as in ``l2p.py``, whose full training batches these are too).
+  the forgetting over every evaluation (as in ``l2p.py``, whose training batches these
+  are too).
 
 The papers' text was not readable offline; no setting is known to differ from the code, so
 there is no separate paper variant. Published (DualPrompt paper, as the dualprompt-pytorch
@@ -65,6 +65,7 @@ def get_config(arg: str = "split_mnist"):
         return with_method_defaults(c)
     official_protocol(c, VIT_B16_IN21K, gelu_exact=False, crop_scale=(0.05, 1.0),
                       resize_short=256, squash=True, crop_sampler="tf")
+    c.train.batches_cross_epochs = True  # as l2p.py: clu's shuffle, repeat, then batch
     m.prompt_init = m.key_init = "small_uniform"
     m.head_init = "zeros"
     c.eval.class_il_classes = "all"  # eval_step: the argmax over all classes' logits

@@ -27,11 +27,14 @@
   ``decode_and_random_resized_crop``: ``augment.crop_sampler='tf'``), flip;
   test images squashed to 256 x 256, central 224 crop (``input_pipeline.py``), all
   resized by TF's bilinear ``tf.image.resize`` (``dataset.resample='bilinear'``); tanh GELU
-  (flax ``nn.gelu``); full training batches only (``train.drop_last``, the default: clu's
-  ``create_dataset`` drops the remainder, ``libml/input_pipeline.py:541-553``). Not
-  reproduced: the JPEG re-encoding of training images, the dropped last partial test
-  batch, the batches' crossing of epoch boundaries (the code batches the task's examples
-  repeated over all epochs; the same number of steps: REPRODUCING.md).
+  (flax ``nn.gelu``); training batches cut from the task's examples shuffled and repeated
+  over the epochs, so a batch may run into the next epoch, full batches only
+  (``train.batches_cross_epochs``, ``train.drop_last``: clu's ``create_dataset`` shuffles,
+  repeats, then batches with ``drop_remainder``, ``libml/input_pipeline.py:541-553``;
+  ``train_continual.py:603-607`` takes ``epochs * (N // batch)`` steps). Not reproduced:
+  the JPEG re-encoding of training images, the dropped last partial test batch, the
+  shuffle buffer of 10,000 examples (a full shuffle of a task up to that size; ours is
+  always full).
 * evaluation: the class-IL prediction is the argmax over all 100 classes, as the official
   ``eval_step`` takes it (``eval.class_il_classes='all'``): the columns of classes not
   learnt yet keep their zero logits (zero initialisation, zero gradient), so an example
@@ -91,6 +94,7 @@ def get_config(arg: str = "split_mnist"):
         return with_method_defaults(c)
     official_protocol(c, VIT_B16_IN21K, gelu_exact=False, crop_scale=(0.05, 1.0),
                       resize_short=256, squash=True, crop_sampler="tf")
+    c.train.batches_cross_epochs = True  # clu create_dataset: shuffle, repeat, then batch
     if arg == "5datasets":
         c.scenario.datasets = ["tfds:cifar10", "tfds:mnist", "tfds:svhn_cropped",
                                dict(NOT_MNIST), "tfds:fashion_mnist"]

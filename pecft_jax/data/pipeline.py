@@ -625,6 +625,11 @@ class TrainBatches:
       process_index, process_count: this host and the number of hosts.
       drop_last: drop each epoch's last partial batch (True), or keep it (False): padded to
         ``batch_size`` with rows that repeat its own examples, masked out.
+      cross_epochs: batches cut from the epochs' orders one after another, so a batch may
+        end in the next epoch, as a ``tf.data`` pipeline that repeats the shuffled examples
+        before it batches them (the L2P / DualPrompt JAX code's, clu ``create_dataset``):
+        the same number of steps, ``epochs * (N // batch_size)``, and only the last epoch's
+        tail goes unread. Only with ``drop_last``.
 
     Items: ``{'inputs': float32 (b, S, S, C), 'label': int32 (b,), 'index': int32 (b,)}``
     (for text ``inputs`` is ``{'token_ids', 'attention_mask'}``, int32 ``(b, L)``); ``index``
@@ -636,7 +641,12 @@ class TrainBatches:
 
     def __init__(self, source: LabelledSource, indices: np.ndarray, label_map: np.ndarray, *,
                  batch_size: int, seed: int, preprocess: Any, epochs: int = 1,
-                 process_index: int = 0, process_count: int = 1, drop_last: bool = True):
+                 process_index: int = 0, process_count: int = 1, drop_last: bool = True,
+                 cross_epochs: bool = False):
+        if cross_epochs and not drop_last:
+            raise ValueError("batches that cross epochs have no partial batch to keep: "
+                             "cross_epochs needs drop_last")
+        self.cross_epochs = bool(cross_epochs)
         self.mine = _host_slice(batch_size, process_index, process_count)
         self.source, self.indices = source, _as_indices(indices)
         self.batch_size, self.seed, self.preprocess = int(batch_size), int(seed), preprocess
@@ -673,7 +683,15 @@ class TrainBatches:
             raise IndexError(f"step {step} outside the {len(self)} steps of these batches")
         epoch, offset = divmod(step, self.per_epoch)
         size = self.batch_size
-        positions = self.order(epoch)[offset * size:(offset + 1) * size]
+        if self.cross_epochs:  # rows step * size .. of the epochs' orders end to end
+            n = len(self.indices)
+            first, start = divmod(step * size, n)
+            positions = self.order(first)[start:start + size]
+            if len(positions) < size:  # the batch runs into the next epoch
+                following = self.order(first + 1)[:size - len(positions)]
+                positions = np.concatenate([positions, following])
+        else:
+            positions = self.order(epoch)[offset * size:(offset + 1) * size]
         real = len(positions)
         # an epoch's partial last batch: its own examples again as padding (valid inputs and
         # cached-feature rows), masked out of every loss
