@@ -10,6 +10,9 @@ missing (ragged rows) or NaN -- the forward-transfer metric needs the first supe
   (Rebuffi et al., iCaRL; Douillard et al.)
 * forgetting                 ``mean_{j<T-1} max_{j<=l<T-1} (R[l][j] - R[T-1][j])``
   (Chaudhry et al., 2018; only rows ``l >= j`` are defined); 0 when ``T == 1``
+* nonnegative forgetting     ``mean_{j<T-1} max_{j<=l<=T-1} (R[l][j] - R[T-1][j])``: the
+  last row in the max, each task's drop clipped at 0 (what L2P's, DualPrompt's and
+  HiDe-Prompt's official codes log as forgetting)
 * backward transfer (BWT)    ``mean_{j<T-1} (R[T-1][j] - R[j][j])`` (Lopez-Paz & Ranzato,
   GEM); 0 when ``T == 1``
 * forward transfer (FWT)     ``mean_{j>0} (R[j-1][j] - b_j)`` with ``b_j`` a reference
@@ -84,13 +87,26 @@ def forgetting(R: Matrix) -> float:
     ``T - 1`` tasks. 0 for ``T == 1`` (no task has been followed by another). A task's
     value is negative where it ended better than ever before; L2P's and DualPrompt's code
     takes the best over every evaluation, the last included, i.e. the mean over tasks of
-    ``max(drop, 0)``, never below this."""
+    ``max(drop, 0)``, never below this: :func:`nonnegative_forgetting`."""
     m = accuracy_matrix(R)
     num_tasks = m.shape[0]
     if num_tasks == 1:
         return 0.0
     drops = [np.max(m[j:num_tasks - 1, j]) - m[-1, j] for j in range(num_tasks - 1)]
     return float(np.mean(drops))
+
+
+def nonnegative_forgetting(R: Matrix) -> float:
+    """The forgetting that L2P's, DualPrompt's and HiDe-Prompt's official codes log: each
+    of the first ``T - 1`` tasks' best accuracy over every evaluation, the last included,
+    minus its final one (``np.max(acc_matrix, axis=1) - acc_matrix[:, T - 1]``,
+    l2p ``train_continual.py``; HiDe-Prompt's engines) -- :func:`forgetting` with each
+    task's drop clipped at 0. 0 for ``T == 1``."""
+    m = accuracy_matrix(R)
+    num_tasks = m.shape[0]
+    if num_tasks == 1:
+        return 0.0
+    return float(np.mean([np.max(m[j:, j]) - m[-1, j] for j in range(num_tasks - 1)]))
 
 
 def backward_transfer(R: Matrix) -> float:
@@ -153,12 +169,13 @@ def pooled_incremental_accuracy(R: Matrix, test_sizes: Sequence[int]) -> float:
 def summarize(R: Matrix, reference: Optional[Sequence[float]] = None,
               test_sizes: Optional[Sequence[int]] = None) -> Dict[str, float]:
     """All metrics in one dict: ``average_accuracy``, ``average_incremental_accuracy``,
-    ``forgetting``, ``bwt``; with a ``reference``, ``fwt``; with the tasks' ``test_sizes``,
-    ``pooled_accuracy`` and ``pooled_incremental_accuracy``."""
+    ``forgetting``, ``nonnegative_forgetting``, ``bwt``; with a ``reference``, ``fwt``;
+    with the tasks' ``test_sizes``, ``pooled_accuracy`` and ``pooled_incremental_accuracy``."""
     out = {
         "average_accuracy": average_accuracy(R),
         "average_incremental_accuracy": average_incremental_accuracy(R),
         "forgetting": forgetting(R),
+        "nonnegative_forgetting": nonnegative_forgetting(R),
         "bwt": backward_transfer(R),
     }
     if reference is not None:

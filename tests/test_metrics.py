@@ -19,6 +19,21 @@ def test_hand_computed_three_tasks():
     assert metrics.backward_transfer(RAGGED) == pytest.approx(2.5)
 
 
+def test_nonnegative_forgetting_is_the_l2p_and_hide_prompt_codes_formula():
+    """Task 0 ends better than ever (60 > 50, 40): standard forgetting counts -10 for it,
+    the official codes' max over every evaluation (the last included) 0."""
+    R = [[50.0], [40.0, 80.0], [60.0, 75.0, 90.0]]
+    # the official line on its (task, after task) matrix, zeros where not evaluated yet
+    acc_matrix = np.zeros((3, 3))
+    for t, row in enumerate(R):
+        acc_matrix[:len(row), t] = row
+    official = np.mean((np.max(acc_matrix, axis=1) - acc_matrix[:, 2])[:2])
+    assert metrics.nonnegative_forgetting(R) == pytest.approx(official) == pytest.approx(2.5)
+    assert metrics.forgetting(R) == pytest.approx((-10 + 5) / 2)
+    assert metrics.nonnegative_forgetting(RAGGED) == metrics.forgetting(RAGGED)  # no gains
+    assert metrics.summarize(R)["nonnegative_forgetting"] == pytest.approx(2.5)
+
+
 def test_square_array_with_nan_upper_triangle_equals_ragged_rows():
     square = np.array([[90.0, np.nan, np.nan], [80.0, 70.0, np.nan], [60.0, 65.0, 85.0]])
     ragged = [[90.0], [80.0, 70.0], [60.0, 65.0, 85.0]]
@@ -46,7 +61,7 @@ def test_forward_transfer_uses_first_superdiagonal():
 def test_single_task():
     out = metrics.summarize([[88.0]], reference=[5.0])
     assert out == {"average_accuracy": 88.0, "average_incremental_accuracy": 88.0,
-                   "forgetting": 0.0, "bwt": 0.0, "fwt": 0.0}
+                   "forgetting": 0.0, "nonnegative_forgetting": 0.0, "bwt": 0.0, "fwt": 0.0}
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -29,9 +29,9 @@ same in both files unless noted; ViT-B/16 ImageNet-21k, ``imagenet21k/ViT-B_16.n
   first 80% for training and the rest for testing (``test[:80%]`` / ``test[80%:]``), as the
   official code reads it. The class-IL prediction is the argmax over all classes, as the
   official ``eval_step``'s (``eval.class_il_classes='all'``, as in ``l2p.py``). Not
-  reproduced: JPEG re-encoding of training images, the dropped last partial test batch,
-  the forgetting over every evaluation (as in ``l2p.py``, whose training batches these
-  are too).
+  reproduced: JPEG re-encoding of training images, the dropped last partial test batch
+  (as in ``l2p.py``, whose training batches and forgetting --
+  ``metrics.nonnegative_forgetting`` -- these are too).
 
 The papers' text was not readable offline; no setting is known to differ from the code, so
 there is no separate paper variant. Published (DualPrompt paper, as the dualprompt-pytorch

@@ -42,7 +42,9 @@
   ``evaluate`` of ``engines/hide_promtp_wtp_and_tap_engine.py`` takes its top-1 and top-5
   on the unmasked logits (``eval.class_il_classes='all'``; the TAP head's columns of
   classes not learnt yet keep their initial values). Its task prediction (the TII) is
-  masked to the classes seen so far, as here.
+  masked to the classes seen so far, as here. The forgetting it logs is
+  ``metrics.nonnegative_forgetting`` (the engine's ``np.max(acc_matrix, axis=1)`` takes
+  the last evaluation in: ``hide_promtp_wtp_and_tap_engine.py:197-198``).
 
 Not reproduced: the ImageNet-R schedule's floor for the head (the head's rate is the
 prompts' times 0.1, floor included: 1e-6; official: 1e-5 for both groups), the prefix

@@ -40,9 +40,10 @@
   learnt yet keep their zero logits (zero initialisation, zero gradient), so an example
   whose seen logits are all negative counts as wrong. The final row is the same either
   way (every class is seen); the earlier rows, and forgetting, can differ from the usual
-  argmax over the seen classes (``'seen'``, the demo's). Not reproduced: the code's
-  forgetting takes each task's best over every evaluation, the last included
-  (``metrics.forgetting``'s docstring).
+  argmax over the seen classes (``'seen'``, the demo's). The code's forgetting takes each
+  task's best over every evaluation, the last included (``train_continual.py:849-850``):
+  ``metrics.nonnegative_forgetting`` in results.json (``metrics.forgetting`` is the
+  standard one, which may be lower).
 
 ``cifar100_paper``: the same with the prompt values of the first official release (8cfb210,
 December 2021; the PyTorch port l2p-pytorch keeps them): length 5, top-N 5, pull-constraint

@@ -856,7 +856,8 @@ class ContinualTrainer:
         matrix, task_il = run.accuracy_matrix, run.task_il_matrix
         if self.joint:  # one row over all tasks: only the final accuracy is defined
             summary = {"average_accuracy": float(np.mean(matrix[-1])),
-                       "average_incremental_accuracy": None, "forgetting": None, "bwt": None}
+                       "average_incremental_accuracy": None, "forgetting": None,
+                       "nonnegative_forgetting": None, "bwt": None}
             task_summary = {"average_accuracy": float(np.mean(task_il[-1]))}
         else:
             sizes = [len(task.test_indices) for task in self.scenario.tasks]
