@@ -47,9 +47,16 @@ def _padded(full, real, size):
 
 def _gradient_function(trainer):
     """``batch -> (grads, aux)`` of task 0's first step (jitted: one compilation a batch
-    shape, where eager operations would each compile per shape)."""
+    shape, where eager operations would each compile per shape); HiDe-Prompt's contrastive
+    term with stored prototypes of two classes too, as in a later task."""
     spec = trainer.task_spec(0)
     trainable, state = trainer.method.init(jax.random.key(0), trainer.frozen)
+    if "tap_stats" in state:
+        tap = dict(state["tap_stats"])
+        mean, count = np.array(tap["mean"]), np.array(tap["count"])
+        mean[:2] = np.random.default_rng(0).standard_normal(mean[:2].shape)
+        count[:2] = 5
+        state = dict(state, tap_stats=dict(tap, mean=mean, count=count))
     optimizer = trainer.optimizer(spec, trainable, trainer.tasks[0], 1)
     step = jax.jit(lambda batch: trainer.method.gradients(
         trainable, state, trainer.frozen, batch, jax.random.key(1), spec, optimizer))
@@ -134,6 +141,7 @@ def test_kept_partial_batch_reads_every_example_once_and_masks_the_padding(proce
         # each example once among the real rows, the padding repeats the last batch's own
         assert sorted(index[mask > 0]) == list(range(n))
         assert mask.sum() == n and set(index[mask == 0]) <= set(index[16:][mask[16:] > 0])
+        assert [kept[0].examples_in(epoch * 3 + s) for s in range(3)] == [8, 8, 7]
         pixels = np.concatenate([h["inputs"] for step in items for h in step])
         # rows read as indexed (each image holds its index; the inputs are x / 255)
         np.testing.assert_array_equal(np.rint(pixels[:, 0, 0, 0] * 255), index)

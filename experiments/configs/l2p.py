@@ -31,7 +31,8 @@
   over the epochs, so a batch may run into the next epoch, full batches only
   (``train.batches_cross_epochs``, ``train.drop_last``: clu's ``create_dataset`` shuffles,
   repeats, then batches with ``drop_remainder``, ``libml/input_pipeline.py:541-553``;
-  ``train_continual.py:603-607`` takes ``epochs * (N // batch)`` steps). Not reproduced:
+  ``train_continual.py:603-607`` takes ``epochs * (N // batch)`` steps, leaving the
+  stream's last ``epochs * (N % batch)`` examples unread). Not reproduced:
   the JPEG re-encoding of training images, the dropped last partial test batch, the
   shuffle buffer of 10,000 examples (a full shuffle of a task up to that size; ours is
   always full).

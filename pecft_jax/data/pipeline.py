@@ -628,8 +628,9 @@ class TrainBatches:
       cross_epochs: batches cut from the epochs' orders one after another, so a batch may
         end in the next epoch, as a ``tf.data`` pipeline that repeats the shuffled examples
         before it batches them (the L2P / DualPrompt JAX code's, clu ``create_dataset``):
-        the same number of steps, ``epochs * (N // batch_size)``, and only the last epoch's
-        tail goes unread. Only with ``drop_last``.
+        the same number of steps, ``epochs * (N // batch_size)``, so the stream's last
+        ``epochs * (N % batch_size)`` examples go unread (whole epochs where that reaches
+        N). Only with ``drop_last``.
 
     Items: ``{'inputs': float32 (b, S, S, C), 'label': int32 (b,), 'index': int32 (b,)}``
     (for text ``inputs`` is ``{'token_ids', 'attention_mask'}``, int32 ``(b, L)``); ``index``
@@ -665,6 +666,13 @@ class TrainBatches:
 
     def __len__(self) -> int:
         return self.epochs * self.per_epoch
+
+    def examples_in(self, step: int) -> int:
+        """The real examples in step ``step``'s global batch (fewer in a kept partial one)."""
+        if self.drop_last:
+            return self.batch_size
+        offset = int(step) % self.per_epoch
+        return min(self.batch_size, len(self.indices) - offset * self.batch_size)
 
     def order(self, epoch: int) -> np.ndarray:
         """The permutation of epoch ``epoch``, kept for the few epochs being read (two

@@ -121,8 +121,9 @@ class PassRows:
 
 def with_cached(local: dict, arrays: Mapping[str, Optional[np.ndarray]]) -> dict:
     """``local`` with, under each key of ``arrays`` that is not None, the cached row of each
-    of its examples (by ``local['index']``; padding rows, whose positions run past the end,
-    get the last row)."""
+    of its examples (by ``local['index']``; an evaluation stream's padding rows, whose
+    positions run past the end, get the last row; a training batch's padding repeats its
+    own examples' positions)."""
     out = local
     for key, rows in arrays.items():
         if rows is not None:

@@ -492,7 +492,7 @@ class ContinualTrainer:
                 # health: an output of the step that the next one does not donate
                 compiler.bound_queue(step - position.step, health)
                 run.global_step += 1
-                examples_seen += self.batch_size
+                examples_seen += batches.examples_in(step - 1)
                 if step % log_every == 0 or step == steps:
                     self._check_health(run, t, health)
                     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
