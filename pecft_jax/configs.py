@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
     # the next epoch (a tf.data pipeline that repeats before it batches: the L2P /
     # DualPrompt JAX code's); the same number of steps. Needs drop_last.
     c.train.batches_cross_epochs = False
+    # False: every epoch reads the first epoch's shuffled order again (a DataLoader without
+    # shuffle over examples shuffled once: Progressive Prompts' BERT code)
+    c.train.reshuffle_each_epoch = True
     c.train.optimizer = "adam"
     c.train.learning_rate = 1e-3
     # 'constant' | 'cosine' (per step) | 'cosine_epochs' | 'multistep_epochs' (x train.lr_decay,
@@ -252,6 +255,7 @@ _RANGES = (
     ("train.drop_last", lambda v: isinstance(v, bool),
      "True (drop an epoch's last partial batch) or False (keep it)"),
     ("train.batches_cross_epochs", lambda v: isinstance(v, bool), "True or False"),
+    ("train.reshuffle_each_epoch", lambda v: isinstance(v, bool), "True or False"),
     ("eval.batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     ("train.learning_rate", lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     ("train.warmup_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
@@ -366,7 +370,8 @@ HASHED_ONLY_WHEN_SET = {"eval.future_tasks": False, "eval.fwt_reference": "",
                         "eval.class_il_classes": "seen",
                         "augment.crop_sampler": "torchvision", "matmul_precision": "default",
                         "train.drop_last": True, "method.tii_drop_last": True,
-                        "train.batches_cross_epochs": False}
+                        "train.batches_cross_epochs": False,
+                        "train.reshuffle_each_epoch": True}
 
 
 def check_wandb_installed(config: ml_collections.ConfigDict) -> None:

@@ -166,6 +166,8 @@ def test_paper_configs_keep_or_drop_the_last_partial_batch_as_the_official_loade
     assert c.train.drop_last is DROP_LAST[name]
     # clu's create_dataset (shuffle, repeat, batch): the JAX code's batches cross epochs
     assert c.train.batches_cross_epochs is (name in ("l2p", "dualprompt"))
+    # Progressive Prompts' BERT loader reads one order, shuffled once (dataset_utils.py:256)
+    assert c.train.reshuffle_each_epoch is (name != "progressive_prompts")
 
 
 @pytest.mark.parametrize("name", sorted(DROP_LAST))
@@ -175,6 +177,7 @@ def test_the_demos_drop_the_last_partial_batch(name):
         "domain_mnist" if name == "s_prompts" else "split_mnist")
     c = load_experiment_config(name, arg)
     assert c.train.drop_last is True and c.train.batches_cross_epochs is False
+    assert c.train.reshuffle_each_epoch is True
 
 
 def _get(config, dotted):

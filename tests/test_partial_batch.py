@@ -174,6 +174,19 @@ def test_batches_crossing_epochs_cut_the_epochs_orders_end_to_end(processes):
                               preprocess=preprocess, cross_epochs=True, drop_last=False)
 
 
+def test_without_reshuffling_every_epoch_reads_the_first_epochs_order():
+    source, n, size = _source(23), 23, 8
+    preprocess = pipeline.Preprocess(image_size=2, channels=1, mean=(0.0,), std=(1.0,))
+    once, each = (pipeline.TrainBatches(source, np.arange(n), np.arange(3), batch_size=size,
+                                        seed=5, preprocess=preprocess, epochs=3,
+                                        reshuffle=reshuffle) for reshuffle in (False, True))
+    orders = [np.concatenate([once[e * 2 + s]["index"] for s in range(2)]) for e in range(3)]
+    for order in orders[1:]:
+        np.testing.assert_array_equal(order, orders[0])
+    np.testing.assert_array_equal(orders[0], np.concatenate([each[s]["index"] for s in range(2)]))
+    assert not np.array_equal(each[2]["index"], each[0]["index"])  # the default reshuffles
+
+
 def test_too_few_examples_for_one_batch_train_one_partial_batch_when_kept():
     source = _source(5)
     preprocess = pipeline.Preprocess(image_size=2, channels=1, mean=(0.0,), std=(1.0,))
@@ -222,7 +235,8 @@ def test_drop_last_must_be_a_bool_and_is_hashed_only_when_kept(tmp_path):
         check_run_config(config)
     with config.ignore_type():
         config.train.drop_last = True
-    assert config_hash(config) == before  # checkpoints written before the key resume
+    config.train.batches_cross_epochs, config.train.reshuffle_each_epoch = False, True
+    assert config_hash(config) == before  # checkpoints written before the keys resume
     config.train.drop_last = False
     assert config_hash(config) != before
     hide = tiny_config("hide_prompt")

@@ -30,8 +30,11 @@ sqrt(1 - 0.999^t)`` after bias correction -- 3.2e-5 at the first step, 1.3e-6 at
 thousandth -- where optax, as PyTorch's Adam, adds 1e-6 after it), 1,000
 warm-up steps then constant (``model_utils.py:172-177``), batch 8 (``train_cl2.py:135-140``),
 50 epochs (``--num_epochs``), an epoch's last partial batch kept as the official loader
-keeps it (``dataset_utils.py:178``; ``train.drop_last=False``), without the official early
-stopping on a validation split.
+keeps it (``dataset_utils.py:178``; ``train.drop_last=False``), every epoch in the one order
+the examples were shuffled into (``dataset.shuffle(seed)`` and ``select_subset_ds``'s
+``np.random.shuffle``, ``dataset_utils.py:190-201,256``, then a loader without
+``shuffle``: ``train.reshuffle_each_epoch=False``; the order itself is this library's
+draw), without the official early stopping on a validation split.
 The text of each row is what ``dataset_utils.py`` feeds BERT for the script's task names
 (``TEXT``): AG News' title and description, Yelp's review, only the content of Amazon's and
 DBpedia's rows (``task_to_keys``: ``("content", None)``, the title dropped), and Yahoo!
@@ -99,6 +102,7 @@ def get_config(arg: str = "wordnet"):
     c.train.batch_size = 8               # --batch_size 8
     c.train.epochs = 50                  # --num_epochs 50
     c.train.drop_last = False            # dataset_utils.py:178's DataLoader keeps it
+    c.train.reshuffle_each_epoch = False  # ... and never reshuffles (shuffled once, :256)
     c.train.checkpoint_every_steps = 1000
     c.eval.batch_size = 64
     return with_method_defaults(c)

@@ -631,6 +631,9 @@ class TrainBatches:
         the same number of steps, ``epochs * (N // batch_size)``, so the stream's last
         ``epochs * (N % batch_size)`` examples go unread (whole epochs where that reaches
         N). Only with ``drop_last``.
+      reshuffle: a new order every epoch (True), or epoch 0's order for every epoch (False:
+        a loader without ``shuffle`` over examples shuffled once, Progressive Prompts' BERT
+        code).
 
     Items: ``{'inputs': float32 (b, S, S, C), 'label': int32 (b,), 'index': int32 (b,)}``
     (for text ``inputs`` is ``{'token_ids', 'attention_mask'}``, int32 ``(b, L)``); ``index``
@@ -643,11 +646,11 @@ class TrainBatches:
     def __init__(self, source: LabelledSource, indices: np.ndarray, label_map: np.ndarray, *,
                  batch_size: int, seed: int, preprocess: Any, epochs: int = 1,
                  process_index: int = 0, process_count: int = 1, drop_last: bool = True,
-                 cross_epochs: bool = False):
+                 cross_epochs: bool = False, reshuffle: bool = True):
         if cross_epochs and not drop_last:
             raise ValueError("batches that cross epochs have no partial batch to keep: "
                              "cross_epochs needs drop_last")
-        self.cross_epochs = bool(cross_epochs)
+        self.cross_epochs, self.reshuffle = bool(cross_epochs), bool(reshuffle)
         self.mine = _host_slice(batch_size, process_index, process_count)
         self.source, self.indices = source, _as_indices(indices)
         self.batch_size, self.seed, self.preprocess = int(batch_size), int(seed), preprocess
@@ -677,6 +680,7 @@ class TrainBatches:
     def order(self, epoch: int) -> np.ndarray:
         """The permutation of epoch ``epoch``, kept for the few epochs being read (two
         threads may both draw it: they draw the same one)."""
+        epoch = epoch if self.reshuffle else 0
         order = self._orders.get(epoch)
         if order is None:
             order = epoch_permutation(len(self.indices), self.seed, epoch)

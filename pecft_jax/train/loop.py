@@ -475,7 +475,8 @@ class ContinualTrainer:
             seed=self.task_seed(t), preprocess=self.train_preprocess, epochs=epochs,
             process_index=jax.process_index(), process_count=jax.process_count(),
             drop_last=self.drop_last,
-            cross_epochs=bool(self.config.train.get("batches_cross_epochs", False)))
+            cross_epochs=bool(self.config.train.get("batches_cross_epochs", False)),
+            reshuffle=bool(self.config.train.get("reshuffle_each_epoch", True)))
         # host-side reading and augmentation run in grain's threads (and worker processes),
         # ahead of the device steps; a resumed task continues from the saved iterator state
         batch_iterator, read_start = loader.resume(
