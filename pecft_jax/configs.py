@@ -371,7 +371,8 @@ HASHED_ONLY_WHEN_SET = {"eval.future_tasks": False, "eval.fwt_reference": "",
                         "augment.crop_sampler": "torchvision", "matmul_precision": "default",
                         "train.drop_last": True, "method.tii_drop_last": True,
                         "train.batches_cross_epochs": False,
-                        "train.reshuffle_each_epoch": True}
+                        "train.reshuffle_each_epoch": True,
+                        "method.orthogonalize": "exact"}
 
 
 def check_wandb_installed(config: ml_collections.ConfigDict) -> None:

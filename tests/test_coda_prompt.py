@@ -13,6 +13,7 @@ from pecft_jax.backbones import vit
 from pecft_jax.backbones.backbone import Backbone
 from pecft_jax.methods import create_method
 from pecft_jax.methods.coda_prompt import (COMPONENT_FIELDS, as_prefix, assemble_prompt,
+                                           classical_gram_schmidt_extend,
                                            component_weights, gram_schmidt_extend)
 from pecft_jax.methods.common import frozen_query
 from pecft_jax.peft.prompt_pool import l2_normalize
@@ -119,6 +120,41 @@ def test_gram_schmidt_new_rows_are_orthonormal_and_orthogonal_to_old():
     np.testing.assert_allclose(first @ first.T, np.eye(3), atol=1e-6)
     with pytest.raises(ValueError, match="cannot make 13 components of size 12"):
         gram_schmidt_extend(old, 8, np.random.default_rng(0))
+
+
+def official_gram_schmidt(old, draws):
+    """zoo.py's gram_schmidt (lines 104-122) on rows: each draw minus its projection onto
+    every earlier column (old as given, new ones unnormalised), then every new one
+    normalised; written from the official loop, in float64."""
+    uu = [np.asarray(u, np.float64) for u in old]
+    start = len(uu)
+    for vk in draws:
+        uk = 0
+        for uj in uu:
+            uk = uk + (vk * uj).sum() / (uj * uj).sum() * uj
+        uu.append(vk - uk)
+    return np.stack([u / np.linalg.norm(u) for u in uu[start:]])
+
+
+def test_official_gram_schmidt_is_the_official_loop_and_exact_only_on_orthogonal_rows():
+    rng = np.random.default_rng(1)
+    drifted = rng.normal(size=(5, 12))  # trained components: no longer orthogonal
+    draws = np.random.default_rng(0).standard_normal((4, 12))
+    got = classical_gram_schmidt_extend(drifted.reshape(5, 3, 4), 4, np.random.default_rng(0))
+    assert got.shape == (4, 3, 4) and got.dtype == np.float32
+    np.testing.assert_allclose(got.reshape(4, 12), official_gram_schmidt(drifted, draws),
+                               atol=1e-6)
+    # the official result is not orthogonal to drifted components; the exact one is
+    assert np.abs(drifted @ got.reshape(4, 12).T).max() > 1e-2
+    # on orthonormal earlier rows both are the same projection of the same draws
+    orthonormal = np.linalg.qr(rng.normal(size=(12, 5)))[0].T
+    exact = gram_schmidt_extend(orthonormal, 4, np.random.default_rng(0))
+    official = classical_gram_schmidt_extend(orthonormal, 4, np.random.default_rng(0))
+    np.testing.assert_allclose(official, exact, atol=1e-6)
+    with pytest.raises(ValueError, match="an earlier component is zero"):
+        classical_gram_schmidt_extend(np.zeros((2, 12)), 1, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="orthogonalize='qr' must be one of"):
+        make_method(orthogonalize="qr")
 
 
 def test_before_task_initialises_each_slice_orthogonal_to_earlier_ones():

@@ -76,6 +76,7 @@ OFFICIAL = {
         "dataset.train_split": "test[:80%]", "dataset.test_split": "test[80%:]"}),
     ("coda_prompt", "cifar100"): dict(OFFICIAL_DATA, **{
         "method.pool_size": 100, "method.prompt_length": 8, "method.ortho_mu": 0.0,
+        "method.orthogonalize": "official",
         "method.layers": (0, 1, 2, 3, 4), "train.optimizer": "adam",
         "train.learning_rate": 0.001, "train.schedule": "coda_cosine", "train.batch_size": 128,
         "train.epochs": 20, "train.weight_decay": 0.0, "backbone.mean": (0.0,),
@@ -83,7 +84,8 @@ OFFICIAL = {
         "backbone.gelu_approximate": False, "dataset.resample": "pil_bilinear",
         "augment.crop_resample": None}),
     ("coda_prompt", "imagenet_r"): dict(OFFICIAL_DATA, **{
-        "train.epochs": 50, "eval.resize_short": 256, "train.schedule": "coda_cosine"}),
+        "train.epochs": 50, "eval.resize_short": 256, "train.schedule": "coda_cosine",
+        "method.orthogonalize": "official"}),
     ("hide_prompt", "cifar100"): dict(OFFICIAL_DATA, **{
         "method.prompt_length": 5, "method.contrastive_weight": 0.1,
         "method.contrastive_group": 24,

@@ -10,9 +10,12 @@
 * M=100 prompt components of length 8 with keys and attention vectors at blocks 0-4
   (``--prompt_param 100 8 0.0``, cifar-100.sh:29 / imagenet-r.sh:28; prefix tuning, 4 key +
   4 value tokens), split evenly over the 10 tasks, each task's new ones Gram-Schmidt-
-  orthogonal to the old; orthogonality penalty weight 0 (the same ``0.0``; the first release,
-  22948d2, used 0.1); classifier on the prompted [CLS] output, query = the frozen [CLS];
-  PyTorch ``nn.Linear`` head init; logits of earlier tasks masked in training;
+  orthogonal to the old as ``models/zoo.py:104-122`` computes it (``method.orthogonalize=
+  'official'``: a draw minus its projection onto each earlier component separately, which
+  the trained components, no longer orthogonal, leave inexact); orthogonality penalty weight
+  0 (the same ``0.0``; the first release, 22948d2, used 0.1); classifier on the prompted
+  [CLS] output, query = the frozen [CLS]; PyTorch ``nn.Linear`` head init; logits of earlier
+  tasks masked in training;
 * Adam (betas (0.9, 0.999), yaml l.8-10; eps 1e-8), learning rate 0.001 (l.9), no weight
   decay (l.11), no clipping; ``CosineSchedule`` stepped per epoch as it runs there
   (``utils/schedulers.py``: ``lr cos(99 pi max(e-1, 0) / (200 (E-1)))``, the last epoch at
@@ -67,4 +70,5 @@ def get_config(arg: str = "split_mnist"):
     c.train.learning_rate = 0.001
     c.train.batch_size = 128
     c.train.epochs = 20 if arg == "cifar100" else 50
+    c.method.orthogonalize = "official"
     return with_method_defaults(c)

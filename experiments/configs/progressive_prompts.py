@@ -52,6 +52,12 @@ a step count in the thousands, i.e. no bias correction: for a steady gradient, t
 updates of tasks 1..4 reach about 6x the nominal size after ten steps and shrink back to
 it over about a thousand (the heads, separate tensors, start fresh there too).
 
+Prompt initialisation: token 1 of each prompt copies [CLS], the others a random vocabulary
+row, as ``model_utils.py:197-208``; there task t draws from the vocabulary grown by the
+earlier prompts' rows (``N`` is read after they were added), so with a chance of
+``t L / (V + t L)`` (under 0.3% for the BERT orders) a token copies an earlier prompt's
+initial row; here the draws are over the ``V`` vocabulary rows only.
+
 The T5 variant (prompts before the input, text-to-text generation) is out of scope: the
 library's text backbone is an encoder with classification heads.
 """

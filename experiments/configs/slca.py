@@ -35,10 +35,11 @@ CIFAR-100 + ``ColorJitter(brightness=63/255)``; test and statistics passes
 ``Resize(256, interpolation=3)`` + ``CenterCrop(224)``; torchvision on PIL images
 (``dataset.resample`` and ``augment.crop_resample`` ``'pil_bicubic'``); timm's exact GELU.
 
-Not reproduced: ImageNet-R is TFDS ``imagenet_r`` split 80/20 (the official runs used
-DualPrompt's random 80/20 split, whose files were not published). An epoch's last partial
-batch is kept, as the official loader keeps it (``train.drop_last=False``;
-``models/slca.py:98``).
+Not reproduced: the fresh final LayerNorm's eps (the backbone's 1e-6; the official
+``nn.LayerNorm(768)``'s 1e-5, ``convs/vits.py:711``); ImageNet-R is TFDS ``imagenet_r``
+split 80/20 (the official runs used DualPrompt's random 80/20 split, whose files were not
+published). An epoch's last partial batch is kept, as the official loader keeps it
+(``train.drop_last=False``; ``models/slca.py:98``).
 """
 from pecft_jax.configs import (VIT_B16_AUGREG_IN21K, benchmark, pycil_protocol,
                                with_method_defaults)

@@ -12,7 +12,10 @@ Algorithm (paper Sec. 4, official code's defaults in brackets):
 * components are split evenly over the tasks (M / T each): task t trains its own slice, the
   earlier slices are used but frozen, later ones are not used yet;
 * a new slice is initialised orthogonal to all earlier components by Gram-Schmidt (P
-  flattened to L_p*D), separately for P, K and A;
+  flattened to L_p*D), separately for P, K and A [``orthogonalize='official'``: the
+  official code's classical Gram-Schmidt, projecting a draw onto each earlier component
+  separately, exact only while those are orthogonal; ``'exact'`` (the default): onto an
+  orthonormal basis of their span];
 * optional orthogonality penalty mu * sum ||B B^T - I||^2 / n^2 over B in {K, A, P}
   [official ``ortho_mu``: 0 with the current code; the paper's first version used 0.1 on an
   orthogonal init];
@@ -126,6 +129,33 @@ def gram_schmidt_extend(old: np.ndarray, count: int, rng) -> np.ndarray:
     return np.stack(new).reshape((count,) + shape).astype(np.float32)
 
 
+def classical_gram_schmidt_extend(old: np.ndarray, count: int, rng) -> np.ndarray:
+    """:func:`gram_schmidt_extend` as the official ``tensor_prompt``'s ``gram_schmidt``
+    computes it (``models/zoo.py:104-122``): each new row is a Gaussian draw minus its
+    projection ``(v . u) / (u . u) u`` onto every earlier row ``u`` separately -- the old
+    ones as trained, and the new ones before they are normalised -- then normalised. Exactly
+    orthogonal to the old rows only while those are orthogonal among themselves."""
+    old = np.asarray(old, np.float64)
+    shape = old.shape[1:]
+    dim = int(np.prod(shape))
+    if old.shape[0] + count > dim:
+        raise ValueError(f"cannot make {old.shape[0] + count} components of size {dim} "
+                         f"orthogonal; use fewer components (pool_size) or a wider backbone")
+    earlier = list(old.reshape(old.shape[0], dim))
+    if any(u @ u < 1e-8 for u in earlier):  # the official code would redraw forever
+        raise ValueError("an earlier component is zero: nothing to project a new one onto")
+    new = []
+    for _ in range(count):
+        v = rng.standard_normal(dim)
+        u = v - sum(((v @ e) / (e @ e) * e for e in earlier), np.zeros(dim))
+        earlier.append(u)
+        new.append(u / np.linalg.norm(u))
+    return np.stack(new).reshape((count,) + shape).astype(np.float32)
+
+
+ORTHOGONALIZE = {"exact": gram_schmidt_extend, "official": classical_gram_schmidt_extend}
+
+
 # ----------------------------------------------------------------------------- the method
 class CodaPrompt(Method):
     name = "coda_prompt"
@@ -138,8 +168,14 @@ class CodaPrompt(Method):
         prompt_length: int = 8                      # L_p: 4 key + 4 value tokens
         layers: Tuple[int, ...] = (0, 1, 2, 3, 4)
         ortho_mu: float = 0.0
+        # how a new slice is made orthogonal to the earlier ones: 'exact' (an orthonormal
+        # basis of their span) or 'official' (zoo.py's classical Gram-Schmidt)
+        orthogonalize: str = "exact"
 
         def __post_init__(self):
+            if self.orthogonalize not in ORTHOGONALIZE:
+                raise ValueError(f"coda_prompt orthogonalize={self.orthogonalize!r} must be one "
+                                 f"of {sorted(ORTHOGONALIZE)}")
             if self.prompt_length <= 0 or self.prompt_length % 2:
                 raise ValueError(f"coda_prompt prompt_length={self.prompt_length} must be a "
                                  f"positive even number: half the tokens are prefix keys, half "
@@ -188,7 +224,7 @@ class CodaPrompt(Method):
                 old = (np.concatenate(old) if old else
                        np.zeros((0,) + tuple(trainable["components"]["0"][key][field].shape[1:]),
                                 np.float32))
-                fields[field] = gram_schmidt_extend(
+                fields[field] = ORTHOGONALIZE[self.config.orthogonalize](
                     old, self.per_task, np.random.default_rng(seed + [layer, i]))
             new_slice[key] = fields
         components = dict(trainable["components"], **{str(t): new_slice})

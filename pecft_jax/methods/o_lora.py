@@ -14,8 +14,9 @@ with ``A_old`` every earlier task's down-projection (``A`` here is ``(d_in, r)``
 (the paper's equation squares them) and its L2 term -- not in the paper's objective -- is
 the non-squared Frobenius norm of the new factors; lambda_1 0.5 and lambda_2 0 in the
 standard-benchmark scripts. AdamW (lr 1e-3, no weight decay), the LoRA's gradient clipped
-at norm 1 (``lora_grad_clip``). The official code re-seeds every task, which may start each
-task's ``A`` from the same draw; here each task's is drawn on its own.
+at norm 1 (``lora_grad_clip``). Each task's ``A`` is a draw of its own, as in the official
+code (which re-seeds every task, but builds LoRAs of a growing rank before it draws the new
+``A``, so its draws differ from task to task).
 
 The official setting is text generation with T5 (no classifier); here, backbone-agnostic,
 a linear head over all classes learns the current task's classes by cross-entropy over
