@@ -12,7 +12,8 @@ from pecft_jax.data.sources import ArraySource
 from pecft_jax.methods import progressive_prompts
 from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
 
-from helpers import tiny_config
+from helpers import (Interrupted, assert_same_task_checkpoint, crash_at_training_batch,
+                     tiny_config)
 from tests.test_text import _text_config, needs_minilm, needs_wordnet
 
 # tiny settings of each method (as its own tests use them); vote and contrastive groups of 4
@@ -218,6 +219,24 @@ def test_a_run_keeping_partial_batches_or_crossing_epochs_compiles_one_train_ste
     per_epoch = [-(-size // batch) if keep else size // batch for size in sizes]
     assert result["train_steps"] == epochs * sum(per_epoch)
     assert result["compilation"]["traces"]["train_step"] == 1
+
+
+def test_a_run_keeping_partial_batches_resumes_bit_identical(tmp_path, monkeypatch):
+    """Crashed inside the second task, after a kept partial batch and a checkpoint, the
+    resumed run ends as the uninterrupted one: the same matrix, the same task checkpoint."""
+    def config():
+        c = tiny_config("l2p")
+        c.scenario.num_tasks, c.train.epochs, c.train.drop_last = 2, 2, False
+        return c
+    whole = train_and_evaluate(config(), str(tmp_path / "whole"))
+    per_task = whole["train_steps"] // 2
+    undo = crash_at_training_batch(monkeypatch, per_task + per_task // 2 + 2)
+    with pytest.raises(Interrupted):
+        train_and_evaluate(config(), str(tmp_path / "resumed"))
+    undo()
+    resumed = train_and_evaluate(config(), str(tmp_path / "resumed"))
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert_same_task_checkpoint(tmp_path / "whole", tmp_path / "resumed", 1)
 
 
 def test_drop_last_must_be_a_bool_and_is_hashed_only_when_kept(tmp_path):
