@@ -82,18 +82,22 @@ def average_incremental_accuracy(R: Matrix) -> float:
     return float(np.mean([np.mean(m[i, :i + 1]) for i in range(m.shape[0])]))
 
 
+def _drops(R: Matrix) -> np.ndarray:
+    """Each of the first ``T - 1`` tasks' best accuracy before the last task minus its
+    final one (empty for ``T == 1``)."""
+    m = accuracy_matrix(R)
+    last = m.shape[0] - 1
+    return np.array([np.max(m[j:last, j]) - m[last, j] for j in range(last)])
+
+
 def forgetting(R: Matrix) -> float:
     """Average forgetting: best earlier accuracy minus final accuracy, over the first
     ``T - 1`` tasks. 0 for ``T == 1`` (no task has been followed by another). A task's
     value is negative where it ended better than ever before; L2P's and DualPrompt's code
     takes the best over every evaluation, the last included, i.e. the mean over tasks of
     ``max(drop, 0)``, never below this: :func:`nonnegative_forgetting`."""
-    m = accuracy_matrix(R)
-    num_tasks = m.shape[0]
-    if num_tasks == 1:
-        return 0.0
-    drops = [np.max(m[j:num_tasks - 1, j]) - m[-1, j] for j in range(num_tasks - 1)]
-    return float(np.mean(drops))
+    drops = _drops(R)
+    return float(np.mean(drops)) if drops.size else 0.0
 
 
 def nonnegative_forgetting(R: Matrix) -> float:
@@ -101,12 +105,10 @@ def nonnegative_forgetting(R: Matrix) -> float:
     of the first ``T - 1`` tasks' best accuracy over every evaluation, the last included,
     minus its final one (``np.max(acc_matrix, axis=1) - acc_matrix[:, T - 1]``,
     l2p ``train_continual.py``; HiDe-Prompt's engines) -- :func:`forgetting` with each
-    task's drop clipped at 0. 0 for ``T == 1``."""
-    m = accuracy_matrix(R)
-    num_tasks = m.shape[0]
-    if num_tasks == 1:
-        return 0.0
-    return float(np.mean([np.max(m[j:, j]) - m[-1, j] for j in range(num_tasks - 1)]))
+    task's drop clipped at 0 (the best with the last row included is ``max(best earlier,
+    final)``). 0 for ``T == 1``."""
+    drops = _drops(R)
+    return float(np.mean(np.maximum(drops, 0.0))) if drops.size else 0.0
 
 
 def backward_transfer(R: Matrix) -> float:

@@ -525,13 +525,14 @@ class ClassifierFit:
                 # room for a last batch that runs past the rows (a slice would be clamped);
                 # those rows are masked out
                 order = jnp.concatenate([order, jnp.zeros((batch,), order.dtype)])
+                num_valid = jnp.sum(valid)  # once an epoch, not once a step
             lr = self.learning_rate(e)
 
             def step(i, carry):
                 p, s, total = carry
                 rows = jax.lax.dynamic_slice_in_dim(order, i * batch, batch)
                 weights = (None if self.drop_last else
-                           (i * batch + jnp.arange(batch) < jnp.sum(valid)).astype(jnp.float32))
+                           (i * batch + jnp.arange(batch) < num_valid).astype(jnp.float32))
                 loss, grads = jax.value_and_grad(loss_fn)(p, x[rows], y[rows], weights)
                 direction, s = self.direction.update(grads, s, p)
                 p = jax.tree_util.tree_map(lambda w, d: w - lr * d, p, direction)
