@@ -118,21 +118,21 @@ def test_progressive_prompts_padded_masked_text_batch_trains_as_its_real_rows(
         trainer.close()
 
 
-def _source(n):
+def _counting_batches(n, batch_size=8, seed=5, **options):
+    """TrainBatches over ``n`` 2 x 2 grey images, image ``i`` filled with the value ``i``."""
     images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
-    return ArraySource(images, np.arange(n) % 3, name="counting")
+    source = ArraySource(images, np.arange(n) % 3, name="counting")
+    preprocess = pipeline.Preprocess(image_size=2, channels=1, mean=(0.0,), std=(1.0,))
+    return pipeline.TrainBatches(source, np.arange(n), np.arange(3), batch_size=batch_size,
+                                 seed=seed, preprocess=preprocess, **options)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_kept_partial_batch_reads_every_example_once_and_masks_the_padding(processes):
-    source, n, size = _source(23), 23, 8
-    preprocess = pipeline.Preprocess(image_size=2, channels=1, mean=(0.0,), std=(1.0,))
-    kept = [pipeline.TrainBatches(source, np.arange(n), np.arange(3), batch_size=size, seed=5,
-                                  preprocess=preprocess, epochs=2, drop_last=False,
-                                  process_index=p, process_count=processes)
-            for p in range(processes)]
-    dropped = pipeline.TrainBatches(source, np.arange(n), np.arange(3), batch_size=size,
-                                    seed=5, preprocess=preprocess, epochs=2)
+    n, size = 23, 8
+    kept = [_counting_batches(n, epochs=2, drop_last=False, process_index=p,
+                              process_count=processes) for p in range(processes)]
+    dropped = _counting_batches(n, epochs=2)
     assert len(kept[0]) == 2 * 3 and len(dropped) == 2 * 2
     assert pipeline.steps_per_epoch(n, size, drop_last=False) == 3
     for epoch in range(2):
@@ -157,30 +157,23 @@ def test_kept_partial_batch_reads_every_example_once_and_masks_the_padding(proce
 @pytest.mark.parametrize("processes", [1, 2])
 def test_batches_crossing_epochs_cut_the_epochs_orders_end_to_end(processes):
     """``cross_epochs`` (tf.data's shuffle, repeat, batch): step s holds rows s*B..(s+1)*B-1
-    of the epochs' permutations one after another; epochs * (n // B) steps, so only the last
-    epoch's tail of n mod B examples goes unread."""
-    source, n, size, epochs = _source(23), 23, 8, 3
-    preprocess = pipeline.Preprocess(image_size=2, channels=1, mean=(0.0,), std=(1.0,))
-    hosts = [pipeline.TrainBatches(source, np.arange(n), np.arange(3), batch_size=size, seed=5,
-                                   preprocess=preprocess, epochs=epochs, cross_epochs=True,
-                                   process_index=p, process_count=processes)
-             for p in range(processes)]
+    of the epochs' permutations one after another; epochs * (n // B) steps, so the stream's
+    last epochs * (n mod B) examples go unread."""
+    n, size, epochs = 23, 8, 3
+    hosts = [_counting_batches(n, epochs=epochs, cross_epochs=True, process_index=p,
+                               process_count=processes) for p in range(processes)]
     assert len(hosts[0]) == epochs * (n // size) == 6
     stream = np.concatenate([pipeline.epoch_permutation(n, 5, e) for e in range(epochs)])
     read = np.concatenate([h[s]["index"] for s in range(6) for h in hosts])
     np.testing.assert_array_equal(read, stream[:6 * size])
     assert "mask" not in hosts[0][0]
     with pytest.raises(ValueError, match="cross_epochs needs drop_last"):
-        pipeline.TrainBatches(source, np.arange(n), np.arange(3), batch_size=size, seed=5,
-                              preprocess=preprocess, cross_epochs=True, drop_last=False)
+        _counting_batches(n, cross_epochs=True, drop_last=False)
 
 
 def test_without_reshuffling_every_epoch_reads_the_first_epochs_order():
-    source, n, size = _source(23), 23, 8
-    preprocess = pipeline.Preprocess(image_size=2, channels=1, mean=(0.0,), std=(1.0,))
-    once, each = (pipeline.TrainBatches(source, np.arange(n), np.arange(3), batch_size=size,
-                                        seed=5, preprocess=preprocess, epochs=3,
-                                        reshuffle=reshuffle) for reshuffle in (False, True))
+    once, each = (_counting_batches(23, epochs=3, reshuffle=reshuffle)
+                  for reshuffle in (False, True))
     orders = [np.concatenate([once[e * 2 + s]["index"] for s in range(2)]) for e in range(3)]
     for order in orders[1:]:
         np.testing.assert_array_equal(order, orders[0])
@@ -189,13 +182,9 @@ def test_without_reshuffling_every_epoch_reads_the_first_epochs_order():
 
 
 def test_too_few_examples_for_one_batch_train_one_partial_batch_when_kept():
-    source = _source(5)
-    preprocess = pipeline.Preprocess(image_size=2, channels=1, mean=(0.0,), std=(1.0,))
     with pytest.raises(ValueError, match="drop_last=False"):
-        pipeline.TrainBatches(source, np.arange(5), np.arange(3), batch_size=8, seed=0,
-                              preprocess=preprocess)
-    kept = pipeline.TrainBatches(source, np.arange(5), np.arange(3), batch_size=8, seed=0,
-                                 preprocess=preprocess, drop_last=False)
+        _counting_batches(5, seed=0)
+    kept = _counting_batches(5, seed=0, drop_last=False)
     assert len(kept) == 1 and kept[0]["mask"].sum() == 5
 
 
