@@ -143,7 +143,13 @@ def base_config() -> ml_collections.ConfigDict:
     # False: every epoch reads the first epoch's shuffled order again (a DataLoader without
     # shuffle over examples shuffled once: Progressive Prompts' BERT code)
     c.train.reshuffle_each_epoch = True
-    c.train.optimizer = "adam"
+    c.train.optimizer = "adam"  # | 'adamw' | 'transformers_adamw' | 'sgd'
+    # 'task': a fresh optimizer per task. 'run': one optimizer for the whole run, as the
+    # official codes that build it once keep it: the schedule's step continues over the
+    # tasks (a warm-up runs once), and so does the Adam step count of the groups a method
+    # names (Method.run_long_groups: the new slices of one official tensor, whose moments
+    # start at zero); the schedule must be 'constant'
+    c.train.optimizer_scope = "task"
     c.train.learning_rate = 1e-3
     # 'constant' | 'cosine' (per step) | 'cosine_epochs' | 'multistep_epochs' (x train.lr_decay,
     # default 0.1, at the start of each epoch in train.milestones: PyTorch's MultiStepLR) |
@@ -224,9 +230,10 @@ EXECUTION_KEYS = ("train.checkpoint_every_steps", "train.log_every_steps", "trai
 # what matmul_precision may name (jax.default_matmul_precision's names)
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
-# what train.schedule may name (built by train/loop.py's make_base_optimizer)
+# what train.schedule and train.optimizer may name (train/loop.py's make_base_optimizer)
 SCHEDULES = ("constant", "cosine", "cosine_epochs", "multistep_epochs", "coda_cosine",
              "timm_cosine")
+OPTIMIZERS = ("adam", "adamw", "transformers_adamw", "sgd")
 
 # what dataset.resample may name (data/pipeline.py's RESAMPLES), and augment.crop_sampler
 # (its CROP_SAMPLERS): spelt out here so that checking a config imports no JAX
@@ -262,6 +269,9 @@ _RANGES = (
     ("train.eps", lambda v: _is_number(v) and v > 0, "a finite number > 0 (Adam's epsilon)"),
     ("augment.crop_sampler", lambda v: v in _CROP_SAMPLERS, f"one of {_CROP_SAMPLERS}"),
     ("train.schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
+    ("train.optimizer", lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+    ("train.optimizer_scope", lambda v: v in ("task", "run"),
+     "'task' (a fresh optimizer per task) or 'run' (one for the whole run)"),
     ("train.milestones", lambda v: isinstance(v, (tuple, list)) and all(
         _is_int(m) and m >= 1 for m in v), "a list of epochs >= 1 (e.g. (18,))"),
     ("train.lr_decay", lambda v: _is_number(v) and v > 0, "a finite number > 0"),
@@ -371,7 +381,7 @@ HASHED_ONLY_WHEN_SET = {"eval.future_tasks": False, "eval.fwt_reference": "",
                         "augment.crop_sampler": "torchvision", "matmul_precision": "default",
                         "train.drop_last": True, "method.tii_drop_last": True,
                         "train.batches_cross_epochs": False,
-                        "train.reshuffle_each_epoch": True,
+                        "train.reshuffle_each_epoch": True, "train.optimizer_scope": "task",
                         "method.orthogonalize": "exact"}
 
 
@@ -432,6 +442,12 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("eval.future_tasks with scenario.joint=True: joint training learns "
                          "every task at once, so no task lies in the future; leave one unset")
     training = config.get("train", {})
+    if (training.get("optimizer_scope", "task") == "run"
+            and training.get("schedule", "constant") != "constant"):
+        raise ValueError(f"train.optimizer_scope='run' with train.schedule="
+                         f"{training.get('schedule')!r}: that schedule is built from a "
+                         f"task's length; a run-long optimizer takes 'constant' (with "
+                         f"train.warmup_steps counted over the run)")
     if training.get("batches_cross_epochs", False) and not training.get("drop_last", True):
         raise ValueError("train.batches_cross_epochs=True with train.drop_last=False: batches "
                          "that run on into the next epoch leave no partial batch to keep; "

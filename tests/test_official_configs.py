@@ -180,6 +180,7 @@ def test_the_demos_drop_the_last_partial_batch(name):
     c = load_experiment_config(name, arg)
     assert c.train.drop_last is True and c.train.batches_cross_epochs is False
     assert c.train.reshuffle_each_epoch is True
+    assert c.train.optimizer_scope == "task"  # a fresh optimizer per task
 
 
 def _get(config, dotted):

@@ -153,12 +153,39 @@ def test_image_backbones_are_refused():
 
 @needs_wordnet
 @needs_minilm
-def test_learnt_tasks_never_change(tmp_path):
+def test_learnt_tasks_never_change_under_the_official_run_long_optimizer(tmp_path,
+                                                                          monkeypatch):
     """Task-incremental by construction: task 0's prompt, head and accuracy after task 1 are
-    exactly what they were after task 0; task 1 learnt its own prompt."""
+    exactly what they were after task 0 -- under ``transformers_adamw``'s weight decay
+    too; task 1 learnt its own prompt. With ``train.optimizer_scope='run'``, as the
+    BERT-order configs run, task 1's optimizer starts with the warm-up and the prompts' Adam
+    count at task 0's step count and the heads' Adam count at 0, and the logged rate
+    continues the run's warm-up."""
+    import json
+
+    import optax
+
+    from pecft_jax.train.loop import ContinualTrainer
+
     c = _text_config("progressive_prompts")
     c.scenario.num_tasks = 2
-    c.train.learning_rate = 1e-2
+    c.train.epochs = 3
+    c.train.optimizer, c.train.optimizer_scope = "transformers_adamw", "run"
+    c.train.weight_decay, c.train.eps, c.train.learning_rate = 0.01, 1e-6, 1e-2
+    c.train.warmup_steps, c.train.log_every_steps = 50, 1
+    starts = []
+    initial = ContinualTrainer.initial_optimizer_state
+
+    def recorded(self, *args, **kwargs):
+        state = initial(self, *args, **kwargs)
+        counts = {}
+        for path, value in optax.tree_utils.tree_get_all_with_path(state, "count"):
+            group = next(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+            counts[(group, path[-1].tuple_name)] = int(value)
+        starts.append(counts)
+        return state
+
+    monkeypatch.setattr(ContinualTrainer, "initial_optimizer_state", recorded)
     results = train_and_evaluate(c, str(tmp_path))
     task_il = results["task_il_accuracy_matrix"]
     assert task_il[1][0] == task_il[0][0]
@@ -168,13 +195,26 @@ def test_learnt_tasks_never_change(tmp_path):
         "train_step/0": 1, "train_step/1": 1, "task_features/0": 1, "task_features/1": 1,
         "eval_step/0": 1, "eval_step/1": 1}
     first, second = task_checkpoints(tmp_path, [0, 1], "trainable")
-    for key in ("prompts",):
-        np.testing.assert_array_equal(second[key][0], first[key][0])
-        assert not np.array_equal(second[key][1], first[key][1])
+    np.testing.assert_array_equal(second["prompts"][0], first["prompts"][0])
+    assert not np.array_equal(second["prompts"][1], first["prompts"][1])
     np.testing.assert_array_equal(second["head"]["hidden"]["kernel"][0],
                                   first["head"]["hidden"]["kernel"][0])
     np.testing.assert_array_equal(second["mlp"]["down"]["kernel"][0],
                                   first["mlp"]["down"]["kernel"][0])
+
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rates = [(r["task"], r["step"], r["train/learning_rate"]) for r in logged
+             if "train/learning_rate" in r]
+    steps0 = max(step for task, step, _ in rates if task == 0)  # task 0's updates
+    assert steps0 > 1 and len(starts) == 2
+    adam, schedule = "ScaleByAdamState", "ScaleByScheduleState"
+    assert starts[0] == {("prompt", adam): 0, ("prompt", schedule): 0,
+                         ("train", adam): 0, ("train", schedule): 0}
+    assert starts[1] == {("prompt", adam): steps0, ("prompt", schedule): steps0,
+                         ("train", adam): 0, ("train", schedule): steps0}
+    # the rate of the run's update k (1-based) is 1e-2 * (k - 1) / 50, in task 1 too
+    np.testing.assert_allclose([r for _, _, r in rates],
+                               [1e-2 * (step - 1) / 50 for _, step, _ in rates], rtol=1e-6)
 
 
 @needs_minilm

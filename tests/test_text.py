@@ -384,4 +384,8 @@ def test_progressive_prompts_paper_configs_name_the_official_orders(order):
     assert text == {"csv:ag_news": (None, None), "csv:yelp_review_full": (None, None),
                     "csv:amazon_review_full": ((2,), None), "csv:dbpedia": ((2,), None),
                     "csv:yahoo_answers": ((1, 2, 3), "[SEP]")}
-    assert c.train.eps == 1e-6  # transformers.AdamW's default
+    # transformers.AdamW with its default epsilon, weight decay 0.01 and 1,000 warm-up
+    # steps, built once for the run (model_utils.py:172-177)
+    assert (c.train.optimizer, c.train.eps, c.train.weight_decay, c.train.schedule,
+            c.train.warmup_steps, c.train.optimizer_scope) == (
+        "transformers_adamw", 1e-6, 0.01, "constant", 1000, "run")

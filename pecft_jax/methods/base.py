@@ -576,6 +576,15 @@ class Method:
         """Transform per label. Override for per-group learning rates."""
         return {"train": base}
 
+    def run_long_groups(self, task: TaskSpec) -> Tuple[str, ...]:
+        """The groups whose Adam step count runs over the whole sequence under
+        ``train.optimizer_scope='run'`` (one optimizer for the run, as some official codes
+        keep): those whose parameters are, officially, the new slices of one tensor that
+        every task trains a part of -- PyTorch counts Adam's steps per tensor, so the new
+        slice starts at the run's step count, with zero moments. Default: none (every
+        group's tensors are new with their task and start at step 1)."""
+        return ()
+
     def group_start_epochs(self, task: TaskSpec) -> Mapping[str, int]:
         """``{label: epoch}``: the group learns from that epoch of the task on, zero updates
         before and its optimizer state started then (``partition.start_after``; LAE trains

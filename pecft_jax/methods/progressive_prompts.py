@@ -53,8 +53,10 @@ Where this differs, and why:
   read the task-IL matrix for the paper's protocol. No early stopping on a validation split
   (the official code keeps the best epoch of the current task).
 
-The official optimiser (AdamW, lr 3e-5, weight decay 0.01, 1000 warm-up steps, never reset,
-batch 8, 50 epochs on BERT-base) is the config's, not the method's.
+The official optimiser (``transformers.AdamW``, lr 3e-5, weight decay 0.01, 1000 warm-up
+steps, one for the whole run: batch 8, 50 epochs on BERT-base) is the config's, not the
+method's; the method names its prompts as the group whose Adam step count runs over the
+run under ``train.optimizer_scope='run'`` (:meth:`ProgressivePrompts.run_long_groups`).
 """
 from __future__ import annotations
 
@@ -157,6 +159,23 @@ class ProgressivePrompts(Method):
         # what the encoder receives for every finished task's prompt
         state = {"prompt_tokens": jnp.zeros((tasks, c.prompt_length, dim), jnp.float32)}
         return trainable, state
+
+    def param_labels(self, trainable, task):
+        """The prompts, and the heads and MLPs: two groups, for the optimizer's step counts
+        (:meth:`run_long_groups`); one learning rate (MU:172-176)."""
+        return {name: jax.tree_util.tree_map(lambda _: "prompt" if name == "prompts"
+                                             else "train", tree)
+                for name, tree in trainable.items()}
+
+    def optimizer_groups(self, task, base):
+        return {"prompt": base, "train": base}
+
+    def run_long_groups(self, task):
+        """The official prompts are rows of BERT's one word-embedding tensor, which every
+        task trains a slice of (MU:185-212, 411-426) under one AdamW for the run: a new
+        prompt starts at the run's Adam step count, with zero moments. Heads and MLPs are
+        tensors of their own, whose counts start with their task."""
+        return ("prompt",)
 
     def update_mask(self, trainable, task):
         """Task ``t``'s prompt, MLP and head learn; the others stay exactly as they are."""

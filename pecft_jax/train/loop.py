@@ -40,7 +40,7 @@ from pecft_jax.backbones.backbone import attention_for_devices, backbone_from_co
 from pecft_jax.backbones.pretrained import fingerprint
 from pecft_jax.data import loader, pipeline, scenarios
 from pecft_jax.data.text import TextPreprocess
-from pecft_jax.configs import (HASHED_ONLY_WHEN_SET, SCHEDULES, check_run_config,
+from pecft_jax.configs import (HASHED_ONLY_WHEN_SET, OPTIMIZERS, SCHEDULES, check_run_config,
                                check_wandb_installed, distributed_settings, flatten_config,
                                is_execution_key)
 from pecft_jax.files import write_json_atomic, write_text_atomic
@@ -53,7 +53,7 @@ from pecft_jax.methods.statistics import (coda_cosine_schedule, cosine_epoch_sch
                                          warmup_cosine_schedule)
 from pecft_jax.train import compilation
 from pecft_jax.train import mesh as mesh_lib
-from pecft_jax.train import partition
+from pecft_jax.train import optimizers, partition
 from pecft_jax.train.checkpoint import Checkpointer, CheckpointMismatch
 from pecft_jax.train.feature_cache import FeatureCache, PassRows, concatenate, with_cached
 from pecft_jax.train.logging_utils import MetricWriter, progress
@@ -226,6 +226,8 @@ class ContinualTrainer:
         compilation.enable_persistent_cache(
             config.get("compilation_cache_dir", compilation.DEFAULT_CACHE_DIR))
         self.lr_mults = partition.parse_lr_mults(config.train.get("lr_mults", ()))
+        # one optimizer for the whole run ('run') or a fresh one per task ('task')
+        self.run_scoped = config.train.get("optimizer_scope", "task") == "run"
         self.on_nonfinite = config.train.get("on_nonfinite", "stop")
         distributed = distributed_settings(config)
         mesh_lib.split_host(config.get("host_devices", 0))  # before JAX's backends start
@@ -458,8 +460,11 @@ class ContinualTrainer:
         optimizer = self.optimizer(spec, run.trainable, task, epochs)
         trainable = mesh_lib.replicate(run.trainable, self.mesh)
         state = mesh_lib.replicate(self.method.step_state(run.state), self.mesh)
+        # the run's updates before this task: where a run-long optimizer's counts continue
+        steps_before = run.global_step - position.step
         opt_state = (mesh_lib.replicate(position.opt_state, self.mesh) if position.inside
-                     else self.initial_optimizer_state(spec, optimizer, epochs, steps, trainable))
+                     else self.initial_optimizer_state(spec, optimizer, epochs, steps, trainable,
+                                                       steps_before))
         train_step = self.compiled_train_step(spec, optimizer, epochs, steps)
         task_arg = self.traced_task(spec)
         every = int(self.config.train.get("checkpoint_every_steps", 0) or 0)
@@ -499,7 +504,8 @@ class ContinualTrainer:
                     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     host["examples_per_sec"] = examples_seen / max(time.time() - tick, 1e-9)
                     # the base rate of this step's update (parameter groups scale it)
-                    host["learning_rate"] = learning_rate_at(schedule, step - 1)
+                    host["learning_rate"] = learning_rate_at(
+                        schedule, step - 1 + (steps_before if self.run_scoped else 0))
                     tick, examples_seen = time.time(), 0
                     self.writer.write(run.global_step, {f"train/{k}": v for k, v in host.items()},
                                       task=t)
@@ -575,18 +581,41 @@ class ContinualTrainer:
                 self.group_start_steps(spec, per_epoch))
 
     def initial_optimizer_state(self, spec: TaskSpec, optimizer: partition.RoutedOptimizer,
-                                epochs: int, steps: int, trainable: Any) -> Any:
+                                epochs: int, steps: int, trainable: Any,
+                                steps_before: int = 0) -> Any:
         """``optimizer.init(trainable)``, replicated: one jitted program shared like the
         train step (run eagerly, its zeros compiled a program per leaf shape). Its key adds
         the schedule's lengths and the groups' start steps, which the train step reads from
         the optimizer state but this program bakes in as constants
-        (``partition.with_lengths``, ``partition.start_after``)."""
+        (``partition.with_lengths``, ``partition.start_after``). Under
+        ``train.optimizer_scope='run'`` the counts continue from ``steps_before``, the
+        run's updates before this task (an input: one program for every task)."""
         key = (("optimizer_init",) + self._optimizer_key(spec, optimizer, epochs, steps)
-               + self._lengths_key(spec, epochs, steps))
+               + self._lengths_key(spec, epochs, steps)
+               + (self.run_long_groups(spec, optimizer),))
         if key not in self._compiled:
+            groups = self.run_long_groups(spec, optimizer)
+
+            def init(trainable, steps_before):
+                state = optimizer.init(trainable)
+                return (state if groups is None
+                        else partition.continue_counts(state, steps_before, groups))
+
             self._compiled[key] = compiler.jit(
-                optimizer.init, out_shardings=mesh_lib.replicated(self.mesh))
-        return self._compiled[key](trainable)
+                init, out_shardings=mesh_lib.replicated(self.mesh))
+        return self._compiled[key](trainable, np.int32(steps_before))
+
+    def run_long_groups(self, spec: TaskSpec, optimizer: partition.RoutedOptimizer
+                        ) -> Optional[Tuple[str, ...]]:
+        """``None`` under ``train.optimizer_scope='task'`` (a fresh optimizer per task);
+        under ``'run'`` the groups whose Adam step count continues over the run
+        (:meth:`Method.run_long_groups`, and the groups ``train.lr_mults`` derives from
+        them), while every group's schedule continues (:func:`partition.continue_counts`)."""
+        if not self.run_scoped:
+            return None
+        named = set(self.method.run_long_groups(spec))
+        used = {label for _, label in partition.iter_leaves(optimizer.labels)}
+        return tuple(sorted(label for label in used if partition.base_label(label) in named))
 
     def logged_schedule(self, spec: TaskSpec, optimizer: partition.RoutedOptimizer,
                         epochs: int, steps: int) -> Any:
@@ -1328,7 +1357,9 @@ def make_base_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int,
       step is undone, so epochs 0 and 1 both run at ``lr``) or ``'timm_cosine'`` (timm's
       per-epoch ``CosineLRScheduler`` to ``train.min_lr``, one epoch late as the
       DualPrompt-PyTorch lineage steps it: HiDe-Prompt's);
-    * ``'adam'``, ``'adamw'`` (decoupled weight decay) or ``'sgd'`` (``momentum``);
+    * ``'adam'``, ``'adamw'`` (decoupled weight decay), ``'transformers_adamw'``
+      (Hugging Face ``transformers.AdamW``: epsilon and weight decay where it puts them,
+      :mod:`pecft_jax.train.optimizers`) or ``'sgd'`` (``momentum``);
       ``train.weight_decay`` on ``'adam'`` / ``'sgd'`` is PyTorch's coupled L2 term
       (``g + wd * p`` before the update), what ``torch.optim.SGD/Adam(weight_decay=)`` do;
 
@@ -1355,11 +1386,13 @@ def _base_optimizer(train_cfg: ml_collections.ConfigDict,
         opt = optax.adam(schedule, **adam)
     elif name == "adamw":
         opt = optax.adamw(schedule, weight_decay=weight_decay, **adam)
+    elif name == "transformers_adamw":
+        opt = optimizers.transformers_adamw(schedule, weight_decay=weight_decay, **adam)
     elif name == "sgd":
         opt = optax.sgd(schedule, momentum=train_cfg.get("momentum", None) or None)
     else:
-        raise ValueError(f"unknown optimizer {name!r}; use 'adam', 'adamw' or 'sgd'")
-    if weight_decay and name != "adamw":
+        raise ValueError(f"unknown optimizer {name!r}; use one of {OPTIMIZERS}")
+    if weight_decay and name not in ("adamw", "transformers_adamw"):
         opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
     return opt
 

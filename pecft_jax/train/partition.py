@@ -316,6 +316,46 @@ def with_lengths(build: Callable[..., optax.GradientTransformation],
     return optax.GradientTransformation(init, update)
 
 
+def continue_counts(opt_state: Any, steps_before: Any, adam_groups: Sequence[str] = ()
+                    ) -> Any:
+    """A task's fresh optimizer state as one optimizer over the whole run would hold it
+    after ``steps_before`` updates in the earlier tasks, for parameters that never had a
+    gradient before: the learning-rate schedules' step counts (``ScaleByScheduleState``)
+    of every group and the Adam step counts (``ScaleByAdamState``) of ``adam_groups`` set to
+    ``steps_before``; the moments stay zero, as such parameters' moments are. The other
+    groups' Adam counts stay 0 (PyTorch keeps a step count per tensor: a tensor that
+    starts learning with this task starts at step 1). Counts held by :func:`start_after`
+    (how long a group waits) are its own and unchanged. ``steps_before``: an int, or an
+    int32 traced in the compiled program that initialises the state."""
+    import jax.numpy as jnp  # local: the rest of this module needs no jax.numpy
+
+    groups, with_adam = set(adam_groups), set()
+    counted = (optax.ScaleByScheduleState, optax.ScaleByAdamState)
+
+    def group_of(path) -> Optional[str]:
+        for key in path:  # the label multi_transform keys each group's state by
+            if isinstance(key, jax.tree_util.DictKey) and isinstance(key.key, str):
+                return key.key
+        return None
+
+    def carry_on(path, node):
+        if isinstance(node, optax.ScaleByAdamState):
+            with_adam.add(group_of(path))
+            if group_of(path) not in groups:
+                return node
+        elif not isinstance(node, optax.ScaleByScheduleState):
+            return node  # a leaf outside the counted states
+        return node._replace(count=jnp.full_like(node.count, steps_before))
+
+    state = jax.tree_util.tree_map_with_path(
+        carry_on, opt_state, is_leaf=lambda node: isinstance(node, counted))
+    if groups - with_adam:
+        raise ValueError(f"continue_counts: no Adam state for groups "
+                         f"{sorted(groups - with_adam)} (groups with one: "
+                         f"{sorted(g for g in with_adam if g)})")
+    return state
+
+
 def parse_lr_mults(rules: Any) -> Tuple[Tuple[str, float], ...]:
     """``config.train.lr_mults`` as ``((regex, multiplier), ...)``; clear errors otherwise."""
     parsed = []
@@ -354,11 +394,16 @@ def apply_lr_mults(labels: PyTree, rules: Sequence[Tuple[str, float]]) -> Tuple[
             return FROZEN
         if mult == 1.0:
             return label
-        name = f"{label}*{mult:g}"
+        name = f"{label}*{mult:g}"  # (base_label undoes it)
         derived[name] = (label, mult)
         return name
 
     return _map_with_path(relabel, labels), derived
+
+
+def base_label(label: str) -> str:
+    """The method's label a group of :func:`apply_lr_mults` derives from (``'L*m'`` -> L)."""
+    return label.split("*", 1)[0]
 
 
 def count_params(tree: PyTree, labels: Optional[PyTree] = None,
