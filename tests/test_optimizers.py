@@ -24,8 +24,8 @@ class NumpyTransformersAdamW:
     the stepped tensor. ``lr_at(k)``: a ``LambdaLR`` stepped after every step (``k`` counts
     the optimizer's steps, whatever tensors took part)."""
 
-    def __init__(self, lr_at):
-        self.lr_at, self.state, self.steps = lr_at, {}, 0
+    def __init__(self, lr_at, weight_decay=WD):
+        self.lr_at, self.wd, self.state, self.steps = lr_at, weight_decay, {}, 0
 
     def step(self, params, grads):
         lr = self.lr_at(self.steps)
@@ -37,7 +37,7 @@ class NumpyTransformersAdamW:
             st["v"] = B2 * st["v"] + (1 - B2) * grad * grad
             size = lr * np.sqrt(1 - B2 ** st["step"]) / (1 - B1 ** st["step"])
             params[name] = params[name] - size * st["m"] / (np.sqrt(st["v"]) + EPS)
-            params[name] = params[name] - lr * WD * params[name]
+            params[name] = params[name] - lr * self.wd * params[name]
         self.steps += 1
 
 
@@ -85,6 +85,35 @@ def test_transformers_adamw_is_the_official_step():
                                    eps=EPS, weight_decay=WD))
     for k in params:
         np.testing.assert_allclose(alone[k], ours[k], rtol=0, atol=1e-7)
+
+
+def test_transformers_adamw_decays_the_stepped_parameters():
+    """At a large rate and decay the order of step and decay shows (``lr^2 wd`` times the
+    step): the stepped parameters are decayed, as ``transformers.AdamW`` does, not the
+    parameters before the step, as optax's AdamW does."""
+    lr, wd = 0.1, 0.5
+    rng = np.random.default_rng(2)
+    params = {"w": 0.1 * rng.normal(size=(5,))}
+    grads = [{"w": rng.normal(size=(5,))} for _ in range(3)]
+    official = NumpyTransformersAdamW(lambda k: lr, weight_decay=wd)
+    expected = dict(params)
+    for g in grads:
+        official.step(expected, g)
+    before_the_step = {"w": params["w"].copy()}  # decay first, then the same Adam step
+    m = v = 0.0
+    for k, g in enumerate(grads, start=1):
+        m, v = B1 * m + (1 - B1) * g["w"], B2 * v + (1 - B2) * g["w"] ** 2
+        size = lr * np.sqrt(1 - B2 ** k) / (1 - B1 ** k)
+        before_the_step["w"] = (before_the_step["w"] * (1 - lr * wd)
+                                - size * m / (np.sqrt(v) + EPS))
+    opt = transformers_adamw(lr, eps=EPS, weight_decay=wd)
+    p = {"w": jnp.asarray(params["w"], jnp.float32)}
+    state = opt.init(p)
+    for g in grads:
+        updates, state = opt.update({"w": jnp.asarray(g["w"], jnp.float32)}, state, p)
+        p = optax.apply_updates(p, updates)
+    np.testing.assert_allclose(p["w"], expected["w"], rtol=0, atol=2e-7)
+    assert np.abs(before_the_step["w"] - expected["w"]).max() > 1e-3
 
 
 def _official_run(prompts, heads, grads, steps_per_task):
@@ -189,3 +218,33 @@ def test_a_run_long_optimizer_needs_a_constant_schedule():
     c.train.optimizer_scope, c.train.optimizer = "task", "lamb"
     with pytest.raises(ValueError, match="train.optimizer must be one of"):
         check_run_config(c)
+
+
+@pytest.mark.slow  # four 2-task runs and two crashed ones (~1 min)
+@pytest.mark.parametrize("crash_after", ["task_end", "inside_task"])
+def test_a_run_long_optimizer_resumes_bit_identical(crash_after, tmp_path, monkeypatch):
+    """Crashed at task 1's first batch (it resumes from task 0's end: the counts start
+    again from the run's steps before task 1) or after a checkpoint inside task 1 (the
+    checkpointed optimizer state holds them), a run with a warm-up over the run ends as the
+    uninterrupted run does."""
+    from pecft_jax.train.loop import train_and_evaluate
+    from tests.helpers import Interrupted, assert_same_task_checkpoint, crash_at_training_batch
+
+    def config():
+        c = tiny_config()
+        c.scenario.num_tasks = 2
+        c.train.optimizer, c.train.weight_decay = "transformers_adamw", 0.01
+        c.train.optimizer_scope, c.train.warmup_steps = "run", 40
+        return c
+
+    whole = train_and_evaluate(config(), str(tmp_path / "whole"))
+    first_task_steps = whole["train_steps"] // 2
+    assert first_task_steps > 4  # task 1 checkpoints at its step 3
+    at = first_task_steps + (1 if crash_after == "task_end" else 5)
+    undo = crash_at_training_batch(monkeypatch, at)
+    with pytest.raises(Interrupted):
+        train_and_evaluate(config(), str(tmp_path / "resumed"))
+    undo()
+    resumed = train_and_evaluate(config(), str(tmp_path / "resumed"))
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert_same_task_checkpoint(tmp_path / "whole", tmp_path / "resumed", 1)

@@ -460,8 +460,9 @@ class ContinualTrainer:
         optimizer = self.optimizer(spec, run.trainable, task, epochs)
         trainable = mesh_lib.replicate(run.trainable, self.mesh)
         state = mesh_lib.replicate(self.method.step_state(run.state), self.mesh)
-        # the run's updates before this task: where a run-long optimizer's counts continue
-        steps_before = run.global_step - position.step
+        # the run's updates before this task, where a run-long optimizer's counts continue
+        # (a skipped non-finite step kept the optimizer state as it was)
+        steps_before = run.global_step - position.step - run.skipped_steps
         opt_state = (mesh_lib.replicate(position.opt_state, self.mesh) if position.inside
                      else self.initial_optimizer_state(spec, optimizer, epochs, steps, trainable,
                                                        steps_before))
@@ -1379,9 +1380,10 @@ def _base_optimizer(train_cfg: ml_collections.ConfigDict,
                     schedule: Any) -> optax.GradientTransformation:
     name = train_cfg.get("optimizer", "adam")
     weight_decay = float(train_cfg.get("weight_decay", 0.0) or 0.0)
-    # Adam's moments and epsilon (PyTorch's and optax's defaults; transformers.AdamW: 1e-6)
+    # Adam's moments and epsilon: unless set, each class's default (PyTorch's and optax's
+    # 1e-8, transformers.AdamW's 1e-6)
     adam = dict(b1=train_cfg.get("b1", 0.9), b2=train_cfg.get("b2", 0.999),
-                eps=train_cfg.get("eps", 1e-8))
+                eps=train_cfg.get("eps", 1e-6 if name == "transformers_adamw" else 1e-8))
     if name == "adam":
         opt = optax.adam(schedule, **adam)
     elif name == "adamw":

@@ -19,6 +19,7 @@ those counts (``partition.continue_counts``) treats both optimizers alike.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Union
 
 import jax
@@ -43,8 +44,11 @@ def scale_by_transformers_adam(b1: float = 0.9, b2: float = 0.999,
         mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, updates)
         nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.nu, updates)
         count = optax.safe_increment(state.count)
+        # 1 - b^t as expm1: float32's 0.999 ** t would be 1e-5 off where torch takes the
+        # bias corrections in double precision
         t = count.astype(jnp.float32)
-        step_size = jnp.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+        step_size = (jnp.sqrt(-jnp.expm1(t * math.log(b2)))
+                     / -jnp.expm1(t * math.log(b1)))
         direction = jax.tree_util.tree_map(lambda m, v: step_size * m / (jnp.sqrt(v) + eps),
                                            mu, nu)
         return direction, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)

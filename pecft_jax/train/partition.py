@@ -352,7 +352,8 @@ def continue_counts(opt_state: Any, steps_before: Any, adam_groups: Sequence[str
     if groups - with_adam:
         raise ValueError(f"continue_counts: no Adam state for groups "
                          f"{sorted(groups - with_adam)} (groups with one: "
-                         f"{sorted(g for g in with_adam if g)})")
+                         f"{sorted(g for g in with_adam if g)}); a run-long step count "
+                         f"needs train.optimizer 'adam', 'adamw' or 'transformers_adamw'")
     return state
 
 
@@ -382,7 +383,10 @@ def apply_lr_mults(labels: PyTree, rules: Sequence[Tuple[str, float]]) -> Tuple[
     leaves no rule matches keep x1. Multiplier 0 freezes the leaf (it leaves ``jax.grad``);
     another multiplier ``m`` relabels ``L`` as ``'L*m'``. Returns the new labels and
     ``{new label: (base label, m)}`` for the groups to build (``chain(group[L], scale(m))``:
-    the same as the group's learning rate times ``m`` for SGD, momentum, Adam(W)).
+    the same as the group's learning rate times ``m`` for SGD, momentum, Adam(W); for
+    ``transformers_adamw``, which decays the stepped parameters, up to its second-order
+    ``lr^2 wd`` term, which this scales by ``m`` where a PyTorch group at ``m lr`` has
+    ``m^2``).
     """
     derived: dict = {}
 
