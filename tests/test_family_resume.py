@@ -20,6 +20,7 @@ def _config(method):
 
 
 @pytest.mark.parametrize("method", ["ssiat", "ease", "lae"])
+@pytest.mark.slow
 def test_resume_inside_the_second_task_is_bit_identical(method, tmp_path, monkeypatch):
     whole = train_and_evaluate(_config(method), str(tmp_path / "whole"))
     first_task_steps = whole["train_steps"] // 2

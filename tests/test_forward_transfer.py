@@ -84,6 +84,7 @@ def test_a_model_that_learns_nothing_has_zero_forward_transfer(tmp_path):
     assert max(reference["task_il"]) > 0  # a real evaluation, not an empty one
 
 
+@pytest.mark.slow
 def test_the_reference_survives_a_resume(runs, tmp_path, monkeypatch):
     future, _ = runs
     # two steps before the end: inside the last task, after one of its checkpoints

@@ -184,6 +184,7 @@ def _attention_with_wrong_gradients(scale_dq=1.0, scale_dk=1.0, scale_out=1.0):
 
 @pytest.mark.parametrize("wrong", [None, dict(scale_out=1.02), dict(scale_dq=1.1),
                                    dict(scale_dq=0.0), dict(scale_dk=0.5)])
+@pytest.mark.slow
 def test_attention_parity_passes_xla_attention_and_fails_wrong_kernels(session, monkeypatch,
                                                                        capsys, wrong):
     """The parity item's check passes XLA's dot_product_attention in bf16 and fails a kernel
@@ -256,6 +257,7 @@ def test_session_refuses_bad_options_before_anything_runs(session, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quick_session_runs_on_this_cpu_and_falls_back_from_cudnn(tmp_path):
     """The real command at toy sizes on a CPU, as before a GPU is spent on it: cuDNN's
     attention is refused here, so the item runs again on XLA's and reports its step (with

@@ -71,6 +71,7 @@ print("RESULT " + json.dumps([r["layout"], r["accuracy_matrix"]]))
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_a_run_in_a_fresh_process_splits_the_host(tmp_path):
     split_layout, split = _run(tmp_path / "split", 2)
     one_layout, one = _run(tmp_path / "one", 0)
@@ -90,6 +91,7 @@ def test_the_image_demos_split_the_host_in_two_and_nothing_else_does():
         assert benchmark(name).host_devices == 0, name
 
 
+@pytest.mark.slow
 def test_the_step_benchmark_splits_the_host_for_every_method_it_splits():
     """benchmark_step's worker must split the host before it builds the method: building
     HiDe-Prompt starts JAX (an eval_shape), after which the split no longer applies."""

@@ -571,6 +571,7 @@ def test_joint_on_a_domain_scenario_fails_clearly(tmp_path):
         train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_resume_inside_a_task_with_a_stateless_optimizer_skips_before_task(tmp_path, monkeypatch):
     """Plain SGD keeps no optimizer arrays; a run resumed inside task 0 (RanPAC's phase 1)
     must still continue past before_task, and end where the uninterrupted run ends."""

@@ -117,6 +117,7 @@ def _run_config(**train):
     return c
 
 
+@pytest.mark.slow
 def test_a_run_read_by_worker_processes_resumes_from_their_state(tmp_path, monkeypatch):
     """Two grain worker processes: interrupted inside task 1 after a checkpoint, resumed from
     the workers' iterator state, the run ends bit-identical to one read in threads."""

@@ -188,6 +188,7 @@ def test_the_train_steps_are_never_queued_far_ahead(tmp_path, monkeypatch):
     assert seen == 2 * [(n, (2,), "int32") for n in range(1, steps + 1)]
 
 
+@pytest.mark.slow
 def test_a_run_crashed_before_its_first_checkpoint_restarts_its_log(tmp_path, monkeypatch):
     """No checkpoint to resume from: the rerun starts over, and so does metrics.jsonl (the
     crashed attempt's records would otherwise be followed by the same steps again)."""
@@ -210,6 +211,7 @@ def test_a_run_crashed_before_its_first_checkpoint_restarts_its_log(tmp_path, mo
     assert steps == sorted(set(steps)) and steps[:3] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_without_gradient_steps_logs_each_evaluation_once(tmp_path,
                                                                         monkeypatch):
     """SimpleCIL takes no gradient steps: every task's evaluation is logged at global step
@@ -289,6 +291,7 @@ def test_non_finite_values_after_a_task_stop_the_run_before_its_checkpoint(tmp_p
     assert not os.path.exists(tmp_path / "results.json")
 
 
+@pytest.mark.slow
 def test_a_crash_inside_a_checkpoint_write_resumes_from_the_one_before(l2p_run, tmp_path,
                                                                        monkeypatch):
     """The process dies while orbax writes task 2's checkpoint, its arrays on disk but the

@@ -160,6 +160,7 @@ def two_process_run(tmp_path_factory):
     return workdir, _run_two_processes(workdir)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_as_many_devices(tmp_path, two_process_run):
     """Bit for bit when the one process also reduces across its devices through JAX's
     cross-process collectives (a one-process distributed run: every device is a gloo rank,
@@ -196,6 +197,7 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path, two_proc
     np.testing.assert_allclose(row["class_il"], row["recorded_class_il"], atol=1e-9)
 
 
+@pytest.mark.slow
 def test_statistics_passes_and_one_device_solves_across_processes(tmp_path):
     """RanPAC over two processes (two devices each) -- per-device Gram sums added across
     the processes once (``TaskData.reduce(additive=True)``), the ridge solves on each
@@ -221,6 +223,7 @@ def test_statistics_passes_and_one_device_solves_across_processes(tmp_path):
     np.testing.assert_allclose(two_state, one_state, rtol=1e-3, atol=1e-3 * scale)
 
 
+@pytest.mark.slow
 def test_a_lost_process_fails_the_other_within_seconds_and_a_restart_resumes(
         tmp_path, two_process_run):
     """kill -9 one process of a two-process run inside the first task: the other must not
@@ -247,6 +250,7 @@ def test_a_lost_process_fails_the_other_within_seconds_and_a_restart_resumes(
     _assert_restart_ends_as(workdir, two_process_run)
 
 
+@pytest.mark.slow
 def test_a_stop_signal_to_one_process_checkpoints_both_and_a_restart_resumes(
         tmp_path, two_process_run):
     """SIGTERM to one process of two: they agree at the next logged step (a collective),

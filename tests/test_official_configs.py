@@ -249,10 +249,10 @@ def tiny_official_run(name, arg, workdir, **overrides):
 
 @pytest.mark.parametrize("name, arg, overrides", [
     ("l2p", "cifar100", {"method.batchwise_group": 8}),
-    ("hide_prompt", "cifar100", {"method.tii_epochs": 1, "method.tii_align_epochs": 1,
-                                 "method.tap_epochs": 1, "method.prompt_layers": (0, 1),
-                                 "method.tii_batch_size": 32, "method.n_centroids": 2,
-                                 "train.milestones": (1,), "method.contrastive_group": 8}),
+    pytest.param("hide_prompt", "cifar100", {
+        "method.tii_epochs": 1, "method.tii_align_epochs": 1, "method.tap_epochs": 1,
+        "method.prompt_layers": (0, 1), "method.tii_batch_size": 32, "method.n_centroids": 2,
+        "train.milestones": (1,), "method.contrastive_group": 8}, marks=pytest.mark.slow),
     ("ranpac", "cifar100", {"method.M": 256}),  # PIL crops (bilinear) and tests (bicubic)
 ])
 def test_paper_configs_run_with_their_data_protocol(tmp_path, name, arg, overrides):

@@ -210,6 +210,7 @@ def test_a_run_keeping_partial_batches_or_crossing_epochs_compiles_one_train_ste
     assert result["compilation"]["traces"]["train_step"] == 1
 
 
+@pytest.mark.slow
 def test_a_run_keeping_partial_batches_resumes_bit_identical(tmp_path, monkeypatch):
     """Crashed inside the second task, after a kept partial batch and a checkpoint, the
     resumed run ends as the uninterrupted one: the same matrix, the same task checkpoint."""

@@ -172,6 +172,7 @@ def _run(tmp_path, name, monkeypatch, whole_pixels=None):
     return pixels, json.loads(json.dumps(results)), run.trainable, logits
 
 
+@pytest.mark.slow
 def test_a_run_on_uint8_pixels_gives_the_float_runs_results(tmp_path, monkeypatch):
     """The same trained parameters and test logits bit for bit (not only accuracies, which
     an ulp would rarely move)."""

@@ -274,6 +274,7 @@ def test_the_domain_and_dataset_sequence_benchmarks_run_end_to_end(bench, tmp_pa
 
 @needs_wordnet
 @needs_minilm
+@pytest.mark.slow
 def test_a_text_run_on_8_devices_equals_one_on_1_device(tmp_path):
     assert jax.device_count() == 8
     runs = {}
