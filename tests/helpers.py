@@ -1,5 +1,6 @@
 """Shared test configurations."""
 import os
+import pytest
 
 from pecft_jax.configs import base_config
 
@@ -194,3 +195,18 @@ def crash_at_training_batch(monkeypatch, at, each_batch=None):
             each_batch()
         return batch
     return watch_training_batches(monkeypatch, on_batch)
+
+
+def assert_crashed_run_resumes_bit_identical(monkeypatch, tmp_path, config, crash_at):
+    """``config()``'s run, crashed at its ``crash_at(whole)``-th training batch (``whole``:
+    the uninterrupted run's results) and run again in the same workdir, ends as the
+    uninterrupted run: the same class-IL matrix and the same task-1 checkpoint."""
+    from pecft_jax.train.loop import train_and_evaluate
+    whole = train_and_evaluate(config(), str(tmp_path / "whole"))
+    undo = crash_at_training_batch(monkeypatch, crash_at(whole))
+    with pytest.raises(Interrupted):
+        train_and_evaluate(config(), str(tmp_path / "resumed"))
+    undo()
+    resumed = train_and_evaluate(config(), str(tmp_path / "resumed"))
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert_same_task_checkpoint(tmp_path / "whole", tmp_path / "resumed", 1)

@@ -4,9 +4,7 @@ copy), LAE with an optimizer group that starts late -- resumed from a checkpoint
 task ends bit-identical to the uninterrupted run."""
 import pytest
 
-from pecft_jax.train.loop import train_and_evaluate
-
-from helpers import Interrupted, assert_same_task_checkpoint, crash_at_training_batch, tiny_config
+from helpers import assert_crashed_run_resumes_bit_identical, tiny_config
 
 
 def _config(method):
@@ -22,13 +20,7 @@ def _config(method):
 @pytest.mark.parametrize("method", ["ssiat", "ease", "lae"])
 @pytest.mark.slow
 def test_resume_inside_the_second_task_is_bit_identical(method, tmp_path, monkeypatch):
-    whole = train_and_evaluate(_config(method), str(tmp_path / "whole"))
-    first_task_steps = whole["train_steps"] // 2
     # task 1, after its step-6 checkpoint
-    undo = crash_at_training_batch(monkeypatch, first_task_steps + 8)
-    with pytest.raises(Interrupted):
-        train_and_evaluate(_config(method), str(tmp_path / "resumed"))
-    undo()
-    resumed = train_and_evaluate(_config(method), str(tmp_path / "resumed"))
-    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
-    assert_same_task_checkpoint(tmp_path / "whole", tmp_path / "resumed", 1)
+    assert_crashed_run_resumes_bit_identical(
+        monkeypatch, tmp_path, lambda: _config(method),
+        lambda whole: whole["train_steps"] // 2 + 8)

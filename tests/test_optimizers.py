@@ -11,7 +11,7 @@ from pecft_jax.configs import check_run_config
 from pecft_jax.train import partition
 from pecft_jax.train.loop import make_base_optimizer
 from pecft_jax.train.optimizers import transformers_adamw
-from tests.helpers import tiny_config
+from helpers import assert_crashed_run_resumes_bit_identical, tiny_config
 
 B1, B2, EPS, WD, LR, WARMUP = 0.9, 0.999, 1e-6, 0.01, 3e-3, 7
 
@@ -227,8 +227,6 @@ def test_a_run_long_optimizer_resumes_bit_identical(crash_after, tmp_path, monke
     again from the run's steps before task 1) or after a checkpoint inside task 1 (the
     checkpointed optimizer state holds them), a run with a warm-up over the run ends as the
     uninterrupted run does."""
-    from pecft_jax.train.loop import train_and_evaluate
-    from tests.helpers import Interrupted, assert_same_task_checkpoint, crash_at_training_batch
 
     def config():
         c = tiny_config()
@@ -237,14 +235,9 @@ def test_a_run_long_optimizer_resumes_bit_identical(crash_after, tmp_path, monke
         c.train.optimizer_scope, c.train.warmup_steps = "run", 40
         return c
 
-    whole = train_and_evaluate(config(), str(tmp_path / "whole"))
-    first_task_steps = whole["train_steps"] // 2
-    assert first_task_steps > 4  # task 1 checkpoints at its step 3
-    at = first_task_steps + (1 if crash_after == "task_end" else 5)
-    undo = crash_at_training_batch(monkeypatch, at)
-    with pytest.raises(Interrupted):
-        train_and_evaluate(config(), str(tmp_path / "resumed"))
-    undo()
-    resumed = train_and_evaluate(config(), str(tmp_path / "resumed"))
-    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
-    assert_same_task_checkpoint(tmp_path / "whole", tmp_path / "resumed", 1)
+    def crash_at(whole):
+        first_task_steps = whole["train_steps"] // 2
+        assert first_task_steps > 4  # task 1 checkpoints at its step 3
+        return first_task_steps + (1 if crash_after == "task_end" else 5)
+
+    assert_crashed_run_resumes_bit_identical(monkeypatch, tmp_path, config, crash_at)

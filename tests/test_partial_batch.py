@@ -12,8 +12,7 @@ from pecft_jax.data.sources import ArraySource
 from pecft_jax.methods import progressive_prompts
 from pecft_jax.train.loop import ContinualTrainer, train_and_evaluate
 
-from helpers import (Interrupted, assert_same_task_checkpoint, crash_at_training_batch,
-                     tiny_config)
+from helpers import assert_crashed_run_resumes_bit_identical, tiny_config
 from tests.test_text import _text_config, needs_minilm, needs_wordnet
 
 # tiny settings of each method (as its own tests use them); vote and contrastive groups of 4
@@ -218,15 +217,11 @@ def test_a_run_keeping_partial_batches_resumes_bit_identical(tmp_path, monkeypat
         c = tiny_config("l2p")
         c.scenario.num_tasks, c.train.epochs, c.train.drop_last = 2, 2, False
         return c
-    whole = train_and_evaluate(config(), str(tmp_path / "whole"))
-    per_task = whole["train_steps"] // 2
-    undo = crash_at_training_batch(monkeypatch, per_task + per_task // 2 + 2)
-    with pytest.raises(Interrupted):
-        train_and_evaluate(config(), str(tmp_path / "resumed"))
-    undo()
-    resumed = train_and_evaluate(config(), str(tmp_path / "resumed"))
-    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
-    assert_same_task_checkpoint(tmp_path / "whole", tmp_path / "resumed", 1)
+    def crash_at(whole):
+        per_task = whole["train_steps"] // 2
+        return per_task + per_task // 2 + 2
+
+    assert_crashed_run_resumes_bit_identical(monkeypatch, tmp_path, config, crash_at)
 
 
 def test_drop_last_must_be_a_bool_and_is_hashed_only_when_kept(tmp_path):
